@@ -1,0 +1,124 @@
+"""One node's round, without Flower: restore, load what arrived, train H steps, save, reply.
+
+The ClientApp is a thin wrapper around `run_local_round`; the benchmarks call it directly to
+measure the bare training loop against the same work inside a Flower simulation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from client_app.node_state import NodeState
+from client_app.trainer import evaluate, make_optimizer, resolve_device, train_steps
+from data import BatchStream, node_shard, prepare_blocks
+from model import build_model, expert_param_names, shared_param_names
+from server_app.config import RunSpec
+
+
+@dataclass
+class NodeContext:
+    spec: RunSpec
+    tokenizer: object
+    workdir: Path
+    partition_id: int
+    num_partitions: int
+    # A node that brings its own data trains on all of it instead of a shard of the common source.
+    data_source: str | None = None
+
+
+def _data(ctx: NodeContext) -> tuple[torch.Tensor, torch.Tensor]:
+    cfg = ctx.spec.data
+    pid, parts = ctx.partition_id, ctx.num_partitions
+    if ctx.data_source:
+        cfg, pid, parts = dataclasses.replace(cfg, source=ctx.data_source), 0, 1
+    train, heldout = prepare_blocks(cfg, ctx.tokenizer, ctx.workdir.parent / "data-cache")
+    shard = node_shard(train, pid, parts, cfg.partition, cfg.seed)
+    held = node_shard(heldout, pid, parts, "contiguous", cfg.seed) if len(heldout) >= parts else heldout
+    return shard, held
+
+
+def _build(ctx: NodeContext, owned: list[int] | None, device: torch.device) -> torch.nn.Module:
+    special = {"eos_token_id": ctx.tokenizer.eos_token_id, "pad_token_id": ctx.tokenizer.pad_token_id}
+    return build_model(ctx.spec.model, len(ctx.tokenizer), owned=owned, special_tokens=special).to(device)
+
+
+def run_local_round(
+    ctx: NodeContext,
+    received: dict[str, torch.Tensor],
+    owned: list[int],
+    full_model: bool,
+    start_step: int,
+    steps: int,
+    show_progress: bool = True,
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    spec, train_cfg = ctx.spec, ctx.spec.train
+    if train_cfg.threads:
+        torch.set_num_threads(train_cfg.threads)
+    device = resolve_device(train_cfg.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    torch.manual_seed(spec.seed * 100_003 + ctx.partition_id * 1_009 + start_step)
+
+    model = _build(ctx, owned, device)
+    names = list(model.state_dict())
+    owned_names = expert_param_names(names, owned)
+    state_dir = ctx.workdir / "state"
+    saved = NodeState.load(state_dir)
+    if saved is not None and sorted(saved.owned) != sorted(owned):
+        saved = None  # experts were reassigned: start their optimizer state afresh
+    tensors = dict(received)
+    if not full_model:
+        if saved is None:
+            raise RuntimeError(
+                f"partition {ctx.partition_id}: no saved state in {state_dir} for a sparse downlink; "
+                "the coordinator will send the full model next round"
+            )
+        tensors.update({k: v for k, v in saved.owned_tensors.items() if k not in tensors})
+    missing = set(names) - tensors.keys()
+    if missing:
+        raise RuntimeError(f"partition {ctx.partition_id}: {len(missing)} parameters missing, e.g. {sorted(missing)[:3]}")
+    model.load_state_dict(tensors, strict=True)
+
+    optimizer = make_optimizer(model, train_cfg)
+    if saved is not None and saved.optimizer is not None:
+        optimizer.load_state_dict(saved.optimizer)
+    shard, _ = _data(ctx)
+    stream = BatchStream(shard, train_cfg.batch_size, seed=spec.seed * 7919 + ctx.partition_id)
+    if saved is not None:
+        stream.load_state_dict(saved.stream)
+
+    bar = tqdm(
+        total=steps,
+        desc=f"node {ctx.partition_id} steps {start_step}-{start_step + steps}",
+        disable=not show_progress,
+        mininterval=5.0,
+        file=sys.stderr,
+    )
+    metrics = train_steps(model, optimizer, stream, train_cfg, start_step, steps, spec.total_steps, device, bar)
+    bar.close()
+    metrics["trainable-params"] = float(sum(p.numel() for p in model.parameters() if p.requires_grad))
+
+    state = model.state_dict()
+    reply = {n: state[n].detach().float().cpu() for n in shared_param_names(names) + owned_names}
+    NodeState(
+        global_step=start_step + steps,
+        owned=list(owned),
+        stream=stream.state_dict(),
+        owned_tensors={n: reply[n] for n in owned_names},
+        optimizer=optimizer.state_dict(),
+    ).save(state_dir)
+    return reply, metrics
+
+
+def run_local_eval(ctx: NodeContext, received: dict[str, torch.Tensor]) -> tuple[float, int]:
+    device = resolve_device(ctx.spec.train.device)
+    model = _build(ctx, None, device)
+    model.load_state_dict(received, strict=True)
+    _, held = _data(ctx)
+    return evaluate(model, held, ctx.spec.eval.batch_size, ctx.spec.eval.max_batches, device)

@@ -1,0 +1,161 @@
+"""The local training loop of one node (plain torch: no Flower, reused by the benchmarks)."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import resource
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+
+from model.loss import lm_loss
+
+
+@dataclass
+class TrainConfig:
+    device: str = "cpu"
+    precision: str = "fp32"
+    batch_size: int = 8
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 30
+    total_steps: int | None = None
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    aux_loss_weight: float = 0.01
+    z_loss_weight: float = 0.001
+    threads: int = 0
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"train: unknown key(s) {unknown}; known keys are {sorted(known)}")
+        return cls(**d)
+
+    def validate(self) -> None:
+        if self.device not in ("cpu", "cuda", "auto"):
+            raise ValueError(f"train.device must be cpu, cuda or auto, got {self.device!r}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"train.precision must be fp32 or bf16, got {self.precision!r}")
+        if self.batch_size < 1 or self.lr <= 0:
+            raise ValueError("train.batch_size must be >= 1 and train.lr > 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but no CUDA device is visible on this node")
+    return torch.device(name)
+
+
+def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
+    """Linear warm-up, then cosine decay to min_lr_ratio * lr at total_steps (by global step)."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(total_steps - cfg.warmup_steps, 1)
+    progress = min(max(step - cfg.warmup_steps, 0) / span, 1.0)
+    floor = cfg.min_lr_ratio
+    return cfg.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters only: frozen experts get no optimizer state."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=True)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak GPU memory allocated, or the process's peak resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def train_steps(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Iterator[torch.Tensor],
+    cfg: TrainConfig,
+    start_step: int,
+    steps: int,
+    total_steps: int,
+    device: torch.device,
+    progress: Any = None,
+) -> dict[str, float]:
+    """Run `steps` optimizer steps; returns mean losses, tokens, throughput, peak memory."""
+    model.train()
+    autocast = (
+        torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        if cfg.precision == "bf16"
+        else contextlib.nullcontext()
+    )
+    params = [p for p in model.parameters() if p.requires_grad]
+    sums = {"train-loss": 0.0, "ce-loss": 0.0, "aux-loss": 0.0, "z-loss": 0.0}
+    tokens = 0
+    t0 = time.perf_counter()
+    for i in range(steps):
+        lr = lr_at(start_step + i, cfg, total_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        block = next(batches).to(device, non_blocking=True)
+        with autocast:
+            parts = lm_loss(model, block, cfg.aux_loss_weight, cfg.z_loss_weight)
+        parts.total.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        for key, value in zip(sums, (parts.total, parts.ce, parts.aux, parts.z)):
+            sums[key] += float(value.detach())
+        tokens += block.shape[0] * (block.shape[1] - 1)
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{float(parts.ce.detach()):.3f}", lr=f"{lr:.2e}")
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - t0
+    out = {k: v / max(steps, 1) for k, v in sums.items()}
+    out.update(
+        {
+            "num-tokens": float(tokens),
+            "train-seconds": seconds,
+            "tokens-per-s": tokens / seconds if seconds > 0 else 0.0,
+            "peak-mem-mb": peak_memory_mb(device),
+        }
+    )
+    return out
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module, blocks: torch.Tensor, batch_size: int, max_batches: int, device: torch.device
+) -> tuple[float, int]:
+    """Mean next-token cross-entropy over the first max_batches batches of `blocks`."""
+    model.eval()
+    total, tokens = 0.0, 0
+    for b in range(min(max_batches, math.ceil(len(blocks) / batch_size))):
+        block = blocks[b * batch_size : (b + 1) * batch_size].to(device)
+        n = block.shape[0] * (block.shape[1] - 1)
+        total += float(lm_loss(model, block, 0.0, 0.0).ce) * n
+        tokens += n
+    if tokens == 0:
+        raise ValueError("no held-out data to evaluate on")
+    return total / tokens, tokens

@@ -1,0 +1,51 @@
+"""Data pipeline: offline corpus, tokenizer, packing, node shards, batch streams.
+
+Flower-free so it can be used (and tested) by the coordinator, the nodes and
+the simulator alike.
+"""
+
+from .corpus import embedded_documents
+from .pipeline import (
+    PARTITIONS,
+    BatchStream,
+    DataConfig,
+    blocks_cache_key,
+    load_documents,
+    load_tokenizer,
+    node_shard,
+    pack,
+    prepare_blocks,
+    split_documents,
+)
+from .tokenizer import (
+    EOS_TOKEN,
+    PAD_TOKEN,
+    ensure_pad_token,
+    load_or_train_tokenizer,
+    tokenizer_fingerprint,
+    tokenizer_from_json,
+    tokenizer_to_json,
+    train_bpe_tokenizer,
+)
+
+__all__ = [
+    "PARTITIONS",
+    "EOS_TOKEN",
+    "PAD_TOKEN",
+    "BatchStream",
+    "DataConfig",
+    "blocks_cache_key",
+    "embedded_documents",
+    "ensure_pad_token",
+    "load_documents",
+    "load_or_train_tokenizer",
+    "load_tokenizer",
+    "node_shard",
+    "pack",
+    "prepare_blocks",
+    "split_documents",
+    "tokenizer_fingerprint",
+    "tokenizer_from_json",
+    "tokenizer_to_json",
+    "train_bpe_tokenizer",
+]

@@ -1,0 +1,23 @@
+"""The SPES strategy: expert assignment, per-node messages, aggregation and merging.
+
+No training loop lives here; everything but `spes.py` is plain torch and testable alone.
+"""
+
+from strategy.aggregation import aggregate
+from strategy.assignment import Ownership, contiguous_assignment, make_assignment, replicated_assignment
+from strategy.merging import MergeSchedule, merge_experts
+from strategy.outer import OuterOptimizer
+from strategy.spes import SpesConfig, SpesStrategy
+
+__all__ = [
+    "aggregate",
+    "Ownership",
+    "contiguous_assignment",
+    "make_assignment",
+    "replicated_assignment",
+    "MergeSchedule",
+    "merge_experts",
+    "OuterOptimizer",
+    "SpesConfig",
+    "SpesStrategy",
+]

@@ -1,0 +1,95 @@
+"""Expert ownership: which node trains which experts.
+
+Ownership is its own small object so that later work (nodes joining or leaving, experts
+reassigned) can replace the policy without touching aggregation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Ownership:
+    """owners[p] = sorted expert indices trained by node p (p = rank of its partition id)."""
+
+    num_experts: int
+    owners: tuple[tuple[int, ...], ...]
+
+    @property
+    def num_nodes(self) -> int:
+        return len(self.owners)
+
+    def experts_of(self, node: int) -> tuple[int, ...]:
+        return self.owners[node]
+
+    def trainers_of(self, expert: int) -> tuple[int, ...]:
+        return tuple(p for p, experts in enumerate(self.owners) if expert in experts)
+
+    def to_dict(self) -> dict:
+        return {"num_experts": self.num_experts, "owners": [list(o) for o in self.owners]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Ownership":
+        own = cls(int(d["num_experts"]), tuple(tuple(int(e) for e in o) for o in d["owners"]))
+        own.validate(exclusive=all(len(own.trainers_of(e)) == 1 for e in range(own.num_experts)))
+        return own
+
+    def validate(self, exclusive: bool = True) -> None:
+        """Every expert is trained by someone; with `exclusive`, by exactly one node."""
+        for p, experts in enumerate(self.owners):
+            bad = [e for e in experts if not 0 <= e < self.num_experts]
+            if bad:
+                raise ValueError(f"node {p} owns experts {bad} outside [0, {self.num_experts})")
+        for e in range(self.num_experts):
+            n = len(self.trainers_of(e))
+            if n == 0:
+                raise ValueError(f"expert {e} has no owner")
+            if exclusive and n > 1:
+                raise ValueError(f"expert {e} has {n} owners; SPES needs exactly one")
+
+
+def contiguous_assignment(num_experts: int, num_nodes: int) -> Ownership:
+    """Node p owns a contiguous block of experts, as in the reference code.
+
+    With E = m*N the blocks are [p*m, (p+1)*m). Uneven splits are allowed: the first E mod N
+    nodes own one expert more than the rest (e.g. E=10, N=4 -> 3, 3, 2, 2).
+    """
+    if num_nodes < 1:
+        raise ValueError(f"need at least one node, got {num_nodes}")
+    if num_experts < num_nodes:
+        raise ValueError(
+            f"SPES needs at least as many experts per layer as nodes (E >= N), got E={num_experts}, N={num_nodes}"
+        )
+    base, extra = divmod(num_experts, num_nodes)
+    owners, start = [], 0
+    for p in range(num_nodes):
+        size = base + (1 if p < extra else 0)
+        owners.append(tuple(range(start, start + size)))
+        start += size
+    own = Ownership(num_experts, tuple(owners))
+    own.validate()
+    return own
+
+
+def replicated_assignment(num_experts: int, num_nodes: int) -> Ownership:
+    """Every node trains every expert (DiLoCo / FedAvg baselines)."""
+    if num_nodes < 1:
+        raise ValueError(f"need at least one node, got {num_nodes}")
+    return Ownership(num_experts, tuple(tuple(range(num_experts)) for _ in range(num_nodes)))
+
+
+def make_assignment(kind: str, num_experts: int, num_nodes: int) -> Ownership:
+    kinds = {"contiguous": contiguous_assignment, "replicated": replicated_assignment}
+    if kind not in kinds:
+        raise ValueError(f"unknown expert assignment {kind!r}; choose one of {sorted(kinds)}")
+    return kinds[kind](num_experts, num_nodes)
+
+
+def rank_partitions(partition_ids: Sequence[int]) -> list[int]:
+    """Node index of each partition id (sorted order), checking they are distinct."""
+    if len(set(partition_ids)) != len(partition_ids):
+        raise ValueError(f"partition ids must be distinct, got {sorted(partition_ids)}")
+    order = sorted(partition_ids)
+    return [order.index(pid) for pid in partition_ids]

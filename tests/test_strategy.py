@@ -1,0 +1,248 @@
+"""SPES strategy logic on hand-built models and replies (no running Flower)."""
+
+import math
+
+import pytest
+import torch
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+
+from model.naming import expert_param_names, group_expert_params, shared_param_names
+from strategy import (
+    MergeSchedule,
+    OuterOptimizer,
+    SpesConfig,
+    SpesStrategy,
+    aggregate,
+    contiguous_assignment,
+    merge_experts,
+)
+from strategy.codec import decode, encode
+
+E, L, H, I = 8, 2, 6, 4
+
+
+def toy_params(seed=0, experts=E):
+    g = torch.Generator().manual_seed(seed)
+    p = {"model.embed_tokens.weight": torch.randn(10, H, generator=g), "model.norm.weight": torch.randn(H, generator=g)}
+    for layer in range(L):
+        p[f"model.layers.{layer}.mlp.gate.weight"] = torch.randn(experts, H, generator=g)
+        for e in range(experts):
+            base = f"model.layers.{layer}.mlp.experts.{e}"
+            p[f"{base}.gate_proj.weight"] = torch.randn(I, H, generator=g)
+            p[f"{base}.up_proj.weight"] = torch.randn(I, H, generator=g)
+            p[f"{base}.down_proj.weight"] = torch.randn(H, I, generator=g)
+    return p
+
+
+# -- assignment --------------------------------------------------------------------------
+def test_contiguous_blocks_like_reference():
+    own = contiguous_assignment(16, 4)
+    assert own.owners == tuple(tuple(range(4 * p, 4 * p + 4)) for p in range(4))
+
+
+def test_uneven_split_every_expert_one_owner():
+    own = contiguous_assignment(10, 4)
+    assert [len(o) for o in own.owners] == [3, 3, 2, 2]
+    assert sorted(e for o in own.owners for e in o) == list(range(10))
+    assert all(len(own.trainers_of(e)) == 1 for e in range(10))
+
+
+def test_more_nodes_than_experts_rejected():
+    with pytest.raises(ValueError, match="E >= N"):
+        contiguous_assignment(3, 4)
+
+
+# -- aggregation -------------------------------------------------------------------------
+def test_experts_from_owner_shared_token_weighted():
+    params = toy_params(0)
+    own = contiguous_assignment(E, 2)
+    updates = {}
+    for p, tokens in ((0, 100.0), (1, 300.0)):
+        trained = toy_params(p + 10)
+        names = shared_param_names(params) + expert_param_names(params, own.experts_of(p))
+        updates[p] = ({n: trained[n] for n in names}, tokens)
+
+    def trainers(name):
+        from model.naming import parse_expert_param
+
+        e = parse_expert_param(name)
+        return {0, 1} if e is None else set(own.trainers_of(e.expert))
+
+    new = aggregate(params, updates, trainers, OuterOptimizer())
+    for n in shared_param_names(params):
+        expected = 0.25 * updates[0][0][n] + 0.75 * updates[1][0][n]
+        torch.testing.assert_close(new[n], expected)
+    for p in (0, 1):
+        for n in expert_param_names(params, own.experts_of(p)):
+            assert torch.equal(new[n], updates[p][0][n])
+
+
+def test_outer_nesterov_matches_formula():
+    outer = OuterOptimizer(lr=0.7, momentum=0.9, nesterov=True)
+    old, avg = torch.tensor([1.0, 2.0]), torch.tensor([0.5, 2.5])
+    delta = old - avg
+    first = outer.step("w", old, avg)
+    torch.testing.assert_close(first, old - 0.7 * (delta + 0.9 * delta))
+    second = outer.step("w", first, avg)
+    d2 = first - avg
+    buf = 0.9 * delta + d2
+    torch.testing.assert_close(second, first - 0.7 * (d2 + 0.9 * buf))
+
+
+# -- merging -----------------------------------------------------------------------------
+def test_merge_matches_formula_by_hand():
+    params = toy_params(1)
+    alpha, k = 0.3, 2
+    merged = merge_experts(params, alpha, k)
+    for layer, experts in group_expert_params(params).items():
+        gates = {e: params[experts[e]["gate_proj"]].flatten() for e in experts}
+        for i in experts:
+            sims = {
+                j: float(torch.nn.functional.cosine_similarity(gates[i], gates[j], dim=0)) for j in experts if j != i
+            }
+            top = sorted(sims, key=sims.get, reverse=True)[:k]
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                theta_i = params[experts[i][proj]]
+                expected = theta_i + alpha * sum(params[experts[j][proj]] - theta_i for j in top) / k
+                torch.testing.assert_close(merged[experts[i][proj]], expected)
+    assert not set(merged) & set(shared_param_names(params))
+
+
+def test_merge_pairs_parameters_by_name_not_order():
+    params = toy_params(2)
+    # Same tensors, inserted in a scrambled order: pairing by position would mix projections.
+    scrambled = dict(sorted(params.items(), key=lambda kv: hash(kv[0][::-1]) % 97))
+    a, b = merge_experts(params, 0.2, 3), merge_experts(scrambled, 0.2, 3)
+    assert a.keys() == b.keys()
+    for n in a:
+        assert torch.equal(a[n], b[n])
+
+
+def test_merge_uses_pre_merge_snapshot():
+    params = toy_params(3)
+    before = {k: v.clone() for k, v in params.items()}
+    merge_experts(params, 0.5, 2)
+    assert all(torch.equal(before[k], params[k]) for k in params)
+
+
+def test_merge_schedule_alpha_and_interval():
+    s = MergeSchedule(enabled=True, alpha_start=0.05, decay_steps=1000, interval=500, top_k=4)
+    assert s.alpha(0) == 0.05 and s.alpha(500) == pytest.approx(0.025) and s.alpha(2000) == 0.0
+    assert s.due(400, 500) and not s.due(500, 600) and s.due(450, 550)
+    assert not s.due(900, 1000)  # alpha is 0 there: merging has stopped
+    with pytest.raises(ValueError, match="top_k"):
+        MergeSchedule(top_k=8).validate(8)
+
+
+# -- the strategy with hand-built replies ------------------------------------------------
+def reply(msg, tensors, tokens, **extra):
+    metrics = MetricRecord({"num-tokens": float(tokens), "train-loss": 1.0, **extra})
+    return Message(RecordDict({"arrays": encode(tensors), "metrics": metrics}), reply_to=msg)
+
+
+def run_round(strategy, rnd, arrays, tokens, tamper=None):
+    msgs = list(strategy.configure_train(rnd, arrays, ConfigRecord({"run-token": "t"}), None))
+    replies, sent = [], {}
+    for p, msg in enumerate(msgs):
+        received = decode(msg.content["arrays"])
+        sent[p] = (received, msg.content["config"])
+        trained = {n: t + (p + 1) * 0.01 for n, t in strategy.params.items()}
+        names = shared_param_names(trained) + expert_param_names(trained, msg.content["config"]["owned-experts"])
+        update = {n: trained[n] for n in names}
+        if tamper and p in tamper:
+            update = tamper[p](update)
+        replies.append(reply(msg, update, tokens[p]))
+    return msgs, sent, replies
+
+
+def make_strategy(**cfg):
+    merge = MergeSchedule(**cfg.pop("merge", {"enabled": False}))
+    return SpesStrategy(SpesConfig(local_steps=10, merge=merge, **cfg), E, {11: 1, 7: 0}, num_rounds=3)
+
+
+def test_messages_per_node_and_bytes_analytic(flower_task):
+    params = toy_params(0)
+    s = make_strategy()
+    total = sum(t.numel() * 4 for t in params.values())
+    per_expert = sum(params[n].numel() * 4 for n in expert_param_names(params, [0]))
+    shared = sum(params[n].numel() * 4 for n in shared_param_names(params))
+    msgs, sent, replies = run_round(s, 1, encode(params), tokens=[100, 100])
+    assert [m.metadata.dst_node_id for m in msgs] == [7, 11]  # ordered by partition id
+    assert [list(c["owned-experts"]) for _, c in sent.values()] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert all(c["full-model"] for _, c in sent.values())  # first round: the full model
+    s.aggregate_train(1, replies)
+    rec = s.history[-1]
+    for node in rec["nodes"].values():
+        assert node["bytes_down"] == total
+        assert node["bytes_up"] == shared + 4 * per_expert
+    # Second round: no merging, so a node gets shared + the experts it does not own.
+    msgs, sent, replies = run_round(s, 2, None, tokens=[100, 100])
+    assert not any(c["full-model"] for _, c in sent.values())
+    assert set(sent[0][0]) == set(shared_param_names(params)) | set(expert_param_names(params, range(4, 8)))
+    s.aggregate_train(2, replies)
+    for node in s.history[-1]["nodes"].values():
+        assert node["bytes_down"] == total - 4 * per_expert
+    assert s.global_step == 20
+
+
+def test_aggregate_train_owner_copy_and_weighted_mean(flower_task):
+    params = toy_params(0)
+    s = make_strategy()
+    _, _, replies = run_round(s, 1, encode(params), tokens=[100, 300])
+    updates = [decode(r.content["arrays"]) for r in replies]
+    s.aggregate_train(1, replies)
+    for n in shared_param_names(params):
+        torch.testing.assert_close(s.params[n], 0.25 * updates[0][n] + 0.75 * updates[1][n])
+    for p, experts in enumerate(([0, 1, 2, 3], [4, 5, 6, 7])):
+        for n in expert_param_names(params, experts):
+            assert torch.equal(s.params[n], updates[p][n])
+
+
+def test_invalid_update_rejected_before_touching_model(flower_task):
+    params = toy_params(0)
+    s = make_strategy()
+
+    def poison(update):
+        name = next(iter(update))
+        update[name] = torch.full_like(update[name], math.nan)
+        return update
+
+    _, _, replies = run_round(s, 1, encode(params), tokens=[100, 100], tamper={1: poison})
+    good = decode(replies[0].content["arrays"])
+    s.aggregate_train(1, replies)
+    status = {k: v["status"] for k, v in s.history[-1]["nodes"].items()}
+    assert status["0"] == "ok" and status["1"].startswith("rejected")
+    assert all(torch.isfinite(t).all() for t in s.params.values())
+    for n in shared_param_names(params):
+        assert torch.equal(s.params[n], good[n])  # only the valid node's shared weights
+    for n in expert_param_names(params, range(4, 8)):
+        assert torch.equal(s.params[n], params[n])  # the rejected node's experts keep their value
+    assert s.needs_full[1] and not s.needs_full[0]
+
+
+def test_merge_round_sends_full_model_next(flower_task):
+    params = toy_params(0)
+    s = make_strategy(merge={"enabled": True, "alpha_start": 0.1, "decay_steps": 100, "interval": 10, "top_k": 2})
+    _, _, replies = run_round(s, 1, encode(params), tokens=[100, 100])
+    updates = [decode(r.content["arrays"]) for r in replies]
+    s.aggregate_train(1, replies)
+    alpha = s.history[-1]["merge_alpha"]
+    assert alpha == pytest.approx(0.1 * (1 - 10 / 100))
+    pre = dict(params)
+    for p, experts in enumerate(([0, 1, 2, 3], [4, 5, 6, 7])):
+        pre.update({n: updates[p][n] for n in expert_param_names(params, experts)})
+    expected = merge_experts(pre, alpha, 2)
+    for n, t in expected.items():
+        torch.testing.assert_close(s.params[n], t)
+    _, sent, _ = run_round(s, 2, None, tokens=[100, 100])
+    assert all(c["full-model"] for _, c in sent.values())
+
+
+def test_state_dict_round_trip(flower_task):
+    s = make_strategy()
+    _, _, replies = run_round(s, 1, encode(toy_params(0)), tokens=[1, 1])
+    s.aggregate_train(1, replies)
+    state = s.state_dict()
+    t = make_strategy()
+    t.load_state_dict(state)
+    assert (t.round, t.global_step, t.ownership) == (1, 10, s.ownership)
