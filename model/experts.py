@@ -49,7 +49,13 @@ class PartitionedExperts(nn.Module):
         num_experts, two_inter, hidden = gate_up.shape
         inter = two_inter // 2
         act = getattr(fused, "config_act", None) or "silu"
-        new = cls(num_experts, hidden, inter, act).to(dtype=gate_up.dtype, device=gate_up.device)
+        # Build without initialising (every weight is copied below) and on the fused tensor's
+        # device, so a meta-device model of billions of parameters costs nothing.
+        with torch.device("meta"):
+            new = cls(num_experts, hidden, inter, act)
+        new = new.to_empty(device=gate_up.device).to(dtype=gate_up.dtype)
+        if gate_up.device.type == "meta":
+            return new
         with torch.no_grad():
             for e in range(num_experts):
                 # Fused layout is gate rows first, then up rows.

@@ -1,0 +1,1 @@
+"""Single-machine Flower simulation / loopback deployment launcher (see sim.launcher)."""
