@@ -20,7 +20,7 @@ class TrainConfig:
     device: str = "cpu"
     precision: str = "fp32"
     batch_size: int = 8
-    lr: float = 2e-3
+    lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 30
     total_steps: int | None = None

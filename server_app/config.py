@@ -46,7 +46,7 @@ class RunSpec:
     output_dir: str = "outputs"
     seed: int = 0
     nodes: int = 4
-    rounds: int = 12
+    rounds: int = 40
     init_from: str | None = None
     node_work_dir: str | None = None
     round_timeout_s: float = 3600

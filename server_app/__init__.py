@@ -1,0 +1,1 @@
+"""The SPES coordinator: Flower ServerApp (app.py), run config, node discovery, run log."""
