@@ -100,7 +100,7 @@ def train_steps(
     device: torch.device,
     progress: Any = None,
 ) -> dict[str, float]:
-    """Run `steps` optimizer steps; returns mean losses, tokens, throughput, peak memory."""
+    """Run `steps` optimizer steps; returns mean losses, tokens, throughput, peak memory, expert load."""
     model.train()
     autocast = (
         torch.autocast(device_type=device.type, dtype=torch.bfloat16)
@@ -110,6 +110,7 @@ def train_steps(
     params = [p for p in model.parameters() if p.requires_grad]
     sums = {"train-loss": 0.0, "ce-loss": 0.0, "aux-loss": 0.0, "z-loss": 0.0}
     tokens = 0
+    load = None
     t0 = time.perf_counter()
     for i in range(steps):
         lr = lr_at(start_step + i, cfg, total_steps)
@@ -126,6 +127,8 @@ def train_steps(
         for key, value in zip(sums, (parts.total, parts.ce, parts.aux, parts.z)):
             sums[key] += float(value.detach())
         tokens += block.shape[0] * (block.shape[1] - 1)
+        if parts.expert_counts is not None:
+            load = parts.expert_counts if load is None else load + parts.expert_counts
         if progress is not None:
             progress.update(1)
             progress.set_postfix(loss=f"{float(parts.ce.detach()):.3f}", lr=f"{lr:.2e}")
@@ -141,6 +144,9 @@ def train_steps(
             "peak-mem-mb": peak_memory_mb(device),
         }
     )
+    if load is not None:
+        # Fraction of each layer's routed tokens per expert, flattened [layers * experts].
+        out["expert-load"] = (load / load.sum(dim=1, keepdim=True).clamp_min(1)).flatten().tolist()
     return out
 
 

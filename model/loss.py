@@ -15,6 +15,14 @@ class LossParts:
     ce: torch.Tensor
     aux: torch.Tensor
     z: torch.Tensor
+    # [layers, experts] tokens routed to each expert (top-k picks), or None without router logits.
+    expert_counts: torch.Tensor | None = None
+
+
+@torch.no_grad()
+def expert_counts(router_logits: tuple[torch.Tensor, ...], top_k: int, num_experts: int) -> torch.Tensor:
+    picks = [r.topk(top_k, dim=-1).indices.flatten() for r in router_logits]
+    return torch.stack([torch.bincount(p, minlength=num_experts) for p in picks]).float()
 
 
 def router_z_loss(router_logits: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -30,9 +38,10 @@ def lm_loss(model: torch.nn.Module, block: torch.Tensor, aux_weight: float, z_we
     logits = out.logits
     ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
     zero = ce.new_zeros(())
-    aux, z = zero, zero
+    aux, z, counts = zero, zero, None
     if want_router:
         cfg = model.config
         aux = load_balancing_loss_func(out.router_logits, cfg.num_experts, cfg.num_experts_per_tok)
         z = router_z_loss(out.router_logits)
-    return LossParts(total=ce + aux_weight * aux + z_weight * z, ce=ce, aux=aux, z=z)
+        counts = expert_counts(out.router_logits, cfg.num_experts_per_tok, cfg.num_experts)
+    return LossParts(total=ce + aux_weight * aux + z_weight * z, ce=ce, aux=aux, z=z, expert_counts=counts)

@@ -80,7 +80,9 @@ def run(grid: Grid, spec: run_config.RunSpec) -> dict:
         flush=True,
     )
 
-    runlog = RunLog(run_dir)
+    runlog = RunLog(
+        run_dir, spec.logging.tensorboard, spec.logging.wandb, spec.logging.wandb_project, config=spec.raw
+    )
     first: dict[str, float] = {}
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
@@ -118,6 +120,7 @@ def run(grid: Grid, spec: run_config.RunSpec) -> dict:
     summary = summarize(spec, runlog.rounds, first["val_loss"], counts, trainable, time.time() - t_start)
     write_json_atomic(run_dir / "summary.json", summary)
     runlog.plot_loss(first["val_loss"], [r["tokens"] for r in runlog.rounds])
+    runlog.close()
     print(
         f"[spes] done in {summary['wall_s']:.0f}s: held-out loss {summary['first_val_loss']:.4f} -> "
         f"{summary['final_val_loss']:.4f}. Outputs: {run_dir} (model/, metrics.jsonl, summary.json, loss.png)",

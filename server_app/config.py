@@ -35,12 +35,27 @@ class EvalConfig:
 
 
 @dataclass
+class LoggingConfig:
+    tensorboard: bool = False
+    wandb: bool = False
+    wandb_project: str = "spes-flower"
+
+    def validate(self) -> None:
+        import importlib.util
+
+        for enabled, module, pkg in ((self.tensorboard, "tensorboard", "tensorboard"), (self.wandb, "wandb", "wandb")):
+            if enabled and importlib.util.find_spec(module) is None:
+                raise ValueError(f"logging.{pkg}=true but the {pkg!r} package is not installed (pip install {pkg})")
+
+
+@dataclass
 class RunSpec:
     model: MoEArgs
     data: DataConfig
     train: TrainConfig
     strategy: SpesConfig
     eval: EvalConfig
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     strategy_name: str = "spes"
     run_name: str = "demo"
     output_dir: str = "outputs"
@@ -98,7 +113,7 @@ def compose(overrides: list[str] | str = ()) -> dict[str, Any]:
 def from_dict(raw: dict[str, Any]) -> RunSpec:
     """Typed, validated run spec; raises ConfigError with one clear message."""
     try:
-        unknown = sorted(set(raw) - _TOP_LEVEL - {"model", "data", "train", "strategy", "eval"})
+        unknown = sorted(set(raw) - _TOP_LEVEL - {"model", "data", "train", "strategy", "eval", "logging"})
         if unknown:
             raise ValueError(f"unknown top-level key(s) {unknown}")
         strategy_raw = dict(raw["strategy"])
@@ -109,6 +124,7 @@ def from_dict(raw: dict[str, Any]) -> RunSpec:
             train=TrainConfig.from_dict(raw["train"]),
             strategy=SpesConfig.from_dict(strategy_raw),
             eval=EvalConfig(**raw.get("eval", {})),
+            logging=LoggingConfig(**raw.get("logging", {})),
             strategy_name=strategy_name,
             raw=raw,
             **{k: raw[k] for k in _TOP_LEVEL if k in raw},
@@ -129,6 +145,7 @@ def validate(spec: RunSpec) -> None:
     spec.model.validate()
     spec.data.validate()
     spec.train.validate()
+    spec.logging.validate()
     spec.strategy.validate(spec.model.num_experts, spec.nodes)
     if spec.model.vocab_size is not None and spec.data.tokenizer == "bpe" and spec.model.vocab_size < spec.data.vocab_size:
         raise ValueError(

@@ -159,6 +159,10 @@ class SpesStrategy(Strategy):
                 log.warning("update of node %d (partition %d) rejected: %s", p, self.partitions[p], exc)
                 continue
             nodes[p].update({k.replace("-", "_"): float(metrics[k]) for k in NODE_METRICS if k in metrics})
+            if "expert-load" in metrics:
+                load = [float(x) for x in metrics["expert-load"]]
+                e = self.ownership.num_experts
+                nodes[p]["expert_load"] = [load[i : i + e] for i in range(0, len(load), e)]
             nodes[p]["bytes_up"] = payload_bytes(record)
             nodes[p]["status"] = "ok"
             updates[p] = (update, float(metrics.get("num-tokens", 0.0)))

@@ -246,3 +246,16 @@ def test_state_dict_round_trip(flower_task):
     t = make_strategy()
     t.load_state_dict(state)
     assert (t.round, t.global_step, t.ownership) == (1, 10, s.ownership)
+
+
+def test_expert_load_reported_per_node_and_layer(flower_task):
+    s = make_strategy()
+    msgs = list(s.configure_train(1, encode(toy_params(0)), ConfigRecord({}), None))
+    replies = []
+    for p, msg in enumerate(msgs):
+        names = shared_param_names(s.params) + expert_param_names(s.params, msg.content["config"]["owned-experts"])
+        load = [float(p + 1)] * (L * E)
+        replies.append(reply(msg, {n: s.params[n] for n in names}, 10, **{"expert-load": load}))
+    s.aggregate_train(1, replies)
+    node1 = s.history[-1]["nodes"]["1"]
+    assert len(node1["expert_load"]) == L and all(row == [2.0] * E for row in node1["expert_load"])

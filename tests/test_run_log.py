@@ -1,0 +1,65 @@
+"""The one metrics path: JSONL always, TensorBoard when enabled, per-node tags."""
+
+import json
+
+import pytest
+import torch
+
+from client_app.trainer import TrainConfig, make_optimizer, train_steps
+from model import MoEArgs, build_model
+from server_app.config import ConfigError, load
+from server_app.run_log import RunLog, flat_scalars
+
+RECORD = {
+    "round": 1, "val_loss": 5.0, "train_loss": 5.5, "tokens": 100.0, "bytes_up": 10, "bytes_down": 20,
+    "nodes": {"0": {"train_loss": 5.4, "bytes_up": 5, "expert_load": [[0.75, 0.25]], "status": "ok"},
+              "1": {"train_loss": 5.6, "bytes_up": 5, "status": "ok"}},
+}
+
+
+def test_flat_scalars_tag_per_node():
+    s = flat_scalars(RECORD)
+    assert s["val_loss"] == 5.0 and s["node0/train_loss"] == 5.4 and s["node1/train_loss"] == 5.6
+    assert s["node0/expert_load/layer0/expert0"] == 0.75
+    assert "node0/status" not in s
+
+
+def test_jsonl_and_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    log = RunLog(tmp_path, tensorboard=True)
+    log.log_round(RECORD)
+    log.log_round({**RECORD, "round": 2, "val_loss": 4.0})
+    log.close()
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["val_loss"] for r in lines] == [5.0, 4.0]
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    assert [e.value for e in acc.Scalars("val_loss")] == [5.0, 4.0]
+    assert [e.step for e in acc.Scalars("node1/train_loss")] == [1, 2]
+
+
+def test_wandb_enabled_without_package_is_a_config_error():
+    pytest.importorskip("tensorboard")
+    try:
+        import wandb  # noqa: F401
+
+        pytest.skip("wandb is installed here")
+    except ImportError:
+        pass
+    with pytest.raises(ConfigError, match="wandb"):
+        load(["logging.wandb=true"])
+
+
+def test_trainer_reports_expert_load_per_layer():
+    args = MoEArgs(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, num_experts=4, top_k=2, expert_ffn=16)
+    model = build_model(args, 50, owned=[0], seed=0)
+    cfg = TrainConfig()
+
+    def batches():
+        while True:
+            yield torch.randint(0, 50, (2, 17))
+
+    m = train_steps(model, make_optimizer(model, cfg), batches(), cfg, 0, 2, 10, torch.device("cpu"))
+    load_ = torch.tensor(m["expert-load"]).view(2, 4)
+    torch.testing.assert_close(load_.sum(dim=1), torch.ones(2))
