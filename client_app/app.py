@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -76,5 +77,5 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     ctx = _node(msg, context)
     loss, tokens = run_local_eval(ctx, decode(msg.content["arrays"]))
-    metrics = MetricRecord({"eval-loss": loss, "num-tokens": float(tokens)})
+    metrics = MetricRecord({"eval-loss": loss, "eval-ppl": math.exp(min(loss, 50.0)), "num-tokens": float(tokens)})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)

@@ -9,7 +9,7 @@ from sim.launcher import LocalDeployment
 APP = Path(__file__).resolve().parent.parent
 OVERRIDES = [
     "nodes=2", "rounds=1", "strategy.local_steps=2", "model.hidden_size=64", "model.expert_ffn=32",
-    "model.num_layers=2", "model.num_experts=4", "data.vocab_size=512", "data.seq_len=64",
+    "model.num_layers=2", "model.num_experts=4", "strategy.merge.top_k=2", "data.vocab_size=512", "data.seq_len=64",
     "train.batch_size=4", "run_name=deploy",
 ]
 
