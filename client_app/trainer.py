@@ -7,6 +7,7 @@ import math
 import resource
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -82,10 +83,33 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=True)
 
 
+_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak-memory window, so a node reports its own round's peak.
+
+    Several simulated nodes can share one Ray worker process, whose lifetime peak would
+    otherwise be reported by every node after the largest one. On Linux, writing 5 to
+    clear_refs resets VmHWM to the current RSS; where that is not allowed, the lifetime
+    peak (ru_maxrss) is what gets reported.
+    """
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    with contextlib.suppress(OSError):
+        _CLEAR_REFS.write_text("5")
+
+
 def peak_memory_mb(device: torch.device) -> float:
-    """Peak GPU memory allocated, or the process's peak resident set size on CPU."""
+    """Peak GPU memory allocated, or the process's peak resident set size on CPU (MiB)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    with contextlib.suppress(OSError):
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
@@ -111,6 +135,7 @@ def train_steps(
     sums = {"train-loss": 0.0, "ce-loss": 0.0, "aux-loss": 0.0, "z-loss": 0.0}
     tokens = 0
     load = None
+    reset_peak_memory(device)
     t0 = time.perf_counter()
     for i in range(steps):
         lr = lr_at(start_step + i, cfg, total_steps)

@@ -100,3 +100,25 @@ def test_presets_build_on_meta_with_analytic_counts(preset, lo, hi):
     n = sum(p.numel() for p in model.parameters())
     assert n == count_parameters(model.config)["total"]
     assert lo <= n <= hi, f"{preset}: {n:,}"
+
+
+def test_round_peak_memory_is_the_rounds_own_not_the_process_lifetime():
+    """Simulated nodes share Ray worker processes: a round must not report an earlier, larger peak."""
+    from pathlib import Path
+
+    from client_app.trainer import peak_memory_mb, reset_peak_memory
+
+    cpu = torch.device("cpu")
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pytest.skip("this kernel/container does not allow resetting VmHWM")
+    big = torch.ones(64 * 2**20)  # 256 MiB, touched
+    lifetime = peak_memory_mb(cpu)
+    del big
+    model = build_model(ARGS, VOCAB, owned=[0], seed=0)
+    cfg = TrainConfig(warmup_steps=0)
+    m = train_steps(model, make_optimizer(model, cfg), batches(), cfg, 0, 2, 2, cpu)
+    assert m["peak-mem-mb"] < lifetime - 200, (m["peak-mem-mb"], lifetime)
+    reset_peak_memory(cpu)
+    assert peak_memory_mb(cpu) <= m["peak-mem-mb"] + 1
