@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test bench clean
 
 setup: $(STAMP)
 
@@ -22,6 +22,12 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# SPES vs DiLoCo vs FedAvg vs centralized (tiny model; ~10-12 min on 2 CPUs), memory per node
+# (model=small) and Flower overhead -> benchmarks/results.json, docs/benchmarks.md.
+# Ablations: $(PY) -m sim.bench --ablation merge|H|nodes|iid|all  -> docs/results.md
+bench: setup
+	$(PY) -m sim.bench $(BENCH_ARGS)
 
 clean:
 	rm -rf outputs .pytest_cache
