@@ -110,6 +110,10 @@ def write_results_md(out: Path, docs: Path) -> Path:
                      f"{e['tokens_trained']:,.0f} | {len(e['val_loss_by_round']) - 1} | {per / MiB:.2f} "
                      f"| {e['wall_s']:.0f} |")
             curves[label] = (e["tokens_by_round"], e["val_loss_by_round"])
+        finals = {label: res["variants"][label]["final_val_loss"] for label in order}
+        best = min(finals, key=finals.get)
+        others = ", ".join(f"{k} +{v - finals[best]:.3f}" for k, v in finals.items() if k != best)
+        L += ["", f"Lowest final held-out loss: **{best}** ({finals[best]:.4f}); the others: {others}."]
         png = f"ablation_{name}.png"
         plot_loss(curves, docs / png, TITLES[name])
         L += ["", f"![{name}]({png})"]
