@@ -23,7 +23,7 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
-# SPES vs DiLoCo vs FedAvg vs centralized (tiny model; ~10-12 min on 2 CPUs), memory per node
+# SPES vs DiLoCo vs FedAvg vs centralized (tiny model; ~17 min on 2 CPUs), memory per node
 # (model=small) and Flower overhead -> benchmarks/results.json, docs/benchmarks.md.
 # Ablations: $(PY) -m sim.bench --ablation merge|H|nodes|iid|all  -> docs/results.md
 bench: setup

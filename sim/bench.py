@@ -1,6 +1,6 @@
 """Benchmark harness: SPES vs DiLoCo vs FedAvg vs centralized, at one token budget.
 
-    python -m sim.bench                       # the default benchmark (make bench), ~12 min on 2 CPUs
+    python -m sim.bench                       # the default benchmark (make bench), ~17 min on 2 CPUs
     python -m sim.bench rounds=8 model=tiny   # Hydra overrides apply to every method
     python -m sim.bench --ablation merge      # merge | H | nodes | iid | all  -> docs/results.md
 
