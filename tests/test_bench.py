@@ -10,17 +10,13 @@ import math
 
 import pytest
 
+from micro import MICRO_MODEL
 from sim.ablations import variants
 from sim.bench import DEFAULTS, RATIO_SOURCES, lookup, main, merge_overrides
 
 SMALL = [
-    "model.hidden_size=64",
-    "model.expert_ffn=32",
-    "model.num_layers=2",
+    *MICRO_MODEL,
     "model.num_experts=8",
-    "data.vocab_size=512",
-    "data.seq_len=64",
-    "train.batch_size=4",
     "nodes=2",
     "rounds=2",
     "strategy.local_steps=2",

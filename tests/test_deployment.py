@@ -4,13 +4,13 @@ import json
 import shlex
 from pathlib import Path
 
+from micro import MICRO_MODEL
 from sim.launcher import LocalDeployment
 
 APP = Path(__file__).resolve().parent.parent
 OVERRIDES = [
-    "nodes=2", "rounds=1", "strategy.local_steps=2", "model.hidden_size=64", "model.expert_ffn=32",
-    "model.num_layers=2", "model.num_experts=4", "strategy.merge.top_k=2", "data.vocab_size=512", "data.seq_len=64",
-    "train.batch_size=4", "run_name=deploy",
+    *MICRO_MODEL, "model.num_experts=4", "strategy.merge.top_k=2",
+    "nodes=2", "rounds=1", "strategy.local_steps=2", "run_name=deploy",
 ]
 
 

@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from micro import MICRO_MODEL
 from model import count_parameters, load_pretrained
 from model.naming import expert_param_names
 from sim.__main__ import main as sim_main
@@ -16,13 +17,8 @@ OVERRIDES = [
     "rounds=2",
     "strategy.local_steps=3",
     "strategy.merge.enabled=false",
-    "model.hidden_size=64",
-    "model.expert_ffn=32",
-    "model.num_layers=2",
+    *MICRO_MODEL,
     "model.num_experts=8",
-    "data.vocab_size=512",
-    "data.seq_len=64",
-    "train.batch_size=4",
     "run_name=simtest",
 ]
 
