@@ -7,8 +7,8 @@ import math
 import resource
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -102,15 +102,21 @@ def reset_peak_memory(device: torch.device) -> None:
         _CLEAR_REFS.write_text("5")
 
 
+def process_memory_mb(field: str) -> float | None:
+    """A field of /proc/self/status in MiB (VmRSS: resident now, VmHWM: peak); None where absent."""
+    with contextlib.suppress(OSError):
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) / 1024  # kB
+    return None
+
+
 def peak_memory_mb(device: torch.device) -> float:
     """Peak GPU memory allocated, or the process's peak resident set size on CPU (MiB)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    with contextlib.suppress(OSError):
-        for line in _STATUS.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024  # kB
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    peak = process_memory_mb("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def train_steps(

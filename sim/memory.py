@@ -30,12 +30,9 @@ BYTES_FP32 = 4
 
 def _rss_mb() -> tuple[float, float]:
     """(current RSS, peak RSS) of this process in MiB, from /proc (Linux)."""
-    vals = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(("VmRSS:", "VmHWM:")):
-            key, kb = line.split()[:2]
-            vals[key] = int(kb) / 1024
-    return vals.get("VmRSS:", 0.0), vals.get("VmHWM:", 0.0)
+    from client_app.trainer import process_memory_mb
+
+    return process_memory_mb("VmRSS") or 0.0, process_memory_mb("VmHWM") or 0.0
 
 
 def _worker(job: dict) -> dict:
@@ -52,8 +49,9 @@ def _worker(job: dict) -> dict:
     rss_imports, _ = _rss_mb()
     args = MoEArgs.from_dict(job["model"])
     vocab = args.vocab_size or job["vocab_size"]
+    cfg = TrainConfig.from_dict(job["train"])
     model = build_model(args, vocab, owned=job["owned"], seed=0)
-    optimizer = make_optimizer(model, TrainConfig.from_dict(job["train"]))
+    optimizer = make_optimizer(model, cfg)
     rss_built, peak_built = _rss_mb()
 
     gen = torch.Generator().manual_seed(0)
@@ -62,7 +60,6 @@ def _worker(job: dict) -> dict:
         while True:  # synthetic ids: the memory footprint is independent of the text
             yield torch.randint(0, vocab, (job["batch"], job["seq"] + 1), generator=gen)
 
-    cfg = TrainConfig.from_dict(job["train"])
     t0 = time.perf_counter()
     metrics = train_steps(model, optimizer, batches(), cfg, 0, job["steps"], job["steps"], torch.device("cpu"))
     seconds = time.perf_counter() - t0
