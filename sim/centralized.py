@@ -28,6 +28,7 @@ def run(overrides: list[str]) -> dict:
     from server_app.app import summarize
     from server_app.config import load
     from server_app.run_log import RunLog, write_json_atomic
+    from strategy.spes import node_metrics
 
     t_start = time.time()
     spec = load(overrides)
@@ -52,6 +53,7 @@ def run(overrides: list[str]) -> dict:
     model = build_model(spec.model, len(tokenizer), seed=spec.seed, special_tokens=special).to(device)
     optimizer = make_optimizer(model, cfg)
     counts = count_parameters(model.config)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(
         f"[centralized] {counts['total']:,} parameters, {spec.rounds} x {h} steps of batch {cfg.batch_size} "
         f"(= {n} nodes x {spec.train.batch_size}); outputs in {run_dir}",
@@ -66,13 +68,8 @@ def run(overrides: list[str]) -> dict:
         loss, _ = evaluate(model, heldout, spec.eval.batch_size, spec.eval.max_batches, device)
         node = {
             "partition_id": 0, "status": "ok", "bytes_up": 0, "bytes_down": 0,
-            # scalars as floats (as the strategy records them); per-expert lists (expert-load) as they are
-            **{k.replace("-", "_"): float(v) if isinstance(v, (int, float)) else v for k, v in m.items()},
+            **node_metrics({**m, "trainable-params": trainable}, spec.model.num_experts),
         }
-        node["trainable_params"] = float(sum(p.numel() for p in model.parameters() if p.requires_grad))
-        if isinstance(node.get("expert_load"), list):  # [layers * experts] -> per layer, as the strategy logs it
-            e = spec.model.num_experts
-            node["expert_load"] = [node["expert_load"][i : i + e] for i in range(0, len(node["expert_load"]), e)]
         record = {
             "round": r, "global_step": r * h, "merge_alpha": 0.0, "tokens": m["num-tokens"],
             "train_loss": m["train-loss"], "bytes_up": 0, "bytes_down": 0, "nodes": {"0": node},
@@ -89,8 +86,7 @@ def run(overrides: list[str]) -> dict:
     summary.update(strategy="centralized", nodes=1, federated_nodes=n, batch_size=cfg.batch_size)
     write_json_atomic(run_dir / "summary.json", summary)
     runlog.plot_loss(first, [r["tokens"] for r in runlog.rounds])
-    if hasattr(runlog, "close"):
-        runlog.close()
+    runlog.close()
     print(f"[centralized] done in {summary['wall_s']:.0f}s: held-out loss {first:.4f} -> "
           f"{summary['final_val_loss']:.4f}", flush=True)
     return summary

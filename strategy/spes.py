@@ -29,6 +29,15 @@ NODE_METRICS = (
 )
 
 
+def node_metrics(metrics, num_experts: int) -> dict:
+    """A node's reported metrics as the run log records them: snake_case floats, expert load per layer."""
+    out = {k.replace("-", "_"): float(metrics[k]) for k in NODE_METRICS if k in metrics}
+    if "expert-load" in metrics:
+        load = [float(x) for x in metrics["expert-load"]]  # flattened [layers * experts]
+        out["expert_load"] = [load[i : i + num_experts] for i in range(0, len(load), num_experts)]
+    return out
+
+
 @dataclass
 class SpesConfig:
     local_steps: int = 100
@@ -158,11 +167,7 @@ class SpesStrategy(Strategy):
                 nodes[p]["status"] = f"rejected: {exc}"
                 log.warning("update of node %d (partition %d) rejected: %s", p, self.partitions[p], exc)
                 continue
-            nodes[p].update({k.replace("-", "_"): float(metrics[k]) for k in NODE_METRICS if k in metrics})
-            if "expert-load" in metrics:
-                load = [float(x) for x in metrics["expert-load"]]
-                e = self.ownership.num_experts
-                nodes[p]["expert_load"] = [load[i : i + e] for i in range(0, len(load), e)]
+            nodes[p].update(node_metrics(metrics, self.ownership.num_experts))
             nodes[p]["bytes_up"] = payload_bytes(record)
             nodes[p]["status"] = "ok"
             updates[p] = (update, float(metrics.get("num-tokens", 0.0)))
