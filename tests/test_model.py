@@ -122,3 +122,20 @@ def test_round_peak_memory_is_the_rounds_own_not_the_process_lifetime():
     assert m["peak-mem-mb"] < lifetime - 200, (m["peak-mem-mb"], lifetime)
     reset_peak_memory(cpu)
     assert peak_memory_mb(cpu) <= m["peak-mem-mb"] + 1
+
+
+def test_bf16_autocast_keeps_fp32_master_weights_and_trains():
+    """precision=bf16 (the GPU setting) runs the same step under autocast; weights and AdamW state stay fp32."""
+    owned = [0, 1]
+    model = build_model(ARGS, VOCAB, owned=owned, seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = TrainConfig(precision="bf16", lr=1e-2, warmup_steps=0)
+    opt = make_optimizer(model, cfg)
+    m = train_steps(model, opt, batches(), cfg, 0, 3, 3, torch.device("cpu"))
+    assert torch.isfinite(torch.tensor(m["train-loss"]))
+    after = model.state_dict()
+    assert all(v.dtype == torch.float32 for v in after.values())
+    assert all(s["exp_avg"].dtype == torch.float32 for s in opt.state.values())
+    frozen = expert_param_names(list(after), [e for e in range(ARGS.num_experts) if e not in owned])
+    assert all(torch.equal(before[n], after[n]) for n in frozen)
+    assert all(not torch.equal(before[n], after[n]) for n in expert_param_names(list(after), owned))
