@@ -419,6 +419,7 @@ def _preset_ratios():
     """(preset, 'N x m', (bytes ratio, memory floor ratio)) for small, 1b, 7b at their paper node counts."""
     from model.args import build_config, count_parameters
     from server_app.config import load
+    from sim.memory import analytic_floor_mb
 
     for name, nodes in (("small", 4), ("1b", 4), ("7b", 4)):
         spec = load([f"model={name}", f"nodes={nodes}"])
@@ -426,5 +427,5 @@ def _preset_ratios():
         m = spec.model.num_experts // nodes
         trainable = c["shared"] + m * c["per_expert"]
         bytes_ratio = (trainable + c["total"] - m * c["per_expert"]) / (2 * c["total"])
-        mem_ratio = (c["total"] + 3 * trainable) / (4 * c["total"])
+        mem_ratio = analytic_floor_mb(c["total"], trainable) / analytic_floor_mb(c["total"], c["total"])
         yield name, f"{nodes} x {m}", (bytes_ratio, mem_ratio)
