@@ -2,7 +2,8 @@
 
 `RunLog.log_round` is the one path every round's metrics take: always to metrics.jsonl, and,
 when enabled in config (`logging.*`), to TensorBoard event files and Weights & Biases, with
-per-node metrics tagged by node (partition id).
+per-node metrics tagged by node (partition id), plus the run-level scalars the report plots
+(cumulative bytes, seconds per round, expert load over all nodes) and lm-eval results.
 """
 
 from __future__ import annotations
@@ -38,16 +39,61 @@ def flat_scalars(record: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def eval_scalars(results: dict[str, dict[str, Any]]) -> dict[str, float]:
+    return {
+        f"eval/{task}/{metric}": float(v)
+        for task, metrics in results.items() for metric, v in metrics.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
+
+
+def run_scalars(rounds: list[dict[str, Any]]) -> dict[str, float]:
+    """The last round's scalars as the run report plots them (needs the rounds so far).
+
+    Cumulative bytes (all nodes and per node, as in traffic.png), seconds the round took, and the
+    expert load over all nodes (as in expert_load.png: token share x number of experts).
+    """
+    from server_app.report import expert_load_by_round
+
+    if not rounds:
+        return {}
+    last = rounds[-1]
+    out = {
+        "total/bytes_up": float(sum(r.get("bytes_up", 0) for r in rounds)),
+        "total/bytes_down": float(sum(r.get("bytes_down", 0) for r in rounds)),
+    }
+    for pid in last.get("nodes", {}):
+        out[f"node{pid}/bytes_total"] = float(sum(
+            r.get("nodes", {}).get(pid, {}).get("bytes_up", 0) + r.get("nodes", {}).get(pid, {}).get("bytes_down", 0)
+            for r in rounds
+        ))
+    if len(rounds) > 1 and isinstance(last.get("wall_s"), (int, float)) and isinstance(rounds[-2].get("wall_s"), (int, float)):
+        out["round_s"] = float(last["wall_s"] - rounds[-2]["wall_s"])
+    grid = expert_load_by_round([last])
+    if grid is not None:
+        experts = len(grid[0])
+        for layer, rows in enumerate(grid):
+            for e, (share,) in enumerate(rows):
+                if math.isfinite(share):
+                    out[f"expert_load/layer{layer}/expert{e}"] = share * experts
+    return out
+
+
 class RunLog:
     def __init__(
         self, run_dir: Path, tensorboard: bool = False, wandb: bool = False, wandb_project: str = "spes-flower",
-        config: dict[str, Any] | None = None,
+        config: dict[str, Any] | None = None, keep_rounds_upto: int | None = None,
     ) -> None:
         self.run_dir = run_dir
         self.path = run_dir / "metrics.jsonl"
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.path.write_text("")
         self.rounds: list[dict[str, Any]] = []
+        if keep_rounds_upto is not None and self.path.exists():
+            # A resumed run keeps what it logged up to its checkpoint and drops any later round.
+            for line in self.path.read_text().splitlines():
+                if line.strip() and (rec := json.loads(line))["round"] <= keep_rounds_upto:
+                    self.rounds.append(rec)
+        self.path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in self.rounds))
         self._tb = None
         self._wandb = None
         if tensorboard:
@@ -66,12 +112,15 @@ class RunLog:
             f.flush()
             os.fsync(f.fileno())
         step = int(record["round"])
+        if self._tb is None and self._wandb is None:
+            return
+        scalars = {**flat_scalars(record), **run_scalars(self.rounds)}
         if self._tb is not None:
-            for tag, value in flat_scalars(record).items():
+            for tag, value in scalars.items():
                 self._tb.add_scalar(tag, value, step)
             self._tb.flush()
         if self._wandb is not None:
-            self._wandb.log(flat_scalars(record), step=step)
+            self._wandb.log(scalars, step=step)
 
     def close(self) -> None:
         if self._tb is not None:
@@ -103,3 +152,17 @@ class RunLog:
         fig.savefig(path, dpi=110)
         plt.close(fig)
         return path
+
+
+def tensorboard_eval(run_dir: Path, results: dict[str, dict[str, Any]], step: int) -> bool:
+    """Add lm-eval results (task -> metric -> value) as eval/<task>/<metric> at `step` (the round
+    of the checkpoint) to the run's TensorBoard events, if the run wrote any; True if it did."""
+    tb_dir = Path(run_dir) / "tensorboard"
+    if not tb_dir.is_dir():
+        return False
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(log_dir=str(tb_dir)) as writer:
+        for tag, value in eval_scalars(results).items():
+            writer.add_scalar(tag, value, step)
+    return True

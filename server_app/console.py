@@ -1,0 +1,102 @@
+"""What the coordinator prints: one line per round under an overall progress bar.
+
+Every line starts with `[spes]` (the bar's description too): the simulation launcher
+(`sim.launcher`, console="coordinator") passes exactly those lines, plus errors, from
+`flwr run --stream` to the terminal and leaves Flower's and Ray's output to the log files.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import IO
+
+from tqdm import tqdm
+
+PREFIX = "[spes]"
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    if h:
+        return f"{h}h{m:02d}m"
+    if m:
+        return f"{m}m{s:02d}s"
+    return f"{s}s"
+
+
+def format_tokens(n: float) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return f"{n:.0f}"
+
+
+class RunConsole:
+    """`start` after the round-0 evaluation, `round` after each logged round, `close` at the end.
+
+    Seconds per round come from the records' `wall_s` (seconds since the coordinator started),
+    so they include evaluation and checkpointing; the ETA is the mean so far times the rounds left.
+    """
+
+    def __init__(self, total_rounds: int, out: IO[str] | None = None, bar: bool = True) -> None:
+        self.total = int(total_rounds)
+        self.out = out if out is not None else sys.stdout
+        self.durations: list[float] = []
+        self._last_wall: float | None = None
+        self._bar = None
+        self._use_bar = bar
+
+    def _write(self, line: str) -> None:
+        if self._bar is not None:
+            self._bar.write(line, file=self.out)
+        else:
+            self.out.write(line + "\n")
+        self.out.flush()
+
+    def start(self, first_val_loss: float, wall_s: float = 0.0, done_rounds: int = 0) -> None:
+        """Print round 0 and open the bar; `done_rounds` > 0 when resuming."""
+        self._last_wall = wall_s
+        self._write(f"{PREFIX} round {done_rounds}/{self.total} | held-out loss {first_val_loss:.4f}")
+        if self._use_bar:
+            self._bar = tqdm(total=self.total, initial=done_rounds, desc=f"{PREFIX} rounds", unit="round",
+                             file=self.out, ncols=80, leave=False, mininterval=0, dynamic_ncols=False)
+
+    def line(self, record: dict) -> str:
+        """The round's line (also updates s/round statistics)."""
+        wall = record.get("wall_s")
+        took = None
+        if isinstance(wall, (int, float)) and self._last_wall is not None:
+            took = float(wall) - self._last_wall
+            self.durations.append(took)
+        if isinstance(wall, (int, float)):
+            self._last_wall = float(wall)
+        rnd = int(record["round"])
+        parts = [
+            f"{PREFIX} round {rnd}/{self.total}",
+            f"held-out loss {record['val_loss']:.4f}",
+            f"{format_tokens(float(record.get('tokens', 0)))} tokens",
+            f"up {record.get('bytes_up', 0) / 1e6:.1f} MB, down {record.get('bytes_down', 0) / 1e6:.1f} MB",
+        ]
+        if took is not None:
+            mean = sum(self.durations) / len(self.durations)
+            parts.append(f"{took:.1f} s/round")
+            parts.append(f"ETA {format_duration(mean * max(self.total - rnd, 0))}")
+        failed = [pid for pid, n in record.get("nodes", {}).items() if n.get("status") != "ok"]
+        if failed:
+            parts.append(f"nodes not ok: {', '.join(failed)}")
+        return " | ".join(parts)
+
+    def round(self, record: dict) -> None:
+        self._write(self.line(record))
+        if self._bar is not None:
+            self._bar.n = int(record["round"])
+            self._bar.refresh()
+
+    def close(self, message: str | None = None) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if message:
+            self._write(f"{PREFIX} {message}")
