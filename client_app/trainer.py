@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from model.balance import BALANCE_MODES, LocalDecay, owned_experts
 from model.loss import lm_loss
 
 
@@ -31,6 +32,14 @@ class TrainConfig:
     grad_clip: float = 1.0
     aux_loss_weight: float = 0.01
     z_loss_weight: float = 0.001
+    # Load balancing (model/balance.py): per_layer (the reference) | pooled (transformers').
+    balance: str = "per_layer"
+    # Decayed variant: the node's own experts' counts x a factor rising start -> 1.
+    balance_local_decay: bool = False
+    balance_local_start: float = 0.7
+    balance_local_warmup_fraction: float = 0.2
+    balance_local_every: int = 500
+    logit_z_loss_weight: float = 0.0
     threads: int = 0
 
     @classmethod
@@ -50,6 +59,17 @@ class TrainConfig:
             raise ValueError("train.batch_size must be >= 1 and train.lr > 0")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.balance not in BALANCE_MODES:
+            raise ValueError(f"train.balance must be one of {list(BALANCE_MODES)}, got {self.balance!r}")
+        if not self.logit_z_loss_weight >= 0:
+            raise ValueError(f"train.logit_z_loss_weight must be >= 0, got {self.logit_z_loss_weight}")
+        if self.balance_local_decay:
+            self.local_decay().validate()
+
+    def local_decay(self) -> LocalDecay | None:
+        if not self.balance_local_decay:
+            return None
+        return LocalDecay(self.balance_local_start, self.balance_local_warmup_fraction, self.balance_local_every)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -141,6 +161,8 @@ def train_steps(
     sums = {"train-loss": 0.0, "ce-loss": 0.0, "aux-loss": 0.0, "z-loss": 0.0}
     tokens = 0
     load = None
+    decay = cfg.local_decay()
+    owned = owned_experts(model) if decay is not None else None
     reset_peak_memory(device)
     t0 = time.perf_counter()
     for i in range(steps):
@@ -149,7 +171,11 @@ def train_steps(
             group["lr"] = lr
         block = next(batches).to(device, non_blocking=True)
         with autocast:
-            parts = lm_loss(model, block, cfg.aux_loss_weight, cfg.z_loss_weight)
+            parts = lm_loss(
+                model, block, cfg.aux_loss_weight, cfg.z_loss_weight, balance=cfg.balance,
+                logit_z_weight=cfg.logit_z_loss_weight, local_decay=decay, owned=owned,
+                step=start_step + i, total_steps=total_steps,
+            )
         parts.total.backward()
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)

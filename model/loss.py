@@ -1,12 +1,14 @@
-"""Training loss: next-token cross-entropy + router load-balancing loss + router z-loss."""
+"""Training loss: next-token cross-entropy + router load-balancing loss + router z-loss (+ output-logit z-loss)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
+
+from model.balance import LocalDecay, balance_loss, count_scale
+from model.ce import forward_ce
 
 
 @dataclass
@@ -17,6 +19,7 @@ class LossParts:
     z: torch.Tensor
     # [layers, experts] tokens routed to each expert (top-k picks), or None without router logits.
     expert_counts: torch.Tensor | None = None
+    logit_z: torch.Tensor | None = None
 
 
 @torch.no_grad()
@@ -30,18 +33,41 @@ def router_z_loss(router_logits: tuple[torch.Tensor, ...]) -> torch.Tensor:
     return torch.stack([torch.logsumexp(r.float(), dim=-1).pow(2).mean() for r in router_logits]).mean()
 
 
-def lm_loss(model: torch.nn.Module, block: torch.Tensor, aux_weight: float, z_weight: float) -> LossParts:
-    """`block` is [batch, seq_len + 1]; inputs are block[:, :-1], targets block[:, 1:]."""
+def lm_loss(
+    model: torch.nn.Module,
+    block: torch.Tensor,
+    aux_weight: float,
+    z_weight: float,
+    *,
+    balance: str = "per_layer",
+    logit_z_weight: float = 0.0,
+    local_decay: LocalDecay | None = None,
+    owned: Iterable[int] | None = None,
+    step: int = 0,
+    total_steps: int = 1,
+    lean: bool = False,
+) -> LossParts:
+    """`block` is [batch, seq_len + 1]; inputs are block[:, :-1], targets block[:, 1:].
+
+    balance: per_layer | pooled (model/balance.py). local_decay (with the node's `owned` experts
+    and the global `step` of `total_steps`) scales the owned experts' counts in the balancing loss.
+    """
     inputs, targets = block[:, :-1], block[:, 1:]
     want_router = aux_weight > 0 or z_weight > 0
-    out = model(input_ids=inputs, output_router_logits=want_router, use_cache=False)
-    logits = out.logits
-    ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    # lean: CE (and logit z-loss) from the last hidden state, a chunk of tokens at a time (model/ce.py).
+    out, ce, lz = forward_ce(model, inputs, targets, want_router, lean=lean, logit_z=logit_z_weight > 0)
     zero = ce.new_zeros(())
     aux, z, counts = zero, zero, None
     if want_router:
         cfg = model.config
-        aux = load_balancing_loss_func(out.router_logits, cfg.num_experts, cfg.num_experts_per_tok)
+        scale = None
+        if local_decay is not None and owned is not None:
+            factor = local_decay.factor(step, total_steps)
+            scale = count_scale(cfg.num_experts, owned, factor, device=ce.device)
+        aux = balance_loss(out.router_logits, cfg.num_experts, cfg.num_experts_per_tok, balance, scale)
         z = router_z_loss(out.router_logits)
         counts = expert_counts(out.router_logits, cfg.num_experts_per_tok, cfg.num_experts)
-    return LossParts(total=ce + aux_weight * aux + z_weight * z, ce=ce, aux=aux, z=z, expert_counts=counts)
+    total = ce + aux_weight * aux + z_weight * z
+    if lz is not None:
+        total = total + logit_z_weight * lz
+    return LossParts(total=total, ce=ce, aux=aux, z=z, expert_counts=counts, logit_z=lz)
