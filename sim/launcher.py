@@ -31,6 +31,7 @@ No torch import here: this module must stay cheap to import.
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 import math
@@ -498,6 +499,7 @@ class _FlowerLocal:
 
     connection: str
     simulation: bool
+    console = "all"  # what `flwr run` output reaches stdout: CONSOLE_MODES
 
     def __init__(self, run_dir: Path, log_file: Path | None = None,
                  startup_timeout: float = 60.0, stop_grace: float = 10.0) -> None:
@@ -602,32 +604,115 @@ class _FlowerLocal:
         if federation_config:
             cmd += ["--federation-config", federation_config]
         cmd.append("--stream")
-        return _FlwrRun(self, cmd, timeout_s).execute()
+        return _FlwrRun(self, cmd, timeout_s, self.console).execute()
+
+
+# ------------------------------------------------------------------ console output
+CONSOLE_MODES = ("all", "coordinator", "coordinator+nodes")
+OWN_PREFIXES = ("[spes]", "[sim]")
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+# Ray prefixes what its workers print: "(ClientAppActor pid=123) ", "(raylet, ip=10.0.0.1) ".
+_RAY_PREFIX = re.compile(r"^\((?P<who>[A-Za-z_][\w.]*)(?: pid=\d+)?(?:, ip=[\d.]+)?\) ?")
+_ERROR = re.compile(r"^(ERROR|CRITICAL)\b|^Traceback \(most recent call last\)|^[\w.]*(Error|Exception)\b:")
+_SEGMENT = re.compile(r"[^\r\n]*[\r\n]")
+
+
+class ConsoleFilter:
+    """Which pieces of ``flwr run --stream`` output reach the terminal (the log file
+    ``flwr-run.log`` always gets everything).
+
+    ``all``: everything, as Flower prints it. ``coordinator``: lines (and ``\\r``-redrawn
+    progress bars) that start with ``[spes]``/``[sim]``, plus errors: ERROR/CRITICAL log
+    lines and whole tracebacks, preceded once by where the full log is.
+    ``coordinator+nodes`` also passes what the simulated nodes print (Ray's
+    ``(ClientAppActor pid=...)`` lines, e.g. per-step progress bars).
+    """
+
+    def __init__(self, mode: str, log_path: Path) -> None:
+        if mode not in CONSOLE_MODES:
+            raise ValueError(f"console mode {mode!r}; expected one of {CONSOLE_MODES}")
+        self.mode = mode
+        self.log_path = log_path
+        self._partial = ""
+        self._in_traceback = False
+        self._hinted = False
+
+    def segments(self, text: str) -> list[str]:
+        """Completed pieces of ``text`` (each ends in ``\\n`` or ``\\r``); the rest waits."""
+        text = self._partial + text
+        out = _SEGMENT.findall(text)
+        self._partial = text[sum(len(s) for s in out):]
+        return out
+
+    def rest(self) -> list[str]:
+        """The unterminated tail, at end of stream."""
+        tail, self._partial = self._partial, ""
+        return [tail] if tail else []
+
+    def shown(self, segment: str) -> str:
+        """What to print for one segment ("" to drop it)."""
+        if self.mode == "all":
+            return segment
+        body = _ANSI.sub("", segment).rstrip("\r\n")
+        node = _RAY_PREFIX.match(body)
+        if node:
+            body = body[node.end():]
+        if self._in_traceback:
+            # A traceback is indented lines ending with the unindented exception line.
+            self._in_traceback = body[:1] in (" ", "\t") or not body.strip()
+            return segment
+        if _ERROR.search(body):
+            self._in_traceback = body.startswith("Traceback")
+            if not self._hinted:
+                self._hinted = True
+                return f"[sim] error output follows; full log: {self.log_path}\n{segment}"
+            return segment
+        if node:
+            return segment if self.mode == "coordinator+nodes" else ""
+        stripped = body.lstrip()
+        if stripped.startswith(OWN_PREFIXES):
+            return segment
+        # tqdm clears its bar with a run of spaces before printing a line above it.
+        if segment.endswith("\r") and not stripped:
+            return segment
+        return ""
 
 
 class _FlwrRun:
     """One ``flwr run --stream``: forward its output, find the outcome, stop on abort."""
 
-    def __init__(self, link: _FlowerLocal, cmd: list[str], timeout_s: float | None) -> None:
+    def __init__(self, link: _FlowerLocal, cmd: list[str], timeout_s: float | None,
+                 console: str = "all") -> None:
         self.link = link
         self.cmd = cmd
         self.timeout_s = timeout_s
         self.run_id: int | None = None
         self.out_log = link.run_dir / "flwr-run.log"
+        self.console = ConsoleFilter(console, self.out_log)
 
     def _pump(self, stream: IO[bytes]) -> None:
+        # Chunks, not lines: a progress bar redraws with "\r" and no newline for a whole round.
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        read = getattr(stream, "read1", stream.read)
         with open(self.out_log, "ab") as tee:
-            for raw in iter(stream.readline, b""):
+            while True:
+                raw = read(65536)
                 tee.write(raw)
                 tee.flush()
-                line = raw.decode("utf-8", errors="replace")
-                if self.run_id is None and (m := _RUN_ID.search(line)):
-                    self.run_id = int(m.group(1))
+                text = decoder.decode(raw, final=not raw)
+                segments = self.console.segments(text) + (self.console.rest() if not raw else [])
+                shown = []
+                for segment in segments:
+                    if self.run_id is None and (m := _RUN_ID.search(segment)):
+                        self.run_id = int(m.group(1))
+                    shown.append(self.console.shown(segment))
                 try:
-                    sys.stdout.write(line)
+                    sys.stdout.write("".join(shown))
                     sys.stdout.flush()
                 except (OSError, ValueError):
                     pass
+                if not raw:
+                    return
 
     def execute(self) -> int:
         link = self.link
@@ -756,16 +841,21 @@ class SimulationSuperLink(_FlowerLocal):
 
 def run_app(app_dir: Path, run_dir: Path, num_nodes: int,
             run_config: Mapping[str, RunConfigValue], cpus_per_node: int = 1,
-            timeout_s: float | None = None) -> int:
+            timeout_s: float | None = None, console: str = "all") -> int:
     """Run a Flower app in a fresh local simulation and tear everything down.
 
     Returns 0 if the run finished ``completed``, 1 if it failed or was stopped,
     2 if ``flwr run`` could not start it, 124 on timeout. KeyboardInterrupt (and
     SIGTERM, as SystemExit) stop the run and the processes, then propagate.
     ``timeout_s`` bounds the run, not the SuperLink start/stop.
+
+    ``console`` chooses what of the run's output reaches stdout: ``all`` (everything, the
+    default), ``coordinator`` (the app's ``[spes]`` lines and errors) or
+    ``coordinator+nodes``; see :class:`ConsoleFilter`. ``flwr-run.log`` gets everything.
     """
     check_run_config(Path(app_dir), run_config)  # fail before starting anything
     with SimulationSuperLink(Path(run_dir)) as link:
+        link.console = console
         return link.run(app_dir, run_config, num_nodes, cpus_per_node, timeout_s)
 
 
