@@ -10,18 +10,26 @@ The default benchmark runs the three federated strategies as real Flower simulat
 memory for the paper's 4 x 4 ratio (`model=small`, sim.memory) and the Flower overhead
 (sim.overhead). It writes <out>/results.json, <docs>/benchmarks.md and three plots. Every ratio
 is computed here from measured values; `ratio_sources` in results.json names its inputs.
+
+Results files are committed, so every path in one is relative to the folder holding that file
+(`run_dir`: "runs/bench-spes" in results.json, "../runs/abl-..." in ablations/<name>.json): they
+name no machine and resolve on any checkout. The report is rendered from sim/templates/ against
+the goals in conf/bench/goals.yaml (sim.bench_report).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import shlex
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parent.parent
 METHODS = ("spes", "diloco", "fedavg")
 # tiny model, 4 nodes x 4 experts, 16 rounds x H=25 = 400 steps: finishes well inside 30 min on 2 CPUs.
 DEFAULTS = ["model=tiny", "nodes=4", "rounds=16", "strategy.local_steps=25"]
@@ -49,6 +57,48 @@ def merge_overrides(base: list[str], extra: list[str]) -> list[str]:
         out.pop(_key(ov), None)
         out[_key(ov)] = ov
     return list(out.values())
+
+
+def relative_path(path: Path, base: Path) -> str:
+    """`path` relative to the folder `base` (POSIX form), as results files record paths."""
+    return Path(os.path.relpath(Path(path).resolve(), Path(base).resolve())).as_posix()
+
+
+def portable_arg(arg: str) -> str:
+    """A command-line argument (or key=value) naming a path inside the project, made root-relative.
+
+    Keeps a recorded command free of the machine's checkout path; paths outside the project
+    (a scratch --out) are left as given.
+    """
+    key, sep, value = arg.partition("=") if "=" in arg else ("", "", arg)
+    if Path(value).is_absolute():
+        try:
+            value = Path(value).resolve().relative_to(ROOT).as_posix() or "."
+        except ValueError:
+            pass
+    return key + sep + value
+
+
+# An absolute POSIX path, a home-relative path or a Windows drive path, at the start of a string
+# or after a separator (so "a / b" and "x/y" do not count).
+_ABSOLUTE = re.compile(r"""(?:^|[\s='"`(,])(/[^\s/]|~[/\\]|[A-Za-z]:[\\/])""")
+
+
+def absolute_paths(obj, where: str = "") -> list[tuple[str, str]]:
+    """(location, string) of every key or string value in a JSON tree that holds an absolute path."""
+    found = []
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            at = f"{where}.{k}" if where else str(k)
+            if _ABSOLUTE.search(str(k)):
+                found.append((at, str(k)))
+            found += absolute_paths(v, at)
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            found += absolute_paths(v, f"{where}[{i}]")
+    elif isinstance(obj, str) and _ABSOLUTE.search(obj):
+        found.append((where, obj))
+    return found
 
 
 def lookup(results: dict, path: str):
@@ -117,13 +167,14 @@ def bytes_entry(summary: dict, metrics: list[dict], owned: int) -> dict:
     }
 
 
-def method_entry(run_dir: Path, owned: int | None) -> dict:
+def method_entry(run_dir: Path, owned: int | None, base: Path) -> dict:
+    """One run's figures; `run_dir` is recorded relative to `base`, the folder of the results file."""
     summary, metrics = read_run(run_dir)
     tokens = [0.0]
     for r in metrics:
         tokens.append(tokens[-1] + r["tokens"])
     entry = {
-        "run_dir": str(run_dir),
+        "run_dir": relative_path(run_dir, base),
         "first_val_loss": summary["first_val_loss"],
         "final_val_loss": summary["final_val_loss"],
         "val_loss_by_round": summary["val_loss_by_round"],
@@ -169,13 +220,13 @@ def run_benchmark(overrides: list[str], out: Path, docs: Path, memory_overrides:
     for m in METHODS:
         ov = merge_overrides(overrides, [f"strategy={m}"])
         run_dir = run_federated(m, overrides, runs, f"bench-{m}")
-        methods[m] = method_entry(run_dir, owned_per_node(ov))
+        methods[m] = method_entry(run_dir, owned_per_node(ov), out)
         print(f"[bench] {m} done ({stamp()}): final held-out loss {methods[m]['final_val_loss']:.4f}", flush=True)
 
     cen_ov = merge_overrides(overrides, ["run_name=bench-centralized", f"output_dir={runs}"])
     print(f"[bench] centralized: python -m sim.centralized {' '.join(cen_ov)}", flush=True)
     centralized.run(cen_ov)
-    methods["centralized"] = method_entry(runs / "bench-centralized", None)
+    methods["centralized"] = method_entry(runs / "bench-centralized", None, out)
     print(f"[bench] centralized done ({stamp()})", flush=True)
 
     print(f"[bench] memory: {' '.join(memory_overrides)} ({stamp()})", flush=True)
@@ -200,8 +251,8 @@ def run_benchmark(overrides: list[str], out: Path, docs: Path, memory_overrides:
         "command": command,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_info(),
-        "overrides": overrides,
-        "out": str(out),
+        "overrides": [portable_arg(o) for o in overrides],
+        "runs_dir": relative_path(runs, out),
         "methods": methods,
         "memory": mem,
         "overhead": over,
@@ -216,7 +267,7 @@ def run_benchmark(overrides: list[str], out: Path, docs: Path, memory_overrides:
     results["bench_wall_s"] = time.time() - t0
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True))
-    write_bench_docs(results, docs)
+    write_bench_docs(results, docs, out / "results.json")
     print(f"[bench] done in {stamp()}: {out / 'results.json'}, {docs / 'benchmarks.md'}", flush=True)
     for k, v in results["ratios"].items():
         print(f"[bench]   {k} = {v:.4f}", flush=True)
@@ -241,18 +292,24 @@ def main(argv: list[str]) -> int:
     p.add_argument("--overhead-rounds", type=int, default=3,
                    help="rounds of each --overhead-h run (round 1 is start-up and is not timed)")
     p.add_argument("--report-only", action="store_true",
-                   help="only rewrite the docs and plots from an existing <out>/results.json")
+                   help="only rewrite the docs and plots from an existing <out>/results.json "
+                        "(and docs/results.md from <out>/ablations/*.json, when there are any)")
     p.add_argument("overrides", nargs="*", help="Hydra overrides applied to every method")
     a = p.parse_args(argv)
-    command = "python -m sim.bench " + " ".join(shlex.quote(x) for x in argv)
+    command = "python -m sim.bench " + " ".join(shlex.quote(portable_arg(x)) for x in argv)
     overrides = merge_overrides(DEFAULTS, a.overrides)
     out, docs = Path(a.out).resolve(), Path(a.docs).resolve()
     if a.report_only:
+        from sim.ablations import ABLATIONS, write_results_md
         from sim.bench_report import write_bench_docs
 
-        results = json.loads((out / "results.json").read_text())
-        results.setdefault("out", str(out))
-        print(write_bench_docs(results, docs))
+        results_path = out / "results.json"
+        if not results_path.exists():
+            print(f"--report-only: no {results_path}; run the benchmark first", file=sys.stderr)
+            return 2
+        print(write_bench_docs(json.loads(results_path.read_text()), docs, results_path))
+        if any((out / "ablations" / f"{name}.json").exists() for name in ABLATIONS):
+            print(write_results_md(out, docs))
         return 0
     if a.ablation:
         from sim.ablations import run_ablations

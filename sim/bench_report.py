@@ -1,4 +1,9 @@
-"""Plots and Markdown for sim.bench: docs/benchmarks.md and its figures, from results.json."""
+"""Plots and Markdown for sim.bench: docs/benchmarks.md and its figures, from results.json.
+
+The Markdown is rendered from sim/templates/*.md.j2 (Jinja2: the report's tables and its
+goal-met / goal-missed prose are loops and branches, which live in the template); this module
+only computes the numbers. The goals each ratio is judged against are data, in conf/bench/goals.yaml.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,9 @@ import os
 import platform
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parent.parent
+GOALS_FILE = ROOT / "conf" / "bench" / "goals.yaml"
+TEMPLATES = Path(__file__).resolve().parent / "templates"
 MiB = 2**20
 LABELS = {"spes": "SPES", "diloco": "DiLoCo", "fedavg": "FedAvg", "centralized": "centralized"}
 RATIO_ORDER = ("mem_spes_over_diloco", "bytes_spes_over_diloco", "loss_spes_over_centralized",
@@ -41,12 +49,6 @@ def machine_info() -> dict:
         "python": platform.python_version(), "torch": torch.__version__, "flwr": flwr_version,
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
-
-
-def machine_line(m: dict) -> str:
-    gpu = f", GPU {m['gpu']}" if m.get("gpu") else ", no GPU"
-    return (f"{m['cpu']}, {m['cores']} cores, {m['mem_gb']} GB RAM{gpu}; {m['platform']}; "
-            f"Python {m['python']}, torch {m['torch']}, flwr {m['flwr']}")
 
 
 def _plt():
@@ -138,281 +140,167 @@ def plot_memory(results: dict, path: Path) -> Path:
     return path
 
 
-def _rel(path: str) -> str:
-    """Path relative to the repository when inside it (docs stay valid on other machines)."""
-    root = Path(__file__).resolve().parent.parent
+def display_path(path: str | Path) -> str:
+    """A path as the docs print it: relative to the project root when inside it (valid on any checkout)."""
+    p = Path(path).resolve()
     try:
-        return str(Path(path).resolve().relative_to(root))
+        return p.relative_to(ROOT).as_posix()
     except ValueError:
-        return str(path)
+        return str(p)
 
 
-def _shape(overrides: list[str]) -> str:
+def load_goals(path: Path = GOALS_FILE) -> dict[str, dict]:
+    """ratio -> {"goal": bound, "acceptance": looser bound or None}, from the goals table (YAML)."""
+    from omegaconf import OmegaConf
+
+    from sim.bench import RATIO_SOURCES
+
+    if not path.is_file():
+        raise FileNotFoundError(f"benchmark goals file {path} is missing")
+    raw = OmegaConf.to_container(OmegaConf.load(path))
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a mapping of ratio name -> {{goal, acceptance}}")
+    goals = {}
+    for ratio, entry in raw.items():
+        if ratio not in RATIO_SOURCES:
+            raise ValueError(f"{path}: unknown ratio {ratio!r}; known: {', '.join(RATIO_SOURCES)}")
+        if not isinstance(entry, dict) or set(entry) - {"goal", "acceptance"} or "goal" not in entry:
+            raise ValueError(f"{path}: {ratio} needs `goal` and may have `acceptance`, nothing else; got {entry!r}")
+        goal, acceptance = entry["goal"], entry.get("acceptance")
+        for key, bound in (("goal", goal), ("acceptance", acceptance)):
+            if bound is not None and (isinstance(bound, bool) or not isinstance(bound, (int, float))):
+                raise ValueError(f"{path}: {ratio}.{key} must be a number, got {bound!r}")
+        if acceptance is not None and acceptance < goal:
+            raise ValueError(f"{path}: {ratio}.acceptance {acceptance} is stricter than its goal {goal}")
+        goals[ratio] = {"goal": float(goal), "acceptance": None if acceptance is None else float(acceptance)}
+    return goals
+
+
+def verdict(ratio: float, goal: dict) -> dict:
+    """Where a measured ratio stands against its goal (every bound is an upper bound)."""
+    acc = goal["acceptance"]
+    return {
+        "ratio": ratio, "goal": goal["goal"], "acceptance": acc,
+        "meets_goal": ratio <= goal["goal"], "goal_gap": ratio - goal["goal"],
+        "meets_acceptance": None if acc is None else ratio <= acc,
+        "acceptance_gap": None if acc is None else ratio - acc,
+    }
+
+
+def _fmt(value, spec: str = "") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _bound(value: float) -> str:
+    """A goal as written in the table: two decimals unless it has more."""
+    return f"{value:.2f}" if round(value, 2) == value else f"{value:g}"
+
+
+def render(template: str, context: dict) -> str:
+    """Render sim/templates/<template>; an unknown name in the template is an error, not a blank."""
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), undefined=jinja2.StrictUndefined,
+                             trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
+                             autoescape=False)  # Markdown, not HTML
+    env.filters.update(fmt=_fmt, mib=lambda x: _fmt(None if x is None else x / MiB, ".2f"), bound=_bound)
+    return env.get_template(template).render(context)
+
+
+def _shape(model) -> str:
     """The model shape behind a preset name, since presets can be retuned between runs."""
-    from server_app.config import load
-
-    m = load(overrides).model
-    return (f"{m.num_layers} x d{m.hidden_size}, vocab {m.vocab_size or 'from tokenizer'}, "
-            f"{m.num_experts} experts of FFN {m.expert_ffn}, top-{m.top_k}")
+    return (f"{model.num_layers} x d{model.hidden_size}, vocab {model.vocab_size or 'from tokenizer'}, "
+            f"{model.num_experts} experts of FFN {model.expert_ffn}, top-{model.top_k}")
 
 
 def _all_rounds(entry: dict) -> float:
     return entry["bytes_up_per_round_node"] + entry["bytes_down_per_round_node"]
 
 
-def _mib(x: float | None) -> str:
-    return "-" if x is None else f"{x / MiB:.2f}"
+def memory_facts(mem: dict) -> dict:
+    """Why the memory ratio sits where it does: shares of the parameters a SPES node still trains."""
+    from server_app.config import load
+
+    s, d = mem["spes"], mem["diloco"]
+    per_expert = (d["trainable_params"] - s["trainable_params"]) / (d["owned_experts"] - s["owned_experts"])
+    shared = s["trainable_params"] - s["owned_experts"] * per_expert
+    spec = load(mem["overrides"])
+    vocab = spec.model.vocab_size or spec.data.vocab_size
+    embed = 2 * vocab * spec.model.hidden_size  # untied input embedding + LM head
+    return {
+        "shape": _shape(spec.model),
+        "vocab": vocab,
+        "shared_share": shared / s["total_params"],
+        "embed_share": embed / s["total_params"],
+        "freed_share": (d["trainable_params"] - s["trainable_params"]) / d["trainable_params"],
+        "above_floor": {n: mem[n]["peak_rss_mb"] - mem[n]["analytic_floor_mb"] for n in ("spes", "diloco")},
+    }
 
 
-def write_bench_docs(results: dict, docs: Path) -> Path:
-    docs.mkdir(parents=True, exist_ok=True)
-    # results.json is written with sorted keys: restore the reading order here.
-    methods = {m: results["methods"][m] for m in LABELS if m in results["methods"]}
-    ratios = {k: results["ratios"][k] for k in RATIO_ORDER if k in results["ratios"]}
-    mem, over = results["memory"], results["overhead"]
-    plot_loss({LABELS[m]: (e["tokens_by_round"], e["val_loss_by_round"]) for m, e in methods.items()},
-              docs / "bench_loss.png", "held-out loss vs tokens")
-    plot_bytes(methods, docs / "bench_bytes.png")
-    plot_memory(results, docs / "bench_memory.png")
-
-    spes = methods["spes"]
-    cfg = " ".join(results["overrides"])
-    L = [
-        "# Benchmarks",
-        "",
-        "Generated by the benchmark harness (`sim/bench.py`); do not edit by hand: rerun it.",
-        "",
-        f"- Command: `{results['command'].strip()}` (`make bench` runs `python -m sim.bench`)",
-        f"- Date: {results['date']} (UTC); the whole benchmark took {results['bench_wall_s'] / 60:.1f} min",
-        f"- Machine: {machine_line(results['machine'])}",
-        f"- Runs (Hydra overrides for every method): `{cfg}`; run outputs under `{_rel(results['out'])}/runs/`, "
-        f"numbers in `{_rel(results['out'])}/results.json`",
-        "",
-        "## Methods at equal tokens",
-        "",
-        "All four train the same initial model (same seed) on the same data for the same number of tokens "
-        "with the same LR schedule; held-out loss is measured by the coordinator on the same held-out "
-        "blocks after every round (centralized: every H steps). Bytes are tensor payload (fp32), per node "
-        "per round. *all rounds* is the mean over every round; *steady* is the mean over rounds that follow "
-        "a non-merge round (no first contact, no merged experts), where a SPES node receives everything "
-        "except its own experts.",
-        "",
-        "| method | final held-out loss | tokens | up / round / node (MiB, all) "
-        "| down / round / node (MiB, all) | up + down steady (MiB) | analytic steady (MiB) "
-        "| peak mem (MiB, run) | tokens/s/node | trainable params/node | wall (s) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for m, e in methods.items():
-        an = e.get("analytic", {})
-        L.append(
-            f"| {LABELS[m]} | {e['final_val_loss']:.4f} | {e['tokens_trained']:,.0f} | "
-            f"{_mib(e['bytes_up_per_round_node'])} | {_mib(e['bytes_down_per_round_node'])} | "
-            f"{_mib(e.get('bytes_steady_per_round_node'))} | {_mib(an.get('bytes_steady_per_round_node'))} | "
-            f"{e['peak_mem_mb_node']:.0f} | {e['tokens_per_s_node']:.0f} | {e['trainable_params_node']:,} | "
-            f"{e['wall_s']:.0f} |"
-        )
-    sa = spes["analytic"]
-    L += [
-        "",
-        f"SPES analytic bytes per node: up {_mib(sa['bytes_up_per_round_node'])} MiB (shared + "
-        f"{sa['owned_experts']} experts), down {_mib(sa['bytes_down_steady_per_round_node'])} MiB in a steady "
-        f"round (total - own experts) and {_mib(sa['bytes_down_full_per_round_node'])} MiB (full model) in "
-        f"round 1 and after merge rounds (steady rounds here: {spes['steady_rounds']}); all-round analytic mean "
-        f"down {_mib(sa['bytes_down_per_round_node_all_rounds'])} MiB vs measured "
-        f"{_mib(spes['bytes_down_per_round_node'])} MiB. DiLoCo/FedAvg: 2 x total every round. "
-        "*peak mem (run)* is the largest per-round peak RSS a node reported: the peak of the process that ran "
-        "the node during its round (VmHWM, reset at the start of each round's training; it includes the Ray "
-        "actor's Flower/Ray libraries; centralized: the whole training process). The clean per-node "
-        "comparison is under Memory below. *tokens/s/node* is a node's training throughput on 1 thread "
-        "(2 nodes train at a time on this machine); centralized: the one process, all threads.",
-        "",
-        "![loss vs tokens](bench_loss.png)",
-        "",
-        "![bytes per round per node](bench_bytes.png)",
-        "",
-        "## Ratios",
-        "",
-        "Computed by the harness from the measured values named in `ratio_sources` of results.json.",
-        "",
-        "| ratio | value | from | analytic |",
-        "|---|---|---|---|",
-    ]
-    analytic = {"bytes_spes_over_diloco": results["analytic_ratios"]["bytes_spes_over_diloco"],
-                "mem_spes_over_diloco": results["analytic_ratios"]["mem_floor_spes_over_diloco"]}
-    for k, v in ratios.items():
-        num, den = results["ratio_sources"][k]
-        an = f"{analytic[k]:.4f}" if k in analytic else "-"
-        L.append(f"| `{k}` | {v:.4f} | `{num}` / `{den}` | {an} |")
-    L += [
-        "",
-        *_loss_verdict(results),
-        "",
-        "`bytes_spes_over_diloco` uses the steady-state measured bytes (up + down per node per round); over "
-        f"all rounds, including the full-model downlinks of round 1 and merge rounds, it is "
-        f"{_all_rounds(spes) / _all_rounds(methods['diloco']):.4f}.",
-        "",
-        "## Memory per node",
-        "",
-        f"Model `{' '.join(mem['overrides'])}` ({_shape(mem['overrides'])}; {mem['spes']['total_params']:,} "
-        f"parameters), {mem['nodes']} nodes: a "
-        f"SPES node trains the shared weights + {mem['spes']['owned_experts']} experts "
-        f"({mem['spes']['trainable_params']:,} trainable), a DiLoCo node all {mem['diloco']['owned_experts']} "
-        f"({mem['diloco']['trainable_params']:,}). Each is a fresh Python process (`python -m sim.memory`) that "
-        f"builds the model, creates the project's AdamW (`make_optimizer`) and runs {mem['steps']} steps of "
-        f"`train_steps` on synthetic {mem['batch']} x {mem['seq_len']} token batches with {mem['threads']} "
-        "thread(s); peak = the process's peak RSS over its whole life (build and training). The analytic floor is all weights + gradients + 2 AdamW "
-        "moments of the trainable parameters, fp32.",
-        "",
-        "| node | peak RSS (MiB) | analytic floor (MiB) | interpreter + libraries (MiB) | peak - interpreter (MiB) |",
-        "|---|---|---|---|---|",
-    ]
-    for n in ("spes", "diloco"):
-        r = mem[n]
-        L.append(f"| {LABELS[n]} | {r['peak_rss_mb']:.0f} | {r['analytic_floor_mb']:.0f} | "
-                 f"{r['rss_after_imports_mb']:.0f} | {r['peak_minus_imports_mb']:.0f} |")
-    L += [
-        "",
-        f"SPES / DiLoCo: **{mem['ratio_measured']:.3f} measured** (this is `mem_spes_over_diloco`); "
-        f"{mem['ratio_analytic_floor']:.3f} analytic floor; {mem['ratio_minus_imports']:.3f} with the "
-        "interpreter + library RSS (measured after the imports, before the model) removed from both sides "
-        "(labelled, not the headline). Above the floor are the activations and logits of the batch, "
-        "AdamW's foreach temporaries and allocator slack.",
-        "",
-        *_memory_verdict(mem),
-        "",
-        "![memory](bench_memory.png)",
-        "",
-        "## Flower overhead",
-        "",
-        f"`flower_overhead` = mean wall time of a simulated SPES round / wall time of the same local steps in "
-        f"a bare training loop = {over['sim_round_s']:.2f} s / {over['bare_round_s']:.2f} s = "
-        f"**{ratios['flower_overhead']:.2f}**.",
-        "",
-        "- Simulated round: differences of the coordinator's cumulative `wall_s` in metrics.jsonl for rounds "
-        f"2..R (round 1 also pays start-up and node discovery), {len(over['sim_round_s_by_round'])} rounds. It "
-        "includes: configure messages and encode tensors, Flower/Ray delivery to the virtual SuperNodes "
-        f"({over['bare']['slots']} concurrent 1-CPU Ray actors), each node's `run_local_round` (model rebuild, "
-        "loading received + saved state, data shard, H training steps, saving state, encoding the reply), "
-        "validation and aggregation, expert merging, the coordinator's held-out evaluation and its Hugging "
-        "Face checkpoint write.",
-        f"- Bare loop: `train_steps` for H steps per node only, every node of the run, on {over['bare']['slots']} "
-        "processes x 1 torch thread (the simulation's concurrency), node p on process p % slots; a round's "
-        f"time is the slowest process's total; mean of bare rounds 2..{over['bare']['rounds']}.",
-        "",
-        "Where the simulated round's time goes (bare measurements on this machine):",
-        "",
-        "| part | seconds |",
-        "|---|---|",
-        f"| H training steps of all nodes (bare loop, the denominator) | {over['bare_round_s']:.2f} |",
-        "| whole node rounds without Flower (`run_local_round`: + rebuild, state, data) "
-        f"| {over['bare']['local_round_s']:.2f} |",
-        f"| coordinator held-out evaluation | {over['coordinator']['eval_s']:.2f} |",
-        f"| coordinator checkpoint write | {over['coordinator']['checkpoint_s']:.2f} |",
-        "| rest: Flower/Ray messaging, (de)serialisation, aggregation, merging, scheduling "
-        f"| {over['unaccounted_s']:.2f} |",
-        f"| simulated round (mean) | {over['sim_round_s']:.2f} |",
-        "",
-        f"Against whole node rounds without Flower the ratio is {over['sim_over_local_round']:.2f}.",
-        *_overhead_by_h(over, results),
-        "",
-        *_overhead_verdict(over),
-        "",
-        "## Analytic ratios of the larger presets",
-        "",
-        "Not measured here (they need a GPU): computed from `model.count_parameters` with the paper's node "
-        "counts, for orientation.",
-        "",
-        "| preset | nodes x experts | bytes SPES / DiLoCo (steady) | memory floor SPES / DiLoCo |",
-        "|---|---|---|---|",
-    ]
-    for name, nodes, row in _preset_ratios():
-        L.append(f"| {name} | {nodes} | {row[0]:.3f} | {row[1]:.3f} |")
-    path = docs / "benchmarks.md"
-    path.write_text("\n".join(L) + "\n")
-    return path
-
-
-def _loss_verdict(results: dict) -> list[str]:
-    """Goal SPES / centralized <= 1.03 at equal tokens: say whether it is met, and what the others reached."""
-    m, r = results["methods"], results["ratios"]["loss_spes_over_centralized"]
-    if r <= 1.03:
-        return [f"`loss_spes_over_centralized` {r:.3f} meets the goal (<= 1.03)."]
-    cen = m["centralized"]["final_val_loss"]
-    others = ", ".join(f"{LABELS[k]} {m[k]['final_val_loss'] / cen:.3f}" for k in ("fedavg", "diloco") if k in m)
-    return [
-        f"`loss_spes_over_centralized` {r:.3f} misses the goal (<= 1.03) by {r - 1.03:.3f}. The other "
-        f"federated methods at the same tokens, over centralized: {others}. At equal tokens a SPES expert is "
-        "trained only on its owner's share of the tokens (1 / nodes of them), and every federated node "
-        "takes the same number of steps as the centralized run with a nodes-times smaller batch; this "
-        f"benchmark is short ({m['spes']['tokens_trained']:,.0f} tokens, one seed). The paper's claim is for "
-        "far longer runs of far larger models.",
-    ]
-
-
-def _overhead_verdict(over: dict) -> list[str]:
-    r = over["flower_overhead"]
-    if r <= 1.10:
-        return [f"`flower_overhead` {r:.2f} meets the goal (<= 1.10)."]
-    fixed = over["sim_round_s"] - over["bare_round_s"]
-    return [
-        f"`flower_overhead` {r:.2f} misses the goal (<= 1.10) by {r - 1.10:.2f} at this H. What Flower and the "
-        f"node round add is about fixed per round ({fixed:.2f} s here: rebuilding the node's model and "
-        "loading its state, the coordinator's evaluation and checkpoint, messaging), so the ratio falls as H "
-        "grows; the table above measures it again at larger H.",
-    ]
-
-
-def _overhead_by_h(over: dict, results: dict) -> list[str]:
-    """Overhead measured again at larger H: the per-round cost is fixed, the training time grows with H."""
+def overhead_rows(results: dict) -> list[dict]:
+    """The overhead at the bench's H (headline) and at every extra H measured (`--overhead-h`)."""
+    over = results["overhead"]
     at = over.get("at_local_steps") or {}
     if not at:
         return []
     from server_app.config import load
 
-    h0 = load(results["overrides"]).strategy.local_steps
-    lines = ["", "The same measurement at other sync intervals (short SPES runs, same model and nodes; "
-             "`--overhead-h`):", "",
-             "| H | simulated round (s) | bare train loop (s) | overhead | vs whole node rounds | rest (s) |",
-             "|---|---|---|---|---|---|",
-             f"| {h0} (headline) | {over['sim_round_s']:.2f} | {over['bare_round_s']:.2f} | "
-             f"{over['flower_overhead']:.2f} | {over['sim_over_local_round']:.2f} | {over['unaccounted_s']:.2f} |"]
-    for h, x in sorted(at.items(), key=lambda kv: int(kv[0])):
-        lines.append(f"| {h} | {x['sim_round_s']:.2f} | {x['bare_round_s']:.2f} | {x['flower_overhead']:.2f} | "
-                     f"{x['sim_over_local_round']:.2f} | {x['unaccounted_s']:.2f} |")
-    return lines
+    rows = [{"h": f"{load(results['overrides']).strategy.local_steps} (headline)", **over}]
+    return rows + [{"h": h, **x} for h, x in sorted(at.items(), key=lambda kv: int(kv[0]))]
 
 
-def _memory_verdict(mem: dict) -> list[str]:
-    """Goal <= 0.60, acceptance <= 0.65: say whether the measured ratio meets them and why not."""
-    s, d = mem["spes"], mem["diloco"]
-    r, floor = mem["ratio_measured"], mem["ratio_analytic_floor"]
-    per_expert = (d["trainable_params"] - s["trainable_params"]) / (d["owned_experts"] - s["owned_experts"])
-    shared = s["trainable_params"] - s["owned_experts"] * per_expert
-    from server_app.config import load
+def report_numbers(results: dict, results_path: Path) -> dict:
+    """What sim/templates/benchmarks.md.j2 shows apart from the goals, from results.json."""
+    # results.json is written with sorted keys: restore the reading order here.
+    methods = {m: results["methods"][m] for m in LABELS if m in results["methods"]}
+    cen = methods["centralized"]["final_val_loss"]
+    return {
+        "r": results,
+        "labels": LABELS,
+        "methods": methods,
+        "spes": methods["spes"],
+        "mem": results["memory"],
+        "over": results["overhead"],
+        "results_file": display_path(results_path),
+        "runs_dir": display_path(results_path.parent / results.get("runs_dir", "runs")),
+        "loss_others": [(LABELS[k], methods[k]["final_val_loss"] / cen) for k in ("fedavg", "diloco") if k in methods],
+        "bytes_all_rounds_ratio": _all_rounds(methods["spes"]) / _all_rounds(methods["diloco"]),
+        "memory": memory_facts(results["memory"]),
+        "overhead_rows": overhead_rows(results),
+        "presets": list(_preset_ratios()),
+    }
 
-    spec = load(mem["overrides"])
-    vocab = spec.model.vocab_size or spec.data.vocab_size
-    embed = 2 * vocab * spec.model.hidden_size  # untied input embedding + LM head
-    verdict = "meets the goal (<= 0.60)" if r <= 0.60 else (
-        f"meets the acceptance bound (<= 0.65) but misses the 0.60 goal by {r - 0.60:.3f}" if r <= 0.65
-        else f"misses the 0.65 acceptance bound by {r - 0.65:.3f} (the 0.60 goal by {r - 0.60:.3f})")
-    lines = [f"Target: SPES / DiLoCo <= 0.60 (goal), <= 0.65 (acceptance). Measured {r:.3f}: {verdict}."]
-    if r > 0.60:
-        lines += [
-            "",
-            f"Why: every node keeps the full fp32 model and trains all shared weights, so the analytic floor of "
-            f"this preset is already {floor:.3f}. The shared weights are {shared / s['total_params']:.0%} of the "
-            f"parameters (untied embeddings + LM head alone {embed / s['total_params']:.0%}, from the "
-            f"{vocab}-token vocabulary), so owning {s['owned_experts']} of {d['owned_experts']} experts removes "
-            "gradients and AdamW state "
-            f"for only {(d['trainable_params'] - s['trainable_params']) / d['trainable_params']:.0%} of the "
-            f"trainable parameters. On top of the floor both processes carry the same interpreter + libraries "
-            f"({s['rss_after_imports_mb']:.0f} MiB) and batch-sized activations/logits, which pull the ratio "
-            f"further towards 1 ({s['peak_rss_mb'] - s['analytic_floor_mb']:.0f} vs "
-            f"{d['peak_rss_mb'] - d['analytic_floor_mb']:.0f} MiB above the floor). For the 1b / 7b presets, whose "
-            "experts dominate, the floor ratio is far lower (table at the end).",
-        ]
-    return lines
+
+def goal_context(results: dict, goals: dict) -> dict:
+    """The ratios table (with each ratio's goal) and the verdicts against the goals table."""
+    ratios = {k: results["ratios"][k] for k in RATIO_ORDER if k in results["ratios"]}
+    analytic = {"bytes_spes_over_diloco": results["analytic_ratios"]["bytes_spes_over_diloco"],
+                "mem_spes_over_diloco": results["analytic_ratios"]["mem_floor_spes_over_diloco"]}
+    return {
+        "ratio_rows": [{"key": k, "value": v, "num": results["ratio_sources"][k][0],
+                        "den": results["ratio_sources"][k][1], "analytic": analytic.get(k), "goal": goals.get(k)}
+                       for k, v in ratios.items()],
+        "verdicts": {k: verdict(ratios[k], g) for k, g in goals.items() if k in ratios},
+    }
+
+
+def bench_context(results: dict, results_path: Path, goals: dict) -> dict:
+    """Everything sim/templates/benchmarks.md.j2 shows."""
+    return {**report_numbers(results, results_path), **goal_context(results, goals)}
+
+
+def write_bench_docs(results: dict, docs: Path, results_path: Path, goals: dict | None = None) -> Path:
+    """docs/benchmarks.md and its plots from results.json (read from `results_path`)."""
+    docs.mkdir(parents=True, exist_ok=True)
+    context = bench_context(results, results_path, load_goals() if goals is None else goals)
+    methods = context["methods"]
+    plot_loss({LABELS[m]: (e["tokens_by_round"], e["val_loss_by_round"]) for m, e in methods.items()},
+              docs / "bench_loss.png", "held-out loss vs tokens")
+    plot_bytes(methods, docs / "bench_bytes.png")
+    plot_memory(results, docs / "bench_memory.png")
+    path = docs / "benchmarks.md"
+    path.write_text(render("benchmarks.md.j2", context))
+    return path
 
 
 def _preset_ratios():

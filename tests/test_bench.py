@@ -3,16 +3,22 @@
 One bench run (~2-4 min on 2 CPUs, most of it Flower/Ray start-up) feeds every check: the
 JSON fields exist, the ratios equal the ratios of the measured values they name, the bytes
 agree with the analytic counts, and the docs and plots were written.
+
+The report tests at the end are fast: they render the committed benchmarks/results.json
+through the template, with the goals table or goals written here.
 """
 
 import json
 import math
+import re
+import shutil
 
 import pytest
 
 from micro import MICRO_MODEL
-from sim.ablations import variants
-from sim.bench import DEFAULTS, RATIO_SOURCES, lookup, main, merge_overrides
+from sim.ablations import ABLATIONS, ablation_section, variants
+from sim.bench_report import GOALS_FILE, goal_context, load_goals, render, report_numbers, verdict
+from sim.bench import DEFAULTS, RATIO_SOURCES, absolute_paths, lookup, main, merge_overrides
 
 SMALL = [
     *MICRO_MODEL,
@@ -61,7 +67,7 @@ def steady(entry):
 
 
 def test_ratios_are_the_ratios_of_the_measured_values(bench):
-    _, res = bench
+    out, res = bench
     assert set(res["ratios"]) == {
         "mem_spes_over_diloco", "bytes_spes_over_diloco", "loss_spes_over_centralized",
         "loss_spes_over_diloco", "flower_overhead",
@@ -79,12 +85,13 @@ def test_ratios_are_the_ratios_of_the_measured_values(bench):
         num, den = res["ratio_sources"][key]
         assert res["ratios"][key] == pytest.approx(lookup(res, num) / lookup(res, den), rel=1e-12), key
     # The overhead's numerator is the simulation's own per-round wall time from metrics.jsonl.
-    metrics = [json.loads(x) for x in open(f"{m['spes']['run_dir']}/metrics.jsonl")]
+    # run_dir is recorded relative to the folder of results.json.
+    metrics = [json.loads(x) for x in open(out / m["spes"]["run_dir"] / "metrics.jsonl")]
     assert over["sim_round_s"] == pytest.approx((metrics[-1]["wall_s"] - metrics[0]["wall_s"]) / (len(metrics) - 1))
     assert over["bare_round_s"] > 0 and res["ratios"]["flower_overhead"] > 1
     # The extra measurement at another H comes from its own simulation run, timed the same way.
     at = over["at_local_steps"]["3"]
-    h3 = [json.loads(x) for x in open(f"{res['out']}/runs/bench-overhead-H3/metrics.jsonl")]
+    h3 = [json.loads(x) for x in open(out / res["runs_dir"] / "bench-overhead-H3" / "metrics.jsonl")]
     assert [r["global_step"] for r in h3] == [3, 6]
     assert at["sim_round_s"] == pytest.approx(h3[1]["wall_s"] - h3[0]["wall_s"])
     assert at["flower_overhead"] == pytest.approx(at["sim_round_s"] / at["bare_round_s"])
@@ -116,6 +123,15 @@ def test_memory_measured_in_fresh_processes_with_floor(bench):
     assert mem["spes"]["trainable_params"] < mem["diloco"]["trainable_params"] == mem["diloco"]["total_params"]
 
 
+def test_results_hold_only_relative_paths(bench):
+    out, res = bench
+    assert absolute_paths({k: v for k, v in res.items() if k != "command"}) == []  # command names the tmp --out
+    assert res["runs_dir"] == "runs"
+    for name, entry in res["methods"].items():
+        assert entry["run_dir"] == f"runs/bench-{name}"
+        assert (out / entry["run_dir"] / "summary.json").is_file()
+
+
 def test_docs_and_plots_written(bench):
     out, res = bench
     docs = out / "docs"
@@ -144,3 +160,138 @@ def test_ablation_variants_keep_the_budget():
 def test_merge_overrides_later_wins():
     merged = merge_overrides(["model=tiny", "rounds=16"], ["rounds=2", "nodes=2"])
     assert merged == ["model=tiny", "rounds=2", "nodes=2"]
+
+
+# --- the report: template + goals table, from the committed results (no benchmark run) ---
+
+ROOT = GOALS_FILE.parent.parent.parent
+COMMITTED = ROOT / "benchmarks" / "results.json"
+
+
+def committed():
+    return json.loads(COMMITTED.read_text())
+
+
+@pytest.fixture(scope="module")
+def numbers():
+    """The goal-independent part of the report context (composes a few configs: build it once)."""
+    return report_numbers(committed(), COMMITTED)
+
+
+def report(numbers, goals) -> str:
+    return render("benchmarks.md.j2", {**numbers, **goal_context(numbers["r"], goals)})
+
+
+def ratio_table(text: str) -> dict:
+    """ratio -> (value, numerator path, denominator path, goal cell) from the Ratios table."""
+    rows = re.findall(r"^\| `(\w+)` \| ([\d.]+) \| `([\w.]+)` / `([\w.]+)` \| [^|]+ \| ([^|]+) \|$", text, re.M)
+    return {k: (v, num, den, goal.strip()) for k, v, num, den, goal in rows}
+
+
+def write_goals(tmp_path, text: str):
+    path = tmp_path / "goals.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_report_ratios_equal_the_ratios_of_the_values_they_name(numbers):
+    res = committed()
+    table = ratio_table(report(numbers, load_goals()))
+    assert set(table) == set(RATIO_SOURCES)
+    for key, (value, num, den, _) in table.items():
+        assert (num, den) == RATIO_SOURCES[key]
+        assert value == f"{lookup(res, num) / lookup(res, den):.4f}", key
+
+
+def test_report_goals_and_verdicts_follow_the_goals_table(tmp_path, numbers):
+    res = committed()
+    loss, mem = res["ratios"]["loss_spes_over_centralized"], res["ratios"]["mem_spes_over_diloco"]
+    above, below = round(loss + 0.05, 2), round(loss - 0.05, 2)
+    mem_goal, mem_acc = round(mem - 0.02, 2), round(mem + 0.03, 2)
+    goals = load_goals(write_goals(tmp_path, f"""
+loss_spes_over_centralized: {{goal: {above}}}
+mem_spes_over_diloco: {{goal: {mem_goal}, acceptance: {mem_acc}}}
+"""))
+    text = report(numbers, goals)
+    table = ratio_table(text)
+    assert table["loss_spes_over_centralized"][3] == f"<= {above:.2f}"
+    assert table["mem_spes_over_diloco"][3] == f"<= {mem_goal:.2f} (acceptance <= {mem_acc:.2f})"
+    assert table["flower_overhead"][3] == "-"  # no goal in the table: no goal, no verdict
+    assert f"`loss_spes_over_centralized` {loss:.3f} meets the goal (<= {above:.2f})." in text
+    assert (f"Measured {mem:.3f}: meets the acceptance bound (<= {mem_acc:.2f}) but misses the "
+            f"{mem_goal:.2f} goal by {mem - mem_goal:.3f}.") in text
+    assert "\nWhy: " in text
+    assert "`flower_overhead` " not in text.split("## Flower overhead")[1].split("## Analytic")[0].replace(
+        "`flower_overhead` = ", "")
+
+    goals = load_goals(write_goals(tmp_path, f"loss_spes_over_centralized: {{goal: {below}}}\n"))
+    text = report(numbers, goals)
+    assert f"`loss_spes_over_centralized` {loss:.3f} misses the goal (<= {below:.2f}) by {loss - below:.3f}." in text
+    assert "Target: SPES / DiLoCo" not in text
+
+
+def test_default_goals_table_loads():
+    goals = load_goals()
+    assert goals and set(goals) <= set(RATIO_SOURCES)
+    for g in goals.values():
+        assert g["acceptance"] is None or g["acceptance"] >= g["goal"]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("loss_spes_over_nothing: {goal: 1.0}\n", "unknown ratio 'loss_spes_over_nothing'"),
+    ("flower_overhead: {goal: high}\n", "flower_overhead.goal must be a number"),
+    ("flower_overhead: {goal: 1.1, acceptance: 1.0}\n", "stricter than its goal"),
+    ("flower_overhead: {bound: 1.1}\n", "needs `goal`"),
+    ("- 1.1\n", "expected a mapping"),
+])
+def test_bad_goals_table_is_rejected_naming_file_and_key(tmp_path, text, message):
+    path = write_goals(tmp_path, text)
+    with pytest.raises(ValueError, match=re.escape(message)) as exc:
+        load_goals(path)
+    assert str(path) in str(exc.value)
+
+
+def test_missing_goals_table_names_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="goals.yaml"):
+        load_goals(tmp_path / "goals.yaml")
+
+
+def test_verdict_against_goal_and_acceptance():
+    v = verdict(0.62, {"goal": 0.60, "acceptance": 0.65})
+    assert (v["meets_goal"], v["meets_acceptance"]) == (False, True)
+    assert v["goal_gap"] == pytest.approx(0.02) and v["acceptance_gap"] == pytest.approx(-0.03)
+    v = verdict(1.0, {"goal": 1.03, "acceptance": None})
+    assert v["meets_goal"] and v["meets_acceptance"] is None and v["acceptance_gap"] is None
+    assert verdict(1.03, {"goal": 1.03, "acceptance": None})["meets_goal"]  # the bound itself meets it
+
+
+def test_ablation_section_best_and_gaps():
+    def run(loss):
+        return {"final_val_loss": loss, "val_loss_by_round": [9.0, 8.0, loss], "bytes_up_per_round_node": 3,
+                "bytes_down_per_round_node": 5, "tokens_by_round": [0, 1, 2], "overrides": [], "wall_s": 1.0}
+
+    res = {"order": ["a", "b", "c"], "variants": {"a": run(2.0), "b": run(1.5), "c": run(1.75)}}
+    s = ablation_section("merge", res)
+    assert s["best"]["label"] == "b"
+    assert [(k, pytest.approx(g)) for k, g in s["others"]] == [("a", 0.5), ("c", 0.25)]
+    assert [(r["label"], r["rounds"], r["bytes_all_rounds"]) for r in s["rows"]] == [
+        ("a", 2, 8), ("b", 2, 8), ("c", 2, 8)]
+    assert ablation_section("merge", None)["run"] is None
+
+
+def test_report_only_rewrites_both_pages_from_the_json(tmp_path):
+    out, docs = tmp_path / "bench", tmp_path / "docs"
+    (out / "ablations").mkdir(parents=True)
+    shutil.copy(ROOT / "benchmarks" / "ablations" / "merge.json", out / "ablations")  # one is enough
+    shutil.copy(COMMITTED, out / "results.json")
+    assert main(["--report-only", "--out", str(out), "--docs", str(docs)]) == 0
+    bench_md, results_md = (docs / "benchmarks.md").read_text(), (docs / "results.md").read_text()
+    res = committed()
+    for key, value in res["ratios"].items():
+        assert f"| `{key}` | {value:.4f} |" in bench_md
+    abl = json.loads((out / "ablations" / "merge.json").read_text())
+    for label, e in abl["variants"].items():
+        assert f"| {label} | `{' '.join(e['overrides'])}` | {e['final_val_loss']:.4f} |" in results_md
+    assert (docs / "ablation_merge.png").stat().st_size > 10_000
+    assert results_md.count("Not run yet.") == len(ABLATIONS) - 1
+    assert main(["--report-only", "--out", str(tmp_path / "none"), "--docs", str(docs)]) == 2
