@@ -1,7 +1,12 @@
-"""Flower ClientApp: a SPES node. Thin glue around client_app.local_round."""
+"""Flower ClientApp: a SPES node. Thin glue around client_app.local_round.
+
+Everything received is checked before use: the run spec is validated again here (values
+only), the run token must be a plain name, paths come from this node's own settings.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 
@@ -9,73 +14,103 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client_app.local_round import NodeContext, run_local_eval, run_local_round
-from client_app.node_state import default_work_root, node_dir, write_text_atomic
+from client_app.node_settings import NodeSettings
+from client_app.node_state import saved_steps, write_text_atomic
+from common import keys
+from common.codec import decode, encode
+from common.spec import RunSpec
 from data import tokenizer_from_json
-from server_app.config import RunSpec
-from strategy.codec import decode, encode
 
 app = ClientApp()
 log = logging.getLogger("spes.node")
 
 
-def _partition(context: Context) -> tuple[int, int]:
-    cfg = context.node_config
-    if "partition-id" not in cfg or "num-partitions" not in cfg:
-        raise ValueError(
-            "this SuperNode needs --node-config \"partition-id=<i> num-partitions=<n>\" "
-            "(simulation sets both automatically)"
-        )
-    return int(cfg["partition-id"]), int(cfg["num-partitions"])
+def _config(msg: Message) -> ConfigRecord:
+    if keys.CONFIG not in msg.content.config_records:
+        raise ValueError("message without a config record")
+    return msg.content.config_records[keys.CONFIG]
 
 
-def _workdir(context: Context, spec: RunSpec, token: str, partition_id: int):
-    root = context.node_config.get("work-dir") or context.run_config.get("node-work-dir") or spec.node_work_dir
-    return node_dir(root or default_work_root(), token, partition_id)
+def _int(cfg: ConfigRecord, key: str, minimum: int = 0) -> int:
+    value = cfg.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"received {key}={value!r}; expected an integer >= {minimum}")
+    return value
 
 
-def _node(msg: Message, context: Context) -> NodeContext:
-    cfg = msg.content["config"]
-    spec = RunSpec.from_json(str(cfg["run-config"]))
-    pid, parts = _partition(context)
-    workdir = _workdir(context, spec, str(cfg["run-token"]), pid)
+def _spec_for_node(cfg: ConfigRecord, settings: NodeSettings) -> tuple[RunSpec, str | None]:
+    """The received spec with this node's own data source in place of the coordinator's."""
+    import json
+
+    raw = json.loads(str(cfg[keys.RUN_CONFIG]))
+    if not isinstance(raw, dict) or not isinstance(raw.get("data"), dict):
+        raise ValueError("received run spec is not a config mapping")
+    source, sharded = settings.data_source(str(raw["data"].get("source", "embedded")))
+    raw["data"] = {**raw["data"], "source": source if sharded else "embedded"}
+    raw.pop("init_from", None)  # the coordinator's checkpoint path: nothing for a node to open
+    spec = RunSpec.from_json(json.dumps(raw))
+    return spec, None if sharded else source
+
+
+def _node(msg: Message, context: Context) -> tuple[NodeContext, ConfigRecord]:
+    cfg = _config(msg)
+    settings = NodeSettings.from_node_config(context.node_config)
+    spec, own_data = _spec_for_node(cfg, settings)
+    workdir = settings.workdir(str(cfg[keys.RUN_TOKEN]))
     tok_path = workdir / "tokenizer.json"
     if not tok_path.exists():
         raise RuntimeError(f"{tok_path} missing: the coordinator's setup query did not reach this node")
-    source = context.node_config.get("data-source")
-    return NodeContext(spec, tokenizer_from_json(tok_path.read_text()), workdir, pid, parts, source or None)
+    ctx = NodeContext(
+        spec, tokenizer_from_json(tok_path.read_text()), workdir, settings.partition_id, settings.num_partitions,
+        own_data, settings.progress,
+    )
+    return ctx, cfg
 
 
 @app.query()
 def setup(msg: Message, context: Context) -> Message:
-    """Receive the run's config and tokenizer; report this node's partition."""
-    cfg = msg.content["config"]
-    spec = RunSpec.from_json(str(cfg["run-config"]))
-    pid, parts = _partition(context)
-    workdir = _workdir(context, spec, str(cfg["run-token"]), pid)
-    write_text_atomic(workdir / "tokenizer.json", str(cfg["tokenizer-json"]))
-    reply = ConfigRecord({"partition-id": pid, "num-partitions": parts, "workdir": str(workdir)})
-    return Message(RecordDict({"config": reply}), reply_to=msg)
+    """Receive the run's config and tokenizer; report this node's partition and saved state."""
+    cfg = _config(msg)
+    settings = NodeSettings.from_node_config(context.node_config)
+    _spec_for_node(cfg, settings)  # a config this node cannot run fails here, before any round
+    workdir = settings.workdir(str(cfg[keys.RUN_TOKEN]))
+    write_text_atomic(workdir / "tokenizer.json", str(cfg[keys.TOKENIZER_JSON]))
+    steps = saved_steps(workdir / "state")
+    reply = ConfigRecord(
+        {
+            keys.PARTITION_ID: settings.partition_id,
+            keys.NUM_PARTITIONS: settings.num_partitions,
+            keys.STATE_STEP: steps[-1] if steps else -1,
+        }
+    )
+    return Message(RecordDict({keys.CONFIG: reply}), reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    ctx = _node(msg, context)
-    cfg = msg.content["config"]
+    ctx, cfg = _node(msg, context)
+    owned = cfg.get(keys.OWNED_EXPERTS)
+    if not isinstance(owned, list) or not all(isinstance(e, int) and not isinstance(e, bool) for e in owned):
+        raise ValueError(f"received {keys.OWNED_EXPERTS}={owned!r}; expected a list of integers")
+    total = cfg.get(keys.TOTAL_STEPS)
     reply, metrics = run_local_round(
         ctx,
-        decode(msg.content["arrays"]),
-        owned=[int(e) for e in cfg["owned-experts"]],
-        full_model=bool(cfg["full-model"]),
-        start_step=int(cfg["global-step"]),
-        steps=int(cfg["local-steps"]),
+        decode(msg.content.array_records[keys.ARRAYS]),
+        owned=owned,
+        full_model=bool(cfg[keys.FULL_MODEL]),
+        start_step=_int(cfg, keys.GLOBAL_STEP, 0),
+        steps=_int(cfg, keys.LOCAL_STEPS, 1),
+        total_steps=_int(cfg, keys.TOTAL_STEPS, 1) if total is not None else None,
     )
-    content = RecordDict({"arrays": encode(reply), "metrics": MetricRecord(metrics)})
+    content = RecordDict({keys.ARRAYS: encode(reply), keys.METRICS: MetricRecord(metrics)})
     return Message(content, reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    ctx = _node(msg, context)
-    loss, tokens = run_local_eval(ctx, decode(msg.content["arrays"]))
-    metrics = MetricRecord({"eval-loss": loss, "eval-ppl": math.exp(min(loss, 50.0)), "num-tokens": float(tokens)})
-    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+    ctx, _ = _node(msg, context)
+    loss, tokens = run_local_eval(ctx, decode(msg.content.array_records[keys.ARRAYS]))
+    metrics = MetricRecord(
+        {keys.EVAL_LOSS: loss, keys.EVAL_PPL: math.exp(min(loss, 50.0)), keys.NUM_TOKENS: float(tokens)}
+    )
+    return Message(RecordDict({keys.METRICS: metrics}), reply_to=msg)

@@ -7,6 +7,7 @@ measure the bare training loop against the same work inside a Flower simulation.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,11 +15,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from client_app.node_state import NodeState
+from client_app.node_state import NodeState, optimizer_tensors, restore_optimizer, saved_steps
 from client_app.trainer import evaluate, make_optimizer, resolve_device, train_steps
 from data import BatchStream, node_shard, prepare_blocks
 from model import build_model, expert_param_names, shared_param_names
-from server_app.config import RunSpec
+from common.spec import RunSpec
+
+log = logging.getLogger("spes.node")
 
 
 @dataclass
@@ -30,6 +33,7 @@ class NodeContext:
     num_partitions: int
     # A node that brings its own data trains on all of it instead of a shard of the common source.
     data_source: str | None = None
+    progress: bool = True  # per-step progress bar on this node
 
 
 def _data(ctx: NodeContext) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,6 +52,24 @@ def _build(ctx: NodeContext, owned: list[int] | None, device: torch.device) -> t
     return build_model(ctx.spec.model, len(ctx.tokenizer), owned=owned, special_tokens=special).to(device)
 
 
+class NeedsFullModel(RuntimeError):
+    """The node cannot continue from a sparse downlink; the coordinator resends the full model."""
+
+
+def _check_received(received: dict[str, torch.Tensor], partition_id: int) -> None:
+    for name, tensor in received.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ValueError(f"partition {partition_id}: received {name} with NaN or Inf; refusing to train on it")
+
+
+def _previous_state(state_root: Path, start_step: int) -> NodeState | None:
+    """The newest saved state before `start_step` (the node missed rounds or the run moved on)."""
+    for step in reversed(saved_steps(state_root)):
+        if step < start_step and (state := NodeState.load(state_root, step)) is not None:
+            return state
+    return None
+
+
 def run_local_round(
     ctx: NodeContext,
     received: dict[str, torch.Tensor],
@@ -56,38 +78,48 @@ def run_local_round(
     start_step: int,
     steps: int,
     show_progress: bool = True,
+    total_steps: int | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     spec, train_cfg = ctx.spec, ctx.spec.train
+    if start_step < 0 or steps < 1:
+        raise ValueError(f"partition {ctx.partition_id}: bad round (global step {start_step}, {steps} local steps)")
+    if len(set(owned)) != len(owned) or any(not 0 <= e < spec.model.num_experts for e in owned):
+        raise ValueError(f"partition {ctx.partition_id}: bad owned experts {owned}")
+    _check_received(received, ctx.partition_id)
     if train_cfg.threads:
         torch.set_num_threads(train_cfg.threads)
     device = resolve_device(train_cfg.device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(spec.seed * 100_003 + ctx.partition_id * 1_009 + start_step)
 
     model = _build(ctx, owned, device)
     names = list(model.state_dict())
     owned_names = expert_param_names(names, owned)
-    state_dir = ctx.workdir / "state"
-    saved = NodeState.load(state_dir)
-    if saved is not None and sorted(saved.owned) != sorted(owned):
-        saved = None  # experts were reassigned: start their optimizer state afresh
+    state_root = ctx.workdir / "state"
+    saved = NodeState.load(state_root, start_step)
     tensors = dict(received)
     if not full_model:
-        if saved is None:
-            raise RuntimeError(
-                f"partition {ctx.partition_id}: no saved state in {state_dir} for a sparse downlink; "
-                "the coordinator will send the full model next round"
+        if saved is None or sorted(saved.owned) != sorted(owned):
+            raise NeedsFullModel(
+                f"partition {ctx.partition_id}: no usable saved state at global step {start_step} in {state_root} "
+                "for a sparse downlink; the coordinator will send the full model next round"
             )
         tensors.update({k: v for k, v in saved.owned_tensors.items() if k not in tensors})
+    elif saved is None:
+        saved = _previous_state(state_root, start_step)
+        if saved is not None:
+            log.warning(
+                "partition %d: no state at global step %d; reusing optimizer moments and data position of step %d "
+                "with the full model from the coordinator", ctx.partition_id, start_step, saved.global_step,
+            )
     missing = set(names) - tensors.keys()
     if missing:
         raise RuntimeError(f"partition {ctx.partition_id}: {len(missing)} parameters missing, e.g. {sorted(missing)[:3]}")
     model.load_state_dict(tensors, strict=True)
 
     optimizer = make_optimizer(model, train_cfg)
-    if saved is not None and saved.optimizer is not None:
-        optimizer.load_state_dict(saved.optimizer)
+    named = dict(model.named_parameters())
+    if saved is not None and saved.optimizer:
+        restore_optimizer(optimizer, named, saved.optimizer)
     shard, _ = _data(ctx)
     stream = BatchStream(shard, train_cfg.batch_size, seed=spec.seed * 7919 + ctx.partition_id)
     if saved is not None:
@@ -96,11 +128,12 @@ def run_local_round(
     bar = tqdm(
         total=steps,
         desc=f"node {ctx.partition_id} steps {start_step}-{start_step + steps}",
-        disable=not show_progress,
+        disable=not (show_progress and ctx.progress),
         mininterval=5.0,
         file=sys.stderr,
     )
-    metrics = train_steps(model, optimizer, stream, train_cfg, start_step, steps, spec.total_steps, device, bar)
+    total = total_steps or spec.total_steps
+    metrics = train_steps(model, optimizer, stream, train_cfg, start_step, steps, total, device, bar)
     bar.close()
     metrics["trainable-params"] = float(sum(p.numel() for p in model.parameters() if p.requires_grad))
 
@@ -111,12 +144,13 @@ def run_local_round(
         owned=list(owned),
         stream=stream.state_dict(),
         owned_tensors={n: reply[n] for n in owned_names},
-        optimizer=optimizer.state_dict(),
-    ).save(state_dir)
+        optimizer=optimizer_tensors(optimizer, {p: n for n, p in named.items()}),
+    ).save(state_root)
     return reply, metrics
 
 
 def run_local_eval(ctx: NodeContext, received: dict[str, torch.Tensor]) -> tuple[float, int]:
+    _check_received(received, ctx.partition_id)
     device = resolve_device(ctx.spec.train.device)
     model = _build(ctx, None, device)
     model.load_state_dict(received, strict=True)

@@ -2,75 +2,177 @@
 
 In deployment every Flower message runs in a fresh process and `context.state` is sent back
 by an exit handler that silently drops large states, so weights and optimizer moments live
-on the node's disk instead, keyed by the run's token and the node's partition id. Files
-never leave the node; `torch.load(weights_only=True)` reads only our own tensors.
+on the node's disk instead. Each saved state is tagged with the global step it ends at and
+lives in its own directory `state/step-<n>/`; the newest two are kept, so a coordinator that
+restarts and repeats a round finds the state that round started from.
+
+A save never touches a finished state: it writes a temporary directory, fsyncs it and renames
+it into place (an atomic rename on POSIX). Nothing here unpickles: tensors and optimizer
+moments are safetensors files, the rest JSON.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import shutil
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+log = logging.getLogger("spes.node")
 
-def node_dir(root: str | Path, run_token: str, partition_id: int) -> Path:
-    return Path(root).expanduser().resolve() / run_token / f"partition-{partition_id}"
-
-
-def default_work_root() -> Path:
-    return Path(os.environ.get("SPES_NODE_WORK_DIR", "~/.cache/spes-flower/nodes")).expanduser()
+KEEP_STATES = 2
+_STEP_DIR = re.compile(r"^step-(\d{12})$")
+_SEP = "::"  # optimizer tensor key: <parameter name>::<state key>
 
 
 def write_text_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
     os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer, names: dict[torch.nn.Parameter, str]) -> dict[str, torch.Tensor]:
+    """The optimizer's per-parameter state keyed by parameter name, so it survives a change of
+    which parameters are trainable (experts reassigned) and needs no pickle."""
+    out = {}
+    for param, state in optimizer.state.items():
+        name = names.get(param)
+        if name is None:
+            continue
+        for key, value in state.items():
+            if not isinstance(value, torch.Tensor) or type(value) is not torch.Tensor:
+                raise TypeError(f"optimizer state {name}.{key} is a {type(value).__name__}, not a plain tensor")
+            out[f"{name}{_SEP}{key}"] = value.detach().cpu().contiguous()
+    return out
+
+
+def restore_optimizer(
+    optimizer: torch.optim.Optimizer, named: dict[str, torch.nn.Parameter], saved: dict[str, torch.Tensor]
+) -> int:
+    """Load name-keyed moments for the parameters that have them; returns how many parameters got state."""
+    per_param: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in saved.items():
+        name, _, slot = key.rpartition(_SEP)
+        per_param.setdefault(name, {})[slot] = value
+    restored = 0
+    for name, slots in per_param.items():
+        param = named.get(name)
+        if param is None or not param.requires_grad:
+            continue  # an expert this node no longer owns
+        state = {}
+        for slot, value in slots.items():
+            if value.dim() and value.shape != param.shape:
+                raise ValueError(f"saved optimizer state {name}.{slot} has shape {tuple(value.shape)}, "
+                                 f"parameter has {tuple(param.shape)}")
+            state[slot] = value.to(param.device, dtype=value.dtype if value.dim() == 0 else param.dtype)
+        optimizer.state[param] = state
+        restored += 1
+    return restored
 
 
 @dataclass
 class NodeState:
-    """Trained tensors of the owned experts, AdamW state, schedule and data position."""
+    """Trained tensors of the owned experts, name-keyed optimizer moments, data position."""
 
     global_step: int = 0
     owned: list[int] = field(default_factory=list)
     stream: dict[str, int] = field(default_factory=lambda: {"epoch": 0, "index": 0})
     owned_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
-    optimizer: dict[str, Any] | None = None
+    optimizer: dict[str, torch.Tensor] = field(default_factory=dict)
 
-    def save(self, directory: Path) -> None:
-        """Write to a temp dir, then swap: a crash leaves the previous state intact."""
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = directory.with_name(f".{directory.name}.tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
+    def save(self, root: Path, keep: int = KEEP_STATES) -> Path:
+        """Write `root/step-<global_step>/` atomically; keep the newest `keep` states."""
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".tmp-*"):  # left by a crash mid-save
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = root / f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
-        save_file({k: v.contiguous() for k, v in self.owned_tensors.items()}, str(tmp / "owned.safetensors"))
-        if self.optimizer is not None:
-            torch.save(self.optimizer, tmp / "optimizer.pt")
-        meta = {"global_step": self.global_step, "owned": self.owned, "stream": self.stream}
-        (tmp / "meta.json").write_text(json.dumps(meta))
-        old = directory.with_name(f".{directory.name}.old{os.getpid()}")
-        if directory.exists():
-            os.replace(directory, old)
-        os.replace(tmp, directory)
-        shutil.rmtree(old, ignore_errors=True)
+        files = {
+            "owned.safetensors": {k: v.contiguous() for k, v in self.owned_tensors.items()},
+            "optimizer.safetensors": self.optimizer,
+        }
+        sizes = {}
+        for fname, tensors in files.items():
+            save_file(tensors, str(tmp / fname))
+            _fsync_file(tmp / fname)
+            sizes[fname] = (tmp / fname).stat().st_size
+        meta = {"global_step": self.global_step, "owned": self.owned, "stream": self.stream, "sizes": sizes}
+        write_text_atomic(tmp / "meta.json", json.dumps(meta))
+        _fsync_dir(tmp)
+        final = root / f"step-{self.global_step:012d}"
+        if final.exists():  # the same step saved again (a repeated round): replace it
+            old = root / f".tmp-old-{uuid.uuid4().hex[:8]}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(root)
+        for old_step in saved_steps(root)[:-keep]:
+            shutil.rmtree(root / f"step-{old_step:012d}", ignore_errors=True)
+        return final
 
     @classmethod
-    def load(cls, directory: Path) -> "NodeState | None":
+    def load(cls, root: Path, step: int) -> "NodeState | None":
+        """The state saved at exactly `step`, or None if there is none or it is damaged."""
+        directory = root / f"step-{step:012d}"
         if not (directory / "meta.json").exists():
             return None
-        meta = json.loads((directory / "meta.json").read_text())
-        opt_path = directory / "optimizer.pt"
-        return cls(
-            global_step=int(meta["global_step"]),
-            owned=[int(e) for e in meta["owned"]],
-            stream=dict(meta["stream"]),
-            owned_tensors=load_file(str(directory / "owned.safetensors")),
-            optimizer=torch.load(opt_path, weights_only=True) if opt_path.exists() else None,
-        )
+        try:
+            meta = json.loads((directory / "meta.json").read_text())
+            for fname, size in meta["sizes"].items():
+                actual = (directory / fname).stat().st_size
+                if actual != size:
+                    raise ValueError(f"{fname} has {actual} bytes, {size} were written")
+            state = cls(
+                global_step=int(meta["global_step"]),
+                owned=[int(e) for e in meta["owned"]],
+                stream={k: int(v) for k, v in meta["stream"].items()},
+                owned_tensors=load_file(str(directory / "owned.safetensors")),
+                optimizer=load_file(str(directory / "optimizer.safetensors")),
+            )
+            if state.global_step != step:
+                raise ValueError(f"meta.json says step {state.global_step}")
+        except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
+            log.warning("saved node state %s is damaged (%s); it is discarded", directory, exc)
+            shutil.rmtree(directory, ignore_errors=True)
+            return None
+        return state
+
+
+def saved_steps(root: Path) -> list[int]:
+    """Global steps of the saved states under `root`, ascending."""
+    if not root.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)))

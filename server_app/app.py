@@ -1,4 +1,4 @@
-"""Flower ServerApp: the SPES coordinator."""
+"""Flower ServerApp: the SPES coordinator (config, init, round loop, evaluation, checkpoints)."""
 
 from __future__ import annotations
 
@@ -10,17 +10,20 @@ import uuid
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from client_app.trainer import evaluate
+from common import keys
+from common.codec import encode
+from common.spec import RunSpec
 from data import load_tokenizer, prepare_blocks, tokenizer_to_json
 from model import build_model, count_parameters, load_pretrained
 from model.export import save_hf_atomic
+from server_app import checkpoint
 from server_app import config as run_config
-from server_app.nodes import discover_nodes
+from server_app.rounds import Collector, RunFailed, admit_new_nodes, discover
 from server_app.run_log import RunLog, write_json_atomic
-from strategy.codec import decode, encode
 from strategy.spes import SpesStrategy
 
 app = ServerApp()
@@ -28,12 +31,10 @@ log = logging.getLogger("spes.server")
 
 
 def overrides_from(run_cfg: dict) -> list[str]:
-    """Hydra overrides from the Flower run-config (`overrides` plus a few path keys)."""
+    """Hydra overrides from the Flower run-config (`overrides` plus `output-dir`)."""
     overrides = shlex.split(str(run_cfg.get("overrides", "")))
     if run_cfg.get("output-dir"):
         overrides.append(f"output_dir={run_cfg['output-dir']}")
-    if run_cfg.get("node-work-dir"):
-        overrides.append(f"node_work_dir={run_cfg['node-work-dir']}")
     return overrides
 
 
@@ -43,18 +44,7 @@ def main(grid: Grid, context: Context) -> None:
     run(grid, spec)
 
 
-def run(grid: Grid, spec: run_config.RunSpec) -> dict:
-    t_start = time.time()
-    run_dir = spec.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(run_dir / "coordinator.log")
-    logging.getLogger("spes").addHandler(handler)
-    logging.getLogger("spes").setLevel(logging.INFO)
-    print(f"[spes] run {spec.run_name}: outputs in {run_dir}", flush=True)
-
-    cache = run_dir.parent / ".cache"
-    tokenizer = load_tokenizer(spec.data, cache)
-    _, heldout = prepare_blocks(spec.data, tokenizer, cache)
+def _initial_model(spec: RunSpec, tokenizer):
     torch.manual_seed(spec.seed)
     if spec.init_from:
         model = load_pretrained(spec.init_from)
@@ -63,75 +53,141 @@ def run(grid: Grid, spec: run_config.RunSpec) -> dict:
         model = build_model(spec.model, len(tokenizer), seed=spec.seed, special_tokens=special)
     if model.config.vocab_size < len(tokenizer):
         raise ValueError(f"model vocabulary {model.config.vocab_size} < tokenizer vocabulary {len(tokenizer)}")
-    counts = count_parameters(model.config)
+    return model
 
-    token = f"{spec.run_name}-{uuid.uuid4().hex[:10]}"
-    node_cfg = ConfigRecord({"run-config": spec.to_json(), "run-token": token})
-    setup = ConfigRecord({**dict(node_cfg), "tokenizer-json": tokenizer_to_json(tokenizer)})
-    partitions = discover_nodes(grid, spec.nodes, setup, spec.round_timeout_s)
-    strategy = SpesStrategy(spec.strategy, model.config.num_experts, partitions, spec.rounds)
-    trainable = {
-        str(strategy.partitions[p]): counts["shared"] + len(experts) * counts["per_expert"]
-        for p, experts in enumerate(strategy.ownership.owners)
-    }
+
+def _line(strategy: SpesStrategy, record: dict, rounds: int) -> str:
+    per_node = ", ".join(
+        f"p{k}: {v['status'][:60]} {v.get('tokens_per_s', 0):.0f} tok/s" for k, v in record["nodes"].items()
+    )
+    applied = "" if record["applied"] else f" [NOT APPLIED: {record['refused']}]"
+    return (
+        f"[spes] round {record['round']}/{rounds}: held-out loss {record['val_loss']:.4f}, train loss "
+        f"{record['train_loss']:.4f}, up {record['bytes_up'] / 2**20:.1f} MiB, down "
+        f"{record['bytes_down'] / 2**20:.1f} MiB, {record['wall_s']:.0f}s ({per_node}){applied}"
+    )
+
+
+def run(grid: Grid, spec: RunSpec) -> dict:
+    t_start = time.time()
+    run_dir = run_config.run_dir(spec)
+    ckpt_root = run_dir / "checkpoint"
+    resumed = checkpoint.load_latest(ckpt_root) if spec.resume else None
+    if spec.resume and resumed is None:
+        raise run_config.ConfigError(f"resume=true but {ckpt_root} holds no readable checkpoint")
+    if not spec.resume and checkpoint.rounds(ckpt_root):
+        raise run_config.ConfigError(
+            f"{run_dir} already holds a run; continue it with resume=true or pick another run_name"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(run_dir / "coordinator.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("spes").addHandler(handler)
+    logging.getLogger("spes").setLevel(logging.INFO)
+    try:
+        return _run(grid, spec, run_dir, ckpt_root, resumed, t_start)
+    finally:
+        logging.getLogger("spes").removeHandler(handler)
+        handler.close()
+
+
+def _run(grid, spec, run_dir, ckpt_root, resumed, t_start) -> dict:
+    print(f"[spes] run {spec.run_name}: outputs in {run_dir}", flush=True)
+    cache = run_dir.parent / ".cache"
+    tokenizer = load_tokenizer(spec.data, cache)
+    _, heldout = prepare_blocks(spec.data, tokenizer, cache)
+    model = _initial_model(spec, tokenizer)
+    counts = count_parameters(model.config)
+    start_round, first_val = 0, None
+    if resumed is not None:
+        params, buffers, state = resumed
+        model.load_state_dict(params, strict=True)
+        token, start_round, first_val = state["run_token"], int(state["round"]), state.get("first_val_loss")
+        print(f"[spes] resuming after round {start_round} (global step {state['strategy']['global_step']})", flush=True)
+    else:
+        token = f"{spec.run_name}-{uuid.uuid4().hex[:10]}"
+
+    node_cfg = ConfigRecord({keys.RUN_CONFIG: spec.to_json(), keys.RUN_TOKEN: token,
+                             keys.TOTAL_STEPS: spec.total_steps})
+    setup = ConfigRecord({**dict(node_cfg), keys.TOKENIZER_JSON: tokenizer_to_json(tokenizer)})
+    timeout = spec.strategy.round_timeout_s
+    collector = Collector(grid)
+    partitions = discover(grid, spec.nodes, setup, collector, timeout)
+    known = set(grid.get_node_ids())
+    max_tokens = spec.strategy.local_steps * spec.train.batch_size * spec.data.seq_len
+    strategy = SpesStrategy(spec.strategy, model.config.num_experts, partitions, spec.rounds,
+                            max_tokens=max_tokens, num_layers=model.config.num_hidden_layers)
+    strategy.params = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if resumed is not None:
+        strategy.load_state_dict(resumed[2]["strategy"], resumed[1])
+        strategy.history = []
+    trainable = {str(p): counts["shared"] + len(strategy.owners[p]) * counts["per_expert"] for p in strategy.partitions}
     print(
         f"[spes] {len(partitions)} nodes, partitions {strategy.partitions}; {counts['total']:,} parameters, "
         f"{max(trainable.values()):,} trainable per node; {spec.rounds} rounds x {spec.strategy.local_steps} steps",
         flush=True,
     )
+    runlog = RunLog(run_dir, spec.logging.tensorboard, spec.logging.wandb, spec.logging.wandb_project,
+                    config=spec.raw, keep_rounds_upto=start_round if resumed is not None else None)
 
-    runlog = RunLog(
-        run_dir, spec.logging.tensorboard, spec.logging.wandb, spec.logging.wandb_project, config=spec.raw
-    )
-    first: dict[str, float] = {}
-
-    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        model.load_state_dict(decode(arrays), strict=True)
+    def central_eval() -> float:
+        model.load_state_dict(strategy.params, strict=True)
         loss, _ = evaluate(model, heldout, spec.eval.batch_size, spec.eval.max_batches, torch.device("cpu"))
-        if server_round == 0:
-            first["val_loss"] = loss
-            print(f"[spes] round 0: held-out loss {loss:.4f}", flush=True)
-            return MetricRecord({"val_loss": loss})
+        return loss
+
+    if first_val is None:
+        first_val = central_eval()
+        print(f"[spes] round 0: held-out loss {first_val:.4f}", flush=True)
+
+    for rnd in range(start_round + 1, spec.rounds + 1):
+        admit_new_nodes(grid, strategy, setup, collector, known, timeout)
+        messages = list(strategy.configure_train(rnd, None, node_cfg, grid))
+        replies = collector.exchange(messages, timeout, strategy.register_sent)
+        strategy.aggregate_train(rnd, replies)
         record = dict(strategy.history[-1])
+        if rnd == spec.rounds or (spec.strategy.federated_eval_every and rnd % spec.strategy.federated_eval_every == 0):
+            eval_msgs = list(strategy.configure_evaluate(rnd, encode(strategy.params), node_cfg, grid))
+            strategy.aggregate_evaluate(rnd, collector.exchange(eval_msgs, timeout, strategy.register_sent))
+            record = dict(strategy.history[-1])
+        loss = central_eval()
         record.update(val_loss=loss, val_ppl=math.exp(min(loss, 50.0)), wall_s=time.time() - t_start)
         runlog.log_round(record)
         save_hf_atomic(model, run_dir / "model", tokenizer)
+        state = {"run_token": token, "first_val_loss": first_val, "strategy": strategy.state_dict()}
+        checkpoint.save(ckpt_root, rnd, strategy.params, strategy.outer_buffers(), state)
         write_json_atomic(run_dir / "strategy_state.json", strategy.state_dict())
-        per_node = ", ".join(
-            f"p{k}: {v['status']} {v.get('tokens_per_s', 0):.0f} tok/s" for k, v in record["nodes"].items()
-        )
-        print(
-            f"[spes] round {server_round}/{spec.rounds}: held-out loss {loss:.4f}, train loss "
-            f"{record['train_loss']:.4f}, up {record['bytes_up'] / 2**20:.1f} MiB, down "
-            f"{record['bytes_down'] / 2**20:.1f} MiB, {record['wall_s']:.0f}s ({per_node})",
-            flush=True,
-        )
-        return MetricRecord({"val_loss": loss})
+        print(_line(strategy, record, spec.rounds), flush=True)
+        if strategy.failed_rounds >= spec.strategy.max_failed_rounds:
+            raise RunFailed(_failure_report(runlog.rounds[-spec.strategy.max_failed_rounds:]))
 
-    strategy.start(
-        grid,
-        initial_arrays=encode(model.state_dict()),
-        num_rounds=spec.rounds,
-        timeout=spec.round_timeout_s,
-        train_config=node_cfg,
-        evaluate_config=node_cfg,
-        evaluate_fn=evaluate_fn,
-    )
-    summary = summarize(spec, runlog.rounds, first["val_loss"], counts, trainable, time.time() - t_start)
+    summary = summarize(spec, runlog.rounds, first_val, counts, trainable, time.time() - t_start)
+    summary["events"] = strategy.events
     write_json_atomic(run_dir / "summary.json", summary)
-    runlog.plot_loss(first["val_loss"], [r["tokens"] for r in runlog.rounds])
+    runlog.plot_loss(first_val, [r["tokens"] for r in runlog.rounds])
     runlog.close()
+    failures = [f"round {r['round']} partition {p}: {n['status']}" for r in runlog.rounds
+                for p, n in r["nodes"].items() if n["status"] != "ok"]
+    if failures:
+        print(f"[spes] {len(failures)} node-round(s) failed; first ones: " + "; ".join(failures[:5]), flush=True)
     print(
         f"[spes] done in {summary['wall_s']:.0f}s: held-out loss {summary['first_val_loss']:.4f} -> "
         f"{summary['final_val_loss']:.4f}. Outputs: {run_dir} (model/, metrics.jsonl, summary.json, loss.png)",
         flush=True,
     )
-    logging.getLogger("spes").removeHandler(handler)
     return summary
+
+
+def _failure_report(rounds: list[dict]) -> str:
+    lines = [f"{len(rounds)} rounds in a row below quorum; the run stops."]
+    for r in rounds:
+        bad = {p: n["status"] for p, n in r["nodes"].items() if n["status"] != "ok"}
+        lines.append(f"round {r['round']}: {r['refused']}; " + "; ".join(f"partition {p}: {s}" for p, s in bad.items()))
+    return "\n".join(lines)
 
 
 def summarize(spec, rounds: list[dict], first_val: float, counts: dict, trainable: dict, wall_s: float) -> dict:
     nodes = [n for r in rounds for n in r["nodes"].values()]
+    ok_nodes = [n for n in nodes if n["status"] == "ok"]
     n_rounds = max(len(rounds), 1)
     return {
         "run_name": spec.run_name,
@@ -153,7 +209,7 @@ def summarize(spec, rounds: list[dict], first_val: float, counts: dict, trainabl
         "bytes_per_round": sum(r["bytes_up"] + r["bytes_down"] for r in rounds) / n_rounds,
         "wall_s": wall_s,
         "peak_mem_mb_node": max((n.get("peak_mem_mb", 0.0) for n in nodes), default=0.0),
-        "tokens_per_s_node": sum(n.get("tokens_per_s", 0.0) for n in nodes) / max(len(nodes), 1),
+        "tokens_per_s_node": sum(n.get("tokens_per_s", 0.0) for n in ok_nodes) / max(len(ok_nodes), 1),
         "trainable_params_node": max(trainable.values()),
         "trainable_params_by_partition": trainable,
         "total_params": counts["total"],

@@ -2,22 +2,47 @@
 
     python -m sim                                   # the demo: 4 nodes, tiny model
     python -m sim nodes=4 model=tiny rounds=20 strategy.local_steps=25
+    python -m sim run_name=demo resume=true         # continue an interrupted run
 
 The config is composed and validated here first, so a bad config fails before anything
 starts; then `flwr run` launches the app on a local simulation SuperLink with one virtual
 SuperNode per node (1 CPU each), FLWR_HOME inside the run directory, and everything is torn
-down at the end.
+down at the end. A run directory from an earlier run is moved aside, never deleted.
 """
 
 from __future__ import annotations
 
 import json
 import shlex
-import shutil
 import sys
+import time
 from pathlib import Path
 
 APP_DIR = Path(__file__).resolve().parent.parent
+
+
+def _archive(run_dir: Path) -> Path | None:
+    """Move an earlier run's directory to <run_dir>.<timestamp> so nothing it wrote is lost."""
+    if not run_dir.exists() or not any(run_dir.iterdir()):
+        return None
+    target = run_dir.with_name(f"{run_dir.name}.{time.strftime('%Y%m%d-%H%M%S')}")
+    n = 1
+    while target.exists():
+        target = run_dir.with_name(f"{run_dir.name}.{time.strftime('%Y%m%d-%H%M%S')}-{n}")
+        n += 1
+    run_dir.rename(target)
+    return target
+
+
+def node_environment(spec, run_dir: Path) -> dict[str, str]:
+    """What the simulated nodes need from this machine: their work dir, the corpus path, progress bars."""
+    from client_app.node_settings import ENV_COMMON_DATA, ENV_PROGRESS, ENV_WORK_DIR
+
+    env = {ENV_WORK_DIR: str(run_dir / "nodes"), ENV_PROGRESS: "1" if spec.logging.node_progress else "0"}
+    source = spec.data.source
+    if source != "embedded" and not source.startswith("hf:"):
+        env[ENV_COMMON_DATA] = str(Path(source).expanduser().resolve())
+    return env
 
 
 def main(argv: list[str]) -> int:
@@ -25,7 +50,7 @@ def main(argv: list[str]) -> int:
         print(__doc__)
         print("Config keys and presets: conf/config.yaml, conf/model/*.yaml, conf/strategy/*.yaml")
         return 0
-    from server_app.config import ConfigError, load
+    from server_app.config import ConfigError, load, run_dir as spec_run_dir
     from sim.launcher import run_app
 
     try:
@@ -33,24 +58,30 @@ def main(argv: list[str]) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    run_dir = spec.run_dir
-    nodes_dir = run_dir / "nodes"
-    shutil.rmtree(nodes_dir, ignore_errors=True)  # node state belongs to one run
-    (run_dir / "summary.json").unlink(missing_ok=True)
+    run_dir = spec_run_dir(spec)
+    if spec.resume:
+        if not (run_dir / "checkpoint").is_dir():
+            print(f"config error: resume=true but {run_dir} holds no checkpoint", file=sys.stderr)
+            return 2
+        (run_dir / "summary.json").unlink(missing_ok=True)
+    elif (moved := _archive(run_dir)) is not None:
+        print(f"[sim] an earlier run in {run_dir} was moved to {moved}")
     run_config = {
         "overrides": " ".join(shlex.quote(a) for a in argv),
         "output-dir": str(Path(spec.output_dir).expanduser().resolve()),
-        "node-work-dir": str(nodes_dir),
     }
     print(f"[sim] {spec.nodes} simulated nodes, model={spec.model.name}, {spec.rounds} rounds; run dir {run_dir}")
     try:
-        rc = run_app(APP_DIR, run_dir / "flower", spec.nodes, run_config, cpus_per_node=1)
+        rc = run_app(APP_DIR, run_dir / "flower", spec.nodes, run_config, cpus_per_node=1,
+                     extra_env=node_environment(spec, run_dir))
     except KeyboardInterrupt:
         print("[sim] interrupted; the simulation was stopped and cleaned up", file=sys.stderr)
         return 130
     summary = run_dir / "summary.json"
     if rc != 0 or not summary.exists():
-        print(f"[sim] run failed (exit {rc}); logs: {run_dir / 'flower'}", file=sys.stderr)
+        print(f"[sim] run failed (exit {rc}); coordinator log: {run_dir / 'coordinator.log'}, "
+              f"Flower logs: {run_dir / 'flower'}", file=sys.stderr)
+        _print_failure(run_dir)
         return rc or 1
     s = json.loads(summary.read_text())
     print(
@@ -58,6 +89,21 @@ def main(argv: list[str]) -> int:
         f"outputs: {run_dir}/ (model/, metrics.jsonl, summary.json, loss.png)"
     )
     return 0
+
+
+def _print_failure(run_dir: Path) -> None:
+    """The coordinator's last errors and the failed nodes of the last logged round."""
+    log_file = run_dir / "coordinator.log"
+    if log_file.exists():
+        lines = [ln for ln in log_file.read_text(errors="replace").splitlines() if "ERROR" in ln or "WARNING" in ln]
+        for ln in lines[-8:]:
+            print(f"  {ln}", file=sys.stderr)
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.exists() and (rows := metrics.read_text().splitlines()):
+        last = json.loads(rows[-1])
+        for pid, node in last.get("nodes", {}).items():
+            if node.get("status") != "ok":
+                print(f"  round {last['round']} partition {pid}: {node.get('status')}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ No training loop lives here; everything but `spes.py` is plain torch and testabl
 """
 
 from strategy.aggregation import aggregate
-from strategy.assignment import Ownership, contiguous_assignment, make_assignment, replicated_assignment
+from strategy.assignment import Ownership, contiguous_assignment, make_assignment, rebalance, replicated_assignment
 from strategy.merging import MergeSchedule, merge_experts
 from strategy.outer import OuterOptimizer
 from strategy.spes import SpesConfig, SpesStrategy
@@ -14,6 +14,7 @@ __all__ = [
     "Ownership",
     "contiguous_assignment",
     "make_assignment",
+    "rebalance",
     "replicated_assignment",
     "MergeSchedule",
     "merge_experts",

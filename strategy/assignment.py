@@ -6,7 +6,7 @@ reassigned) can replace the policy without touching aggregation.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 
@@ -93,3 +93,34 @@ def rank_partitions(partition_ids: Sequence[int]) -> list[int]:
         raise ValueError(f"partition ids must be distinct, got {sorted(partition_ids)}")
     order = sorted(partition_ids)
     return [order.index(pid) for pid in partition_ids]
+
+
+def rebalance(
+    owners: Mapping[int, Sequence[int]], active: Sequence[int], num_experts: int, kind: str = "contiguous"
+) -> dict[int, tuple[int, ...]]:
+    """Ownership over the `active` partitions after nodes left or joined, moving as few experts as possible.
+
+    Active nodes keep what they own; experts of departed nodes go to the active nodes owning
+    fewest (lowest partition id first); then experts move from the most to the least loaded
+    until counts differ by at most one, so a newcomer gets a share. Exactly one owner per
+    expert at all times (`replicated`: every active node trains every expert).
+    """
+    active = sorted(set(active))
+    if not active:
+        raise ValueError("no active node to own the experts")
+    if kind == "replicated":
+        return {p: tuple(range(num_experts)) for p in active}
+    new = {p: sorted(e for e in owners.get(p, ()) if 0 <= e < num_experts) for p in active}
+    taken = {e for experts in new.values() for e in experts}
+    for e in range(num_experts):
+        if e not in taken:
+            target = min(active, key=lambda p: (len(new[p]), p))
+            new[target].append(e)
+            taken.add(e)
+    while True:
+        most = max(active, key=lambda p: (len(new[p]), -p))
+        least = min(active, key=lambda p: (len(new[p]), p))
+        if len(new[most]) - len(new[least]) <= 1:
+            break
+        new[least].append(new[most].pop())  # the highest expert of the busiest node
+    return {p: tuple(sorted(new[p])) for p in active}

@@ -7,43 +7,11 @@ update is computed from the pre-merge snapshot, and parameters are paired by nam
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
+from common.spec import MergeSchedule  # noqa: F401  (re-exported: the schedule is part of the run spec)
 from model.naming import group_expert_params
-
-
-@dataclass
-class MergeSchedule:
-    enabled: bool = True
-    alpha_start: float = 0.01
-    decay_steps: int = 10000
-    interval: int = 500
-    top_k: int = 4
-
-    def validate(self, num_experts: int) -> None:
-        if not self.enabled:
-            return
-        if not 1 <= self.top_k < num_experts:
-            raise ValueError(
-                f"strategy.merge.top_k must be in [1, num_experts) = [1, {num_experts}), got {self.top_k}"
-            )
-        if self.interval < 1 or self.decay_steps < 1:
-            raise ValueError("strategy.merge.interval and strategy.merge.decay_steps must be >= 1")
-        if not 0.0 <= self.alpha_start <= 1.0:
-            raise ValueError(f"strategy.merge.alpha_start must be in [0, 1], got {self.alpha_start}")
-
-    def alpha(self, step: int) -> float:
-        """Linear decay from alpha_start to 0 over decay_steps."""
-        return self.alpha_start * (1.0 - min(step / self.decay_steps, 1.0))
-
-    def due(self, prev_step: int, step: int) -> bool:
-        """Merge when this sync crossed a multiple of `interval` (H need not divide it)."""
-        if not self.enabled or self.alpha(step) <= 0.0:
-            return False
-        return step // self.interval > prev_step // self.interval
 
 
 def merge_experts(params: dict[str, torch.Tensor], alpha: float, top_k: int) -> dict[str, torch.Tensor]:

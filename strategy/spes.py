@@ -1,10 +1,19 @@
-"""SpesStrategy: sparse expert synchronisation as a Flower Message-API strategy."""
+"""SpesStrategy: sparse expert synchronisation as a Flower Message-API strategy.
+
+Membership is keyed by partition id (stable across restarts of a node, unlike Flower's node
+id). Each round the coordinator's round loop (`server_app.rounds`) asks for the messages,
+collects replies until quorum or deadline, and hands them to `aggregate_train`, which checks
+every reply before any of it touches the global model. Nodes without a valid update for
+`reassign_after` rounds lose their experts to the others; nodes that come back or join get
+the full model and a share. `state_dict()` holds everything needed to continue the run.
+"""
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -12,223 +21,334 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from common import keys
+from common.codec import DecodeError, decode, encode, payload_bytes
+from common.spec import MergeSchedule, StrategyConfig
 from model.naming import expert_param_names, parse_expert_param, shared_param_names
 from strategy.aggregation import aggregate
-from strategy.assignment import Ownership, make_assignment, rank_partitions
-from strategy.codec import decode, encode, payload_bytes
-from strategy.merging import MergeSchedule, merge_experts
+from strategy.assignment import Ownership, make_assignment, rank_partitions, rebalance
+from strategy.merging import merge_experts
 from strategy.outer import OuterOptimizer
-from strategy.validation import InvalidUpdate, validate_update
+from strategy.validation import InvalidUpdate, validate_eval_metrics, validate_train_metrics, validate_update
 
 log = logging.getLogger("spes.strategy")
 
-# Metric keys a node reports after training (see client_app/app.py).
-NODE_METRICS = (
-    "train-loss", "ce-loss", "aux-loss", "z-loss", "num-tokens", "tokens-per-s", "peak-mem-mb", "train-seconds",
-    "trainable-params",
-)
+SpesConfig = StrategyConfig  # the name the strategy has always used for its config
+__all__ = ["MergeSchedule", "SpesConfig", "SpesStrategy", "Member", "node_metrics"]
 
 
 def node_metrics(metrics, num_experts: int) -> dict:
-    """A node's reported metrics as the run log records them: snake_case floats, expert load per layer."""
-    out = {k.replace("-", "_"): float(metrics[k]) for k in NODE_METRICS if k in metrics}
-    if "expert-load" in metrics:
-        load = [float(x) for x in metrics["expert-load"]]  # flattened [layers * experts]
+    """A node's reported metrics as the run log records them (for trusted, local metrics)."""
+    out = {k.replace("-", "_"): float(metrics[k]) for k in keys.NODE_METRICS if k in metrics}
+    if keys.EXPERT_LOAD in metrics:
+        load = [float(x) for x in metrics[keys.EXPERT_LOAD]]
         out["expert_load"] = [load[i : i + num_experts] for i in range(0, len(load), num_experts)]
     return out
 
 
 @dataclass
-class SpesConfig:
-    local_steps: int = 100
-    assignment: str = "contiguous"  # contiguous (SPES) | replicated (every node trains every expert)
-    outer_lr: float = 1.0
-    outer_momentum: float = 0.0
-    nesterov: bool = False
-    merge: MergeSchedule = field(default_factory=MergeSchedule)
-    # Federated evaluation on the nodes' held-out shards every k rounds; 0 = last round only.
-    federated_eval_every: int = 0
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "SpesConfig":
-        d = dict(d)
-        d.pop("name", None)
-        merge = MergeSchedule(**d.pop("merge", {}))
-        return cls(merge=merge, **d)
-
-    def validate(self, num_experts: int, num_nodes: int) -> None:
-        if self.local_steps < 1:
-            raise ValueError(f"strategy.local_steps must be >= 1, got {self.local_steps}")
-        make_assignment(self.assignment, num_experts, num_nodes)
-        self.merge.validate(num_experts)
-        if self.federated_eval_every < 0:
-            raise ValueError("strategy.federated_eval_every must be >= 0")
+class Member:
+    partition_id: int
+    node_id: int
+    active: bool = True
+    absent: int = 0          # rounds in a row without a valid update
+    needs_full: bool = True  # send the whole model next time
 
 
 class SpesStrategy(Strategy):
-    """One message per node with what it needs; experts from their owners; shared weights averaged.
-
-    `node_partitions` maps Flower node id -> partition id; node index p (the owner of expert
-    block p) is the rank of its partition id. All state needed to continue a run is in
-    `state_dict()`.
-    """
-
     def __init__(
-        self, cfg: SpesConfig, num_experts: int, node_partitions: Mapping[int, int], num_rounds: int
+        self,
+        cfg: StrategyConfig,
+        num_experts: int,
+        node_partitions: Mapping[int, int],
+        num_rounds: int,
+        max_tokens: float = math.inf,
+        num_layers: int | None = None,
     ) -> None:
         self.cfg = cfg
-        node_ids = list(node_partitions)
-        ranks = rank_partitions([node_partitions[n] for n in node_ids])
-        self.node_ids: list[int] = [n for _, n in sorted(zip(ranks, node_ids))]
-        self.partitions: list[int] = [node_partitions[n] for n in self.node_ids]
-        cfg.validate(num_experts, len(self.node_ids))
-        self.ownership: Ownership = make_assignment(cfg.assignment, num_experts, len(self.node_ids))
+        self.num_experts = num_experts
+        self.num_layers = num_layers
+        self.max_tokens = max_tokens  # the most tokens one node can train in a round
+        pids = [node_partitions[n] for n in node_partitions]
+        rank_partitions(pids)  # distinct
+        cfg.validate(num_experts, len(pids))
+        self.members: dict[int, Member] = {
+            pid: Member(pid, node_id) for node_id, pid in sorted(node_partitions.items(), key=lambda kv: kv[1])
+        }
+        initial = make_assignment(cfg.assignment, num_experts, len(pids))
+        self.owners: dict[int, tuple[int, ...]] = dict(zip(sorted(pids), initial.owners))
         self.outer = OuterOptimizer(cfg.outer_lr, cfg.outer_momentum, cfg.nesterov)
         self.num_rounds = num_rounds
         self.params: dict[str, torch.Tensor] = {}
         self.round = 0
         self.global_step = 0
-        # A node needs the full model on first contact, after merging changed its own experts,
-        # or when the global copy of its experts is not exactly what it last sent.
-        self.needs_full = [True] * len(self.node_ids)
+        self.failed_rounds = 0  # in a row, below quorum
         self.history: list[dict[str, Any]] = []
-        self._sent: dict[int, int] = {}
+        self.events: list[dict[str, Any]] = []  # joins, departures, reassignments
+        self._sent: dict[int, int] = {}           # pid -> bytes sent this round
+        self._targets: dict[str, int] = {}        # message id -> pid, this round
         self._eval_sent: dict[int, int] = {}
 
-    # -- names ---------------------------------------------------------------------------
-    def _expected_update(self, p: int) -> set[str]:
-        names = list(self.params)
-        return set(shared_param_names(names)) | set(expert_param_names(names, self.ownership.experts_of(p)))
+    # -- membership ------------------------------------------------------------------------
+    @property
+    def partitions(self) -> list[int]:
+        return sorted(p for p, m in self.members.items() if m.active)
 
-    def _downlink_names(self, p: int) -> list[str]:
+    @property
+    def ownership(self) -> Ownership:
+        """Ownership over the active members, in partition order (node index = rank)."""
+        return Ownership(self.num_experts, tuple(self.owners[p] for p in self.partitions))
+
+    @property
+    def needs_full(self) -> dict[int, bool]:
+        return {p: m.needs_full for p, m in self.members.items()}
+
+    def experts_of(self, pid: int) -> tuple[int, ...]:
+        return self.owners.get(pid, ())
+
+    def _reassign(self, reason: str) -> None:
+        before = dict(self.owners)
+        self.owners = rebalance(self.owners, self.partitions, self.num_experts, self.cfg.assignment)
+        for pid, experts in self.owners.items():
+            if before.get(pid) != experts:
+                self.members[pid].needs_full = True
+        changes = {str(p): list(e) for p, e in self.owners.items() if before.get(p) != e}
+        if changes:
+            event = {"round": self.round, "event": "reassign", "reason": reason, "owners": changes}
+            self.events.append(event)
+            log.warning("round %d: experts reassigned (%s): %s", self.round, reason, changes)
+
+    def add_node(self, node_id: int, pid: int) -> None:
+        """A node joined (or came back, possibly under a new Flower node id)."""
+        member = self.members.get(pid)
+        if member is None:
+            self.members[pid] = Member(pid, node_id)
+            self.events.append({"round": self.round, "event": "join", "partition": pid})
+        else:
+            member.node_id, member.active, member.absent, member.needs_full = node_id, True, 0, True
+            self.events.append({"round": self.round, "event": "return", "partition": pid})
+        self._reassign(f"partition {pid} joined")
+
+    def node_ids(self) -> list[int]:
+        return [self.members[p].node_id for p in self.partitions]
+
+    # -- names -------------------------------------------------------------------------------
+    def _expected_update(self, pid: int) -> set[str]:
         names = list(self.params)
-        if self.needs_full[p]:
+        return set(shared_param_names(names)) | set(expert_param_names(names, self.experts_of(pid)))
+
+    def _downlink_names(self, pid: int) -> list[str]:
+        names = list(self.params)
+        if self.members[pid].needs_full:
             return names
-        own = set(self.ownership.experts_of(p))
+        own = set(self.experts_of(pid))
         return [n for n in names if (e := parse_expert_param(n)) is None or e.expert not in own]
+
+    def _num_owners(self, expert: int) -> int:
+        return sum(expert in self.owners[p] for p in self.partitions)
 
     def _trainers(self, name: str) -> set[int]:
         e = parse_expert_param(name)
         if e is None:
-            return set(range(len(self.node_ids)))
-        return set(self.ownership.trainers_of(e.expert))
+            return set(self.partitions)
+        return {p for p in self.partitions if e.expert in self.owners[p]}
 
-    # -- Flower Strategy API --------------------------------------------------------------
+    # -- Flower Strategy API --------------------------------------------------------------------
     def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+        self, server_round: int, arrays: ArrayRecord | None, config: ConfigRecord, grid: Grid | None
     ) -> Iterable[Message]:
         if not self.params:
             self.params = decode(arrays)
         self.round = server_round
         messages = []
-        self._sent = {}
-        for p, node_id in enumerate(self.node_ids):
-            record = encode(self.params, self._downlink_names(p))
-            self._sent[p] = payload_bytes(record)
+        self._sent, self._targets = {}, {}
+        for pid in self.partitions:
+            member = self.members[pid]
+            record = encode(self.params, self._downlink_names(pid))
+            self._sent[pid] = payload_bytes(record)
             node_cfg = ConfigRecord(
                 {
                     **dict(config),
-                    "server-round": server_round,
-                    "global-step": self.global_step,
-                    "local-steps": self.cfg.local_steps,
-                    "owned-experts": list(self.ownership.experts_of(p)),
-                    "full-model": self.needs_full[p],
-                    "node-index": p,
+                    keys.SERVER_ROUND: server_round,
+                    keys.GLOBAL_STEP: self.global_step,
+                    keys.LOCAL_STEPS: self.cfg.local_steps,
+                    keys.OWNED_EXPERTS: list(self.experts_of(pid)),
+                    keys.FULL_MODEL: member.needs_full,
+                    keys.NODE_INDEX: self.partitions.index(pid),
                 }
             )
-            content = RecordDict({"arrays": record, "config": node_cfg})
-            messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node_id))
+            content = RecordDict({keys.ARRAYS: record, keys.CONFIG: node_cfg})
+            messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=member.node_id))
         return messages
+
+    def register_sent(self, message_ids: Iterable[str], messages: Iterable[Message]) -> None:
+        """Remember which partition each pushed message went to (replies are matched by it)."""
+        by_node = {m.node_id: p for p, m in self.members.items() if m.active}
+        self._targets = {mid: by_node[msg.metadata.dst_node_id] for mid, msg in zip(message_ids, messages) if mid}
+
+    def _sender(self, msg: Message) -> int | None:
+        pid = self._targets.get(msg.metadata.reply_to_message_id)
+        if pid is not None:
+            return pid
+        if self._targets:
+            return None  # a reply to a message of another round, or to nothing we sent
+        for p in self.partitions:
+            if self.members[p].node_id == msg.metadata.src_node_id:
+                return p
+        return None
+
+    def _check_reply(self, pid: int, msg: Message) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        content = msg.content
+        if keys.ARRAYS not in content.array_records or keys.METRICS not in content.metric_records:
+            raise InvalidUpdate("reply needs an ArrayRecord 'arrays' and a MetricRecord 'metrics'")
+        num_layers = self.num_layers or max((e.layer for n in self.params if (e := parse_expert_param(n))), default=0) + 1
+        metrics = validate_train_metrics(
+            content.metric_records[keys.METRICS], self.max_tokens, num_layers, self.num_experts
+        )
+        expected = self._expected_update(pid)
+        record = content.array_records[keys.ARRAYS]
+        unexpected = set(record) - expected
+        if unexpected:
+            raise InvalidUpdate(f"{len(unexpected)} unexpected parameter(s), e.g. {sorted(unexpected)[:3]}")
+        update = decode(record, {n: self.params[n] for n in expected})
+        validate_update(update, expected, self.params, self.cfg.max_abs_value, self.cfg.max_update_ratio)
+        metrics["bytes_up"] = payload_bytes(record)
+        return update, metrics
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        index_of = {n: p for p, n in enumerate(self.node_ids)}
         nodes: dict[int, dict[str, Any]] = {
-            p: {"partition_id": self.partitions[p], "bytes_down": self._sent.get(p, 0), "bytes_up": 0, "status": "no reply"}
-            for p in range(len(self.node_ids))
+            p: {"partition_id": p, "bytes_down": self._sent.get(p, 0), "bytes_up": 0, "status": "no reply"}
+            for p in self.partitions
         }
         updates: dict[int, tuple[dict[str, torch.Tensor], float]] = {}
         for msg in replies:
-            p = index_of.get(msg.metadata.src_node_id)
-            if p is None:
-                log.warning("reply from unknown node %s ignored", msg.metadata.src_node_id)
+            pid = self._sender(msg)
+            if pid is None:
+                log.warning("round %d: reply not matching any message of this round dropped (from node %s)",
+                            server_round, msg.metadata.src_node_id)
+                continue
+            if nodes[pid]["status"] != "no reply":
+                log.warning("round %d: second reply of partition %d rejected", server_round, pid)
+                nodes[pid]["status"] = "rejected: duplicate reply"
+                updates.pop(pid, None)
                 continue
             if msg.has_error():
-                nodes[p]["status"] = f"error: {msg.error.reason}"
-                log.warning("node %d (partition %d) failed: %s", p, self.partitions[p], msg.error.reason)
+                nodes[pid]["status"] = f"error: {msg.error.reason}"
+                log.warning("round %d: partition %d failed: %s", server_round, pid, msg.error.reason)
                 continue
             try:
-                record = msg.content["arrays"]
-                update = decode(record)
-                validate_update(update, self._expected_update(p), self.params)
-                metrics = msg.content["metrics"]
-            except (InvalidUpdate, KeyError, TypeError, ValueError) as exc:
-                nodes[p]["status"] = f"rejected: {exc}"
-                log.warning("update of node %d (partition %d) rejected: %s", p, self.partitions[p], exc)
+                update, metrics = self._check_reply(pid, msg)
+            except (InvalidUpdate, DecodeError, KeyError, TypeError, ValueError) as exc:
+                nodes[pid]["status"] = f"rejected: {exc}"
+                log.warning("round %d: update of partition %d rejected: %s", server_round, pid, exc)
                 continue
-            nodes[p].update(node_metrics(metrics, self.ownership.num_experts))
-            nodes[p]["bytes_up"] = payload_bytes(record)
-            nodes[p]["status"] = "ok"
-            updates[p] = (update, float(metrics.get("num-tokens", 0.0)))
+            nodes[pid].update(metrics)
+            nodes[pid]["status"] = "ok"
+            weight = metrics["num_tokens"] if self.cfg.shared_weighting == "tokens" else 1.0
+            updates[pid] = (update, weight)
 
-        if not updates:
-            log.warning("round %d: no valid update; global model unchanged", server_round)
-        self.params = aggregate(self.params, updates, self._trainers, self.outer)
-        prev_step, self.global_step = self.global_step, self.global_step + self.cfg.local_steps
-        alpha = 0.0
-        if self.cfg.merge.due(prev_step, self.global_step):
-            alpha = self.cfg.merge.alpha(self.global_step)
-            self.params.update(merge_experts(self.params, alpha, self.cfg.merge.top_k))
+        quorum = self.cfg.quorum(len(self.partitions))
+        alpha, applied, refused = 0.0, False, ""
+        prev_step = self.global_step
+        if len(updates) >= min(quorum, len(self.partitions)) and updates:
+            snapshot, buffers = self.params, {k: v.clone() for k, v in self.outer.buffers.items()}
+            new = aggregate(self.params, updates, self._trainers, self.outer, self.cfg.trim_fraction)
+            step = prev_step + self.cfg.local_steps
+            if self.cfg.merge.due(prev_step, step):
+                alpha = self.cfg.merge.alpha(step)
+                new.update(merge_experts(new, alpha, self.cfg.merge.top_k))
+            bad = next((n for n, t in new.items() if not torch.isfinite(t).all()), None)
+            if bad is not None:
+                refused = f"the new global {bad} would hold NaN or Inf"
+                self.params, self.outer.buffers, alpha = snapshot, buffers, 0.0
+                log.error("round %d refused: %s; global model unchanged", server_round, refused)
+            else:
+                self.params, self.global_step, applied = new, step, True
+        else:
+            refused = f"{len(updates)} valid update(s), quorum {quorum}"
+            log.warning("round %d below quorum (%s); global model unchanged", server_round, refused)
+        self.failed_rounds = 0 if applied else self.failed_rounds + 1
 
-        exclusive_copy = self.outer.is_plain_average
-        for p in range(len(self.node_ids)):
-            own_exclusive = all(len(self.ownership.trainers_of(e)) == 1 for e in self.ownership.experts_of(p))
-            self.needs_full[p] = alpha > 0 or p not in updates or not (exclusive_copy and own_exclusive)
-
-        tokens = sum(n.get("num_tokens", 0.0) for n in nodes.values())
-        loss = sum(n.get("train_loss", 0.0) * n.get("num_tokens", 0.0) for n in nodes.values())
+        self._update_membership(updates, alpha, applied)
+        tokens = sum(n.get("num_tokens", 0.0) for p, n in nodes.items() if p in updates)
+        loss = sum(n.get("train_loss", 0.0) * n.get("num_tokens", 0.0) for p, n in nodes.items() if p in updates)
         record = {
             "round": server_round,
             "global_step": self.global_step,
             "merge_alpha": alpha,
-            "tokens": tokens,
+            "applied": applied,
+            "refused": refused,
+            "valid_updates": len(updates),
+            "tokens": tokens if applied else 0.0,
             "train_loss": loss / tokens if tokens else float("nan"),
             "bytes_up": sum(n["bytes_up"] for n in nodes.values()),
             "bytes_down": sum(n["bytes_down"] for n in nodes.values()),
-            "nodes": {str(n["partition_id"]): n for n in nodes.values()},
+            "nodes": {str(p): n for p, n in nodes.items()},
+            "owners": {str(p): list(e) for p, e in self.owners.items()},
         }
         self.history.append(record)
         metrics = MetricRecord(
-            {k: float(record[k]) for k in ("global_step", "merge_alpha", "tokens", "train_loss", "bytes_up", "bytes_down")}
+            {k: float(record[k]) for k in ("global_step", "merge_alpha", "tokens", "bytes_up", "bytes_down")}
         )
         return encode(self.params), metrics
 
+    def _update_membership(self, updates: Mapping[int, Any], alpha: float, applied: bool) -> None:
+        exclusive_copy = self.outer.is_plain_average
+        for pid in self.partitions:
+            member = self.members[pid]
+            if pid in updates:
+                member.absent = 0
+                own_exclusive = all(self._num_owners(e) == 1 for e in self.experts_of(pid))
+                member.needs_full = not applied or alpha > 0 or not (exclusive_copy and own_exclusive)
+            else:
+                member.absent += 1
+                member.needs_full = True
+        gone = [p for p in self.partitions if self.cfg.reassign_after and self.members[p].absent >= self.cfg.reassign_after]
+        if gone and len(gone) < len(self.partitions):
+            for pid in gone:
+                self.members[pid].active = False
+                self.events.append({"round": self.round, "event": "leave", "partition": pid})
+            self._reassign(f"partition(s) {gone} without a valid update for {self.cfg.reassign_after} rounds")
+
     def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid | None
     ) -> Iterable[Message]:
         every = self.cfg.federated_eval_every
         if not (server_round == self.num_rounds or (every and server_round % every == 0)):
             return []
         messages = []
-        self._eval_sent = {}
-        for p, node_id in enumerate(self.node_ids):
-            content = RecordDict(
-                {"arrays": arrays, "config": ConfigRecord({**dict(config), "server-round": server_round, "node-index": p})}
+        self._eval_sent, self._targets = {}, {}
+        for pid in self.partitions:
+            config_rec = ConfigRecord({**dict(config), keys.SERVER_ROUND: server_round, keys.NODE_INDEX: pid})
+            content = RecordDict({keys.ARRAYS: arrays, keys.CONFIG: config_rec})
+            self._eval_sent[pid] = payload_bytes(arrays)
+            messages.append(
+                Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=self.members[pid].node_id)
             )
-            self._eval_sent[p] = payload_bytes(arrays)
-            messages.append(Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=node_id))
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        total, tokens = 0.0, 0.0
+        total, tokens, seen = 0.0, 0.0, set()
         for msg in replies:
-            if msg.has_error():
-                log.warning("evaluation failed on node %s: %s", msg.metadata.src_node_id, msg.error.reason)
+            pid = self._sender(msg)
+            if pid is None or pid in seen:
+                log.warning("evaluation reply dropped (unknown or duplicate sender %s)", msg.metadata.src_node_id)
                 continue
-            m = msg.content["metrics"]
-            total += float(m["eval-loss"]) * float(m["num-tokens"])
-            tokens += float(m["num-tokens"])
+            seen.add(pid)
+            if msg.has_error():
+                log.warning("evaluation failed on partition %d: %s", pid, msg.error.reason)
+                continue
+            try:
+                if keys.METRICS not in msg.content.metric_records:
+                    raise InvalidUpdate("no metrics record")
+                loss, n = validate_eval_metrics(msg.content.metric_records[keys.METRICS], self.max_tokens)
+            except (InvalidUpdate, TypeError, ValueError) as exc:
+                log.warning("evaluation reply of partition %d rejected: %s", pid, exc)
+                continue
+            total += loss * n
+            tokens += n
         if not tokens:
             return None
         result = {"federated_eval_loss": total / tokens, "eval_bytes_down": float(sum(self._eval_sent.values()))}
@@ -239,30 +359,49 @@ class SpesStrategy(Strategy):
     def summary(self) -> None:
         log.info(
             "SPES: %d nodes (partitions %s), experts per node %s, H=%d, outer lr=%g momentum=%g, merge %s",
-            len(self.node_ids),
-            self.partitions,
-            [len(o) for o in self.ownership.owners],
-            self.cfg.local_steps,
-            self.cfg.outer_lr,
-            self.cfg.outer_momentum,
-            asdict(self.cfg.merge),
+            len(self.partitions), self.partitions, [len(self.owners[p]) for p in self.partitions],
+            self.cfg.local_steps, self.cfg.outer_lr, self.cfg.outer_momentum, asdict(self.cfg.merge),
         )
 
-    # -- state to continue a run -----------------------------------------------------------
+    # -- state to continue a run ------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """JSON-able state; the outer optimizer's momentum tensors are in `outer_buffers()`."""
         return {
             "round": self.round,
             "global_step": self.global_step,
-            "partitions": self.partitions,
-            "ownership": self.ownership.to_dict(),
-            "needs_full": self.needs_full,
+            "failed_rounds": self.failed_rounds,
+            "members": {str(p): {"active": m.active, "absent": m.absent} for p, m in self.members.items()},
+            "owners": {str(p): list(e) for p, e in self.owners.items()},
+            "events": self.events,
             "config": asdict(self.cfg),
         }
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if list(state["partitions"]) != self.partitions:
-            raise ValueError(f"saved run had partitions {state['partitions']}, this one has {self.partitions}")
+    def outer_buffers(self) -> dict[str, torch.Tensor]:
+        return dict(self.outer.buffers)
+
+    def load_state_dict(self, state: Mapping[str, Any], buffers: Mapping[str, torch.Tensor] | None = None) -> None:
+        """Continue from a saved state; members not connected now stay inactive until they return."""
         self.round = int(state["round"])
         self.global_step = int(state["global_step"])
-        self.ownership = Ownership.from_dict(state["ownership"])
-        self.needs_full = [True] * len(self.node_ids)  # nodes may have lost their state meanwhile
+        self.failed_rounds = int(state.get("failed_rounds", 0))
+        self.events = list(state.get("events", []))
+        connected = dict(self.members)
+        self.members = {}
+        for key, m in state["members"].items():
+            pid = int(key)
+            now = connected.get(pid)
+            self.members[pid] = Member(pid, now.node_id if now else -1, active=bool(m["active"]) and now is not None,
+                                       absent=int(m["absent"]))
+        for pid, member in connected.items():
+            if pid not in self.members:
+                self.members[pid] = member
+        self.owners = {int(p): tuple(int(e) for e in experts) for p, experts in state["owners"].items()
+                       if self.members.get(int(p)) and self.members[int(p)].active}
+        Ownership(self.num_experts, tuple(self.owners.get(p, ()) for p in self.partitions))
+        self.outer.buffers = {k: v.clone() for k, v in (buffers or {}).items()}
+        for member in self.members.values():
+            member.needs_full = True  # nodes may have lost their state meanwhile
+        if set(self.partitions) != set(self.owners) or any(
+            not any(e in o for o in self.owners.values()) for e in range(self.num_experts)
+        ):
+            self._reassign("resumed with different nodes")

@@ -1,10 +1,19 @@
-"""Checks that an update is well-formed before it touches the global model."""
+"""Checks that a node's reply is well-formed before any of it touches the global model.
+
+Everything a node sends is untrusted: tensors (names, shapes, dtypes, finite values, size of
+the change) and metrics (types, ranges; a token count can be no larger than the round could
+produce, since it weights the shared average).
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
+from typing import Any
 
 import torch
+
+from common import keys
 
 
 class InvalidUpdate(ValueError):
@@ -12,9 +21,13 @@ class InvalidUpdate(ValueError):
 
 
 def validate_update(
-    update: Mapping[str, torch.Tensor], expected: set[str], reference: Mapping[str, torch.Tensor]
+    update: Mapping[str, torch.Tensor],
+    expected: set[str],
+    reference: Mapping[str, torch.Tensor],
+    max_abs_value: float = 0.0,
+    max_update_ratio: float = 0.0,
 ) -> None:
-    """Exactly the expected names, each with the global tensor's shape and dtype, all finite."""
+    """Exactly the expected names, each with the global tensor's shape and dtype, all finite and bounded."""
     missing = expected - update.keys()
     extra = update.keys() - expected
     if missing or extra:
@@ -28,3 +41,51 @@ def validate_update(
             raise InvalidUpdate(f"{name}: got {tuple(t.shape)} {t.dtype}, expected {tuple(ref.shape)} {ref.dtype}")
         if not torch.isfinite(t).all():
             raise InvalidUpdate(f"{name}: contains NaN or Inf")
+        if max_abs_value and t.numel() and float(t.abs().max()) > max_abs_value:
+            raise InvalidUpdate(f"{name}: largest value {float(t.abs().max()):.3g} exceeds {max_abs_value:g}")
+        if max_update_ratio:
+            change, norm = float((t.double() - ref.double()).norm()), float(ref.double().norm())
+            if change > max_update_ratio * max(norm, 1e-6):
+                raise InvalidUpdate(f"{name}: change {change:.3g} exceeds {max_update_ratio:g} x its norm {norm:.3g}")
+
+
+def _number(value: Any, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
+        raise InvalidUpdate(f"metric {key}={value!r} is not a finite number")
+    return float(value)
+
+
+def validate_train_metrics(
+    metrics: Mapping[str, Any], max_tokens: float, num_layers: int, num_experts: int
+) -> dict[str, Any]:
+    """Typed, range-checked copy of a node's training metrics (snake_case keys)."""
+    out: dict[str, Any] = {}
+    for key in keys.NODE_METRICS:
+        if key in metrics:
+            value = _number(metrics[key], key)
+            if value < 0 and key not in ("train-loss", "ce-loss"):
+                raise InvalidUpdate(f"metric {key}={value} is negative")
+            out[key.replace("-", "_")] = value
+    if keys.NUM_TOKENS not in metrics:
+        raise InvalidUpdate(f"metric {keys.NUM_TOKENS} missing")
+    if not 0 < out["num_tokens"] <= max_tokens:
+        raise InvalidUpdate(f"num-tokens {out['num_tokens']:g} is outside (0, {max_tokens:g}] that this round can produce")
+    if keys.EXPERT_LOAD in metrics:
+        load = metrics[keys.EXPERT_LOAD]
+        if not isinstance(load, list) or len(load) != num_layers * num_experts:
+            raise InvalidUpdate(f"metric expert-load must be a list of {num_layers} x {num_experts} numbers")
+        values = [_number(x, keys.EXPERT_LOAD) for x in load]
+        if any(not 0.0 <= x <= 1.0 for x in values):
+            raise InvalidUpdate("metric expert-load holds fractions outside [0, 1]")
+        out["expert_load"] = [values[i : i + num_experts] for i in range(0, len(values), num_experts)]
+    return out
+
+
+def validate_eval_metrics(metrics: Mapping[str, Any], max_tokens: float) -> tuple[float, float]:
+    loss = _number(metrics.get(keys.EVAL_LOSS), keys.EVAL_LOSS)
+    tokens = _number(metrics.get(keys.NUM_TOKENS), keys.NUM_TOKENS)
+    if loss < 0:
+        raise InvalidUpdate(f"eval-loss {loss} is negative")
+    if not 0 < tokens <= max_tokens:
+        raise InvalidUpdate(f"eval num-tokens {tokens:g} outside (0, {max_tokens:g}]")
+    return loss, tokens

@@ -1,0 +1,36 @@
+"""Names of the records and fields that travel between the coordinator and a node.
+
+One place for both sides, so a renamed key cannot silently desynchronise them.
+"""
+
+# Records of a message's RecordDict.
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+
+# Coordinator -> node (ConfigRecord "config").
+RUN_CONFIG = "run-config"          # the resolved run spec, JSON
+RUN_TOKEN = "run-token"            # names the node's state directory for this run
+TOKENIZER_JSON = "tokenizer-json"  # setup query only
+SERVER_ROUND = "server-round"
+GLOBAL_STEP = "global-step"
+LOCAL_STEPS = "local-steps"
+TOTAL_STEPS = "total-steps"        # end of the LR schedule, in global steps
+OWNED_EXPERTS = "owned-experts"
+FULL_MODEL = "full-model"          # the arrays are the whole model, not a sparse downlink
+NODE_INDEX = "node-index"
+
+# Node -> coordinator.
+PARTITION_ID = "partition-id"
+NUM_PARTITIONS = "num-partitions"
+STATE_STEP = "state-step"          # global step of the node's saved state, -1 if none (setup reply)
+NUM_TOKENS = "num-tokens"
+EXPERT_LOAD = "expert-load"        # flattened [layers * experts] fractions of routed tokens
+EVAL_LOSS = "eval-loss"
+EVAL_PPL = "eval-ppl"
+
+# Scalar metrics a node reports after training, as sent (kebab-case).
+NODE_METRICS = (
+    "train-loss", "ce-loss", "aux-loss", "z-loss", NUM_TOKENS, "tokens-per-s", "peak-mem-mb", "train-seconds",
+    "trainable-params",
+)

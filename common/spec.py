@@ -1,0 +1,270 @@
+"""The run spec: typed sections of the resolved config, with value checks that need no disk.
+
+The coordinator composes the Hydra config once, checks what only it can check (paths on its
+own disk, installed logging packages, a writable output dir: `server_app.config`) and sends
+the resolved dict to every node as JSON. A node rebuilds the spec here and checks values only:
+nothing in the spec names a path that a node would open.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping
+
+from client_app.trainer import TrainConfig
+from data.pipeline import DataConfig
+from model.args import MoEArgs
+
+TOP_LEVEL = {"run_name", "output_dir", "seed", "nodes", "rounds", "init_from", "resume", "deterministic"}
+SECTIONS = {"model", "data", "train", "strategy", "eval", "logging"}
+TOP_LEVEL_TYPES = {"run_name": str, "output_dir": str, "seed": int, "nodes": int, "rounds": int, "resume": bool,
+                   "deterministic": bool}
+
+
+ASSIGNMENTS = ("contiguous", "replicated")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message says what to change."""
+
+
+def _check_fields(section: str, cls: type, d: Mapping[str, Any]) -> None:
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"{section}: unknown key(s) {unknown}; known keys are {sorted(known)}")
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass
+class MergeSchedule:
+    enabled: bool = True
+    alpha_start: float = 0.01
+    decay_steps: int = 10000
+    interval: int = 500
+    top_k: int = 4
+
+    def validate(self, num_experts: int) -> None:
+        if not self.enabled:
+            return
+        if not 1 <= self.top_k < num_experts:
+            raise ValueError(
+                f"strategy.merge.top_k must be in [1, num_experts) = [1, {num_experts}), got {self.top_k}"
+            )
+        if self.interval < 1 or self.decay_steps < 1:
+            raise ValueError("strategy.merge.interval and strategy.merge.decay_steps must be >= 1")
+        if not (_finite(self.alpha_start) and 0.0 <= self.alpha_start <= 1.0):
+            raise ValueError(f"strategy.merge.alpha_start must be in [0, 1], got {self.alpha_start}")
+
+    def alpha(self, step: int) -> float:
+        """Linear decay from alpha_start to 0 over decay_steps."""
+        return self.alpha_start * (1.0 - min(step / self.decay_steps, 1.0))
+
+    def due(self, prev_step: int, step: int) -> bool:
+        """Merge when this sync crossed a multiple of `interval` (H need not divide it)."""
+        if not self.enabled or self.alpha(step) <= 0.0:
+            return False
+        return step // self.interval > prev_step // self.interval
+
+
+@dataclass
+class StrategyConfig:
+    local_steps: int = 100
+    assignment: str = "contiguous"  # contiguous (SPES) | replicated (every node trains every expert)
+    outer_lr: float = 1.0
+    outer_momentum: float = 0.0
+    nesterov: bool = False
+    merge: MergeSchedule = field(default_factory=MergeSchedule)
+    # Federated evaluation on the nodes' held-out shards every k rounds; 0 = last round only.
+    federated_eval_every: int = 0
+    # Mean of the shared weights: weighted by tokens trained, or plain (the reference).
+    shared_weighting: str = "tokens"
+    # Robust mean of the shared weights: drop this fraction of the extreme values per entry on each side.
+    trim_fraction: float = 0.0
+    # Reject an update whose distance to the global tensor exceeds this multiple of the global
+    # tensor's norm (0 = off).
+    max_update_ratio: float = 0.0
+    # Reject an update holding any value larger than this in magnitude (0 = off).
+    max_abs_value: float = 1.0e4
+    # Quorum and deadline: a round closes when every node replied or after round_timeout_s; it
+    # changes the model only with at least min_nodes valid updates (0 = all nodes).
+    min_nodes: int = 1
+    round_timeout_s: float = 3600.0
+    # A node without a valid update for this many rounds in a row loses its experts to the
+    # others (0 = never); it gets an assignment again when it comes back.
+    reassign_after: int = 2
+    # The run stops (and fails) after this many rounds in a row below quorum.
+    max_failed_rounds: int = 3
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "StrategyConfig":
+        d = dict(d)
+        d.pop("name", None)
+        merge = d.pop("merge", {})
+        _check_fields("strategy", cls, d)
+        _check_fields("strategy.merge", MergeSchedule, merge)
+        return cls(merge=MergeSchedule(**merge), **d)
+
+    def validate(self, num_experts: int, num_nodes: int) -> None:
+        if self.local_steps < 1:
+            raise ValueError(f"strategy.local_steps must be >= 1, got {self.local_steps}")
+        if self.assignment not in ASSIGNMENTS:
+            raise ValueError(f"unknown strategy.assignment {self.assignment!r}; choose one of {list(ASSIGNMENTS)}")
+        if self.assignment == "contiguous" and num_experts < num_nodes:
+            raise ValueError(
+                f"SPES needs at least as many experts per layer as nodes (E >= N), got E={num_experts}, N={num_nodes}"
+            )
+        self.merge.validate(num_experts)
+        checks = [
+            (self.federated_eval_every >= 0, "strategy.federated_eval_every must be >= 0"),
+            (_finite(self.outer_lr) and self.outer_lr > 0, f"strategy.outer_lr must be > 0, got {self.outer_lr}"),
+            (_finite(self.outer_momentum) and 0 <= self.outer_momentum < 1,
+             f"strategy.outer_momentum must be in [0, 1), got {self.outer_momentum}"),
+            (self.shared_weighting in ("tokens", "uniform"),
+             f"strategy.shared_weighting must be tokens or uniform, got {self.shared_weighting!r}"),
+            (_finite(self.trim_fraction) and 0 <= self.trim_fraction < 0.5,
+             f"strategy.trim_fraction must be in [0, 0.5), got {self.trim_fraction}"),
+            (_finite(self.max_update_ratio) and self.max_update_ratio >= 0,
+             f"strategy.max_update_ratio must be >= 0, got {self.max_update_ratio}"),
+            (_finite(self.max_abs_value) and self.max_abs_value >= 0,
+             f"strategy.max_abs_value must be >= 0, got {self.max_abs_value}"),
+            (0 <= self.min_nodes <= num_nodes, f"strategy.min_nodes must be in [0, nodes={num_nodes}], got {self.min_nodes}"),
+            (_finite(self.round_timeout_s) and self.round_timeout_s > 0,
+             f"strategy.round_timeout_s must be > 0, got {self.round_timeout_s}"),
+            (self.reassign_after >= 0, f"strategy.reassign_after must be >= 0, got {self.reassign_after}"),
+            (self.max_failed_rounds >= 1, f"strategy.max_failed_rounds must be >= 1, got {self.max_failed_rounds}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    def quorum(self, num_nodes: int) -> int:
+        return self.min_nodes or num_nodes
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 16
+    max_batches: int = 8  # held-out batches for the central evaluation after every round
+
+    def validate(self) -> None:
+        if self.batch_size < 1 or self.max_batches < 1:
+            raise ValueError(
+                f"eval.batch_size and eval.max_batches must be >= 1, got {self.batch_size} and {self.max_batches}"
+            )
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = False
+    wandb: bool = False
+    wandb_project: str = "spes-flower"
+    node_progress: bool = False  # per-step progress bars on the nodes in simulation
+
+
+@dataclass
+class RunSpec:
+    model: MoEArgs
+    data: DataConfig
+    train: TrainConfig
+    strategy: StrategyConfig
+    eval: EvalConfig
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    strategy_name: str = "spes"
+    run_name: str = "demo"
+    output_dir: str = "outputs"
+    seed: int = 0
+    nodes: int = 4
+    rounds: int = 40
+    init_from: str | None = None
+    resume: bool = False
+    deterministic: bool = False
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def total_steps(self) -> int:
+        return self.train.total_steps or self.rounds * self.strategy.local_steps
+
+    def to_json(self) -> str:
+        return json.dumps(self.raw, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "RunSpec":
+        raw = json.loads(text)
+        if not isinstance(raw, dict):
+            raise ConfigError("run spec must be a JSON object")
+        return from_dict(raw)
+
+
+def _typed_top_level(raw: Mapping[str, Any]) -> dict[str, Any]:
+    out = {}
+    for key in TOP_LEVEL & set(raw):
+        value, want = raw[key], TOP_LEVEL_TYPES.get(key)
+        if want is int and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ValueError(f"{key} must be an integer, got {value!r}")
+        if want is bool and not isinstance(value, bool):
+            raise ValueError(f"{key} must be true or false, got {value!r}")
+        if want is str and not isinstance(value, str):
+            raise ValueError(f"{key} must be a string, got {value!r}")
+        out[key] = value
+    return out
+
+
+def _section(raw: Mapping[str, Any], name: str) -> dict[str, Any]:
+    value = raw.get(name, {})
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{name} must be a mapping of keys, got {value!r}")
+    return dict(value)
+
+
+def from_dict(raw: dict[str, Any]) -> RunSpec:
+    """Typed spec with every value checked; raises ConfigError with one message naming the key."""
+    try:
+        unknown = sorted(set(raw) - TOP_LEVEL - SECTIONS)
+        if unknown:
+            raise ValueError(f"unknown top-level key(s) {unknown}")
+        top = _typed_top_level(raw)
+        strategy_raw = _section(raw, "strategy")
+        eval_raw, logging_raw = _section(raw, "eval"), _section(raw, "logging")
+        _check_fields("eval", EvalConfig, eval_raw)
+        _check_fields("logging", LoggingConfig, logging_raw)
+        spec = RunSpec(
+            model=MoEArgs.from_dict(_section(raw, "model")),
+            data=DataConfig.from_dict({**_section(raw, "data"), "seed": top.get("seed", 0)}),
+            train=TrainConfig.from_dict(_section(raw, "train")),
+            strategy=StrategyConfig.from_dict(strategy_raw),
+            eval=EvalConfig(**eval_raw),
+            logging=LoggingConfig(**logging_raw),
+            strategy_name=str(strategy_raw.get("name", "spes")),
+            raw=raw,
+            **top,
+        )
+        validate(spec)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ConfigError(str(exc)) from None
+    return spec
+
+
+def validate(spec: RunSpec) -> None:
+    if spec.nodes < 1:
+        raise ValueError(f"nodes must be >= 1, got {spec.nodes}")
+    if spec.rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {spec.rounds}")
+    if not spec.run_name or "/" in spec.run_name or spec.run_name in (".", ".."):
+        raise ValueError(f"run_name must be a plain name (no '/'), got {spec.run_name!r}")
+    spec.model.validate()
+    spec.data.validate()
+    spec.train.validate()
+    spec.eval.validate()
+    spec.strategy.validate(spec.model.num_experts, spec.nodes)
+    if spec.model.vocab_size is not None and spec.data.tokenizer == "bpe" and spec.model.vocab_size < spec.data.vocab_size:
+        raise ValueError(
+            f"model.vocab_size ({spec.model.vocab_size}) is smaller than data.vocab_size ({spec.data.vocab_size})"
+        )

@@ -1,0 +1,135 @@
+"""The coordinator's round loop: push, collect until every node replied or the deadline, aggregate.
+
+Flower's `Strategy.start` waits for every reply of a round (or a timeout, silently) and knows
+nothing of nodes that join or replies that arrive a round late. This loop closes a round
+when every targeted node replied or `strategy.round_timeout_s` passed, drops (and logs) late
+replies to earlier rounds, lets nodes join between rounds, and stops the run after
+`strategy.max_failed_rounds` rounds in a row below quorum.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from common import keys
+from strategy.spes import SpesStrategy
+
+log = logging.getLogger("spes.server")
+POLL_S = 0.2
+
+
+class RunFailed(RuntimeError):
+    """The run cannot go on; the message names the nodes and why."""
+
+
+class Collector:
+    """Sends a round's messages and gathers the replies; remembers unanswered ones to drop later."""
+
+    def __init__(self, grid: Grid) -> None:
+        self.grid = grid
+        self._stale: set[str] = set()
+
+    def _drop_late(self) -> None:
+        if not self._stale:
+            return
+        for msg in self.grid.pull_messages(list(self._stale)):
+            self._stale.discard(msg.metadata.reply_to_message_id)
+            log.warning("late reply from node %s to an earlier round dropped", msg.metadata.src_node_id)
+
+    def exchange(self, messages: list[Message], timeout_s: float,
+                 on_sent: Callable[[list[str], list[Message]], None] | None = None) -> list[Message]:
+        if not messages:
+            return []
+        ids = [i for i in self.grid.push_messages(messages)]
+        if on_sent is not None:
+            on_sent(ids, messages)
+        pending = {i for i in ids if i}
+        replies: list[Message] = []
+        deadline = time.monotonic() + timeout_s
+        while pending and time.monotonic() < deadline:
+            self._drop_late()
+            got = list(self.grid.pull_messages(list(pending)))
+            for msg in got:
+                if msg.metadata.reply_to_message_id in pending:
+                    pending.discard(msg.metadata.reply_to_message_id)
+                    replies.append(msg)
+            if pending and not got:
+                time.sleep(POLL_S)
+        if pending:
+            log.warning("%d node(s) did not reply within %.0fs", len(pending), timeout_s)
+            self._stale |= pending
+        return replies
+
+
+def setup_nodes(grid: Grid, node_ids: Iterable[int], setup: ConfigRecord, collector: Collector,
+                timeout_s: float) -> tuple[dict[int, int], list[str]]:
+    """Send the run setup; node id -> partition id of those that answered, and the errors."""
+    messages = [Message(RecordDict({keys.CONFIG: setup}), message_type=MessageType.QUERY, dst_node_id=n)
+                for n in node_ids]
+    sent: dict[str, int] = {}
+    replies = collector.exchange(messages, timeout_s, lambda ids, msgs: sent.update(
+        {i: m.metadata.dst_node_id for i, m in zip(ids, msgs) if i}))
+    partitions: dict[int, int] = {}
+    errors: list[str] = []
+    for reply in replies:
+        node = sent.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+        if reply.has_error():
+            errors.append(f"node {node}: {reply.error.reason}")
+            continue
+        try:
+            pid = reply.content.config_records[keys.CONFIG][keys.PARTITION_ID]
+            if isinstance(pid, bool) or not isinstance(pid, int) or pid < 0:
+                raise ValueError(f"partition id {pid!r}")
+        except (KeyError, ValueError) as exc:
+            errors.append(f"node {node}: malformed setup reply ({exc})")
+            continue
+        partitions[node] = pid
+    return partitions, errors
+
+
+def discover(grid: Grid, wanted: int, setup: ConfigRecord, collector: Collector, timeout_s: float) -> dict[int, int]:
+    """Wait for `wanted` SuperNodes, set them up; node id -> partition id (lowest partition ids win)."""
+    deadline = time.monotonic() + timeout_s
+    while len(node_ids := list(grid.get_node_ids())) < wanted:
+        if time.monotonic() > deadline:
+            raise RunFailed(f"waited {timeout_s:.0f}s for {wanted} SuperNodes, {len(node_ids)} connected")
+        time.sleep(0.5)
+    partitions, errors = setup_nodes(grid, node_ids, setup, collector, timeout_s)
+    if errors:
+        raise RunFailed("node setup failed: " + "; ".join(errors))
+    if len(partitions) < wanted:
+        raise RunFailed(f"only {len(partitions)} of {wanted} nodes answered the setup query")
+    chosen = sorted(partitions, key=lambda n: partitions[n])[:wanted]
+    pids = [partitions[n] for n in chosen]
+    if len(set(pids)) != len(pids):
+        raise RunFailed(f"two SuperNodes share a partition id: {sorted(pids)}")
+    idle = sorted(set(partitions) - set(chosen))
+    if idle:
+        log.warning("%d extra SuperNode(s) stay idle: partitions %s", len(idle), [partitions[n] for n in idle])
+    return {n: partitions[n] for n in chosen}
+
+
+def admit_new_nodes(grid: Grid, strategy: SpesStrategy, setup: ConfigRecord, collector: Collector,
+                    known: set[int], timeout_s: float) -> None:
+    """Set up SuperNodes that connected since the last round and give them an assignment."""
+    new = [n for n in grid.get_node_ids() if n not in known]
+    if not new:
+        return
+    known.update(new)
+    partitions, errors = setup_nodes(grid, new, setup, collector, timeout_s)
+    for e in errors:
+        log.warning("new node not admitted: %s", e)
+    for node_id, pid in sorted(partitions.items(), key=lambda kv: kv[1]):
+        member = strategy.members.get(pid)
+        if member is not None and member.active and member.node_id != node_id:
+            if member.node_id in set(grid.get_node_ids()):
+                log.warning("node %s claims partition %d, already held by live node %s; ignored",
+                            node_id, pid, member.node_id)
+                continue
+        log.warning("partition %d (node %s) joins at round %d", pid, node_id, strategy.round + 1)
+        strategy.add_node(node_id, pid)
