@@ -28,6 +28,13 @@ class MoEArgs:
     init_std: float = 0.02
     # Renormalise the top-k routing weights to sum to 1 (needed to upcycle a dense model exactly).
     norm_topk_prob: bool = True
+    # How the run's first model is made: random | upcycle (from the dense checkpoint dense_path,
+    # see model/upcycle.py). The coordinator does this once; nodes receive the weights.
+    init: str = "random"
+    dense_path: str | None = None
+    upcycle_noise_std: float = 0.0        # N(0, std) added to a random fraction of each expert's entries
+    upcycle_noise_fraction: float = 0.5
+    upcycle_router_init: str = "normal"   # zeros | normal (init_std) | down_proj_std (std of the dense down-projection)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "MoEArgs":
@@ -38,6 +45,8 @@ class MoEArgs:
         return cls(**d)
 
     def validate(self) -> None:
+        """Value checks only (nodes repeat them); whether dense_path exists is the coordinator's check."""
+        self._validate_init()
         if self.num_experts < 1:
             raise ValueError(f"model.num_experts must be >= 1, got {self.num_experts}")
         if not 1 <= self.top_k < self.num_experts:
@@ -53,8 +62,35 @@ class MoEArgs:
                 f"model.num_heads ({self.num_heads}) must be divisible by num_kv_heads ({self.num_kv_heads})"
             )
 
+    def _validate_init(self) -> None:
+        if self.init not in INIT_MODES:
+            raise ValueError(f"model.init must be one of {list(INIT_MODES)}, got {self.init!r}")
+        if self.upcycle_router_init not in ROUTER_INITS:
+            raise ValueError(
+                f"model.upcycle_router_init must be one of {list(ROUTER_INITS)}, got {self.upcycle_router_init!r}"
+            )
+        if not self.upcycle_noise_std >= 0:
+            raise ValueError(f"model.upcycle_noise_std must be >= 0, got {self.upcycle_noise_std}")
+        if not 0 <= self.upcycle_noise_fraction <= 1:
+            raise ValueError(f"model.upcycle_noise_fraction must be in [0, 1], got {self.upcycle_noise_fraction}")
+        if self.init == "upcycle":
+            if not self.dense_path:
+                raise ValueError("model.init=upcycle needs model.dense_path (a dense Hugging Face checkpoint dir or name)")
+            if self.vocab_size is None:
+                # Nodes build their model from these args and the tokenizer's length, which can be
+                # smaller than the dense checkpoint's (padded) embedding matrix.
+                raise ValueError(
+                    "model.init=upcycle needs model.vocab_size set to the dense checkpoint's config.vocab_size"
+                )
+            if not self.norm_topk_prob:
+                raise ValueError("model.init=upcycle needs model.norm_topk_prob=true (else the MoE is not the dense model)")
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+INIT_MODES = ("random", "upcycle")
+ROUTER_INITS = ("zeros", "normal", "down_proj_std")
 
 
 def build_config(args: MoEArgs, vocab_size: int | None = None, **special_tokens: int | None) -> Qwen3MoeConfig:

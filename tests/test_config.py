@@ -11,7 +11,7 @@ from server_app.config import ConfigError, load
         (["nodes=20"], r"E >= N.*E=16, N=20"),
         (["model.top_k=16"], r"model.top_k must be in \[1, num_experts\)"),
         (["strategy.merge.top_k=16"], r"strategy.merge.top_k must be in \[1, num_experts\)"),
-        (["model=huge"], r"unknown model preset 'huge'; available: 1b, 7b, small, tiny"),
+        (["model=huge"], r"unknown model preset 'huge'; available: 1b, 7b, 9b, small, tiny"),
         (["data.source=/no/such/corpus.jsonl"], r"'/no/such/corpus.jsonl' does not exist"),
         (["init_from=/no/such/ckpt"], r"init_from checkpoint '/no/such/ckpt' does not exist"),
         (["strategy.local_steps=0"], r"strategy.local_steps must be >= 1"),
