@@ -89,6 +89,8 @@ def run_local_round(
     if train_cfg.threads:
         torch.set_num_threads(train_cfg.threads)
     device = resolve_device(train_cfg.device)
+    if spec.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
     torch.manual_seed(spec.seed * 100_003 + ctx.partition_id * 1_009 + start_step)
 
     model = _build(ctx, owned, device)

@@ -18,9 +18,8 @@ def test_two_supernodes_on_loopback(tmp_path):
     run_config = {
         "overrides": " ".join(shlex.quote(o) for o in OVERRIDES),
         "output-dir": str(tmp_path / "outputs"),
-        "node-work-dir": str(tmp_path / "nodes"),
     }
-    with LocalDeployment(tmp_path / "flower", num_nodes=2) as dep:
+    with LocalDeployment(tmp_path / "flower", num_nodes=2, node_config={"work-dir": str(tmp_path / "nodes")}) as dep:
         assert dep.run(APP, run_config, timeout_s=300) == 0
     summary = json.loads((tmp_path / "outputs" / "deploy" / "summary.json").read_text())
     assert summary["nodes"] == 2 and summary["rounds"] == 1

@@ -1,0 +1,113 @@
+"""The fault cases that need real Flower processes on 127.0.0.1 (used by sim.faults and the tests).
+
+Every process is started by the project's launcher and stopped by PID; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parent.parent
+MICRO = [
+    "model.hidden_size=64", "model.expert_ffn=32", "model.num_layers=2", "model.num_experts=6",
+    "strategy.merge.top_k=2", "data.vocab_size=512", "data.seq_len=64", "train.batch_size=4",
+]
+
+
+def _final_params(run_dir: Path) -> dict[str, torch.Tensor]:
+    from server_app import checkpoint
+
+    latest = checkpoint.load_latest(run_dir / "checkpoint")
+    if latest is None:
+        raise RuntimeError(f"no checkpoint in {run_dir}")
+    return latest[0]
+
+
+def _sim(args: list[str], timeout_s: float) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "sim", *args], cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _rounds_logged(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def resume_matches_uninterrupted(workdir: Path, rounds: int = 3, kill_after: int = 1,
+                                 timeout_s: float = 420) -> tuple[bool, str]:
+    """Run `rounds` rounds straight; run again, kill everything after round `kill_after`, resume.
+
+    Returns (final global weights bit-identical, a one-line account)."""
+    common = ["nodes=2", f"rounds={rounds}", "strategy.local_steps=3", "deterministic=true", *MICRO,
+              "strategy.merge.interval=6", "strategy.merge.decay_steps=60", "run_name=faultrun"]
+    straight = _sim([*common, f"output_dir={workdir / 'straight'}"], timeout_s)
+    out, _ = straight.communicate(timeout=timeout_s)
+    if straight.returncode != 0:
+        return False, f"uninterrupted run failed (exit {straight.returncode}): {out[-800:]}"
+    interrupted_dir = workdir / "interrupted" / "faultrun"
+    proc = _sim([*common, f"output_dir={workdir / 'interrupted'}"], timeout_s)
+    deadline = time.monotonic() + timeout_s
+    while _rounds_logged(interrupted_dir) < kill_after and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if proc.poll() is not None:
+        return False, f"the run ended before it could be killed (exit {proc.returncode})"
+    os.killpg(proc.pid, signal.SIGTERM)  # python -m sim tears the simulation down on SIGTERM
+    try:
+        proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+    killed_at = _rounds_logged(interrupted_dir)
+    resumed = _sim([*common, f"output_dir={workdir / 'interrupted'}", "resume=true"], timeout_s)
+    out, _ = resumed.communicate(timeout=timeout_s)
+    if resumed.returncode != 0:
+        return False, f"resumed run failed (exit {resumed.returncode}): {out[-800:]}"
+    a, b = _final_params(workdir / "straight" / "faultrun"), _final_params(interrupted_dir)
+    same = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows = [json.loads(x)["round"] for x in (interrupted_dir / "metrics.jsonl").read_text().splitlines()]
+    detail = (f"killed with {killed_at} round(s) logged, resumed; rounds logged {rows}; final weights "
+              f"{'bit-identical to' if same else 'DIFFER from'} the uninterrupted run's")
+    return same and rows == list(range(1, rounds + 1)), detail
+
+
+def supernode_killed_mid_round(workdir: Path, timeout_s: float = 400) -> tuple[bool, str]:
+    """3 SuperNodes, min_nodes=2; SIGKILL SuperNode 2 once round 1 is logged; the run must complete."""
+    from sim.launcher import LocalDeployment
+
+    overrides = ["nodes=3", "rounds=3", "strategy.local_steps=3", *MICRO, "strategy.min_nodes=2",
+                 "strategy.round_timeout_s=45", "strategy.reassign_after=1", "run_name=killnode"]
+    run_dir = workdir / "outputs" / "killnode"
+    run_config = {"overrides": " ".join(shlex.quote(o) for o in overrides), "output-dir": str(workdir / "outputs")}
+    killed = threading.Event()
+    with LocalDeployment(workdir / "flower", num_nodes=3, node_config={"work-dir": str(workdir / "nodes")}) as dep:
+        def killer() -> None:
+            deadline = time.monotonic() + timeout_s
+            while _rounds_logged(run_dir) < 1 and time.monotonic() < deadline:
+                time.sleep(0.2)
+            os.killpg(dep.node_procs[2].pid, signal.SIGKILL)
+            killed.set()
+
+        thread = threading.Thread(target=killer, daemon=True)
+        thread.start()
+        rc = dep.run(ROOT, run_config, timeout_s=timeout_s)
+        thread.join(timeout=5)
+    if rc != 0 or not (run_dir / "summary.json").exists():
+        return False, f"run did not complete (exit {rc})"
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    last = rows[-1]
+    covered = sorted(e for experts in last["owners"].values() for e in experts) == list(range(6))
+    ok = killed.is_set() and len(rows) == 3 and covered and set(last["owners"]) == {"0", "1"}
+    status = rows[1]["nodes"].get("2", {}).get("status", "absent")
+    return ok, (f"run completed 3 rounds (exit {rc}); partition 2 in round 2: {status[:60]}; its experts "
+                f"reassigned: owners after round 3 {last['owners']}")

@@ -1,0 +1,414 @@
+"""`python -m sim.faults`: the fault suite on 127.0.0.1, written to docs/reliability.md.
+
+Each case builds the fault by hand and feeds it through the real code (the SPES strategy for
+hostile replies, the node's own settings and state store for node-side faults, real Flower
+processes for a killed SuperNode and a killed coordinator), then reports what happened. The
+tests (tests/test_faults.py) assert on the same cases.
+
+    python -m sim.faults            # all cases, including the Flower runs (a few minutes)
+    python -m sim.faults --quick    # only the cases without Flower processes (seconds)
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import math
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+E, L, HID, INTER = 4, 2, 6, 4
+
+
+@dataclass
+class Outcome:
+    fault: str
+    before: str   # what the code did before this suite existed (issue 7 / 8 findings)
+    now: str      # what happened in this run
+    ok: bool      # the global model stayed finite and unchanged by the fault / the run survived
+
+
+# -- hostile replies through the real strategy ---------------------------------------------------
+def _toy_params(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    p = {"model.embed_tokens.weight": torch.randn(10, HID, generator=g), "model.norm.weight": torch.randn(HID, generator=g)}
+    for layer in range(L):
+        p[f"model.layers.{layer}.mlp.gate.weight"] = torch.randn(E, HID, generator=g)
+        for e in range(E):
+            base = f"model.layers.{layer}.mlp.experts.{e}"
+            p[f"{base}.gate_proj.weight"] = torch.randn(INTER, HID, generator=g)
+            p[f"{base}.up_proj.weight"] = torch.randn(INTER, HID, generator=g)
+            p[f"{base}.down_proj.weight"] = torch.randn(HID, INTER, generator=g)
+    return p
+
+
+def _task_identity() -> None:
+    """Messages can only be built inside a Flower task; give this process an identity."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    try:
+        TaskIdentity.run_id  # noqa: B018  (raises when unset)
+    except RuntimeError:
+        TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
+
+
+def strategy_round(tamper: Callable | None = None, *, max_tokens: float = 1000.0, extra_replies: int = 0,
+                   **cfg) -> tuple[object, dict, list]:
+    """One round of a 2-node SpesStrategy whose node 1 reply goes through `tamper(msg, update, metrics)`.
+
+    Returns (strategy, params before the round, replies sent)."""
+    from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+
+    from common.codec import decode, encode
+    from common.spec import MergeSchedule, StrategyConfig
+    from model.naming import expert_param_names, shared_param_names
+    from strategy.spes import SpesStrategy
+
+    _task_identity()
+    merge = MergeSchedule(enabled=False)
+    strategy = SpesStrategy(StrategyConfig(local_steps=10, merge=merge, **cfg), E, {7: 0, 11: 1}, num_rounds=3,
+                            max_tokens=max_tokens, num_layers=L)
+    before = _toy_params(0)
+    msgs = list(strategy.configure_train(1, encode(before), ConfigRecord({}), None))
+    replies = []
+    for p, msg in enumerate(msgs):
+        received = decode(msg.content["arrays"])
+        names = shared_param_names(received) + expert_param_names(received, msg.content["config"]["owned-experts"])
+        update = {n: received[n] + 0.01 * (p + 1) for n in names}
+        metrics = {"num-tokens": 500.0, "train-loss": 2.0}
+        content = None
+        if p == 1 and tamper is not None:
+            content = tamper(update, metrics)
+        if content is None:
+            content = RecordDict({"arrays": encode(update), "metrics": MetricRecord(metrics)})
+        replies.append(Message(content, reply_to=msg))
+        for _ in range(extra_replies if p == 1 else 0):
+            replies.append(Message(content, reply_to=msg))
+    strategy.aggregate_train(1, replies)
+    return strategy, before, replies
+
+
+def _status(strategy) -> str:
+    return strategy.history[-1]["nodes"]["1"]["status"]
+
+
+def _honest_shared_kept(strategy, before) -> bool:
+    """The global shared weights are node 0's alone (the tampered node 1 did not count)."""
+    from model.naming import shared_param_names
+
+    return all(torch.allclose(strategy.params[n], before[n] + 0.01) for n in shared_param_names(before))
+
+
+def _metric_case(fault: str, before_text: str, value) -> Callable[[], Outcome]:
+    def case() -> Outcome:
+        from flwr.app import ConfigRecord, MetricRecord, RecordDict
+
+        from common.codec import encode
+
+        def tamper(update, metrics):
+            key, val = value
+            try:
+                record = MetricRecord({**metrics, key: val})
+            except (TypeError, ValueError):  # a MetricRecord cannot hold it; a hostile node sends a ConfigRecord
+                record = ConfigRecord({**metrics, key: val})
+            return RecordDict({"arrays": encode(update), "metrics": record})
+
+        s, before = strategy_round(tamper)[:2]
+        finite = all(torch.isfinite(t).all() for t in s.params.values())
+        ok = finite and _status(s).startswith("rejected") and _honest_shared_kept(s, before)
+        return Outcome(fault, before_text, f"node rejected ({_status(s)[:70]}); round applied from the honest node", ok)
+    return case
+
+
+def _tensor_case(fault: str, before_text: str, tamper_tensors: Callable, **cfg) -> Callable[[], Outcome]:
+    def case() -> Outcome:
+        from flwr.app import MetricRecord, RecordDict
+
+        def tamper(update, metrics):
+            return RecordDict({"arrays": tamper_tensors(update), "metrics": MetricRecord(metrics)})
+
+        s, before = strategy_round(tamper, **cfg)[:2]
+        finite = all(torch.isfinite(t).all() for t in s.params.values())
+        ok = finite and _status(s).startswith("rejected") and _honest_shared_kept(s, before)
+        return Outcome(fault, before_text, f"node rejected ({_status(s)[:70]})", ok)
+    return case
+
+
+def _record_with_raw_array(update, name, data: bytes, shape=None):
+    from flwr.app import Array, ArrayRecord
+
+    from common.codec import encode
+
+    record = encode(update)
+    arr = record[name]
+    record[name] = Array(dtype=arr.dtype, shape=tuple(shape or arr.shape), stype=arr.stype, data=data)
+    return record
+
+
+def _first(update) -> str:
+    return sorted(update)[0]
+
+
+def _scaled(update, value):
+    from common.codec import encode
+
+    name = _first(update)
+    update = dict(update)
+    update[name] = torch.full_like(update[name], value)
+    return encode(update)
+
+
+def case_duplicate_reply() -> Outcome:
+    s, before, _ = strategy_round(None, extra_replies=1)
+    ok = _status(s) == "rejected: duplicate reply" and _honest_shared_kept(s, before)
+    return Outcome("second reply from the same node in one round", "silently replaced the first",
+                   f"both dropped ({_status(s)}); round applied from the other node", ok)
+
+
+def case_overflow_refused() -> Outcome:
+    """Values that pass every per-update bound but overflow in the outer step: the round is refused."""
+    def tamper(update, metrics):
+        from flwr.app import MetricRecord, RecordDict
+
+        from common.codec import encode
+
+        update = {n: torch.full_like(t, -3.0e38) for n, t in update.items()}
+        return RecordDict({"arrays": encode(update), "metrics": MetricRecord(metrics)})
+
+    s, before = strategy_round(tamper, max_abs_value=0.0, outer_lr=0.7, outer_momentum=0.9, nesterov=True,
+                               shared_weighting="uniform")[:2]
+    rec = s.history[-1]
+    unchanged = all(torch.equal(s.params[n], before[n]) for n in before)
+    ok = not rec["applied"] and unchanged and "NaN or Inf" in rec["refused"]
+    return Outcome("finite updates of -3e38 with the size bound off (outer Nesterov step overflows)",
+                   "Inf checkpointed and sent to every node", f"round refused ({rec['refused']}); model unchanged", ok)
+
+
+def case_eval_reply() -> Outcome:
+    from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+
+    from common.codec import encode
+
+    s, _, _ = strategy_round(None)
+    msgs = list(s.configure_evaluate(3, encode(s.params), ConfigRecord({}), None))
+    bad = [Message(RecordDict({"metrics": MetricRecord({"eval-loss": math.nan, "num-tokens": 10.0})}), reply_to=msgs[0]),
+           Message(RecordDict({"metrics": MetricRecord({"eval-loss": 3.0})}), reply_to=msgs[1])]
+    result = s.aggregate_evaluate(3, bad)
+    return Outcome("eval replies with NaN loss / without num-tokens", "crashed aggregate_evaluate",
+                   "both ignored with a log line; no federated loss this round", result is None)
+
+
+# -- node-side faults -------------------------------------------------------------------------
+def case_run_token_paths() -> Outcome:
+    from client_app.node_settings import NodeSettings, NodeSetupError
+
+    with tempfile.TemporaryDirectory() as tmp:
+        s = NodeSettings.from_node_config({"partition-id": 0, "num-partitions": 2, "work-dir": tmp}, env={})
+        refused = []
+        for token in ("../../x", "/etc", "a/../../b", ".."):
+            try:
+                s.workdir(token)
+            except NodeSetupError:
+                refused.append(token)
+        ok = len(refused) == 4 and s.workdir("run-1").is_relative_to(Path(tmp).resolve())
+    return Outcome("run token `../../x`, `/etc`, `..` from the coordinator", "node wrote (and deleted) outside its work dir",
+                   f"refused: {', '.join(refused)}", ok)
+
+
+def case_coordinator_data_path() -> Outcome:
+    from client_app.node_settings import NodeSettings, NodeSetupError
+
+    s = NodeSettings.from_node_config({"partition-id": 0, "num-partitions": 2}, env={})
+    try:
+        s.data_source("/home/someone/private-notes")
+        ok, now = False, "opened"
+    except NodeSetupError as exc:
+        ok, now = True, f"refused: {str(exc)[:80]}..."
+    own = NodeSettings.from_node_config({"partition-id": 0, "num-partitions": 2, "data-source": "/data/mine"}, env={})
+    ok = ok and own.data_source("/coordinator/path") == ("/data/mine", False)
+    return Outcome("coordinator's data.source names a path on the node", "node trained on whatever that path held",
+                   now + "; a node's own data-source wins", ok)
+
+
+def _state(step: int):
+    from client_app.node_state import NodeState
+
+    return NodeState(global_step=step, owned=[0, 1], stream={"epoch": 0, "index": step},
+                     owned_tensors={"w": torch.full((3,), float(step))},
+                     optimizer={"w::exp_avg": torch.ones(3), "w::step": torch.tensor(float(step))})
+
+
+def case_state_crash_mid_save() -> Outcome:
+    from client_app.node_state import NodeState, saved_steps
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "state"
+        _state(10).save(root)
+        half = root / ".tmp-999-deadbeef"  # what a crash in the middle of the next save leaves
+        half.mkdir()
+        (half / "owned.safetensors").write_bytes(b"\0" * 7)
+        survived = NodeState.load(root, 10)
+        _state(20).save(root)
+        ok = survived is not None and torch.equal(survived.owned_tensors["w"], torch.full((3,), 10.0)) \
+            and not half.exists() and saved_steps(root) == [10, 20]
+    return Outcome("node crashes in the middle of a state save", "optimizer state and data position lost for good",
+                   "previous state intact; the half-written one removed at the next save", ok)
+
+
+def case_state_corrupt() -> Outcome:
+    from client_app.node_state import NodeState
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "state"
+        d = _state(10).save(root)
+        with open(d / "owned.safetensors", "r+b") as fh:
+            fh.write(b"garbage!")
+        gone = NodeState.load(root, 10) is None and not d.exists()
+    return Outcome("node's saved state corrupted on disk", "node failed every round, even after a full resend",
+                   "state discarded; the node asks for the full model and continues", gone)
+
+
+def case_state_other_step() -> Outcome:
+    from client_app.node_state import NodeState
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "state"
+        _state(10).save(root)
+        ok = NodeState.load(root, 20) is None and NodeState.load(root, 10) is not None
+    return Outcome("saved state from another global step", "used silently",
+                   "only a state tagged with the round's start step is used for a sparse downlink", ok)
+
+
+def _tiny_node_context(tmp: Path):
+    from client_app.local_round import NodeContext
+    from common.spec import from_dict
+    from data import load_tokenizer
+    from server_app.config import compose
+
+    raw = compose(["model.hidden_size=32", "model.expert_ffn=16", "model.num_layers=1", "model.num_experts=4",
+                   "strategy.merge.top_k=2", "data.vocab_size=300", "data.seq_len=16", "train.batch_size=2", "nodes=2"])
+    spec = from_dict(raw)
+    tok = load_tokenizer(spec.data, tmp / "cache")
+    return NodeContext(spec, tok, tmp / "node", 0, 2, progress=False)
+
+
+def case_node_refuses_bad_round() -> Outcome:
+    from client_app.local_round import run_local_round
+    from model import build_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ctx = _tiny_node_context(Path(tmp))
+        model = build_model(ctx.spec.model, len(ctx.tokenizer))
+        weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        refused = []
+        poisoned = dict(weights)
+        name = sorted(poisoned)[0]
+        poisoned[name] = torch.full_like(poisoned[name], math.nan)
+        for label, kwargs in (("NaN weights", dict(received=poisoned, start_step=0, steps=1)),
+                              ("local-steps -3", dict(received=weights, start_step=0, steps=-3)),
+                              ("global-step -5", dict(received=weights, start_step=-5, steps=1))):
+            try:
+                run_local_round(ctx, owned=[0, 1], full_model=True, show_progress=False, **kwargs)
+            except ValueError:
+                refused.append(label)
+        ok = len(refused) == 3 and not (ctx.workdir / "state").exists()
+    return Outcome("NaN weights / negative local-steps or global-step sent to a node",
+                   "trained on (negative learning rate)", f"refused before training: {', '.join(refused)}", ok)
+
+
+# -- real Flower processes ------------------------------------------------------------------------
+def case_resume_bit_identical(workdir: Path) -> Outcome:
+    """Coordinator killed after round 1 of 3, resumed: final weights equal an uninterrupted run's."""
+    from sim.fault_runs import resume_matches_uninterrupted
+
+    same, detail = resume_matches_uninterrupted(workdir)
+    return Outcome("coordinator killed after round 1 of 3, then `resume=true`",
+                   "nothing survived a restart (state written, never read; reruns wiped nodes/)", detail, same)
+
+
+def case_supernode_killed(workdir: Path) -> Outcome:
+    from sim.fault_runs import supernode_killed_mid_round
+
+    completed, detail = supernode_killed_mid_round(workdir)
+    return Outcome("one of 3 SuperNodes SIGKILLed mid-round (min_nodes=2)",
+                   "every round waited for every node", detail, completed)
+
+
+QUICK: list[Callable[[], Outcome]] = [
+    _metric_case("num-tokens NaN", "every shared weight NaN for good", ("num-tokens", math.nan)),
+    _metric_case("num-tokens Inf", "every shared weight NaN for good", ("num-tokens", math.inf)),
+    _metric_case("num-tokens 1e30", "that node got 100 % of the shared weights", ("num-tokens", 1e30)),
+    _metric_case("num-tokens -99", "a weight of -99", ("num-tokens", -99.0)),
+    _metric_case("train-loss a string", "coordinator crashed in aggregate_train", ("train-loss", "low")),
+    _metric_case("num-tokens a list", "coordinator crashed in aggregate_train", ("num-tokens", [1.0, 2.0])),
+    _metric_case("expert-load a scalar", "coordinator crashed in aggregate_train", ("expert-load", 0.5)),
+    _tensor_case("NaN in an update", "rejected (already)", lambda u: _scaled(u, math.nan)),
+    _tensor_case("finite update of 1e30", "accepted; outer step and merging made Inf", lambda u: _scaled(u, 1e30)),
+    _tensor_case("`arrays` is a MetricRecord", "coordinator crashed in aggregate_train",
+                 lambda u: __import__("flwr.app", fromlist=["MetricRecord"]).MetricRecord({"x": 1.0})),
+    _tensor_case("valid .npy with trailing bytes", "accepted; byte counts spoofed",
+                 lambda u: _record_with_raw_array(u, _first(u), _npy(u[_first(u)]) + b"\0" * 64)),
+    _tensor_case("declared shape smaller than the data", "accepted; byte counts spoofed",
+                 lambda u: _record_with_raw_array(u, _first(u), _npy(u[_first(u)]), shape=(1,))),
+    case_duplicate_reply,
+    case_overflow_refused,
+    case_eval_reply,
+    case_run_token_paths,
+    case_coordinator_data_path,
+    case_state_crash_mid_save,
+    case_state_corrupt,
+    case_state_other_step,
+    case_node_refuses_bad_round,
+]
+
+
+def _npy(t: torch.Tensor) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, t.numpy(), allow_pickle=False)
+    return buf.getvalue()
+
+
+def run_quick() -> list[Outcome]:
+    return [case() for case in QUICK]
+
+
+def write_doc(outcomes: list[Outcome], path: Path = ROOT / "docs" / "reliability.md") -> Path:
+    rows = "\n".join(f"| {o.fault} | {o.before} | {o.now} | {'yes' if o.ok else '**NO**'} |" for o in outcomes)
+    path.write_text(
+        "# Reliability: faults and hostile input\n\n"
+        "Generated by `python -m sim.faults` (every row is a fault built by hand and fed through the real code;\n"
+        "`tests/test_faults.py` asserts the same cases). \"Before\" is what the code did before this suite\n"
+        "existed; \"now\" is what this run observed.\n\n"
+        "| fault | before | now | contained |\n|---|---|---|---|\n" + rows + "\n"
+    )
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="skip the cases that start Flower processes")
+    ap.add_argument("--workdir", type=Path, default=None, help="where the Flower runs write (default: a temp dir)")
+    args = ap.parse_args(argv)
+    outcomes = []
+    for case in QUICK:
+        outcomes.append(out := case())
+        print(f"[faults] {'ok ' if out.ok else 'NO '} {out.fault}: {out.now}", flush=True)
+    if not args.quick:
+        with tempfile.TemporaryDirectory() as tmp:
+            work = args.workdir or Path(tmp)
+            for case in (case_supernode_killed, case_resume_bit_identical):
+                outcomes.append(out := case(work / case.__name__))
+                print(f"[faults] {'ok ' if out.ok else 'NO '} {out.fault}: {out.now}", flush=True)
+    path = write_doc(outcomes)
+    print(f"[faults] {sum(o.ok for o in outcomes)}/{len(outcomes)} contained; table in {path}")
+    return 0 if all(o.ok for o in outcomes) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
