@@ -40,6 +40,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -49,7 +50,8 @@ import urllib.error
 import urllib.request
 import uuid
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -199,8 +201,11 @@ def check_run_config(app_dir: Path, run_config: Mapping[str, RunConfigValue]) ->
         )
 
 
-def write_connection(flwr_home: Path, name: str, address: str) -> Path:
-    """Add/replace ``[superlink.<name>]`` (insecure, HTTP address) in config.toml.
+def write_connection(flwr_home: Path, name: str, address: str,
+                     root_certificates: Path | None = None) -> Path:
+    """Add/replace ``[superlink.<name>]`` in config.toml: ``insecure = true``, or with
+    ``root_certificates`` a TLS connection verified against that CA (Flower 1.42 accepts
+    only an absolute path there).
 
     Never writes a ``local`` (``:local:``) connection: that would make ``flwr`` start
     a detached SuperLink on 127.0.0.1:39091 which nobody stops.
@@ -213,10 +218,27 @@ def write_connection(flwr_home: Path, name: str, address: str) -> Path:
     if path.exists():
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     superlink = data.setdefault("superlink", {})
-    superlink[name] = {"address": address, "insecure": True}
+    superlink[name] = ({"address": address, "insecure": True} if root_certificates is None
+                       else {"address": address,
+                             "root-certificates": str(Path(root_certificates).resolve())})
     superlink.setdefault("default", name)
     path.write_text(tomli_w.dumps(data), encoding="utf-8")
     return path
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files for a TLS SuperLink: the CA certificate (given to SuperNodes and ``flwr``
+    as root certificate) and the SuperLink's certificate and key (the certificate must name
+    the address the clients dial, here 127.0.0.1)."""
+
+    ca_cert: Path
+    server_cert: Path
+    server_key: Path
+
+    def superlink_args(self) -> list[str]:
+        return ["--ssl-ca-certfile", str(self.ca_cert), "--ssl-certfile", str(self.server_cert),
+                "--ssl-keyfile", str(self.server_key)]
 
 
 # ---------------------------------------------------------------- process tracking
@@ -478,8 +500,13 @@ def _flwr_json(args: list[str], env: dict[str, str], cwd: Path, timeout: float =
     return data if isinstance(data, dict) else None
 
 
-def _wait_http_ok(url: str, proc: subprocess.Popen[bytes], timeout: float) -> bool:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+def _wait_http_ok(url: str, proc: subprocess.Popen[bytes], timeout: float,
+                  ca_cert: Path | None = None) -> bool:
+    handlers: list[Any] = [urllib.request.ProxyHandler({})]
+    if ca_cert is not None:
+        handlers.append(urllib.request.HTTPSHandler(
+            context=ssl.create_default_context(cafile=str(ca_cert))))
+    opener = urllib.request.build_opener(*handlers)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -502,8 +529,12 @@ class _FlowerLocal:
     console = "all"  # what `flwr run` output reaches stdout: CONSOLE_MODES
 
     def __init__(self, run_dir: Path, log_file: Path | None = None,
-                 startup_timeout: float = 60.0, stop_grace: float = 10.0) -> None:
+                 startup_timeout: float = 60.0, stop_grace: float = 10.0,
+                 tls: TlsFiles | None = None,
+                 extra_env: Mapping[str, str] | None = None) -> None:
         self.run_dir = Path(run_dir).resolve()
+        self.tls = tls
+        self.extra_env = dict(extra_env or {})
         self.flwr_home = self.run_dir / ".flwr"
         self.log_file = Path(log_file) if log_file else self.run_dir / "superlink.log"
         self.startup_timeout = startup_timeout
@@ -527,7 +558,10 @@ class _FlowerLocal:
 
     @property
     def env(self) -> dict[str, str]:
-        return self._group.env(self.flwr_home)
+        return self._env(self.flwr_home)
+
+    def _env(self, flwr_home: Path) -> dict[str, str]:
+        return {**self._group.env(flwr_home), **self.extra_env}
 
     def processes(self) -> list[int]:
         """Live PIDs started (directly or not) by this object."""
@@ -541,7 +575,8 @@ class _FlowerLocal:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.flwr_home.mkdir(parents=True, exist_ok=True)
             self._start_superlink()
-            write_connection(self.flwr_home, self.connection, self.address)
+            write_connection(self.flwr_home, self.connection, self.address,
+                             None if self.tls is None else self.tls.ca_cert)
             self._after_superlink()
         except BaseException:
             self._teardown()
@@ -564,11 +599,15 @@ class _FlowerLocal:
         log.info("%s stopped in %.1fs", type(self).__name__, self.timings["stop_s"])
 
     def _superlink_cmd(self, port: int) -> list[str]:
-        cmd = [_exe("flower-superlink"), "--insecure", "--isolation", "subprocess",
+        # Dependencies come from the environment installed from requirements.lock, never
+        # from a per-run `uv sync` (see docs/join-as-supernode.md).
+        security = ["--insecure"] if self.tls is None else self.tls.superlink_args()
+        cmd = [_exe("flower-superlink"), *security, "--isolation", "subprocess",
                "--host", HOST, "--port", str(port),
-               "--database", str(self.flwr_home / "state.db")]
+               "--database", str(self.flwr_home / "state.db"),
+               "--disable-runtime-dependency-installation"]
         if self.simulation:
-            cmd.insert(2, "--simulation")
+            cmd.append("--simulation")
         return cmd
 
     def _start_superlink(self) -> None:
@@ -576,7 +615,9 @@ class _FlowerLocal:
             port = find_free_port()
             proc = self._group.start("flower-superlink", self._superlink_cmd(port),
                                      self.env, self.run_dir, self.log_file)
-            if _wait_http_ok(f"http://{HOST}:{port}/health", proc, self.startup_timeout):
+            scheme = "http" if self.tls is None else "https"
+            if _wait_http_ok(f"{scheme}://{HOST}:{port}/health", proc, self.startup_timeout,
+                             None if self.tls is None else self.tls.ca_cert):
                 self.port = port
                 return
             tail = _tail(self.log_file)
@@ -841,31 +882,38 @@ class SimulationSuperLink(_FlowerLocal):
 
 def run_app(app_dir: Path, run_dir: Path, num_nodes: int,
             run_config: Mapping[str, RunConfigValue], cpus_per_node: int = 1,
-            timeout_s: float | None = None, console: str = "all") -> int:
+            timeout_s: float | None = None, extra_env: Mapping[str, str] | None = None,
+            console: str = "all") -> int:
     """Run a Flower app in a fresh local simulation and tear everything down.
 
     Returns 0 if the run finished ``completed``, 1 if it failed or was stopped,
     2 if ``flwr run`` could not start it, 124 on timeout. KeyboardInterrupt (and
     SIGTERM, as SystemExit) stop the run and the processes, then propagate.
-    ``timeout_s`` bounds the run, not the SuperLink start/stop.
+    ``timeout_s`` bounds the run, not the SuperLink start/stop. ``extra_env`` is added to
+    the environment of every Flower process (e.g. ``SPES_NODE_WORK_DIR`` for the nodes).
 
     ``console`` chooses what of the run's output reaches stdout: ``all`` (everything, the
     default), ``coordinator`` (the app's ``[spes]`` lines and errors) or
     ``coordinator+nodes``; see :class:`ConsoleFilter`. ``flwr-run.log`` gets everything.
     """
     check_run_config(Path(app_dir), run_config)  # fail before starting anything
-    with SimulationSuperLink(Path(run_dir)) as link:
+    with SimulationSuperLink(Path(run_dir), extra_env=extra_env) as link:
         link.console = console
         return link.run(app_dir, run_config, num_nodes, cpus_per_node, timeout_s)
 
 
 class LocalDeployment(_FlowerLocal):
-    """A deployment on loopback: ``flower-superlink --insecure --isolation subprocess
-    --host 127.0.0.1 --port <P> --database ...`` plus N ``flower-supernode --insecure
-    --superlink 127.0.0.1:<P> --node-config "partition-id=i num-partitions=N"
-    --host 127.0.0.1 --port <free>`` (each with cwd and ``FLWR_HOME`` under
-    ``<run_dir>/supernode-<i>``); connection ``spes-local``. ``__enter__`` returns when
-    all N SuperNodes are online.
+    """A deployment on loopback: ``flower-superlink --isolation subprocess --host 127.0.0.1
+    --port <P> --database ...`` plus N ``flower-supernode --superlink 127.0.0.1:<P>
+    --node-config "partition-id=i num-partitions=N ..." --host 127.0.0.1 --port <free>``
+    (each with cwd and ``FLWR_HOME`` under ``<run_dir>/supernode-<i>``); connection
+    ``spes-local``. ``__enter__`` returns when all N SuperNodes are online.
+
+    Without ``tls`` everything runs ``--insecure``. With ``tls`` the SuperLink serves HTTPS
+    with those files and SuperNodes and ``flwr`` verify it with ``--root-certificates``.
+    With ``node_keys`` (one ``(private, public)`` OpenSSH key pair per node) the SuperLink
+    runs ``--enable-supernode-auth``, each public key is registered with ``flwr supernode
+    register`` and each SuperNode signs in with ``--auth-supernode-private-key``.
     """
 
     connection = LOCAL_CONNECTION
@@ -873,12 +921,20 @@ class LocalDeployment(_FlowerLocal):
 
     def __init__(self, run_dir: Path, num_nodes: int, log_file: Path | None = None,
                  startup_timeout: float = 90.0, stop_grace: float = 10.0,
-                 node_config: Mapping[str, RunConfigValue] | None = None) -> None:
-        super().__init__(run_dir, log_file, startup_timeout, stop_grace)
+                 node_config: Mapping[str, RunConfigValue] | None = None,
+                 tls: TlsFiles | None = None,
+                 node_keys: Sequence[tuple[Path, Path]] | None = None,
+                 extra_env: Mapping[str, str] | None = None) -> None:
+        super().__init__(run_dir, log_file, startup_timeout, stop_grace, tls, extra_env)
         if num_nodes < 1:
             raise ValueError("num_nodes must be >= 1")
+        if node_keys is not None and len(node_keys) != num_nodes:
+            raise ValueError(f"node_keys: {len(node_keys)} key pairs for {num_nodes} nodes")
+        if node_keys is not None and tls is None:
+            raise ValueError("node_keys (SuperNode authentication) needs tls")
         self.num_nodes = num_nodes
         self.node_config = dict(node_config or {})
+        self.node_keys = None if node_keys is None else [(Path(a), Path(b)) for a, b in node_keys]
         self.node_ports: list[int] = []
 
     def __enter__(self) -> LocalDeployment:
@@ -888,22 +944,64 @@ class LocalDeployment(_FlowerLocal):
     def node_dir(self, i: int) -> Path:
         return self.run_dir / f"supernode-{i}"
 
+    def node_log(self, i: int) -> Path:
+        return self.run_dir / f"supernode-{i}.log"
+
+    def _superlink_cmd(self, port: int) -> list[str]:
+        cmd = super()._superlink_cmd(port)
+        if self.node_keys is not None:
+            cmd.append("--enable-supernode-auth")
+        return cmd
+
+    def register_supernode(self, public_key: Path) -> None:
+        """``flwr supernode register <public_key> spes-local``; raises with Flower's
+        message if the SuperLink does not accept the key."""
+        res = subprocess.run(  # noqa: S603
+            [_exe("flwr"), "supernode", "register", str(public_key), self.connection],
+            env=self.env, cwd=str(self.run_dir), capture_output=True, text=True,
+            timeout=60, stdin=subprocess.DEVNULL)
+        if res.returncode != 0 or "registered successfully" not in res.stdout:
+            raise RuntimeError(f"`flwr supernode register {public_key}` failed "
+                               f"(exit {res.returncode}): {res.stdout}{res.stderr}")
+
+    def start_supernode(self, i: int, num_partitions: int | None = None,
+                        private_key: Path | None = None) -> subprocess.Popen[bytes]:
+        """Start ``flower-supernode`` number ``i`` (partition id ``i``) against this
+        SuperLink, signing in with ``private_key`` if given; log in ``node_log(i)``."""
+        node_dir = self.node_dir(i)
+        node_dir.mkdir(parents=True, exist_ok=True)
+        port = find_free_port()
+        self.node_ports.append(port)
+        cfg = format_run_config({"partition-id": i,
+                                 "num-partitions": num_partitions or self.num_nodes,
+                                 **self.node_config})
+        if cfg is None:
+            raise ValueError("node_config strings may not contain both quote kinds")
+        security = (["--insecure"] if self.tls is None
+                    else ["--root-certificates", str(Path(self.tls.ca_cert).resolve())])
+        if private_key is not None:
+            security += ["--auth-supernode-private-key", str(Path(private_key).resolve())]
+        cmd = [_exe("flower-supernode"), *security, "--superlink", self.address,
+               "--node-config", cfg, "--host", HOST, "--port", str(port)]
+        return self._group.start(f"flower-supernode-{i}", cmd,
+                                 self._env(node_dir / ".flwr"), node_dir, self.node_log(i))
+
+    def online_node_ids(self) -> list[int]:
+        """Node ids the SuperLink lists as online (``flwr supernode list``)."""
+        data = _flwr_json(["supernode", "list", self.connection], self.env,
+                          self.run_dir, timeout=30)
+        return [int(n["node-id"]) for n in (data or {}).get("nodes", [])
+                if n.get("status") == "online"]
+
     def _after_superlink(self) -> None:
         procs = []
         for i in range(self.num_nodes):
-            node_dir = self.node_dir(i)
-            node_dir.mkdir(parents=True, exist_ok=True)
-            port = find_free_port()
-            self.node_ports.append(port)
-            cfg = format_run_config(
-                {"partition-id": i, "num-partitions": self.num_nodes, **self.node_config})
-            if cfg is None:
-                raise ValueError("node_config strings may not contain both quote kinds")
-            cmd = [_exe("flower-supernode"), "--insecure", "--superlink", self.address,
-                   "--node-config", cfg, "--host", HOST, "--port", str(port)]
-            env = self._group.env(node_dir / ".flwr")
-            procs.append(self._group.start(f"flower-supernode-{i}", cmd, env, node_dir,
-                                           self.run_dir / f"supernode-{i}.log"))
+            key = None
+            if self.node_keys is not None:
+                key, public = self.node_keys[i]
+                self.register_supernode(public)
+            procs.append(self.start_supernode(i, private_key=key))
+        self.node_procs = procs  # so a fault test can kill one SuperNode
         deadline = time.monotonic() + self.startup_timeout
         online = 0
         while time.monotonic() < deadline:
@@ -911,18 +1009,15 @@ class LocalDeployment(_FlowerLocal):
                 if proc.poll() is not None:
                     raise RuntimeError(
                         f"flower-supernode {i} exited with {proc.returncode}; log:\n"
-                        + _tail(self.run_dir / f"supernode-{i}.log"))
-            data = _flwr_json(["supernode", "list", self.connection], self.env,
-                              self.run_dir, timeout=30)
-            online = sum(1 for n in (data or {}).get("nodes", [])
-                         if n.get("status") == "online")
+                        + _tail(self.node_log(i)))
+            online = len(self.online_node_ids())
             if online >= self.num_nodes:
                 return
             time.sleep(0.5)
         raise RuntimeError(
             f"only {online}/{self.num_nodes} SuperNodes online after "
             f"{self.startup_timeout:.0f}s; last log:\n"
-            + _tail(self.run_dir / f"supernode-{self.num_nodes - 1}.log"))
+            + _tail(self.node_log(self.num_nodes - 1)))
 
     def run(self, app_dir: Path, run_config: Mapping[str, RunConfigValue],
             timeout_s: float | None = None) -> int:
