@@ -4,18 +4,31 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench clean
+PYTHON ?= python3
+.PHONY: setup lock demo test bench clean
 
 setup: $(STAMP)
 
-# torch first, pinned: the CPU wheel of 2.13.0 lies on this machine kind's disk, while an
-# unpinned torch (pulled in by another package) would download a multi-GB CUDA build.
-$(STAMP): pyproject.toml
-	python3 -m venv $(VENV)
+# Every machine of a federation runs the same versions: requirements.lock pins everything
+# (make lock). torch first: on a CPU machine `pip install torch==2.13.0` takes the CPU wheel
+# (on this machine kind it lies on disk), on a GPU machine the CUDA build of the same release.
+# The project itself goes in last without dependencies, so nothing resolves a newer version.
+$(STAMP): pyproject.toml requirements.lock
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { \
+	  echo "spes-flower needs Python >= 3.11 (flwr 1.42, transformers 5); $(PYTHON) is `$(PYTHON) -V 2>&1`." \
+	       "Run: make setup PYTHON=python3.11" >&2; exit 1; }
+	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e ".[dev]"
+	$(PIP) install --quiet -r requirements.lock
+	$(PIP) install --quiet --no-deps -e ".[dev]"
+	$(PY) scripts/lock.py --check
 	touch $@
+
+# Rewrite requirements.lock and pyproject.toml [tool.uv] from what .venv has installed
+# (after adding or upgrading a dependency there).
+lock:
+	$(PY) scripts/lock.py
 
 demo: setup
 	$(PY) -m sim run_name=demo output_dir=outputs
