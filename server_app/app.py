@@ -24,10 +24,12 @@ from server_app import checkpoint
 from server_app import config as run_config
 from server_app.rounds import Collector, RunFailed, admit_new_nodes, discover
 from server_app.run_log import RunLog, write_json_atomic
+from sim.ray_workers import replace_dead_actors
 from strategy.spes import SpesStrategy
 
 app = ServerApp()
 log = logging.getLogger("spes.server")
+replace_dead_actors()  # simulation only: Flower would keep handing jobs to a dead Ray worker
 
 
 def overrides_from(run_cfg: dict) -> list[str]:

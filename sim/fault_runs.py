@@ -111,3 +111,44 @@ def supernode_killed_mid_round(workdir: Path, timeout_s: float = 400) -> tuple[b
     status = rows[1]["nodes"].get("2", {}).get("status", "absent")
     return ok, (f"run completed 3 rounds (exit {rc}); partition 2 in round 2: {status[:60]}; its experts "
                 f"reassigned: owners after round 3 {last['owners']}")
+
+
+def _actor_pids(marker: str) -> list[int]:
+    """PIDs of Ray's ClientAppActor workers whose environment holds `marker`."""
+    pids = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{name}/cmdline").read_bytes()
+            if b"ClientAppActor" in cmd and marker.encode() in Path(f"/proc/{name}/environ").read_bytes():
+                pids.append(int(name))
+        except OSError:
+            continue
+    return pids
+
+
+def simulation_worker_killed(workdir: Path, timeout_s: float = 420) -> tuple[bool, str]:
+    """3 simulated nodes; SIGKILL one Ray worker after round 1; the last two rounds must be all ok."""
+    out_dir = workdir / "outputs"
+    run_dir = out_dir / "deadworker"
+    args = ["nodes=3", "rounds=4", "strategy.local_steps=2", *MICRO, "run_name=deadworker", f"output_dir={out_dir}"]
+    proc = _sim(args, timeout_s)
+    deadline = time.monotonic() + timeout_s
+    killed: list[int] = []
+    while proc.poll() is None and time.monotonic() < deadline:
+        if _rounds_logged(run_dir) >= 1 and not killed:
+            pids = _actor_pids(str(run_dir / "nodes"))
+            if pids:
+                os.kill(pids[0], signal.SIGKILL)
+                killed.append(pids[0])
+        time.sleep(0.2)
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    if proc.returncode != 0 or not killed:
+        return False, f"exit {proc.returncode}, worker killed: {bool(killed)}; {out[-600:]}"
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    status = [[n["status"][:40] for n in r["nodes"].values()] for r in rows]
+    ok = len(rows) == 4 and all(n == "ok" for r in status[2:] for n in r)
+    return ok, f"one Ray worker SIGKILLed after round 1; node status per round {status}"

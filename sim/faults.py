@@ -340,6 +340,15 @@ def case_supernode_killed(workdir: Path) -> Outcome:
                    "every round waited for every node", detail, completed)
 
 
+def case_simulation_worker_killed(workdir: Path) -> Outcome:
+    from sim.fault_runs import simulation_worker_killed
+
+    ok, detail = simulation_worker_killed(workdir)
+    return Outcome("a Ray simulation worker SIGKILLed between rounds (3 nodes)",
+                   "Flower reused the dead worker: 2 of 3 nodes failed every later round, `python -m sim` exited 0",
+                   detail, ok)
+
+
 QUICK: list[Callable[[], Outcome]] = [
     _metric_case("num-tokens NaN", "every shared weight NaN for good", ("num-tokens", math.nan)),
     _metric_case("num-tokens Inf", "every shared weight NaN for good", ("num-tokens", math.inf)),
@@ -402,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quick:
         with tempfile.TemporaryDirectory() as tmp:
             work = args.workdir or Path(tmp)
-            for case in (case_supernode_killed, case_resume_bit_identical):
+            for case in (case_supernode_killed, case_resume_bit_identical, case_simulation_worker_killed):
                 outcomes.append(out := case(work / case.__name__))
                 print(f"[faults] {'ok ' if out.ok else 'NO '} {out.fault}: {out.now}", flush=True)
     path = write_doc(outcomes)

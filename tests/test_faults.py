@@ -86,3 +86,10 @@ def test_coordinator_killed_and_resumed_is_bit_identical(tmp_path):
 
     ok, detail = resume_matches_uninterrupted(tmp_path)
     assert ok, detail
+
+
+def test_dead_simulation_worker_is_replaced(tmp_path):
+    from sim.fault_runs import simulation_worker_killed
+
+    ok, detail = simulation_worker_killed(tmp_path)
+    assert ok, detail
