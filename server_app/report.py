@@ -302,7 +302,8 @@ def write_report(run_dir: Path, rounds: list[dict], summary: dict, config: dict)
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(run_dir / "config.json", config)
+    if config:  # report_from_run_dir passes {} when a run left no config.json
+        write_json_atomic(run_dir / "config.json", config)
     if rounds:
         plot_traffic(run_dir, rounds, summary.get("total_params"))
         plot_expert_load(run_dir, rounds)
