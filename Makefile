@@ -5,7 +5,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
 PYTHON ?= python3
-.PHONY: setup lock demo test bench clean
+.PHONY: setup lock demo test bench eval clean
 
 setup: $(STAMP)
 
@@ -41,6 +41,13 @@ test: setup
 # Ablations: $(PY) -m sim.bench --ablation merge|H|nodes|iid|all  -> docs/results.md
 bench: setup
 	$(PY) -m sim.bench $(BENCH_ARGS)
+
+# lm-eval-harness on the demo's checkpoint: held-out perplexity (offline) and, when the hub is
+# reachable, the paper's downstream suite -> outputs/demo/eval.json and report.md.
+# Other checkpoints/tasks: $(PY) -m sim.eval <checkpoint> --tasks heldout,hellaswag
+EVAL_CHECKPOINT ?= outputs/demo/model
+eval: setup
+	$(PY) -m sim.eval $(EVAL_CHECKPOINT) $(EVAL_ARGS)
 
 clean:
 	rm -rf outputs .pytest_cache
