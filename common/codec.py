@@ -1,7 +1,11 @@
 """Tensors <-> Flower ArrayRecords, checked on the way in, and the byte accounting of what travels.
 
-fp32 only for now; a bf16/int8 codec later replaces `encode`/`decode`. Flower carries each
-Array as numpy's `.npy` bytes. `decode` never lets numpy guess: it parses the header itself,
+`encode`/`decode` carry whole fp32 tensors (the default, exact). With delta sync the arrays are
+differences, compressed by a `Codec` (`encode_delta`/`decode_sync`): one Array per tensor named
+`<tensor>#fp32` or `<tensor>#bf16` (bf16 bits as int16), or two for int8, `<tensor>#int8` (the
+tensor's shape) and `<tensor>#int8-scale` (float32, one scale per block or row). A plain
+`<tensor>` in the same record is a whole value (a resync). Flower carries each Array as numpy's
+`.npy` bytes. `decode` never lets numpy guess: it parses the header itself,
 refuses object dtypes, checks the header against the Array's declared dtype and shape (and
 against the expected tensor, when the caller knows it) and requires the data to be exactly
 as long as the header says, before anything is allocated. Nothing is ever unpickled.
@@ -11,13 +15,16 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
 NUMPY_STYPE = "numpy.ndarray"
-_ALLOWED = {np.dtype(t) for t in ("float32", "float16", "float64", "int64", "int32", "uint8", "int8", "bool")}
+_ALLOWED = {np.dtype(t) for t in ("float32", "float16", "float64", "int64", "int32", "int16", "uint8", "int8", "bool")}
+CODECS = ("fp32", "bf16", "int8")
+_TAG = "#"
 
 
 class DecodeError(ValueError):
@@ -97,3 +104,131 @@ def payload_bytes(record: ArrayRecord) -> int:
 
 def tensor_bytes(tensors: Mapping[str, torch.Tensor], names: Iterable[str]) -> int:
     return sum(tensors[n].numel() * tensors[n].element_size() for n in names)
+
+
+def wire_bytes(record: ArrayRecord) -> int:
+    """Bytes of the serialised arrays as they travel (data plus each array's .npy header)."""
+    return sum(len(arr.data) for arr in record.values())
+
+
+# -- compressed deltas ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Codec:
+    """How a difference tensor travels. Error bounds per element, for a block with largest |x| = m:
+    fp32 exact; bf16 |err| <= |x| * 2**-8; int8 |err| <= m / 254 (round to nearest, scale m / 127)."""
+
+    name: str = "fp32"
+    block: int = 0  # int8: elements per scale; 0 = one scale per row (last dimension)
+
+    def __post_init__(self) -> None:
+        if self.name not in CODECS:
+            raise ValueError(f"unknown codec {self.name!r}; choose one of {list(CODECS)}")
+        if isinstance(self.block, bool) or not isinstance(self.block, int) or self.block < 0:
+            raise ValueError(f"int8 block must be an integer >= 0 (0 = per row), got {self.block!r}")
+
+    def block_len(self, shape: tuple[int, ...]) -> int:
+        numel = int(np.prod(shape, dtype=np.int64))
+        if self.block:
+            return self.block
+        return max(int(shape[-1]) if shape else 1, 1) if numel else 1
+
+    def num_blocks(self, shape: tuple[int, ...]) -> int:
+        numel = int(np.prod(shape, dtype=np.int64))
+        b = self.block_len(shape)
+        return -(-numel // b)
+
+
+def _int8(t: torch.Tensor, codec: Codec) -> tuple[np.ndarray, np.ndarray]:
+    flat = t.detach().float().reshape(-1)
+    b = codec.block_len(tuple(t.shape))
+    nb = codec.num_blocks(tuple(t.shape))
+    padded = torch.zeros(nb * b, dtype=torch.float32)
+    padded[: flat.numel()] = flat
+    blocks = padded.view(nb, b)
+    scale = blocks.abs().amax(dim=1) / 127.0
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(blocks / safe[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q.reshape(-1)[: flat.numel()].reshape(t.shape).numpy(), scale.numpy()
+
+
+def _dequant_int8(q: torch.Tensor, scale: torch.Tensor, codec: Codec) -> torch.Tensor:
+    shape = tuple(q.shape)
+    b, nb = codec.block_len(shape), codec.num_blocks(shape)
+    padded = torch.zeros(nb * b, dtype=torch.float32)
+    padded[: q.numel()] = q.reshape(-1).float()
+    return (padded.view(nb, b) * scale[:, None]).reshape(-1)[: q.numel()].reshape(shape)
+
+
+def encode_delta(tensors: Mapping[str, torch.Tensor], codec: Codec) -> dict[str, np.ndarray]:
+    """Named numpy arrays carrying `tensors` (differences) under `codec`."""
+    out: dict[str, np.ndarray] = {}
+    for name, t in tensors.items():
+        t = t.detach().cpu().float().contiguous()
+        if codec.name == "fp32":
+            out[f"{name}{_TAG}fp32"] = t.numpy()
+        elif codec.name == "bf16":
+            out[f"{name}{_TAG}bf16"] = t.to(torch.bfloat16).view(torch.int16).numpy()
+        else:
+            q, scale = _int8(t, codec)
+            out[f"{name}{_TAG}int8"], out[f"{name}{_TAG}int8-scale"] = q, scale
+    return out
+
+
+def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+def _view(name: str, arr: Array, shape: tuple[int, ...], dtype: str) -> np.ndarray:
+    """The Array's data as a numpy view, after checking it is exactly a `shape` `dtype` array."""
+    got_shape, got_dtype, header_len = _parse(name, arr)
+    if got_shape != tuple(shape) or got_dtype != np.dtype(dtype):
+        raise DecodeError(f"{name}: got {got_shape} {got_dtype}, expected {tuple(shape)} {np.dtype(dtype)}")
+    return np.frombuffer(arr.data, dtype=got_dtype, offset=header_len).reshape(shape)
+
+
+def decode_sync(
+    record: ArrayRecord, expected: Mapping[str, torch.Tensor], codec: Codec
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(whole values, decoded differences) of a delta-sync record; every array is checked
+    against the expected tensor of its name (shape, dtype, exact byte length, scale count,
+    finite non-negative scales) before any memory is allocated for it."""
+    if not isinstance(record, ArrayRecord):
+        raise DecodeError(f"arrays must be an ArrayRecord, got {type(record).__name__}")
+    groups: dict[str, dict[str, Array]] = {}
+    for key, arr in record.items():
+        name, _, kind = key.partition(_TAG)
+        groups.setdefault(name, {})[kind] = arr
+    full: dict[str, torch.Tensor] = {}
+    deltas: dict[str, torch.Tensor] = {}
+    for name, parts in groups.items():
+        ref = expected.get(name)
+        if ref is None:
+            raise DecodeError(f"{name}: not a parameter of this model")
+        shape = tuple(ref.shape)
+        kinds = set(parts)
+        if kinds == {""}:
+            full[name] = torch.from_numpy(_view(name, parts[""], shape, "float32").copy())
+        elif kinds == {"fp32"} and codec.name == "fp32":
+            deltas[name] = torch.from_numpy(_view(f"{name}#fp32", parts["fp32"], shape, "float32").copy())
+        elif kinds == {"bf16"} and codec.name == "bf16":
+            bits = _view(f"{name}#bf16", parts["bf16"], shape, "int16")
+            deltas[name] = torch.from_numpy(bits.copy()).view(torch.bfloat16).float()
+        elif kinds == {"int8", "int8-scale"} and codec.name == "int8":
+            scale = _view(f"{name}#int8-scale", parts["int8-scale"], (codec.num_blocks(shape),), "float32")
+            if not (np.isfinite(scale).all() and (scale >= 0).all()):
+                raise DecodeError(f"{name}#int8-scale: scales must be finite and >= 0")
+            q = _view(f"{name}#int8", parts["int8"], shape, "int8")
+            deltas[name] = _dequant_int8(torch.from_numpy(q.copy()), torch.from_numpy(scale.copy()), codec)
+        else:
+            raise DecodeError(f"{name}: arrays {sorted(k or '(whole)' for k in kinds)} are not a {codec.name} delta "
+                              "or a whole value")
+    return full, deltas
+
+
+def decode_delta(arrays: Mapping[str, np.ndarray], expected: Mapping[str, torch.Tensor], codec: Codec
+                 ) -> dict[str, torch.Tensor]:
+    """Decoded differences of locally produced arrays (the same arithmetic as `decode_sync`)."""
+    full, deltas = decode_sync(to_record(arrays), expected, codec)
+    if full:
+        raise DecodeError(f"whole values where differences were expected: {sorted(full)[:3]}")
+    return deltas

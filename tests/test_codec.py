@@ -1,0 +1,121 @@
+"""The delta codecs: round-trip bounds, exact fp32, and hostile payloads rejected before allocation."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord
+
+from common.codec import Codec, DecodeError, decode_delta, decode_sync, encode_delta, payload_bytes, to_record, wire_bytes
+
+
+def tensors(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "w": torch.randn(6, 10, generator=g) * torch.linspace(0.01, 5.0, 6)[:, None],  # rows of very different size
+        "b": torch.randn(7, generator=g),
+        "z": torch.zeros(3, 4),
+    }
+
+
+def test_fp32_is_exact():
+    t = tensors()
+    back = decode_delta(encode_delta(t, Codec("fp32")), t, Codec("fp32"))
+    assert all(torch.equal(back[k], t[k]) for k in t)
+
+
+def test_bf16_relative_bound():
+    t = tensors()
+    back = decode_delta(encode_delta(t, Codec("bf16")), t, Codec("bf16"))
+    for k in t:
+        assert ((back[k] - t[k]).abs() <= t[k].abs() * 2**-8).all(), k
+
+
+@pytest.mark.parametrize("block", [0, 4, 64])
+def test_int8_error_within_half_a_step_of_its_block(block):
+    t = tensors()
+    codec = Codec("int8", block)
+    arrays = encode_delta(t, codec)
+    back = decode_delta(arrays, t, codec)
+    for k, x in t.items():
+        b = codec.block_len(tuple(x.shape))
+        flat = torch.nn.functional.pad(x.reshape(-1), (0, codec.num_blocks(tuple(x.shape)) * b - x.numel()))
+        step = flat.view(-1, b).abs().amax(dim=1) / 127  # the scale of each block
+        err = torch.nn.functional.pad((back[k] - x).reshape(-1).abs(), (0, flat.numel() - x.numel())).view(-1, b)
+        assert (err <= step[:, None] / 2 * (1 + 1e-5) + 1e-12).all(), k
+    assert torch.equal(back["z"], t["z"])  # an all-zero block stays zero (scale 0, no division by it)
+
+
+def test_int8_scale_count_per_row_and_per_block():
+    t = {"w": torch.randn(6, 10)}
+    assert encode_delta(t, Codec("int8", 0))["w#int8-scale"].shape == (6,)
+    assert encode_delta(t, Codec("int8", 16))["w#int8-scale"].shape == (4,)  # ceil(60 / 16)
+    # 60 int8 values + 6 float32 scales
+    assert payload_bytes(to_record(encode_delta(t, Codec("int8", 0)))) == 60 + 6 * 4
+
+
+def test_wire_bytes_count_headers():
+    t = {"w": torch.randn(6, 10)}
+    rec = to_record(encode_delta(t, Codec("fp32")))
+    assert payload_bytes(rec) == 240
+    assert wire_bytes(rec) == len(rec["w#fp32"].data) > 240
+
+
+def _npy(header_shape, data_len, dtype="<f4"):
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": dtype, "fortran_order": False, "shape": header_shape})
+    return buf.getvalue() + b"\0" * data_len
+
+
+def test_oversized_declared_shape_rejected_before_allocation():
+    expected = {"w": torch.zeros(6, 10)}
+    # The header claims 10^12 elements: the decoder must refuse from the header alone.
+    huge = Array(dtype="float32", shape=(10**6, 10**6), stype="numpy.ndarray", data=_npy((10**6, 10**6), 16))
+    with pytest.raises(DecodeError, match="bytes|expected"):
+        decode_sync(ArrayRecord({"w#fp32": huge}), expected, Codec("fp32"))
+    # A well-formed array of the wrong shape for this tensor.
+    wrong = Array(np.zeros((7, 10), dtype=np.float32))
+    with pytest.raises(DecodeError, match=r"expected \(6, 10\)"):
+        decode_sync(ArrayRecord({"w": wrong}), expected, Codec("fp32"))
+
+
+def test_truncated_and_padded_data_rejected():
+    expected = {"w": torch.zeros(6, 10)}
+    good = encode_delta(expected, Codec("int8"))
+    rec = to_record(good)
+    arr = rec["w#int8"]
+    for data in (arr.data[:-1], arr.data + b"\0"):
+        bad = ArrayRecord({"w#int8": Array(dtype=arr.dtype, shape=arr.shape, stype=arr.stype, data=data),
+                           "w#int8-scale": rec["w#int8-scale"]})
+        with pytest.raises(DecodeError, match="bytes"):
+            decode_sync(bad, expected, Codec("int8"))
+
+
+def test_wrong_scale_count_nan_scale_and_missing_part_rejected():
+    expected = {"w": torch.zeros(6, 10)}
+    arrays = encode_delta({"w": torch.randn(6, 10)}, Codec("int8"))
+    with pytest.raises(DecodeError, match="int8-scale"):
+        decode_sync(to_record({**arrays, "w#int8-scale": np.ones(5, np.float32)}), expected, Codec("int8"))
+    with pytest.raises(DecodeError, match="finite"):
+        decode_sync(to_record({**arrays, "w#int8-scale": np.full(6, np.nan, np.float32)}), expected, Codec("int8"))
+    with pytest.raises(DecodeError, match="not a int8 delta"):
+        decode_sync(to_record({"w#int8": arrays["w#int8"]}), expected, Codec("int8"))
+    with pytest.raises(DecodeError, match="not a parameter"):
+        decode_sync(to_record({"v#int8": arrays["w#int8"]}), expected, Codec("int8"))
+    with pytest.raises(DecodeError, match="not a bf16 delta"):  # the run's codec decides what is accepted
+        decode_sync(to_record(arrays), expected, Codec("bf16"))
+
+
+def test_object_dtype_never_unpickled():
+    data = _npy((6, 10), 0, dtype="|O")
+    arr = Array(dtype="object", shape=(6, 10), stype="numpy.ndarray", data=data)
+    with pytest.raises(DecodeError):
+        decode_sync(ArrayRecord({"w": arr}), {"w": torch.zeros(6, 10)}, Codec("fp32"))
+
+
+def test_codec_settings_checked():
+    with pytest.raises(ValueError, match="unknown codec"):
+        Codec("int4")
+    with pytest.raises(ValueError, match="block"):
+        Codec("int8", -1)
