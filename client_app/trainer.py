@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import math
 import resource
 import time
@@ -14,7 +15,10 @@ from typing import Any
 import torch
 
 from model.balance import BALANCE_MODES, LocalDecay, owned_experts
+from model.experts import expert_modules, set_frozen_dtype
 from model.loss import lm_loss
+
+OPTIMIZERS = ("adamw", "adamw8bit")
 
 
 @dataclass
@@ -41,6 +45,11 @@ class TrainConfig:
     balance_local_every: int = 500
     logit_z_loss_weight: float = 0.0
     threads: int = 0
+    # Memory/speed options of a node (prepare_model); all off by default.
+    lean_loss: bool = False  # CE from the last hidden state in token chunks: no full-batch fp32 logits
+    activation_checkpointing: bool = False  # recompute each decoder layer in the backward
+    optimizer: str = "adamw"  # adamw | adamw8bit (CUDA only: torchao or bitsandbytes)
+    compile: bool = False  # torch.compile each decoder layer
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
@@ -65,6 +74,16 @@ class TrainConfig:
             raise ValueError(f"train.logit_z_loss_weight must be >= 0, got {self.logit_z_loss_weight}")
         if self.balance_local_decay:
             self.local_decay().validate()
+        self._validate_lean_options()
+
+    def _validate_lean_options(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"train.optimizer must be one of {list(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.optimizer == "adamw8bit" and self.device == "cpu":
+            raise ValueError(
+                "train.optimizer=adamw8bit needs a GPU (8-bit AdamW kernels are CUDA-only): "
+                "set train.device=cuda or train.optimizer=adamw"
+            )
 
     def local_decay(self) -> LocalDecay | None:
         if not self.balance_local_decay:
@@ -93,14 +112,62 @@ def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
     return cfg.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters only: frozen experts get no optimizer state."""
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW (or 8-bit AdamW) over the trainable parameters only: frozen experts get no optimizer state."""
     decay, no_decay = [], []
     for _, p in model.named_parameters():
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "adamw8bit":
+        return _adamw8bit(groups, cfg, next(iter(decay + no_decay)).device)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=True)
+
+
+def _adamw8bit(groups: list[dict], cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """torchao's AdamW8bit, else bitsandbytes'; both keep the moments in 8 bits (blockwise scales)."""
+    if device.type != "cuda":
+        raise ValueError(f"train.optimizer=adamw8bit needs the model on a CUDA device, it is on {device.type}")
+    cls = None
+    for module, name in (("torchao.optim", "AdamW8bit"), ("torchao.prototype.low_bit_optim", "AdamW8bit"),
+                         ("bitsandbytes.optim", "AdamW8bit")):
+        with contextlib.suppress(ImportError, AttributeError):
+            cls = getattr(importlib.import_module(module), name)
+            break
+    if cls is None:
+        raise ImportError("train.optimizer=adamw8bit needs torchao or bitsandbytes: pip install 'spes-flower[gpu]'")
+    return cls(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+def activation_checkpointing(model: torch.nn.Module) -> bool:
+    """Whether the decoder layers recompute their activations in the backward."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), name):
+            return bool(getattr(model, name))
+    return False
+
+
+def prepare_model(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
+    """Apply the node-side memory/speed options of `cfg` to `model` in place (idempotent).
+
+    precision=bf16 stores the frozen experts in bf16: autocast would round them to bf16 for
+    every matmul anyway, so training is unchanged while their memory halves. The owned experts
+    and shared weights stay fp32 (what the node trains and sends).
+    """
+    if cfg.precision == "bf16" and expert_modules(model):
+        set_frozen_dtype(model, torch.bfloat16)
+    if cfg.activation_checkpointing and not activation_checkpointing(model):
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x names
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.compile:
+        # Regional compilation: the decoder layers share one compiled graph, and the loss
+        # (plain or lean) stays outside it.
+        for layer in model.model.layers:
+            if getattr(layer, "_compiled_call_impl", None) is None:
+                layer.compile()
+    return model
 
 
 _STATUS = Path("/proc/self/status")
@@ -151,6 +218,7 @@ def train_steps(
     progress: Any = None,
 ) -> dict[str, float]:
     """Run `steps` optimizer steps; returns mean losses, tokens, throughput, peak memory, expert load."""
+    prepare_model(model, cfg)
     model.train()
     autocast = (
         torch.autocast(device_type=device.type, dtype=torch.bfloat16)
@@ -174,7 +242,7 @@ def train_steps(
             parts = lm_loss(
                 model, block, cfg.aux_loss_weight, cfg.z_loss_weight, balance=cfg.balance,
                 logit_z_weight=cfg.logit_z_loss_weight, local_decay=decay, owned=owned,
-                step=start_step + i, total_steps=total_steps,
+                step=start_step + i, total_steps=total_steps, lean=cfg.lean_loss,
             )
         parts.total.backward()
         if cfg.grad_clip > 0:

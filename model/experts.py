@@ -1,11 +1,19 @@
-"""Per-expert modules so that a node can freeze the experts it does not own.
+"""Experts that a node can half freeze: per-expert parameters laid out as two blocks per layer.
 
 transformers stores a layer's experts fused ([E, 2I, H] and [E, H, I]); `requires_grad` is per
 tensor, so a fused tensor cannot be half frozen and a gradient mask saves no memory (the
-gradient and both AdamW moments still exist for every expert). Each expert therefore becomes a
-module of its own: owned experts have trainable weights, the others are frozen and carry no
-gradient or optimizer state. The module names match the per-expert keys that `save_pretrained`
-writes (`...mlp.experts.<e>.{gate,up,down}_proj.weight`), so export stays standard.
+gradient and both AdamW moments still exist for every expert). Each expert therefore keeps
+parameters of its own, named like the per-expert keys that `save_pretrained` writes
+(`...mlp.experts.<e>.{gate,up,down}_proj.weight`), so state dicts, export, the codec and the
+strategy see standard names.
+
+Those parameters are views into two contiguous blocks per layer, the owned experts' and the
+frozen experts' (in that order of expert ids: the block order is a permutation of the experts,
+so any owned set works). On CUDA the forward runs one grouped GEMM per block and projection
+instead of a Python loop over experts; the owned block carries gradients to the per-expert
+parameters without a copy, the frozen block carries none and may be stored in bf16 (the
+coordinator keeps the fp32 masters; loading fp32 into it casts). On CPU the per-expert loop
+is kept by default (`implementation="auto"`): grouped GEMM did not measure faster there.
 """
 
 from __future__ import annotations
@@ -13,8 +21,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
+
+IMPLEMENTATIONS = ("auto", "loop", "grouped")
+_GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what torch's grouped GEMM takes
+_KEEP = object()  # set_owned_experts(frozen_dtype=_KEEP): leave the frozen storage dtype as it is
 
 
 class ExpertFFN(nn.Module):
@@ -28,7 +41,34 @@ class ExpertFFN(nn.Module):
         self.act_fn = ACT2FN[act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.gate_proj.weight
+        if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(w.dtype)  # bf16 frozen storage without autocast
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class _OwnedBlock(torch.autograd.Function):
+    """The owned block as one tensor per projection whose gradient lands in the per-expert
+    parameters it is a view of (no stacking copy in the forward, no split copy of weights)."""
+
+    @staticmethod
+    def forward(ctx, gate_up: torch.Tensor, down: torch.Tensor, *params: torch.Tensor):
+        ctx.experts, ctx.inter = gate_up.shape[0], down.shape[2]
+        return gate_up.view_as(gate_up), down.view_as(down)
+
+    @staticmethod
+    def backward(ctx, g_gate_up: torch.Tensor, g_down: torch.Tensor):
+        inter, grads = ctx.inter, []
+        for i in range(ctx.experts):
+            grads += [g_gate_up[i, :inter], g_gate_up[i, inter:], g_down[i]]
+        return (None, None, *grads)
+
+
+def _grouped(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """x [S, K] sorted by group, weight [G, N, K] (row-major, like nn.Linear) -> [S, N]."""
+    if hasattr(F, "grouped_mm"):
+        return F.grouped_mm(x, weight.transpose(1, 2), offs=offsets)
+    return torch._grouped_mm(x, weight.transpose(1, 2), offs=offsets)
 
 
 class PartitionedExperts(nn.Module):
@@ -36,29 +76,106 @@ class PartitionedExperts(nn.Module):
 
     def __init__(self, num_experts: int, hidden: int, inter: int, act: str) -> None:
         super().__init__()
-        self.num_experts = num_experts
+        self.num_experts, self.hidden, self.inter = num_experts, hidden, inter
         for e in range(num_experts):
             self.add_module(str(e), ExpertFFN(hidden, inter, act))
+        self.act_fn = ACT2FN[act]
+        # auto: grouped GEMM on CUDA, the per-expert loop elsewhere.
+        self.implementation = "auto"
+        self.owned: tuple[int, ...] = tuple(range(num_experts))
+        self.frozen_dtype: torch.dtype | None = None  # None: frozen experts keep the owned dtype
+        self.master_dtype = self[0].gate_proj.weight.dtype
+        self._blocks: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = {}
+        self._ptrs: tuple[int, ...] = ()
+        self._slot = torch.empty(0)
+        self._pack()
 
     def __getitem__(self, e: int) -> ExpertFFN:
         return getattr(self, str(e))
 
+    @property
+    def frozen(self) -> tuple[int, ...]:
+        mine = set(self.owned)
+        return tuple(e for e in range(self.num_experts) if e not in mine)
+
+    def _params(self) -> list[torch.Tensor]:
+        return [p for e in range(self.num_experts) for p in self[e].parameters()]
+
+    @torch.no_grad()
+    def _pack(self) -> None:
+        """Lay the experts out as [owned block, frozen block] and make the parameters views of it."""
+        for group, experts in (("owned", self.owned), ("frozen", self.frozen)):
+            if not experts:
+                self._blocks[group] = None
+                continue
+            dtype = self.master_dtype if group == "owned" else (self.frozen_dtype or self.master_dtype)
+            device = self[experts[0]].gate_proj.weight.device
+            n, inter, hidden = len(experts), self.inter, self.hidden
+            gate_up = torch.empty(n, 2 * inter, hidden, dtype=dtype, device=device)
+            down = torch.empty(n, hidden, inter, dtype=dtype, device=device)
+            for i, e in enumerate(experts):
+                ex = self[e]
+                views = (gate_up[i, :inter], gate_up[i, inter:], down[i])
+                for p, view in zip((ex.gate_proj.weight, ex.up_proj.weight, ex.down_proj.weight), views):
+                    if device.type != "meta":
+                        view.copy_(p)
+                    p.data = view
+            self._blocks[group] = (gate_up, down)
+        order = list(self.owned) + list(self.frozen)
+        slot = torch.empty(self.num_experts, dtype=torch.long)
+        slot[order] = torch.arange(self.num_experts)
+        self._slot = slot.to(self[0].gate_proj.weight.device)
+        self._ptrs = tuple(p.data_ptr() for p in self._params())
+
+    def _stale(self) -> bool:
+        """True when something replaced the parameters' storage (`.to()`, assign-loading, ...)."""
+        return tuple(p.data_ptr() for p in self._params()) != self._ptrs
+
+    def _apply(self, fn, recurse=True):
+        # Module.to()/to_empty()/cuda() give every parameter storage of its own: re-pack, with
+        # the dtypes the conversion produced.
+        out = super()._apply(fn, recurse)
+        if self.owned:
+            self.master_dtype = self[self.owned[0]].gate_proj.weight.dtype
+        if self.frozen:
+            fdt = self[self.frozen[0]].gate_proj.weight.dtype
+            self.frozen_dtype = None if fdt == self.master_dtype else fdt
+        self._pack()
+        return out
+
+    def set_owned(self, owned: Iterable[int], frozen_dtype=_KEEP) -> None:
+        owned = tuple(sorted(set(owned)))
+        bad = [e for e in owned if not 0 <= e < self.num_experts]
+        if bad:
+            raise ValueError(f"owned experts {bad} out of range [0, {self.num_experts})")
+        new_dtype = self.frozen_dtype if frozen_dtype is _KEEP else frozen_dtype
+        if new_dtype == self.master_dtype:
+            new_dtype = None
+        if owned != self.owned or new_dtype != self.frozen_dtype:
+            self.owned, self.frozen_dtype = owned, new_dtype
+            self._pack()
+        mine = set(owned)
+        for e in range(self.num_experts):
+            for p in self[e].parameters():
+                p.requires_grad_(e in mine)
+                if e not in mine:
+                    p.grad = None
+
     @classmethod
-    def from_fused(cls, fused: nn.Module) -> "PartitionedExperts":
+    def from_fused(cls, fused: nn.Module, act: str = "silu") -> "PartitionedExperts":
         gate_up, down = fused.gate_up_proj.data, fused.down_proj.data
         num_experts, two_inter, hidden = gate_up.shape
         inter = two_inter // 2
-        act = getattr(fused, "config_act", None) or "silu"
         # Build without initialising (every weight is copied below) and on the fused tensor's
         # device, so a meta-device model of billions of parameters costs nothing.
         with torch.device("meta"):
             new = cls(num_experts, hidden, inter, act)
-        new = new.to_empty(device=gate_up.device).to(dtype=gate_up.dtype)
+        new = new.to_empty(device=gate_up.device).to(dtype=gate_up.dtype)  # re-packs on that device
         if gate_up.device.type == "meta":
             return new
         with torch.no_grad():
             for e in range(num_experts):
-                # Fused layout is gate rows first, then up rows.
+                # Fused layout is gate rows first, then up rows (the same as our blocks).
                 new[e].gate_proj.weight.copy_(gate_up[e, :inter])
                 new[e].up_proj.weight.copy_(gate_up[e, inter:])
                 new[e].down_proj.weight.copy_(down[e])
@@ -67,16 +184,63 @@ class PartitionedExperts(nn.Module):
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
+        if not torch.compiler.is_compiling() and self._stale():
+            self._pack()
+        impl = self.implementation
+        if impl == "auto":
+            impl = "grouped" if hidden_states.device.type == "cuda" else "loop"
+        if impl == "grouped" and hidden_states.dtype in _GROUPED_DTYPES:
+            return self._forward_grouped(hidden_states, top_k_index, top_k_weights)
+        return self._forward_loop(hidden_states, top_k_index, top_k_weights)
+
+    def _forward_loop(self, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
         out = torch.zeros_like(hidden_states)
         with torch.no_grad():
             # [E, tokens, top_k] membership; one pass decides which experts were hit at all.
-            mask = torch.nn.functional.one_hot(top_k_index, num_classes=self.num_experts).permute(2, 0, 1)
+            mask = F.one_hot(top_k_index, num_classes=self.num_experts).permute(2, 0, 1)
             hit = mask.sum(dim=(1, 2)).nonzero().flatten().tolist()
         for e in hit:
             token_idx, k_pos = torch.where(mask[e])
             y = self[e](hidden_states[token_idx]) * top_k_weights[token_idx, k_pos, None]
             out.index_add_(0, token_idx, y.to(out.dtype))
         return out
+
+    def _forward_grouped(self, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
+        tokens, top_k = top_k_index.shape
+        slot = self._slot.to(top_k_index.device)[top_k_index.reshape(-1)]  # [S] position in block order
+        order = torch.argsort(slot, stable=True)
+        counts = torch.bincount(slot, minlength=self.num_experts)
+        n_owned = len(self.owned)
+        # The one host sync per layer: where the owned rows end.
+        split = int(counts[:n_owned].sum()) if n_owned else 0
+        x = hidden_states[order // top_k]
+        autocast = torch.is_autocast_enabled(x.device.type)
+        compute = torch.get_autocast_dtype(x.device.type) if autocast else None
+        parts = []
+        for group, rows, group_counts in (
+            ("owned", slice(0, split), counts[:n_owned]),
+            ("frozen", slice(split, None), counts[n_owned:]),
+        ):
+            block = self._blocks.get(group)
+            if block is None:
+                continue
+            gate_up, down = block
+            if group == "owned" and torch.is_grad_enabled():
+                params = [p for e in self.owned for p in self[e].parameters()]
+                if any(p.requires_grad for p in params):
+                    gate_up, down = _OwnedBlock.apply(gate_up, down, *params)
+            dtype = compute or gate_up.dtype
+            offsets = torch.cumsum(group_counts, 0, dtype=torch.int32)
+            with torch.autocast(x.device.type, enabled=False):
+                h = _grouped(x[rows].to(dtype), gate_up.to(dtype), offsets)
+                gate, up = h.chunk(2, dim=-1)
+                parts.append(_grouped(self.act_fn(gate) * up, down.to(dtype), offsets).to(compute or x.dtype))
+        y = torch.cat(parts) if len(parts) > 1 else parts[0]
+        weights = top_k_weights.reshape(-1)[order]
+        y = y * weights[:, None].to(y.dtype)
+        unsorted = torch.empty_like(y)
+        unsorted[order] = y
+        return unsorted.view(tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
 
 
 def _moe_blocks(model: nn.Module) -> Iterable[nn.Module]:
@@ -85,34 +249,53 @@ def _moe_blocks(model: nn.Module) -> Iterable[nn.Module]:
             yield module
 
 
-def partition_experts(model: nn.Module, owned: Iterable[int] | None = None) -> nn.Module:
+def expert_modules(model: nn.Module) -> list[PartitionedExperts]:
+    return [b.experts for b in _moe_blocks(model) if isinstance(b.experts, PartitionedExperts)]
+
+
+def partition_experts(
+    model: nn.Module, owned: Iterable[int] | None = None, frozen_dtype: torch.dtype | None = None
+) -> nn.Module:
     """Replace every fused experts module of `model` in place; `owned=None` trains all experts."""
     act = getattr(model.config, "hidden_act", "silu")
     for block in _moe_blocks(model):
         if isinstance(block.experts, PartitionedExperts):
             continue
         fused = block.experts
-        fused.config_act = act
-        block.experts = PartitionedExperts.from_fused(fused)
+        block.experts = PartitionedExperts.from_fused(fused, act)
         del fused
-    set_owned_experts(model, owned)
+    set_owned_experts(model, owned, frozen_dtype=frozen_dtype)
     return model
 
 
-def set_owned_experts(model: nn.Module, owned: Iterable[int] | None) -> None:
-    """Make exactly the `owned` experts trainable in every layer (None: all of them)."""
-    blocks = list(_moe_blocks(model))
-    if not blocks or not isinstance(blocks[0].experts, PartitionedExperts):
+def set_owned_experts(model: nn.Module, owned: Iterable[int] | None, frozen_dtype=_KEEP) -> None:
+    """Make exactly the `owned` experts trainable in every layer (None: all of them).
+
+    `frozen_dtype` (e.g. torch.bfloat16) is the storage dtype of the other experts; None keeps
+    them in the owned experts' dtype; omitted, it stays as it was. An expert that changes side
+    is copied into the other block (cast if the dtypes differ).
+    """
+    modules = expert_modules(model)
+    if not modules:
         raise TypeError("call partition_experts(model) before set_owned_experts")
-    num_experts = blocks[0].experts.num_experts
+    num_experts = modules[0].num_experts
     owned_set = set(range(num_experts)) if owned is None else set(owned)
-    bad = sorted(e for e in owned_set if not 0 <= e < num_experts)
-    if bad:
-        raise ValueError(f"owned experts {bad} out of range [0, {num_experts})")
-    for block in blocks:
-        for e in range(num_experts):
-            trainable = e in owned_set
-            for p in block.experts[e].parameters():
-                p.requires_grad_(trainable)
-                if not trainable:
-                    p.grad = None
+    for m in modules:
+        m.set_owned(owned_set, frozen_dtype)
+
+
+def set_experts_implementation(model: nn.Module, implementation: str) -> None:
+    """auto (grouped GEMM on CUDA, per-expert loop elsewhere) | loop | grouped."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"experts implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+    for m in expert_modules(model):
+        m.implementation = implementation
+
+
+def set_frozen_dtype(model: nn.Module, dtype: torch.dtype | None) -> None:
+    """Store every layer's frozen experts in `dtype` (None: the owned experts' dtype); ownership unchanged."""
+    modules = expert_modules(model)
+    if not modules:
+        raise TypeError("call partition_experts(model) before set_frozen_dtype")
+    for m in modules:
+        m.set_owned(m.owned, dtype)

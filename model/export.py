@@ -7,20 +7,31 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import torch
 from transformers import PreTrainedModel
+
+
+def _one_dtype_state_dict(model: PreTrainedModel) -> dict[str, torch.Tensor] | None:
+    """None (save_pretrained's own) unless some floating tensors differ from the model's dtype."""
+    state = model.state_dict()
+    dtype = model.dtype
+    if all(v.dtype == dtype for v in state.values() if v.is_floating_point()):
+        return None
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
 
 
 def save_hf_atomic(model: PreTrainedModel, out_dir: str | Path, tokenizer=None) -> Path:
     """Write `save_pretrained` output to a temp dir beside `out_dir`, then swap it in.
 
     A reader (or a crash) never sees a half-written checkpoint: the previous one stays until
-    the new one is complete.
+    the new one is complete. Experts stored in another dtype than the model's (bf16 frozen
+    experts on a node) are written in the model's dtype, so the checkpoint has one dtype.
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=_one_dtype_state_dict(model))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         old = None

@@ -1,52 +1,94 @@
-"""Throughput and peak GPU memory of one SPES node vs one full-training (DiLoCo) node.
+"""Throughput, peak GPU memory and MFU of one SPES node, one full-training node and stock transformers.
 
-    python scripts/gpu_check.py --preset 1b --mode spes --owned 4 --steps 30
-    python scripts/gpu_check.py --preset 1b --mode full --steps 30
+One configuration (prints one JSON line; run each in its own process so peak memory is clean):
 
-Runs the real training step (client_app.trainer.train_steps: AdamW, grad clip, CE + router
-losses, bf16 autocast) on synthetic token ids, so it needs no tokenizer or data download.
-Prints one JSON line. Run each mode in its own process so peak memory is clean.
+    python scripts/gpu_check.py --preset 1b --mode spes --owned 4 --steps 10
+    python scripts/gpu_check.py --preset 7b --mode spes --lean --batch 2
+    python scripts/gpu_check.py --preset tiny --device cpu --mode full --steps 2   # CPU smoke test
+
+The suite (1b at 4 x 2048: stock / full / SPES, with and without the memory options; 7b at
+2 x 2048: full / SPES, with and without), each run in a subprocess, a table on stdout and
+benchmarks/gpu.json:
+
+    python scripts/gpu_check.py --suite [--steps 10] [--out benchmarks/gpu.json]
+
+Modes: spes = owned experts trainable, the others frozen (stored in bf16 under bf16 precision);
+full = every expert trainable (a DiLoCo node); stock = transformers' own fused-experts model,
+everything trainable. Memory options (--lean): memory-lean loss, activation checkpointing and
+8-bit AdamW when torchao or bitsandbytes is installed. The real training step runs
+(client_app.trainer.train_steps: AdamW, grad clip, CE + router losses, bf16 autocast) on
+synthetic token ids: no tokenizer, data, Flower or Hydra needed (torch + transformers only).
+
+MFU = tokens/s x 6 x active parameters / 989e12 (dense bf16 peak of an H100/H200 SXM); active
+parameters = every matmul weight a token passes through: shared weights without the input
+embedding, plus top-k experts.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
 
-import torch
-import yaml
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from client_app.trainer import TrainConfig, make_optimizer, train_steps  # noqa: E402
-from model import MoEArgs, build_model, count_parameters  # noqa: E402
+PEAK_FLOPS = 989e12
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--preset", default="1b")
-    ap.add_argument("--mode", choices=["spes", "full"], default="spes")
-    ap.add_argument("--owned", type=int, default=4, help="experts this node trains (spes mode)")
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--seq", type=int, default=2048)
-    ap.add_argument("--device", default="cuda")
-    args = ap.parse_args()
+def _preset(name: str):
+    import yaml
 
-    margs = MoEArgs.from_dict(yaml.safe_load((ROOT / "conf" / "model" / f"{args.preset}.yaml").read_text()))
-    owned = list(range(args.owned)) if args.mode == "spes" else None
+    from model import MoEArgs
+
+    return MoEArgs.from_dict(yaml.safe_load((ROOT / "conf" / "model" / f"{name}.yaml").read_text()))
+
+
+def active_params(config) -> int:
+    from model import count_parameters
+
+    c = count_parameters(config)
+    return c["shared"] - config.vocab_size * config.hidden_size + config.num_experts_per_tok * c["per_expert"]
+
+
+def have_8bit_optimizer() -> bool:
+    return any(importlib.util.find_spec(m) is not None for m in ("torchao", "bitsandbytes"))
+
+
+def run_one(args: argparse.Namespace) -> dict:
+    import torch
+    from transformers import Qwen3MoeForCausalLM
+
+    from client_app.trainer import TrainConfig, make_optimizer, train_steps
+    from model import build_model, count_parameters
+    from model.args import build_config
+    from model.experts import set_experts_implementation
+
+    margs = _preset(args.preset)
     device = torch.device(args.device)
+    bf16 = device.type == "cuda"
+    eight_bit = args.lean and device.type == "cuda" and have_8bit_optimizer()
+    cfg = TrainConfig(
+        device=args.device, precision="bf16" if bf16 else "fp32", batch_size=args.batch, lr=5e-4,
+        warmup_steps=10, lean_loss=args.lean, activation_checkpointing=args.lean,
+        optimizer="adamw8bit" if eight_bit else "adamw", compile=args.compile,
+    )
     torch.manual_seed(0)
-    model = build_model(margs, vocab_size=margs.vocab_size or 4096, owned=owned, device=device)
-    cfg = TrainConfig(device=args.device, precision="bf16" if device.type == "cuda" else "fp32", batch_size=args.batch,
-                      lr=5e-4, warmup_steps=10)
+    vocab = margs.vocab_size or 4096
+    if args.mode == "stock":
+        with torch.device(device):
+            model = Qwen3MoeForCausalLM(build_config(margs, vocab))
+    else:
+        owned = list(range(args.owned)) if args.mode == "spes" else None
+        model = build_model(margs, vocab_size=vocab, owned=owned, device=device,
+                            frozen_dtype=torch.bfloat16 if bf16 and owned else None)
+        set_experts_implementation(model, args.impl)
     opt = make_optimizer(model, cfg)
-    vocab = model.config.vocab_size
     gen = torch.Generator(device="cpu").manual_seed(0)
 
     def batches():
@@ -54,28 +96,129 @@ def main() -> None:
             yield torch.randint(0, vocab, (args.batch, args.seq + 1), generator=gen)
 
     it = batches()
-    train_steps(model, opt, it, cfg, 0, args.warmup, 1000, device)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    m = train_steps(model, opt, it, cfg, args.warmup, args.steps, 1000, device)
-    wall = time.perf_counter() - t0
-    counts = count_parameters(model.config)
     result = {
-        "preset": args.preset,
-        "mode": args.mode,
-        "owned_experts": args.owned if owned else margs.num_experts,
+        "preset": args.preset, "mode": args.mode, "lean": args.lean, "compile": args.compile,
+        "optimizer": cfg.optimizer, "experts_impl": args.impl if args.mode != "stock" else "transformers",
+        "owned_experts": args.owned if args.mode == "spes" else margs.num_experts,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+    }
+    counts = count_parameters(model.config)
+    result.update({
         "total_params": counts["total"],
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "steps": args.steps,
-        "tokens_per_step": args.batch * args.seq,
+        "active_params": active_params(model.config),
+        "steps": args.steps, "batch": args.batch, "seq": args.seq, "tokens_per_step": args.batch * args.seq,
+    })
+    try:
+        train_steps(model, opt, it, cfg, 0, args.warmup, 1000, device)
+        t0 = time.perf_counter()
+        m = train_steps(model, opt, it, cfg, args.warmup, args.steps, 1000, device)
+    except torch.OutOfMemoryError as exc:
+        result.update({"oom": True, "error": str(exc).splitlines()[0][:300]})
+        return result
+    result.update({
+        "oom": False,
         "tokens_per_s": m["tokens-per-s"],
-        "wall_s": wall,
+        "wall_s": time.perf_counter() - t0,
         "peak_mem_gb": m["peak-mem-mb"] / 1024,
+        "mfu": m["tokens-per-s"] * 6 * result["active_params"] / PEAK_FLOPS,
         "final_train_loss": m["ce-loss"],
+    })
+    return result
+
+
+# (size, mode, lean): "1b" and "7b" stand for --small-preset and --large-preset.
+SUITE = [
+    ("1b", "stock", False), ("1b", "full", False), ("1b", "spes", False), ("1b", "full", True), ("1b", "spes", True),
+    ("7b", "full", False), ("7b", "spes", False), ("7b", "full", True), ("7b", "spes", True),
+]
+
+
+def _ratio(a, b):
+    return a / b if a is not None and b else None
+
+
+def run_suite(args: argparse.Namespace) -> dict:
+    rows = []
+    for size, mode, lean in SUITE:
+        small = size == "1b"
+        preset = args.small_preset if small else args.large_preset
+        cmd = [sys.executable, __file__, "--preset", preset, "--mode", mode,
+               "--batch", str(args.batch_small if small else args.batch_large),
+               "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup),
+               "--device", args.device, "--owned", str(args.owned_small if small else args.owned_large),
+               "--impl", args.impl] + (["--lean"] if lean else []) + (["--compile"] if args.compile else [])
+        label = f"{size}:{preset} {mode}{' +lean' if lean else ''}"
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, cwd=ROOT)
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+            row = json.loads(lines[-1]) if lines else {"preset": preset, "mode": mode, "lean": lean,
+                                                        "error": proc.stderr.strip().splitlines()[-1:]}
+        except subprocess.TimeoutExpired:
+            row = {"preset": preset, "mode": mode, "lean": lean, "error": f"timeout {args.timeout}s"}
+        row["size"] = size
+        rows.append(row)
+        print(_fmt(label, row), flush=True)
+
+    def get(size, mode, lean, key):
+        for r in rows:
+            if (r["size"], r.get("mode"), r.get("lean")) == (size, mode, lean) and not r.get("oom"):
+                return r.get(key)
+        return None
+
+    ratios = {
+        "spes_over_stock_tokens_per_s_1b": _ratio(get("1b", "spes", False, "tokens_per_s"),
+                                                  get("1b", "stock", False, "tokens_per_s")),
+        "mem_spes_over_full_1b": _ratio(get("1b", "spes", False, "peak_mem_gb"), get("1b", "full", False, "peak_mem_gb")),
+        "mem_spes_over_full_7b": _ratio(get("7b", "spes", False, "peak_mem_gb"), get("7b", "full", False, "peak_mem_gb")),
+        "peak_gb_7b_spes_lean": get("7b", "spes", True, "peak_mem_gb"),
     }
-    print(json.dumps(result), flush=True)
+    out = {"runs": rows, "ratios": ratios, "mfu_peak_flops": PEAK_FLOPS,
+           "command": " ".join([Path(sys.executable).name] + sys.argv)}
+    path = Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2) + "\n")
+    print(json.dumps(ratios), flush=True)
+    print(f"wrote {path}", flush=True)
+    return out
+
+
+def _fmt(label: str, r: dict) -> str:
+    if r.get("error") or r.get("oom"):
+        return f"{label:<16} {'OOM' if r.get('oom') else 'failed'}: {r.get('error')}"
+    return (f"{label:<16} {r['tokens_per_s']:>9.0f} tok/s  {r['peak_mem_gb']:>7.2f} GB  MFU {100 * r['mfu']:5.1f} %  "
+            f"trainable {r['trainable_params'] / 1e6:,.0f} M of {r['total_params'] / 1e6:,.0f} M  opt {r['optimizer']}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--suite", action="store_true", help="run the 1b/7b matrix and write --out")
+    ap.add_argument("--preset", default="1b")
+    ap.add_argument("--mode", choices=["spes", "full", "stock"], default="spes")
+    ap.add_argument("--owned", type=int, default=4, help="experts this node trains (spes mode)")
+    ap.add_argument("--small-preset", default="1b", help="suite: the preset of the 1b rows")
+    ap.add_argument("--large-preset", default="7b", help="suite: the preset of the 7b rows")
+    ap.add_argument("--owned-small", type=int, default=4, help="suite: owned experts at 1b (4 of 16)")
+    ap.add_argument("--owned-large", type=int, default=8, help="suite: owned experts at 7b (8 of 32)")
+    ap.add_argument("--batch-small", type=int, default=4, help="suite: sequences per step at 1b")
+    ap.add_argument("--batch-large", type=int, default=2, help="suite: sequences per step at 7b")
+    ap.add_argument("--lean", action="store_true", help="memory options: lean loss, checkpointing, 8-bit AdamW")
+    ap.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
+    ap.add_argument("--impl", default="auto", choices=["auto", "loop", "grouped"], help="expert compute")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--timeout", type=int, default=300, help="suite: seconds per configuration")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "gpu.json"))
+    args = ap.parse_args()
+    if args.suite:
+        run_suite(args)
+        return
+    # Before torch starts CUDA: fewer fragmentation OOMs near the memory limit.
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    print(json.dumps(run_one(args)), flush=True)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from common.spec import RunSpec
 from data import load_tokenizer, prepare_blocks, tokenizer_to_json
 from model import build_model, count_parameters, load_pretrained
 from model.export import save_hf_atomic
+from model.upcycle import upcycle_from_args
 from server_app import checkpoint
 from server_app import config as run_config
 from server_app.rounds import Collector, RunFailed, admit_new_nodes, discover
@@ -48,10 +49,12 @@ def main(grid: Grid, context: Context) -> None:
 
 def _initial_model(spec: RunSpec, tokenizer):
     torch.manual_seed(spec.seed)
+    special = {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
     if spec.init_from:
         model = load_pretrained(spec.init_from)
+    elif spec.model.init == "upcycle":
+        model = upcycle_from_args(spec.model, seed=spec.seed, special_tokens=special)
     else:
-        special = {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
         model = build_model(spec.model, len(tokenizer), seed=spec.seed, special_tokens=special)
     if model.config.vocab_size < len(tokenizer):
         raise ValueError(f"model vocabulary {model.config.vocab_size} < tokenizer vocabulary {len(tokenizer)}")

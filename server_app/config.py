@@ -60,10 +60,18 @@ def _writable_dir(path: Path) -> bool:
     return False
 
 
+def _looks_local(path: str) -> bool:
+    """A filesystem path rather than a hub name (`org/name` has exactly one slash, no leading . / ~)."""
+    return path.startswith(("/", ".", "~")) or path.count("/") != 1
+
+
 def check_coordinator(spec: RunSpec) -> None:
     """Checks against the coordinator's own disk and environment (raise ConfigError)."""
     if spec.init_from is not None and not Path(spec.init_from).expanduser().exists():
         raise ConfigError(f"init_from checkpoint {spec.init_from!r} does not exist")
+    dense = spec.model.dense_path
+    if spec.model.init == "upcycle" and dense and _looks_local(dense) and not Path(dense).expanduser().exists():
+        raise ConfigError(f"model.dense_path {dense!r} does not exist (a hub name like 'Qwen/Qwen3-1.7B' is fine)")
     for enabled, module in ((spec.logging.tensorboard, "tensorboard"), (spec.logging.wandb, "wandb")):
         if enabled and importlib.util.find_spec(module) is None:
             raise ConfigError(f"logging.{module}=true but the {module!r} package is not installed (pip install {module})")
