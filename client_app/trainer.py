@@ -59,15 +59,35 @@ class TrainConfig:
             raise ValueError(f"train: unknown key(s) {unknown}; known keys are {sorted(known)}")
         return cls(**d)
 
+    def _validate_numbers(self) -> None:
+        # Checked here, not on the first step: a bad value would otherwise pass and fail on every node.
+        for key, low in (("batch_size", 1), ("warmup_steps", 0), ("threads", 0), ("total_steps", 1)):
+            value = getattr(self, key)
+            if key == "total_steps" and value is None:
+                continue  # rounds * strategy.local_steps
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"train.{key} must be an integer >= {low}, got {value!r}")
+        reals = (
+            ("lr", "> 0", lambda x: x > 0),
+            ("min_lr_ratio", "in [0, 1]", lambda x: 0 <= x <= 1),
+            ("weight_decay", ">= 0", lambda x: x >= 0),
+            ("beta1", "in [0, 1)", lambda x: 0 <= x < 1),
+            ("beta2", "in [0, 1)", lambda x: 0 <= x < 1),
+            ("grad_clip", ">= 0 (0: no clipping)", lambda x: x >= 0),
+            ("aux_loss_weight", ">= 0", lambda x: x >= 0),
+            ("z_loss_weight", ">= 0", lambda x: x >= 0),
+        )
+        for key, rule, ok in reals:
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
+                raise ValueError(f"train.{key} must be a finite number {rule}, got {value!r}")
+
     def validate(self) -> None:
         if self.device not in ("cpu", "cuda", "auto"):
             raise ValueError(f"train.device must be cpu, cuda or auto, got {self.device!r}")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"train.precision must be fp32 or bf16, got {self.precision!r}")
-        if self.batch_size < 1 or self.lr <= 0:
-            raise ValueError("train.batch_size must be >= 1 and train.lr > 0")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        self._validate_numbers()
         if self.balance not in BALANCE_MODES:
             raise ValueError(f"train.balance must be one of {list(BALANCE_MODES)}, got {self.balance!r}")
         if not self.logit_z_loss_weight >= 0:

@@ -10,6 +10,7 @@ from .pipeline import (
     BatchStream,
     DataConfig,
     blocks_cache_key,
+    check_source,
     load_documents,
     load_tokenizer,
     node_shard,
@@ -17,6 +18,7 @@ from .pipeline import (
     prepare_blocks,
     split_documents,
 )
+from .sources import DataSourceError, DataSourceWarning
 from .tokenizer import (
     EOS_TOKEN,
     PAD_TOKEN,
@@ -34,7 +36,10 @@ __all__ = [
     "PAD_TOKEN",
     "BatchStream",
     "DataConfig",
+    "DataSourceError",
+    "DataSourceWarning",
     "blocks_cache_key",
+    "check_source",
     "embedded_documents",
     "ensure_pad_token",
     "load_documents",

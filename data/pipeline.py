@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import sys
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,18 +23,22 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from .corpus import embedded_documents
+from .sources import (
+    DECODE_ERRORS,
+    ON_BAD_FILE,
+    SUFFIXES,
+    DataSourceError,
+    DataSourceWarning,
+    file_order,
+    quick_problem,
+    read_files,
+)
 from .tokenizer import load_or_train_tokenizer, tokenizer_fingerprint
 
-# Extension -> HF `datasets` packaged builder.
-_BUILDERS = {
-    ".txt": "text",
-    ".md": "text",
-    ".jsonl": "json",
-    ".json": "json",
-    ".parquet": "parquet",
-}
 PARTITIONS = ("iid", "contiguous")
-_CACHE_FORMAT = 1  # bump when the on-disk block layout or packing changes
+# Bump when the on-disk block layout, packing or document extraction changes
+# (2: local files read by data.sources instead of `datasets` builders).
+_CACHE_FORMAT = 2
 
 
 @dataclass
@@ -43,6 +48,10 @@ class DataConfig:
     ``source``: ``"embedded"`` (stdlib prose, always offline), a local file or
     directory of .txt/.md/.jsonl/.json/.parquet files, or
     ``"hf:<name>[:<config>]"`` for a hub dataset (needs network or HF cache).
+    ``on_bad_file``: ``"skip"`` (warn and go on without an unusable file or a
+    malformed JSON line) or ``"error"``. ``decode_errors``: ``"replace"``
+    (undecodable UTF-8 bytes become U+FFFD, with a warning) or ``"strict"``
+    (such a file is a bad file).
     """
 
     source: str = "embedded"
@@ -53,6 +62,8 @@ class DataConfig:
     heldout_fraction: float = 0.05
     partition: str = "iid"
     seed: int = 0
+    on_bad_file: str = "skip"
+    decode_errors: str = "replace"
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> DataConfig:
@@ -66,55 +77,119 @@ class DataConfig:
         return cls(**dict(d))
 
     def validate(self) -> DataConfig:
-        """Raise ``ValueError`` naming the offending field; return self if fine."""
-        if self.source != "embedded" and not self.source.startswith("hf:"):
-            path = Path(self.source).expanduser()
-            if not path.exists():
-                raise ValueError(f"Data source path {str(path)!r} does not exist.")
-            if path.is_file() and path.suffix.lower() not in _BUILDERS:
+        """Raise ``ValueError`` naming the offending key; return self if fine.
+
+        Values only, no disk: nodes repeat this on the spec they receive, and
+        a path in it names the coordinator's disk. :func:`check_source` checks
+        the files themselves.
+        """
+        for key in ("source", "text_field", "tokenizer"):
+            value = getattr(self, key)
+            if not isinstance(value, str) or not value.strip():
+                raise ValueError(f"data.{key} must be a non-empty string, got {value!r}")
+        for key, choices in (
+            ("partition", PARTITIONS),
+            ("on_bad_file", ON_BAD_FILE),
+            ("decode_errors", DECODE_ERRORS),
+        ):
+            if getattr(self, key) not in choices:
                 raise ValueError(
-                    f"Data source file {str(path)!r} has unsupported extension "
-                    f"{path.suffix!r}; supported: {sorted(_BUILDERS)}."
+                    f"data.{key} must be one of {list(choices)}, got {getattr(self, key)!r}"
                 )
-            if path.is_dir() and not _data_files(path):
-                raise ValueError(
-                    f"Data source directory {str(path)!r} contains no files with a "
-                    f"supported extension {sorted(_BUILDERS)}."
-                )
-        elif self.source.startswith("hf:") and not self.source[3:].split(":")[0]:
-            raise ValueError("Data source 'hf:' needs a dataset name, e.g. 'hf:user/name'.")
+        for key, value in (("data.seq_len", self.seq_len), ("data.vocab_size", self.vocab_size),
+                           ("seed", self.seed)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{key} must be an integer, got {value!r}")
         if self.seq_len < 8:
-            raise ValueError(f"seq_len must be at least 8, got {self.seq_len}.")
-        if not 0 < self.heldout_fraction <= 0.5:
-            raise ValueError(
-                f"heldout_fraction must be in (0, 0.5], got {self.heldout_fraction}."
-            )
-        if self.partition not in PARTITIONS:
-            raise ValueError(
-                f"partition must be one of {list(PARTITIONS)}, got {self.partition!r}."
-            )
+            raise ValueError(f"data.seq_len must be at least 8, got {self.seq_len}")
+        frac = self.heldout_fraction
+        if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 < frac <= 0.5:
+            raise ValueError(f"data.heldout_fraction must be in (0, 0.5], got {frac!r}")
         if self.tokenizer == "bpe" and self.vocab_size < 260:
             # 256 byte symbols + 2 special tokens leave no room for merges.
-            raise ValueError(f"vocab_size must be at least 260 for 'bpe', got {self.vocab_size}.")
+            raise ValueError(
+                f"data.vocab_size must be at least 260 for tokenizer 'bpe', got {self.vocab_size}"
+            )
+        if self.source.startswith("hf:") and not self.source[3:].split(":")[0]:
+            raise ValueError("data.source 'hf:' needs a dataset name, e.g. 'hf:user/name'")
         return self
+
+    def is_local(self) -> bool:
+        """Whether ``source`` is a path (not the embedded corpus or a hub dataset)."""
+        return self.source != "embedded" and not self.source.startswith("hf:")
+
+
+def _local_files(path: Path) -> list[Path]:
+    """The files of a local source, after cheap checks (a single file's first bytes)."""
+    if not path.exists():
+        raise DataSourceError(f"data.source path {str(path)!r} does not exist")
+    if path.is_file():
+        if path.suffix.lower() not in SUFFIXES:
+            raise DataSourceError(
+                f"data.source file {str(path)!r} has unsupported extension "
+                f"{path.suffix!r}; supported: {sorted(SUFFIXES)}"
+            )
+        problem = quick_problem(path)
+        if problem:
+            raise DataSourceError(f"data.source file {str(path)!r} {problem}")
+        return [path]
+    if not path.is_dir():
+        raise DataSourceError(f"data.source {str(path)!r} is neither a regular file nor a directory")
+    files = _data_files(path)
+    if not files:
+        raise DataSourceError(
+            f"data.source directory {str(path)!r} contains no files with a "
+            f"supported extension {sorted(SUFFIXES)}"
+        )
+    return files
 
 
 def _data_files(path: Path) -> list[Path]:
     if path.is_file():
         return [path]
     return sorted(
-        (p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in _BUILDERS),
-        key=lambda p: p.relative_to(path).as_posix(),
+        (p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES),
+        key=lambda p: (file_order(p), p.relative_to(path).as_posix()),
     )
+
+
+def _read_local(cfg: DataConfig) -> tuple[list[str], list[str]]:
+    return read_files(
+        _local_files(Path(cfg.source).expanduser()),
+        cfg.text_field,
+        cfg.on_bad_file,
+        cfg.decode_errors,
+        cfg.source,
+    )
+
+
+def check_source(cfg: DataConfig) -> list[str]:
+    """Read the whole data source once, before any run starts; return its warnings.
+
+    Raises :class:`DataSourceError` (a ``ValueError``) naming the file, and
+    line where there is one, for what would make loading fail: a missing
+    path, an unusable file under ``on_bad_file="error"``, undecodable bytes
+    under ``decode_errors="strict"`` with ``on_bad_file="error"``, or no
+    usable document at all. Each warning names the file that was skipped or
+    repaired. The embedded corpus and hub datasets are not read (nothing to
+    check offline), only validated. Costs one read of every file (no tokenizing).
+    """
+    cfg.validate()
+    if not cfg.is_local():
+        return []
+    return _read_local(cfg)[1]
 
 
 def load_documents(cfg: DataConfig, cache_dir: Path | None = None) -> list[str]:
     """Load the source as a list of non-empty documents, in a stable order.
 
-    ``.txt``/``.md`` files are split into blank-line separated paragraphs
-    (``sample_by="paragraph"``): a single large text file then still yields
+    ``.txt``/``.md`` files are split into blank-line separated paragraphs:
+    a single large text file then still yields
     enough documents for a held-out split, at the cost of an eos token between
     paragraphs. JSON/JSONL/Parquet rows are documents (column ``text_field``).
+    Bad files, lines and bytes are handled as ``cfg.on_bad_file`` and
+    ``cfg.decode_errors`` say, each with a :class:`DataSourceWarning` naming
+    the file; :class:`DataSourceError` when nothing usable remains.
     ``cache_dir`` (optional) holds the embedded corpus and HF dataset caches.
     """
     cfg.validate()
@@ -124,21 +199,9 @@ def load_documents(cfg: DataConfig, cache_dir: Path | None = None) -> list[str]:
     if cfg.source.startswith("hf:"):
         return _load_hub(cfg, hf_cache)
 
-    import datasets
-
-    files = _data_files(Path(cfg.source).expanduser())
-    docs: list[str] = []
-    # One load_dataset call per builder (not per file) keeps overhead low;
-    # builders run in a fixed order so the document order is stable.
-    for builder in ("text", "json", "parquet"):
-        group = [str(p) for p in files if _BUILDERS[p.suffix.lower()] == builder]
-        if not group:
-            continue
-        kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
-        ds = datasets.load_dataset(
-            builder, data_files=group, split="train", cache_dir=hf_cache, **kwargs
-        )
-        docs.extend(_column(ds, "text" if builder == "text" else cfg.text_field, cfg.source))
+    docs, notes = _read_local(cfg)
+    for note in notes:
+        warnings.warn(note, DataSourceWarning, stacklevel=2)
     return docs
 
 
@@ -338,6 +401,8 @@ def blocks_cache_key(cfg: DataConfig, tokenizer: PreTrainedTokenizerFast) -> str
         "format": _CACHE_FORMAT,
         "source": _source_fingerprint(cfg),
         "text_field": cfg.text_field,
+        "on_bad_file": cfg.on_bad_file,
+        "decode_errors": cfg.decode_errors,
         "seq_len": cfg.seq_len,
         "heldout_fraction": cfg.heldout_fraction,
         "seed": cfg.seed,

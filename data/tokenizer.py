@@ -14,19 +14,40 @@ import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 _SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
+# BPE training cost per merge grows with the length of the word it touches, so
+# one long whitespace-free run (CJK text, base64, minified code) made training
+# super-quadratic (an 80k-character CJK line: 60 s; 1 MB: did not finish) and
+# encoding it superlinear. The pre-tokenizer therefore cuts such runs into
+# pieces of this many characters, the same way in training and in encoding;
+# it only forgoes tokens longer than this, and ordinary text is unaffected.
+MAX_RUN_CHARS = 256
+
+
+def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(r"\S{%d}" % MAX_RUN_CHARS), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
+    )
 
 
 def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE (GPT-2 style) with ``<|endoftext|>``/``<|pad|>``."""
+    """Train a byte-level BPE (GPT-2 style) with ``<|endoftext|>``/``<|pad|>``.
+
+    Whitespace-free runs longer than :data:`MAX_RUN_CHARS` are split into
+    pieces of that length before byte-level pre-tokenization, which bounds
+    training and encoding cost on pathological lines.
+    """
     tok = Tokenizer(models.BPE())
     # Byte level means no unknown tokens: any UTF-8 input is representable.
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = _pre_tokenizer()
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(

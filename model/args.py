@@ -44,11 +44,28 @@ class MoEArgs:
             raise ValueError(f"model: unknown key(s) {unknown}; known keys are {sorted(known)}")
         return cls(**d)
 
-    def validate(self) -> None:
-        """Value checks only (nodes repeat them); whether dense_path exists is the coordinator's check."""
+    def validate(self, seq_len: int | None = None) -> None:
+        """Value checks only (nodes repeat them); whether dense_path exists is the coordinator's check.
+
+        `seq_len` (the run's data.seq_len), when given, must fit in max_seq_len.
+        """
         self._validate_init()
-        if self.num_experts < 1:
-            raise ValueError(f"model.num_experts must be >= 1, got {self.num_experts}")
+        # Types first: a string from a command-line override would otherwise
+        # fail below with a TypeError that names no key.
+        sizes = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "num_experts", "top_k", "expert_ffn",
+                 "max_seq_len")
+        for key in sizes + ("vocab_size",):
+            value = getattr(self, key)
+            if key == "vocab_size" and value is None:
+                continue  # taken from the tokenizer
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"model.{key} must be an integer >= 1, got {value!r}")
+        for key in ("rope_theta", "rms_norm_eps", "init_std"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                raise ValueError(f"model.{key} must be a finite number > 0, got {value!r}")
+        if not isinstance(self.norm_topk_prob, bool):
+            raise ValueError(f"model.norm_topk_prob must be true or false, got {self.norm_topk_prob!r}")
         if not 1 <= self.top_k < self.num_experts:
             raise ValueError(
                 f"model.top_k must be in [1, num_experts) = [1, {self.num_experts}), got {self.top_k}"
@@ -60,6 +77,16 @@ class MoEArgs:
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"model.num_heads ({self.num_heads}) must be divisible by num_kv_heads ({self.num_kv_heads})"
+            )
+        if (self.hidden_size // self.num_heads) % 2:
+            # Rotary embeddings rotate pairs of channels: an odd head size fails in the first forward.
+            raise ValueError(
+                f"model.hidden_size / num_heads (the head size, {self.hidden_size // self.num_heads}) must be even"
+            )
+        if seq_len is not None and seq_len > self.max_seq_len:
+            raise ValueError(
+                f"data.seq_len ({seq_len}) exceeds model.max_seq_len ({self.max_seq_len}), the model's maximum "
+                "position; lower data.seq_len or raise model.max_seq_len"
             )
 
     def _validate_init(self) -> None:

@@ -34,3 +34,64 @@ def test_spec_round_trips_through_json():
     spec = load(["rounds=3", "strategy.merge.enabled=false"])
     again = type(spec).from_json(spec.to_json())
     assert again.raw == spec.raw and again.rounds == 3 and not again.strategy.merge.enabled
+
+
+# Issue 8, finding 6: values that used to pass validation and then fail on every node (or give a
+# raw traceback) stop `python -m sim` before Flower starts, with a message naming the key.
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.beta1=1.5", r"train\.beta1 must be a finite number in \[0, 1\), got 1\.5"),
+        ("train.beta2=1.0", r"train\.beta2 must be a finite number in \[0, 1\), got 1\.0"),
+        ("train.threads=-1", r"train\.threads must be an integer >= 0, got -1"),
+        ("train.warmup_steps=-5", r"train\.warmup_steps must be an integer >= 0, got -5"),
+        ("train.weight_decay=-0.1", r"train\.weight_decay must be a finite number >= 0, got -0\.1"),
+        ("train.grad_clip=-1", r"train\.grad_clip must be a finite number >= 0 \(0: no clipping\), got -1"),
+        ("train.lr=inf", r"train\.lr must be a finite number > 0, got inf"),
+        ("train.lr=0", r"train\.lr must be a finite number > 0, got 0"),
+        ("train.total_steps=0", r"train\.total_steps must be an integer >= 1, got 0"),
+        ("train.batch_size=abc", r"train\.batch_size must be an integer >= 1, got 'abc'"),
+        ("train.aux_loss_weight=-0.01", r"train\.aux_loss_weight must be a finite number >= 0"),
+        ("model.num_heads=0", r"model\.num_heads must be an integer >= 1, got 0"),
+        ("model.num_kv_heads=3", r"model\.num_heads \(4\) must be divisible by num_kv_heads \(3\)"),
+        ("model.num_layers=0", r"model\.num_layers must be an integer >= 1, got 0"),
+        ("model.hidden_size=130", r"model\.hidden_size \(130\) must be divisible by num_heads \(4\)"),
+        ("model.hidden_size=12", r"model\.hidden_size / num_heads \(the head size, 3\) must be even"),
+        ("model.top_k=0", r"model\.top_k must be an integer >= 1, got 0"),
+        ("model.rms_norm_eps=0", r"model\.rms_norm_eps must be a finite number > 0, got 0"),
+        ("data.seq_len=4", r"data\.seq_len must be at least 8, got 4"),
+        ("data.heldout_fraction=0.9", r"data\.heldout_fraction must be in \(0, 0\.5\], got 0\.9"),
+        ("data.partition=dirichlet", r"data\.partition must be one of \['iid', 'contiguous'\], got 'dirichlet'"),
+        ("data.text_field=''", r"data\.text_field must be a non-empty string, got ''"),
+        ("data.vocab_size=100", r"data\.vocab_size must be at least 260 for tokenizer 'bpe', got 100"),
+        ("data.on_bad_file=ignore", r"data\.on_bad_file must be one of \['skip', 'error'\], got 'ignore'"),
+        ("data.decode_errors=ignore", r"data\.decode_errors must be one of \['replace', 'strict'\]"),
+    ],
+)
+def test_bad_value_stops_the_entry_point_naming_the_key(override, message, tmp_path, capsys, monkeypatch):
+    import re
+
+    import sim.launcher
+    from sim.__main__ import main
+
+    launched = []
+    monkeypatch.setattr(sim.launcher, "run_app", lambda *a, **k: launched.append(a) or 1)
+    assert main([override, f"output_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("config error: ") and re.search(message, err), err
+    assert launched == []
+
+
+@pytest.mark.xfail(reason="wired by coordinator: common.spec.validate must call model.validate(seq_len=data.seq_len)",
+                   strict=False)
+def test_seq_len_above_the_model_maximum_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"data\.seq_len \(4096\) exceeds model\.max_seq_len \(2048\)"):
+        load(["data.seq_len=4096"])
+
+
+def test_model_validate_checks_seq_len_against_max_seq_len():
+    from model.args import MoEArgs
+
+    MoEArgs(max_seq_len=128).validate(seq_len=128)
+    with pytest.raises(ValueError, match=r"data\.seq_len \(129\) exceeds model\.max_seq_len \(128\)"):
+        MoEArgs(max_seq_len=128).validate(seq_len=129)

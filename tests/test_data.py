@@ -288,17 +288,18 @@ def test_config_from_dict_and_validation_errors(tmp_path):
     assert cfg.seq_len == 64 and cfg.validate() is cfg
     with pytest.raises(ValueError, match="seqlen"):
         DataConfig.from_dict({"seqlen": 64})
+    # Paths are checked by check_source (the coordinator's disk), not by validate (values only).
     missing = tmp_path / "nope.jsonl"
     with pytest.raises(ValueError, match="nope.jsonl"):
-        DataConfig(source=str(missing)).validate()
+        data.check_source(DataConfig(source=str(missing)))
     bad = tmp_path / "data.csv"
     bad.write_text("a,b\n")
     with pytest.raises(ValueError, match=r"data\.csv.*\.csv"):
-        DataConfig(source=str(bad)).validate()
+        data.check_source(DataConfig(source=str(bad)))
     empty_dir = tmp_path / "empty"
     empty_dir.mkdir()
     with pytest.raises(ValueError, match="empty"):
-        DataConfig(source=str(empty_dir)).validate()
+        data.check_source(DataConfig(source=str(empty_dir)))
     with pytest.raises(ValueError, match="seq_len"):
         DataConfig(seq_len=7).validate()
     for frac in (0.0, -0.1, 0.51, 1.0):
