@@ -13,11 +13,11 @@ import math
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client_app.local_round import NodeContext, run_local_eval, run_local_round
+from client_app.local_round import DeltaDownlink, NodeContext, run_local_eval, run_local_round
 from client_app.node_settings import NodeSettings
 from client_app.node_state import saved_steps, write_text_atomic
 from common import keys
-from common.codec import decode, encode
+from common.codec import decode, encode, to_record
 from common.spec import RunSpec
 from data import tokenizer_from_json
 
@@ -93,16 +93,25 @@ def train(msg: Message, context: Context) -> Message:
     if not isinstance(owned, list) or not all(isinstance(e, int) and not isinstance(e, bool) for e in owned):
         raise ValueError(f"received {keys.OWNED_EXPERTS}={owned!r}; expected a list of integers")
     total = cfg.get(keys.TOTAL_STEPS)
+    arrays = msg.content.array_records[keys.ARRAYS]
+    delta = None
+    if ctx.spec.strategy.delta_sync:  # decoded against the model's shapes inside the round
+        apply_own = cfg.get(keys.APPLY_OWN)
+        if not isinstance(apply_own, bool):
+            raise ValueError(f"received {keys.APPLY_OWN}={apply_own!r}; expected true or false")
+        delta = DeltaDownlink(arrays, _int(cfg, keys.BASE_STEP, -1), apply_own)
     reply, metrics = run_local_round(
         ctx,
-        decode(msg.content.array_records[keys.ARRAYS]),
+        {} if delta is not None else decode(arrays),
         owned=owned,
         full_model=bool(cfg[keys.FULL_MODEL]),
         start_step=_int(cfg, keys.GLOBAL_STEP, 0),
         steps=_int(cfg, keys.LOCAL_STEPS, 1),
         total_steps=_int(cfg, keys.TOTAL_STEPS, 1) if total is not None else None,
+        delta=delta,
     )
-    content = RecordDict({keys.ARRAYS: encode(reply), keys.METRICS: MetricRecord(metrics)})
+    record = to_record(reply) if delta is not None else encode(reply)
+    content = RecordDict({keys.ARRAYS: record, keys.METRICS: MetricRecord(metrics)})
     return Message(content, reply_to=msg)
 
 

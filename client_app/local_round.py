@@ -12,13 +12,16 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+from flwr.app import ArrayRecord
 from tqdm import tqdm
 
 from client_app.node_state import NodeState, optimizer_tensors, restore_optimizer, saved_steps
 from client_app.trainer import evaluate, make_optimizer, resolve_device, train_steps
 from data import BatchStream, node_shard, prepare_blocks
 from model import build_model, expert_param_names, shared_param_names
+from common.codec import apply_delta, decode_delta, decode_sync, encode_delta
 from common.spec import RunSpec
 
 log = logging.getLogger("spes.node")
@@ -70,6 +73,63 @@ def _previous_state(state_root: Path, start_step: int) -> NodeState | None:
     return None
 
 
+@dataclass
+class DeltaDownlink:
+    """A delta-sync message: the arrays (whole tensors and/or moves of the node's copy), the
+    saved state holding the copy they apply to, and whether to first apply the node's own
+    last uplink of its experts (the coordinator relayed it to the others instead of sending it back)."""
+
+    record: ArrayRecord
+    base_step: int
+    apply_own: bool
+
+
+def _delta_start(
+    ctx: NodeContext, delta: DeltaDownlink, expected: dict[str, torch.Tensor], full_model: bool, start_step: int,
+    state_root: Path,
+) -> tuple[dict[str, torch.Tensor], NodeState | None]:
+    """The node's copy of the global model for this round, and the saved state it continues."""
+    cfg = ctx.spec.strategy
+    whole, moves = decode_sync(delta.record, expected, (cfg.downlink, cfg.uplink))
+    _check_received({**whole, **moves}, ctx.partition_id)
+    if full_model:
+        if moves or set(whole) != set(expected):
+            raise ValueError(f"partition {ctx.partition_id}: a full resync must carry every tensor whole")
+        saved = NodeState.load(state_root, start_step) or _previous_state(state_root, start_step)
+        if saved is not None:
+            saved.residual = {}  # error feedback restarts with a resync
+        return whole, saved
+    saved = NodeState.load(state_root, delta.base_step) if delta.base_step >= 0 else None
+    if saved is None or set(saved.base) != set(expected) or (delta.apply_own and not saved.own_delta):
+        raise NeedsFullModel(
+            f"partition {ctx.partition_id}: no saved copy of the model at step {delta.base_step} in {state_root} "
+            "for a delta downlink; the coordinator will resync this node next round"
+        )
+    base = dict(saved.base)
+    if delta.apply_own:
+        base.update({n: apply_delta(base[n], d) for n, d in saved.own_delta.items()})
+    base.update(whole)
+    base.update({n: apply_delta(base[n], d) for n, d in moves.items()})
+    return base, saved
+
+
+def _delta_reply(
+    ctx: NodeContext, trained: dict[str, torch.Tensor], base: dict[str, torch.Tensor], saved: NodeState | None,
+    owned_names: list[str],
+) -> tuple[dict[str, np.ndarray], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(uplink arrays, new residual, decoded differences of the owned experts)."""
+    cfg = ctx.spec.strategy
+    diff = {n: t - base[n] for n, t in trained.items()}
+    if cfg.error_feedback and saved is not None:
+        for n, r in saved.residual.items():
+            if n in diff and r.shape == diff[n].shape:
+                diff[n] = diff[n] + r
+    arrays = encode_delta(diff, cfg.uplink)
+    sent = decode_delta(arrays, {n: base[n] for n in diff}, cfg.uplink)
+    residual = {n: diff[n] - sent[n] for n in diff} if cfg.error_feedback else {}
+    return arrays, residual, {n: sent[n] for n in owned_names}
+
+
 def run_local_round(
     ctx: NodeContext,
     received: dict[str, torch.Tensor],
@@ -79,7 +139,9 @@ def run_local_round(
     steps: int,
     show_progress: bool = True,
     total_steps: int | None = None,
-) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    delta: DeltaDownlink | None = None,
+) -> tuple[dict[str, torch.Tensor] | dict[str, np.ndarray], dict[str, float]]:
+    """Train one round; the reply is the trained tensors, or with `delta` their encoded differences."""
     spec, train_cfg = ctx.spec, ctx.spec.train
     if start_step < 0 or steps < 1:
         raise ValueError(f"partition {ctx.partition_id}: bad round (global step {start_step}, {steps} local steps)")
@@ -97,22 +159,27 @@ def run_local_round(
     names = list(model.state_dict())
     owned_names = expert_param_names(names, owned)
     state_root = ctx.workdir / "state"
-    saved = NodeState.load(state_root, start_step)
-    tensors = dict(received)
-    if not full_model:
-        if saved is None or sorted(saved.owned) != sorted(owned):
-            raise NeedsFullModel(
-                f"partition {ctx.partition_id}: no usable saved state at global step {start_step} in {state_root} "
-                "for a sparse downlink; the coordinator will send the full model next round"
-            )
-        tensors.update({k: v for k, v in saved.owned_tensors.items() if k not in tensors})
-    elif saved is None:
-        saved = _previous_state(state_root, start_step)
-        if saved is not None:
-            log.warning(
-                "partition %d: no state at global step %d; reusing optimizer moments and data position of step %d "
-                "with the full model from the coordinator", ctx.partition_id, start_step, saved.global_step,
-            )
+    base: dict[str, torch.Tensor] = {}
+    if delta is not None:
+        base, saved = _delta_start(ctx, delta, model.state_dict(), full_model, start_step, state_root)
+        tensors = dict(base)
+    else:
+        saved = NodeState.load(state_root, start_step)
+        tensors = dict(received)
+        if not full_model:
+            if saved is None or sorted(saved.owned) != sorted(owned):
+                raise NeedsFullModel(
+                    f"partition {ctx.partition_id}: no usable saved state at global step {start_step} in {state_root} "
+                    "for a sparse downlink; the coordinator will send the full model next round"
+                )
+            tensors.update({k: v for k, v in saved.owned_tensors.items() if k not in tensors})
+        elif saved is None:
+            saved = _previous_state(state_root, start_step)
+            if saved is not None:
+                log.warning(
+                    "partition %d: no state at global step %d; reusing optimizer moments and data position of step %d "
+                    "with the full model from the coordinator", ctx.partition_id, start_step, saved.global_step,
+                )
     missing = set(names) - tensors.keys()
     if missing:
         raise RuntimeError(f"partition {ctx.partition_id}: {len(missing)} parameters missing, e.g. {sorted(missing)[:3]}")
@@ -141,6 +208,18 @@ def run_local_round(
 
     state = model.state_dict()
     reply = {n: state[n].detach().float().cpu() for n in shared_param_names(names) + owned_names}
+    if delta is not None:
+        arrays, residual, own_delta = _delta_reply(ctx, reply, base, saved, owned_names)
+        NodeState(
+            global_step=start_step + steps,
+            owned=list(owned),
+            stream=stream.state_dict(),
+            optimizer=optimizer_tensors(optimizer, {p: n for n, p in named.items()}),
+            base=base,
+            residual=residual,
+            own_delta=own_delta,
+        ).save(state_root)
+        return arrays, metrics
     NodeState(
         global_step=start_step + steps,
         owned=list(owned),

@@ -31,6 +31,7 @@ log = logging.getLogger("spes.node")
 KEEP_STATES = 2
 _STEP_DIR = re.compile(r"^step-(\d{12})$")
 _SEP = "::"  # optimizer tensor key: <parameter name>::<state key>
+_OPTIONAL = ("base", "residual", "own_delta")  # delta-sync files, written only when non-empty
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -103,13 +104,22 @@ def restore_optimizer(
 
 @dataclass
 class NodeState:
-    """Trained tensors of the owned experts, name-keyed optimizer moments, data position."""
+    """Trained tensors of the owned experts, name-keyed optimizer moments, data position.
+
+    With delta sync, also the node's copy of the global model as the round started (`base`),
+    the uplink's quantisation residual (`residual`, error feedback; none = zero) and the decoded
+    differences of the owned experts it sent (`own_delta`, applied when the coordinator relays
+    them); each is a file only when it holds tensors.
+    """
 
     global_step: int = 0
     owned: list[int] = field(default_factory=list)
     stream: dict[str, int] = field(default_factory=lambda: {"epoch": 0, "index": 0})
     owned_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     optimizer: dict[str, torch.Tensor] = field(default_factory=dict)
+    base: dict[str, torch.Tensor] = field(default_factory=dict)
+    residual: dict[str, torch.Tensor] = field(default_factory=dict)
+    own_delta: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def save(self, root: Path, keep: int = KEEP_STATES) -> Path:
         """Write `root/step-<global_step>/` atomically; keep the newest `keep` states."""
@@ -121,10 +131,11 @@ class NodeState:
         files = {
             "owned.safetensors": {k: v.contiguous() for k, v in self.owned_tensors.items()},
             "optimizer.safetensors": self.optimizer,
+            **{f"{key}.safetensors": getattr(self, key) for key in _OPTIONAL if getattr(self, key)},
         }
         sizes = {}
         for fname, tensors in files.items():
-            save_file(tensors, str(tmp / fname))
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / fname))
             _fsync_file(tmp / fname)
             sizes[fname] = (tmp / fname).stat().st_size
         meta = {"global_step": self.global_step, "owned": self.owned, "stream": self.stream, "sizes": sizes}
@@ -161,6 +172,8 @@ class NodeState:
                 stream={k: int(v) for k, v in meta["stream"].items()},
                 owned_tensors=load_file(str(directory / "owned.safetensors")),
                 optimizer=load_file(str(directory / "optimizer.safetensors")),
+                **{key: load_file(str(directory / f"{key}.safetensors"))
+                   for key in _OPTIONAL if f"{key}.safetensors" in meta["sizes"]},
             )
             if state.global_step != step:
                 raise ValueError(f"meta.json says step {state.global_step}")

@@ -174,6 +174,12 @@ def encode_delta(tensors: Mapping[str, torch.Tensor], codec: Codec) -> dict[str,
     return out
 
 
+def apply_delta(base: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """One move of a copy of the model: the same float32 expression on the coordinator and on
+    every node, so their copies stay bit-equal."""
+    return base + delta
+
+
 def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
 
@@ -187,11 +193,13 @@ def _view(name: str, arr: Array, shape: tuple[int, ...], dtype: str) -> np.ndarr
 
 
 def decode_sync(
-    record: ArrayRecord, expected: Mapping[str, torch.Tensor], codec: Codec
+    record: ArrayRecord, expected: Mapping[str, torch.Tensor], codec: Codec | Iterable[Codec]
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(whole values, decoded differences) of a delta-sync record; every array is checked
     against the expected tensor of its name (shape, dtype, exact byte length, scale count,
-    finite non-negative scales) before any memory is allocated for it."""
+    finite non-negative scales) before any memory is allocated for it. Differences are
+    accepted only in the given codec(s) (a downlink may relay an uplink's arrays)."""
+    allowed = {c.name: c for c in ([codec] if isinstance(codec, Codec) else codec)}
     if not isinstance(record, ArrayRecord):
         raise DecodeError(f"arrays must be an ArrayRecord, got {type(record).__name__}")
     groups: dict[str, dict[str, Array]] = {}
@@ -208,20 +216,21 @@ def decode_sync(
         kinds = set(parts)
         if kinds == {""}:
             full[name] = torch.from_numpy(_view(name, parts[""], shape, "float32").copy())
-        elif kinds == {"fp32"} and codec.name == "fp32":
+        elif kinds == {"fp32"} and "fp32" in allowed:
             deltas[name] = torch.from_numpy(_view(f"{name}#fp32", parts["fp32"], shape, "float32").copy())
-        elif kinds == {"bf16"} and codec.name == "bf16":
+        elif kinds == {"bf16"} and "bf16" in allowed:
             bits = _view(f"{name}#bf16", parts["bf16"], shape, "int16")
             deltas[name] = torch.from_numpy(bits.copy()).view(torch.bfloat16).float()
-        elif kinds == {"int8", "int8-scale"} and codec.name == "int8":
+        elif kinds == {"int8", "int8-scale"} and "int8" in allowed:
+            codec = allowed["int8"]
             scale = _view(f"{name}#int8-scale", parts["int8-scale"], (codec.num_blocks(shape),), "float32")
             if not (np.isfinite(scale).all() and (scale >= 0).all()):
                 raise DecodeError(f"{name}#int8-scale: scales must be finite and >= 0")
             q = _view(f"{name}#int8", parts["int8"], shape, "int8")
             deltas[name] = _dequant_int8(torch.from_numpy(q.copy()), torch.from_numpy(scale.copy()), codec)
         else:
-            raise DecodeError(f"{name}: arrays {sorted(k or '(whole)' for k in kinds)} are not a {codec.name} delta "
-                              "or a whole value")
+            raise DecodeError(f"{name}: arrays {sorted(k or '(whole)' for k in kinds)} are not a "
+                              f"{'/'.join(allowed)} delta or a whole value")
     return full, deltas
 
 

@@ -19,6 +19,8 @@ TOTAL_STEPS = "total-steps"        # end of the LR schedule, in global steps
 OWNED_EXPERTS = "owned-experts"
 FULL_MODEL = "full-model"          # the arrays are the whole model, not a sparse downlink
 NODE_INDEX = "node-index"
+BASE_STEP = "base-step"            # delta sync: the saved state the node's copy of the model is in
+APPLY_OWN = "apply-own-delta"      # delta sync: add your last uplink's owned-expert differences yourself
 
 # Node -> coordinator.
 PARTITION_ID = "partition-id"

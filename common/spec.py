@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
 from client_app.trainer import TrainConfig
+from common.codec import CODECS, Codec
 from data.pipeline import DataConfig
 from model.args import MoEArgs
 
@@ -100,6 +101,16 @@ class StrategyConfig:
     reassign_after: int = 2
     # The run stops (and fails) after this many rounds in a row below quorum.
     max_failed_rounds: int = 3
+    # Delta sync: nodes send the difference from the global weights they hold and the
+    # coordinator sends each node only the tensors that changed since the version it holds.
+    # Off = whole fp32 tensors, today's protocol and byte counts.
+    delta_sync: bool = False
+    uplink_codec: str = "fp32"    # fp32 | bf16 | int8 (needs delta_sync)
+    downlink_codec: str = "fp32"  # fp32 | bf16 | int8 (needs delta_sync)
+    int8_block: int = 0           # int8: values per scale; 0 = one scale per row
+    # Nodes keep what quantisation dropped and add it to the next round's difference (the
+    # coordinator always keeps its downlink residual: the gap between the model and the nodes' copy).
+    error_feedback: bool = True
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "StrategyConfig":
@@ -138,6 +149,13 @@ class StrategyConfig:
              f"strategy.round_timeout_s must be > 0, got {self.round_timeout_s}"),
             (self.reassign_after >= 0, f"strategy.reassign_after must be >= 0, got {self.reassign_after}"),
             (self.max_failed_rounds >= 1, f"strategy.max_failed_rounds must be >= 1, got {self.max_failed_rounds}"),
+            (self.uplink_codec in CODECS, f"strategy.uplink_codec must be one of {list(CODECS)}, got {self.uplink_codec!r}"),
+            (self.downlink_codec in CODECS,
+             f"strategy.downlink_codec must be one of {list(CODECS)}, got {self.downlink_codec!r}"),
+            (self.delta_sync or (self.uplink_codec, self.downlink_codec) == ("fp32", "fp32"),
+             "strategy.uplink_codec/downlink_codec other than fp32 need strategy.delta_sync=true"),
+            (not isinstance(self.int8_block, bool) and isinstance(self.int8_block, int) and self.int8_block >= 0,
+             f"strategy.int8_block must be an integer >= 0 (0 = per row), got {self.int8_block!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -145,6 +163,14 @@ class StrategyConfig:
 
     def quorum(self, num_nodes: int) -> int:
         return self.min_nodes or num_nodes
+
+    @property
+    def uplink(self) -> Codec:
+        return Codec(self.uplink_codec, self.int8_block)
+
+    @property
+    def downlink(self) -> Codec:
+        return Codec(self.downlink_codec, self.int8_block)
 
 
 @dataclass

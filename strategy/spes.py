@@ -22,7 +22,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from common import keys
-from common.codec import DecodeError, decode, encode, payload_bytes
+from common.codec import DecodeError, decode, decode_sync, encode, payload_bytes, wire_bytes
 from common.spec import MergeSchedule, StrategyConfig
 from model.naming import expert_param_names, parse_expert_param, shared_param_names
 from strategy.aggregation import aggregate
@@ -30,10 +30,12 @@ from strategy.assignment import Ownership, make_assignment, rank_partitions, reb
 from strategy.merging import merge_experts
 from strategy.outer import OuterOptimizer
 from strategy.validation import InvalidUpdate, validate_eval_metrics, validate_train_metrics, validate_update
+from strategy.versions import VersionedDownlink, apply
 
 log = logging.getLogger("spes.strategy")
 
 SpesConfig = StrategyConfig  # the name the strategy has always used for its config
+SHADOW = "downlink-shadow/"  # checkpoint tensor prefix of the nodes' copy of the model (delta sync)
 __all__ = ["MergeSchedule", "SpesConfig", "SpesStrategy", "Member", "node_metrics"]
 
 
@@ -88,6 +90,10 @@ class SpesStrategy(Strategy):
         self._sent: dict[int, int] = {}           # pid -> bytes sent this round
         self._targets: dict[str, int] = {}        # message id -> pid, this round
         self._eval_sent: dict[int, int] = {}
+        self._wire_sent: dict[int, int] = {}
+        # Delta sync: the nodes' copy of the model and what each node holds (None: whole fp32 tensors).
+        self.sync = VersionedDownlink(cfg.downlink, cfg.uplink) if cfg.delta_sync else None
+        self._own_uplinks: dict[int, dict[str, dict]] = {}  # pid -> owned expert -> its uplink Arrays
 
     # -- membership ------------------------------------------------------------------------
     @property
@@ -144,6 +150,11 @@ class SpesStrategy(Strategy):
         own = set(self.experts_of(pid))
         return [n for n in names if (e := parse_expert_param(n)) is None or e.expert not in own]
 
+    def _single_owner(self, name: str) -> int | None:
+        e = parse_expert_param(name)
+        owners = [] if e is None else [p for p in self.partitions if e.expert in self.owners[p]]
+        return owners[0] if len(owners) == 1 else None
+
     def _num_owners(self, expert: int) -> int:
         return sum(expert in self.owners[p] for p in self.partitions)
 
@@ -161,14 +172,23 @@ class SpesStrategy(Strategy):
             self.params = decode(arrays)
         self.round = server_round
         messages = []
-        self._sent, self._targets = {}, {}
+        self._sent, self._targets, self._wire_sent, self._own_uplinks = {}, {}, {}, {}
+        if self.sync is not None:
+            self.sync.refresh(self.params, self._single_owner)
         for pid in self.partitions:
             member = self.members[pid]
-            record = encode(self.params, self._downlink_names(pid))
+            sync_cfg = {}
+            if self.sync is None:
+                record = encode(self.params, self._downlink_names(pid))
+            else:
+                record, base_step, apply_own = self.sync.message(pid, member.needs_full)
+                sync_cfg = {keys.BASE_STEP: base_step, keys.APPLY_OWN: apply_own}
             self._sent[pid] = payload_bytes(record)
+            self._wire_sent[pid] = wire_bytes(record)
             node_cfg = ConfigRecord(
                 {
                     **dict(config),
+                    **sync_cfg,
                     keys.SERVER_ROUND: server_round,
                     keys.GLOBAL_STEP: self.global_step,
                     keys.LOCAL_STEPS: self.cfg.local_steps,
@@ -207,19 +227,38 @@ class SpesStrategy(Strategy):
         )
         expected = self._expected_update(pid)
         record = content.array_records[keys.ARRAYS]
-        unexpected = set(record) - expected
+        unexpected = set(record) - expected if self.sync is None else set()
         if unexpected:
             raise InvalidUpdate(f"{len(unexpected)} unexpected parameter(s), e.g. {sorted(unexpected)[:3]}")
-        update = decode(record, {n: self.params[n] for n in expected})
+        if self.sync is None:
+            update = decode(record, {n: self.params[n] for n in expected})
+        else:
+            update = self._reconstruct(pid, record, expected)
         validate_update(update, expected, self.params, self.cfg.max_abs_value, self.cfg.max_update_ratio)
         metrics["bytes_up"] = payload_bytes(record)
+        metrics["wire_bytes_up"] = wire_bytes(record)
         return update, metrics
+
+    def _reconstruct(self, pid: int, record: ArrayRecord, expected: set[str]) -> dict[str, torch.Tensor]:
+        """The node's trained tensors: the copy it was sent plus its decoded difference."""
+        shadow = self.sync.shadow
+        unexpected = {k.partition("#")[0] for k in record} - expected
+        if unexpected:
+            raise InvalidUpdate(f"{len(unexpected)} unexpected parameter(s), e.g. {sorted(unexpected)[:3]}")
+        whole, deltas = decode_sync(record, {n: shadow[n] for n in expected}, self.cfg.uplink)
+        if whole:
+            raise InvalidUpdate(f"whole tensors in a delta-sync reply, e.g. {sorted(whole)[:3]}")
+        own = set(expert_param_names(list(self.params), self.experts_of(pid)))
+        self._own_uplinks[pid] = {n: {k: record[k] for k in record if k.partition("#")[0] == n} for n in own & set(deltas)}
+        return {n: apply(shadow[n], d) for n, d in deltas.items()}
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        # bytes_*: tensor payload as encoded; wire_bytes_*: the serialised arrays, headers included.
         nodes: dict[int, dict[str, Any]] = {
-            p: {"partition_id": p, "bytes_down": self._sent.get(p, 0), "bytes_up": 0, "status": "no reply"}
+            p: {"partition_id": p, "bytes_down": self._sent.get(p, 0), "bytes_up": 0,
+                "wire_bytes_down": self._wire_sent.get(p, 0), "wire_bytes_up": 0, "status": "no reply"}
             for p in self.partitions
         }
         updates: dict[int, tuple[dict[str, torch.Tensor], float]] = {}
@@ -271,6 +310,9 @@ class SpesStrategy(Strategy):
             log.warning("round %d below quorum (%s); global model unchanged", server_round, refused)
         self.failed_rounds = 0 if applied else self.failed_rounds + 1
 
+        if self.sync is not None:
+            for pid in self.partitions:
+                self.sync.commit(pid, pid in updates, prev_step + self.cfg.local_steps, self._own_uplinks.get(pid))
         self._update_membership(updates, alpha, applied)
         tokens = sum(n.get("num_tokens", 0.0) for p, n in nodes.items() if p in updates)
         loss = sum(n.get("train_loss", 0.0) * n.get("num_tokens", 0.0) for p, n in nodes.items() if p in updates)
@@ -285,6 +327,8 @@ class SpesStrategy(Strategy):
             "train_loss": loss / tokens if tokens else float("nan"),
             "bytes_up": sum(n["bytes_up"] for n in nodes.values()),
             "bytes_down": sum(n["bytes_down"] for n in nodes.values()),
+            "wire_bytes_up": sum(n["wire_bytes_up"] for n in nodes.values()),
+            "wire_bytes_down": sum(n["wire_bytes_down"] for n in nodes.values()),
             "nodes": {str(p): n for p, n in nodes.items()},
             "owners": {str(p): list(e) for p, e in self.owners.items()},
         }
@@ -301,7 +345,10 @@ class SpesStrategy(Strategy):
             if pid in updates:
                 member.absent = 0
                 own_exclusive = all(self._num_owners(e) == 1 for e in self.experts_of(pid))
-                member.needs_full = not applied or alpha > 0 or not (exclusive_copy and own_exclusive)
+                # With delta sync the versions decide what a node needs; without, a node's own
+                # experts may be skipped only while its copy is the global value.
+                member.needs_full = self.sync is None and (
+                    not applied or alpha > 0 or not (exclusive_copy and own_exclusive))
             else:
                 member.absent += 1
                 member.needs_full = True
@@ -374,10 +421,16 @@ class SpesStrategy(Strategy):
             "owners": {str(p): list(e) for p, e in self.owners.items()},
             "events": self.events,
             "config": asdict(self.cfg),
+            **({} if self.sync is None else {"downlink": self.sync.state_dict()}),
         }
 
     def outer_buffers(self) -> dict[str, torch.Tensor]:
-        return dict(self.outer.buffers)
+        """Tensors a checkpoint must keep: outer momentum and, with delta sync, the nodes' copy of
+        the model (`SHADOW` + name; the gap to the model is the downlink's error feedback)."""
+        out = dict(self.outer.buffers)
+        if self.sync is not None:
+            out.update({SHADOW + k: v for k, v in self.sync.tensors().items()})
+        return out
 
     def load_state_dict(self, state: Mapping[str, Any], buffers: Mapping[str, torch.Tensor] | None = None) -> None:
         """Continue from a saved state; members not connected now stay inactive until they return."""
@@ -398,7 +451,11 @@ class SpesStrategy(Strategy):
         self.owners = {int(p): tuple(int(e) for e in experts) for p, experts in state["owners"].items()
                        if self.members.get(int(p)) and self.members[int(p)].active}
         Ownership(self.num_experts, tuple(self.owners.get(p, ()) for p in self.partitions))
-        self.outer.buffers = {k: v.clone() for k, v in (buffers or {}).items()}
+        buffers = dict(buffers or {})
+        shadow = {k[len(SHADOW):]: buffers.pop(k) for k in list(buffers) if k.startswith(SHADOW)}
+        self.outer.buffers = {k: v.clone() for k, v in buffers.items()}
+        if self.sync is not None:
+            self.sync.load(state.get("downlink", {}), shadow)
         for member in self.members.values():
             member.needs_full = True  # nodes may have lost their state meanwhile
         if set(self.partitions) != set(self.owners) or any(

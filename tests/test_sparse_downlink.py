@@ -1,0 +1,199 @@
+"""Delta sync end to end without Flower: the real strategy and two real nodes (tiny model, a few steps).
+
+Checks that a node's copy of the model is bit-equal to the coordinator's copy after every
+round, that a downlink carries nothing a node already holds (its own experts, tensors that did
+not move), that a node that lost its state is resynced bit-exactly, that the bytes counted are
+the encoded ones, and that hostile delta replies are rejected.
+"""
+
+from pathlib import Path
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+
+from client_app.local_round import DeltaDownlink, NeedsFullModel, NodeContext, run_local_round
+from client_app.node_state import NodeState
+from common import keys
+from common.codec import Codec, encode_delta, to_record
+from common.spec import from_dict
+from model import build_model
+from model.naming import expert_param_names, shared_param_names
+from server_app.config import compose
+from strategy.spes import SpesStrategy
+
+E = 4
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from data import load_tokenizer
+
+    tmp = tmp_path_factory.mktemp("delta")
+    raw = compose(["model.hidden_size=32", "model.expert_ffn=16", "model.num_layers=1", f"model.num_experts={E}",
+                   "strategy.merge.enabled=false", "data.vocab_size=300", "data.seq_len=16", "train.batch_size=2",
+                   "nodes=2", "strategy.local_steps=2", "strategy.delta_sync=true", "strategy.uplink_codec=int8",
+                   "strategy.downlink_codec=int8", "strategy.error_feedback=true"])
+    spec = from_dict(raw)
+    tok = load_tokenizer(spec.data, tmp / "cache")
+    return spec, tok, tmp
+
+
+def _node(msg, ctxs):
+    return ctxs[msg.metadata.dst_node_id - 10]
+
+
+def play_round(s, rnd, ctxs, fail=()):
+    msgs = list(s.configure_train(rnd, None, ConfigRecord({}), None))
+    replies = []
+    for msg in msgs:
+        ctx = _node(msg, ctxs)
+        cfg = msg.content["config"]
+        delta = DeltaDownlink(msg.content["arrays"], cfg[keys.BASE_STEP], cfg[keys.APPLY_OWN])
+        try:
+            if ctx.partition_id in fail:
+                raise NeedsFullModel("lost")
+            arrays, metrics = run_local_round(
+                ctx, {}, list(cfg[keys.OWNED_EXPERTS]), bool(cfg[keys.FULL_MODEL]), cfg[keys.GLOBAL_STEP],
+                cfg[keys.LOCAL_STEPS], show_progress=False, delta=delta,
+            )
+        except NeedsFullModel as exc:
+            replies.append(Message(Error(code=1, reason=str(exc)), reply_to=msg))
+            continue
+        content = RecordDict({"arrays": to_record(arrays), "metrics": MetricRecord(metrics)})
+        replies.append(Message(content, reply_to=msg))
+    s.aggregate_train(rnd, replies)
+    return msgs
+
+
+def node_copy(ctx, s):
+    """The copy of the model the node trained from in the round just played (its saved base)."""
+    root = ctx.workdir / "state"
+    step = max(int(p.name[5:]) for p in root.iterdir() if p.name.startswith("step-"))
+    return NodeState.load(root, step).base
+
+
+def test_delta_sync_versions_relay_and_resync(setup, flower_task):
+    spec, tok, tmp = setup
+    ctxs = [NodeContext(spec, tok, tmp / f"node{p}", p, 2, progress=False) for p in (0, 1)]
+    model = build_model(spec.model, len(tok), seed=0)
+    s = SpesStrategy(spec.strategy, E, {10: 0, 11: 1}, num_rounds=5,
+                     max_tokens=2 * 2 * 16, num_layers=1)
+    s.params = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    names = list(s.params)
+    own = {p: set(expert_param_names(names, s.experts_of(p))) for p in (0, 1)}
+
+    # Round 1: nothing held yet, every node gets every tensor whole (fp32) and trains from it.
+    msgs = play_round(s, 1, ctxs)
+    assert all(m.content["config"][keys.FULL_MODEL] for m in msgs)
+    assert set(msgs[0].content["arrays"]) == set(names)
+    for ctx in ctxs:
+        base = node_copy(ctx, s)
+        assert all(torch.equal(base[n], s.sync.shadow[n]) for n in names)
+    rec = s.history[-1]
+    assert rec["applied"] and all(n["status"] == "ok" for n in rec["nodes"].values())
+    # Encoded bytes up: int8 values plus one float32 scale per row, for shared + owned tensors.
+    for p in (0, 1):
+        up = shared_param_names(names) + sorted(own[p])
+        rows = sum(s.params[n].numel() // s.params[n].shape[-1] for n in up)
+        assert rec["nodes"][str(p)]["bytes_up"] == sum(s.params[n].numel() for n in up) + 4 * rows
+        assert rec["nodes"][str(p)]["wire_bytes_up"] > rec["nodes"][str(p)]["bytes_up"]
+
+    global_after_1 = {n: s.params[n].clone() for n in names}
+    # Round 2: the owner applies its own experts itself; the others' experts arrive as the owner's
+    # relayed int8 arrays; shared tensors as int8 moves. Copies stay bit-equal to the coordinator's.
+    msgs = play_round(s, 2, ctxs)
+    for m in msgs:
+        p = m.metadata.dst_node_id - 10
+        cfg, arrays = m.content["config"], m.content["arrays"]
+        assert not cfg[keys.FULL_MODEL] and cfg[keys.APPLY_OWN] and cfg[keys.BASE_STEP] == 2
+        sent = {k.partition("#")[0] for k in arrays}
+        assert not sent & own[p]
+        assert own[1 - p] <= sent and all(k.endswith(("#int8", "#int8-scale")) for k in arrays)
+    for ctx in ctxs:
+        base = node_copy(ctx, s)
+        assert all(torch.equal(base[n], s.sync.shadow[n]) for n in names)
+    # The relayed experts are bit-exactly the global model (no second quantisation).
+    assert all(torch.equal(s.sync.shadow[n], global_after_1[n]) for n in own[0] | own[1])
+
+    # Round 3: node 1 lost its state; it cannot train from a delta and says so.
+    shutil.rmtree(ctxs[1].workdir / "state")
+    play_round(s, 3, ctxs, fail={1})
+    assert s.history[-1]["nodes"]["1"]["status"].startswith("error")
+    # Round 4: node 0 gets nothing for node 1's experts (they did not move); node 1 is resynced whole.
+    msgs = play_round(s, 4, ctxs)
+    by_pid = {m.metadata.dst_node_id - 10: m for m in msgs}
+    sent0 = {k.partition("#")[0] for k in by_pid[0].content["arrays"]}
+    assert not sent0 & (own[0] | own[1])
+    assert by_pid[1].content["config"][keys.FULL_MODEL] and set(by_pid[1].content["arrays"]) == set(names)
+    for ctx in ctxs:
+        base = node_copy(ctx, s)
+        assert all(torch.equal(base[n], s.sync.shadow[n]) for n in names)
+    assert all(n["status"] == "ok" for n in s.history[-1]["nodes"].values())
+
+
+def _toy_strategy(**cfg):
+    from common.spec import MergeSchedule, StrategyConfig
+    from sim.faults import _toy_params
+
+    c = StrategyConfig(local_steps=5, merge=MergeSchedule(enabled=False), delta_sync=True, uplink_codec="int8",
+                       downlink_codec="int8", **cfg)
+    s = SpesStrategy(c, E, {10: 0, 11: 1}, num_rounds=3, num_layers=2)
+    s.params = _toy_params(0)
+    return s
+
+
+def _delta_reply(msg, arrays):
+    return Message(RecordDict({"arrays": ArrayRecord(arrays) if isinstance(arrays, dict) else arrays,
+                               "metrics": MetricRecord({"num-tokens": 10.0})}), reply_to=msg)
+
+
+def test_hostile_delta_replies_rejected(flower_task):
+    s = _toy_strategy(max_abs_value=100.0)
+    msgs = list(s.configure_train(1, None, ConfigRecord({}), None))
+    names = list(s.params)
+    up = {p: shared_param_names(names) + expert_param_names(names, s.experts_of(p)) for p in (0, 1)}
+    good = to_record(encode_delta({n: torch.full_like(s.params[n], 0.01) for n in up[0]}, Codec("int8")))
+    # Node 1: a delta that reconstructs to values beyond max_abs_value (validated after reconstruction).
+    huge = to_record(encode_delta({n: torch.full_like(s.params[n], 1e6) for n in up[1]}, Codec("int8")))
+    s.aggregate_train(1, [_delta_reply(msgs[0], good), _delta_reply(msgs[1], huge)])
+    nodes = s.history[-1]["nodes"]
+    assert nodes["0"]["status"] == "ok" and "exceeds" in nodes["1"]["status"]
+
+    msgs = list(s.configure_train(2, None, ConfigRecord({}), None))
+    # Whole tensors where differences are expected, and an oversized declared scale array.
+    whole = {n: s.params[n].numpy() for n in up[0]}
+    arrays = encode_delta({n: torch.zeros_like(s.params[n]) for n in up[1]}, Codec("int8"))
+    first = up[1][0]
+    arrays[f"{first}#int8-scale"] = np.ones(10**5, np.float32)
+    s.aggregate_train(2, [_delta_reply(msgs[0], to_record(whole)), _delta_reply(msgs[1], to_record(arrays))])
+    nodes = s.history[-1]["nodes"]
+    assert "whole tensors" in nodes["0"]["status"]
+    assert "int8-scale" in nodes["1"]["status"] and "expected" in nodes["1"]["status"]
+    assert not s.history[-1]["applied"]
+
+
+def test_downlink_shadow_survives_a_checkpoint(flower_task):
+    s = _toy_strategy()
+    msgs = list(s.configure_train(1, None, ConfigRecord({}), None))
+    names = list(s.params)
+    replies = []
+    for p, msg in enumerate(msgs):
+        up = shared_param_names(names) + expert_param_names(names, s.experts_of(p))
+        replies.append(_delta_reply(msg, to_record(encode_delta(
+            {n: torch.randn_like(s.params[n]) * 0.1 for n in up}, Codec("int8")))))
+    s.aggregate_train(1, replies)
+    list(s.configure_train(2, None, ConfigRecord({}), None))  # the shadow trails the model by a residual
+    assert any(not torch.equal(s.sync.shadow[n], s.params[n]) for n in names)
+    state, tensors = s.state_dict(), s.outer_buffers()
+    t = _toy_strategy()
+    t.params = {k: v.clone() for k, v in s.params.items()}
+    t.load_state_dict(state, tensors)
+    assert all(torch.equal(t.sync.shadow[n], s.sync.shadow[n]) for n in names)
+    assert t.sync.version == s.sync.version and t.outer.buffers == {}
+    # After a resume every node is resynced whole from that shadow.
+    msgs = list(t.configure_train(3, None, ConfigRecord({}), None))
+    assert all(m.content["config"][keys.FULL_MODEL] for m in msgs)
+    assert all(np.array_equal(m.content["arrays"][n].numpy(), t.sync.shadow[n].numpy()) for m in msgs for n in names)
