@@ -83,7 +83,7 @@ class MoEArgs:
             raise ValueError(
                 f"model.hidden_size / num_heads (the head size, {self.hidden_size // self.num_heads}) must be even"
             )
-        if seq_len is not None and seq_len > self.max_seq_len:
+        if isinstance(seq_len, int) and seq_len > self.max_seq_len:  # its type is data.validate's check
             raise ValueError(
                 f"data.seq_len ({seq_len}) exceeds model.max_seq_len ({self.max_seq_len}), the model's maximum "
                 "position; lower data.seq_len or raise model.max_seq_len"
