@@ -285,7 +285,7 @@ def validate(spec: RunSpec) -> None:
         raise ValueError(f"rounds must be >= 1, got {spec.rounds}")
     if not spec.run_name or "/" in spec.run_name or spec.run_name in (".", ".."):
         raise ValueError(f"run_name must be a plain name (no '/'), got {spec.run_name!r}")
-    spec.model.validate()
+    spec.model.validate(seq_len=spec.data.seq_len)
     spec.data.validate()
     spec.train.validate()
     spec.eval.validate()

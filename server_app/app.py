@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
+from transformers.utils import logging as hf_logging
 
 from client_app.trainer import evaluate
 from common import keys
@@ -23,6 +24,8 @@ from model.export import save_hf_atomic
 from model.upcycle import upcycle_from_args
 from server_app import checkpoint
 from server_app import config as run_config
+from server_app.console import RunConsole
+from server_app.report import write_report
 from server_app.rounds import Collector, RunFailed, admit_new_nodes, discover
 from server_app.run_log import RunLog, write_json_atomic
 from sim.ray_workers import replace_dead_actors
@@ -31,6 +34,7 @@ from strategy.spes import SpesStrategy
 app = ServerApp()
 log = logging.getLogger("spes.server")
 replace_dead_actors()  # simulation only: Flower would keep handing jobs to a dead Ray worker
+hf_logging.disable_progress_bar()  # one console line per round, not a bar per checkpoint write
 
 
 def overrides_from(run_cfg: dict) -> list[str]:
@@ -59,18 +63,6 @@ def _initial_model(spec: RunSpec, tokenizer):
     if model.config.vocab_size < len(tokenizer):
         raise ValueError(f"model vocabulary {model.config.vocab_size} < tokenizer vocabulary {len(tokenizer)}")
     return model
-
-
-def _line(strategy: SpesStrategy, record: dict, rounds: int) -> str:
-    per_node = ", ".join(
-        f"p{k}: {v['status'][:60]} {v.get('tokens_per_s', 0):.0f} tok/s" for k, v in record["nodes"].items()
-    )
-    applied = "" if record["applied"] else f" [NOT APPLIED: {record['refused']}]"
-    return (
-        f"[spes] round {record['round']}/{rounds}: held-out loss {record['val_loss']:.4f}, train loss "
-        f"{record['train_loss']:.4f}, up {record['bytes_up'] / 2**20:.1f} MiB, down "
-        f"{record['bytes_down'] / 2**20:.1f} MiB, {record['wall_s']:.0f}s ({per_node}){applied}"
-    )
 
 
 def run(grid: Grid, spec: RunSpec) -> dict:
@@ -142,7 +134,9 @@ def _run(grid, spec, run_dir, ckpt_root, resumed, t_start) -> dict:
 
     if first_val is None:
         first_val = central_eval()
-        print(f"[spes] round 0: held-out loss {first_val:.4f}", flush=True)
+    console = RunConsole(spec.rounds)
+    console.start(runlog.rounds[-1]["val_loss"] if runlog.rounds else first_val,
+                  wall_s=time.time() - t_start, done_rounds=start_round)
 
     for rnd in range(start_round + 1, spec.rounds + 1):
         admit_new_nodes(grid, strategy, setup, collector, known, timeout)
@@ -161,8 +155,12 @@ def _run(grid, spec, run_dir, ckpt_root, resumed, t_start) -> dict:
         state = {"run_token": token, "first_val_loss": first_val, "strategy": strategy.state_dict()}
         checkpoint.save(ckpt_root, rnd, strategy.params, strategy.outer_buffers(), state)
         write_json_atomic(run_dir / "strategy_state.json", strategy.state_dict())
-        print(_line(strategy, record, spec.rounds), flush=True)
+        console.round(record)
+        for pid, node in record["nodes"].items():
+            if node["status"] != "ok":
+                log.warning("round %d partition %s: %s", rnd, pid, node["status"])
         if strategy.failed_rounds >= spec.strategy.max_failed_rounds:
+            console.close()
             raise RunFailed(_failure_report(runlog.rounds[-spec.strategy.max_failed_rounds:]))
 
     summary = summarize(spec, runlog.rounds, first_val, counts, trainable, time.time() - t_start)
@@ -170,13 +168,15 @@ def _run(grid, spec, run_dir, ckpt_root, resumed, t_start) -> dict:
     write_json_atomic(run_dir / "summary.json", summary)
     runlog.plot_loss(first_val, [r["tokens"] for r in runlog.rounds])
     runlog.close()
+    write_report(run_dir, runlog.rounds, summary, spec.raw)
+    console.close()
     failures = [f"round {r['round']} partition {p}: {n['status']}" for r in runlog.rounds
                 for p, n in r["nodes"].items() if n["status"] != "ok"]
     if failures:
         print(f"[spes] {len(failures)} node-round(s) failed; first ones: " + "; ".join(failures[:5]), flush=True)
     print(
         f"[spes] done in {summary['wall_s']:.0f}s: held-out loss {summary['first_val_loss']:.4f} -> "
-        f"{summary['final_val_loss']:.4f}. Outputs: {run_dir} (model/, metrics.jsonl, summary.json, loss.png)",
+        f"{summary['final_val_loss']:.4f}. Report: {run_dir / 'report.md'}",
         flush=True,
     )
     return summary

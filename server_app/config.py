@@ -65,8 +65,8 @@ def _looks_local(path: str) -> bool:
     return path.startswith(("/", ".", "~")) or path.count("/") != 1
 
 
-def check_coordinator(spec: RunSpec) -> None:
-    """Checks against the coordinator's own disk and environment (raise ConfigError)."""
+def check_coordinator(spec: RunSpec) -> list[str]:
+    """Checks against the coordinator's own disk and environment (raise ConfigError); returns data warnings."""
     if spec.init_from is not None and not Path(spec.init_from).expanduser().exists():
         raise ConfigError(f"init_from checkpoint {spec.init_from!r} does not exist")
     dense = spec.model.dense_path
@@ -78,21 +78,20 @@ def check_coordinator(spec: RunSpec) -> None:
     out = Path(spec.output_dir).expanduser()
     if not _writable_dir(out):
         raise ConfigError(f"output_dir {str(out)!r} is not a writable directory (or cannot be created)")
+    from data import check_source
+
     try:
-        from data import check_source  # the data helper checks files, naming the file and line
-    except ImportError:
-        check_source = None
-    if check_source is not None:
-        try:
-            check_source(spec.data)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-    elif spec.data.source not in ("embedded",) and not spec.data.source.startswith("hf:"):
-        if not Path(spec.data.source).expanduser().exists():
-            raise ConfigError(f"data.source {spec.data.source!r} does not exist")
+        warnings = check_source(spec.data)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return warnings
 
 
-def load(overrides: list[str] | str = ()) -> RunSpec:
+def load(overrides: list[str] | str = (), warn=None) -> RunSpec:
+    """Composed, validated spec; data warnings (file, line) go to `warn` (default: stderr)."""
+    import sys
+
     spec = from_dict(compose(overrides))
-    check_coordinator(spec)
+    for message in check_coordinator(spec):
+        (warn or (lambda m: print(f"warning: {m}", file=sys.stderr)))(message)
     return spec

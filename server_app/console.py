@@ -83,6 +83,8 @@ class RunConsole:
             mean = sum(self.durations) / len(self.durations)
             parts.append(f"{took:.1f} s/round")
             parts.append(f"ETA {format_duration(mean * max(self.total - rnd, 0))}")
+        if record.get("applied") is False:
+            parts.append(f"NOT APPLIED ({record.get('refused', '')})")
         failed = [pid for pid, n in record.get("nodes", {}).items() if n.get("status") != "ok"]
         if failed:
             parts.append(f"nodes not ok: {', '.join(failed)}")

@@ -73,20 +73,21 @@ def main(argv: list[str]) -> int:
     print(f"[sim] {spec.nodes} simulated nodes, model={spec.model.name}, {spec.rounds} rounds; run dir {run_dir}")
     try:
         rc = run_app(APP_DIR, run_dir / "flower", spec.nodes, run_config, cpus_per_node=1,
-                     extra_env=node_environment(spec, run_dir))
+                     extra_env=node_environment(spec, run_dir),
+                     console="coordinator+nodes" if spec.logging.node_progress else "coordinator")
     except KeyboardInterrupt:
         print("[sim] interrupted; the simulation was stopped and cleaned up", file=sys.stderr)
         return 130
     summary = run_dir / "summary.json"
     if rc != 0 or not summary.exists():
         print(f"[sim] run failed (exit {rc}); coordinator log: {run_dir / 'coordinator.log'}, "
-              f"Flower logs: {run_dir / 'flower'}", file=sys.stderr)
+              f"Flower log: {run_dir / 'flower' / 'flwr-run.log'}", file=sys.stderr)
         _print_failure(run_dir)
         return rc or 1
     s = json.loads(summary.read_text())
     print(
         f"[sim] held-out loss {s['first_val_loss']:.3f} -> {s['final_val_loss']:.3f} in {s['wall_s']:.0f}s; "
-        f"outputs: {run_dir}/ (model/, metrics.jsonl, summary.json, loss.png)"
+        f"report: {run_dir / 'report.md'} (model/, metrics.jsonl, summary.json, plots)"
     )
     return 0
 

@@ -244,7 +244,6 @@ def test_one_bad_byte_does_not_stop_the_run_at_the_entry_point(tmp_path, no_flow
     assert len(no_flower) == 1  # the config passed and the launch was reached
 
 
-@pytest.mark.xfail(reason="wired by coordinator: check_coordinator drops check_source's warnings", strict=False)
 def test_entry_point_shows_data_warnings_naming_the_file(tmp_path, capsys, no_flower):
     src = tmp_path / "latin.txt"
     src.write_bytes(b"ok\n\nCaf\xe9\n")

@@ -82,8 +82,6 @@ def test_bad_value_stops_the_entry_point_naming_the_key(override, message, tmp_p
     assert launched == []
 
 
-@pytest.mark.xfail(reason="wired by coordinator: common.spec.validate must call model.validate(seq_len=data.seq_len)",
-                   strict=False)
 def test_seq_len_above_the_model_maximum_is_a_config_error():
     with pytest.raises(ConfigError, match=r"data\.seq_len \(4096\) exceeds model\.max_seq_len \(2048\)"):
         load(["data.seq_len=4096"])
