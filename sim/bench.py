@@ -31,6 +31,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ("spes", "diloco", "fedavg")
+# SPES with delta sync and compressed differences both ways (issue 11): name -> overrides.
+CODEC_METHODS = {
+    "spes_int8": ["strategy=spes", "strategy.delta_sync=true", "strategy.uplink_codec=int8",
+                  "strategy.downlink_codec=int8", "strategy.error_feedback=true"],
+    "spes_bf16": ["strategy=spes", "strategy.delta_sync=true", "strategy.uplink_codec=bf16",
+                  "strategy.downlink_codec=bf16"],
+}
 # tiny model, 4 nodes x 4 experts, 16 rounds x H=25 = 400 steps: finishes well inside 30 min on 2 CPUs.
 DEFAULTS = ["model=tiny", "nodes=4", "rounds=16", "strategy.local_steps=25"]
 BYTES_FP32 = 4
@@ -43,6 +50,9 @@ RATIO_SOURCES = {
     "loss_spes_over_centralized": ("methods.spes.final_val_loss", "methods.centralized.final_val_loss"),
     "loss_spes_over_diloco": ("methods.spes.final_val_loss", "methods.diloco.final_val_loss"),
     "flower_overhead": ("overhead.sim_round_s", "overhead.bare_round_s"),
+    "bytes_spes_int8_over_diloco_fp32": (
+        "methods.spes_int8.bytes_steady_per_round_node", "methods.diloco.bytes_steady_per_round_node"),
+    "loss_spes_int8_over_spes_fp32": ("methods.spes_int8.final_val_loss", "methods.spes.final_val_loss"),
 }
 
 
@@ -109,7 +119,14 @@ def lookup(results: dict, path: str):
 
 
 def compute_ratios(results: dict) -> dict[str, float]:
-    return {k: lookup(results, num) / lookup(results, den) for k, (num, den) in RATIO_SOURCES.items()}
+    """Every ratio whose inputs the results hold (results from before a method existed lack its ratios)."""
+    out = {}
+    for k, (num, den) in RATIO_SOURCES.items():
+        try:
+            out[k] = lookup(results, num) / lookup(results, den)
+        except KeyError:
+            continue
+    return out
 
 
 def read_run(run_dir: Path) -> tuple[dict, list[dict]]:
@@ -128,8 +145,10 @@ def owned_per_node(overrides: list[str]) -> int:
     return max(len(o) for o in own.owners)
 
 
-def bytes_entry(summary: dict, metrics: list[dict], owned: int) -> dict:
-    """Measured per-node bytes (all rounds, steady state) beside the analytic values.
+def bytes_entry(summary: dict, metrics: list[dict], owned: int, analytic: bool = True) -> dict:
+    """Measured per-node bytes (all rounds, steady state) beside the analytic fp32 values
+    (`analytic=False` for compressed runs: no fp32 formula applies). Bytes are the encoded
+    tensor payload; `wire_*` add each array's serialisation header, as sent.
 
     Steady state = rounds after a non-merge round: no first contact, no merged experts, so a
     SPES node gets everything but its own experts. Round 1 and rounds after a merge send the
@@ -148,13 +167,19 @@ def bytes_entry(summary: dict, metrics: list[dict], owned: int) -> dict:
         return sum(vals) / len(vals) if vals else None
 
     up_s, down_s = per_node(steady, "bytes_up"), per_node(steady, "bytes_down")
-    return {
+    has_wire = all("wire_bytes_up" in n for r in metrics for n in r["nodes"].values())
+    wire_s = (per_node(steady, "wire_bytes_up") or 0.0) + (per_node(steady, "wire_bytes_down") or 0.0)
+    wire = {"wire_bytes_steady_per_round_node": wire_s if steady else None,
+            "wire_bytes_per_round_node": per_node(metrics, "wire_bytes_up") + per_node(metrics, "wire_bytes_down")
+            } if has_wire and metrics else {}
+    entry = {
         "bytes_up_per_round_node": summary["bytes_up_per_round_node"],  # all rounds
         "bytes_down_per_round_node": summary["bytes_down_per_round_node"],
         "bytes_up_steady_per_round_node": up_s,
         "bytes_down_steady_per_round_node": down_s,
         "bytes_steady_per_round_node": None if up_s is None else up_s + down_s,
         "steady_rounds": [r["round"] for r in steady],
+        **wire,
         "analytic": {
             "owned_experts": owned,
             "bytes_up_per_round_node": up,
@@ -165,9 +190,12 @@ def bytes_entry(summary: dict, metrics: list[dict], owned: int) -> dict:
             / len(full_round),
         },
     }
+    if not analytic:
+        entry.pop("analytic")
+    return entry
 
 
-def method_entry(run_dir: Path, owned: int | None, base: Path) -> dict:
+def method_entry(run_dir: Path, owned: int | None, base: Path, analytic: bool = True) -> dict:
     """One run's figures; `run_dir` is recorded relative to `base`, the folder of the results file."""
     summary, metrics = read_run(run_dir)
     tokens = [0.0]
@@ -189,7 +217,7 @@ def method_entry(run_dir: Path, owned: int | None, base: Path) -> dict:
         "bytes_down_per_round_node": summary["bytes_down_per_round_node"],
     }
     if owned is not None:
-        entry.update(bytes_entry(summary, metrics, owned))
+        entry.update(bytes_entry(summary, metrics, owned, analytic))
         entry["bytes_per_round_node"] = [
             sum(n["bytes_up"] + n["bytes_down"] for n in r["nodes"].values()) / len(r["nodes"]) for r in metrics
         ]
@@ -199,7 +227,8 @@ def method_entry(run_dir: Path, owned: int | None, base: Path) -> dict:
 def run_federated(method: str, overrides: list[str], runs_dir: Path, run_name: str) -> Path:
     from sim.__main__ import main as sim_main
 
-    ov = merge_overrides(overrides, [f"strategy={method}", f"run_name={run_name}", f"output_dir={runs_dir}"])
+    ov = merge_overrides(overrides, [*CODEC_METHODS.get(method, [f"strategy={method}"]), f"run_name={run_name}",
+                                     f"output_dir={runs_dir}"])
     print(f"[bench] {method}: python -m sim {' '.join(ov)}", flush=True)
     rc = sim_main(ov)
     if rc != 0:
@@ -217,10 +246,10 @@ def run_benchmark(overrides: list[str], out: Path, docs: Path, memory_overrides:
     runs = out / "runs"
     stamp = lambda: f"{(time.time() - t0) / 60:.1f} min"  # noqa: E731
     methods = {}
-    for m in METHODS:
-        ov = merge_overrides(overrides, [f"strategy={m}"])
+    for m in (*METHODS, *CODEC_METHODS):
+        ov = merge_overrides(overrides, CODEC_METHODS.get(m, [f"strategy={m}"]))
         run_dir = run_federated(m, overrides, runs, f"bench-{m}")
-        methods[m] = method_entry(run_dir, owned_per_node(ov), out)
+        methods[m] = method_entry(run_dir, owned_per_node(ov), out, analytic=m not in CODEC_METHODS)
         print(f"[bench] {m} done ({stamp()}): final held-out loss {methods[m]['final_val_loss']:.4f}", flush=True)
 
     cen_ov = merge_overrides(overrides, ["run_name=bench-centralized", f"output_dir={runs}"])

@@ -15,9 +15,11 @@ ROOT = Path(__file__).resolve().parent.parent
 GOALS_FILE = ROOT / "conf" / "bench" / "goals.yaml"
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 MiB = 2**20
-LABELS = {"spes": "SPES", "diloco": "DiLoCo", "fedavg": "FedAvg", "centralized": "centralized"}
+LABELS = {"spes": "SPES", "diloco": "DiLoCo", "fedavg": "FedAvg", "centralized": "centralized",
+          "spes_int8": "SPES int8+EF", "spes_bf16": "SPES bf16"}
 RATIO_ORDER = ("mem_spes_over_diloco", "bytes_spes_over_diloco", "loss_spes_over_centralized",
-               "loss_spes_over_diloco", "flower_overhead")
+               "loss_spes_over_diloco", "flower_overhead", "bytes_spes_int8_over_diloco_fp32",
+               "loss_spes_int8_over_spes_fp32")
 
 
 def machine_info() -> dict:
@@ -85,7 +87,7 @@ def plot_bytes(methods: dict, path: Path) -> Path:
     for i, m in enumerate(fed):
         per = methods[m]["bytes_per_round_node"]
         a.plot(range(1, len(per) + 1), [x / MiB for x in per], marker="o", markersize=3,
-               linestyle=styles[i % 3], linewidth=2.5 - 0.7 * i, label=LABELS[m])
+               linestyle=styles[i % 3], linewidth=max(2.5 - 0.7 * i, 1.0), label=LABELS[m])
     a.set_xlabel("round")
     a.set_ylabel("MiB per node (up + down)")
     a.set_ylim(bottom=0)
@@ -96,8 +98,9 @@ def plot_bytes(methods: dict, path: Path) -> Path:
     w = 0.2
     up = [methods[m]["bytes_up_steady_per_round_node"] / MiB for m in fed]
     down = [methods[m]["bytes_down_steady_per_round_node"] / MiB for m in fed]
-    up_a = [methods[m]["analytic"]["bytes_up_per_round_node"] / MiB for m in fed]
-    down_a = [methods[m]["analytic"]["bytes_down_steady_per_round_node"] / MiB for m in fed]
+    nan = float("nan")  # compressed runs have no fp32 formula
+    up_a = [methods[m].get("analytic", {}).get("bytes_up_per_round_node", nan) / MiB for m in fed]
+    down_a = [methods[m].get("analytic", {}).get("bytes_down_steady_per_round_node", nan) / MiB for m in fed]
     b.bar([i - 1.5 * w for i in x], up, w, label="up, measured")
     b.bar([i - 0.5 * w for i in x], up_a, w, label="up, analytic", alpha=0.5)
     b.bar([i + 0.5 * w for i in x], down, w, label="down, measured")
