@@ -216,13 +216,16 @@ class PartitionedExperts(nn.Module):
         x = hidden_states[order // top_k]
         autocast = torch.is_autocast_enabled(x.device.type)
         compute = torch.get_autocast_dtype(x.device.type) if autocast else None
-        parts = []
-        for group, rows, group_counts in (
-            ("owned", slice(0, split), counts[:n_owned]),
-            ("frozen", slice(split, None), counts[n_owned:]),
+        parts, total = [], x.shape[0]
+        for group, lo, hi, group_counts in (
+            ("owned", 0, split, counts[:n_owned]),
+            ("frozen", split, total, counts[n_owned:]),
         ):
             block = self._blocks.get(group)
             if block is None:
+                continue
+            if hi == lo:  # no token routed to this block
+                parts.append(x.new_empty(0, x.shape[1], dtype=compute or x.dtype))
                 continue
             gate_up, down = block
             if group == "owned" and torch.is_grad_enabled():
@@ -232,12 +235,12 @@ class PartitionedExperts(nn.Module):
             dtype = compute or gate_up.dtype
             offsets = torch.cumsum(group_counts, 0, dtype=torch.int32)
             with torch.autocast(x.device.type, enabled=False):
-                h = _grouped(x[rows].to(dtype), gate_up.to(dtype), offsets)
+                h = _grouped(x[lo:hi].to(dtype), gate_up.to(dtype), offsets)
                 gate, up = h.chunk(2, dim=-1)
                 parts.append(_grouped(self.act_fn(gate) * up, down.to(dtype), offsets).to(compute or x.dtype))
         y = torch.cat(parts) if len(parts) > 1 else parts[0]
-        weights = top_k_weights.reshape(-1)[order]
-        y = y * weights[:, None].to(y.dtype)
+        # Routing weights are fp32: the weighted sum over the top-k picks runs in fp32.
+        y = y * top_k_weights.reshape(-1)[order][:, None]
         unsorted = torch.empty_like(y)
         unsorted[order] = y
         return unsorted.view(tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)

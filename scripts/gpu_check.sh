@@ -1,21 +1,14 @@
 #!/usr/bin/env bash
-# On one GPU: the 1b preset as one SPES node (4 of 16 experts) and as one full-training node,
-# a few dozen steps each, printing tokens/s and peak GPU memory. Finishes in a few minutes on an H100.
-#   scripts/gpu_check.sh [steps] [batch] [seq]
+# On one GPU (H100/H200): the gpu_check suite, each configuration in its own process:
+#   1b (4 x 2048): stock transformers, full node, SPES node (4 of 16 experts), the last two also
+#   with the memory options (lean loss, activation checkpointing, 8-bit AdamW if installed);
+#   7b (2 x 2048): full node and SPES node (8 of 32), with and without the memory options.
+# Prints a table and the ratios, writes benchmarks/gpu.json (copied to $OUT when set).
+# Needs torch + transformers only; about 5-8 minutes on an H200.
+#   scripts/gpu_check.sh [more scripts/gpu_check.py options, e.g. --steps 5 --compile]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-STEPS=${1:-30}; BATCH=${2:-4}; SEQ=${3:-2048}
-OUT=${OUT:-.}
-for mode in spes full; do
-  timeout 300 "$PY" scripts/gpu_check.py --preset 1b --mode "$mode" --steps "$STEPS" --batch "$BATCH" --seq "$SEQ" \
-    | tee -a "$OUT/gpu_check.jsonl"
-done
-"$PY" - "$OUT/gpu_check.jsonl" <<'PYEOF'
-import json, sys
-rows = {r["mode"]: r for r in map(json.loads, open(sys.argv[1]))}
-s, f = rows["spes"], rows["full"]
-print(f"{s['device']}: 1b SPES node {s['tokens_per_s']:.0f} tok/s, {s['peak_mem_gb']:.1f} GB | "
-      f"full node {f['tokens_per_s']:.0f} tok/s, {f['peak_mem_gb']:.1f} GB | "
-      f"memory ratio {s['peak_mem_gb'] / f['peak_mem_gb']:.3f}, throughput ratio {s['tokens_per_s'] / f['tokens_per_s']:.3f}")
-PYEOF
+"$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.__version__, torch.cuda.get_device_name())"
+"$PY" scripts/gpu_check.py --suite --steps 8 --warmup 2 --timeout 120 "$@"
+if [ -n "${OUT:-}" ]; then cp benchmarks/gpu.json "$OUT/"; fi

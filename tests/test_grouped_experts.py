@@ -45,6 +45,18 @@ def test_grouped_equals_per_expert_loop_logits_and_grads():
     assert all(grads[n].abs().sum() > 0 for n in expert_param_names(names, OWNED))
 
 
+@pytest.mark.parametrize("owned", [[], list(range(8))])
+def test_grouped_with_an_empty_block_equals_the_loop(owned):
+    model = build_model(ARGS, VOCAB, owned=owned, seed=0)
+    x = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(2))
+    ref_logits, ref_grads = logits_and_grads(model, "loop", x)
+    logits, grads = logits_and_grads(model, "grouped", x)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+    assert grads.keys() == ref_grads.keys()
+    for n in ref_grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-5, atol=1e-5, msg=n)
+
+
 def test_parameters_are_views_of_one_owned_and_one_frozen_block_with_standard_names():
     model = build_model(ARGS, VOCAB, owned=OWNED, seed=0)
     keys = set(model.state_dict())
