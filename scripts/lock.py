@@ -127,7 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     if skipped:
         print(f"lock: extras not installed, not locked: {', '.join(skipped)}", file=sys.stderr)
     if args.check:
-        stale = [p.name for p, text in wanted.items() if not p.exists() or p.read_text(encoding="utf-8") != text]
+        def pins(text: str) -> list[str]:  # the header names the Python that wrote it; compare the pins
+            return [line for line in text.splitlines() if not line.startswith("#")]
+
+        stale = [p.name for p, text in wanted.items()
+                 if not p.exists() or pins(p.read_text(encoding="utf-8")) != pins(text)]
         if stale:
             print(f"lock: {', '.join(stale)} differ from the installed environment; run `make lock`",
                   file=sys.stderr)
