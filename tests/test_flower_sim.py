@@ -1,6 +1,10 @@
 """The whole app in a real Flower simulation: 2 nodes, 2 rounds, a very small model."""
 
 import json
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from micro import MICRO_MODEL
 from model import count_parameters, load_pretrained
 from model.naming import expert_param_names
-from sim.__main__ import main as sim_main
+ROOT = Path(__file__).resolve().parent.parent
 
 OVERRIDES = [
     "nodes=2",
@@ -24,10 +28,35 @@ OVERRIDES = [
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
+def sim_run(tmp_path_factory):
+    """`python -m sim` as a user runs it; its console output is part of what is tested."""
     out = tmp_path_factory.mktemp("sim")
-    assert sim_main(OVERRIDES + [f"output_dir={out}"]) == 0
-    return out / "simtest"
+    proc = subprocess.run([sys.executable, "-m", "sim", *OVERRIDES, f"output_dir={out}"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out / "simtest", proc.stdout, proc.stderr
+
+
+@pytest.fixture(scope="module")
+def run_dir(sim_run):
+    return sim_run[0]
+
+
+def test_console_has_one_line_per_round_and_no_node_bars(sim_run):
+    _, stdout, stderr = sim_run
+    lines = stdout.replace("\r", "\n").splitlines()
+    rounds = [ln for ln in lines if re.search(r"\[spes\] round \d+/2 \| held-out loss", ln)]
+    assert [re.search(r"round (\d+)/", ln).group(1) for ln in rounds] == ["0", "1", "2"]
+    assert "tokens" in rounds[1] and "MB" in rounds[1] and "s/round" in rounds[1]
+    assert not any("steps" in ln and "%|" in ln for ln in lines + stderr.splitlines())  # per-step node bars
+    assert "ClientAppActor" not in stdout  # Ray's per-worker noise stays in the log file
+
+
+def test_run_report_names_every_plot(run_dir):
+    report = (run_dir / "report.md").read_text()
+    for plot in ("loss.png", "traffic.png", "expert_load.png"):
+        assert (run_dir / plot).stat().st_size > 0
+        assert plot in report
 
 
 def test_outputs_and_summary(run_dir):
@@ -61,8 +90,11 @@ def test_bytes_and_trainable_params_are_analytic(run_dir):
 def test_global_experts_equal_their_owners_copy(run_dir):
     model = load_pretrained(run_dir / "model")
     global_sd = model.state_dict()
-    states = sorted((run_dir / "nodes").glob("*/partition-*/state/owned.safetensors"))
-    assert len(states) == 2
+    # Each node keeps its newest two states, tagged by global step: 3 and 6 after 2 rounds of H=3.
+    parts = sorted((run_dir / "nodes").glob("*/partition-*"))
+    assert [sorted(p.name for p in (d / "state").iterdir()) for d in parts] == [
+        ["step-000000000003", "step-000000000006"]] * 2
+    states = [d / "state" / "step-000000000006" / "owned.safetensors" for d in parts]
     for pid, path in enumerate(states):
         saved = load_file(str(path))
         assert set(saved) == set(expert_param_names(global_sd, range(4 * pid, 4 * pid + 4)))
