@@ -9,11 +9,12 @@ strategy see standard names.
 
 Those parameters are views into two contiguous blocks per layer, the owned experts' and the
 frozen experts' (in that order of expert ids: the block order is a permutation of the experts,
-so any owned set works). On CUDA the forward runs one grouped GEMM per block and projection
-instead of a Python loop over experts; the owned block carries gradients to the per-expert
-parameters without a copy, the frozen block carries none and may be stored in bf16 (the
-coordinator keeps the fp32 masters; loading fp32 into it casts). On CPU the per-expert loop
-is kept by default (`implementation="auto"`): grouped GEMM did not measure faster there.
+so any owned set works). The forward runs one grouped GEMM per block and projection instead of
+a Python loop over experts; the owned block carries gradients to the per-expert parameters
+without a copy, the frozen block carries none and may be stored in bf16 (the coordinator keeps
+the fp32 masters; loading fp32 into it casts). The per-expert loop stays available
+(`implementation="loop"`, the reference in tests); grouped measured faster on CPU as well
+(tiny preset, 8 x 128, 1 thread: 3223 vs 2804 tokens per CPU-second for the previous loop).
 """
 
 from __future__ import annotations
@@ -64,6 +65,11 @@ class _OwnedBlock(torch.autograd.Function):
         return (None, None, *grads)
 
 
+def _has_grouped_mm(device: torch.device) -> bool:
+    # torch.nn.functional.grouped_mm (2.10+) runs on CPU too; the older private op was CUDA-only.
+    return hasattr(F, "grouped_mm") or (device.type == "cuda" and hasattr(torch, "_grouped_mm"))
+
+
 def _grouped(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """x [S, K] sorted by group, weight [G, N, K] (row-major, like nn.Linear) -> [S, N]."""
     if hasattr(F, "grouped_mm"):
@@ -80,7 +86,7 @@ class PartitionedExperts(nn.Module):
         for e in range(num_experts):
             self.add_module(str(e), ExpertFFN(hidden, inter, act))
         self.act_fn = ACT2FN[act]
-        # auto: grouped GEMM on CUDA, the per-expert loop elsewhere.
+        # auto: grouped GEMM where torch has it for the dtype, else the per-expert loop.
         self.implementation = "auto"
         self.owned: tuple[int, ...] = tuple(range(num_experts))
         self.frozen_dtype: torch.dtype | None = None  # None: frozen experts keep the owned dtype
@@ -188,7 +194,7 @@ class PartitionedExperts(nn.Module):
             self._pack()
         impl = self.implementation
         if impl == "auto":
-            impl = "grouped" if hidden_states.device.type == "cuda" else "loop"
+            impl = "grouped" if _has_grouped_mm(hidden_states.device) else "loop"
         if impl == "grouped" and hidden_states.dtype in _GROUPED_DTYPES:
             return self._forward_grouped(hidden_states, top_k_index, top_k_weights)
         return self._forward_loop(hidden_states, top_k_index, top_k_weights)
@@ -288,7 +294,7 @@ def set_owned_experts(model: nn.Module, owned: Iterable[int] | None, frozen_dtyp
 
 
 def set_experts_implementation(model: nn.Module, implementation: str) -> None:
-    """auto (grouped GEMM on CUDA, per-expert loop elsewhere) | loop | grouped."""
+    """auto (grouped GEMM where available) | loop (one matmul per routed expert) | grouped."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"experts implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
     for m in expert_modules(model):
