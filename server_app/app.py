@@ -113,7 +113,8 @@ def _run(grid, spec, run_dir, ckpt_root, resumed, t_start) -> dict:
     known = set(grid.get_node_ids())
     max_tokens = spec.strategy.local_steps * spec.train.batch_size * spec.data.seq_len
     strategy = SpesStrategy(spec.strategy, model.config.num_experts, partitions, spec.rounds,
-                            max_tokens=max_tokens, num_layers=model.config.num_hidden_layers)
+                            max_tokens=max_tokens, num_layers=model.config.num_hidden_layers,
+                            max_eval_tokens=spec.eval.max_batches * spec.eval.batch_size * spec.data.seq_len)
     strategy.params = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if resumed is not None:
         strategy.load_state_dict(resumed[2]["strategy"], resumed[1])

@@ -65,12 +65,14 @@ class SpesStrategy(Strategy):
         node_partitions: Mapping[int, int],
         num_rounds: int,
         max_tokens: float = math.inf,
+        max_eval_tokens: float = math.inf,
         num_layers: int | None = None,
     ) -> None:
         self.cfg = cfg
         self.num_experts = num_experts
         self.num_layers = num_layers
         self.max_tokens = max_tokens  # the most tokens one node can train in a round
+        self.max_eval_tokens = max_eval_tokens  # the most tokens one node evaluates
         pids = [node_partitions[n] for n in node_partitions]
         rank_partitions(pids)  # distinct
         cfg.validate(num_experts, len(pids))
@@ -390,7 +392,7 @@ class SpesStrategy(Strategy):
             try:
                 if keys.METRICS not in msg.content.metric_records:
                     raise InvalidUpdate("no metrics record")
-                loss, n = validate_eval_metrics(msg.content.metric_records[keys.METRICS], self.max_tokens)
+                loss, n = validate_eval_metrics(msg.content.metric_records[keys.METRICS], self.max_eval_tokens)
             except (InvalidUpdate, TypeError, ValueError) as exc:
                 log.warning("evaluation reply of partition %d rejected: %s", pid, exc)
                 continue

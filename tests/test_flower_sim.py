@@ -67,6 +67,7 @@ def test_outputs_and_summary(run_dir):
     assert summary["rounds"] == 2 and summary["nodes"] == 2
     assert summary["tokens_trained"] == 2 * 2 * 3 * 4 * 64
     assert summary["final_val_loss"] < summary["first_val_loss"]
+    assert summary["federated_eval_loss"] is not None  # the nodes' evaluation replies were accepted
     assert (run_dir / "loss.png").stat().st_size > 0
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in lines] == [1, 2]
