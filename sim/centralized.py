@@ -27,12 +27,13 @@ def run(overrides: list[str]) -> dict:
     from model import build_model, count_parameters
     from server_app.app import summarize
     from server_app.config import load
+    from server_app.config import run_dir as run_dir_of
     from server_app.run_log import RunLog, write_json_atomic
     from strategy.spes import node_metrics
 
     t_start = time.time()
     spec = load(overrides)
-    run_dir = spec.run_dir
+    run_dir = run_dir_of(spec)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "summary.json").unlink(missing_ok=True)
     if spec.train.threads:

@@ -64,11 +64,11 @@ def _worker(spec_json: str, tok_json: str, nodes: list[int], owners: list[list[i
 def bare_rounds(overrides: list[str], rounds: int = 3) -> dict:
     """Time `rounds` bare rounds of every node of the run configured by `overrides`."""
     from data import load_tokenizer, tokenizer_to_json
-    from server_app.config import load
+    from server_app.config import load, run_dir
     from strategy.assignment import make_assignment
 
     spec = load(overrides)
-    tok = load_tokenizer(spec.data, spec.run_dir.parent / ".cache")  # the coordinator's tokenizer
+    tok = load_tokenizer(spec.data, run_dir(spec).parent / ".cache")  # the coordinator's tokenizer
     owners = [list(o) for o in make_assignment(spec.strategy.assignment, spec.model.num_experts, spec.nodes).owners]
     slots = min(spec.nodes, cpu_slots())
     ctx = mp.get_context("spawn")
@@ -120,10 +120,10 @@ def coordinator_work(overrides: list[str], repeats: int = 2) -> dict:
     from data import load_tokenizer, prepare_blocks
     from model import build_model
     from model.export import save_hf_atomic
-    from server_app.config import load
+    from server_app.config import load, run_dir
 
     spec = load(overrides)
-    cache = spec.run_dir.parent / ".cache"
+    cache = run_dir(spec).parent / ".cache"
     tok = load_tokenizer(spec.data, cache)
     _, heldout = prepare_blocks(spec.data, tok, cache)
     special = {"eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
