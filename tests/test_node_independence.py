@@ -1,0 +1,60 @@
+"""A node imports nothing of the coordinator and checks only what concerns it."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from flwr.app import ConfigRecord
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_node_code_never_imports_the_coordinator():
+    code = (
+        "import sys; import client_app.app; "
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('server_app', 'strategy')); "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def _spec_json(**changes):
+    from server_app.config import compose
+
+    raw = compose([])
+    raw["data"]["source"] = changes.pop("source", raw["data"]["source"])
+    raw.update(changes)
+    return json.dumps(raw)
+
+
+def test_node_ignores_coordinator_only_paths(tmp_path):
+    from client_app.app import _spec_for_node
+    from client_app.node_settings import NodeSettings, NodeSetupError
+
+    settings = NodeSettings.from_node_config({"partition-id": 0, "num-partitions": 4, "work-dir": str(tmp_path)}, env={})
+    # A checkpoint path that exists only on the coordinator: the node neither checks nor keeps it.
+    spec, own = _spec_for_node(ConfigRecord({"run-config": _spec_json(init_from="/only/on/coordinator")}), settings)
+    assert spec.init_from is None and own is None and spec.data.source == "embedded"
+    # A corpus path on the coordinator is refused with what to set, never opened.
+    with pytest.raises(NodeSetupError, match="common-data"):
+        _spec_for_node(ConfigRecord({"run-config": _spec_json(source="/only/on/coordinator/corpus")}), settings)
+    # With this node's own copy configured, that copy is sharded like the common corpus.
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("some text\n\nmore text\n")
+    mine = NodeSettings.from_node_config(
+        {"partition-id": 0, "num-partitions": 4, "common-data": str(corpus)}, env={})
+    spec, own = _spec_for_node(ConfigRecord({"run-config": _spec_json(source="/only/on/coordinator/corpus")}), mine)
+    assert spec.data.source == str(corpus) and own is None
+
+
+def test_node_work_dir_comes_from_the_node(tmp_path):
+    from client_app.node_settings import ENV_WORK_DIR, NodeSettings
+
+    cfg = {"partition-id": 1, "num-partitions": 2, "work-dir": str(tmp_path / "mine")}
+    s = NodeSettings.from_node_config(cfg, env={ENV_WORK_DIR: str(tmp_path / "env")})
+    assert s.workdir("run-abc") == (tmp_path / "mine" / "run-abc" / "partition-1").resolve()
+    s = NodeSettings.from_node_config({"partition-id": 1, "num-partitions": 2}, env={ENV_WORK_DIR: str(tmp_path / "env")})
+    assert s.workdir("run-abc") == (tmp_path / "env" / "run-abc" / "partition-1").resolve()
