@@ -206,7 +206,7 @@ class RunSpec:
     output_dir: str = "outputs"
     seed: int = 0
     nodes: int = 4
-    rounds: int = 40
+    rounds: int = 30
     init_from: str | None = None
     resume: bool = False
     deterministic: bool = False
