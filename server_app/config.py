@@ -53,11 +53,16 @@ def run_dir(spec: RunSpec) -> Path:
 
 
 def _writable_dir(path: Path) -> bool:
-    """The nearest existing ancestor is a directory we may write into."""
-    for candidate in (path, *path.parents):
-        if candidate.exists():
-            return candidate.is_dir() and os.access(candidate, os.W_OK | os.X_OK)
-    return False
+    """Create the directory if needed and write a probe file there (permissions alone lie to root)."""
+    import tempfile
+
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".spes-write-probe-"):
+            pass
+    except OSError:
+        return False
+    return True
 
 
 def _looks_local(path: str) -> bool:

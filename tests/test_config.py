@@ -66,6 +66,15 @@ def test_spec_round_trips_through_json():
         ("data.vocab_size=100", r"data\.vocab_size must be at least 260 for tokenizer 'bpe', got 100"),
         ("data.on_bad_file=ignore", r"data\.on_bad_file must be one of \['skip', 'error'\], got 'ignore'"),
         ("data.decode_errors=ignore", r"data\.decode_errors must be one of \['replace', 'strict'\]"),
+        ("strategy.outer_lr=0", r"strategy\.outer_lr must be > 0, got 0"),
+        ("strategy.outer_lr=-0.7", r"strategy\.outer_lr must be > 0, got -0\.7"),
+        ("strategy.min_nodes=9", r"strategy\.min_nodes must be in \[0, nodes=4\], got 9"),
+        ("strategy.round_timeout_s=0", r"strategy\.round_timeout_s must be > 0"),
+        ("strategy.trim_fraction=0.5", r"strategy\.trim_fraction must be in \[0, 0\.5\)"),
+        ("eval.batch_size=0", r"eval\.batch_size and eval\.max_batches must be >= 1"),
+        ("eval.max_batches=-1", r"eval\.batch_size and eval\.max_batches must be >= 1"),
+        ("nodes=abc", r"nodes must be an integer, got 'abc'"),
+        ("+eval.unknown=1", r"eval: unknown key\(s\) \['unknown'\]"),
     ],
 )
 def test_bad_value_stops_the_entry_point_naming_the_key(override, message, tmp_path, capsys, monkeypatch):
@@ -93,3 +102,15 @@ def test_model_validate_checks_seq_len_against_max_seq_len():
     MoEArgs(max_seq_len=128).validate(seq_len=128)
     with pytest.raises(ValueError, match=r"data\.seq_len \(129\) exceeds model\.max_seq_len \(128\)"):
         MoEArgs(max_seq_len=128).validate(seq_len=129)
+
+
+def test_unwritable_output_dir_is_a_config_error(tmp_path, capsys, monkeypatch):
+    import sim.launcher
+    from sim.__main__ import main
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    target = str(blocker / "out")  # cannot be created, not even by root
+    monkeypatch.setattr(sim.launcher, "run_app", lambda *a, **k: 1)
+    assert main([f"output_dir={target}"]) == 2
+    assert "output_dir" in capsys.readouterr().err
