@@ -6,7 +6,7 @@ only), the run token must be a plain name, paths come from this node's own setti
 
 from __future__ import annotations
 
-import dataclasses
+import json
 import logging
 import math
 
@@ -18,7 +18,7 @@ from client_app.node_settings import NodeSettings
 from client_app.node_state import saved_steps, write_text_atomic
 from common import keys
 from common.codec import decode, encode, to_record
-from common.spec import RunSpec
+from common.spec import RunSpec, from_dict
 from data import tokenizer_from_json
 
 app = ClientApp()
@@ -40,15 +40,13 @@ def _int(cfg: ConfigRecord, key: str, minimum: int = 0) -> int:
 
 def _spec_for_node(cfg: ConfigRecord, settings: NodeSettings) -> tuple[RunSpec, str | None]:
     """The received spec with this node's own data source in place of the coordinator's."""
-    import json
-
     raw = json.loads(str(cfg[keys.RUN_CONFIG]))
     if not isinstance(raw, dict) or not isinstance(raw.get("data"), dict):
         raise ValueError("received run spec is not a config mapping")
     source, sharded = settings.data_source(str(raw["data"].get("source", "embedded")))
     raw["data"] = {**raw["data"], "source": source if sharded else "embedded"}
     raw.pop("init_from", None)  # the coordinator's checkpoint path: nothing for a node to open
-    spec = RunSpec.from_json(json.dumps(raw))
+    spec = from_dict(raw)
     return spec, None if sharded else source
 
 
