@@ -17,6 +17,7 @@ import torch
 from model.balance import BALANCE_MODES, LocalDecay, owned_experts
 from model.experts import expert_modules, set_frozen_dtype
 from model.loss import lm_loss
+from model.naming import ATTENTION_PROJECTIONS
 
 OPTIMIZERS = ("adamw", "adamw8bit")
 
@@ -50,6 +51,10 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute each decoder layer in the backward
     optimizer: str = "adamw"  # adamw | adamw8bit (CUDA only: torchao or bitsandbytes)
     compile: bool = False  # torch.compile each decoder layer
+    # LoRA on the attention projections (model/lora.py); 0: train every shared weight.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: str = "q_proj,k_proj,v_proj,o_proj"  # comma-separated subset of ATTENTION_PROJECTIONS
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
@@ -95,6 +100,26 @@ class TrainConfig:
         if self.balance_local_decay:
             self.local_decay().validate()
         self._validate_lean_options()
+        self._validate_lora()
+
+    def _validate_lora(self) -> None:
+        rank = self.lora_rank
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+            raise ValueError(f"train.lora_rank must be an integer >= 0 (0: no LoRA), got {rank!r}")
+        alpha = self.lora_alpha
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+            raise ValueError(f"train.lora_alpha must be a finite number > 0, got {alpha!r}")
+        if not isinstance(self.lora_targets, str):
+            raise ValueError(
+                f"train.lora_targets must be a comma-separated string such as 'q_proj,v_proj', got {self.lora_targets!r}"
+            )
+        targets = [t.strip() for t in self.lora_targets.split(",") if t.strip()]
+        bad = [t for t in targets if t not in ATTENTION_PROJECTIONS]
+        if not targets or bad or len(set(targets)) != len(targets):
+            raise ValueError(
+                f"train.lora_targets must name distinct projections among {','.join(ATTENTION_PROJECTIONS)}, "
+                f"got {self.lora_targets!r}" + (f" (unknown: {bad})" if bad else "")
+            )
 
     def _validate_lean_options(self) -> None:
         if self.optimizer not in OPTIMIZERS:

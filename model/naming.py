@@ -53,3 +53,56 @@ def group_expert_params(names: Iterable[str]) -> dict[int, dict[int, dict[str, s
         if p is not None:
             groups.setdefault(p.layer, {}).setdefault(p.expert, {})[p.proj] = n
     return groups
+
+
+# -- LoRA (model/lora.py) ----------------------------------------------------------------------
+# The global model names an adapter by the module it adapts, `<module>.lora_A.weight` /
+# `<module>.lora_B.weight`, and a wrapped base weight by its plain Hugging Face name: peft's
+# `base_model.model.` prefix, `.base_layer` and adapter name are internal to a node, so the
+# coordinator, checkpoints and codecs never see them.
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+LORA_ALWAYS_TRAINED = (".mlp.gate.weight", "norm.weight")  # routers, RMSNorms (incl. q/k-norm)
+_PEFT_PREFIX = "base_model.model."
+_PLAIN_ADAPTER = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B)\.weight$")
+
+
+def is_adapter_name(name: str) -> bool:
+    return _PLAIN_ADAPTER.match(name) is not None
+
+
+def peft_to_plain(name: str, adapter: str = "default") -> str:
+    """A peft parameter name (with or without the PeftModel prefix) as the global model names it."""
+    if name.startswith(_PEFT_PREFIX):
+        name = name[len(_PEFT_PREFIX):]
+    name = name.replace(".base_layer.", ".")
+    return re.sub(rf"\.(lora_A|lora_B)\.{re.escape(adapter)}\.", r".\1.", name)
+
+
+def plain_to_peft(name: str, targets: Iterable[str], adapter: str = "default", prefix: bool = True) -> str:
+    """The peft name of a plain parameter name; `prefix=False` names it inside `get_base_model()`."""
+    m = _PLAIN_ADAPTER.match(name)
+    if m is not None:
+        out = f"{m['module']}.{m['part']}.{adapter}.weight"
+    else:
+        module, _, leaf = name.rpartition(".")
+        out = f"{module}.base_layer.{leaf}" if module.rpartition(".")[2] in set(targets) else name
+    return _PEFT_PREFIX + out if prefix else out
+
+
+def trained_param_names(names: Iterable[str], owned: Iterable[int], lora: bool) -> list[str]:
+    """What a node trains and sends (plain names, in the order of `names`).
+
+    Without LoRA: every shared parameter and the owned experts. With LoRA: the adapters, routers,
+    norms and owned experts; the base weights (embeddings, attention, LM head) stay frozen.
+    """
+    wanted = set(owned)
+    out = []
+    for n in names:
+        e = parse_expert_param(n)
+        if e is not None:
+            keep = e.expert in wanted
+        else:
+            keep = not lora or is_adapter_name(n) or n.endswith(LORA_ALWAYS_TRAINED)
+        if keep:
+            out.append(n)
+    return out
