@@ -25,6 +25,7 @@ TOP_LEVEL_TYPES = {"run_name": str, "output_dir": str, "seed": int, "nodes": int
 
 
 ASSIGNMENTS = ("contiguous", "replicated")
+ASSIGNMENT_POLICIES = ("static", "load", "speed")  # strategy/load_aware.py
 
 
 class ConfigError(ValueError):
@@ -77,6 +78,13 @@ class MergeSchedule:
 class StrategyConfig:
     local_steps: int = 100
     assignment: str = "contiguous"  # contiguous (SPES) | replicated (every node trains every expert)
+    # Ownership from measurement, every `assignment_every` rounds over that many past rounds:
+    # static (never) | load (swap experts to even out routed load per node) | speed (experts per
+    # node proportional to tokens/s). Needs an exclusive assignment (not replicated).
+    assignment_policy: str = "static"
+    assignment_every: int = 5
+    # load: a swap must narrow the per-node load spread by more than this share of a node's mean load.
+    assignment_tolerance: float = 0.05
     outer_lr: float = 1.0
     outer_momentum: float = 0.0
     nesterov: bool = False
@@ -148,6 +156,16 @@ class StrategyConfig:
             (_finite(self.round_timeout_s) and self.round_timeout_s > 0,
              f"strategy.round_timeout_s must be > 0, got {self.round_timeout_s}"),
             (self.reassign_after >= 0, f"strategy.reassign_after must be >= 0, got {self.reassign_after}"),
+            (self.assignment_policy in ASSIGNMENT_POLICIES,
+             f"strategy.assignment_policy must be one of {list(ASSIGNMENT_POLICIES)}, got {self.assignment_policy!r}"),
+            (self.assignment_policy == "static" or self.assignment != "replicated",
+             f"strategy.assignment_policy={self.assignment_policy} moves experts between owners, but "
+             "strategy.assignment=replicated (DiLoCo/FedAvg) has every node train every expert; use static"),
+            (not isinstance(self.assignment_every, bool) and isinstance(self.assignment_every, int)
+             and self.assignment_every >= 1,
+             f"strategy.assignment_every must be an integer >= 1 (rounds), got {self.assignment_every!r}"),
+            (_finite(self.assignment_tolerance) and self.assignment_tolerance >= 0,
+             f"strategy.assignment_tolerance must be >= 0, got {self.assignment_tolerance}"),
             (self.max_failed_rounds >= 1, f"strategy.max_failed_rounds must be >= 1, got {self.max_failed_rounds}"),
             (self.uplink_codec in CODECS, f"strategy.uplink_codec must be one of {list(CODECS)}, got {self.uplink_codec!r}"),
             (self.downlink_codec in CODECS,

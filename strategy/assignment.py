@@ -6,6 +6,8 @@ reassigned) can replace the policy without touching aggregation.
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -124,3 +126,91 @@ def rebalance(
             break
         new[least].append(new[most].pop())  # the highest expert of the busiest node
     return {p: tuple(sorted(new[p])) for p in active}
+
+
+def _node_loads(owners: Mapping[int, Sequence[int]], load: Sequence[float]) -> dict[int, float]:
+    return {p: sum(load[e] for e in experts) for p, experts in owners.items()}
+
+
+def balance_by_load(
+    owners: Mapping[int, Sequence[int]], expert_load: Sequence[float], tolerance: float
+) -> dict[int, tuple[int, ...]]:
+    """Swap experts between nodes so each node's summed `expert_load` is as even as possible.
+
+    Greedy: apply the pairwise swap that lowers the max-min spread of per-node load most, until no
+    swap lowers it by more than `tolerance` x the mean per-node load. The bar is a share of a
+    node's fair load, not of the current spread, so a nearly even assignment is left alone rather
+    than reshuffled to chase measurement noise. Swaps keep every node's number of experts (its
+    memory) and the one-owner-per-expert invariant.
+    """
+    if tolerance < 0 or not math.isfinite(tolerance):
+        raise ValueError(f"tolerance must be a finite number >= 0, got {tolerance}")
+    owned = sorted(e for experts in owners.values() for e in experts)
+    if owned != list(range(len(expert_load))):
+        raise ValueError(f"owners must cover experts 0..{len(expert_load) - 1} exactly once, got {dict(owners)}")
+    if any(not math.isfinite(x) or x < 0 for x in expert_load):
+        raise ValueError(f"expert loads must be finite and >= 0, got {list(expert_load)}")
+    new = {p: sorted(experts) for p, experts in owners.items()}
+    if not new:
+        return {}
+    bar = tolerance * sum(expert_load) / len(new)
+    while True:
+        sums = _node_loads(new, expert_load)
+        spread = max(sums.values()) - min(sums.values())
+        best, best_spread = None, spread
+        for i, j in itertools.combinations(sorted(new), 2):
+            for a in new[i]:
+                for b in new[j]:
+                    delta = expert_load[b] - expert_load[a]  # node i gains delta, node j loses it
+                    moved = {**sums, i: sums[i] + delta, j: sums[j] - delta}
+                    after = max(moved.values()) - min(moved.values())
+                    if after < best_spread - 1e-12:
+                        best, best_spread = (i, a, j, b), after
+        if best is None or spread - best_spread <= bar:
+            return {p: tuple(sorted(experts)) for p, experts in new.items()}
+        i, a, j, b = best
+        new[i].remove(a), new[j].remove(b)
+        new[i].append(b), new[j].append(a)
+
+
+def speed_counts(speed: Mapping[int, float], num_experts: int) -> dict[int, int]:
+    """Experts per node proportional to `speed`, at least one each, summing to `num_experts`
+    (largest remainder: floor of each quota, the rest to the largest fractional parts)."""
+    nodes = sorted(speed)
+    if not nodes:
+        raise ValueError("no node to give experts to")
+    if num_experts < len(nodes):
+        raise ValueError(f"need at least one expert per node, got {num_experts} experts for {len(nodes)} nodes")
+    if any(not math.isfinite(speed[p]) or speed[p] <= 0 for p in nodes):
+        raise ValueError(f"node speeds must be finite and > 0, got {dict(speed)}")
+    total = sum(speed[p] for p in nodes)
+    quota = {p: num_experts * speed[p] / total for p in nodes}
+    counts = {p: max(1, math.floor(quota[p])) for p in nodes}
+    while sum(counts.values()) < num_experts:
+        counts[max(nodes, key=lambda p: (quota[p] - counts[p], -p))] += 1
+    while sum(counts.values()) > num_experts:  # only when the minimum of one pushed a node over its quota
+        counts[min((p for p in nodes if counts[p] > 1), key=lambda p: (quota[p] - counts[p], p))] -= 1
+    return counts
+
+
+def balance_by_speed(owners: Mapping[int, Sequence[int]], speed: Mapping[int, float]) -> dict[int, tuple[int, ...]]:
+    """Faster nodes own more experts: counts proportional to `speed` (tokens/s), at least one each.
+
+    Nothing moves while every node's count is within one expert of its exact quota (any such
+    count is as fair a rounding as another; this keeps noisy speeds from shuffling experts back
+    and forth). Otherwise counts go to `speed_counts` with the fewest moves: each node keeps its
+    lowest experts up to its new count and the released ones fill the nodes that need more.
+    """
+    if set(speed) != set(owners):
+        raise ValueError(f"need a speed for every node: owners {sorted(owners)}, speeds {sorted(speed)}")
+    num_experts = sum(len(experts) for experts in owners.values())
+    counts = speed_counts(speed, num_experts)
+    total = sum(speed.values())
+    if all(len(owners[p]) >= 1 and abs(len(owners[p]) - num_experts * speed[p] / total) < 1 for p in owners):
+        return {p: tuple(sorted(experts)) for p, experts in owners.items()}
+    new = {p: sorted(owners[p])[: counts[p]] for p in sorted(owners)}
+    released = sorted(e for p in owners for e in sorted(owners[p])[counts[p]:])
+    for p in sorted(owners):
+        while len(new[p]) < counts[p]:
+            new[p].append(released.pop(0))
+    return {p: tuple(sorted(experts)) for p, experts in new.items()}

@@ -27,6 +27,7 @@ from common.spec import MergeSchedule, StrategyConfig
 from model.naming import expert_param_names, parse_expert_param, shared_param_names
 from strategy.aggregation import aggregate
 from strategy.assignment import Ownership, make_assignment, rank_partitions, rebalance
+from strategy.load_aware import reconsider_owners
 from strategy.merging import merge_experts
 from strategy.outer import OuterOptimizer
 from strategy.validation import InvalidUpdate, validate_eval_metrics, validate_train_metrics, validate_update
@@ -316,6 +317,7 @@ class SpesStrategy(Strategy):
             for pid in self.partitions:
                 self.sync.commit(pid, pid in updates, prev_step + self.cfg.local_steps, self._own_uplinks.get(pid))
         self._update_membership(updates, alpha, applied)
+        reconsider_owners(self, nodes)  # strategy.assignment_policy: owners from measured load or speed
         tokens = sum(n.get("num_tokens", 0.0) for p, n in nodes.items() if p in updates)
         loss = sum(n.get("train_loss", 0.0) * n.get("num_tokens", 0.0) for p, n in nodes.items() if p in updates)
         record = {

@@ -1,0 +1,101 @@
+"""Measured expert ownership (`strategy.assignment_policy`): every `assignment_every` rounds the
+coordinator looks at what the nodes reported over that many rounds and moves experts.
+
+- `load`: per-expert routed load (token-weighted mean of the nodes' `expert-load` reports, summed
+  over layers) is evened out across nodes by swaps, so experts per node stay as they are.
+- `speed`: experts per node proportional to the nodes' measured tokens/s.
+
+Only reports of accepted replies count. The round log is not part of a checkpoint, so after a
+resume the window holds the rounds since the resume only.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from strategy.assignment import Ownership, balance_by_load, balance_by_speed
+
+log = logging.getLogger("spes.strategy")
+
+
+def mean_expert_load(rounds: Sequence[Mapping[Any, Mapping[str, Any]]], num_experts: int) -> list[float] | None:
+    """One load per expert: token-weighted mean over the nodes' reports in `rounds`, summed over layers.
+
+    `rounds` holds one {partition: node record} per round (the round log's `nodes`); None when
+    no accepted reply reported a load."""
+    total, tokens = [0.0] * num_experts, 0.0
+    for nodes in rounds:
+        for node in nodes.values():
+            load = node.get("expert_load")
+            weight = float(node.get("num_tokens", 0.0))
+            if node.get("status") != "ok" or not load or weight <= 0:
+                continue
+            for layer in load:
+                for e, fraction in enumerate(layer):
+                    total[e] += weight * fraction
+            tokens += weight
+    return [x / tokens for x in total] if tokens else None
+
+
+def mean_speed(rounds: Sequence[Mapping[Any, Mapping[str, Any]]], partitions: Sequence[int]) -> dict[int, float]:
+    """Tokens/s of each partition over `rounds`: its tokens over its training seconds (a mean of
+    rates weighted by tokens), for partitions with at least one accepted measurement."""
+    tokens = {p: 0.0 for p in partitions}
+    seconds = {p: 0.0 for p in partitions}
+    for nodes in rounds:
+        for key, node in nodes.items():
+            p, rate, n = int(key), float(node.get("tokens_per_s", 0.0)), float(node.get("num_tokens", 0.0))
+            if p in tokens and node.get("status") == "ok" and rate > 0 and n > 0:
+                tokens[p] += n
+                seconds[p] += n / rate
+    return {p: tokens[p] / seconds[p] for p in partitions if seconds[p] > 0}
+
+
+def _spread(owners: Mapping[int, Sequence[int]], load: Sequence[float]) -> float:
+    sums = [sum(load[e] for e in experts) for experts in owners.values()]
+    return max(sums) - min(sums)
+
+
+def reconsider_owners(strategy: Any, nodes: Mapping[int, Mapping[str, Any]]) -> None:
+    """At a round boundary, move experts by the policy from the last `assignment_every` rounds.
+
+    `nodes` is the round just aggregated (not yet in `strategy.history`). Nodes whose experts
+    changed get the whole model next round; the change is logged as a `reassign` event."""
+    cfg = strategy.cfg
+    every = cfg.assignment_every
+    if cfg.assignment_policy == "static" or cfg.assignment == "replicated" or strategy.round % every:
+        return
+    window = [r["nodes"] for r in strategy.history[len(strategy.history) - (every - 1):]] if every > 1 else []
+    window.append(nodes)
+    active = {p: strategy.owners[p] for p in strategy.partitions}
+    extra: dict[str, Any] = {}
+    if cfg.assignment_policy == "load":
+        load = mean_expert_load(window, strategy.num_experts)
+        if load is None:
+            log.info("round %d: no expert-load reports in the last %d rounds; ownership kept", strategy.round, every)
+            return
+        new = balance_by_load(active, load, cfg.assignment_tolerance)
+        before, after = _spread(active, load), _spread(new, load)
+        extra = {"load_spread": [round(before, 6), round(after, 6)]}
+        reason = f"load-aware: per-node routed load spread {before:.4f} -> {after:.4f} over the last {every} round(s)"
+    else:
+        speed = mean_speed(window, list(active))
+        if set(speed) != set(active):
+            log.info("round %d: no tokens/s of partition(s) %s in the last %d rounds; ownership kept",
+                     strategy.round, sorted(set(active) - set(speed)), every)
+            return
+        new = balance_by_speed(active, speed)
+        extra = {"tokens_per_s": {str(p): round(s, 3) for p, s in speed.items()}}
+        reason = (f"load-aware: experts per node {[len(active[p]) for p in sorted(active)]} -> "
+                  f"{[len(new[p]) for p in sorted(new)]} for tokens/s {[round(speed[p], 1) for p in sorted(speed)]}")
+    Ownership(strategy.num_experts, tuple(new[p] for p in sorted(new))).validate()
+    changes = {str(p): list(e) for p, e in new.items() if active[p] != e}
+    if not changes:
+        return
+    strategy.owners.update(new)
+    for p in changes:
+        strategy.members[int(p)].needs_full = True  # its own experts changed: send it everything
+    strategy.events.append({"round": strategy.round, "event": "reassign", "reason": reason, "owners": changes, **extra})
+    log.warning("round %d: experts reassigned (%s): %s", strategy.round, reason, changes)

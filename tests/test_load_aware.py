@@ -1,0 +1,229 @@
+"""Load-aware expert ownership (strategy.assignment_policy): the pure policies by hand, then the
+strategy moving owners at the right round from fabricated node reports."""
+
+import pytest
+import torch
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+
+from common.codec import encode
+from common.spec import MergeSchedule, StrategyConfig
+from model.naming import expert_param_names, shared_param_names
+from strategy.assignment import Ownership, balance_by_load, balance_by_speed, speed_counts
+from strategy.load_aware import mean_expert_load, mean_speed
+from strategy.spes import SpesStrategy
+
+L = 2
+
+
+def _sums(owners, load):
+    return {p: sum(load[e] for e in experts) for p, experts in owners.items()}
+
+
+def _moved(before, after):
+    return sum(len(set(after[p]) - set(before[p])) for p in before)
+
+
+def _one_owner_each(owners, num_experts):
+    Ownership(num_experts, tuple(owners[p] for p in sorted(owners))).validate()
+
+
+# -- balance_by_load -------------------------------------------------------------------------
+def test_load_one_swap_evens_two_nodes():
+    load, owners = [0.4, 0.3, 0.2, 0.1], {0: (0, 1), 1: (2, 3)}  # sums 0.7 / 0.3
+    new = balance_by_load(owners, load, 0.05)
+    assert _sums(new, load) == pytest.approx({0: 0.5, 1: 0.5})
+    assert _moved(owners, new) == 2  # one swap
+    assert {p: len(e) for p, e in new.items()} == {0: 2, 1: 2}
+    _one_owner_each(new, 4)
+
+
+def test_load_already_even_moves_nothing():
+    owners = {0: (0, 1), 1: (2, 3)}
+    assert balance_by_load(owners, [0.4, 0.1, 0.3, 0.2], 0.05) == owners
+
+
+def test_load_gain_below_tolerance_moves_nothing():
+    # Sums 0.51 / 0.49; the best swap (1 <-> 2) evens them, a gain of 0.02 in spread.
+    load, owners = [0.26, 0.25, 0.25, 0.24], {0: (0, 1), 1: (2, 3)}
+    assert balance_by_load(owners, load, 0.05) == owners        # bar 0.05 x 0.5 = 0.025 > 0.02
+    new = balance_by_load(owners, load, 0.01)                   # bar 0.005 < 0.02
+    assert _sums(new, load) == pytest.approx({0: 0.5, 1: 0.5}) and _moved(owners, new) == 2
+
+
+def test_load_three_nodes_stops_at_best_reachable_spread():
+    # Sums 0.5 / 0.3 / 0.2. Sums are multiples of 0.1 adding to 1, so 0.1 is the least spread;
+    # one swap (expert 0 for expert 4) reaches it.
+    load, owners = [0.3, 0.2, 0.2, 0.1, 0.1, 0.1], {0: (0, 1), 1: (2, 3), 2: (4, 5)}
+    new = balance_by_load(owners, load, 0.05)
+    sums = _sums(new, load)
+    assert max(sums.values()) - min(sums.values()) == pytest.approx(0.1)
+    assert _moved(owners, new) == 2 and new[1] == (2, 3)
+    _one_owner_each(new, 6)
+
+
+def test_load_one_heavy_expert_cannot_be_split():
+    # Any swap just moves the 0.5 expert's surplus to another node: spread stays 0.4.
+    owners = {0: (0, 1), 1: (2, 3), 2: (4, 5)}
+    assert balance_by_load(owners, [0.5, 0.1, 0.1, 0.1, 0.1, 0.1], 0.0) == owners
+
+
+def test_load_rejects_bad_input():
+    with pytest.raises(ValueError, match="exactly once"):
+        balance_by_load({0: (0, 1), 1: (1, 2)}, [0.25] * 4, 0.05)
+    with pytest.raises(ValueError, match="tolerance"):
+        balance_by_load({0: (0,), 1: (1,)}, [0.5, 0.5], -1.0)
+
+
+# -- balance_by_speed ------------------------------------------------------------------------
+def test_speed_counts_largest_remainder_at_least_one():
+    assert speed_counts({0: 3.0, 1: 1.0}, 8) == {0: 6, 1: 2}
+    assert speed_counts({0: 1.0, 1: 1.0, 2: 1.0}, 10) == {0: 4, 1: 3, 2: 3}
+    assert speed_counts({0: 100.0, 1: 1.0, 2: 1.0}, 4) == {0: 2, 1: 1, 2: 1}  # quota 3.92, but each needs one
+
+
+def test_speed_three_to_one_gives_six_and_two_with_two_moves():
+    owners = {0: (0, 1, 2, 3), 1: (4, 5, 6, 7)}
+    new = balance_by_speed(owners, {0: 300.0, 1: 100.0})
+    assert new == {0: (0, 1, 2, 3, 6, 7), 1: (4, 5)}
+    assert _moved(owners, new) == 2
+    _one_owner_each(new, 8)
+
+
+def test_speed_counts_within_one_of_quota_move_nothing():
+    owners = {0: (0, 1, 2, 3), 1: (4, 5, 6, 7)}
+    assert balance_by_speed(owners, {0: 110.0, 1: 100.0}) == owners  # quota 4.19 / 3.81
+    uneven = {0: (0, 1, 2, 3), 1: (4, 5, 6), 2: (7, 8, 9)}
+    assert balance_by_speed(uneven, {0: 1.0, 1: 1.0, 2: 1.0}) == uneven
+
+
+def test_speed_needs_a_positive_speed_for_every_node():
+    with pytest.raises(ValueError, match="every node"):
+        balance_by_speed({0: (0,), 1: (1,)}, {0: 1.0})
+    with pytest.raises(ValueError, match="> 0"):
+        balance_by_speed({0: (0,), 1: (1,)}, {0: 1.0, 1: 0.0})
+
+
+# -- combining the reports -------------------------------------------------------------------
+def test_mean_expert_load_token_weighted_summed_over_layers():
+    rounds = [{
+        "0": {"status": "ok", "num_tokens": 100.0, "expert_load": [[0.75, 0.25], [0.5, 0.5]]},
+        "1": {"status": "ok", "num_tokens": 300.0, "expert_load": [[0.25, 0.75], [0.5, 0.5]]},
+        "2": {"status": "rejected: x", "num_tokens": 900.0, "expert_load": [[1.0, 0.0], [1.0, 0.0]]},
+    }]
+    # (100 * [1.25, 0.75] + 300 * [0.75, 1.25]) / 400
+    assert mean_expert_load(rounds, 2) == pytest.approx([0.875, 1.125])
+    assert mean_expert_load([{"0": {"status": "ok", "num_tokens": 5.0}}], 2) is None
+
+
+def test_mean_speed_is_tokens_over_seconds():
+    rounds = [{"0": {"status": "ok", "num_tokens": 100.0, "tokens_per_s": 50.0}},   # 2 s
+              {"0": {"status": "ok", "num_tokens": 300.0, "tokens_per_s": 100.0},  # 3 s
+               "1": {"status": "no reply"}}]
+    assert mean_speed(rounds, [0, 1]) == pytest.approx({0: 80.0})
+
+
+# -- the strategy ---------------------------------------------------------------------------
+def _params(experts, hid=4, inter=3):
+    g = torch.Generator().manual_seed(0)
+    p = {"model.embed_tokens.weight": torch.randn(10, hid, generator=g), "model.norm.weight": torch.randn(hid, generator=g)}
+    for layer in range(L):
+        p[f"model.layers.{layer}.mlp.gate.weight"] = torch.randn(experts, hid, generator=g)
+        for e in range(experts):
+            base = f"model.layers.{layer}.mlp.experts.{e}"
+            for proj, shape in (("gate_proj", (inter, hid)), ("up_proj", (inter, hid)), ("down_proj", (hid, inter))):
+                p[f"{base}.{proj}.weight"] = torch.randn(*shape, generator=g)
+    return p
+
+
+def _round(s, rnd, arrays, per_layer_load, speed=None):
+    """One round in which every node replies with a small update and reports `per_layer_load`."""
+    msgs = list(s.configure_train(rnd, arrays, ConfigRecord({}), None))
+    replies = []
+    for msg in msgs:
+        pid = next(p for p, m in s.members.items() if m.node_id == msg.metadata.dst_node_id)
+        names = shared_param_names(s.params) + expert_param_names(s.params, msg.content["config"]["owned-experts"])
+        metrics = {"num-tokens": 100.0, "expert-load": list(per_layer_load) * L}
+        if speed:
+            metrics["tokens-per-s"] = speed[pid]
+        replies.append(Message(RecordDict({"arrays": encode({n: s.params[n] + 0.01 for n in names}),
+                                           "metrics": MetricRecord(metrics)}), reply_to=msg))
+    s.aggregate_train(rnd, replies)
+    return {m.metadata.dst_node_id: m.content["config"] for m in msgs}
+
+
+def _strategy(policy, experts, nodes, every=2, **cfg):
+    cfg = StrategyConfig(local_steps=5, merge=MergeSchedule(enabled=False), assignment_policy=policy,
+                         assignment_every=every, **cfg)
+    return SpesStrategy(cfg, experts, {10 + p: p for p in range(nodes)}, num_rounds=5, num_layers=L)
+
+
+SKEWED = [0.3, 0.2, 0.2, 0.1, 0.1, 0.1]  # per layer; node sums 0.5 / 0.3 / 0.2 (x2 layers)
+
+
+def test_skewed_load_moves_owners_at_the_reconsideration_round(flower_task):
+    s = _strategy("load", 6, 3, every=2)
+    _round(s, 1, encode(_params(6)), SKEWED)
+    assert s.owners == {0: (0, 1), 1: (2, 3), 2: (4, 5)} and s.events == []  # round 1: not a multiple of 2
+    _round(s, 2, None, SKEWED)
+    assert s.owners == {0: (1, 4), 1: (2, 3), 2: (0, 5)}
+    assert s.history[-1]["owners"] == {"0": [1, 4], "1": [2, 3], "2": [0, 5]}
+    [event] = s.events
+    assert (event["round"], event["event"], event["owners"]) == (2, "reassign", {"0": [1, 4], "2": [0, 5]})
+    assert event["reason"].startswith("load-aware:") and event["load_spread"] == pytest.approx([0.6, 0.2])
+    assert s.needs_full == {0: True, 1: False, 2: True}  # only the nodes whose experts changed
+    sent = _round(s, 3, None, SKEWED)
+    assert [list(sent[10 + p]["owned-experts"]) for p in range(3)] == [[1, 4], [2, 3], [0, 5]]
+    assert [sent[10 + p]["full-model"] for p in range(3)] == [True, False, True]
+    _round(s, 4, None, SKEWED)
+    assert len(s.events) == 1  # already as even as swaps get: nothing more moves
+    _one_owner_each(s.owners, 6)
+
+
+def test_static_never_moves_owners(flower_task):
+    s = _strategy("static", 6, 3, every=1)
+    _round(s, 1, encode(_params(6)), SKEWED)
+    for rnd in (2, 3):
+        _round(s, rnd, None, SKEWED)
+    assert s.owners == {0: (0, 1), 1: (2, 3), 2: (4, 5)} and s.events == []
+    assert not any(s.needs_full.values())
+
+
+def test_speed_policy_gives_the_faster_node_more_experts(flower_task):
+    s = _strategy("speed", 8, 2, every=1)
+    _round(s, 1, encode(_params(8)), [0.125] * 8, speed={0: 300.0, 1: 100.0})
+    assert s.owners == {0: (0, 1, 2, 3, 6, 7), 1: (4, 5)}
+    assert s.events[0]["owners"] == {"0": [0, 1, 2, 3, 6, 7], "1": [4, 5]}
+    assert s.needs_full == {0: True, 1: True}
+
+
+def test_resume_keeps_the_measured_assignment(flower_task):
+    s = _strategy("load", 6, 3, every=1)
+    _round(s, 1, encode(_params(6)), SKEWED)
+    moved = dict(s.owners)
+    assert moved != {0: (0, 1), 1: (2, 3), 2: (4, 5)}
+    t = _strategy("load", 6, 3, every=1)
+    t.load_state_dict(s.state_dict(), s.outer_buffers())
+    assert t.owners == moved and t.events == s.events  # no "resumed with different nodes" reassignment
+
+
+def test_policy_needs_an_exclusive_assignment_and_a_known_name():
+    with pytest.raises(ValueError, match="strategy.assignment=replicated"):
+        StrategyConfig(assignment="replicated", assignment_policy="load").validate(8, 2)
+    with pytest.raises(ValueError, match="strategy.assignment_policy must be one of"):
+        StrategyConfig(assignment_policy="fastest").validate(8, 2)
+    with pytest.raises(ValueError, match="strategy.assignment_every"):
+        StrategyConfig(assignment_policy="load", assignment_every=0).validate(8, 2)
+    with pytest.raises(ValueError, match="strategy.assignment_tolerance"):
+        StrategyConfig(assignment_tolerance=float("nan")).validate(8, 2)
+    StrategyConfig(assignment="replicated").validate(8, 2)  # static with replicated: fine
+
+
+def test_config_keys_through_the_entry_point_config():
+    from server_app.config import ConfigError, load
+
+    spec = load(["strategy.assignment_policy=load", "strategy.assignment_every=3"])
+    assert (spec.strategy.assignment_policy, spec.strategy.assignment_every, spec.strategy.assignment_tolerance) == (
+        "load", 3, 0.05)
+    assert load(["strategy=diloco"]).strategy.assignment_policy == "static"
+    with pytest.raises(ConfigError, match=r"assignment_policy=speed moves experts.*replicated"):
+        load(["strategy=fedavg", "strategy.assignment_policy=speed"])
