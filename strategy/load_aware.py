@@ -67,7 +67,7 @@ def reconsider_owners(strategy: Any, nodes: Mapping[int, Mapping[str, Any]]) -> 
     every = cfg.assignment_every
     if cfg.assignment_policy == "static" or cfg.assignment == "replicated" or strategy.round % every:
         return
-    window = [r["nodes"] for r in strategy.history[len(strategy.history) - (every - 1):]] if every > 1 else []
+    window = [r["nodes"] for r in strategy.history[max(0, len(strategy.history) - (every - 1)):]] if every > 1 else []
     window.append(nodes)
     active = {p: strategy.owners[p] for p in strategy.partitions}
     extra: dict[str, Any] = {}
