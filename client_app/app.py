@@ -14,6 +14,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client_app.local_round import DeltaDownlink, NodeContext, run_local_eval, run_local_round
+from model.routing import unflatten
 from client_app.node_settings import NodeSettings
 from client_app.node_state import saved_steps, write_text_atomic
 from common import keys
@@ -84,6 +85,13 @@ def setup(msg: Message, context: Context) -> Message:
     return Message(RecordDict({keys.CONFIG: reply}), reply_to=msg)
 
 
+def _routing(cfg: ConfigRecord, ctx: NodeContext):
+    """The federation's expert load and the routing bias the coordinator sent (each may be absent)."""
+    shape = (ctx.spec.model.num_layers, ctx.spec.model.num_experts)
+    return (unflatten(cfg.get(keys.GLOBAL_LOAD), *shape, f"received {keys.GLOBAL_LOAD}"),
+            unflatten(cfg.get(keys.ROUTER_BIAS), *shape, f"received {keys.ROUTER_BIAS}"))
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     ctx, cfg = _node(msg, context)
@@ -98,6 +106,7 @@ def train(msg: Message, context: Context) -> Message:
         if not isinstance(apply_own, bool):
             raise ValueError(f"received {keys.APPLY_OWN}={apply_own!r}; expected true or false")
         delta = DeltaDownlink(arrays, _int(cfg, keys.BASE_STEP, -1), apply_own)
+    share, bias = _routing(cfg, ctx)
     reply, metrics = run_local_round(
         ctx,
         {} if delta is not None else decode(arrays),
@@ -107,6 +116,8 @@ def train(msg: Message, context: Context) -> Message:
         steps=_int(cfg, keys.LOCAL_STEPS, 1),
         total_steps=_int(cfg, keys.TOTAL_STEPS, 1) if total is not None else None,
         delta=delta,
+        global_share=share,
+        router_bias=bias,
     )
     record = to_record(reply) if delta is not None else encode(reply)
     content = RecordDict({keys.ARRAYS: record, keys.METRICS: MetricRecord(metrics)})
@@ -115,8 +126,8 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    ctx, _ = _node(msg, context)
-    loss, tokens = run_local_eval(ctx, decode(msg.content.array_records[keys.ARRAYS]))
+    ctx, cfg = _node(msg, context)
+    loss, tokens = run_local_eval(ctx, decode(msg.content.array_records[keys.ARRAYS]), _routing(cfg, ctx)[1])
     metrics = MetricRecord(
         {keys.EVAL_LOSS: loss, keys.EVAL_PPL: math.exp(min(loss, 50.0)), keys.NUM_TOKENS: float(tokens)}
     )

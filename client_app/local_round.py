@@ -21,6 +21,7 @@ from client_app.node_state import NodeState, optimizer_tensors, restore_optimize
 from client_app.trainer import evaluate, make_optimizer, resolve_device, train_steps
 from data import BatchStream, node_shard, prepare_blocks
 from model import build_model, expert_param_names, shared_param_names
+from model.routing import set_router_bias
 from common.codec import apply_delta, decode_delta, decode_sync, encode_delta
 from common.spec import RunSpec
 
@@ -140,8 +141,14 @@ def run_local_round(
     show_progress: bool = True,
     total_steps: int | None = None,
     delta: DeltaDownlink | None = None,
+    global_share: torch.Tensor | None = None,
+    router_bias: torch.Tensor | None = None,
 ) -> tuple[dict[str, torch.Tensor] | dict[str, np.ndarray], dict[str, float]]:
-    """Train one round; the reply is the trained tensors, or with `delta` their encoded differences."""
+    """Train one round; the reply is the trained tensors, or with `delta` their encoded differences.
+
+    global_share / router_bias ([layers, experts]): the federation's expert load last round and
+    the routing bias for the top-k choice (model/routing.py), when the coordinator sends them.
+    """
     spec, train_cfg = ctx.spec, ctx.spec.train
     if start_step < 0 or steps < 1:
         raise ValueError(f"partition {ctx.partition_id}: bad round (global step {start_step}, {steps} local steps)")
@@ -202,7 +209,9 @@ def run_local_round(
         file=sys.stderr,
     )
     total = total_steps or spec.total_steps
-    metrics = train_steps(model, optimizer, stream, train_cfg, start_step, steps, total, device, bar)
+    set_router_bias(model, router_bias)
+    metrics = train_steps(model, optimizer, stream, train_cfg, start_step, steps, total, device, bar,
+                          global_share=global_share)
     bar.close()
     metrics["trainable-params"] = float(sum(p.numel() for p in model.parameters() if p.requires_grad))
 
@@ -230,10 +239,13 @@ def run_local_round(
     return reply, metrics
 
 
-def run_local_eval(ctx: NodeContext, received: dict[str, torch.Tensor]) -> tuple[float, int]:
+def run_local_eval(
+    ctx: NodeContext, received: dict[str, torch.Tensor], router_bias: torch.Tensor | None = None
+) -> tuple[float, int]:
     _check_received(received, ctx.partition_id)
     device = resolve_device(ctx.spec.train.device)
     model = _build(ctx, None, device)
     model.load_state_dict(received, strict=True)
+    set_router_bias(model, router_bias)
     _, held = _data(ctx)
     return evaluate(model, held, ctx.spec.eval.batch_size, ctx.spec.eval.max_batches, device)

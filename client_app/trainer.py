@@ -45,6 +45,8 @@ class TrainConfig:
     balance_local_warmup_fraction: float = 0.2
     balance_local_every: int = 500
     logit_z_loss_weight: float = 0.0
+    # Balancing across nodes (model/routing.py): share of f_i taken from the federation's load.
+    balance_global_weight: float = 0.0
     threads: int = 0
     # Memory/speed options of a node (prepare_model); all off by default.
     lean_loss: bool = False  # CE from the last hidden state in token chunks: no full-batch fp32 logits
@@ -95,6 +97,10 @@ class TrainConfig:
         self._validate_numbers()
         if self.balance not in BALANCE_MODES:
             raise ValueError(f"train.balance must be one of {list(BALANCE_MODES)}, got {self.balance!r}")
+        if not (isinstance(self.balance_global_weight, (int, float)) and 0 <= self.balance_global_weight <= 1):
+            raise ValueError(f"train.balance_global_weight must be in [0, 1], got {self.balance_global_weight!r}")
+        if self.balance_global_weight > 0 and self.balance != "per_layer":
+            raise ValueError("train.balance_global_weight needs train.balance=per_layer (the pooled loss has no per-layer shares)")
         if not self.logit_z_loss_weight >= 0:
             raise ValueError(f"train.logit_z_loss_weight must be >= 0, got {self.logit_z_loss_weight}")
         if self.balance_local_decay:
@@ -261,8 +267,13 @@ def train_steps(
     total_steps: int,
     device: torch.device,
     progress: Any = None,
+    global_share: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """Run `steps` optimizer steps; returns mean losses, tokens, throughput, peak memory, expert load."""
+    """Run `steps` optimizer steps; returns mean losses, tokens, throughput, peak memory, expert load.
+
+    `global_share` ([layers, experts]): the federation's expert load last round, for the
+    balancing loss when cfg.balance_global_weight > 0.
+    """
     prepare_model(model, cfg)
     model.train()
     autocast = (
@@ -288,6 +299,7 @@ def train_steps(
                 model, block, cfg.aux_loss_weight, cfg.z_loss_weight, balance=cfg.balance,
                 logit_z_weight=cfg.logit_z_loss_weight, local_decay=decay, owned=owned,
                 step=start_step + i, total_steps=total_steps, lean=cfg.lean_loss,
+                global_share=global_share, global_weight=cfg.balance_global_weight,
             )
         parts.total.backward()
         if cfg.grad_clip > 0:

@@ -21,6 +21,8 @@ FULL_MODEL = "full-model"          # the arrays are the whole model, not a spars
 NODE_INDEX = "node-index"
 BASE_STEP = "base-step"            # delta sync: the saved state the node's copy of the model is in
 APPLY_OWN = "apply-own-delta"      # delta sync: add your last uplink's owned-expert differences yourself
+GLOBAL_LOAD = "global-expert-load"  # the federation's last-round expert load, flattened [layers * experts]
+ROUTER_BIAS = "router-bias"        # routing bias for the top-k choice, flattened [layers * experts]
 
 # Node -> coordinator.
 PARTITION_ID = "partition-id"

@@ -119,6 +119,9 @@ class StrategyConfig:
     # Nodes keep what quantisation dropped and add it to the next round's difference (the
     # coordinator always keeps its downlink residual: the gap between the model and the nodes' copy).
     error_feedback: bool = True
+    # Balancing across nodes: per round, move each expert's routing bias by this much toward the
+    # federation's mean load (aux-loss-free, DeepSeek-V3; model/routing.py). 0 = no bias.
+    router_bias_rate: float = 0.0
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "StrategyConfig":
@@ -174,6 +177,8 @@ class StrategyConfig:
              "strategy.uplink_codec/downlink_codec other than fp32 need strategy.delta_sync=true"),
             (not isinstance(self.int8_block, bool) and isinstance(self.int8_block, int) and self.int8_block >= 0,
              f"strategy.int8_block must be an integer >= 0 (0 = per row), got {self.int8_block!r}"),
+            (_finite(self.router_bias_rate) and 0 <= self.router_bias_rate <= 1,
+             f"strategy.router_bias_rate must be in [0, 1], got {self.router_bias_rate}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -63,10 +63,13 @@ def count_scale(
     return scale
 
 
-def _layer_stats(logits: torch.Tensor, num_experts: int, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _layer_stats(
+    logits: torch.Tensor, num_experts: int, top_k: int, bias: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k pick counts per expert (no gradient) and summed router probabilities per expert."""
     probs = torch.softmax(logits.float(), dim=-1)
-    picks = probs.topk(top_k, dim=-1).indices.reshape(-1)
+    choice = probs if bias is None else probs.detach() + bias.to(probs.device)
+    picks = choice.topk(top_k, dim=-1).indices.reshape(-1)
     # scatter_add instead of bincount: no device-to-host sync on GPU.
     counts = torch.zeros(num_experts, device=logits.device).scatter_add_(
         0, picks, torch.ones_like(picks, dtype=torch.float32)
@@ -80,22 +83,33 @@ def balance_loss(
     top_k: int,
     mode: str = "per_layer",
     scale: torch.Tensor | None = None,
+    global_share: torch.Tensor | None = None,
+    global_weight: float = 0.0,
+    bias: Sequence[torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
     """Load-balancing loss over a model's layers; `router_logits[l]` is [tokens, experts].
 
     `scale` ([E]) multiplies each expert's pick counts (the decayed variant); None = ones.
+    per_layer only: `global_share` ([L, E], each row sums to 1) is the federation's load share
+    of each expert last round, mixed into f_i with `global_weight` (model/routing.py).
+    `bias[l]` ([E] or None): the routing bias the picks were made with.
     """
     if mode not in BALANCE_MODES:
         raise ValueError(f"train.balance must be one of {list(BALANCE_MODES)}, got {mode!r}")
-    stats = [_layer_stats(r, num_experts, top_k) for r in router_logits]
+    bias = list(bias) if bias is not None else [None] * len(router_logits)
+    stats = [_layer_stats(r, num_experts, top_k, b) for r, b in zip(router_logits, bias)]
     if scale is not None:
         stats = [(c * scale.to(c.device), p) for c, p in stats]
     if mode == "per_layer":
-        per_layer = [
-            num_experts * torch.sum(c / (r.shape[0] * top_k) * (p / r.shape[0]))
-            for (c, p), r in zip(stats, router_logits)
-        ]
+        per_layer = []
+        for layer, ((c, p), r) in enumerate(zip(stats, router_logits)):
+            f = c / (r.shape[0] * top_k)
+            if global_share is not None and global_weight > 0:
+                f = (1 - global_weight) * f + global_weight * global_share[layer].to(f)
+            per_layer.append(num_experts * torch.sum(f * (p / r.shape[0])))
         return torch.stack(per_layer).mean()
+    if global_share is not None and global_weight > 0:
+        raise ValueError("train.balance_global_weight needs train.balance=per_layer")
     rows = sum(r.shape[0] for r in router_logits)
     counts = torch.stack([c for c, _ in stats]).sum(dim=0)
     probs = torch.stack([p for _, p in stats]).sum(dim=0)

@@ -9,6 +9,7 @@ import torch
 
 from model.balance import LocalDecay, balance_loss, count_scale
 from model.ce import forward_ce
+from model.routing import router_bias
 
 
 @dataclass
@@ -23,8 +24,16 @@ class LossParts:
 
 
 @torch.no_grad()
-def expert_counts(router_logits: tuple[torch.Tensor, ...], top_k: int, num_experts: int) -> torch.Tensor:
-    picks = [r.topk(top_k, dim=-1).indices.flatten() for r in router_logits]
+def expert_counts(
+    router_logits: tuple[torch.Tensor, ...], top_k: int, num_experts: int, bias: list | None = None
+) -> torch.Tensor:
+    """[layers, experts] top-k picks, made as the router made them (with its selection bias, if any)."""
+    bias = bias or [None] * len(router_logits)
+    picks = [
+        (r.topk(top_k, dim=-1) if b is None else (torch.softmax(r.float(), dim=-1) + b.to(r.device)).topk(top_k, dim=-1))
+        .indices.flatten()
+        for r, b in zip(router_logits, bias)
+    ]
     return torch.stack([torch.bincount(p, minlength=num_experts) for p in picks]).float()
 
 
@@ -46,11 +55,14 @@ def lm_loss(
     step: int = 0,
     total_steps: int = 1,
     lean: bool = False,
+    global_share: torch.Tensor | None = None,
+    global_weight: float = 0.0,
 ) -> LossParts:
     """`block` is [batch, seq_len + 1]; inputs are block[:, :-1], targets block[:, 1:].
 
     balance: per_layer | pooled (model/balance.py). local_decay (with the node's `owned` experts
     and the global `step` of `total_steps`) scales the owned experts' counts in the balancing loss.
+    global_share/global_weight: the federation's load per layer mixed into the balancing loss.
     """
     inputs, targets = block[:, :-1], block[:, 1:]
     want_router = aux_weight > 0 or z_weight > 0
@@ -64,9 +76,11 @@ def lm_loss(
         if local_decay is not None and owned is not None:
             factor = local_decay.factor(step, total_steps)
             scale = count_scale(cfg.num_experts, owned, factor, device=ce.device)
-        aux = balance_loss(out.router_logits, cfg.num_experts, cfg.num_experts_per_tok, balance, scale)
+        bias = router_bias(model)
+        aux = balance_loss(out.router_logits, cfg.num_experts, cfg.num_experts_per_tok, balance, scale,
+                           global_share, global_weight, bias)
         z = router_z_loss(out.router_logits)
-        counts = expert_counts(out.router_logits, cfg.num_experts_per_tok, cfg.num_experts)
+        counts = expert_counts(out.router_logits, cfg.num_experts_per_tok, cfg.num_experts, bias)
     total = ce + aux_weight * aux + z_weight * z
     if lz is not None:
         total = total + logit_z_weight * lz

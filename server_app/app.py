@@ -21,6 +21,7 @@ from common.spec import RunSpec
 from data import load_tokenizer, prepare_blocks, tokenizer_to_json
 from model import build_model, count_parameters, load_pretrained
 from model.export import save_hf_atomic
+from model.routing import set_router_bias
 from model.upcycle import upcycle_from_args
 from server_app import checkpoint
 from server_app import config as run_config
@@ -128,8 +129,9 @@ def _run(grid, spec, run_dir, ckpt_root, resumed, t_start) -> dict:
     runlog = RunLog(run_dir, spec.logging.tensorboard, spec.logging.wandb, spec.logging.wandb_project,
                     config=spec.raw, keep_rounds_upto=start_round if resumed is not None else None)
 
-    def central_eval() -> float:
+    def central_eval(bias=True) -> float:
         model.load_state_dict(strategy.params, strict=True)
+        set_router_bias(model, strategy.router_bias if bias else None)
         loss, _ = evaluate(model, heldout, spec.eval.batch_size, spec.eval.max_batches, torch.device("cpu"))
         return loss
 
@@ -150,9 +152,16 @@ def _run(grid, spec, run_dir, ckpt_root, resumed, t_start) -> dict:
             strategy.aggregate_evaluate(rnd, collector.exchange(eval_msgs, timeout, strategy.register_sent))
             record = dict(strategy.history[-1])
         loss = central_eval()
+        if strategy.router_bias is not None:  # what the exported checkpoint (no router bias) scores
+            record["val_loss_without_bias"] = central_eval(bias=False)
         record.update(val_loss=loss, val_ppl=math.exp(min(loss, 50.0)), wall_s=time.time() - t_start)
         runlog.log_round(record)
         save_hf_atomic(model, run_dir / "model", tokenizer)
+        if strategy.router_bias is not None:
+            write_json_atomic(run_dir / "model" / "router_bias.json", {
+                "router_bias": strategy.router_bias,
+                "note": "added to the router probabilities for the top-k choice only (spes model/routing.py); "
+                        "stock transformers ignores this file"})
         state = {"run_token": token, "first_val_loss": first_val, "strategy": strategy.state_dict()}
         checkpoint.save(ckpt_root, rnd, strategy.params, strategy.outer_buffers(), state)
         write_json_atomic(run_dir / "strategy_state.json", strategy.state_dict())

@@ -22,7 +22,7 @@ from typing import Any
 
 from server_app.run_log import write_json_atomic
 
-PLOTS = ("loss.png", "traffic.png", "expert_load.png")
+PLOTS = ("loss.png", "traffic.png", "expert_load.png", "expert_imbalance.png")
 FP32_BYTES = 4
 MB = 1e6
 
@@ -141,6 +141,29 @@ def plot_traffic(run_dir: Path, rounds: list[dict], total_params: int | None) ->
     return path
 
 
+def plot_imbalance(run_dir: Path, rounds: list[dict]) -> Path:
+    """max/mean tokens per expert of the federation's load, by round: mean over layers and worst layer."""
+    plt = _pyplot()
+    path = run_dir / "expert_imbalance.png"
+    have = [r for r in rounds if r.get("expert_imbalance") is not None]
+    fig, ax = plt.subplots(figsize=(5.5, 3.2), layout="constrained")
+    if not have:
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no expert load reported by the nodes", ha="center", va="center")
+    else:
+        x = [int(r["round"]) for r in have]
+        ax.plot(x, [r["expert_imbalance"] for r in have], marker=".", label="mean over layers")
+        ax.plot(x, [r["expert_imbalance_max"] for r in have], marker=".", linestyle="--", label="worst layer")
+        ax.axhline(1.0, color="grey", linewidth=0.8)
+        ax.set_xlabel("round")
+        ax.set_ylabel("max / mean tokens per expert")
+        ax.legend(fontsize=8)
+        ax.set_title(f"{run_dir.name}: expert-load imbalance (all nodes)", fontsize=10)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_expert_load(run_dir: Path, rounds: list[dict]) -> Path:
     plt = _pyplot()
     grid = expert_load_by_round(rounds)
@@ -236,6 +259,10 @@ def summary_rows(rounds: list[dict], summary: dict) -> list[tuple[str, str]]:
          f"{_fmt(total, ',')} / {_fmt(summary.get('trainable_params_node'), ',')}"),
         ("failed node-rounds", _fmt(summary.get("failed_node_rounds"), "d")),
     ]
+    imb = [r["expert_imbalance"] for r in rounds if r.get("expert_imbalance") is not None]
+    if imb:
+        rows.append(("expert imbalance, max/mean per layer (1 = even): first -> last round",
+                     f"{_fmt(imb[0], '.3f')} -> {_fmt(imb[-1], '.3f')}"))
     return rows
 
 
@@ -283,6 +310,7 @@ def render_markdown(run_dir: Path, rounds: list[dict], summary: dict, config: di
         "loss.png": "Held-out and train loss against tokens trained",
         "traffic.png": "Payload bytes per round and node; cumulative per node beside DiLoCo",
         "expert_load.png": "Expert load per layer over rounds (token share x number of experts)",
+        "expert_imbalance.png": "Expert-load imbalance of the federation per round (max / mean tokens per expert)",
     }
     for plot in PLOTS:
         if (run_dir / plot).exists():
@@ -307,6 +335,7 @@ def write_report(run_dir: Path, rounds: list[dict], summary: dict, config: dict)
     if rounds:
         plot_traffic(run_dir, rounds, summary.get("total_params"))
         plot_expert_load(run_dir, rounds)
+        plot_imbalance(run_dir, rounds)
     eval_path = run_dir / "eval.json"
     eval_results = json.loads(eval_path.read_text()) if eval_path.exists() else None
     path = run_dir / "report.md"

@@ -25,6 +25,7 @@ from common import keys
 from common.codec import DecodeError, decode, decode_sync, encode, payload_bytes, wire_bytes
 from common.spec import MergeSchedule, StrategyConfig
 from model.naming import expert_param_names, parse_expert_param, shared_param_names
+from model.routing import global_load, imbalance, update_bias
 from strategy.aggregation import aggregate
 from strategy.assignment import Ownership, make_assignment, rank_partitions, rebalance
 from strategy.load_aware import reconsider_owners
@@ -97,6 +98,10 @@ class SpesStrategy(Strategy):
         # Delta sync: the nodes' copy of the model and what each node holds (None: whole fp32 tensors).
         self.sync = VersionedDownlink(cfg.downlink, cfg.uplink) if cfg.delta_sync else None
         self._own_uplinks: dict[int, dict[str, dict]] = {}  # pid -> owned expert -> its uplink Arrays
+        # Balancing across nodes: last round's expert load of the federation ([layers][experts]
+        # token shares) goes back to every node, with the routing bias when router_bias_rate > 0.
+        self.global_load: list[list[float]] | None = None
+        self.router_bias: list[list[float]] | None = None
 
     # -- membership ------------------------------------------------------------------------
     @property
@@ -198,11 +203,32 @@ class SpesStrategy(Strategy):
                     keys.OWNED_EXPERTS: list(self.experts_of(pid)),
                     keys.FULL_MODEL: member.needs_full,
                     keys.NODE_INDEX: self.partitions.index(pid),
+                    **self._routing_config(),
                 }
             )
             content = RecordDict({keys.ARRAYS: record, keys.CONFIG: node_cfg})
             messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=member.node_id))
         return messages
+
+    def _routing_config(self) -> dict[str, list[float]]:
+        out = {}
+        if self.global_load is not None:
+            out[keys.GLOBAL_LOAD] = [x for row in self.global_load for x in row]
+        if self.router_bias is not None:
+            out[keys.ROUTER_BIAS] = [x for row in self.router_bias for x in row]
+        return out
+
+    def _update_routing(self, nodes: Mapping[int, dict[str, Any]], valid: Iterable[int]) -> dict[str, Any]:
+        """The federation's expert load from this round's valid replies; moves the routing bias."""
+        load = global_load([(nodes[p]["expert_load"], nodes[p]["num_tokens"]) for p in valid if "expert_load" in nodes[p]])
+        if load is None:
+            return {}
+        self.global_load = load
+        if self.cfg.router_bias_rate > 0:
+            start = self.router_bias or [[0.0] * len(row) for row in load]
+            self.router_bias = update_bias(start, load, self.cfg.router_bias_rate)
+        mean, worst = imbalance(load)
+        return {"expert_imbalance": mean, "expert_imbalance_max": worst}
 
     def register_sent(self, message_ids: Iterable[str], messages: Iterable[Message]) -> None:
         """Remember which partition each pushed message went to (replies are matched by it)."""
@@ -317,6 +343,7 @@ class SpesStrategy(Strategy):
             for pid in self.partitions:
                 self.sync.commit(pid, pid in updates, prev_step + self.cfg.local_steps, self._own_uplinks.get(pid))
         self._update_membership(updates, alpha, applied)
+        routing = self._update_routing(nodes, updates)
         reconsider_owners(self, nodes)  # strategy.assignment_policy: owners from measured load or speed
         tokens = sum(n.get("num_tokens", 0.0) for p, n in nodes.items() if p in updates)
         loss = sum(n.get("train_loss", 0.0) * n.get("num_tokens", 0.0) for p, n in nodes.items() if p in updates)
@@ -335,6 +362,7 @@ class SpesStrategy(Strategy):
             "wire_bytes_down": sum(n["wire_bytes_down"] for n in nodes.values()),
             "nodes": {str(p): n for p, n in nodes.items()},
             "owners": {str(p): list(e) for p, e in self.owners.items()},
+            **routing,
         }
         self.history.append(record)
         metrics = MetricRecord(
@@ -372,7 +400,9 @@ class SpesStrategy(Strategy):
         messages = []
         self._eval_sent, self._targets = {}, {}
         for pid in self.partitions:
-            config_rec = ConfigRecord({**dict(config), keys.SERVER_ROUND: server_round, keys.NODE_INDEX: pid})
+            config_rec = ConfigRecord({**dict(config), keys.SERVER_ROUND: server_round, keys.NODE_INDEX: pid,
+                                       **({keys.ROUTER_BIAS: self._routing_config()[keys.ROUTER_BIAS]}
+                                          if self.router_bias is not None else {})})
             content = RecordDict({keys.ARRAYS: arrays, keys.CONFIG: config_rec})
             self._eval_sent[pid] = payload_bytes(arrays)
             messages.append(
@@ -425,6 +455,8 @@ class SpesStrategy(Strategy):
             "owners": {str(p): list(e) for p, e in self.owners.items()},
             "events": self.events,
             "config": asdict(self.cfg),
+            "global_load": self.global_load,
+            "router_bias": self.router_bias,
             **({} if self.sync is None else {"downlink": self.sync.state_dict()}),
         }
 
@@ -442,6 +474,8 @@ class SpesStrategy(Strategy):
         self.global_step = int(state["global_step"])
         self.failed_rounds = int(state.get("failed_rounds", 0))
         self.events = list(state.get("events", []))
+        self.global_load = state.get("global_load")
+        self.router_bias = state.get("router_bias") if self.cfg.router_bias_rate > 0 else None
         connected = dict(self.members)
         self.members = {}
         for key, m in state["members"].items():
