@@ -20,7 +20,9 @@ from tqdm import tqdm
 from client_app.node_state import NodeState, optimizer_tensors, restore_optimizer, saved_steps
 from client_app.trainer import evaluate, make_optimizer, resolve_device, train_steps
 from data import BatchStream, node_shard, prepare_blocks
-from model import build_model, expert_param_names, shared_param_names
+from model import build_model, expert_param_names
+from model.lora import lora_args, merge_adapters
+from model.naming import peft_to_plain, trained_param_names
 from model.routing import set_router_bias
 from common.codec import apply_delta, decode_delta, decode_sync, encode_delta
 from common.spec import RunSpec
@@ -54,6 +56,23 @@ def _data(ctx: NodeContext) -> tuple[torch.Tensor, torch.Tensor]:
 def _build(ctx: NodeContext, owned: list[int] | None, device: torch.device) -> torch.nn.Module:
     special = {"eos_token_id": ctx.tokenizer.eos_token_id, "pad_token_id": ctx.tokenizer.pad_token_id}
     return build_model(ctx.spec.model, len(ctx.tokenizer), owned=owned, special_tokens=special).to(device)
+
+
+def _round_model(ctx: NodeContext, owned: list[int], device: torch.device) -> tuple[torch.nn.Module, dict[str, str]]:
+    """The model a node trains, and the plain (global-model) name of each of its tensors.
+
+    With LoRA it is the Hugging Face model with peft's adapters injected (`get_base_model()`),
+    so the trainer sees an ordinary model; peft's `.base_layer` / `.default` name parts never
+    leave the node: what arrives, what is sent and the saved state all use plain names.
+    """
+    model = _build(ctx, owned, device)
+    args = lora_args(ctx.spec.train)
+    if args is None:
+        return model, {n: n for n in model.state_dict()}
+    from model.lora import apply_lora  # imports peft: only when LoRA is on
+
+    model = apply_lora(model, args, owned).get_base_model()
+    return model, {n: peft_to_plain(n) for n in model.state_dict()}
 
 
 class NeedsFullModel(RuntimeError):
@@ -162,13 +181,16 @@ def run_local_round(
         torch.use_deterministic_algorithms(True, warn_only=True)
     torch.manual_seed(spec.seed * 100_003 + ctx.partition_id * 1_009 + start_step)
 
-    model = _build(ctx, owned, device)
-    names = list(model.state_dict())
+    model, plain = _round_model(ctx, owned, device)
+    names = list(plain.values())
     owned_names = expert_param_names(names, owned)
+    lora = lora_args(train_cfg) is not None
+    sent_names = trained_param_names(names, owned, lora)
     state_root = ctx.workdir / "state"
     base: dict[str, torch.Tensor] = {}
     if delta is not None:
-        base, saved = _delta_start(ctx, delta, model.state_dict(), full_model, start_step, state_root)
+        template = {plain[n]: t for n, t in model.state_dict().items()}
+        base, saved = _delta_start(ctx, delta, template, full_model, start_step, state_root)
         tensors = dict(base)
     else:
         saved = NodeState.load(state_root, start_step)
@@ -190,10 +212,18 @@ def run_local_round(
     missing = set(names) - tensors.keys()
     if missing:
         raise RuntimeError(f"partition {ctx.partition_id}: {len(missing)} parameters missing, e.g. {sorted(missing)[:3]}")
-    model.load_state_dict(tensors, strict=True)
+    unexpected = tensors.keys() - set(names)
+    if unexpected:
+        raise RuntimeError(
+            f"partition {ctx.partition_id}: {len(unexpected)} unexpected parameters, e.g. {sorted(unexpected)[:3]}"
+        )
+    model.load_state_dict({n: tensors[p] for n, p in plain.items()}, strict=True)
+    named = {plain[n]: p for n, p in model.named_parameters()}
+    if lora and (odd := {n for n, p in named.items() if p.requires_grad} ^ set(sent_names)):
+        # The coordinator accepts exactly sent_names: training anything else would be lost.
+        raise RuntimeError(f"partition {ctx.partition_id}: trainable parameters differ from those sent: {sorted(odd)[:3]}")
 
     optimizer = make_optimizer(model, train_cfg)
-    named = dict(model.named_parameters())
     if saved is not None and saved.optimizer:
         restore_optimizer(optimizer, named, saved.optimizer)
     shard, _ = _data(ctx)
@@ -215,8 +245,8 @@ def run_local_round(
     bar.close()
     metrics["trainable-params"] = float(sum(p.numel() for p in model.parameters() if p.requires_grad))
 
-    state = model.state_dict()
-    reply = {n: state[n].detach().float().cpu() for n in shared_param_names(names) + owned_names}
+    state = {plain[n]: t for n, t in model.state_dict().items()}
+    reply = {n: state[n].detach().float().cpu() for n in sent_names}
     if delta is not None:
         arrays, residual, own_delta = _delta_reply(ctx, reply, base, saved, owned_names)
         NodeState(
@@ -245,7 +275,8 @@ def run_local_eval(
     _check_received(received, ctx.partition_id)
     device = resolve_device(ctx.spec.train.device)
     model = _build(ctx, None, device)
-    model.load_state_dict(received, strict=True)
+    args = lora_args(ctx.spec.train)
+    model.load_state_dict(received if args is None else merge_adapters(received, args), strict=True)
     set_router_bias(model, router_bias)
     _, held = _data(ctx)
     return evaluate(model, held, ctx.spec.eval.batch_size, ctx.spec.eval.max_batches, device)

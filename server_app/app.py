@@ -21,6 +21,8 @@ from common.spec import RunSpec
 from data import load_tokenizer, prepare_blocks, tokenizer_to_json
 from model import build_model, count_parameters, load_pretrained
 from model.export import save_hf_atomic
+from model.lora import LoraArgs, adapter_shapes, init_adapters, lora_args, merge_adapters
+from model.naming import is_adapter_name, trained_param_names
 from model.routing import set_router_bias
 from model.upcycle import upcycle_from_args
 from server_app import checkpoint
@@ -66,6 +68,19 @@ def _initial_model(spec: RunSpec, tokenizer):
     return model
 
 
+def _split_adapters(params: dict, lora: LoraArgs | None, model) -> tuple[dict, dict]:
+    """A checkpoint's (base weights, LoRA adapters); the adapters must be the ones this run's LoRA settings make."""
+    adapters = {n: t for n, t in params.items() if is_adapter_name(n)}
+    want = {} if lora is None else adapter_shapes(model, lora)
+    if {n: tuple(t.shape) for n, t in adapters.items()} != want:
+        raise run_config.ConfigError(
+            f"the checkpoint holds {len(adapters)} LoRA adapter tensors, this run's train.lora_rank="
+            f"{0 if lora is None else lora.rank} / lora_targets make {len(want)} of other names or shapes: "
+            "resume with the LoRA settings the run was started with"
+        )
+    return {n: t for n, t in params.items() if n not in adapters}, adapters
+
+
 def run(grid: Grid, spec: RunSpec) -> dict:
     t_start = time.time()
     run_dir = run_config.run_dir(spec)
@@ -96,14 +111,18 @@ def _run(grid, spec, run_dir, ckpt_root, resumed, t_start) -> dict:
     _, heldout = prepare_blocks(spec.data, tokenizer, cache)
     model = _initial_model(spec, tokenizer)
     counts = count_parameters(model.config)
+    lora = lora_args(spec.train)
     start_round, first_val = 0, None
     if resumed is not None:
         params, buffers, state = resumed
+        params, adapters = _split_adapters(params, lora, model)
         model.load_state_dict(params, strict=True)
         token, start_round, first_val = state["run_token"], int(state["round"]), state.get("first_val_loss")
         print(f"[spes] resuming after round {start_round} (global step {state['strategy']['global_step']})", flush=True)
     else:
         token = f"{spec.run_name}-{uuid.uuid4().hex[:10]}"
+        # peft's init (B = 0): the adapted model starts equal to the initial model.
+        adapters = {} if lora is None else init_adapters(model, lora, spec.seed)
 
     node_cfg = ConfigRecord({keys.RUN_CONFIG: spec.to_json(), keys.RUN_TOKEN: token,
                              keys.TOTAL_STEPS: spec.total_steps})
@@ -115,22 +134,29 @@ def _run(grid, spec, run_dir, ckpt_root, resumed, t_start) -> dict:
     max_tokens = spec.strategy.local_steps * spec.train.batch_size * spec.data.seq_len
     strategy = SpesStrategy(spec.strategy, model.config.num_experts, partitions, spec.rounds,
                             max_tokens=max_tokens, num_layers=model.config.num_hidden_layers,
-                            max_eval_tokens=spec.eval.max_batches * spec.eval.batch_size * spec.data.seq_len)
-    strategy.params = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                            max_eval_tokens=spec.eval.max_batches * spec.eval.batch_size * spec.data.seq_len,
+                            lora=lora is not None)
+    strategy.params = {**{k: v.detach().clone() for k, v in model.state_dict().items()}, **adapters}
     if resumed is not None:
         strategy.load_state_dict(resumed[2]["strategy"], resumed[1])
         strategy.history = []
     trainable = {str(p): counts["shared"] + len(strategy.owners[p]) * counts["per_expert"] for p in strategy.partitions}
+    if lora is not None:  # adapters, routers, norms and owned experts
+        trainable = {str(p): sum(strategy.params[n].numel() for n in
+                                 trained_param_names(strategy.params, strategy.owners[p], lora=True))
+                     for p in strategy.partitions}
     print(
         f"[spes] {len(partitions)} nodes, partitions {strategy.partitions}; {counts['total']:,} parameters, "
-        f"{max(trainable.values()):,} trainable per node; {spec.rounds} rounds x {spec.strategy.local_steps} steps",
+        f"{max(trainable.values()):,} trainable per node{'' if lora is None else f' (LoRA rank {lora.rank})'}; "
+        f"{spec.rounds} rounds x {spec.strategy.local_steps} steps",
         flush=True,
     )
     runlog = RunLog(run_dir, spec.logging.tensorboard, spec.logging.wandb, spec.logging.wandb_project,
                     config=spec.raw, keep_rounds_upto=start_round if resumed is not None else None)
 
     def central_eval(bias=True) -> float:
-        model.load_state_dict(strategy.params, strict=True)
+        # With LoRA the evaluated (and exported) model is the merged one: W + alpha/r * B @ A.
+        model.load_state_dict(strategy.params if lora is None else merge_adapters(strategy.params, lora), strict=True)
         set_router_bias(model, strategy.router_bias if bias else None)
         loss, _ = evaluate(model, heldout, spec.eval.batch_size, spec.eval.max_batches, torch.device("cpu"))
         return loss

@@ -24,7 +24,7 @@ from flwr.serverapp.strategy import Strategy
 from common import keys
 from common.codec import DecodeError, decode, decode_sync, encode, payload_bytes, wire_bytes
 from common.spec import MergeSchedule, StrategyConfig
-from model.naming import expert_param_names, parse_expert_param, shared_param_names
+from model.naming import expert_param_names, parse_expert_param, trained_param_names
 from model.routing import global_load, imbalance, update_bias
 from strategy.aggregation import aggregate
 from strategy.assignment import Ownership, make_assignment, rank_partitions, rebalance
@@ -69,8 +69,10 @@ class SpesStrategy(Strategy):
         max_tokens: float = math.inf,
         max_eval_tokens: float = math.inf,
         num_layers: int | None = None,
+        lora: bool = False,
     ) -> None:
         self.cfg = cfg
+        self.lora = lora  # nodes train and send adapters, routers, norms and owned experts (model/lora.py)
         self.num_experts = num_experts
         self.num_layers = num_layers
         self.max_tokens = max_tokens  # the most tokens one node can train in a round
@@ -149,7 +151,7 @@ class SpesStrategy(Strategy):
     # -- names -------------------------------------------------------------------------------
     def _expected_update(self, pid: int) -> set[str]:
         names = list(self.params)
-        return set(shared_param_names(names)) | set(expert_param_names(names, self.experts_of(pid)))
+        return set(trained_param_names(names, self.experts_of(pid), self.lora))
 
     def _downlink_names(self, pid: int) -> list[str]:
         names = list(self.params)
