@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 
 from sim import launcher
-from sim.launcher import LocalDeployment, SimulationSuperLink, run_app
+from sim.launcher import LocalDeployment, SimulationSuperLink, TlsFiles, run_app
+from tls_certs import make_node_key, make_tls
 
 TOY_APP = Path(__file__).parent / "fixtures" / "toy_app"
 NOTE = "model=tiny nodes=4"  # a string value with spaces and '=' must survive
@@ -222,9 +223,16 @@ def test_superlink_context_start_stop(tmp_path: Path, no_leftovers) -> None:
 # ----------------------------------------------------------- deployment on loopback
 def test_local_deployment_two_supernodes(tmp_path: Path, no_leftovers,
                                          flwr_home_untouched) -> None:
+    """TLS SuperLink and two SuperNodes with registered keys (the app's own loopback run is the
+    README recipe in test_documented_paths)."""
     out = tmp_path / "dep.json"
+    certs = make_tls(tmp_path / "certs")
+    tls = TlsFiles(certs["ca.crt"], certs["server.pem"], certs["server.key"])
+    keys = [make_node_key(tmp_path / "keys", f"node{i}") for i in range(2)]
     t0 = time.monotonic()
-    with LocalDeployment(tmp_path / "run", num_nodes=2) as dep:
+    with LocalDeployment(tmp_path / "run", num_nodes=2, tls=tls, node_keys=keys) as dep:
+        assert "running on https://127.0.0.1" in dep.log_file.read_text()  # the SuperLink serves TLS only
+        assert len(dep.online_node_ids()) == 2  # both keys registered and accepted
         started = time.monotonic() - t0
         t1 = time.monotonic()
         rc = dep.run(TOY_APP, {"out-file": str(out), "note": NOTE}, timeout_s=120)
