@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ATTENTION_PROJECTIONS", "LoraArgs", "lora_args", "parse_targets", "apply_lora", "adapter_param_names",
-    "init_adapters", "merge_adapters", "merge_and_export",
+    "init_adapters", "adapter_shapes", "split_adapters", "merge_adapters", "merge_and_export",
 ]
 
 
@@ -132,6 +132,21 @@ def adapter_shapes(model: torch.nn.Module, args: LoraArgs) -> dict[str, tuple[in
         out[f"{name}.lora_A.weight"] = (args.rank, linear.in_features)
         out[f"{name}.lora_B.weight"] = (linear.out_features, args.rank)
     return out
+
+
+def split_adapters(
+    params: Mapping[str, torch.Tensor], args: LoraArgs | None, model: torch.nn.Module
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(base weights, adapters) of a global model; ValueError unless the adapters are exactly the
+    ones `args` makes for `model` (args=None: none), e.g. a checkpoint resumed with other LoRA settings."""
+    adapters = {n: t for n, t in params.items() if is_adapter_name(n)}
+    want = {} if args is None else adapter_shapes(model, args)
+    if {n: tuple(t.shape) for n, t in adapters.items()} != want:
+        raise ValueError(
+            f"{len(adapters)} LoRA adapter tensors, but train.lora_rank={0 if args is None else args.rank} and "
+            f"train.lora_targets make {len(want)}" + (" of other names or shapes" if want and adapters else "")
+        )
+    return {n: t for n, t in params.items() if n not in adapters}, adapters
 
 
 def merge_adapters(params: Mapping[str, torch.Tensor], args: LoraArgs) -> dict[str, torch.Tensor]:

@@ -21,8 +21,8 @@ from common.spec import RunSpec
 from data import load_tokenizer, prepare_blocks, tokenizer_to_json
 from model import build_model, count_parameters, load_pretrained
 from model.export import save_hf_atomic
-from model.lora import LoraArgs, adapter_shapes, init_adapters, lora_args, merge_adapters
-from model.naming import is_adapter_name, trained_param_names
+from model.lora import LoraArgs, init_adapters, lora_args, merge_adapters, split_adapters
+from model.naming import trained_param_names
 from model.routing import set_router_bias
 from model.upcycle import upcycle_from_args
 from server_app import checkpoint
@@ -69,16 +69,13 @@ def _initial_model(spec: RunSpec, tokenizer):
 
 
 def _split_adapters(params: dict, lora: LoraArgs | None, model) -> tuple[dict, dict]:
-    """A checkpoint's (base weights, LoRA adapters); the adapters must be the ones this run's LoRA settings make."""
-    adapters = {n: t for n, t in params.items() if is_adapter_name(n)}
-    want = {} if lora is None else adapter_shapes(model, lora)
-    if {n: tuple(t.shape) for n, t in adapters.items()} != want:
+    """A checkpoint's (base weights, LoRA adapters), checked against this run's LoRA settings."""
+    try:
+        return split_adapters(params, lora, model)
+    except ValueError as exc:
         raise run_config.ConfigError(
-            f"the checkpoint holds {len(adapters)} LoRA adapter tensors, this run's train.lora_rank="
-            f"{0 if lora is None else lora.rank} / lora_targets make {len(want)} of other names or shapes: "
-            "resume with the LoRA settings the run was started with"
-        )
-    return {n: t for n, t in params.items() if n not in adapters}, adapters
+            f"the checkpoint holds {exc}: resume with the LoRA settings the run was started with"
+        ) from None
 
 
 def run(grid: Grid, spec: RunSpec) -> dict:

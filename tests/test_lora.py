@@ -15,6 +15,7 @@ from model.lora import (
     lora_args,
     merge_adapters,
     merge_and_export,
+    split_adapters,
 )
 from model.naming import expert_param_names, is_adapter_name, peft_to_plain, plain_to_peft, trained_param_names
 
@@ -202,3 +203,20 @@ def test_lora_args_from_train_config():
     assert lora_args(TrainConfig()) is None
     args = lora_args(TrainConfig(lora_rank=4, lora_alpha=8, lora_targets=" q_proj, o_proj "))
     assert (args.rank, args.alpha, list(args.targets), args.scaling) == (4, 8.0, ["q_proj", "o_proj"], 2.0)
+
+
+def test_resume_takes_only_the_adapters_this_run_makes():
+    base = build_model(ARGS, VOCAB, seed=0)
+    args = LoraArgs(rank=RANK, targets=TARGETS)
+    adapters = init_adapters(base, args, seed=0)
+    params = {**base.state_dict(), **adapters}
+    got_base, got_adapters = split_adapters(params, args, base)
+    assert set(got_base) == set(base.state_dict()) and set(got_adapters) == set(adapters)
+    plain_base, none = split_adapters(base.state_dict(), None, base)
+    assert set(plain_base) == set(base.state_dict()) and none == {}
+    with pytest.raises(ValueError, match="8 LoRA adapter tensors, but train.lora_rank=0 and train.lora_targets make 0"):
+        split_adapters(params, None, base)  # a LoRA checkpoint resumed without LoRA
+    with pytest.raises(ValueError, match="other names or shapes"):
+        split_adapters(params, LoraArgs(rank=2, targets=TARGETS), base)
+    with pytest.raises(ValueError, match="0 LoRA adapter tensors, but train.lora_rank=4"):
+        split_adapters(base.state_dict(), args, base)
