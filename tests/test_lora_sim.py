@@ -1,7 +1,9 @@
-"""LoRA in a real Flower simulation: 2 nodes, 2 rounds, a very small model, train.lora_rank=4.
+"""An upcycled start with LoRA in a real Flower simulation: 2 nodes, 2 rounds, a very small model.
 
-The exported checkpoint is a plain Hugging Face model with the adapters merged, the checkpoint
-keeps the adapters, and each node sends fewer bytes than the same run without LoRA would.
+The run starts from a dense Qwen3 checkpoint the test builds (model.init=upcycle, the intended
+use of LoRA), trains with train.lora_rank=4, and exports a plain Hugging Face model with the
+adapters merged; the checkpoint keeps the adapters; what LoRA freezes is still the dense
+model's; each node sends fewer bytes than the same run without LoRA would.
 """
 
 import json
@@ -11,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from micro import MICRO_MODEL
 from model import count_parameters, load_pretrained
@@ -33,14 +35,41 @@ OVERRIDES = [
 ]
 
 
+def dense_checkpoint(path: Path) -> Qwen3ForCausalLM:
+    """A random dense Qwen3 of the micro shape (hidden 64, MLP 32 = the expert FFN, 2 layers, 4/2 heads)."""
+    torch.manual_seed(3)
+    dense = Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=512, hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0})).eval()
+    dense.save_pretrained(path)
+    return dense
+
+
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
+def dense_and_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("lora-sim")
-    proc = subprocess.run([sys.executable, "-m", "sim", *OVERRIDES, f"output_dir={out}"], cwd=ROOT,
+    dense = dense_checkpoint(out / "dense")
+    upcycle = ["model.init=upcycle", f"model.dense_path={out / 'dense'}", "model.vocab_size=512",
+               "model.upcycle_noise_std=0.02"]
+    proc = subprocess.run([sys.executable, "-m", "sim", *OVERRIDES, *upcycle, f"output_dir={out}"], cwd=ROOT,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"(LoRA rank {RANK})" in proc.stdout
-    return out / "loratest"
+    return dense, out / "loratest"
+
+
+@pytest.fixture(scope="module")
+def run_dir(dense_and_run):
+    return dense_and_run[1]
+
+
+def test_what_lora_freezes_is_still_the_dense_models(dense_and_run):
+    dense, run_dir = dense_and_run
+    stock = AutoModelForCausalLM.from_pretrained(run_dir / "model").state_dict()
+    want = dense.state_dict()
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        torch.testing.assert_close(stock[name], want[name], rtol=0, atol=0)  # frozen: bit-equal after 2 rounds
 
 
 def lora_trained_by_hand(config, owned: int) -> int:
