@@ -14,13 +14,13 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client_app.local_round import DeltaDownlink, NodeContext, run_local_eval, run_local_round
-from model.routing import unflatten
 from client_app.node_settings import NodeSettings
 from client_app.node_state import saved_steps, write_text_atomic
 from common import keys
 from common.codec import decode, encode, to_record
 from common.spec import RunSpec, from_dict
 from data import tokenizer_from_json
+from model.routing import unflatten
 
 app = ClientApp()
 log = logging.getLogger("spes.node")

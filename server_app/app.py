@@ -137,11 +137,10 @@ def _run(grid, spec, run_dir, ckpt_root, resumed, t_start) -> dict:
     if resumed is not None:
         strategy.load_state_dict(resumed[2]["strategy"], resumed[1])
         strategy.history = []
-    trainable = {str(p): counts["shared"] + len(strategy.owners[p]) * counts["per_expert"] for p in strategy.partitions}
-    if lora is not None:  # adapters, routers, norms and owned experts
-        trainable = {str(p): sum(strategy.params[n].numel() for n in
-                                 trained_param_names(strategy.params, strategy.owners[p], lora=True))
-                     for p in strategy.partitions}
+    # shared + owned experts, or with LoRA adapters + routers + norms + owned experts
+    trainable = {str(p): sum(strategy.params[n].numel() for n in
+                             trained_param_names(strategy.params, strategy.owners[p], lora=lora is not None))
+                 for p in strategy.partitions}
     print(
         f"[spes] {len(partitions)} nodes, partitions {strategy.partitions}; {counts['total']:,} parameters, "
         f"{max(trainable.values()):,} trainable per node{'' if lora is None else f' (LoRA rank {lora.rank})'}; "
