@@ -15,6 +15,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from model.routing import global_load
 from strategy.assignment import Ownership, balance_by_load, balance_by_speed
 
 log = logging.getLogger("spes.strategy")
@@ -25,18 +26,11 @@ def mean_expert_load(rounds: Sequence[Mapping[Any, Mapping[str, Any]]], num_expe
 
     `rounds` holds one {partition: node record} per round (the round log's `nodes`); None when
     no accepted reply reported a load."""
-    total, tokens = [0.0] * num_experts, 0.0
-    for nodes in rounds:
-        for node in nodes.values():
-            load = node.get("expert_load")
-            weight = float(node.get("num_tokens", 0.0))
-            if node.get("status") != "ok" or not load or weight <= 0:
-                continue
-            for layer in load:
-                for e, fraction in enumerate(layer):
-                    total[e] += weight * fraction
-            tokens += weight
-    return [x / tokens for x in total] if tokens else None
+    per_layer = global_load([(node.get("expert_load"), float(node.get("num_tokens", 0.0)))
+                             for nodes in rounds for node in nodes.values() if node.get("status") == "ok"])
+    if per_layer is None:
+        return None
+    return [sum(layer[e] for layer in per_layer) for e in range(num_experts)]
 
 
 def mean_speed(rounds: Sequence[Mapping[Any, Mapping[str, Any]]], partitions: Sequence[int]) -> dict[int, float]:
@@ -91,11 +85,4 @@ def reconsider_owners(strategy: Any, nodes: Mapping[int, Mapping[str, Any]]) -> 
         reason = (f"load-aware: experts per node {[len(active[p]) for p in sorted(active)]} -> "
                   f"{[len(new[p]) for p in sorted(new)]} for tokens/s {[round(speed[p], 1) for p in sorted(speed)]}")
     Ownership(strategy.num_experts, tuple(new[p] for p in sorted(new))).validate()
-    changes = {str(p): list(e) for p, e in new.items() if active[p] != e}
-    if not changes:
-        return
-    strategy.owners.update(new)
-    for p in changes:
-        strategy.members[int(p)].needs_full = True  # its own experts changed: send it everything
-    strategy.events.append({"round": strategy.round, "event": "reassign", "reason": reason, "owners": changes, **extra})
-    log.warning("round %d: experts reassigned (%s): %s", strategy.round, reason, changes)
+    strategy.set_owners({**strategy.owners, **new}, reason, **extra)

@@ -123,15 +123,17 @@ class SpesStrategy(Strategy):
         return self.owners.get(pid, ())
 
     def _reassign(self, reason: str) -> None:
+        self.set_owners(rebalance(self.owners, self.partitions, self.num_experts, self.cfg.assignment), reason)
+
+    def set_owners(self, new: Mapping[int, tuple[int, ...]], reason: str, **extra: Any) -> None:
+        """Replace the ownership; nodes whose experts changed get the full model; a change is a `reassign` event."""
         before = dict(self.owners)
-        self.owners = rebalance(self.owners, self.partitions, self.num_experts, self.cfg.assignment)
-        for pid, experts in self.owners.items():
-            if before.get(pid) != experts:
-                self.members[pid].needs_full = True
+        self.owners = dict(new)
         changes = {str(p): list(e) for p, e in self.owners.items() if before.get(p) != e}
+        for p in changes:
+            self.members[int(p)].needs_full = True
         if changes:
-            event = {"round": self.round, "event": "reassign", "reason": reason, "owners": changes}
-            self.events.append(event)
+            self.events.append({"round": self.round, "event": "reassign", "reason": reason, "owners": changes, **extra})
             log.warning("round %d: experts reassigned (%s): %s", self.round, reason, changes)
 
     def add_node(self, node_id: int, pid: int) -> None:
