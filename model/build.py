@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, Qwen3MoeForCausalLM
 
 from model.args import MoEArgs, build_config
-from model.experts import partition_experts
+from model.experts import materialize_empty, partition_experts
 
 
 def build_model(
@@ -20,19 +20,41 @@ def build_model(
     device: str | torch.device = "cpu",
     special_tokens: dict[str, int | None] | None = None,
     frozen_dtype: torch.dtype | None = None,
+    empty: bool = False,
 ) -> Qwen3MoeForCausalLM:
     """A freshly initialised model with per-expert modules; `owned=None` trains every expert.
 
     `frozen_dtype` (e.g. torch.bfloat16) stores the experts this node does not own in that dtype.
     On the meta device nothing is allocated: used to report the size of the large presets.
+    `empty=True`: parameters are allocated on `device` but hold garbage, for a caller that loads a
+    whole state dict next (a node each round). It skips the random initialisation and the copies
+    of the fused experts, most of a build's time (1b preset on one CPU thread: 22.7 s -> see
+    docs/benchmarks.md, "node round overhead").
     """
     args.validate()
     config = build_config(args, vocab_size, **(special_tokens or {}))
     if seed is not None:
         torch.manual_seed(seed)
+    if empty and torch.device(device).type != "meta":
+        return _empty_model(config, owned, torch.device(device), frozen_dtype)
     with torch.device(device):
         model = Qwen3MoeForCausalLM(config)
     return partition_experts(model, owned, frozen_dtype=frozen_dtype)
+
+
+def _empty_model(config, owned, device: torch.device, frozen_dtype) -> Qwen3MoeForCausalLM:
+    with torch.device("meta"):
+        model = partition_experts(Qwen3MoeForCausalLM(config), owned, frozen_dtype=frozen_dtype)
+    materialize_empty(model, device)
+    # Non-persistent buffers are in no state dict, so nothing would overwrite their garbage:
+    # recompute the ones this architecture has, and refuse any other (a transformers change).
+    rotary = model.model.rotary_emb
+    model.model.rotary_emb = type(rotary)(model.config).to(device)
+    persistent = set(model.state_dict())
+    unknown = [n for n, _ in model.named_buffers() if n not in persistent and not n.startswith("model.rotary_emb.")]
+    if unknown:
+        raise RuntimeError(f"build_model(empty=True) cannot restore the non-persistent buffers {unknown}")
+    return model
 
 
 def load_pretrained(

@@ -95,6 +95,7 @@ class PartitionedExperts(nn.Module):
         self._blocks: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = {}
         self._ptrs: tuple[int, ...] = ()
         self._slot = torch.empty(0)
+        self._copy_on_pack = True  # False while materialising garbage (materialize_empty)
         self._pack()
 
     def __getitem__(self, e: int) -> ExpertFFN:
@@ -124,7 +125,7 @@ class PartitionedExperts(nn.Module):
                 ex = self[e]
                 views = (gate_up[i, :inter], gate_up[i, inter:], down[i])
                 for p, view in zip((ex.gate_proj.weight, ex.up_proj.weight, ex.down_proj.weight), views):
-                    if device.type != "meta":
+                    if device.type != "meta" and self._copy_on_pack:
                         view.copy_(p)
                     p.data = view
             self._blocks[group] = (gate_up, down)
@@ -257,6 +258,19 @@ def _moe_blocks(model: nn.Module) -> Iterable[nn.Module]:
     for module in model.modules():
         if hasattr(module, "experts") and hasattr(module, "gate"):
             yield module
+
+
+def materialize_empty(model: nn.Module, device: torch.device) -> None:
+    """`model.to_empty(device=device)` without the expert re-pack's copies of garbage (the
+    caller loads every weight next)."""
+    modules = expert_modules(model)
+    for m in modules:
+        m._copy_on_pack = False
+    try:
+        model.to_empty(device=device)
+    finally:
+        for m in modules:
+            m._copy_on_pack = True
 
 
 def expert_modules(model: nn.Module) -> list[PartitionedExperts]:

@@ -140,3 +140,24 @@ def test_bf16_autocast_keeps_fp32_master_weights_and_trains():
     assert all(s["exp_avg"].dtype == torch.float32 for s in opt.state.values())
     assert all(after[n].dtype == torch.bfloat16 and torch.equal(before[n].bfloat16(), after[n]) for n in frozen)
     assert all(not torch.equal(before[n], after[n]) for n in expert_param_names(list(after), owned))
+
+
+@pytest.mark.parametrize("frozen_dtype", [None, torch.bfloat16])
+def test_empty_build_loaded_equals_initialised_build(frozen_dtype):
+    """What a node builds each round (no initialisation, no expert copies) is, once loaded, the model."""
+    ref = build_model(ARGS, VOCAB, owned=[1, 5], seed=3, frozen_dtype=frozen_dtype).eval()
+    empty = build_model(ARGS, VOCAB, owned=[1, 5], empty=True, frozen_dtype=frozen_dtype)
+    empty.load_state_dict(ref.state_dict(), strict=True)
+    empty.eval()
+    assert dict(ref.named_buffers()).keys() == dict(empty.named_buffers()).keys()
+    assert all(torch.equal(b, dict(empty.named_buffers())[n]) for n, b in ref.named_buffers())  # rotary inv_freq
+    assert [(n, p.requires_grad, p.dtype) for n, p in ref.named_parameters()] == \
+        [(n, p.requires_grad, p.dtype) for n, p in empty.named_parameters()]
+    x = torch.randint(0, VOCAB, (2, 20))
+    with torch.no_grad():
+        assert torch.equal(ref(input_ids=x).logits, empty(input_ids=x).logits)
+    # Its experts are views of the two blocks, as after a normal build: training still freezes.
+    loss = empty.train()(input_ids=x, labels=x).loss
+    loss.backward()
+    experts = empty.model.layers[0].mlp.experts
+    assert experts[1].gate_proj.weight.grad is not None and experts[0].gate_proj.weight.grad is None
