@@ -22,6 +22,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from common import keys
+from common.checks import all_finite
 from common.codec import DecodeError, decode, decode_sync, encode, payload_bytes, wire_bytes
 from common.spec import MergeSchedule, StrategyConfig
 from model.naming import expert_param_names, parse_expert_param, trained_param_names
@@ -331,7 +332,7 @@ class SpesStrategy(Strategy):
             if self.cfg.merge.due(prev_step, step):
                 alpha = self.cfg.merge.alpha(step)
                 new.update(merge_experts(new, alpha, self.cfg.merge.top_k))
-            bad = next((n for n, t in new.items() if not torch.isfinite(t).all()), None)
+            bad = next((n for n, t in new.items() if not all_finite(t)), None)
             if bad is not None:
                 refused = f"the new global {bad} would hold NaN or Inf"
                 self.params, self.outer.buffers, alpha = snapshot, buffers, 0.0
