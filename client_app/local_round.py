@@ -1,5 +1,9 @@
 """One node's round, without Flower: restore, load what arrived, train H steps, save, reply.
 
+Restoring is rebuilding the model (uninitialised, straight on the device) and reading the saved
+state, or, where the process kept this node from its last round (client_app/resident.py),
+reusing that model and optimizer.
+
 The ClientApp is a thin wrapper around `run_local_round`; the benchmarks call it directly to
 measure the bare training loop against the same work inside a Flower simulation.
 """
@@ -9,14 +13,16 @@ from __future__ import annotations
 import dataclasses
 import logging
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord
 from tqdm import tqdm
 
+from client_app import resident
 from client_app.node_state import NodeState, optimizer_tensors, restore_optimizer, saved_steps
 from client_app.trainer import evaluate, make_optimizer, resolve_device, train_steps
 from data import BatchStream, node_shard, prepare_blocks
@@ -24,8 +30,12 @@ from model import build_model, expert_param_names
 from model.lora import lora_args, merge_adapters
 from model.naming import peft_to_plain, trained_param_names
 from model.routing import set_router_bias
+from common.checks import all_finite
 from common.codec import apply_delta, decode_delta, decode_sync, encode_delta
 from common.spec import RunSpec
+
+if TYPE_CHECKING:
+    from flwr.app import ArrayRecord
 
 log = logging.getLogger("spes.node")
 
@@ -40,9 +50,14 @@ class NodeContext:
     # A node that brings its own data trains on all of it instead of a shard of the common source.
     data_source: str | None = None
     progress: bool = True  # per-step progress bar on this node
+    # Token blocks (train, held-out) given directly instead of read from the data source: the
+    # GPU benchmark times a node round on synthetic tokens (scripts/gpu_check.py --mode round).
+    blocks: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 def _data(ctx: NodeContext) -> tuple[torch.Tensor, torch.Tensor]:
+    if ctx.blocks is not None:
+        return ctx.blocks
     cfg = ctx.spec.data
     pid, parts = ctx.partition_id, ctx.num_partitions
     if ctx.data_source:
@@ -54,8 +69,15 @@ def _data(ctx: NodeContext) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _build(ctx: NodeContext, owned: list[int] | None, device: torch.device) -> torch.nn.Module:
+    """The node's model, uninitialised on `device`: every caller loads a whole state dict into it.
+
+    Under bf16 the frozen experts are allocated in bf16 right away (loading casts into them, as
+    `prepare_model` would), so the node never holds them in fp32.
+    """
     special = {"eos_token_id": ctx.tokenizer.eos_token_id, "pad_token_id": ctx.tokenizer.pad_token_id}
-    return build_model(ctx.spec.model, len(ctx.tokenizer), owned=owned, special_tokens=special).to(device)
+    frozen = torch.bfloat16 if ctx.spec.train.precision == "bf16" and owned is not None else None
+    return build_model(ctx.spec.model, len(ctx.tokenizer), owned=owned, special_tokens=special, device=device,
+                       frozen_dtype=frozen, empty=True)
 
 
 def _round_model(ctx: NodeContext, owned: list[int], device: torch.device) -> tuple[torch.nn.Module, dict[str, str]]:
@@ -81,7 +103,7 @@ class NeedsFullModel(RuntimeError):
 
 def _check_received(received: dict[str, torch.Tensor], partition_id: int) -> None:
     for name, tensor in received.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        if not all_finite(tensor):
             raise ValueError(f"partition {partition_id}: received {name} with NaN or Inf; refusing to train on it")
 
 
@@ -104,9 +126,16 @@ class DeltaDownlink:
     apply_own: bool
 
 
+def _saved(state_root: Path, step: int, kept: resident.ResidentNode | None) -> NodeState | None:
+    """The node's state saved at `step`: the kept one in memory if it is that step, else from disk."""
+    if kept is not None and kept.state.global_step == step:
+        return kept.state
+    return NodeState.load(state_root, step)
+
+
 def _delta_start(
     ctx: NodeContext, delta: DeltaDownlink, expected: dict[str, torch.Tensor], full_model: bool, start_step: int,
-    state_root: Path,
+    state_root: Path, kept: resident.ResidentNode | None,
 ) -> tuple[dict[str, torch.Tensor], NodeState | None]:
     """The node's copy of the global model for this round, and the saved state it continues."""
     cfg = ctx.spec.strategy
@@ -115,11 +144,11 @@ def _delta_start(
     if full_model:
         if moves or set(whole) != set(expected):
             raise ValueError(f"partition {ctx.partition_id}: a full resync must carry every tensor whole")
-        saved = NodeState.load(state_root, start_step) or _previous_state(state_root, start_step)
+        saved = _saved(state_root, start_step, kept) or _previous_state(state_root, start_step)
         if saved is not None:
             saved.residual = {}  # error feedback restarts with a resync
         return whole, saved
-    saved = NodeState.load(state_root, delta.base_step) if delta.base_step >= 0 else None
+    saved = _saved(state_root, delta.base_step, kept) if delta.base_step >= 0 else None
     if saved is None or set(saved.base) != set(expected) or (delta.apply_own and not saved.own_delta):
         raise NeedsFullModel(
             f"partition {ctx.partition_id}: no saved copy of the model at step {delta.base_step} in {state_root} "
@@ -168,6 +197,7 @@ def run_local_round(
     global_share / router_bias ([layers, experts]): the federation's expert load last round and
     the routing bias for the top-k choice (model/routing.py), when the coordinator sends them.
     """
+    t_start = time.perf_counter()
     spec, train_cfg = ctx.spec, ctx.spec.train
     if start_step < 0 or steps < 1:
         raise ValueError(f"partition {ctx.partition_id}: bad round (global step {start_step}, {steps} local steps)")
@@ -179,9 +209,10 @@ def run_local_round(
     device = resolve_device(train_cfg.device)
     if spec.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.manual_seed(spec.seed * 100_003 + ctx.partition_id * 1_009 + start_step)
 
-    model, plain = _round_model(ctx, owned, device)
+    key = resident.ResidentKey(str(ctx.workdir), ctx.partition_id, spec.to_json(), str(device))
+    kept = resident.take(key, start_step, owned) if train_cfg.resident else None
+    model, plain = (kept.model, kept.plain) if kept is not None else _round_model(ctx, owned, device)
     names = list(plain.values())
     owned_names = expert_param_names(names, owned)
     lora = lora_args(train_cfg) is not None
@@ -190,10 +221,10 @@ def run_local_round(
     base: dict[str, torch.Tensor] = {}
     if delta is not None:
         template = {plain[n]: t for n, t in model.state_dict().items()}
-        base, saved = _delta_start(ctx, delta, template, full_model, start_step, state_root)
+        base, saved = _delta_start(ctx, delta, template, full_model, start_step, state_root, kept)
         tensors = dict(base)
     else:
-        saved = NodeState.load(state_root, start_step)
+        saved = _saved(state_root, start_step, kept)
         tensors = dict(received)
         if not full_model:
             if saved is None or sorted(saved.owned) != sorted(owned):
@@ -223,9 +254,12 @@ def run_local_round(
         # The coordinator accepts exactly sent_names: training anything else would be lost.
         raise RuntimeError(f"partition {ctx.partition_id}: trainable parameters differ from those sent: {sorted(odd)[:3]}")
 
-    optimizer = make_optimizer(model, train_cfg)
-    if saved is not None and saved.optimizer:
-        restore_optimizer(optimizer, named, saved.optimizer)
+    if kept is not None:
+        optimizer = kept.optimizer  # its moments are those saved at start_step
+    else:
+        optimizer = make_optimizer(model, train_cfg)
+        if saved is not None and saved.optimizer:
+            restore_optimizer(optimizer, named, saved.optimizer)
     shard, _ = _data(ctx)
     stream = BatchStream(shard, train_cfg.batch_size, seed=spec.seed * 7919 + ctx.partition_id)
     if saved is not None:
@@ -240,33 +274,37 @@ def run_local_round(
     )
     total = total_steps or spec.total_steps
     set_router_bias(model, router_bias)
+    # Seeded after the build: a kept model skips the build, and must train exactly like a rebuilt one.
+    torch.manual_seed(spec.seed * 100_003 + ctx.partition_id * 1_009 + start_step)
     metrics = train_steps(model, optimizer, stream, train_cfg, start_step, steps, total, device, bar,
                           global_share=global_share)
     bar.close()
     metrics["trainable-params"] = float(sum(p.numel() for p in model.parameters() if p.requires_grad))
 
     state = {plain[n]: t for n, t in model.state_dict().items()}
-    reply = {n: state[n].detach().float().cpu() for n in sent_names}
+    reply = {n: _detached(state[n], copy=train_cfg.resident) for n in sent_names}
+    common = dict(global_step=start_step + steps, owned=list(owned), stream=stream.state_dict(),
+                  optimizer=optimizer_tensors(optimizer, {p: n for n, p in named.items()}))
+    out: dict[str, torch.Tensor] | dict[str, np.ndarray] = reply
     if delta is not None:
-        arrays, residual, own_delta = _delta_reply(ctx, reply, base, saved, owned_names)
-        NodeState(
-            global_step=start_step + steps,
-            owned=list(owned),
-            stream=stream.state_dict(),
-            optimizer=optimizer_tensors(optimizer, {p: n for n, p in named.items()}),
-            base=base,
-            residual=residual,
-            own_delta=own_delta,
-        ).save(state_root)
-        return arrays, metrics
-    NodeState(
-        global_step=start_step + steps,
-        owned=list(owned),
-        stream=stream.state_dict(),
-        owned_tensors={n: reply[n] for n in owned_names},
-        optimizer=optimizer_tensors(optimizer, {p: n for n, p in named.items()}),
-    ).save(state_root)
-    return reply, metrics
+        out, residual, own_delta = _delta_reply(ctx, reply, base, saved, owned_names)
+        new_state = NodeState(**common, base=base, residual=residual, own_delta=own_delta)
+    else:
+        new_state = NodeState(**common, owned_tensors={n: reply[n] for n in owned_names})
+    new_state.save(state_root)
+    if train_cfg.resident:
+        resident.keep(resident.ResidentNode(key, model, plain, optimizer, new_state),
+                      train_cfg.resident_budget_mb * 2**20)
+    metrics["round-seconds"] = time.perf_counter() - t_start
+    metrics["resident"] = float(kept is not None)
+    return out, metrics
+
+
+def _detached(t: torch.Tensor, copy: bool) -> torch.Tensor:
+    """`t` as an fp32 CPU tensor; with `copy`, one that does not share storage with the model
+    (a kept model trains on, and the reply and the kept state must not change with it)."""
+    out = t.detach().float().cpu()
+    return out.clone() if copy and out.data_ptr() == t.data_ptr() else out
 
 
 def run_local_eval(

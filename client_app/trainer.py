@@ -53,6 +53,11 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute each decoder layer in the backward
     optimizer: str = "adamw"  # adamw | adamw8bit (CUDA only: torchao or bitsandbytes)
     compile: bool = False  # torch.compile each decoder layer
+    # Keep the model and optimizer in memory between rounds where the process lives on
+    # (simulation actors); client_app/resident.py. Off: rebuild and reload from disk every round.
+    resident: bool = True
+    # Memory a process may spend keeping other virtual nodes besides the one it ran last.
+    resident_budget_mb: float = 1024.0
     # LoRA on the attention projections (model/lora.py); 0: train every shared weight.
     lora_rank: int = 0
     lora_alpha: float = 16.0
@@ -83,6 +88,7 @@ class TrainConfig:
             ("grad_clip", ">= 0 (0: no clipping)", lambda x: x >= 0),
             ("aux_loss_weight", ">= 0", lambda x: x >= 0),
             ("z_loss_weight", ">= 0", lambda x: x >= 0),
+            ("resident_budget_mb", ">= 0", lambda x: x >= 0),
         )
         for key, rule, ok in reals:
             value = getattr(self, key)
@@ -128,6 +134,9 @@ class TrainConfig:
             )
 
     def _validate_lean_options(self) -> None:
+        for key in ("lean_loss", "activation_checkpointing", "compile", "resident"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"train.{key} must be true or false, got {getattr(self, key)!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"train.optimizer must be one of {list(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.optimizer == "adamw8bit" and self.device == "cpu":

@@ -17,9 +17,21 @@ import io
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord
+
+if TYPE_CHECKING:
+    from flwr.app import Array, ArrayRecord
+
+
+def _records():
+    """Flower's record types, imported when a record is made or read: the codec's arithmetic
+    and `common.spec` (which names the codecs) also serve the GPU benchmarks, run without Flower."""
+    from flwr.app import Array, ArrayRecord
+
+    return Array, ArrayRecord
 
 NUMPY_STYPE = "numpy.ndarray"
 _ALLOWED = {np.dtype(t) for t in ("float32", "float16", "float64", "int64", "int32", "int16", "uint8", "int8", "bool")}
@@ -33,12 +45,13 @@ class DecodeError(ValueError):
 
 def encode(tensors: Mapping[str, torch.Tensor], names: Iterable[str] | None = None) -> ArrayRecord:
     keys = list(tensors) if names is None else list(names)
+    Array, ArrayRecord = _records()
     return ArrayRecord({k: Array(tensors[k].detach().cpu().contiguous().numpy()) for k in keys})
 
 
 def _parse(name: str, arr: Array) -> tuple[tuple[int, ...], np.dtype, int]:
     """(shape, dtype, header length) from the .npy header, checked against the declaration."""
-    if not isinstance(arr, Array):
+    if not isinstance(arr, _records()[0]):
         raise DecodeError(f"{name}: not an Array ({type(arr).__name__})")
     if arr.stype != NUMPY_STYPE:
         raise DecodeError(f"{name}: serialisation {arr.stype!r}, expected {NUMPY_STYPE!r}")
@@ -77,7 +90,7 @@ def decode(
     record: ArrayRecord, expected: Mapping[str, torch.Tensor] | None = None
 ) -> dict[str, torch.Tensor]:
     """Tensors of `record`; with `expected`, each must match that tensor's shape and dtype."""
-    if not isinstance(record, ArrayRecord):
+    if not isinstance(record, _records()[1]):
         raise DecodeError(f"arrays must be an ArrayRecord, got {type(record).__name__}")
     out = {}
     for name, arr in record.items():
@@ -181,6 +194,7 @@ def apply_delta(base: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
 
 
 def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
+    Array, ArrayRecord = _records()
     return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
 
 
@@ -200,7 +214,7 @@ def decode_sync(
     finite non-negative scales) before any memory is allocated for it. Differences are
     accepted only in the given codec(s) (a downlink may relay an uplink's arrays)."""
     allowed = {c.name: c for c in ([codec] if isinstance(codec, Codec) else codec)}
-    if not isinstance(record, ArrayRecord):
+    if not isinstance(record, _records()[1]):
         raise DecodeError(f"arrays must be an ArrayRecord, got {type(record).__name__}")
     groups: dict[str, dict[str, Array]] = {}
     for key, arr in record.items():

@@ -222,6 +222,19 @@ def _failure_report(rounds: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _node_round_overhead(nodes: list[dict]) -> dict:
+    """Share of the nodes' round time spent outside the training loop (model build, loading what
+    arrived and the saved state, saving it), and how many node-rounds found their model kept in memory."""
+    timed = [n for n in nodes if n.get("round_seconds")]
+    if not timed:
+        return {}
+    return {
+        "node_round_overhead": 1 - sum(n.get("train_seconds", 0.0) for n in timed) / sum(n["round_seconds"] for n in timed),
+        "node_rounds_resident": sum(1 for n in timed if n.get("resident")),
+        "node_rounds_timed": len(timed),
+    }
+
+
 def summarize(spec, rounds: list[dict], first_val: float, counts: dict, trainable: dict, wall_s: float) -> dict:
     nodes = [n for r in rounds for n in r["nodes"].values()]
     ok_nodes = [n for n in nodes if n["status"] == "ok"]
@@ -247,6 +260,7 @@ def summarize(spec, rounds: list[dict], first_val: float, counts: dict, trainabl
         "wall_s": wall_s,
         "peak_mem_mb_node": max((n.get("peak_mem_mb", 0.0) for n in nodes), default=0.0),
         "tokens_per_s_node": sum(n.get("tokens_per_s", 0.0) for n in ok_nodes) / max(len(ok_nodes), 1),
+        **_node_round_overhead(ok_nodes),
         "trainable_params_node": max(trainable.values()),
         "trainable_params_by_partition": trainable,
         "total_params": counts["total"],

@@ -255,6 +255,12 @@ def summary_rows(rounds: list[dict], summary: dict) -> list[tuple[str, str]]:
         ("wall time", f"{_fmt(wall, '.0f')} s ({_fmt(wall / n if wall else None, '.1f')} s/round)"),
         ("peak memory per node", f"{_fmt(summary.get('peak_mem_mb_node'), '.0f')} MB"),
         ("tokens/s per node (mean)", _fmt(summary.get("tokens_per_s_node"), ".0f")),
+    ]
+    if summary.get("node_round_overhead") is not None:
+        rows.append(("node round time outside the training loop (build, load, save)",
+                     f"{100 * summary['node_round_overhead']:.1f} % (model kept in memory in "
+                     f"{summary['node_rounds_resident']} of {summary['node_rounds_timed']} node-rounds)"))
+    rows += [
         ("parameters: total / trainable per node",
          f"{_fmt(total, ',')} / {_fmt(summary.get('trainable_params_node'), ',')}"),
         ("failed node-rounds", _fmt(summary.get("failed_node_rounds"), "d")),

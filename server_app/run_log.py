@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 # Per-node scalars sent to TensorBoard / W&B as node<i>/<name>.
-NODE_SCALARS = ("train_loss", "tokens_per_s", "peak_mem_mb", "bytes_up", "bytes_down", "num_tokens", "train_seconds")
+NODE_SCALARS = ("train_loss", "tokens_per_s", "peak_mem_mb", "bytes_up", "bytes_down", "num_tokens", "train_seconds",
+                "round_seconds")
 ROUND_SCALARS = ("val_loss", "train_loss", "tokens", "bytes_up", "bytes_down", "merge_alpha", "wall_s", "global_step")
 
 
