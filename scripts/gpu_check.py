@@ -127,10 +127,87 @@ def run_one(args: argparse.Namespace) -> dict:
     return result
 
 
+class _Vocab:
+    """What a node round needs of a tokenizer when the tokens are synthetic: the vocabulary size."""
+
+    eos_token_id = pad_token_id = 0
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+
+def run_round(args: argparse.Namespace) -> dict:
+    """Node round overhead: a SPES node's whole round (`client_app.local_round.run_local_round`,
+    what the ClientApp runs: build, load what arrived and the saved state, train, save the state)
+    against its training loop, once with the model kept in memory between rounds (train.resident)
+    and once rebuilt from the node's disk every round. Round 1 receives the full model (cold);
+    rounds 2.. a sparse downlink, as in a run. Synthetic tokens; no Flower, Hydra or data needed.
+
+    The overhead does not grow with H, so it is measured with --steps steps per round and also
+    given as a share of a round of --round-h steps at the measured step time.
+    """
+    import tempfile
+
+    import torch
+    import yaml
+
+    from client_app import resident
+    from client_app.local_round import NodeContext, run_local_round
+    from common.spec import from_dict
+    from model import build_model, expert_param_names
+
+    preset = yaml.safe_load((ROOT / "conf" / "model" / f"{args.preset}.yaml").read_text())
+    vocab = preset.get("vocab_size") or 4096
+    device = torch.device(args.device)
+    bf16 = device.type == "cuda"
+    gen = torch.Generator().manual_seed(0)
+    blocks = torch.randint(0, vocab, (max(args.batch * args.steps, 8), args.seq + 1), generator=gen)
+    owned = list(range(args.owned))
+    init = build_model(from_dict({"model": preset}).model, vocab, seed=0).state_dict()
+    own = set(expert_param_names(list(init), owned))
+    result = {"preset": args.preset, "mode": "round", "lean": args.lean, "steps": args.steps, "batch": args.batch, "seq": args.seq,
+              "owned_experts": args.owned, "device": torch.cuda.get_device_name(device) if bf16 else "cpu",
+              "round_h": args.round_h}
+    for keep in (True, False):
+        spec = from_dict({
+            "model": preset, "nodes": 4, "rounds": args.rounds,
+            "strategy": {"local_steps": args.steps},
+            "train": {"device": args.device, "precision": "bf16" if bf16 else "fp32", "batch_size": args.batch,
+                      "lr": 5e-4, "warmup_steps": 0, "resident": keep, "lean_loss": args.lean,
+                      "activation_checkpointing": args.lean},
+        })
+        rounds = []
+        with tempfile.TemporaryDirectory(prefix="spes-round-", dir=args.workdir) as tmp:
+            ctx = NodeContext(spec, _Vocab(vocab), Path(tmp) / "node0", 0, 4, progress=False,
+                              blocks=(blocks, blocks[:8]))
+            for r in range(args.rounds):
+                received = init if r == 0 else {k: v for k, v in init.items() if k not in own}
+                _, m = run_local_round(ctx, received, owned, r == 0, r * args.steps, args.steps, show_progress=False)
+                rounds.append({"round_s": m["round-seconds"], "train_s": m["train-seconds"],
+                               "resident": bool(m["resident"]), "tokens_per_s": m["tokens-per-s"]})
+        resident.drop()
+        warm = rounds[1:]
+        overhead = sum(r["round_s"] - r["train_s"] for r in warm) / len(warm)
+        step_s = sum(r["train_s"] for r in warm) / (len(warm) * args.steps)
+        result["resident" if keep else "rebuilt"] = {
+            "rounds": rounds,
+            "overhead_s": overhead,
+            "step_s": step_s,
+            "overhead_share": overhead / (overhead + args.steps * step_s),
+            f"overhead_share_at_h{args.round_h}": overhead / (overhead + args.round_h * step_s),
+            "first_round_overhead_s": rounds[0]["round_s"] - rounds[0]["train_s"],
+        }
+    return result
+
+
 # (size, mode, lean): "1b" and "7b" stand for --small-preset and --large-preset.
 SUITE = [
     ("1b", "stock", False), ("1b", "full", False), ("1b", "spes", False), ("1b", "full", True), ("1b", "spes", True),
     ("7b", "full", False), ("7b", "spes", False), ("7b", "full", True), ("7b", "spes", True),
+    ("1b", "round", False),
 ]
 
 
@@ -144,18 +221,21 @@ def run_suite(args: argparse.Namespace) -> dict:
         small = size == "1b"
         preset = args.small_preset if small else args.large_preset
         cmd = [sys.executable, __file__, "--preset", preset, "--mode", mode,
+               "--rounds", str(args.rounds), "--round-h", str(args.round_h),
                "--batch", str(args.batch_small if small else args.batch_large),
                "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup),
                "--device", args.device, "--owned", str(args.owned_small if small else args.owned_large),
                "--impl", args.impl] + (["--lean"] if lean else []) + (["--compile"] if args.compile else [])
         label = f"{size}:{preset} {mode}{' +lean' if lean else ''}"
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, cwd=ROOT)
+            # A round row runs 2 x --rounds node rounds, each saving the node's state.
+            timeout = args.timeout * (2 if mode == "round" else 1)
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
             row = json.loads(lines[-1]) if lines else {"preset": preset, "mode": mode, "lean": lean,
                                                         "error": proc.stderr.strip().splitlines()[-1:]}
         except subprocess.TimeoutExpired:
-            row = {"preset": preset, "mode": mode, "lean": lean, "error": f"timeout {args.timeout}s"}
+            row = {"preset": preset, "mode": mode, "lean": lean, "error": f"timeout {timeout}s"}
         row["size"] = size
         rows.append(row)
         print(_fmt(label, row), flush=True)
@@ -172,6 +252,10 @@ def run_suite(args: argparse.Namespace) -> dict:
         "mem_spes_over_full_1b": _ratio(get("1b", "spes", False, "peak_mem_gb"), get("1b", "full", False, "peak_mem_gb")),
         "mem_spes_over_full_7b": _ratio(get("7b", "spes", False, "peak_mem_gb"), get("7b", "full", False, "peak_mem_gb")),
         "peak_gb_7b_spes_lean": get("7b", "spes", True, "peak_mem_gb"),
+        # Target 4: everything but the H steps, as a share of a round at H = 100 (1b).
+        "node_round_overhead_1b_h100": (get("1b", "round", False, "rebuilt") or {}).get("overhead_share_at_h100"),
+        "node_round_overhead_1b_h100_resident": (get("1b", "round", False, "resident") or {}).get(
+            "overhead_share_at_h100"),
     }
     out = {"runs": rows, "ratios": ratios, "mfu_peak_flops": PEAK_FLOPS,
            "command": " ".join([Path(sys.executable).name] + sys.argv)}
@@ -186,6 +270,12 @@ def run_suite(args: argparse.Namespace) -> dict:
 def _fmt(label: str, r: dict) -> str:
     if r.get("error") or r.get("oom"):
         return f"{label:<16} {'OOM' if r.get('oom') else 'failed'}: {r.get('error')}"
+    if r.get("mode") == "round":
+        h = r["round_h"]
+        return "  ".join(
+            f"{label if k == 'rebuilt' else '':<16} {k:>8}: {r[k]['overhead_s']:6.2f} s outside {r['steps']} steps of "
+            f"{r[k]['step_s']:.3f} s = {100 * r[k][f'overhead_share_at_h{h}']:4.1f} % of a round at H={h} "
+            f"(cold round {r[k]['first_round_overhead_s']:.2f} s)\n" for k in ("rebuilt", "resident")).rstrip()
     return (f"{label:<16} {r['tokens_per_s']:>9.0f} tok/s  {r['peak_mem_gb']:>7.2f} GB  MFU {100 * r['mfu']:5.1f} %  "
             f"trainable {r['trainable_params'] / 1e6:,.0f} M of {r['total_params'] / 1e6:,.0f} M  opt {r['optimizer']}")
 
@@ -194,7 +284,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--suite", action="store_true", help="run the 1b/7b matrix and write --out")
     ap.add_argument("--preset", default="1b")
-    ap.add_argument("--mode", choices=["spes", "full", "stock"], default="spes")
+    ap.add_argument("--mode", choices=["spes", "full", "stock", "round"], default="spes",
+                    help="round: node round overhead (whole run_local_round vs its training loop)")
+    ap.add_argument("--rounds", type=int, default=3, help="round mode: rounds per variant (the first is cold)")
+    ap.add_argument("--round-h", type=int, default=100, help="round mode: H the overhead share is given for")
+    ap.add_argument("--workdir", default=None, help="round mode: where the node's state is saved (default: temp)")
     ap.add_argument("--owned", type=int, default=4, help="experts this node trains (spes mode)")
     ap.add_argument("--small-preset", default="1b", help="suite: the preset of the 1b rows")
     ap.add_argument("--large-preset", default="7b", help="suite: the preset of the 7b rows")
@@ -218,7 +312,7 @@ def main() -> None:
         return
     # Before torch starts CUDA: fewer fragmentation OOMs near the memory limit.
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    print(json.dumps(run_one(args)), flush=True)
+    print(json.dumps(run_round(args) if args.mode == "round" else run_one(args)), flush=True)
 
 
 if __name__ == "__main__":

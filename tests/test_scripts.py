@@ -21,3 +21,30 @@ def test_gpu_check_reports_spes_and_full_node():
     assert spes["trainable_params"] < full["trainable_params"]
     for r in (spes, full):
         assert r["tokens_per_step"] == 64 and r["tokens_per_s"] > 0 and r["peak_mem_gb"] > 0
+
+
+def test_gpu_check_times_a_node_round_without_flower(tmp_path):
+    """--mode round runs the node's real round (kept in memory, then rebuilt from disk) and
+    imports neither Flower nor Hydra: the GPU machine has neither."""
+    blocker = tmp_path / "sitecustomize.py"
+    blocker.write_text(
+        "import sys\n"
+        "class _Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('flwr', 'hydra', 'omegaconf', 'ray'):\n"
+        "            raise ImportError('not on the GPU machine: ' + name)\n"
+        "sys.meta_path.insert(0, _Block())\n"
+    )
+    cmd = [sys.executable, "scripts/gpu_check.py", "--preset", "tiny", "--device", "cpu", "--mode", "round",
+           "--steps", "2", "--batch", "2", "--seq", "32", "--rounds", "3", "--workdir", str(tmp_path)]
+    env = {**__import__("os").environ, "PYTHONPATH": str(tmp_path)}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert [x["resident"] for x in r["resident"]["rounds"]] == [False, True, True]
+    assert [x["resident"] for x in r["rebuilt"]["rounds"]] == [False, False, False]
+    for k in ("resident", "rebuilt"):
+        v = r[k]
+        assert all(x["round_s"] > x["train_s"] > 0 for x in v["rounds"])
+        assert 0 < v["overhead_share_at_h100"] < v["overhead_share"] < 1
+    assert list(tmp_path.iterdir()) == [blocker]  # the node's state went to a temporary directory, now gone
