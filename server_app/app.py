@@ -223,8 +223,8 @@ def _failure_report(rounds: list[dict]) -> str:
 
 
 def _node_round_overhead(nodes: list[dict]) -> dict:
-    """Share of the nodes' round time spent outside the training loop (model build, loading what
-    arrived and the saved state, saving it), and how many node-rounds found their model kept in memory."""
+    """Share of these node-rounds' time spent outside the training loop (model build, loading what
+    arrived and the saved state, saving it), and how many found their model kept in memory."""
     timed = [n for n in nodes if n.get("round_seconds")]
     if not timed:
         return {}
@@ -260,7 +260,8 @@ def summarize(spec, rounds: list[dict], first_val: float, counts: dict, trainabl
         "wall_s": wall_s,
         "peak_mem_mb_node": max((n.get("peak_mem_mb", 0.0) for n in nodes), default=0.0),
         "tokens_per_s_node": sum(n.get("tokens_per_s", 0.0) for n in ok_nodes) / max(len(ok_nodes), 1),
-        **_node_round_overhead(ok_nodes),
+        # Round 1 also prepares each node's data (once per run): left out where there are later rounds.
+        **_node_round_overhead([n for r in (rounds[1:] or rounds) for n in r["nodes"].values() if n["status"] == "ok"]),
         "trainable_params_node": max(trainable.values()),
         "trainable_params_by_partition": trainable,
         "total_params": counts["total"],

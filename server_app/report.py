@@ -257,7 +257,7 @@ def summary_rows(rounds: list[dict], summary: dict) -> list[tuple[str, str]]:
         ("tokens/s per node (mean)", _fmt(summary.get("tokens_per_s_node"), ".0f")),
     ]
     if summary.get("node_round_overhead") is not None:
-        rows.append(("node round time outside the training loop (build, load, save)",
+        rows.append(("node round time outside the training loop (build, load, save; rounds 2..)",
                      f"{100 * summary['node_round_overhead']:.1f} % (model kept in memory in "
                      f"{summary['node_rounds_resident']} of {summary['node_rounds_timed']} node-rounds)"))
     rows += [

@@ -144,3 +144,19 @@ def test_run_scalars_cumulative_and_tensorboard(tmp_path):
     assert [e.value for e in acc.Scalars("node0/bytes_total")] == [1300, 2300]
     assert [(e.step, e.value) for e in acc.Scalars("eval/spes_heldout/bits_per_byte")] == [(2, 1.5)]
     assert not tensorboard_eval(tmp_path / "no-tb", {"t": {"m": 1.0}}, step=1)
+
+
+def test_node_round_overhead_from_later_rounds_only():
+    from server_app.app import _node_round_overhead
+
+    def node(round_s, train_s, kept, status="ok"):
+        return {"round_seconds": round_s, "train_seconds": train_s, "resident": kept, "status": status}
+
+    # (2.0 - 1.5) + (3.0 - 2.5) outside the loop over 5.0 s of node rounds: 20 %; one of two kept.
+    out = _node_round_overhead([node(2.0, 1.5, 0.0), node(3.0, 2.5, 1.0)])
+    assert out == {"node_round_overhead": pytest.approx(0.2), "node_rounds_resident": 1, "node_rounds_timed": 2}
+    assert _node_round_overhead([{"status": "ok", "train_seconds": 1.0}]) == {}  # older nodes send no round time
+    rows = dict(summary_rows(ROUNDS, {**SUMMARY, **out}))
+    assert rows["node round time outside the training loop (build, load, save; rounds 2..)"] == \
+        "20.0 % (model kept in memory in 1 of 2 node-rounds)"
+    assert not any(k.startswith("node round time") for k in dict(summary_rows(ROUNDS, SUMMARY)))
