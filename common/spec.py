@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
-from client_app.trainer import TrainConfig
+from common.train_config import TrainConfig
 from common.codec import CODECS, Codec
 from data.pipeline import DataConfig
 from model.args import MoEArgs
