@@ -16,7 +16,6 @@ from __future__ import annotations
 import io
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-
 from typing import TYPE_CHECKING
 
 import numpy as np
