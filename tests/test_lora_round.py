@@ -7,19 +7,18 @@ accepts that and nothing else; the frozen base weights keep their initial value.
 
 import pytest
 import torch
-from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 
-from client_app.local_round import DeltaDownlink, NodeContext, run_local_eval, run_local_round
+from client_app.local_round import NodeContext, run_local_eval
 from client_app.node_state import NodeState
 from client_app.trainer import evaluate
 from common import keys
-from common.codec import decode, encode, to_record
 from common.spec import from_dict
 from model import build_model
 from model.lora import apply_lora, init_adapters, lora_args
 from model.naming import plain_to_peft
 from server_app.config import compose
 from strategy.spes import SpesStrategy
+from strategy_rounds import play_round
 
 E = 4
 BASE = ["model.hidden_size=32", "model.expert_ffn=16", "model.num_layers=1", f"model.num_experts={E}",
@@ -59,28 +58,6 @@ def make(shared, name, overrides):
     s.params = {**{k: v.detach().clone() for k, v in model.state_dict().items()},
                 **init_adapters(model, lora_args(spec.train), seed=0)}
     return spec, tok, ctxs, s
-
-
-def play_round(s, rnd, ctxs, tamper=None):
-    msgs = list(s.configure_train(rnd, None, ConfigRecord({}), None))
-    replies, sent = [], {}
-    for msg in msgs:
-        ctx = ctxs[msg.metadata.dst_node_id - 10]
-        cfg = msg.content["config"]
-        delta = None
-        if s.sync is not None:
-            delta = DeltaDownlink(msg.content["arrays"], cfg[keys.BASE_STEP], cfg[keys.APPLY_OWN])
-        reply, metrics = run_local_round(
-            ctx, {} if delta else decode(msg.content["arrays"]), list(cfg[keys.OWNED_EXPERTS]),
-            bool(cfg[keys.FULL_MODEL]), cfg[keys.GLOBAL_STEP], cfg[keys.LOCAL_STEPS], show_progress=False, delta=delta,
-        )
-        sent[ctx.partition_id] = (reply, metrics)
-        if tamper is not None:
-            reply = tamper(ctx.partition_id, reply)
-        record = to_record(reply) if delta else encode(reply)
-        replies.append(Message(RecordDict({"arrays": record, "metrics": MetricRecord(metrics)}), reply_to=msg))
-    s.aggregate_train(rnd, replies)
-    return msgs, sent
 
 
 def test_node_sends_adapters_routers_norms_owned_experts_and_base_stays(shared, flower_task):

@@ -9,18 +9,16 @@ ended (another node in the same process, other owned experts) must rebuild.
 
 import pytest
 import torch
-from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 from client_app import resident
-from client_app.local_round import DeltaDownlink, NodeContext, run_local_round
+from client_app.local_round import NodeContext, run_local_round
 from client_app.node_state import NodeState
-from common import keys
-from common.codec import decode, encode, to_record
 from common.spec import from_dict
 from model import build_model, expert_param_names
 from model.lora import init_adapters, lora_args
 from server_app.config import compose
 from strategy.spes import SpesStrategy
+from strategy_rounds import play_round
 
 E = 4
 BASE = ["model.hidden_size=32", "model.expert_ffn=16", "model.num_layers=1", f"model.num_experts={E}",
@@ -66,24 +64,11 @@ def federation(tokenizer, name, overrides, nodes=1):
 
 def play(s, rnd, ctxs):
     """One round; returns the `resident` metric of each node, by partition."""
-    replies, hits = [], {}
-    for msg in s.configure_train(rnd, None, ConfigRecord({}), None):
-        ctx = ctxs[msg.metadata.dst_node_id - 10]
-        cfg = msg.content["config"]
-        delta = None
-        if s.sync is not None:
-            delta = DeltaDownlink(msg.content["arrays"], cfg[keys.BASE_STEP], cfg[keys.APPLY_OWN])
-        reply, metrics = run_local_round(
-            ctx, {} if delta else decode(msg.content["arrays"]), list(cfg[keys.OWNED_EXPERTS]),
-            bool(cfg[keys.FULL_MODEL]), cfg[keys.GLOBAL_STEP], cfg[keys.LOCAL_STEPS], show_progress=False, delta=delta,
-        )
-        hits[ctx.partition_id] = metrics["resident"]
-        assert metrics["round-seconds"] >= metrics["train-seconds"] > 0
-        record = to_record(reply) if delta else encode(reply)
-        replies.append(Message(RecordDict({"arrays": record, "metrics": MetricRecord(metrics)}), reply_to=msg))
-    s.aggregate_train(rnd, replies)
+    _, sent = play_round(s, rnd, ctxs)
     assert all(n["status"] == "ok" for n in s.history[-1]["nodes"].values()), s.history[-1]["nodes"]
-    return hits
+    for _, metrics in sent.values():
+        assert metrics["round-seconds"] >= metrics["train-seconds"] > 0
+    return {pid: metrics["resident"] for pid, (_, metrics) in sent.items()}
 
 
 def saved(ctx, step):

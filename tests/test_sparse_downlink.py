@@ -12,9 +12,9 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from client_app.local_round import DeltaDownlink, NeedsFullModel, NodeContext, run_local_round
+from client_app.local_round import NodeContext
 from client_app.node_state import NodeState
 from common import keys
 from common.codec import Codec, encode_delta, to_record
@@ -23,6 +23,7 @@ from model import build_model
 from model.naming import expert_param_names, shared_param_names
 from server_app.config import compose
 from strategy.spes import SpesStrategy
+from strategy_rounds import play_round
 
 E = 4
 
@@ -39,33 +40,6 @@ def setup(tmp_path_factory):
     spec = from_dict(raw)
     tok = load_tokenizer(spec.data, tmp / "cache")
     return spec, tok, tmp
-
-
-def _node(msg, ctxs):
-    return ctxs[msg.metadata.dst_node_id - 10]
-
-
-def play_round(s, rnd, ctxs, fail=()):
-    msgs = list(s.configure_train(rnd, None, ConfigRecord({}), None))
-    replies = []
-    for msg in msgs:
-        ctx = _node(msg, ctxs)
-        cfg = msg.content["config"]
-        delta = DeltaDownlink(msg.content["arrays"], cfg[keys.BASE_STEP], cfg[keys.APPLY_OWN])
-        try:
-            if ctx.partition_id in fail:
-                raise NeedsFullModel("lost")
-            arrays, metrics = run_local_round(
-                ctx, {}, list(cfg[keys.OWNED_EXPERTS]), bool(cfg[keys.FULL_MODEL]), cfg[keys.GLOBAL_STEP],
-                cfg[keys.LOCAL_STEPS], show_progress=False, delta=delta,
-            )
-        except NeedsFullModel as exc:
-            replies.append(Message(Error(code=1, reason=str(exc)), reply_to=msg))
-            continue
-        content = RecordDict({"arrays": to_record(arrays), "metrics": MetricRecord(metrics)})
-        replies.append(Message(content, reply_to=msg))
-    s.aggregate_train(rnd, replies)
-    return msgs
 
 
 def node_copy(ctx, s):
@@ -86,7 +60,7 @@ def test_delta_sync_versions_relay_and_resync(setup, flower_task):
     own = {p: set(expert_param_names(names, s.experts_of(p))) for p in (0, 1)}
 
     # Round 1: nothing held yet, every node gets every tensor whole (fp32) and trains from it.
-    msgs = play_round(s, 1, ctxs)
+    msgs, _ = play_round(s, 1, ctxs)
     assert all(m.content["config"][keys.FULL_MODEL] for m in msgs)
     assert set(msgs[0].content["arrays"]) == set(names)
     for ctx in ctxs:
@@ -104,7 +78,7 @@ def test_delta_sync_versions_relay_and_resync(setup, flower_task):
     global_after_1 = {n: s.params[n].clone() for n in names}
     # Round 2: the owner applies its own experts itself; the others' experts arrive as the owner's
     # relayed int8 arrays; shared tensors as int8 moves. Copies stay bit-equal to the coordinator's.
-    msgs = play_round(s, 2, ctxs)
+    msgs, _ = play_round(s, 2, ctxs)
     for m in msgs:
         p = m.metadata.dst_node_id - 10
         cfg, arrays = m.content["config"], m.content["arrays"]
@@ -123,7 +97,7 @@ def test_delta_sync_versions_relay_and_resync(setup, flower_task):
     play_round(s, 3, ctxs, fail={1})
     assert s.history[-1]["nodes"]["1"]["status"].startswith("error")
     # Round 4: node 0 gets nothing for node 1's experts (they did not move); node 1 is resynced whole.
-    msgs = play_round(s, 4, ctxs)
+    msgs, _ = play_round(s, 4, ctxs)
     by_pid = {m.metadata.dst_node_id - 10: m for m in msgs}
     sent0 = {k.partition("#")[0] for k in by_pid[0].content["arrays"]}
     assert not sent0 & (own[0] | own[1])
