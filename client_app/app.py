@@ -13,6 +13,7 @@ import math
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client_app.background_save import wait_for_saves
 from client_app.local_round import DeltaDownlink, NodeContext, run_local_eval, run_local_round
 from client_app.node_settings import NodeSettings
 from client_app.node_state import saved_steps, write_text_atomic
@@ -74,6 +75,7 @@ def setup(msg: Message, context: Context) -> Message:
     _spec_for_node(cfg, settings)  # a config this node cannot run fails here, before any round
     workdir = settings.workdir(str(cfg[keys.RUN_TOKEN]))
     write_text_atomic(workdir / "tokenizer.json", str(cfg[keys.TOKENIZER_JSON]))
+    wait_for_saves(workdir / "state")  # a state still being written counts once it is there
     steps = saved_steps(workdir / "state")
     reply = ConfigRecord(
         {
@@ -127,6 +129,9 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     ctx, cfg = _node(msg, context)
+    # Not needed for the evaluation itself: it makes the run's final evaluation a point where every
+    # node's last state is on disk, before a simulation's actors are shut down.
+    wait_for_saves(ctx.workdir / "state")
     loss, tokens = run_local_eval(ctx, decode(msg.content.array_records[keys.ARRAYS]), _routing(cfg, ctx)[1])
     metrics = MetricRecord(
         {keys.EVAL_LOSS: loss, keys.EVAL_PPL: math.exp(min(loss, 50.0)), keys.NUM_TOKENS: float(tokens)}

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from client_app import resident
+from client_app import background_save, resident
 from client_app.node_state import NodeState, optimizer_tensors, restore_optimizer, saved_steps
 from client_app.trainer import evaluate, make_optimizer, resolve_device, train_steps
 from data import BatchStream, node_shard, prepare_blocks
@@ -210,6 +210,10 @@ def run_local_round(
     if spec.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
+    state_root = ctx.workdir / "state"
+    # The last round's state may still be being written (here or by another process), and a kept
+    # model's optimizer moments are what that write reads: nothing goes on before it is on disk.
+    waited = background_save.wait_for_saves(state_root)
     key = resident.ResidentKey(str(ctx.workdir), ctx.partition_id, spec.to_json(), str(device))
     kept = resident.take(key, start_step, owned) if train_cfg.resident else None
     model, plain = (kept.model, kept.plain) if kept is not None else _round_model(ctx, owned, device)
@@ -217,7 +221,6 @@ def run_local_round(
     owned_names = expert_param_names(names, owned)
     lora = lora_args(train_cfg) is not None
     sent_names = trained_param_names(names, owned, lora)
-    state_root = ctx.workdir / "state"
     base: dict[str, torch.Tensor] = {}
     if delta is not None:
         template = {plain[n]: t for n, t in model.state_dict().items()}
@@ -291,12 +294,16 @@ def run_local_round(
         new_state = NodeState(**common, base=base, residual=residual, own_delta=own_delta)
     else:
         new_state = NodeState(**common, owned_tensors={n: reply[n] for n in owned_names})
-    new_state.save(state_root)
+    if train_cfg.save_in_background:
+        background_save.save_after_reply(new_state, state_root)
+    else:
+        new_state.save(state_root)
     if train_cfg.resident:
         resident.keep(resident.ResidentNode(key, model, plain, optimizer, new_state),
                       train_cfg.resident_budget_mb * 2**20)
     metrics["round-seconds"] = time.perf_counter() - t_start
     metrics["resident"] = float(kept is not None)
+    metrics["save-wait-seconds"] = waited
     return out, metrics
 
 

@@ -36,5 +36,5 @@ EVAL_PPL = "eval-ppl"
 # Scalar metrics a node reports after training, as sent (kebab-case).
 NODE_METRICS = (
     "train-loss", "ce-loss", "aux-loss", "z-loss", NUM_TOKENS, "tokens-per-s", "peak-mem-mb", "train-seconds",
-    "trainable-params", "round-seconds", "resident",
+    "trainable-params", "round-seconds", "resident", "save-wait-seconds",
 )

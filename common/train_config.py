@@ -52,6 +52,9 @@ class TrainConfig:
     resident: bool = True
     # Memory a process may spend keeping other virtual nodes besides the one it ran last.
     resident_budget_mb: float = 1024.0
+    # Write the node's state after the reply has left (client_app/background_save.py); the next
+    # round, the setup query and the process's exit wait for it. Off: write it before replying.
+    save_in_background: bool = True
     # LoRA on the attention projections (model/lora.py); 0: train every shared weight.
     lora_rank: int = 0
     lora_alpha: float = 16.0

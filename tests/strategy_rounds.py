@@ -5,6 +5,7 @@ Node i of a test is Flower node id 10 + i. Shared by the tests that drive severa
 
 from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 
+from client_app import background_save
 from client_app.local_round import DeltaDownlink, NeedsFullModel, run_local_round
 from common import keys
 from common.codec import decode, encode, to_record
@@ -41,4 +42,7 @@ def play_round(s, rnd, ctxs, tamper=None, fail=()):
         record = to_record(reply) if delta else encode(reply)
         replies.append(Message(RecordDict({"arrays": record, "metrics": MetricRecord(metrics)}), reply_to=msg))
     s.aggregate_train(rnd, replies)
+    # Node states are written after the reply (train.save_in_background); the next round waits for
+    # them by itself, but these tests also read and delete them directly.
+    background_save.drain()
     return msgs, sent

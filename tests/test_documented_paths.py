@@ -276,6 +276,9 @@ def test_readme_federation_recipe_with_tls_and_node_auth(tmp_path):
     # Each node kept its state in its own node-config work-dir, nowhere else.
     for i in range(n_nodes):
         assert [p.name for p in (tmp_path / f"institution-{i}" / "work").glob("*/partition-*")] == [f"partition-{i}"]
+        # ... written after the reply by a process Flower then ends: complete, no save left under way.
+        state = next((tmp_path / f"institution-{i}" / "work").glob("*/partition-*")) / "state"
+        assert sorted(p.name for p in state.iterdir()) == ["step-000000000002"]
     no_runtime_installs(home, *node_homes)
 
 

@@ -78,19 +78,24 @@ def saved(ctx, step):
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_kept_node_equals_rebuilt_node(tokenizer, flower_task, variant):
+    """Also: states written after the reply (the default) leave the same results as states written
+    before it, whether the next round finds the node kept or rebuilds it from that state."""
     runs = {}
-    for keep in (True, False):
-        ctxs, s = federation(tokenizer, f"{variant}-{keep}", VARIANTS[variant] + [f"train.resident={str(keep).lower()}"])
+    for keep, background in ((True, True), (False, True), (False, False)):
+        ctxs, s = federation(tokenizer, f"{variant}-{keep}-{background}", VARIANTS[variant] + [
+            f"train.resident={str(keep).lower()}", f"train.save_in_background={str(background).lower()}"])
         hits = [play(s, rnd, ctxs)[0] for rnd in (1, 2, 3)]
-        runs[keep] = (s.params, saved(ctxs[0], 6), hits)
+        runs[keep, background] = (s.params, saved(ctxs[0], 6), hits)
         resident.drop()
-    (kept_params, kept_state, kept_hits), (fresh_params, fresh_state, fresh_hits) = runs[True], runs[False]
-    assert kept_hits == [0.0, 1.0, 1.0] and fresh_hits == [0.0, 0.0, 0.0]
-    assert kept_params.keys() == fresh_params.keys()
-    changed = [n for n in kept_params if not torch.equal(kept_params[n], fresh_params[n])]
-    assert not changed, changed[:3]
-    assert kept_state.keys() == fresh_state.keys()
-    assert all(torch.equal(kept_state[k], fresh_state[k]) for k in kept_state)
+    fresh_params, fresh_state, fresh_hits = runs[False, False]
+    assert fresh_hits == [0.0, 0.0, 0.0]
+    for (keep, background), (params, state, hits) in runs.items():
+        assert hits == ([0.0, 1.0, 1.0] if keep else [0.0, 0.0, 0.0]), (keep, background)
+        assert params.keys() == fresh_params.keys()
+        changed = [n for n in params if not torch.equal(params[n], fresh_params[n])]
+        assert not changed, (keep, background, changed[:3])
+        assert state.keys() == fresh_state.keys()
+        assert all(torch.equal(state[k], fresh_state[k]) for k in state), (keep, background)
 
 
 @pytest.mark.parametrize("budget_mb, round2_hits", [(1024, {0: 1.0, 1: 1.0}), (0, {0: 0.0, 1: 0.0})])
