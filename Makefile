@@ -33,12 +33,8 @@ lock:
 demo: setup
 	$(PY) -m sim run_name=demo output_dir=outputs
 
-# Two pytest workers: most of the suite's wall time is Flower and Ray processes starting up and
-# waiting on each other, not CPU, so two at once finish sooner even on 2 cores.
-# Tests that share a module-scoped run stay on one worker (tests/conftest.py).
-TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
+	$(PY) -m pytest -q
 
 # SPES vs DiLoCo vs FedAvg vs centralized (tiny model; ~17 min on 2 CPUs), memory per node
 # (model=small) and Flower overhead -> benchmarks/results.json, docs/benchmarks.md.
