@@ -14,7 +14,7 @@ Nothing may read or change that state before it is on disk, in this process or a
   live processes (a simulation actor that ran the node before, the previous `flwr-clientapp`
   process in deployment); a marker whose process is gone was a save cut short: it is removed and
   the state is simply absent (the node then asks for the full model, as after any lost state).
-  Every round, the setup query and `drain()` call it before touching the directory;
+  Every round, the setup query, the evaluation and `drain()` call it before going on;
 * in deployment Flower ends each `flwr-clientapp` process after the reply, force-exiting it
   five seconds into its exit; an exit handler that runs before that timer starts joins the
   writers, so the process lives until its state is safe.

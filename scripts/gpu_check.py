@@ -142,19 +142,25 @@ class _Vocab:
 def run_round(args: argparse.Namespace) -> dict:
     """Node round overhead: a SPES node's whole round (`client_app.local_round.run_local_round`,
     what the ClientApp runs: build, load what arrived and the saved state, train, save the state)
-    against its training loop, once with the model kept in memory between rounds (train.resident)
-    and once rebuilt from the node's disk every round. Round 1 receives the full model (cold);
-    rounds 2.. a sparse downlink, as in a run. Synthetic tokens; no Flower, Hydra or data needed.
+    against its training loop, in four variants: the model rebuilt from the node's disk every round
+    (deployment: a fresh process per message) or kept in memory (train.resident, simulation), and
+    the state saved before the reply or after it (train.save_in_background). Round 1 receives the
+    full model (cold); rounds 2.. a sparse downlink, as in a run. Synthetic tokens; no Flower,
+    Hydra or data needed.
 
-    The overhead does not grow with H, so it is measured with --steps steps per round and also
-    given as a share of a round of --round-h steps at the measured step time.
+    The overhead is the time to the reply outside the training loop. A state saved after the reply
+    overlaps the upload, the aggregation and the next downlink; here nothing else happens, so the
+    harness waits for it between rounds and reports that wait (`save_after_reply_s`): a run hides
+    it when its exchange takes at least that long. The overhead does not grow with H, so it is
+    measured with --steps steps per round and also given as a share of a round of --round-h steps
+    at the measured step time.
     """
     import tempfile
 
     import torch
     import yaml
 
-    from client_app import resident
+    from client_app import background_save, resident
     from client_app.local_round import NodeContext, run_local_round
     from common.spec import from_dict
     from model import build_model, expert_param_names
@@ -171,13 +177,14 @@ def run_round(args: argparse.Namespace) -> dict:
     result = {"preset": args.preset, "mode": "round", "lean": args.lean, "steps": args.steps, "batch": args.batch, "seq": args.seq,
               "owned_experts": args.owned, "device": torch.cuda.get_device_name(device) if bf16 else "cpu",
               "round_h": args.round_h}
-    for keep in (True, False):
+    result["fresh_process_s"] = _fresh_process_s(args.device)
+    for variant, (keep, background) in ROUND_VARIANTS.items():
         spec = from_dict({
             "model": preset, "nodes": 4, "rounds": args.rounds,
             "strategy": {"local_steps": args.steps},
             "train": {"device": args.device, "precision": "bf16" if bf16 else "fp32", "batch_size": args.batch,
-                      "lr": 5e-4, "warmup_steps": 0, "resident": keep, "lean_loss": args.lean,
-                      "activation_checkpointing": args.lean},
+                      "lr": 5e-4, "warmup_steps": 0, "resident": keep, "save_in_background": background,
+                      "lean_loss": args.lean, "activation_checkpointing": args.lean},
         })
         rounds = []
         with tempfile.TemporaryDirectory(prefix="spes-round-", dir=args.workdir) as tmp:
@@ -186,22 +193,47 @@ def run_round(args: argparse.Namespace) -> dict:
             for r in range(args.rounds):
                 received = init if r == 0 else {k: v for k, v in init.items() if k not in own}
                 _, m = run_local_round(ctx, received, owned, r == 0, r * args.steps, args.steps, show_progress=False)
+                t0 = time.perf_counter()
+                background_save.wait_for_saves(ctx.workdir / "state")  # the exchange a run overlaps it with
                 rounds.append({"round_s": m["round-seconds"], "train_s": m["train-seconds"],
-                               "resident": bool(m["resident"]), "tokens_per_s": m["tokens-per-s"]})
+                               "resident": bool(m["resident"]), "tokens_per_s": m["tokens-per-s"],
+                               "save_after_reply_s": time.perf_counter() - t0})
         resident.drop()
         warm = rounds[1:]
         overhead = sum(r["round_s"] - r["train_s"] for r in warm) / len(warm)
         step_s = sum(r["train_s"] for r in warm) / (len(warm) * args.steps)
-        result["resident" if keep else "rebuilt"] = {
+        result[variant] = {
             "rounds": rounds,
             "overhead_s": overhead,
+            "save_after_reply_s": sum(r["save_after_reply_s"] for r in warm) / len(warm),
             "step_s": step_s,
             "overhead_share": overhead / (overhead + args.steps * step_s),
             f"overhead_share_at_h{args.round_h}": overhead / (overhead + args.round_h * step_s),
             "first_round_overhead_s": rounds[0]["round_s"] - rounds[0]["train_s"],
         }
+        if not keep:  # in deployment every round also starts a fresh process
+            fresh = overhead + result["fresh_process_s"]
+            result[variant][f"overhead_share_at_h{args.round_h}_fresh_process"] = fresh / (fresh + args.round_h * step_s)
     return result
 
+
+def _fresh_process_s(device: str) -> float:
+    """Wall time of a new Python process that imports the node's round code and touches the device:
+    what a deployment message pays before its round starts (Flower 1.42 runs each message in a
+    fresh `flwr-clientapp`; Flower's own import and messaging are not on the GPU machine, so not
+    counted). The second of two runs, with the files in the page cache as on a running node."""
+    code = f"import torch, client_app.local_round; torch.zeros(1, device={device!r}).sum().item()"
+    for _ in range(2):
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+        took = time.perf_counter() - t0
+    return took
+
+
+# Round mode: (train.resident, train.save_in_background). Deployment runs every message in a fresh
+# process, so its defaults are "rebuilt_bg"; a simulation's are "resident_bg".
+ROUND_VARIANTS = {"rebuilt": (False, False), "rebuilt_bg": (False, True), "resident": (True, False),
+                  "resident_bg": (True, True)}
 
 # (size, mode, lean): "1b" and "7b" stand for --small-preset and --large-preset.
 SUITE = [
@@ -252,10 +284,15 @@ def run_suite(args: argparse.Namespace) -> dict:
         "mem_spes_over_full_1b": _ratio(get("1b", "spes", False, "peak_mem_gb"), get("1b", "full", False, "peak_mem_gb")),
         "mem_spes_over_full_7b": _ratio(get("7b", "spes", False, "peak_mem_gb"), get("7b", "full", False, "peak_mem_gb")),
         "peak_gb_7b_spes_lean": get("7b", "spes", True, "peak_mem_gb"),
-        # Target 4: everything but the H steps, as a share of a round at H = 100 (1b).
-        "node_round_overhead_1b_h100": (get("1b", "round", False, "rebuilt") or {}).get("overhead_share_at_h100"),
-        "node_round_overhead_1b_h100_resident": (get("1b", "round", False, "resident") or {}).get(
+        # Target 4: everything but the H steps, as a share of a round at H = 100 (1b), with the
+        # defaults of deployment (rebuilt, saved after the reply) and of simulation (kept), and as
+        # before the state was saved after the reply.
+        "node_round_overhead_1b_h100": (get("1b", "round", False, "rebuilt_bg") or {}).get(
+            "overhead_share_at_h100_fresh_process"),
+        "node_round_overhead_1b_h100_resident": (get("1b", "round", False, "resident_bg") or {}).get(
             "overhead_share_at_h100"),
+        "node_round_overhead_1b_h100_save_before_reply": (get("1b", "round", False, "rebuilt") or {}).get(
+            "overhead_share_at_h100_fresh_process"),
     }
     out = {"runs": rows, "ratios": ratios, "mfu_peak_flops": PEAK_FLOPS,
            "command": " ".join([Path(sys.executable).name] + sys.argv)}
@@ -272,10 +309,15 @@ def _fmt(label: str, r: dict) -> str:
         return f"{label:<16} {'OOM' if r.get('oom') else 'failed'}: {r.get('error')}"
     if r.get("mode") == "round":
         h = r["round_h"]
-        return "  ".join(
-            f"{label if k == 'rebuilt' else '':<16} {k:>8}: {r[k]['overhead_s']:6.2f} s outside {r['steps']} steps of "
-            f"{r[k]['step_s']:.3f} s = {100 * r[k][f'overhead_share_at_h{h}']:4.1f} % of a round at H={h} "
-            f"(cold round {r[k]['first_round_overhead_s']:.2f} s)\n" for k in ("rebuilt", "resident")).rstrip()
+        lines = [f"{label:<16} a fresh process (deployment, every round): {r['fresh_process_s']:.2f} s"]
+        for k in ROUND_VARIANTS:
+            v = r[k]
+            share = v.get(f"overhead_share_at_h{h}_fresh_process", v[f"overhead_share_at_h{h}"])
+            lines.append(
+                f"{'':<16} {k:>11}: {v['overhead_s']:6.2f} s outside {r['steps']} steps of {v['step_s']:.3f} s "
+                f"= {100 * share:4.1f} % of a round at H={h}{' with the fresh process' if 'rebuilt' in k else ''} "
+                f"(cold round {v['first_round_overhead_s']:.2f} s; {v['save_after_reply_s']:.2f} s saving after the reply)")
+        return "\n".join(lines)
     return (f"{label:<16} {r['tokens_per_s']:>9.0f} tok/s  {r['peak_mem_gb']:>7.2f} GB  MFU {100 * r['mfu']:5.1f} %  "
             f"trainable {r['trainable_params'] / 1e6:,.0f} M of {r['total_params'] / 1e6:,.0f} M  opt {r['optimizer']}")
 

@@ -24,8 +24,8 @@ def test_gpu_check_reports_spes_and_full_node():
 
 
 def test_gpu_check_times_a_node_round_without_flower(tmp_path):
-    """--mode round runs the node's real round (kept in memory, then rebuilt from disk) and
-    imports neither Flower nor Hydra: the GPU machine has neither."""
+    """--mode round runs the node's real round (kept in memory or rebuilt from disk, the state saved
+    before or after the reply) and imports neither Flower nor Hydra: the GPU machine has neither."""
     blocker = tmp_path / "sitecustomize.py"
     blocker.write_text(
         "import sys\n"
@@ -41,10 +41,15 @@ def test_gpu_check_times_a_node_round_without_flower(tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     r = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert [x["resident"] for x in r["resident"]["rounds"]] == [False, True, True]
-    assert [x["resident"] for x in r["rebuilt"]["rounds"]] == [False, False, False]
-    for k in ("resident", "rebuilt"):
+    for k in ("resident", "resident_bg"):
+        assert [x["resident"] for x in r[k]["rounds"]] == [False, True, True]
+    for k in ("rebuilt", "rebuilt_bg"):
+        assert [x["resident"] for x in r[k]["rounds"]] == [False, False, False]
+    for k in ("resident", "rebuilt", "resident_bg", "rebuilt_bg"):
         v = r[k]
         assert all(x["round_s"] > x["train_s"] > 0 for x in v["rounds"])
         assert 0 < v["overhead_share_at_h100"] < v["overhead_share"] < 1
+    assert r["fresh_process_s"] > 0
+    for k in ("rebuilt", "rebuilt_bg"):  # deployment pays a fresh process every round on top
+        assert r[k]["overhead_share_at_h100"] < r[k]["overhead_share_at_h100_fresh_process"] < 1
     assert list(tmp_path.iterdir()) == [blocker]  # the node's state went to a temporary directory, now gone
