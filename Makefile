@@ -38,16 +38,16 @@ test: setup
 
 # SPES vs DiLoCo vs FedAvg vs centralized (tiny model; ~17 min on 2 CPUs), memory per node
 # (model=small) and Flower overhead -> benchmarks/results.json, docs/benchmarks.md.
-# Ablations: $(PY) -m sim.bench --ablation merge|H|nodes|iid|all  -> docs/results.md
+# Ablations: $(PY) -m bench --ablation merge|H|nodes|iid|all  -> docs/results.md
 bench: setup
-	$(PY) -m sim.bench $(BENCH_ARGS)
+	$(PY) -m bench $(BENCH_ARGS)
 
 # lm-eval-harness on the demo's checkpoint: held-out perplexity (offline) and, when the hub is
 # reachable, the paper's downstream suite -> outputs/demo/eval.json and report.md.
-# Other checkpoints/tasks: $(PY) -m sim.eval <checkpoint> --tasks heldout,hellaswag
+# Other checkpoints/tasks: $(PY) -m evaluation <checkpoint> --tasks heldout,hellaswag
 EVAL_CHECKPOINT ?= outputs/demo/model
 eval: setup
-	$(PY) -m sim.eval $(EVAL_CHECKPOINT) $(EVAL_ARGS)
+	$(PY) -m evaluation $(EVAL_CHECKPOINT) $(EVAL_ARGS)
 
 clean:
 	rm -rf outputs .pytest_cache

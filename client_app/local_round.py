@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from client_app import background_save, resident
 from client_app.node_state import NodeState, optimizer_tensors, restore_optimizer, saved_steps
-from client_app.trainer import evaluate, make_optimizer, resolve_device, train_steps
+from training.trainer import evaluate, make_optimizer, resolve_device, train_steps
 from data import BatchStream, node_shard, prepare_blocks
 from model import build_model, expert_param_names
 from model.lora import lora_args, merge_adapters

@@ -18,10 +18,11 @@ from common.codec import CODECS, Codec
 from data.pipeline import DataConfig
 from model.args import MoEArgs
 
-TOP_LEVEL = {"run_name", "output_dir", "seed", "nodes", "rounds", "init_from", "resume", "deterministic"}
+TOP_LEVEL = {"run_name", "output_dir", "seed", "nodes", "rounds", "init_from", "resume", "deterministic", "engine"}
+ENGINES = ("flower", "inprocess")
 SECTIONS = {"model", "data", "train", "strategy", "eval", "logging"}
 TOP_LEVEL_TYPES = {"run_name": str, "output_dir": str, "seed": int, "nodes": int, "rounds": int, "resume": bool,
-                   "deterministic": bool}
+                   "deterministic": bool, "engine": str}
 
 
 ASSIGNMENTS = ("contiguous", "replicated")
@@ -233,6 +234,7 @@ class RunSpec:
     init_from: str | None = None
     resume: bool = False
     deterministic: bool = False
+    engine: str = "flower"
     raw: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -304,6 +306,8 @@ def from_dict(raw: dict[str, Any]) -> RunSpec:
 def validate(spec: RunSpec) -> None:
     if spec.nodes < 1:
         raise ValueError(f"nodes must be >= 1, got {spec.nodes}")
+    if spec.engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {spec.engine!r}")
     if spec.rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {spec.rounds}")
     if not spec.run_name or "/" in spec.run_name or spec.run_name in (".", ".."):

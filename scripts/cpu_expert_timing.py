@@ -2,7 +2,7 @@
 
     python scripts/cpu_expert_timing.py --preset tiny --batch 8 --seq 128 --threads 1
 
-One SPES node (owns 4 of 16 experts) runs the real training step (client_app.trainer) with the
+One SPES node (owns 4 of 16 experts) runs the real training step (training.trainer) with the
 per-expert loop and with grouped GEMM, alternating, and prints tokens/s (wall clock) and tokens
 per CPU-second (1 thread: what a loaded shared machine still measures fairly), medians of repeats.
 """
@@ -22,7 +22,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from client_app.trainer import TrainConfig, make_optimizer, train_steps  # noqa: E402
+from training.trainer import TrainConfig, make_optimizer, train_steps  # noqa: E402
 from model import MoEArgs, build_model  # noqa: E402
 from model.experts import set_experts_implementation  # noqa: E402
 

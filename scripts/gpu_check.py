@@ -16,7 +16,7 @@ Modes: spes = owned experts trainable, the others frozen (stored in bf16 under b
 full = every expert trainable (a DiLoCo node); stock = transformers' own fused-experts model,
 everything trainable. Memory options (--lean): memory-lean loss, activation checkpointing and
 8-bit AdamW when torchao or bitsandbytes is installed. The real training step runs
-(client_app.trainer.train_steps: AdamW, grad clip, CE + router losses, bf16 autocast) on
+(training.trainer.train_steps: AdamW, grad clip, CE + router losses, bf16 autocast) on
 synthetic token ids: no tokenizer, data, Flower or Hydra needed (torch + transformers only).
 
 MFU = tokens/s x 6 x active parameters / 989e12 (dense bf16 peak of an H100/H200 SXM); active
@@ -64,7 +64,7 @@ def run_one(args: argparse.Namespace) -> dict:
     import torch
     from transformers import Qwen3MoeForCausalLM
 
-    from client_app.trainer import TrainConfig, make_optimizer, train_steps
+    from training.trainer import TrainConfig, make_optimizer, train_steps
     from model import build_model, count_parameters
     from model.args import build_config
     from model.experts import set_experts_implementation

@@ -14,7 +14,7 @@ from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from transformers.utils import logging as hf_logging
 
-from client_app.trainer import evaluate
+from training.trainer import evaluate
 from common import keys
 from common.codec import encode
 from common.spec import RunSpec
@@ -31,12 +31,11 @@ from server_app.console import RunConsole
 from server_app.report import write_report
 from server_app.rounds import Collector, RunFailed, admit_new_nodes, discover
 from server_app.run_log import RunLog, write_json_atomic
-from sim.ray_workers import replace_dead_actors
+from server_app.ray_workers import replace_dead_actors
 from strategy.spes import SpesStrategy
 
 app = ServerApp()
 log = logging.getLogger("spes.server")
-replace_dead_actors()  # simulation only: Flower would keep handing jobs to a dead Ray worker
 hf_logging.disable_progress_bar()  # one console line per round, not a bar per checkpoint write
 
 
@@ -50,6 +49,7 @@ def overrides_from(run_cfg: dict) -> list[str]:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    replace_dead_actors()  # a Flower simulation only: Flower would keep handing jobs to a dead Ray worker
     spec = run_config.load(overrides_from(dict(context.run_config)))
     run(grid, spec)
 

@@ -1,7 +1,7 @@
 """What the coordinator prints: one line per round under an overall progress bar.
 
 Every line starts with `[spes]` (the bar's description too): the simulation launcher
-(`sim.launcher`, console="coordinator") passes exactly those lines, plus errors, from
+(`engine.launcher`, console="coordinator") passes exactly those lines, plus errors, from
 `flwr run --stream` to the terminal and leaves Flower's and Ray's output to the log files.
 """
 

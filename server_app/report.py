@@ -5,12 +5,12 @@
 * traffic.png: payload bytes per round per node (up and down), and cumulative bytes per node
   beside the analytic DiLoCo line (the full fp32 model both ways every round);
 * expert_load.png: per-layer heat map of the share of routed tokens each expert got, by round;
-* config.json: the resolved run config (sim.eval reads the data split from it);
+* config.json: the resolved run config (evaluation.checkpoint_eval reads the data split from it);
 * report.md: summary table, per-round table, lm-eval results (eval.json) when present, the
   plots and the config.
 
 `rounds` are the records `RunLog.log_round` received, `summary` is summary.json's object.
-`report_from_run_dir` rebuilds everything from the files a run left (used by sim.eval).
+`report_from_run_dir` rebuilds everything from the files a run left (used by evaluation.checkpoint_eval).
 """
 
 from __future__ import annotations
@@ -305,12 +305,12 @@ def render_markdown(run_dir: Path, rounds: list[dict], summary: dict, config: di
     md += ["", "## Evaluation (lm-eval-harness)", ""]
     if eval_results:
         md += [f"Checkpoint `{eval_results.get('checkpoint', '-')}`; "
-               f"`python -m sim.eval` wrote eval.json."]
+               f"`python -m evaluation` wrote eval.json."]
         md += [""] + eval_rows(eval_results)
         for skipped in eval_results.get("skipped", []):
             md.append(f"\nSkipped: {skipped}")
     else:
-        md.append("No eval.json yet: `python -m sim.eval <run dir>/model` (or `make eval`) adds it here.")
+        md.append("No eval.json yet: `python -m evaluation <run dir>/model` (or `make eval`) adds it here.")
     md += ["", "## Plots", ""]
     captions = {
         "loss.png": "Held-out and train loss against tokens trained",
@@ -332,7 +332,7 @@ def write_report(run_dir: Path, rounds: list[dict], summary: dict, config: dict)
     """Write traffic.png, expert_load.png, config.json and report.md into `run_dir`; return report.md.
 
     loss.png is written by `RunLog.plot_loss`; call this after it so the report finds it.
-    eval.json, when sim.eval has written one beside the checkpoint, goes into the report too.
+    eval.json, when evaluation.checkpoint_eval has written one beside the checkpoint, goes into the report too.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

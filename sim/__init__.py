@@ -1,1 +1,1 @@
-"""Single-machine Flower simulation / loopback deployment launcher (see sim.launcher)."""
+"""`python -m sim`: the command that runs SPES on this machine (engine/simulate.py does the work)."""

@@ -1,111 +1,20 @@
-"""`python -m sim <hydra overrides>`: a SPES run as a single-machine Flower simulation.
+"""`python -m sim <hydra overrides>`: a SPES run on this machine.
 
-    python -m sim                                   # the demo: 4 nodes, tiny model
+    python -m sim                                   # the demo: 4 nodes, tiny model, a Flower simulation
     python -m sim nodes=4 model=tiny rounds=20 strategy.local_steps=25
+    python -m sim engine=inprocess                  # the same run without Flower's runtime (no SuperLink, no Ray)
     python -m sim run_name=demo resume=true         # continue an interrupted run
 
-The config is composed and validated here first, so a bad config fails before anything
-starts; then `flwr run` launches the app on a local simulation SuperLink with one virtual
-SuperNode per node (1 CPU each), FLWR_HOME inside the run directory, and everything is torn
-down at the end. A run directory from an earlier run is moved aside, never deleted.
+Config keys and presets: conf/config.yaml, conf/model/*.yaml, conf/strategy/*.yaml, conf/recipe/*.yaml.
+The work is done in engine/simulate.py.
 """
 
-from __future__ import annotations
-
-import json
-import shlex
 import sys
-import time
-from pathlib import Path
 
-APP_DIR = Path(__file__).resolve().parent.parent
+if sys.argv[1:2] in (["-h"], ["--help"]):
+    print(__doc__)
+    sys.exit(0)
 
+from engine.simulate import simulate  # noqa: E402 (the help above needs no torch)
 
-def _archive(run_dir: Path) -> Path | None:
-    """Move an earlier run's directory to <run_dir>.<timestamp> so nothing it wrote is lost."""
-    if not run_dir.exists() or not any(run_dir.iterdir()):
-        return None
-    target = run_dir.with_name(f"{run_dir.name}.{time.strftime('%Y%m%d-%H%M%S')}")
-    n = 1
-    while target.exists():
-        target = run_dir.with_name(f"{run_dir.name}.{time.strftime('%Y%m%d-%H%M%S')}-{n}")
-        n += 1
-    run_dir.rename(target)
-    return target
-
-
-def node_environment(spec, run_dir: Path) -> dict[str, str]:
-    """What the simulated nodes need from this machine: their work dir, the corpus path, progress bars."""
-    from client_app.node_settings import ENV_COMMON_DATA, ENV_PROGRESS, ENV_WORK_DIR
-
-    env = {ENV_WORK_DIR: str(run_dir / "nodes"), ENV_PROGRESS: "1" if spec.logging.node_progress else "0"}
-    source = spec.data.source
-    if source != "embedded" and not source.startswith("hf:"):
-        env[ENV_COMMON_DATA] = str(Path(source).expanduser().resolve())
-    return env
-
-
-def main(argv: list[str]) -> int:
-    if argv and argv[0] in ("-h", "--help"):
-        print(__doc__)
-        print("Config keys and presets: conf/config.yaml, conf/model/*.yaml, conf/strategy/*.yaml")
-        return 0
-    from server_app.config import ConfigError, load, run_dir as spec_run_dir
-    from sim.launcher import run_app
-
-    try:
-        spec = load(argv)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
-    run_dir = spec_run_dir(spec)
-    if spec.resume:
-        if not (run_dir / "checkpoint").is_dir():
-            print(f"config error: resume=true but {run_dir} holds no checkpoint", file=sys.stderr)
-            return 2
-        (run_dir / "summary.json").unlink(missing_ok=True)
-    elif (moved := _archive(run_dir)) is not None:
-        print(f"[sim] an earlier run in {run_dir} was moved to {moved}")
-    run_config = {
-        "overrides": " ".join(shlex.quote(a) for a in argv),
-        "output-dir": str(Path(spec.output_dir).expanduser().resolve()),
-    }
-    print(f"[sim] {spec.nodes} simulated nodes, model={spec.model.name}, {spec.rounds} rounds; run dir {run_dir}")
-    try:
-        rc = run_app(APP_DIR, run_dir / "flower", spec.nodes, run_config, cpus_per_node=1,
-                     extra_env=node_environment(spec, run_dir),
-                     console="coordinator+nodes" if spec.logging.node_progress else "coordinator")
-    except KeyboardInterrupt:
-        print("[sim] interrupted; the simulation was stopped and cleaned up", file=sys.stderr)
-        return 130
-    summary = run_dir / "summary.json"
-    if rc != 0 or not summary.exists():
-        print(f"[sim] run failed (exit {rc}); coordinator log: {run_dir / 'coordinator.log'}, "
-              f"Flower log: {run_dir / 'flower' / 'flwr-run.log'}", file=sys.stderr)
-        _print_failure(run_dir)
-        return rc or 1
-    s = json.loads(summary.read_text())
-    print(
-        f"[sim] held-out loss {s['first_val_loss']:.3f} -> {s['final_val_loss']:.3f} in {s['wall_s']:.0f}s; "
-        f"report: {run_dir / 'report.md'} (model/, metrics.jsonl, summary.json, plots)"
-    )
-    return 0
-
-
-def _print_failure(run_dir: Path) -> None:
-    """The coordinator's last errors and the failed nodes of the last logged round."""
-    log_file = run_dir / "coordinator.log"
-    if log_file.exists():
-        lines = [ln for ln in log_file.read_text(errors="replace").splitlines() if "ERROR" in ln or "WARNING" in ln]
-        for ln in lines[-8:]:
-            print(f"  {ln}", file=sys.stderr)
-    metrics = run_dir / "metrics.jsonl"
-    if metrics.exists() and (rows := metrics.read_text().splitlines()):
-        last = json.loads(rows[-1])
-        for pid, node in last.get("nodes", {}).items():
-            if node.get("status") != "ok":
-                print(f"  round {last['round']} partition {pid}: {node.get('status')}", file=sys.stderr)
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+sys.exit(simulate(sys.argv[1:]))

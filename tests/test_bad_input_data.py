@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-import sim.launcher
+import engine.simulate
 from data import (
     DataConfig,
     DataSourceError,
@@ -193,12 +193,12 @@ def no_flower(monkeypatch):
         calls.append(args)
         return 1
 
-    monkeypatch.setattr(sim.launcher, "run_app", launched)
+    monkeypatch.setattr(engine.simulate, "run_app", launched)
     return calls
 
 
 def _main(tmp_path: Path, *overrides: str) -> int:
-    from sim.__main__ import main
+    from engine.simulate import simulate as main
 
     return main([*overrides, f"output_dir={tmp_path / 'out'}"])
 

@@ -16,9 +16,9 @@ import shutil
 import pytest
 
 from micro import MICRO_MODEL
-from sim.ablations import ABLATIONS, ablation_section, variants
-from sim.bench_report import GOALS_FILE, goal_context, load_goals, render, report_numbers, verdict
-from sim.bench import DEFAULTS, RATIO_SOURCES, absolute_paths, lookup, main, merge_overrides
+from bench.ablations import ABLATIONS, ablation_section, variants
+from bench.report import GOALS_FILE, goal_context, load_goals, render, report_numbers, verdict
+from bench.harness import DEFAULTS, RATIO_SOURCES, absolute_paths, lookup, main, merge_overrides
 
 SMALL = [
     *MICRO_MODEL,

@@ -80,11 +80,11 @@ def test_spec_round_trips_through_json():
 def test_bad_value_stops_the_entry_point_naming_the_key(override, message, tmp_path, capsys, monkeypatch):
     import re
 
-    import sim.launcher
-    from sim.__main__ import main
+    import engine.simulate
+    from engine.simulate import simulate as main
 
     launched = []
-    monkeypatch.setattr(sim.launcher, "run_app", lambda *a, **k: launched.append(a) or 1)
+    monkeypatch.setattr(engine.simulate, "run_app", lambda *a, **k: launched.append(a) or 1)
     assert main([override, f"output_dir={tmp_path}"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("config error: ") and re.search(message, err), err
@@ -105,12 +105,12 @@ def test_model_validate_checks_seq_len_against_max_seq_len():
 
 
 def test_unwritable_output_dir_is_a_config_error(tmp_path, capsys, monkeypatch):
-    import sim.launcher
-    from sim.__main__ import main
+    import engine.simulate
+    from engine.simulate import simulate as main
 
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
     target = str(blocker / "out")  # cannot be created, not even by root
-    monkeypatch.setattr(sim.launcher, "run_app", lambda *a, **k: 1)
+    monkeypatch.setattr(engine.simulate, "run_app", lambda *a, **k: 1)
     assert main([f"output_dir={target}"]) == 2
     assert "output_dir" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""What of `flwr run --stream` output reaches the terminal (sim.launcher.ConsoleFilter, _FlwrRun._pump)."""
+"""What of `flwr run --stream` output reaches the terminal (engine.launcher.ConsoleFilter, _FlwrRun._pump)."""
 
 import io
 from pathlib import Path
@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from sim.launcher import ConsoleFilter, _FlwrRun
+from engine.launcher import ConsoleFilter, _FlwrRun
 
 STREAM = (
     "\x1b[92mINFO \x1b[0m:      Starting Flower Simulation\n"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from sim.launcher import LocalDeployment, TlsFiles, write_connection
+from engine.launcher import LocalDeployment, TlsFiles, write_connection
 
 
 def test_tls_connection_and_auth_options_are_checked(tmp_path, monkeypatch):

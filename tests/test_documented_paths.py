@@ -26,7 +26,7 @@ from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 
 from micro import MICRO_MODEL
-from sim.launcher import _ProcessGroup, find_free_port
+from engine.launcher import _ProcessGroup, find_free_port
 from tls_certs import make_node_key, make_tls
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,4 +1,4 @@
-"""python -m sim.eval: lm-eval-harness on a micro checkpoint, held-out perplexity checked by hand."""
+"""python -m evaluation: lm-eval-harness on a micro checkpoint, held-out perplexity checked by hand."""
 
 import json
 import math
@@ -11,7 +11,7 @@ from data import split_documents, train_bpe_tokenizer
 from model import MoEArgs, build_model
 from model.export import save_hf_atomic
 from server_app.report import write_report
-from sim.eval import hub_status, main
+from evaluation.checkpoint_eval import hub_status, main
 
 pytest.importorskip("lm_eval")
 

@@ -1,4 +1,4 @@
-"""Faults and hostile input, each built by hand and fed through the real code (sim.faults).
+"""Faults and hostile input, each built by hand and fed through the real code (faults.cases).
 
 The quick cases go through the real SpesStrategy, node settings and node state store; the two
 process cases start real Flower processes on 127.0.0.1 (bounded, stopped by PID).
@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from sim import faults
+from faults import cases as faults
 
 
 @pytest.mark.parametrize("case", faults.QUICK, ids=lambda c: getattr(c, "__name__", "case"))
@@ -75,21 +75,21 @@ def test_below_quorum_round_leaves_model_unchanged():
 
 
 def test_supernode_sigkilled_mid_round_run_completes(tmp_path):
-    from sim.fault_runs import supernode_killed_mid_round
+    from faults.runs import supernode_killed_mid_round
 
     ok, detail = supernode_killed_mid_round(tmp_path)
     assert ok, detail
 
 
 def test_coordinator_killed_and_resumed_is_bit_identical(tmp_path):
-    from sim.fault_runs import resume_matches_uninterrupted
+    from faults.runs import resume_matches_uninterrupted
 
     ok, detail = resume_matches_uninterrupted(tmp_path)
     assert ok, detail
 
 
 def test_dead_simulation_worker_is_replaced(tmp_path):
-    from sim.fault_runs import simulation_worker_killed
+    from faults.runs import simulation_worker_killed
 
     ok, detail = simulation_worker_killed(tmp_path)
     assert ok, detail

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from client_app.trainer import TrainConfig, make_optimizer, train_steps
+from training.trainer import TrainConfig, make_optimizer, train_steps
 from model import MoEArgs, build_model, set_experts_implementation, set_frozen_dtype, set_owned_experts
 from model.experts import expert_modules
 from model.export import save_hf_atomic

@@ -1,4 +1,4 @@
-"""Tests for sim.launcher: real flower-superlink / flower-supernode processes on
+"""Tests for engine.launcher: real flower-superlink / flower-supernode processes on
 127.0.0.1 running the toy app in tests/fixtures/toy_app (numpy only, no torch).
 
 Every test is bounded (launcher start-up timeouts, run ``timeout_s``) and checks
@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from sim import launcher
-from sim.launcher import LocalDeployment, SimulationSuperLink, TlsFiles, run_app
+from engine import launcher
+from engine.launcher import LocalDeployment, SimulationSuperLink, TlsFiles, run_app
 from tls_certs import make_node_key, make_tls
 
 TOY_APP = Path(__file__).parent / "fixtures" / "toy_app"

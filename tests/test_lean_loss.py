@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from client_app.trainer import TrainConfig, activation_checkpointing, make_optimizer, train_steps
+from training.trainer import TrainConfig, activation_checkpointing, make_optimizer, train_steps
 from model import MoEArgs, build_model
 from model.ce import chunked_linear_cross_entropy
 from model.loss import lm_loss

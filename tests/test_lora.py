@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from client_app.trainer import TrainConfig, make_optimizer, train_steps
+from training.trainer import TrainConfig, make_optimizer, train_steps
 from model import MoEArgs, build_model
 from model.lora import (
     LoraArgs,

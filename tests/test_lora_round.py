@@ -10,7 +10,7 @@ import torch
 
 from client_app.local_round import NodeContext, run_local_eval
 from client_app.node_state import NodeState
-from client_app.trainer import evaluate
+from training.trainer import evaluate
 from common import keys
 from common.spec import from_dict
 from model import build_model

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Qwen3MoeForCausalLM
 
-from client_app.trainer import TrainConfig, make_optimizer, train_steps
+from training.trainer import TrainConfig, make_optimizer, train_steps
 from model import MoEArgs, build_model, count_parameters, load_pretrained, set_owned_experts
 from model.args import build_config
 from model.export import save_hf_atomic
@@ -106,7 +106,7 @@ def test_round_peak_memory_is_the_rounds_own_not_the_process_lifetime():
     """Simulated nodes share Ray worker processes: a round must not report an earlier, larger peak."""
     from pathlib import Path
 
-    from client_app.trainer import peak_memory_mb, reset_peak_memory
+    from training.trainer import peak_memory_mb, reset_peak_memory
 
     cpu = torch.device("cpu")
     try:

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from client_app.trainer import TrainConfig
+from training.trainer import TrainConfig
 from model import MoEArgs
 from server_app.config import CONF_DIR, compose
 

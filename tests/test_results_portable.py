@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from sim.bench import ROOT, absolute_paths, method_entry, portable_arg, relative_path
+from bench.harness import ROOT, absolute_paths, method_entry, portable_arg, relative_path
 
 BENCH = ROOT / "benchmarks"
 
@@ -55,7 +55,7 @@ def test_committed_docs_hold_no_absolute_path():
 
 @pytest.mark.parametrize("value", [
     "/srv/alice/spes/benchmarks/runs/bench-spes", "/opt/checkout/benchmarks", "~/runs", "C:\\Users\\bob",
-    "python -m sim.bench --out /var/scratch/bench", "output_dir=/mnt/x", "see (/srv/data)",
+    "python -m bench --out /var/scratch/bench", "output_dir=/mnt/x", "see (/srv/data)",
 ])
 def test_absolute_paths_are_found(value):
     # Example roots outside the ones `git grep '/(root|home|work|tmp)/'` looks for, so the

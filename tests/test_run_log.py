@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from client_app.trainer import TrainConfig, make_optimizer, train_steps
+from training.trainer import TrainConfig, make_optimizer, train_steps
 from model import MoEArgs, build_model
 from server_app.config import ConfigError, load
 from server_app.run_log import RunLog, flat_scalars

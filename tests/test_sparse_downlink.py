@@ -110,7 +110,7 @@ def test_delta_sync_versions_relay_and_resync(setup, flower_task):
 
 def _toy_strategy(**cfg):
     from common.spec import MergeSchedule, StrategyConfig
-    from sim.faults import _toy_params
+    from faults.cases import _toy_params
 
     c = StrategyConfig(local_steps=5, merge=MergeSchedule(enabled=False), delta_sync=True, uplink_codec="int8",
                        downlink_codec="int8", **cfg)

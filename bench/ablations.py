@@ -1,4 +1,4 @@
-"""Ablations run by the bench entry point: `python -m sim.bench --ablation merge|H|nodes|iid|all`.
+"""Ablations run by the bench entry point: `python -m bench --ablation merge|H|nodes|iid|all`.
 
 Each ablation is a list of variants (label, strategy, extra Hydra overrides) applied on top of
 the benchmark's overrides, so every variant shares model, data, seed and LR settings:
@@ -11,7 +11,7 @@ the benchmark's overrides, so every variant shares model, data, seed and LR sett
 
 Results go to <out>/ablations/<name>.json (run directories recorded relative to that file's
 folder); <docs>/results.md is rendered from every ablation JSON present through
-sim/templates/results.md.j2 (so running one ablation keeps the others' sections).
+bench/templates/results.md.j2 (so running one ablation keeps the others' sections).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def variants(name: str, base: list[str]) -> list[tuple[str, str, list[str]]]:
 
 
 def run_ablation(name: str, base: list[str], out: Path) -> dict:
-    from sim.bench import merge_overrides, method_entry, owned_per_node, portable_arg, run_federated
+    from bench.harness import merge_overrides, method_entry, owned_per_node, portable_arg, run_federated
 
     t0 = time.time()
     entries = {}
@@ -63,7 +63,7 @@ def run_ablation(name: str, base: list[str], out: Path) -> dict:
               f"({(time.time() - t0) / 60:.1f} min)", flush=True)
     result = {
         "ablation": name,
-        "command": f"python -m sim.bench --ablation {name}",
+        "command": f"python -m bench --ablation {name}",
         "base_overrides": [portable_arg(o) for o in base],
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "wall_s": time.time() - t0,
@@ -93,7 +93,7 @@ def ablation_section(name: str, res: dict | None) -> dict:
 
 
 def write_results_md(out: Path, docs: Path) -> Path:
-    from sim.bench_report import display_path, plot_loss, render
+    from bench.report import display_path, plot_loss, render
 
     docs.mkdir(parents=True, exist_ok=True)
     sections = []

@@ -116,7 +116,7 @@ def coordinator_work(overrides: list[str], repeats: int = 2) -> dict:
     """Per-round coordinator work outside Flower: held-out evaluation + checkpoint write."""
     import torch
 
-    from client_app.trainer import evaluate
+    from training.trainer import evaluate
     from data import load_tokenizer, prepare_blocks
     from model import build_model
     from model.export import save_hf_atomic

@@ -1,8 +1,8 @@
-"""`python -m sim.eval <checkpoint> [--tasks ...]`: lm-eval-harness on an exported checkpoint.
+"""`python -m evaluation <checkpoint> [--tasks ...]`: lm-eval-harness on an exported checkpoint.
 
-    python -m sim.eval outputs/demo/model                    # held-out perplexity (+ downstream if online)
-    python -m sim.eval outputs/demo/model --tasks heldout    # offline: only the held-out split
-    python -m sim.eval ckpt/ --tasks heldout,hellaswag --limit 100 data.source=/data/corpus.jsonl
+    python -m evaluation outputs/demo/model                    # held-out perplexity (+ downstream if online)
+    python -m evaluation outputs/demo/model --tasks heldout    # offline: only the held-out split
+    python -m evaluation ckpt/ --tasks heldout,hellaswag --limit 100 data.source=/data/corpus.jsonl
 
 Tasks: `heldout` (the project's lm-eval task over the run's held-out split: word/byte perplexity
 and bits per byte; works offline), `downstream` (the paper's suite, spes-method.md section 6:
@@ -162,7 +162,7 @@ def evaluate(checkpoint: Path, args: argparse.Namespace, overrides: list[str]) -
 
 
 def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(prog="python -m sim.eval", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m evaluation", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", type=Path, help="Hugging Face checkpoint directory (e.g. outputs/demo/model)")
     parser.add_argument("--tasks", default=f"{HELDOUT},{DOWNSTREAM}",
@@ -212,7 +212,3 @@ def main(argv: list[str]) -> int:
         tensorboard_eval(run_dir, report["results"], step=int(rounds[-1]["round"]) if rounds else 0)
         print(f"[eval] updated {report_from_run_dir(run_dir)}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

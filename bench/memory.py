@@ -1,7 +1,7 @@
 """Peak memory of one node's training loop, SPES vs DiLoCo, each in a fresh process.
 
-    python -m sim.memory [hydra overrides]          # default: model=small, 4 nodes
-    python -m sim.memory model=tiny data.vocab_size=4096 --batch 4 --seq 128 --steps 3
+    python -m bench.memory [hydra overrides]          # default: model=small, 4 nodes
+    python -m bench.memory model=tiny data.vocab_size=4096 --batch 4 --seq 128 --steps 3
 
 ru_maxrss only ever grows, so every measurement runs in its own subprocess: one for a SPES
 node (node 0's block of experts trainable) and one for a DiLoCo node (every expert
@@ -30,7 +30,7 @@ BYTES_FP32 = 4
 
 def _rss_mb() -> tuple[float, float]:
     """(current RSS, peak RSS) of this process in MiB, from /proc (Linux)."""
-    from client_app.trainer import process_memory_mb
+    from training.trainer import process_memory_mb
 
     return process_memory_mb("VmRSS") or 0.0, process_memory_mb("VmHWM") or 0.0
 
@@ -41,7 +41,7 @@ def _worker(job: dict) -> dict:
 
     import torch
 
-    from client_app.trainer import TrainConfig, make_optimizer, train_steps
+    from training.trainer import TrainConfig, make_optimizer, train_steps
     from model import build_model, count_parameters
     from model.args import MoEArgs
 
@@ -115,7 +115,7 @@ def measure(overrides: list[str], batch: int = 4, seq: int = 128, steps: int = 3
               flush=True)
         job = {**base, "owned": owned}
         proc = subprocess.run(
-            [sys.executable, "-m", "sim.memory", "--worker", json.dumps(job)],
+            [sys.executable, "-m", "bench.memory", "--worker", json.dumps(job)],
             cwd=ROOT, capture_output=True, text=True, check=False,
         )
         if proc.returncode != 0:
@@ -140,7 +140,7 @@ def main(argv: list[str]) -> int:
     if argv[:1] == ["--worker"]:
         print(json.dumps(_worker(json.loads(argv[1]))))
         return 0
-    p = argparse.ArgumentParser(prog="python -m sim.memory", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m bench.memory", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=128)

@@ -1,5 +1,11 @@
-"""The whole app in a real Flower simulation: 2 nodes, 2 rounds, a very small model."""
+"""The whole app in a real Flower simulation and through the in-process engine: 2 nodes, 2 rounds, a micro model.
 
+The two engines run the same ServerApp and ClientApp code; in deterministic mode they must give
+bit-identical global weights, outer-optimizer state, node states, metrics and bytes.
+"""
+
+import contextlib
+import io
 import json
 import re
 import subprocess
@@ -24,7 +30,12 @@ OVERRIDES = [
     *MICRO_MODEL,
     "model.num_experts=8",
     "run_name=simtest",
+    "deterministic=true",
 ]
+# What differs between two runs however equal they are: clocks, process memory, and which
+# simulation actor happened to still hold a node (Flower's choice).
+NOT_COMPARED = {"wall_s", "round_seconds", "train_seconds", "save_wait_seconds", "tokens_per_s", "peak_mem_mb",
+                "resident"}
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +51,62 @@ def sim_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def run_dir(sim_run):
     return sim_run[0]
+
+
+@pytest.fixture(scope="module")
+def inprocess_run(tmp_path_factory):
+    """The same run with engine=inprocess, in this process (no SuperLink, no Ray)."""
+    from engine.simulate import simulate
+
+    out = tmp_path_factory.mktemp("inprocess")
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert simulate([*OVERRIDES, "engine=inprocess", f"output_dir={out}"]) == 0
+    return out / "simtest", stdout.getvalue()
+
+
+def _tensors(path: Path) -> dict:
+    return load_file(str(path))
+
+
+def _comparable(record):
+    if isinstance(record, dict):
+        return {k: _comparable(v) for k, v in record.items() if k not in NOT_COMPARED}
+    return record
+
+
+def test_inprocess_engine_equals_the_flower_simulation_bit_for_bit(run_dir, inprocess_run):
+    ours = inprocess_run[0]
+    for rnd in ("round-000001", "round-000002"):
+        for name in ("params.safetensors", "outer.safetensors"):
+            a, b = _tensors(run_dir / "checkpoint" / rnd / name), _tensors(ours / "checkpoint" / rnd / name)
+            assert a.keys() == b.keys() and (a or name == "outer.safetensors"), (rnd, name)  # SPES: no momentum
+            assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:3]
+    flower = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    inproc = [json.loads(x) for x in (ours / "metrics.jsonl").read_text().splitlines()]
+    assert [_comparable(r) for r in flower] == [_comparable(r) for r in inproc]
+    assert flower[-1]["bytes_up"] > 0 and flower[-1]["nodes"]["0"]["wire_bytes_down"] > 0
+    s_flower, s_ours = (json.loads((d / "summary.json").read_text()) for d in (run_dir, ours))
+    for key in ("first_val_loss", "final_val_loss", "federated_eval_loss", "tokens_trained", "bytes_up", "bytes_down"):
+        assert s_flower[key] == s_ours[key], key
+
+
+def test_inprocess_nodes_leave_the_same_state_on_disk(run_dir, inprocess_run):
+    def states(root):
+        paths = sorted((root / "nodes").glob("*/partition-*/state/step-000000000006/owned.safetensors"))
+        return {p.parents[2].name: _tensors(p) for p in paths}
+
+    flower, ours = states(run_dir), states(inprocess_run[0])
+    assert sorted(flower) == sorted(ours) == ["partition-0", "partition-1"]
+    for part in flower:
+        assert all(torch.equal(flower[part][k], ours[part][k]) for k in flower[part]), part
+
+
+def test_inprocess_console_is_the_coordinators(inprocess_run):
+    lines = inprocess_run[1].replace("\r", "\n").splitlines()
+    rounds = [ln for ln in lines if re.search(r"\[spes\] round \d+/2 \| held-out loss", ln)]
+    assert [re.search(r"round (\d+)/", ln).group(1) for ln in rounds] == ["0", "1", "2"]
+    assert any("engine=inprocess" in ln for ln in lines)
 
 
 def test_console_has_one_line_per_round_and_no_node_bars(sim_run):

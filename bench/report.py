@@ -1,6 +1,6 @@
-"""Plots and Markdown for sim.bench: docs/benchmarks.md and its figures, from results.json.
+"""Plots and Markdown for bench.harness: docs/benchmarks.md and its figures, from results.json.
 
-The Markdown is rendered from sim/templates/*.md.j2 (Jinja2: the report's tables and its
+The Markdown is rendered from bench/templates/*.md.j2 (Jinja2: the report's tables and its
 goal-met / goal-missed prose are loops and branches, which live in the template); this module
 only computes the numbers. The goals each ratio is judged against are data, in conf/bench/goals.yaml.
 """
@@ -156,7 +156,7 @@ def load_goals(path: Path = GOALS_FILE) -> dict[str, dict]:
     """ratio -> {"goal": bound, "acceptance": looser bound or None}, from the goals table (YAML)."""
     from omegaconf import OmegaConf
 
-    from sim.bench import RATIO_SOURCES
+    from bench.harness import RATIO_SOURCES
 
     if not path.is_file():
         raise FileNotFoundError(f"benchmark goals file {path} is missing")
@@ -200,7 +200,7 @@ def _bound(value: float) -> str:
 
 
 def render(template: str, context: dict) -> str:
-    """Render sim/templates/<template>; an unknown name in the template is an error, not a blank."""
+    """Render bench/templates/<template>; an unknown name in the template is an error, not a blank."""
     import jinja2
 
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), undefined=jinja2.StrictUndefined,
@@ -253,7 +253,7 @@ def overhead_rows(results: dict) -> list[dict]:
 
 
 def report_numbers(results: dict, results_path: Path) -> dict:
-    """What sim/templates/benchmarks.md.j2 shows apart from the goals, from results.json."""
+    """What bench/templates/benchmarks.md.j2 shows apart from the goals, from results.json."""
     # results.json is written with sorted keys: restore the reading order here.
     methods = {m: results["methods"][m] for m in LABELS if m in results["methods"]}
     cen = methods["centralized"]["final_val_loss"]
@@ -288,7 +288,7 @@ def goal_context(results: dict, goals: dict) -> dict:
 
 
 def bench_context(results: dict, results_path: Path, goals: dict) -> dict:
-    """Everything sim/templates/benchmarks.md.j2 shows."""
+    """Everything bench/templates/benchmarks.md.j2 shows."""
     return {**report_numbers(results, results_path), **goal_context(results, goals)}
 
 
@@ -310,7 +310,7 @@ def _preset_ratios():
     """(preset, 'N x m', (bytes ratio, memory floor ratio)) for small, 1b, 7b at their paper node counts."""
     from model.args import build_config, count_parameters
     from server_app.config import load
-    from sim.memory import analytic_floor_mb
+    from bench.memory import analytic_floor_mb
 
     for name, nodes in (("small", 4), ("1b", 4), ("7b", 4)):
         spec = load([f"model={name}", f"nodes={nodes}"])

@@ -1,20 +1,20 @@
 """Benchmark harness: SPES vs DiLoCo vs FedAvg vs centralized, at one token budget.
 
-    python -m sim.bench                       # the default benchmark (make bench), ~17 min on 2 CPUs
-    python -m sim.bench rounds=8 model=tiny   # Hydra overrides apply to every method
-    python -m sim.bench --ablation merge      # merge | H | nodes | iid | all  -> docs/results.md
+    python -m bench                       # the default benchmark (make bench), ~17 min on 2 CPUs
+    python -m bench rounds=8 model=tiny   # Hydra overrides apply to every method
+    python -m bench --ablation merge      # merge | H | nodes | iid | all  -> docs/results.md
 
 The default benchmark runs the three federated strategies as real Flower simulations
 (`python -m sim` with strategy=spes|diloco|fedavg) and the centralized baseline
-(`python -m sim.centralized`) with the same model, data, seed and tokens; then measures per-node
-memory for the paper's 4 x 4 ratio (`model=small`, sim.memory) and the Flower overhead
-(sim.overhead). It writes <out>/results.json, <docs>/benchmarks.md and three plots. Every ratio
+(`python -m bench.centralized`) with the same model, data, seed and tokens; then measures per-node
+memory for the paper's 4 x 4 ratio (`model=small`, bench.memory) and the Flower overhead
+(bench.overhead). It writes <out>/results.json, <docs>/benchmarks.md and three plots. Every ratio
 is computed here from measured values; `ratio_sources` in results.json names its inputs.
 
 Results files are committed, so every path in one is relative to the folder holding that file
 (`run_dir`: "runs/bench-spes" in results.json, "../runs/abl-..." in ablations/<name>.json): they
-name no machine and resolve on any checkout. The report is rendered from sim/templates/ against
-the goals in conf/bench/goals.yaml (sim.bench_report).
+name no machine and resolve on any checkout. The report is rendered from bench/templates/ against
+the goals in conf/bench/goals.yaml (bench.report).
 """
 
 from __future__ import annotations
@@ -225,7 +225,7 @@ def method_entry(run_dir: Path, owned: int | None, base: Path, analytic: bool = 
 
 
 def run_federated(method: str, overrides: list[str], runs_dir: Path, run_name: str) -> Path:
-    from sim.__main__ import main as sim_main
+    from engine.simulate import simulate as sim_main
 
     ov = merge_overrides(overrides, [*CODEC_METHODS.get(method, [f"strategy={method}"]), f"run_name={run_name}",
                                      f"output_dir={runs_dir}"])
@@ -239,8 +239,8 @@ def run_federated(method: str, overrides: list[str], runs_dir: Path, run_name: s
 def run_benchmark(overrides: list[str], out: Path, docs: Path, memory_overrides: list[str],
                   memory_shape: tuple[int, int, int], bare_rounds: int, command: str,
                   overhead_h: tuple[int, ...] = (), overhead_rounds: int = 3) -> dict:
-    from sim import centralized, memory, overhead
-    from sim.bench_report import machine_info, write_bench_docs
+    from bench import centralized, memory, overhead
+    from bench.report import machine_info, write_bench_docs
 
     t0 = time.time()
     runs = out / "runs"
@@ -253,7 +253,7 @@ def run_benchmark(overrides: list[str], out: Path, docs: Path, memory_overrides:
         print(f"[bench] {m} done ({stamp()}): final held-out loss {methods[m]['final_val_loss']:.4f}", flush=True)
 
     cen_ov = merge_overrides(overrides, ["run_name=bench-centralized", f"output_dir={runs}"])
-    print(f"[bench] centralized: python -m sim.centralized {' '.join(cen_ov)}", flush=True)
+    print(f"[bench] centralized: python -m bench.centralized {' '.join(cen_ov)}", flush=True)
     centralized.run(cen_ov)
     methods["centralized"] = method_entry(runs / "bench-centralized", None, out)
     print(f"[bench] centralized done ({stamp()})", flush=True)
@@ -304,7 +304,7 @@ def run_benchmark(overrides: list[str], out: Path, docs: Path, memory_overrides:
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m sim.bench", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ablation", choices=["merge", "H", "nodes", "iid", "all"],
                    help="run an ablation instead of the main benchmark (writes docs/results.md)")
@@ -325,12 +325,12 @@ def main(argv: list[str]) -> int:
                         "(and docs/results.md from <out>/ablations/*.json, when there are any)")
     p.add_argument("overrides", nargs="*", help="Hydra overrides applied to every method")
     a = p.parse_args(argv)
-    command = "python -m sim.bench " + " ".join(shlex.quote(portable_arg(x)) for x in argv)
+    command = "python -m bench " + " ".join(shlex.quote(portable_arg(x)) for x in argv)
     overrides = merge_overrides(DEFAULTS, a.overrides)
     out, docs = Path(a.out).resolve(), Path(a.docs).resolve()
     if a.report_only:
-        from sim.ablations import ABLATIONS, write_results_md
-        from sim.bench_report import write_bench_docs
+        from bench.ablations import ABLATIONS, write_results_md
+        from bench.report import write_bench_docs
 
         results_path = out / "results.json"
         if not results_path.exists():
@@ -341,7 +341,7 @@ def main(argv: list[str]) -> int:
             print(write_results_md(out, docs))
         return 0
     if a.ablation:
-        from sim.ablations import run_ablations
+        from bench.ablations import run_ablations
 
         run_ablations(a.ablation, overrides, out, docs)
         return 0
@@ -349,7 +349,3 @@ def main(argv: list[str]) -> int:
     run_benchmark(overrides, out, docs, mem_ov, (a.memory_batch, a.memory_seq, a.memory_steps), a.bare_rounds, command,
                   tuple(a.overhead_h), a.overhead_rounds)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

@@ -1,6 +1,6 @@
 """Centralized baseline: one process trains the same model on the union of the node shards.
 
-    python -m sim.centralized <hydra overrides>      # same overrides as `python -m sim`
+    python -m bench.centralized <hydra overrides>      # same overrides as `python -m sim`
 
 Matched to the federated run with the same overrides: the same initial model (seed), the same
 held-out split and evaluation settings, rounds * H optimizer steps with a batch of
@@ -22,7 +22,7 @@ import torch
 
 
 def run(overrides: list[str]) -> dict:
-    from client_app.trainer import evaluate, make_optimizer, resolve_device, train_steps
+    from training.trainer import evaluate, make_optimizer, resolve_device, train_steps
     from data import BatchStream, load_tokenizer, node_shard, prepare_blocks
     from model import build_model, count_parameters
     from server_app.app import summarize

@@ -1,4 +1,4 @@
-"""The fault cases that need real Flower processes on 127.0.0.1 (used by sim.faults and the tests).
+"""The fault cases that need real Flower processes on 127.0.0.1 (used by faults.cases and the tests).
 
 Every process is started by the project's launcher and stopped by PID; every wait is bounded.
 """
@@ -83,7 +83,7 @@ def resume_matches_uninterrupted(workdir: Path, rounds: int = 3, kill_after: int
 
 def supernode_killed_mid_round(workdir: Path, timeout_s: float = 900) -> tuple[bool, str]:
     """3 SuperNodes, min_nodes=2; SIGKILL SuperNode 2 once round 1 is logged; the run must complete."""
-    from sim.launcher import LocalDeployment
+    from engine.launcher import LocalDeployment
 
     overrides = ["nodes=3", "rounds=3", "strategy.local_steps=3", *MICRO, "strategy.min_nodes=2",
                  "strategy.round_timeout_s=240", "strategy.reassign_after=1", "run_name=killnode"]
