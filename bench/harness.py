@@ -4,11 +4,12 @@
     python -m bench rounds=8 model=tiny   # Hydra overrides apply to every method
     python -m bench --ablation merge      # merge | H | nodes | iid | all  -> docs/results.md
 
-The default benchmark runs the three federated strategies as real Flower simulations
-(`python -m sim` with strategy=spes|diloco|fedavg) and the centralized baseline
+The default benchmark runs the federated strategies (`python -m sim` with strategy=spes|diloco|fedavg
+and SPES with int8 / bf16 delta sync) through the in-process engine (`--engine flower` for Flower
+simulations: the same numbers bit for bit, tests/test_engines.py) and the centralized baseline
 (`python -m bench.centralized`) with the same model, data, seed and tokens; then measures per-node
-memory for the paper's 4 x 4 ratio (`model=small`, bench.memory) and the Flower overhead
-(bench.overhead). It writes <out>/results.json, <docs>/benchmarks.md and three plots. Every ratio
+memory for the paper's 4 x 4 ratio (`model=small`, bench.memory) and the Flower overhead on short
+SPES Flower simulations (bench.overhead). It writes <out>/results.json, <docs>/benchmarks.md and three plots. Every ratio
 is computed here from measured values; `ratio_sources` in results.json names its inputs.
 
 Results files are committed, so every path in one is relative to the folder holding that file
@@ -236,10 +237,31 @@ def run_federated(method: str, overrides: list[str], runs_dir: Path, run_name: s
     return runs_dir / run_name
 
 
+def flower_overhead(spes_ov: list[str], runs: Path, bare_rounds: int, overhead_h: tuple[int, ...],
+                    overhead_rounds: int, stamp) -> dict:
+    """Flower simulation rounds against the bare loop: short SPES runs on Flower (engine=flower) at the
+    bench's H (the headline) and at each of `overhead_h` (the per-round costs Flower adds are fixed, so
+    the ratio depends on H; the reference uses H = 100). Round 1 (start-up) is not timed."""
+    from bench import overhead
+
+    def at(extra: list[str], name: str) -> dict:
+        ov = merge_overrides(spes_ov, [*extra, f"rounds={overhead_rounds}", "engine=flower", f"run_name={name}"])
+        print(f"[bench] Flower overhead, {name} ({stamp()})", flush=True)
+        return overhead.measure(ov, read_run(run_federated("spes", ov, runs, name))[1], bare_rounds)
+
+    over = at([], "bench-overhead")
+    over["at_local_steps"] = {}
+    for h in overhead_h:
+        res = at([f"strategy.local_steps={h}"], f"bench-overhead-H{h}")
+        over["at_local_steps"][str(h)] = {k: res[k] for k in (
+            "sim_round_s", "bare_round_s", "flower_overhead", "sim_over_local_round", "unaccounted_s")}
+    return over
+
+
 def run_benchmark(overrides: list[str], out: Path, docs: Path, memory_overrides: list[str],
                   memory_shape: tuple[int, int, int], bare_rounds: int, command: str,
                   overhead_h: tuple[int, ...] = (), overhead_rounds: int = 3) -> dict:
-    from bench import centralized, memory, overhead
+    from bench import centralized, memory
     from bench.report import machine_info, write_bench_docs
 
     t0 = time.time()
@@ -261,21 +283,8 @@ def run_benchmark(overrides: list[str], out: Path, docs: Path, memory_overrides:
     print(f"[bench] memory: {' '.join(memory_overrides)} ({stamp()})", flush=True)
     mem = memory.measure(memory_overrides, *memory_shape)
 
-    spes_ov = merge_overrides(overrides, ["strategy=spes", "run_name=bench-spes", f"output_dir={runs}"])
-    print(f"[bench] overhead ({stamp()})", flush=True)
-    over = overhead.measure(spes_ov, read_run(runs / "bench-spes")[1], bare_rounds)
-    # The per-round costs Flower adds are fixed, so the ratio depends on H: measure it again at
-    # larger H (the reference uses H = 100) with a short SPES run. The headline stays at the bench's H.
-    over["at_local_steps"] = {}
-    for h in overhead_h:
-        ov = merge_overrides(spes_ov, [f"strategy.local_steps={h}", f"rounds={overhead_rounds}",
-                                       f"run_name=bench-overhead-H{h}"])
-        print(f"[bench] overhead at H={h} ({stamp()})", flush=True)
-        run_dir = run_federated("spes", ov, runs, f"bench-overhead-H{h}")
-        at = overhead.measure(ov, read_run(run_dir)[1], bare_rounds)
-        over["at_local_steps"][str(h)] = {k: at[k] for k in (
-            "sim_round_s", "bare_round_s", "flower_overhead", "sim_over_local_round", "unaccounted_s")}
-
+    spes_ov = merge_overrides(overrides, ["strategy=spes", f"output_dir={runs}"])
+    over = flower_overhead(spes_ov, runs, bare_rounds, overhead_h, overhead_rounds, stamp)
     results = {
         "command": command,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -318,6 +327,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--bare-rounds", type=int, default=3, help="bare-loop rounds for the overhead (first is warm-up)")
     p.add_argument("--overhead-h", type=int, nargs="*", default=[100],
                    help="also measure the Flower overhead at these H (short SPES runs); none: skip")
+    p.add_argument("--engine", choices=["inprocess", "flower"], default="inprocess",
+                   help="how the federated methods run (bit-identical results; the Flower overhead is always "
+                        "measured on Flower simulations)")
     p.add_argument("--overhead-rounds", type=int, default=3,
                    help="rounds of each --overhead-h run (round 1 is start-up and is not timed)")
     p.add_argument("--report-only", action="store_true",
@@ -326,7 +338,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("overrides", nargs="*", help="Hydra overrides applied to every method")
     a = p.parse_args(argv)
     command = "python -m bench " + " ".join(shlex.quote(portable_arg(x)) for x in argv)
-    overrides = merge_overrides(DEFAULTS, a.overrides)
+    overrides = merge_overrides([*DEFAULTS, f"engine={a.engine}"], a.overrides)
     out, docs = Path(a.out).resolve(), Path(a.docs).resolve()
     if a.report_only:
         from bench.ablations import ABLATIONS, write_results_md

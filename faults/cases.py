@@ -322,13 +322,13 @@ def case_node_refuses_bad_round() -> Outcome:
                    "trained on (negative learning rate)", f"refused before training: {', '.join(refused)}", ok)
 
 
-# -- real Flower processes ------------------------------------------------------------------------
+# -- processes killed ------------------------------------------------------------------------------
 def case_resume_bit_identical(workdir: Path) -> Outcome:
-    """Coordinator killed after round 1 of 3, resumed: final weights equal an uninterrupted run's."""
+    """Coordinator SIGKILLed after round 1 of 3, resumed: final weights equal an uninterrupted run's."""
     from faults.runs import resume_matches_uninterrupted
 
     same, detail = resume_matches_uninterrupted(workdir)
-    return Outcome("coordinator killed after round 1 of 3, then `resume=true`",
+    return Outcome("coordinator SIGKILLed after round 1 of 3 (outer momentum on), then `resume=true`",
                    "nothing survived a restart (state written, never read; reruns wiped nodes/)", detail, same)
 
 
@@ -336,7 +336,7 @@ def case_supernode_killed(workdir: Path) -> Outcome:
     from faults.runs import supernode_killed_mid_round
 
     completed, detail = supernode_killed_mid_round(workdir)
-    return Outcome("one of 3 SuperNodes SIGKILLed mid-round (min_nodes=2)",
+    return Outcome("one of 2 SuperNodes SIGKILLed mid-run (min_nodes=1)",
                    "every round waited for every node", detail, completed)
 
 

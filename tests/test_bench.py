@@ -1,6 +1,6 @@
-"""The benchmark harness end to end on a very small model (3 Flower simulations + the rest).
+"""The benchmark harness end to end on a very small model (in-process runs, one Flower simulation, the rest).
 
-One bench run (~2-4 min on 2 CPUs, most of it Flower/Ray start-up) feeds every check: the
+One bench run (~2 min on 2 CPUs) feeds every check: the
 JSON fields exist, the ratios equal the ratios of the measured values they name, the bytes
 agree with the analytic counts, and the docs and plots were written.
 
@@ -38,7 +38,7 @@ def bench(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     argv = [
         "--out", str(out), "--docs", str(out / "docs"), "--memory-overrides", " ".join(SMALL),
-        "--memory-batch", "2", "--memory-seq", "32", "--memory-steps", "2", "--bare-rounds", "2", "--overhead-h", "3", "--overhead-rounds", "2", *SMALL,
+        "--memory-batch", "2", "--memory-seq", "32", "--memory-steps", "2", "--bare-rounds", "2", "--overhead-h", "--overhead-rounds", "2", *SMALL,
     ]
     assert main(argv) == 0
     return out, json.loads((out / "results.json").read_text())
@@ -87,17 +87,16 @@ def test_ratios_are_the_ratios_of_the_measured_values(bench):
         assert res["ratios"][key] == pytest.approx(value, rel=1e-12), key
         num, den = res["ratio_sources"][key]
         assert res["ratios"][key] == pytest.approx(lookup(res, num) / lookup(res, den), rel=1e-12), key
-    # The overhead's numerator is the simulation's own per-round wall time from metrics.jsonl.
+    # The overhead's numerator is the per-round wall time (metrics.jsonl) of its own short run, a real
+    # Flower simulation (its SuperLink and `flwr run` logs are there), while the methods ran in-process.
     # run_dir is recorded relative to the folder of results.json.
-    metrics = [json.loads(x) for x in open(out / m["spes"]["run_dir"] / "metrics.jsonl")]
-    assert over["sim_round_s"] == pytest.approx((metrics[-1]["wall_s"] - metrics[0]["wall_s"]) / (len(metrics) - 1))
+    runs = out / res["runs_dir"]
+    metrics = [json.loads(x) for x in open(runs / "bench-overhead" / "metrics.jsonl")]
+    assert [r["global_step"] for r in metrics] == [2, 4]
+    assert over["sim_round_s"] == pytest.approx(metrics[1]["wall_s"] - metrics[0]["wall_s"])
     assert over["bare_round_s"] > 0 and res["ratios"]["flower_overhead"] > 1
-    # The extra measurement at another H comes from its own simulation run, timed the same way.
-    at = over["at_local_steps"]["3"]
-    h3 = [json.loads(x) for x in open(out / res["runs_dir"] / "bench-overhead-H3" / "metrics.jsonl")]
-    assert [r["global_step"] for r in h3] == [3, 6]
-    assert at["sim_round_s"] == pytest.approx(h3[1]["wall_s"] - h3[0]["wall_s"])
-    assert at["flower_overhead"] == pytest.approx(at["sim_round_s"] / at["bare_round_s"])
+    assert (runs / "bench-overhead" / "flower" / "flwr-run.log").stat().st_size > 0
+    assert not (out / m["spes"]["run_dir"] / "flower").exists() and over["at_local_steps"] == {}
 
 
 def test_bytes_match_the_analytic_counts(bench):

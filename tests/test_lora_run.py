@@ -1,4 +1,4 @@
-"""An upcycled start with LoRA in a real Flower simulation: 2 nodes, 2 rounds, a very small model.
+"""An upcycled start with LoRA through the in-process engine: 2 nodes, 2 rounds, a very small model.
 
 The run starts from a dense Qwen3 checkpoint the test builds (model.init=upcycle, the intended
 use of LoRA), trains with train.lora_rank=4, and exports a plain Hugging Face model with the
@@ -6,22 +6,22 @@ adapters merged; the checkpoint keeps the adapters; what LoRA freezes is still t
 model's; each node sends fewer bytes than the same run without LoRA would.
 """
 
+import contextlib
+import io
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
+from engine.simulate import simulate
 from micro import MICRO_MODEL
 from model import count_parameters, load_pretrained
 from model.lora import LoraArgs, merge_adapters
 from model.naming import is_adapter_name
 from server_app import checkpoint
 
-ROOT = Path(__file__).resolve().parent.parent
 RANK, ALPHA = 4, 16.0
 OVERRIDES = [
     "nodes=2",
@@ -32,6 +32,7 @@ OVERRIDES = [
     "model.num_experts=8",
     f"train.lora_rank={RANK}",
     "run_name=loratest",
+    "engine=inprocess",
 ]
 
 
@@ -48,14 +49,14 @@ def dense_checkpoint(path: Path) -> Qwen3ForCausalLM:
 
 @pytest.fixture(scope="module")
 def dense_and_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("lora-sim")
+    out = tmp_path_factory.mktemp("lora-run")
     dense = dense_checkpoint(out / "dense")
     upcycle = ["model.init=upcycle", f"model.dense_path={out / 'dense'}", "model.vocab_size=512",
                "model.upcycle_noise_std=0.02"]
-    proc = subprocess.run([sys.executable, "-m", "sim", *OVERRIDES, *upcycle, f"output_dir={out}"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert f"(LoRA rank {RANK})" in proc.stdout
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert simulate([*OVERRIDES, *upcycle, f"output_dir={out}"]) == 0
+    assert f"(LoRA rank {RANK})" in stdout.getvalue()
     return dense, out / "loratest"
 
 
