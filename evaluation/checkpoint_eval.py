@@ -5,7 +5,7 @@
     python -m evaluation ckpt/ --tasks heldout,hellaswag --limit 100 data.source=/data/corpus.jsonl
 
 Tasks: `heldout` (the project's lm-eval task over the run's held-out split: word/byte perplexity
-and bits per byte; works offline), `downstream` (the paper's suite, spes-method.md section 6:
+and bits per byte; works offline), `downstream` (the paper's suite, docs/method.md section 6:
 sciq, piqa, winogrande, arc_easy, social_iqa, openbookqa, boolq 0-shot, arc_challenge 25-shot,
 hellaswag 10-shot, mmlu at lm-eval's default), or any lm-eval task name. Tasks that need the
 Hugging Face hub are skipped with one line when it is unreachable (or HF_*_OFFLINE is set).
@@ -32,7 +32,7 @@ from typing import Any
 
 HELDOUT = "heldout"
 DOWNSTREAM = "downstream"
-# spes-method.md section 6; None = lm-eval's default shot count (the method names none for mmlu).
+# docs/method.md section 6; None = lm-eval's default shot count (the method names none for mmlu).
 DOWNSTREAM_SUITE: dict[str, int | None] = {
     "sciq": 0, "piqa": 0, "winogrande": 0, "arc_easy": 0, "social_iqa": 0, "openbookqa": 0, "boolq": 0,
     "arc_challenge": 25, "hellaswag": 10, "mmlu": None,

@@ -10,7 +10,7 @@ router probability of expert i (differentiable). Two ways to combine the layers:
   f_i = picks_i / tokens (sums to k), so balanced gives k. Layers that collapse on *different*
   experts look balanced when pooled; the penalty depends on which index each layer collapsed on.
 
-The decayed variant (spes-method.md section 4) scales the node's own experts' counts by a factor
+The decayed variant (docs/method.md section 4) scales the node's own experts' counts by a factor
 rising from `start` to 1 over the first `warmup_fraction` of training, so routing to experts the
 node can train is penalised less early on.
 """

@@ -4,7 +4,7 @@ Embeddings, LM head, attention (q/k/v/o, q/k-norm) and norms are copied; the den
 copied into every expert. With top-k weights renormalised to sum to 1 (`norm_topk_prob`) and no
 noise, every token's MoE output is the dense MLP's output, so the MoE computes the dense model's
 logits exactly, whatever the router says. Noise on a random fraction of each expert's entries
-breaks the symmetry between the copies (spes-method.md section 4).
+breaks the symmetry between the copies (docs/method.md section 4).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Expert-merging warm-up (spes-method.md section 3).
+"""Expert-merging warm-up (docs/method.md section 3).
 
 At a merge step, within each MoE layer, expert i moves a fraction alpha towards the mean of
 its top-k most similar experts (cosine similarity of the flattened gate projections). Every

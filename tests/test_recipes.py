@@ -1,4 +1,4 @@
-"""recipe=1b|7b|9b set the paper's model and hyper-parameters (spes-method.md section 5)."""
+"""recipe=1b|7b|9b set the paper's model and hyper-parameters (docs/method.md section 5)."""
 
 import re
 
@@ -8,7 +8,7 @@ from training.trainer import TrainConfig
 from model import MoEArgs
 from server_app.config import CONF_DIR, compose
 
-# spes-method.md section 5, one row per recipe:
+# docs/method.md section 5, one row per recipe:
 # model, lr, warm-up, seq len, merge alpha / decay (defaults 0.01/10000, the 9B run 0.05/20000)
 TABLE = {
     "1b": ("1b", 5e-4, 2000, 2048, 0.01, 10000),
