@@ -29,496 +29,32 @@ Facts about Flower 1.42 this module relies on (checked against the installed sou
 No torch import here: this module must stay cheap to import.
 """
 
+
 from __future__ import annotations
 
 import codecs
-import json
 import logging
-import math
 import os
 import re
-import shutil
 import signal
-import socket
-import ssl
 import subprocess
 import sys
 import threading
 import time
-import tomllib
-import urllib.error
-import urllib.request
-import uuid
-from collections import deque
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from engine.console import ConsoleFilter
+from engine.flwr_config import (
+    EXIT_NOT_STARTED, EXIT_OK, EXIT_RUN_FAILED, EXIT_TIMEOUT, HOST, LOCAL_CONNECTION, SIM_CONNECTION,
+    RunConfigValue, TlsFiles, check_run_config, find_free_port, flower_exe, flwr_json, format_run_config,
+    log_tail, run_config_args, wait_http_ok, write_connection,
+)
+from engine.processes import ProcessGroup, SigtermAsExit
+
 log = logging.getLogger(__name__)
-
-SIM_CONNECTION = "spes-sim"
-LOCAL_CONNECTION = "spes-local"
-TAG_ENV = "SPES_LAUNCHER_TAG"  # inherited by every process we (indirectly) start
-HOST = "127.0.0.1"
-
-RunConfigValue = str | int | float | bool
-
-EXIT_OK = 0
-EXIT_RUN_FAILED = 1
-EXIT_NOT_STARTED = 2
-EXIT_TIMEOUT = 124
-
-_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
 _RUN_ID = re.compile(r"Successfully started run (\d+)")
-
-
-# --------------------------------------------------------------------------- basics
-def find_free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that is free right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
-
-
-def _bin_dir() -> Path:
-    return Path(sys.executable).parent
-
-
-def _exe(name: str) -> str:
-    """Path of a Flower console script, preferring this interpreter's environment."""
-    candidate = _bin_dir() / name
-    if candidate.exists():
-        return str(candidate)
-    found = shutil.which(name)
-    if found is None:
-        raise FileNotFoundError(f"`{name}` not found next to {sys.executable} nor on PATH")
-    return found
-
-
-def flwr_env(flwr_home: Path) -> dict[str, str]:
-    """Environment for Flower processes: a copy of ``os.environ`` with ``FLWR_HOME``
-    set and telemetry, the update check and runtime dependency installation off.
-
-    The interpreter's ``bin`` directory is put first on ``PATH`` because the SuperLink
-    and SuperNode start ``flower-superexec``/``flwr-*`` by bare name.
-    """
-    env = os.environ.copy()
-    env["FLWR_HOME"] = str(Path(flwr_home).resolve())
-    env["FLWR_TELEMETRY_ENABLED"] = "0"
-    env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
-    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
-    path = env.get("PATH", "")
-    bin_dir = str(_bin_dir())
-    if bin_dir not in path.split(os.pathsep):
-        env["PATH"] = bin_dir + (os.pathsep + path if path else "")
-    return env
-
-
-def _tail(path: Path, lines: int = 40) -> str:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as fh:
-            return "".join(deque(fh, maxlen=lines))
-    except OSError:
-        return "<no log>"
-
-
-# ----------------------------------------------------------------- run config format
-def _toml_value(value: RunConfigValue) -> str | None:
-    """Inline TOML for ``flwr run --run-config``; None if the value cannot be inlined."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return repr(value)
-    if isinstance(value, str):
-        # Flower splits pairs with key=('[^']*'|"[^"]*"|\S+): the delimiting quote
-        # may not appear inside, even escaped.
-        if '"' not in value:
-            return json.dumps(value, ensure_ascii=False)  # valid TOML basic string
-        if "'" not in value and not any(ord(c) < 32 or c == "\x7f" for c in value):
-            return f"'{value}'"  # TOML literal string, no escapes
-        return None
-    raise TypeError(f"run-config values must be str, int, float or bool, got {value!r}")
-
-
-def format_run_config(run_config: Mapping[str, RunConfigValue]) -> str | None:
-    """``k=v`` pairs for ``--run-config`` (strings quoted), or None if some string
-    cannot be expressed inline (contains both ``'`` and ``"``)."""
-    parts = []
-    for key, value in run_config.items():
-        if not _BARE_KEY.match(key):
-            raise ValueError(f"invalid run-config key {key!r}")
-        text = _toml_value(value)
-        if text is None:
-            return None
-        parts.append(f"{key}={text}")
-    return " ".join(parts)
-
-
-def _run_config_args(run_config: Mapping[str, RunConfigValue], run_dir: Path) -> list[str]:
-    if not run_config:
-        return []
-    inline = format_run_config(run_config)
-    if inline is not None:
-        return ["--run-config", inline]
-    import tomli_w  # a flwr dependency
-
-    path = run_dir / "run-config.toml"  # flwr loads a single *.toml argument as a file
-    path.write_text(tomli_w.dumps(dict(run_config)), encoding="utf-8")
-    return ["--run-config", str(path)]
-
-
-def app_config_keys(app_dir: Path) -> set[str]:
-    """Flattened keys of ``[tool.flwr.app.config]`` in the app's pyproject.toml."""
-    with open(Path(app_dir) / "pyproject.toml", "rb") as fh:
-        data = tomllib.load(fh)
-    cfg = data.get("tool", {}).get("flwr", {}).get("app", {}).get("config", {})
-
-    def flat(d: Mapping[str, Any], prefix: str = "") -> set[str]:
-        keys: set[str] = set()
-        for k, v in d.items():
-            key = f"{prefix}.{k}" if prefix else k
-            keys |= flat(v, key) if isinstance(v, dict) else {key}
-        return keys
-
-    return flat(cfg)
-
-
-def check_run_config(app_dir: Path, run_config: Mapping[str, RunConfigValue]) -> None:
-    """Raise ValueError for keys Flower would reject (only a bare "Invalid run
-    configuration" comes back from the SuperLink otherwise)."""
-    unknown = sorted(set(run_config) - app_config_keys(app_dir))
-    if unknown:
-        raise ValueError(
-            f"run-config keys {unknown} are not in [tool.flwr.app.config] of "
-            f"{Path(app_dir) / 'pyproject.toml'}; Flower only overrides existing keys"
-        )
-
-
-def write_connection(flwr_home: Path, name: str, address: str,
-                     root_certificates: Path | None = None) -> Path:
-    """Add/replace ``[superlink.<name>]`` in config.toml: ``insecure = true``, or with
-    ``root_certificates`` a TLS connection verified against that CA (Flower 1.42 accepts
-    only an absolute path there).
-
-    Never writes a ``local`` (``:local:``) connection: that would make ``flwr`` start
-    a detached SuperLink on 127.0.0.1:39091 which nobody stops.
-    """
-    import tomli_w  # a flwr dependency
-
-    path = Path(flwr_home) / "config.toml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data: dict[str, Any] = {}
-    if path.exists():
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    superlink = data.setdefault("superlink", {})
-    superlink[name] = ({"address": address, "insecure": True} if root_certificates is None
-                       else {"address": address,
-                             "root-certificates": str(Path(root_certificates).resolve())})
-    superlink.setdefault("default", name)
-    path.write_text(tomli_w.dumps(data), encoding="utf-8")
-    return path
-
-
-@dataclass(frozen=True)
-class TlsFiles:
-    """PEM files for a TLS SuperLink: the CA certificate (given to SuperNodes and ``flwr``
-    as root certificate) and the SuperLink's certificate and key (the certificate must name
-    the address the clients dial, here 127.0.0.1)."""
-
-    ca_cert: Path
-    server_cert: Path
-    server_key: Path
-
-    def superlink_args(self) -> list[str]:
-        return ["--ssl-ca-certfile", str(self.ca_cert), "--ssl-certfile", str(self.server_cert),
-                "--ssl-keyfile", str(self.server_key)]
-
-
-# ---------------------------------------------------------------- process tracking
-def _proc_stat(pid: int) -> tuple[str, int] | None:
-    """(state, session id) from /proc/<pid>/stat, None if gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            fields = fh.read().rsplit(b")", 1)[1].split()
-        return fields[0].decode(), int(fields[3])  # state, (ppid, pgrp,) session
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def _proc_environ_has(pid: int, needle: bytes) -> bool:
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as fh:
-            return needle in fh.read().split(b"\0")
-    except OSError:  # gone or not ours
-        return False
-
-
-def scan_processes(marker: str, sessions: set[int] | None = None) -> list[int]:
-    """Live (non-zombie) PIDs, other than this process, that carry ``marker`` in their
-    environment (``NAME=value``; a bare value means ``SPES_LAUNCHER_TAG=<value>``) or
-    belong to one of ``sessions``.
-
-    If ``sessions`` is given, the session ids of marked processes are added to it
-    (never this process's own session). Sessions matter because some processes
-    overwrite their environment block (Ray's DashboardAgent/RuntimeEnvAgent use
-    setproctitle), so /proc/<pid>/environ no longer shows the marker; they stay in the
-    session of the detached ``flower-superexec`` that spawned their driver.
-    """
-    entry = marker if "=" in marker else f"{TAG_ENV}={marker}"
-    me = os.getpid()
-    if not os.path.isdir("/proc"):  # pragma: no cover - non-Linux: environment only
-        return _scan_psutil(entry, me)
-    needle = entry.encode()
-    own_sid = os.getsid(0)
-    found: dict[int, int] = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) == me:
-            continue
-        pid = int(name)
-        stat = _proc_stat(pid)
-        if stat is None or stat[0] in ("Z", "X"):
-            continue
-        if _proc_environ_has(pid, needle):
-            found[pid] = stat[1]
-            if sessions is not None and stat[1] not in (own_sid, 0, 1):
-                sessions.add(stat[1])
-        elif sessions and stat[1] in sessions:
-            found[pid] = stat[1]
-    return sorted(found)
-
-
-def tagged_processes(tag: str) -> list[int]:
-    """Live PIDs whose environment carries ``SPES_LAUNCHER_TAG=<tag>`` (or ``tag``
-    itself if it is a ``NAME=value`` pair)."""
-    return scan_processes(tag)
-
-
-def _scan_psutil(entry: str, me: int) -> list[int]:  # pragma: no cover
-    try:
-        import psutil
-    except ImportError:
-        return []
-    name, _, value = entry.partition("=")
-    found = []
-    for proc in psutil.process_iter():
-        try:
-            if proc.pid != me and proc.environ().get(name) == value:
-                found.append(proc.pid)
-        except (psutil.Error, OSError):
-            continue
-    return found
-
-
-def _signal_pids(pids: list[int], sig: int) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-
-def _die_with_parent_preexec() -> Any:
-    """Linux: a ``preexec_fn`` making the child get SIGTERM if the launching thread
-    dies (e.g. the Python process is SIGKILLed). libc is loaded here, in the parent,
-    so the child only makes one syscall between fork and exec."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        import ctypes
-
-        prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
-    except OSError:
-        return None
-
-    def preexec() -> None:  # pragma: no cover - runs in the child
-        prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
-
-    return preexec
-
-
-class _ProcessGroup:
-    """Processes started by us, each in its own session, all tagged via env."""
-
-    def __init__(self) -> None:
-        self.tag = uuid.uuid4().hex
-        self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
-        self.sessions: set[int] = set()  # sessions seen holding tagged processes
-        self._log_handles: list[IO[bytes]] = []
-
-    def env(self, flwr_home: Path) -> dict[str, str]:
-        env = flwr_env(flwr_home)
-        env[TAG_ENV] = self.tag
-        # Keep the processes self-contained: no attaching to an outside Ray cluster,
-        # no legacy gRPC APIs on fixed ports (0.0.0.0:9091/9093).
-        for name in ("RAY_ADDRESS", "FLWR_INTERNAL_GRPC_CONTROL_API",
-                     "FLWR_INTERNAL_GRPC_FLEET_API"):
-            env.pop(name, None)
-        for name in ("NO_PROXY", "no_proxy"):  # loopback never through a proxy
-            env[name] = ",".join(filter(None, [env.get(name), "127.0.0.1", "localhost"]))
-        return env
-
-    def start(self, name: str, cmd: list[str], env: dict[str, str], cwd: Path,
-              log_file: Path) -> subprocess.Popen[bytes]:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        fh = open(log_file, "ab")  # noqa: SIM115 - closed in stop()
-        fh.write(f"\n$ {' '.join(cmd)}\n".encode())
-        fh.flush()
-        self._log_handles.append(fh)
-        kwargs: dict[str, Any] = {"start_new_session": True}
-        if (preexec := _die_with_parent_preexec()) is not None:
-            kwargs["preexec_fn"] = preexec
-        proc = subprocess.Popen(  # noqa: S603
-            cmd, env=env, cwd=str(cwd), stdin=subprocess.DEVNULL, stdout=fh,
-            stderr=subprocess.STDOUT, **kwargs,
-        )
-        self.procs.append((name, proc))
-        log.debug("started %s pid=%d: %s", name, proc.pid, " ".join(cmd))
-        return proc
-
-    def alive(self) -> list[int]:
-        """Live PIDs that are ours (tagged, or in a session a tagged one was in)."""
-        for _, proc in self.procs:
-            proc.poll()  # reap our direct children
-        return scan_processes(self.tag, self.sessions)
-
-    def _wait(self, timeout: float, own_only: bool = False) -> list[int]:
-        deadline = time.monotonic() + timeout
-        while True:
-            if own_only:
-                if all(proc.poll() is not None for _, proc in self.procs):
-                    return []
-            elif not (alive := self.alive()):
-                return []
-            if time.monotonic() >= deadline:
-                return [p.pid for _, p in self.procs if p.poll() is None] if own_only \
-                    else alive
-            time.sleep(0.1)
-
-    def stop(self, grace: float = 10.0) -> None:
-        """SIGTERM the process groups we started, newest first (SuperNodes before the
-        SuperLink), and wait up to ``grace`` s for them; then SIGTERM whatever of ours
-        is left (detached SuperExec, ServerApp/simulation, Ray), wait 3 s; SIGKILL the
-        rest (Ray's agents ignore SIGTERM once their raylet is gone)."""
-        self.alive()  # learn the sessions (SuperExec's) while everything still runs
-        try:
-            for _, proc in reversed(self.procs):
-                if proc.poll() is None:
-                    try:
-                        os.killpg(proc.pid, signal.SIGTERM)
-                    except (ProcessLookupError, PermissionError):
-                        pass
-            self._wait(grace, own_only=True)
-            if alive := self.alive():
-                log.info("SIGTERM to %d leftover processes", len(alive))
-                _signal_pids(alive, signal.SIGTERM)
-                if alive := self._wait(3.0):
-                    log.info("SIGKILL to %d leftover processes", len(alive))
-        except BaseException:  # Ctrl-C / SIGTERM during teardown: go straight to SIGKILL
-            self.kill()
-            raise
-        self.kill()
-
-    def kill(self) -> None:
-        for _ in range(5):
-            for _, proc in self.procs:
-                if proc.poll() is None:
-                    try:
-                        os.killpg(proc.pid, signal.SIGKILL)
-                    except (ProcessLookupError, PermissionError):
-                        pass
-            alive = self.alive()
-            if not alive:
-                break
-            _signal_pids(alive, signal.SIGKILL)
-            time.sleep(0.2)
-        else:
-            log.error("processes survived SIGKILL: %s", self.alive())
-        for _, proc in self.procs:
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                log.error("pid %d did not exit after SIGKILL", proc.pid)
-        for fh in self._log_handles:
-            fh.close()
-        self._log_handles.clear()
-
-
-class _SigtermAsExit:
-    """While active (main thread only), SIGTERM raises SystemExit(143) so that the
-    context managers' ``__exit__`` still tears everything down."""
-
-    def __init__(self) -> None:
-        self._previous: Any = None
-        self._installed = False
-
-    def install(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return
-        if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-            return
-
-        def _handler(signum: int, frame: Any) -> None:
-            raise SystemExit(128 + signum)
-
-        self._previous = signal.signal(signal.SIGTERM, _handler)
-        self._installed = True
-
-    def restore(self) -> None:
-        if self._installed:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._installed = False
-
-
-# ------------------------------------------------------------------ flwr CLI helpers
-def _flwr_json(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 60.0
-               ) -> dict[str, Any] | None:
-    """Run ``flwr <args> --format json`` and parse its JSON; None on failure."""
-    try:
-        res = subprocess.run(  # noqa: S603
-            [_exe("flwr"), *args, "--format", "json"], env=env, cwd=str(cwd),
-            capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
-        )
-    except subprocess.TimeoutExpired:
-        log.warning("`flwr %s` timed out", " ".join(args))
-        return None
-    out = res.stdout
-    start = out.find("{")
-    if start < 0:
-        log.debug("`flwr %s` gave no JSON: %s %s", " ".join(args), out, res.stderr)
-        return None
-    try:
-        data = json.loads(out[start:])
-    except json.JSONDecodeError:
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def _wait_http_ok(url: str, proc: subprocess.Popen[bytes], timeout: float,
-                  ca_cert: Path | None = None) -> bool:
-    handlers: list[Any] = [urllib.request.ProxyHandler({})]
-    if ca_cert is not None:
-        handlers.append(urllib.request.HTTPSHandler(
-            context=ssl.create_default_context(cafile=str(ca_cert))))
-    opener = urllib.request.build_opener(*handlers)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            return False
-        try:
-            with opener.open(url, timeout=1.0) as resp:  # noqa: S310
-                if resp.status == 200:
-                    return True
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.2)
-    return False
 
 
 class _FlowerLocal:
@@ -540,8 +76,8 @@ class _FlowerLocal:
         self.startup_timeout = startup_timeout
         self.stop_grace = stop_grace
         self.port: int | None = None
-        self._group = _ProcessGroup()
-        self._sigterm = _SigtermAsExit()
+        self._group = ProcessGroup()
+        self._sigterm = SigtermAsExit()
         self.timings: dict[str, float] = {}
 
     # public bits ----------------------------------------------------------------
@@ -602,7 +138,7 @@ class _FlowerLocal:
         # Dependencies come from the environment installed from requirements.lock, never
         # from a per-run `uv sync` (see docs/join-as-supernode.md).
         security = ["--insecure"] if self.tls is None else self.tls.superlink_args()
-        cmd = [_exe("flower-superlink"), *security, "--isolation", "subprocess",
+        cmd = [flower_exe("flower-superlink"), *security, "--isolation", "subprocess",
                "--host", HOST, "--port", str(port),
                "--database", str(self.flwr_home / "state.db"),
                "--disable-runtime-dependency-installation"]
@@ -616,11 +152,11 @@ class _FlowerLocal:
             proc = self._group.start("flower-superlink", self._superlink_cmd(port),
                                      self.env, self.run_dir, self.log_file)
             scheme = "http" if self.tls is None else "https"
-            if _wait_http_ok(f"{scheme}://{HOST}:{port}/health", proc, self.startup_timeout,
+            if wait_http_ok(f"{scheme}://{HOST}:{port}/health", proc, self.startup_timeout,
                              None if self.tls is None else self.tls.ca_cert):
                 self.port = port
                 return
-            tail = _tail(self.log_file)
+            tail = log_tail(self.log_file)
             if proc.poll() is not None and "address already in use" in tail.lower() \
                     and attempt < 2:
                 log.warning("port %d taken, retrying", port)
@@ -640,83 +176,12 @@ class _FlowerLocal:
             raise RuntimeError("use inside `with`")
         app_dir = Path(app_dir).resolve()
         check_run_config(app_dir, run_config)
-        cmd = [_exe("flwr"), "run", str(app_dir), self.connection,
-               *_run_config_args(run_config, self.run_dir)]
+        cmd = [flower_exe("flwr"), "run", str(app_dir), self.connection,
+               *run_config_args(run_config, self.run_dir)]
         if federation_config:
             cmd += ["--federation-config", federation_config]
         cmd.append("--stream")
         return _FlwrRun(self, cmd, timeout_s, self.console).execute()
-
-
-# ------------------------------------------------------------------ console output
-CONSOLE_MODES = ("all", "coordinator", "coordinator+nodes")
-OWN_PREFIXES = ("[spes]", "[sim]")
-_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
-# Ray prefixes what its workers print: "(ClientAppActor pid=123) ", "(raylet, ip=10.0.0.1) ".
-_RAY_PREFIX = re.compile(r"^\((?P<who>[A-Za-z_][\w.]*)(?: pid=\d+)?(?:, ip=[\d.]+)?\) ?")
-_ERROR = re.compile(r"^(ERROR|CRITICAL)\b|^Traceback \(most recent call last\)|^[\w.]*(Error|Exception)\b:")
-_SEGMENT = re.compile(r"[^\r\n]*[\r\n]")
-
-
-class ConsoleFilter:
-    """Which pieces of ``flwr run --stream`` output reach the terminal (the log file
-    ``flwr-run.log`` always gets everything).
-
-    ``all``: everything, as Flower prints it. ``coordinator``: lines (and ``\\r``-redrawn
-    progress bars) that start with ``[spes]``/``[sim]``, plus errors: ERROR/CRITICAL log
-    lines and whole tracebacks, preceded once by where the full log is.
-    ``coordinator+nodes`` also passes what the simulated nodes print (Ray's
-    ``(ClientAppActor pid=...)`` lines, e.g. per-step progress bars).
-    """
-
-    def __init__(self, mode: str, log_path: Path) -> None:
-        if mode not in CONSOLE_MODES:
-            raise ValueError(f"console mode {mode!r}; expected one of {CONSOLE_MODES}")
-        self.mode = mode
-        self.log_path = log_path
-        self._partial = ""
-        self._in_traceback = False
-        self._hinted = False
-
-    def segments(self, text: str) -> list[str]:
-        """Completed pieces of ``text`` (each ends in ``\\n`` or ``\\r``); the rest waits."""
-        text = self._partial + text
-        out = _SEGMENT.findall(text)
-        self._partial = text[sum(len(s) for s in out):]
-        return out
-
-    def rest(self) -> list[str]:
-        """The unterminated tail, at end of stream."""
-        tail, self._partial = self._partial, ""
-        return [tail] if tail else []
-
-    def shown(self, segment: str) -> str:
-        """What to print for one segment ("" to drop it)."""
-        if self.mode == "all":
-            return segment
-        body = _ANSI.sub("", segment).rstrip("\r\n")
-        node = _RAY_PREFIX.match(body)
-        if node:
-            body = body[node.end():]
-        if self._in_traceback:
-            # A traceback is indented lines ending with the unindented exception line.
-            self._in_traceback = body[:1] in (" ", "\t") or not body.strip()
-            return segment
-        if _ERROR.search(body):
-            self._in_traceback = body.startswith("Traceback")
-            if not self._hinted:
-                self._hinted = True
-                return f"[sim] error output follows; full log: {self.log_path}\n{segment}"
-            return segment
-        if node:
-            return segment if self.mode == "coordinator+nodes" else ""
-        stripped = body.lstrip()
-        if stripped.startswith(OWN_PREFIXES):
-            return segment
-        # tqdm clears its bar with a run of spaces before printing a line above it.
-        if segment.endswith("\r") and not stripped:
-            return segment
-        return ""
 
 
 class _FlwrRun:
@@ -805,7 +270,7 @@ class _FlwrRun:
             raise
 
     def _status(self) -> dict[str, Any] | None:
-        data = _flwr_json(["ls", self.link.connection, "--run-id", str(self.run_id)],
+        data = flwr_json(["ls", self.link.connection, "--run-id", str(self.run_id)],
                           self.link.env, self.link.run_dir)
         for run in (data or {}).get("runs", []):
             if str(run.get("run-id")) == str(self.run_id):
@@ -830,14 +295,14 @@ class _FlwrRun:
         """Stop every unfinished run on our SuperLink, then the ``flwr run`` CLI."""
         link = self.link
         try:
-            data = _flwr_json(["ls", link.connection], link.env, link.run_dir, timeout=30)
+            data = flwr_json(["ls", link.connection], link.env, link.run_dir, timeout=30)
             run_ids = {str(r.get("run-id")) for r in (data or {}).get("runs", [])
                        if not str(r.get("status", "")).startswith("finished")}
             if self.run_id is not None:
                 run_ids.add(str(self.run_id))
             for run_id in sorted(run_ids):
                 subprocess.run(  # noqa: S603
-                    [_exe("flwr"), "stop", run_id, link.connection], env=link.env,
+                    [flower_exe("flwr"), "stop", run_id, link.connection], env=link.env,
                     cwd=str(link.run_dir), capture_output=True, timeout=30,
                     stdin=subprocess.DEVNULL)
                 log.info("stopped run %s", run_id)
@@ -957,7 +422,7 @@ class LocalDeployment(_FlowerLocal):
         """``flwr supernode register <public_key> spes-local``; raises with Flower's
         message if the SuperLink does not accept the key."""
         res = subprocess.run(  # noqa: S603
-            [_exe("flwr"), "supernode", "register", str(public_key), self.connection],
+            [flower_exe("flwr"), "supernode", "register", str(public_key), self.connection],
             env=self.env, cwd=str(self.run_dir), capture_output=True, text=True,
             timeout=60, stdin=subprocess.DEVNULL)
         if res.returncode != 0 or "registered successfully" not in res.stdout:
@@ -981,14 +446,14 @@ class LocalDeployment(_FlowerLocal):
                     else ["--root-certificates", str(Path(self.tls.ca_cert).resolve())])
         if private_key is not None:
             security += ["--auth-supernode-private-key", str(Path(private_key).resolve())]
-        cmd = [_exe("flower-supernode"), *security, "--superlink", self.address,
+        cmd = [flower_exe("flower-supernode"), *security, "--superlink", self.address,
                "--node-config", cfg, "--host", HOST, "--port", str(port)]
         return self._group.start(f"flower-supernode-{i}", cmd,
                                  self._env(node_dir / ".flwr"), node_dir, self.node_log(i))
 
     def online_node_ids(self) -> list[int]:
         """Node ids the SuperLink lists as online (``flwr supernode list``)."""
-        data = _flwr_json(["supernode", "list", self.connection], self.env,
+        data = flwr_json(["supernode", "list", self.connection], self.env,
                           self.run_dir, timeout=30)
         return [int(n["node-id"]) for n in (data or {}).get("nodes", [])
                 if n.get("status") == "online"]
@@ -1009,7 +474,7 @@ class LocalDeployment(_FlowerLocal):
                 if proc.poll() is not None:
                     raise RuntimeError(
                         f"flower-supernode {i} exited with {proc.returncode}; log:\n"
-                        + _tail(self.node_log(i)))
+                        + log_tail(self.node_log(i)))
             online = len(self.online_node_ids())
             if online >= self.num_nodes:
                 return
@@ -1017,7 +482,7 @@ class LocalDeployment(_FlowerLocal):
         raise RuntimeError(
             f"only {online}/{self.num_nodes} SuperNodes online after "
             f"{self.startup_timeout:.0f}s; last log:\n"
-            + _tail(self.node_log(self.num_nodes - 1)))
+            + log_tail(self.node_log(self.num_nodes - 1)))
 
     def run(self, app_dir: Path, run_config: Mapping[str, RunConfigValue],
             timeout_s: float | None = None) -> int:

@@ -1,4 +1,4 @@
-"""What of `flwr run --stream` output reaches the terminal (engine.launcher.ConsoleFilter, _FlwrRun._pump)."""
+"""What of `flwr run --stream` output reaches the terminal (engine.console.ConsoleFilter, engine.launcher._FlwrRun._pump)."""
 
 import io
 from pathlib import Path
@@ -6,7 +6,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from engine.launcher import ConsoleFilter, _FlwrRun
+from engine.console import ConsoleFilter
+from engine.launcher import _FlwrRun
 
 STREAM = (
     "\x1b[92mINFO \x1b[0m:      Starting Flower Simulation\n"

@@ -26,7 +26,8 @@ from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 
 from micro import MICRO_MODEL
-from engine.launcher import _ProcessGroup, find_free_port
+from engine.flwr_config import find_free_port
+from engine.processes import ProcessGroup
 from tls_certs import make_node_key, make_tls
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -95,7 +96,7 @@ def with_overrides(argv: list[str], overrides: list[str]) -> list[str]:
 
 
 # ------------------------------------------------------------------------- helpers
-def user_env(group: _ProcessGroup, flwr_home: Path, extra: dict[str, str]) -> dict[str, str]:
+def user_env(group: ProcessGroup, flwr_home: Path, extra: dict[str, str]) -> dict[str, str]:
     """A user's shell with the venv activated: nothing of the launcher's own settings for
     dependency installation, only what the README command sets."""
     env = group.env(flwr_home)
@@ -216,7 +217,7 @@ def test_readme_federation_recipe_with_tls_and_node_auth(tmp_path):
 
     (home / "config.toml").write_text(tomli_w.dumps(conn_toml))
 
-    group = _ProcessGroup()
+    group = ProcessGroup()
     try:
         env, link_cmd = find(cmds, "flower-superlink")
         link_cmd = substitute(link_cmd, {"0.0.0.0": "127.0.0.1", "8000": str(port)})
@@ -294,7 +295,7 @@ def test_flwr_run_dot_local_simulation(tmp_path):
                                "rounds=1", "strategy.local_steps=2", "run_name=sim", f"output_dir={outputs}"])
     cmd = [re.sub(r"num-supernodes=\d+", "num-supernodes=2", a) for a in cmd]
     home = tmp_path / "flwr-home"
-    group = _ProcessGroup()
+    group = ProcessGroup()
     shell = user_env(group, home, {"FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(find_free_port()),
                                    "FLWR_LOCAL_CONTROL_API_PORT": str(find_free_port()),
                                    "SPES_NODE_WORK_DIR": str(tmp_path / "nodes")})

@@ -21,8 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from engine import launcher
-from engine.launcher import LocalDeployment, SimulationSuperLink, TlsFiles, run_app
+from engine import flwr_config
+from engine.flwr_config import TlsFiles
+from engine.launcher import LocalDeployment, SimulationSuperLink, run_app
 from tls_certs import make_node_key, make_tls
 
 TOY_APP = Path(__file__).parent / "fixtures" / "toy_app"
@@ -127,37 +128,37 @@ def test_format_run_config_roundtrips_through_flower_parser(tmp_path: Path) -> N
 
     cfg = {"a": 1, "b": NOTE, "c": True, "d": 1e-5, "e": "it's", "f": 'say "hi"',
            "g": "C:\\path", "h": "", "i": -2.5, "j": "tab\tand\nnewline", "k.l": 3}
-    text = launcher.format_run_config(cfg)
+    text = flwr_config.format_run_config(cfg)
     assert text is not None and 'b="model=tiny nodes=4"' in text
     assert parse_config_args([text]) == cfg
     # both quote kinds cannot be inlined: falls back to a TOML file
     odd = {"x": "both ' and \"", "y": 1}
-    assert launcher.format_run_config(odd) is None
-    args = launcher._run_config_args(odd, tmp_path)
+    assert flwr_config.format_run_config(odd) is None
+    args = flwr_config.run_config_args(odd, tmp_path)
     assert args[0] == "--run-config" and args[1].endswith(".toml")
     assert parse_config_args([args[1]]) == odd
     with pytest.raises(ValueError):
-        launcher.format_run_config({"bad key": 1})
+        flwr_config.format_run_config({"bad key": 1})
     with pytest.raises(TypeError):
-        launcher.format_run_config({"k": [1, 2]})  # type: ignore[dict-item]
+        flwr_config.format_run_config({"k": [1, 2]})  # type: ignore[dict-item]
 
 
 def test_flwr_env_and_connection(tmp_path: Path) -> None:
-    env = launcher.flwr_env(tmp_path / ".flwr")
+    env = flwr_config.flwr_env(tmp_path / ".flwr")
     assert env["FLWR_HOME"] == str((tmp_path / ".flwr").resolve())
     assert env["FLWR_TELEMETRY_ENABLED"] == "0"
     assert env["FLWR_DISABLE_UPDATE_CHECK"] == "1"
     assert env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1"
     assert str(Path(sys.executable).parent) in env["PATH"].split(os.pathsep)
-    launcher.write_connection(tmp_path / ".flwr", "spes-sim", "127.0.0.1:1234")
-    launcher.write_connection(tmp_path / ".flwr", "spes-local", "127.0.0.1:5678")
+    flwr_config.write_connection(tmp_path / ".flwr", "spes-sim", "127.0.0.1:1234")
+    flwr_config.write_connection(tmp_path / ".flwr", "spes-local", "127.0.0.1:5678")
     import tomllib
 
     data = tomllib.loads((tmp_path / ".flwr" / "config.toml").read_text())
     assert data["superlink"]["spes-sim"] == {"address": "127.0.0.1:1234", "insecure": True}
     assert data["superlink"]["spes-local"]["address"] == "127.0.0.1:5678"
     assert "local" not in data["superlink"]  # would auto-start a detached SuperLink
-    port = launcher.find_free_port()
+    port = flwr_config.find_free_port()
     assert 1024 < port < 65536
 
 
@@ -193,7 +194,7 @@ def test_run_app_failing_serverapp(tmp_path: Path, no_leftovers) -> None:
     rc = run_app(TOY_APP, tmp_path / "run", num_nodes=2,
                  run_config={"fail": True, "out-file": str(tmp_path / "x.json")},
                  timeout_s=120)
-    assert rc == launcher.EXIT_RUN_FAILED
+    assert rc == flwr_config.EXIT_RUN_FAILED
     assert not (tmp_path / "x.json").exists()
 
 
@@ -202,7 +203,7 @@ def test_run_app_timeout_stops_everything(tmp_path: Path, no_leftovers) -> None:
     t0 = time.monotonic()
     rc = run_app(TOY_APP, tmp_path / "run", num_nodes=2,
                  run_config={"num-rounds": 1_000_000, "out-file": str(out)}, timeout_s=10)
-    assert rc == launcher.EXIT_TIMEOUT
+    assert rc == flwr_config.EXIT_TIMEOUT
     assert time.monotonic() - t0 < 60
     assert not out.exists()
 
