@@ -20,16 +20,19 @@ import time
 
 import torch
 
+from common import keys
+
 
 def run(overrides: list[str]) -> dict:
     from training.trainer import evaluate, make_optimizer, resolve_device, train_steps
     from data import BatchStream, load_tokenizer, node_shard, prepare_blocks
     from model import build_model, count_parameters
-    from server_app.app import summarize
+    from server_app.summary import summarize
     from server_app.config import load
     from server_app.config import run_dir as run_dir_of
-    from server_app.run_log import RunLog, write_json_atomic
-    from strategy.spes import node_metrics
+    from common.atomic import write_json_atomic
+    from server_app.run_log import RunLog
+    from strategy.round_record import RoundRecord
 
     t_start = time.time()
     spec = load(overrides)
@@ -69,28 +72,36 @@ def run(overrides: list[str]) -> dict:
         loss, _ = evaluate(model, heldout, spec.eval.batch_size, spec.eval.max_batches, device)
         node = {
             "partition_id": 0, "status": "ok", "bytes_up": 0, "bytes_down": 0,
-            **node_metrics({**m, "trainable-params": trainable}, spec.model.num_experts),
+            **_node_metrics({**m, "trainable-params": trainable}, spec.model.num_experts),
         }
-        record = {
-            "round": r, "global_step": r * h, "merge_alpha": 0.0, "tokens": m["num-tokens"],
-            "train_loss": m["train-loss"], "bytes_up": 0, "bytes_down": 0, "nodes": {"0": node},
-            "val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "wall_s": time.time() - t_start,
-        }
+        record = RoundRecord(round=r, global_step=r * h, applied=True, valid_updates=1, tokens=m["num-tokens"],
+                             train_loss=m["train-loss"], nodes={"0": node}, val_loss=loss,
+                             val_ppl=math.exp(min(loss, 50.0)), wall_s=time.time() - t_start)
         runlog.log_round(record)
         print(
             f"[centralized] step {r * h}/{spec.total_steps}: held-out loss {loss:.4f}, train loss "
-            f"{m['train-loss']:.4f}, {m['tokens-per-s']:.0f} tok/s, {record['wall_s']:.0f}s",
+            f"{m['train-loss']:.4f}, {m['tokens-per-s']:.0f} tok/s, {record.wall_s:.0f}s",
             flush=True,
         )
 
     summary = summarize(spec, runlog.rounds, first, counts, {"0": counts["total"]}, time.time() - t_start)
     summary.update(strategy="centralized", nodes=1, federated_nodes=n, batch_size=cfg.batch_size)
     write_json_atomic(run_dir / "summary.json", summary)
-    runlog.plot_loss(first, [r["tokens"] for r in runlog.rounds])
+    runlog.plot_loss(first, [r.tokens for r in runlog.rounds])
     runlog.close()
     print(f"[centralized] done in {summary['wall_s']:.0f}s: held-out loss {first:.4f} -> "
           f"{summary['final_val_loss']:.4f}", flush=True)
     return summary
+
+
+def _node_metrics(metrics, num_experts: int) -> dict:
+    """The training loop's metrics as the run log records a node's (the baseline is the one \"node\")."""
+    out = {k.replace("-", "_"): float(metrics[k]) for k in keys.NODE_METRICS if k in metrics}
+    if keys.EXPERT_LOAD in metrics:
+        load = [float(x) for x in metrics[keys.EXPERT_LOAD]]
+        out["expert_load"] = [load[i : i + num_experts] for i in range(0, len(load), num_experts)]
+    return out
+
 
 
 def main(argv: list[str]) -> int:

@@ -30,6 +30,9 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from server_app.report import read_rounds
+from strategy.round_record import RoundRecord
+
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ("spes", "diloco", "fedavg")
 # SPES with delta sync and compressed differences both ways (issue 11): name -> overrides.
@@ -130,10 +133,9 @@ def compute_ratios(results: dict) -> dict[str, float]:
     return out
 
 
-def read_run(run_dir: Path) -> tuple[dict, list[dict]]:
+def read_run(run_dir: Path) -> tuple[dict, list[RoundRecord]]:
     summary = json.loads((run_dir / "summary.json").read_text())
-    metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    return summary, metrics
+    return summary, read_rounds(run_dir)
 
 
 def owned_per_node(overrides: list[str]) -> int:
@@ -146,7 +148,7 @@ def owned_per_node(overrides: list[str]) -> int:
     return max(len(o) for o in own.owners)
 
 
-def bytes_entry(summary: dict, metrics: list[dict], owned: int, analytic: bool = True) -> dict:
+def bytes_entry(summary: dict, metrics: list[RoundRecord], owned: int, analytic: bool = True) -> dict:
     """Measured per-node bytes (all rounds, steady state) beside the analytic fp32 values
     (`analytic=False` for compressed runs: no fp32 formula applies). Bytes are the encoded
     tensor payload; `wire_*` add each array's serialisation header, as sent.
@@ -160,15 +162,15 @@ def bytes_entry(summary: dict, metrics: list[dict], owned: int, analytic: bool =
     up = BYTES_FP32 * (shared + owned * per)
     down_steady = BYTES_FP32 * (total if replicated else total - owned * per)
     down_full = BYTES_FP32 * total
-    steady = [r for prev, r in zip(metrics, metrics[1:]) if prev["merge_alpha"] == 0]
-    full_round = [True] + [prev["merge_alpha"] > 0 for prev in metrics[:-1]]
+    steady = [r for prev, r in zip(metrics, metrics[1:]) if prev.merge_alpha == 0]
+    full_round = [True] + [prev.merge_alpha > 0 for prev in metrics[:-1]]
 
-    def per_node(rounds: list[dict], key: str) -> float | None:
-        vals = [n[key] for r in rounds for n in r["nodes"].values()]
+    def per_node(rounds: list[RoundRecord], key: str) -> float | None:
+        vals = [n[key] for r in rounds for n in r.nodes.values()]
         return sum(vals) / len(vals) if vals else None
 
     up_s, down_s = per_node(steady, "bytes_up"), per_node(steady, "bytes_down")
-    has_wire = all("wire_bytes_up" in n for r in metrics for n in r["nodes"].values())
+    has_wire = all("wire_bytes_up" in n for r in metrics for n in r.nodes.values())
     wire_s = (per_node(steady, "wire_bytes_up") or 0.0) + (per_node(steady, "wire_bytes_down") or 0.0)
     wire = {"wire_bytes_steady_per_round_node": wire_s if steady else None,
             "wire_bytes_per_round_node": per_node(metrics, "wire_bytes_up") + per_node(metrics, "wire_bytes_down")
@@ -179,7 +181,7 @@ def bytes_entry(summary: dict, metrics: list[dict], owned: int, analytic: bool =
         "bytes_up_steady_per_round_node": up_s,
         "bytes_down_steady_per_round_node": down_s,
         "bytes_steady_per_round_node": None if up_s is None else up_s + down_s,
-        "steady_rounds": [r["round"] for r in steady],
+        "steady_rounds": [r.round for r in steady],
         **wire,
         "analytic": {
             "owned_experts": owned,
@@ -201,7 +203,7 @@ def method_entry(run_dir: Path, owned: int | None, base: Path, analytic: bool = 
     summary, metrics = read_run(run_dir)
     tokens = [0.0]
     for r in metrics:
-        tokens.append(tokens[-1] + r["tokens"])
+        tokens.append(tokens[-1] + r.tokens)
     entry = {
         "run_dir": relative_path(run_dir, base),
         "first_val_loss": summary["first_val_loss"],
@@ -220,7 +222,7 @@ def method_entry(run_dir: Path, owned: int | None, base: Path, analytic: bool = 
     if owned is not None:
         entry.update(bytes_entry(summary, metrics, owned, analytic))
         entry["bytes_per_round_node"] = [
-            sum(n["bytes_up"] + n["bytes_down"] for n in r["nodes"].values()) / len(r["nodes"]) for r in metrics
+            sum(n["bytes_up"] + n["bytes_down"] for n in r.nodes.values()) / len(r.nodes) for r in metrics
         ]
     return entry
 

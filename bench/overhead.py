@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from strategy.round_record import RoundRecord
+
 
 def cpu_slots() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -35,7 +37,7 @@ def _worker(spec_json: str, tok_json: str, nodes: list[int], owners: list[list[i
     import torch
 
     torch.set_num_threads(1)  # a simulated node is a 1-CPU Ray actor (OMP_NUM_THREADS=1)
-    from client_app.local_round import NodeContext, run_local_round
+    from client_app.local_round import NodeContext, RoundOrder, run_local_round
     from data import tokenizer_from_json
     from model import build_model, expert_param_names
     from server_app.config import RunSpec
@@ -54,7 +56,7 @@ def _worker(spec_json: str, tok_json: str, nodes: list[int], owners: list[list[i
             own = set(expert_param_names(list(init), owners[p]))
             received = init if full else {k: v for k, v in init.items() if k not in own}
             t0 = time.perf_counter()
-            _, metrics = run_local_round(ctx, received, owners[p], full, r * h, h, show_progress=False)
+            _, metrics = run_local_round(ctx, received, RoundOrder(owners[p], full, r * h, h), show_progress=False)
             round_s += time.perf_counter() - t0
             train_s += metrics["train-seconds"]
         queue.put({"round": r + 1, "train_s": train_s, "local_round_s": round_s})
@@ -140,13 +142,13 @@ def coordinator_work(overrides: list[str], repeats: int = 2) -> dict:
     return {"eval_s": min(eval_s), "checkpoint_s": min(save_s)}
 
 
-def sim_round_times(metrics: list[dict]) -> list[float]:
+def sim_round_times(metrics: list[RoundRecord]) -> list[float]:
     """Per-round wall times of a simulation from metrics.jsonl (wall_s is cumulative)."""
-    walls = [r["wall_s"] for r in metrics]
+    walls = [r.wall_s for r in metrics]
     return [b - a for a, b in zip(walls, walls[1:])]  # rounds 2..R; round 1 includes start-up
 
 
-def measure(overrides: list[str], metrics: list[dict], rounds: int = 3) -> dict:
+def measure(overrides: list[str], metrics: list[RoundRecord], rounds: int = 3) -> dict:
     sim = sim_round_times(metrics)
     if not sim:
         raise ValueError("the simulation needs at least 2 rounds to time a round without start-up")

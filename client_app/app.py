@@ -14,9 +14,10 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client_app.background_save import wait_for_saves
-from client_app.local_round import DeltaDownlink, NodeContext, run_local_eval, run_local_round
+from client_app.local_round import DeltaDownlink, NodeContext, RoundOrder, run_local_eval, run_local_round
 from client_app.node_settings import NodeSettings
-from client_app.node_state import saved_steps, write_text_atomic
+from client_app.node_state import saved_steps
+from common.atomic import write_text_atomic
 from common import keys
 from common.codec import decode, encode, to_record
 from common.spec import RunSpec, from_dict
@@ -109,9 +110,7 @@ def train(msg: Message, context: Context) -> Message:
             raise ValueError(f"received {keys.APPLY_OWN}={apply_own!r}; expected true or false")
         delta = DeltaDownlink(arrays, _int(cfg, keys.BASE_STEP, -1), apply_own)
     share, bias = _routing(cfg, ctx)
-    reply, metrics = run_local_round(
-        ctx,
-        {} if delta is not None else decode(arrays),
+    order = RoundOrder(
         owned=owned,
         full_model=bool(cfg[keys.FULL_MODEL]),
         start_step=_int(cfg, keys.GLOBAL_STEP, 0),
@@ -121,6 +120,7 @@ def train(msg: Message, context: Context) -> Message:
         global_share=share,
         router_bias=bias,
     )
+    reply, metrics = run_local_round(ctx, {} if delta is not None else decode(arrays), order)
     record = to_record(reply) if delta is not None else encode(reply)
     content = RecordDict({keys.ARRAYS: record, keys.METRICS: MetricRecord(metrics)})
     return Message(content, reply_to=msg)

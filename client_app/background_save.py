@@ -30,7 +30,8 @@ import threading
 import time
 from pathlib import Path
 
-from client_app.node_state import NodeState, write_text_atomic
+from client_app.node_state import NodeState
+from common.atomic import write_text_atomic
 
 log = logging.getLogger("spes.node")
 

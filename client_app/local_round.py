@@ -179,121 +179,57 @@ def _delta_reply(
     return arrays, residual, {n: sent[n] for n in owned_names}
 
 
-def run_local_round(
-    ctx: NodeContext,
-    received: dict[str, torch.Tensor],
-    owned: list[int],
-    full_model: bool,
-    start_step: int,
-    steps: int,
-    show_progress: bool = True,
-    total_steps: int | None = None,
-    delta: DeltaDownlink | None = None,
-    global_share: torch.Tensor | None = None,
-    router_bias: torch.Tensor | None = None,
-) -> tuple[dict[str, torch.Tensor] | dict[str, np.ndarray], dict[str, float]]:
-    """Train one round; the reply is the trained tensors, or with `delta` their encoded differences.
+@dataclass(frozen=True)
+class RoundOrder:
+    """What the coordinator asked of this node for one round."""
 
-    global_share / router_bias ([layers, experts]): the federation's expert load last round and
-    the routing bias for the top-k choice (model/routing.py), when the coordinator sends them.
-    """
+    owned: list[int]                  # experts this node trains
+    full_model: bool                  # the message holds the whole model (else: everything but the node's own experts)
+    start_step: int                   # global step the round starts at
+    steps: int                        # H, local steps to train
+    total_steps: int | None = None    # end of the LR schedule (None: the spec's)
+    delta: DeltaDownlink | None = None  # a delta-sync message, decoded inside the round
+    global_share: torch.Tensor | None = None  # [layers, experts] federation's expert load last round
+    router_bias: torch.Tensor | None = None   # [layers, experts] routing bias for the top-k choice
+
+
+@dataclass
+class _Start:
+    """Where this round's training starts: the model's tensors and the state it continues."""
+
+    tensors: dict[str, torch.Tensor]
+    saved: NodeState | None
+    base: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # delta sync: the node's copy
+
+
+def run_local_round(
+    ctx: NodeContext, received: dict[str, torch.Tensor], order: RoundOrder, show_progress: bool = True
+) -> tuple[dict[str, torch.Tensor] | dict[str, np.ndarray], dict[str, float]]:
+    """Train one round; the reply is the trained tensors, or with `order.delta` their encoded differences."""
     t_start = time.perf_counter()
     spec, train_cfg = ctx.spec, ctx.spec.train
-    if start_step < 0 or steps < 1:
-        raise ValueError(f"partition {ctx.partition_id}: bad round (global step {start_step}, {steps} local steps)")
-    if len(set(owned)) != len(owned) or any(not 0 <= e < spec.model.num_experts for e in owned):
-        raise ValueError(f"partition {ctx.partition_id}: bad owned experts {owned}")
-    _check_received(received, ctx.partition_id)
+    _check_order(ctx, order, received)
     if train_cfg.threads:
         torch.set_num_threads(train_cfg.threads)
     device = resolve_device(train_cfg.device)
     if spec.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-
     state_root = ctx.workdir / "state"
     # The last round's state may still be being written (here or by another process), and a kept
     # model's optimizer moments are what that write reads: nothing goes on before it is on disk.
     waited = background_save.wait_for_saves(state_root)
     key = resident.ResidentKey(str(ctx.workdir), ctx.partition_id, spec.to_json(), str(device))
-    kept = resident.take(key, start_step, owned) if train_cfg.resident else None
-    model, plain = (kept.model, kept.plain) if kept is not None else _round_model(ctx, owned, device)
-    names = list(plain.values())
-    owned_names = expert_param_names(names, owned)
-    lora = lora_args(train_cfg) is not None
-    sent_names = trained_param_names(names, owned, lora)
-    base: dict[str, torch.Tensor] = {}
-    if delta is not None:
-        template = {plain[n]: t for n, t in model.state_dict().items()}
-        base, saved = _delta_start(ctx, delta, template, full_model, start_step, state_root, kept)
-        tensors = dict(base)
-    else:
-        saved = _saved(state_root, start_step, kept)
-        tensors = dict(received)
-        if not full_model:
-            if saved is None or sorted(saved.owned) != sorted(owned):
-                raise NeedsFullModel(
-                    f"partition {ctx.partition_id}: no usable saved state at global step {start_step} in {state_root} "
-                    "for a sparse downlink; the coordinator will send the full model next round"
-                )
-            tensors.update({k: v for k, v in saved.owned_tensors.items() if k not in tensors})
-        elif saved is None:
-            saved = _previous_state(state_root, start_step)
-            if saved is not None:
-                log.warning(
-                    "partition %d: no state at global step %d; reusing optimizer moments and data position of step %d "
-                    "with the full model from the coordinator", ctx.partition_id, start_step, saved.global_step,
-                )
-    missing = set(names) - tensors.keys()
-    if missing:
-        raise RuntimeError(f"partition {ctx.partition_id}: {len(missing)} parameters missing, e.g. {sorted(missing)[:3]}")
-    unexpected = tensors.keys() - set(names)
-    if unexpected:
-        raise RuntimeError(
-            f"partition {ctx.partition_id}: {len(unexpected)} unexpected parameters, e.g. {sorted(unexpected)[:3]}"
-        )
-    model.load_state_dict({n: tensors[p] for n, p in plain.items()}, strict=True)
-    named = {plain[n]: p for n, p in model.named_parameters()}
-    if lora and (odd := {n for n, p in named.items() if p.requires_grad} ^ set(sent_names)):
-        # The coordinator accepts exactly sent_names: training anything else would be lost.
-        raise RuntimeError(f"partition {ctx.partition_id}: trainable parameters differ from those sent: {sorted(odd)[:3]}")
-
-    if kept is not None:
-        optimizer = kept.optimizer  # its moments are those saved at start_step
-    else:
-        optimizer = make_optimizer(model, train_cfg)
-        if saved is not None and saved.optimizer:
-            restore_optimizer(optimizer, named, saved.optimizer)
+    kept = resident.take(key, order.start_step, order.owned) if train_cfg.resident else None
+    model, plain = (kept.model, kept.plain) if kept is not None else _round_model(ctx, order.owned, device)
+    start = _start(ctx, order, received, {plain[n]: t for n, t in model.state_dict().items()}, state_root, kept)
+    named = _load(ctx, model, plain, start.tensors, order.owned)
+    optimizer = kept.optimizer if kept is not None else _optimizer(model, named, start.saved, train_cfg)
     shard, _ = _data(ctx)
     stream = BatchStream(shard, train_cfg.batch_size, seed=spec.seed * 7919 + ctx.partition_id)
-    if saved is not None:
-        stream.load_state_dict(saved.stream)
-
-    bar = tqdm(
-        total=steps,
-        desc=f"node {ctx.partition_id} steps {start_step}-{start_step + steps}",
-        disable=not (show_progress and ctx.progress),
-        mininterval=5.0,
-        file=sys.stderr,
-    )
-    total = total_steps or spec.total_steps
-    set_router_bias(model, router_bias)
-    # Seeded after the build: a kept model skips the build, and must train exactly like a rebuilt one.
-    torch.manual_seed(spec.seed * 100_003 + ctx.partition_id * 1_009 + start_step)
-    metrics = train_steps(model, optimizer, stream, train_cfg, start_step, steps, total, device, bar,
-                          global_share=global_share)
-    bar.close()
-    metrics["trainable-params"] = float(sum(p.numel() for p in model.parameters() if p.requires_grad))
-
-    state = {plain[n]: t for n, t in model.state_dict().items()}
-    reply = {n: _detached(state[n], copy=train_cfg.resident) for n in sent_names}
-    common = dict(global_step=start_step + steps, owned=list(owned), stream=stream.state_dict(),
-                  optimizer=optimizer_tensors(optimizer, {p: n for n, p in named.items()}))
-    out: dict[str, torch.Tensor] | dict[str, np.ndarray] = reply
-    if delta is not None:
-        out, residual, own_delta = _delta_reply(ctx, reply, base, saved, owned_names)
-        new_state = NodeState(**common, base=base, residual=residual, own_delta=own_delta)
-    else:
-        new_state = NodeState(**common, owned_tensors={n: reply[n] for n in owned_names})
+    if start.saved is not None:
+        stream.load_state_dict(start.saved.stream)
+    metrics = _train(ctx, model, optimizer, stream, order, device, show_progress)
+    out, new_state = _reply(ctx, model, plain, named, optimizer, stream, order, start)
     if train_cfg.save_in_background:
         background_save.save_after_reply(new_state, state_root)
     else:
@@ -305,6 +241,108 @@ def run_local_round(
     metrics["resident"] = float(kept is not None)
     metrics["save-wait-seconds"] = waited
     return out, metrics
+
+
+def _check_order(ctx: NodeContext, order: RoundOrder, received: dict[str, torch.Tensor]) -> None:
+    if order.start_step < 0 or order.steps < 1:
+        raise ValueError(f"partition {ctx.partition_id}: bad round (global step {order.start_step}, "
+                         f"{order.steps} local steps)")
+    owned = order.owned
+    if len(set(owned)) != len(owned) or any(not 0 <= e < ctx.spec.model.num_experts for e in owned):
+        raise ValueError(f"partition {ctx.partition_id}: bad owned experts {owned}")
+    _check_received(received, ctx.partition_id)
+
+
+def _start(ctx: NodeContext, order: RoundOrder, received: dict[str, torch.Tensor], template: dict[str, torch.Tensor],
+           state_root: Path, kept: resident.ResidentNode | None) -> _Start:
+    """This round's tensors: what arrived, plus from the saved state what a sparse downlink left out."""
+    if order.delta is not None:
+        base, saved = _delta_start(ctx, order.delta, template, order.full_model, order.start_step, state_root, kept)
+        return _Start(dict(base), saved, base)
+    saved = _saved(state_root, order.start_step, kept)
+    tensors = dict(received)
+    if not order.full_model:
+        if saved is None or sorted(saved.owned) != sorted(order.owned):
+            raise NeedsFullModel(
+                f"partition {ctx.partition_id}: no usable saved state at global step {order.start_step} in "
+                f"{state_root} for a sparse downlink; the coordinator will send the full model next round"
+            )
+        tensors.update({k: v for k, v in saved.owned_tensors.items() if k not in tensors})
+    elif saved is None:
+        saved = _previous_state(state_root, order.start_step)
+        if saved is not None:
+            log.warning(
+                "partition %d: no state at global step %d; reusing optimizer moments and data position of step %d "
+                "with the full model from the coordinator", ctx.partition_id, order.start_step, saved.global_step,
+            )
+    return _Start(tensors, saved)
+
+
+def _load(ctx: NodeContext, model: torch.nn.Module, plain: dict[str, str], tensors: dict[str, torch.Tensor],
+          owned: list[int]) -> dict[str, torch.nn.Parameter]:
+    """Load exactly the model's tensors; the model's parameters by plain name."""
+    names = set(plain.values())
+    missing, unexpected = names - tensors.keys(), tensors.keys() - names
+    if missing:
+        raise RuntimeError(f"partition {ctx.partition_id}: {len(missing)} parameters missing, e.g. {sorted(missing)[:3]}")
+    if unexpected:
+        raise RuntimeError(
+            f"partition {ctx.partition_id}: {len(unexpected)} unexpected parameters, e.g. {sorted(unexpected)[:3]}"
+        )
+    model.load_state_dict({n: tensors[p] for n, p in plain.items()}, strict=True)
+    named = {plain[n]: p for n, p in model.named_parameters()}
+    lora = lora_args(ctx.spec.train) is not None
+    sent = trained_param_names(list(plain.values()), owned, lora)
+    if lora and (odd := {n for n, p in named.items() if p.requires_grad} ^ set(sent)):
+        # The coordinator accepts exactly these names: training anything else would be lost.
+        raise RuntimeError(f"partition {ctx.partition_id}: trainable parameters differ from those sent: {sorted(odd)[:3]}")
+    return named
+
+
+def _optimizer(model: torch.nn.Module, named: dict[str, torch.nn.Parameter], saved: NodeState | None,
+               train_cfg) -> torch.optim.Optimizer:
+    optimizer = make_optimizer(model, train_cfg)
+    if saved is not None and saved.optimizer:
+        restore_optimizer(optimizer, named, saved.optimizer)
+    return optimizer
+
+
+def _train(ctx: NodeContext, model: torch.nn.Module, optimizer: torch.optim.Optimizer, stream: BatchStream,
+           order: RoundOrder, device: torch.device, show_progress: bool) -> dict[str, float]:
+    spec = ctx.spec
+    bar = tqdm(
+        total=order.steps,
+        desc=f"node {ctx.partition_id} steps {order.start_step}-{order.start_step + order.steps}",
+        disable=not (show_progress and ctx.progress),
+        mininterval=5.0,
+        file=sys.stderr,
+    )
+    set_router_bias(model, order.router_bias)
+    # Seeded after the build: a kept model skips the build, and must train exactly like a rebuilt one.
+    torch.manual_seed(spec.seed * 100_003 + ctx.partition_id * 1_009 + order.start_step)
+    metrics = train_steps(model, optimizer, stream, spec.train, order.start_step, order.steps,
+                          order.total_steps or spec.total_steps, device, bar, global_share=order.global_share)
+    bar.close()
+    metrics["trainable-params"] = float(sum(p.numel() for p in model.parameters() if p.requires_grad))
+    return metrics
+
+
+def _reply(ctx: NodeContext, model: torch.nn.Module, plain: dict[str, str], named: dict[str, torch.nn.Parameter],
+           optimizer: torch.optim.Optimizer, stream: BatchStream, order: RoundOrder, start: _Start
+           ) -> tuple[dict[str, torch.Tensor] | dict[str, np.ndarray], NodeState]:
+    """What the node sends (its trained tensors, or their encoded differences) and the state it keeps."""
+    train_cfg = ctx.spec.train
+    names = list(plain.values())
+    owned_names = expert_param_names(names, order.owned)
+    state = {plain[n]: t for n, t in model.state_dict().items()}
+    reply = {n: _detached(state[n], copy=train_cfg.resident)
+             for n in trained_param_names(names, order.owned, lora_args(train_cfg) is not None)}
+    common = dict(global_step=order.start_step + order.steps, owned=list(order.owned), stream=stream.state_dict(),
+                  optimizer=optimizer_tensors(optimizer, {p: n for n, p in named.items()}))
+    if order.delta is None:
+        return reply, NodeState(**common, owned_tensors={n: reply[n] for n in owned_names})
+    out, residual, own_delta = _delta_reply(ctx, reply, start.base, start.saved, owned_names)
+    return out, NodeState(**common, base=start.base, residual=residual, own_delta=own_delta)
 
 
 def _detached(t: torch.Tensor, copy: bool) -> torch.Tensor:

@@ -26,36 +26,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from common.atomic import fsync_dir, write_text_atomic
+
 log = logging.getLogger("spes.node")
 
 KEEP_STATES = 2
 _STEP_DIR = re.compile(r"^step-(\d{12})$")
 _SEP = "::"  # optimizer tensor key: <parameter name>::<state key>
 _OPTIONAL = ("base", "residual", "own_delta")  # delta-sync files, written only when non-empty
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _fsync_file(path: Path) -> None:
@@ -140,7 +118,7 @@ class NodeState:
             sizes[fname] = (tmp / fname).stat().st_size
         meta = {"global_step": self.global_step, "owned": self.owned, "stream": self.stream, "sizes": sizes}
         write_text_atomic(tmp / "meta.json", json.dumps(meta))
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         final = root / f"step-{self.global_step:012d}"
         if final.exists():  # the same step saved again (a repeated round): replace it
             old = root / f".tmp-old-{uuid.uuid4().hex[:8]}"
@@ -149,7 +127,7 @@ class NodeState:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
         for old_step in saved_steps(root)[:-keep]:
             shutil.rmtree(root / f"step-{old_step:012d}", ignore_errors=True)
         return final

@@ -1,6 +1,6 @@
 """An in-process Flower `Grid`: the coordinator's messages handed straight to the nodes' ClientApp.
 
-The same ServerApp round logic (`server_app.app.run`) and the same ClientApp message handlers
+The same ServerApp round logic (`server_app.coordinator.run`) and the same ClientApp message handlers
 (`client_app.app.app`) as a Flower simulation, without a SuperLink, Ray or any subprocess: a
 message pushed to node `n` is copied (as the Flower runtime copies it between processes, so
 neither side can see the other's objects change), handed to the ClientApp with node `n`'s own
@@ -34,7 +34,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from client_app import background_save, resident
 from client_app.app import app as node_app
 from common.spec import RunSpec
-from server_app.app import run as coordinate
+from server_app.coordinator import run as coordinate
 
 log = logging.getLogger("spes.engine")
 FIRST_NODE_ID = 1_000  # node ids of the in-process nodes: FIRST_NODE_ID + partition id

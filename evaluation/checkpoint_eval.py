@@ -196,7 +196,8 @@ def main(argv: list[str]) -> int:
     except (ValueError, OSError) as exc:
         print(f"[eval] {exc}", file=sys.stderr)
         return 2
-    from server_app.run_log import tensorboard_eval, write_json_atomic
+    from common.atomic import write_json_atomic
+    from server_app.run_log import tensorboard_eval
 
     run_dir = checkpoint.parent
     out = run_dir / "eval.json"
@@ -209,6 +210,6 @@ def main(argv: list[str]) -> int:
         from server_app.report import read_rounds, report_from_run_dir
 
         rounds = read_rounds(run_dir)
-        tensorboard_eval(run_dir, report["results"], step=int(rounds[-1]["round"]) if rounds else 0)
+        tensorboard_eval(run_dir, report["results"], step=rounds[-1].round if rounds else 0)
         print(f"[eval] updated {report_from_run_dir(run_dir)}")
     return 0

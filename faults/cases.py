@@ -95,7 +95,7 @@ def strategy_round(tamper: Callable | None = None, *, max_tokens: float = 1000.0
 
 
 def _status(strategy) -> str:
-    return strategy.history[-1]["nodes"]["1"]["status"]
+    return strategy.history[-1].nodes["1"]["status"]
 
 
 def _honest_shared_kept(strategy, before) -> bool:
@@ -141,7 +141,7 @@ def _tensor_case(fault: str, before_text: str, tamper_tensors: Callable, **cfg) 
 
 
 def _record_with_raw_array(update, name, data: bytes, shape=None):
-    from flwr.app import Array, ArrayRecord
+    from flwr.app import Array
 
     from common.codec import encode
 
@@ -185,9 +185,9 @@ def case_overflow_refused() -> Outcome:
                                shared_weighting="uniform")[:2]
     rec = s.history[-1]
     unchanged = all(torch.equal(s.params[n], before[n]) for n in before)
-    ok = not rec["applied"] and unchanged and "NaN or Inf" in rec["refused"]
+    ok = not rec.applied and unchanged and "NaN or Inf" in rec.refused
     return Outcome("finite updates of -3e38 with the size bound off (outer Nesterov step overflows)",
-                   "Inf checkpointed and sent to every node", f"round refused ({rec['refused']}); model unchanged", ok)
+                   "Inf checkpointed and sent to every node", f"round refused ({rec.refused}); model unchanged", ok)
 
 
 def case_eval_reply() -> Outcome:
@@ -299,7 +299,7 @@ def _tiny_node_context(tmp: Path):
 
 
 def case_node_refuses_bad_round() -> Outcome:
-    from client_app.local_round import run_local_round
+    from client_app.local_round import RoundOrder, run_local_round
     from model import build_model
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -310,11 +310,10 @@ def case_node_refuses_bad_round() -> Outcome:
         poisoned = dict(weights)
         name = sorted(poisoned)[0]
         poisoned[name] = torch.full_like(poisoned[name], math.nan)
-        for label, kwargs in (("NaN weights", dict(received=poisoned, start_step=0, steps=1)),
-                              ("local-steps -3", dict(received=weights, start_step=0, steps=-3)),
-                              ("global-step -5", dict(received=weights, start_step=-5, steps=1))):
+        for label, received, start, steps in (("NaN weights", poisoned, 0, 1), ("local-steps -3", weights, 0, -3),
+                                              ("global-step -5", weights, -5, 1)):
             try:
-                run_local_round(ctx, owned=[0, 1], full_model=True, show_progress=False, **kwargs)
+                run_local_round(ctx, received, RoundOrder([0, 1], True, start, steps), show_progress=False)
             except ValueError:
                 refused.append(label)
         ok = len(refused) == 3 and not (ctx.workdir / "state").exists()

@@ -7,7 +7,6 @@ process is started here or by the project's launcher and stopped by PID; every w
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import signal
@@ -18,7 +17,8 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+
+from server_app.report import read_rounds
 
 ROOT = Path(__file__).resolve().parent.parent
 MICRO = [
@@ -86,7 +86,7 @@ def resume_matches_uninterrupted(workdir: Path, rounds: int = 3, kill_after: int
         return False, f"resumed run failed (exit {resumed.returncode}): {out[-800:]}"
     a, b = _final_params(workdir / "straight" / "faultrun"), _final_params(interrupted_dir)
     same = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    rows = [json.loads(x)["round"] for x in (interrupted_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [r.round for r in read_rounds(interrupted_dir)]
     detail = (f"SIGKILLed with {killed_at} of {rounds} round(s) checkpointed, resumed; rounds logged {rows}; final "
               f"weights {'bit-identical to' if same else 'DIFFER from'} the uninterrupted run's")
     return same and rows == list(range(1, rounds + 1)), detail
@@ -118,14 +118,14 @@ def supernode_killed_mid_round(workdir: Path, timeout_s: float = 900) -> tuple[b
         thread.join(timeout=5)
     if rc != 0 or not (run_dir / "summary.json").exists():
         return False, f"run did not complete (exit {rc})"
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = read_rounds(run_dir)
     last = rows[-1]
-    status = last["nodes"].get("1", {}).get("status", "absent")
-    ok = (killed.is_set() and len(rows) == 2 and rows[0]["nodes"]["1"]["status"] == "ok" and status != "ok"
-          and last["owners"] == {"0": list(range(6))} and last["valid_updates"] == 1
-          and last.get("federated_eval_loss") is not None)
+    status = last.nodes.get("1", {}).get("status", "absent")
+    ok = (killed.is_set() and len(rows) == 2 and rows[0].nodes["1"]["status"] == "ok" and status != "ok"
+          and last.owners == {"0": list(range(6))} and last.valid_updates == 1
+          and last.federated_eval_loss is not None)
     return ok, (f"run completed 2 rounds in {run_s:.0f}s (exit {rc}); partition 1 in round 2: {status[:70]}; its "
-                f"experts reassigned: owners after round 2 {last['owners']}")
+                f"experts reassigned: owners after round 2 {last.owners}")
 
 
 def _actor_pids(marker: str) -> list[int]:
@@ -163,7 +163,7 @@ def simulation_worker_killed(workdir: Path, timeout_s: float = 420) -> tuple[boo
     out, _ = proc.communicate(timeout=60)
     if proc.returncode != 0 or not killed:
         return False, f"exit {proc.returncode}, worker killed: {bool(killed)}; {out[-600:]}"
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    status = [[n["status"][:40] for n in r["nodes"].values()] for r in rows]
+    rows = read_rounds(run_dir)
+    status = [[n["status"][:40] for n in r.nodes.values()] for r in rows]
     ok = len(rows) == 4 and all(n == "ok" for r in status[2:] for n in r)
     return ok, f"one Ray worker SIGKILLed after round 1; node status per round {status}"

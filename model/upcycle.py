@@ -9,6 +9,8 @@ breaks the symmetry between the copies (docs/method.md section 4).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -106,30 +108,45 @@ def upcycle_dense(
     # A tied head is one tensor under the embedding's name; the MoE's head is untied.
     src["lm_head.weight"] = dense.get_output_embeddings().weight
     device = src["model.embed_tokens.weight"].device
-    meta = device.type == "meta"
-
-    # Every parameter is overwritten below (and checked to be), so skip the random init.
+    # Every parameter is overwritten (and checked to be), so skip the random init.
     with torch.device(device), no_init_weights():
         moe = Qwen3MoeForCausalLM(config)
     moe = partition_experts(moe, owned)
+    _copy_dense(moe, src, _Init(noise_std, noise_fraction, router_init, moe_args.init_std,
+                                torch.Generator().manual_seed(seed), meta=device.type == "meta"))
+    return moe
 
-    gen = torch.Generator().manual_seed(seed)
+
+@dataclass
+class _Init:
+    """How upcycled parameters that are not plain copies start."""
+
+    noise_std: float
+    noise_fraction: float
+    router_init: str
+    init_std: float
+    gen: torch.Generator
+    meta: bool  # shapes only: nothing is copied or drawn
+
+
+def _copy_dense(moe: Qwen3MoeForCausalLM, src: dict[str, torch.Tensor], init: _Init) -> None:
+    """Write every MoE parameter from the dense tensors `src`: experts get the dense MLP (plus
+    noise), routers their init, q/k norms missing from a Llama-style model start at ones."""
     missing_qk_norm = False
     written = set()
     for name, param in moe.named_parameters():
         expert = parse_expert_param(name)
+        source = None
         if expert is not None:
             source = src[f"model.layers.{expert.layer}.mlp.{expert.proj}.weight"]
         elif name.endswith(_ROUTER_SUFFIX):
-            layer_prefix = name[: -len(_ROUTER_SUFFIX)]
-            source = None
-            if not meta:
-                _init_router(param, router_init, moe_args.init_std, src[f"{layer_prefix}.mlp.down_proj.weight"], gen)
+            if not init.meta:
+                dense_down = src[f"{name[: -len(_ROUTER_SUFFIX)]}.mlp.down_proj.weight"]
+                _init_router(param, init.router_init, init.init_std, dense_down, init.gen)
         elif name not in src and name.endswith(_QK_NORM):
             # Llama-style: no q/k-norm in the dense model. Ones is the closest start, but the
             # MoE still normalises q and k, so its logits differ from the dense model's.
             missing_qk_norm = True
-            source = None
             param.fill_(1.0)
         elif name in src:
             source = src[name]
@@ -139,8 +156,8 @@ def upcycle_dense(
             if tuple(source.shape) != tuple(param.shape):
                 raise ValueError(f"upcycle: {name} has shape {tuple(param.shape)}, dense has {tuple(source.shape)}")
             param.copy_(source.to(param.dtype))
-            if expert is not None and noise_std > 0 and noise_fraction > 0 and not meta:
-                _add_noise(param, noise_std, noise_fraction, gen)
+            if expert is not None and init.noise_std > 0 and init.noise_fraction > 0 and not init.meta:
+                _add_noise(param, init.noise_std, init.noise_fraction, init.gen)
         written.add(name)
     unwritten = sorted({n for n, _ in moe.named_parameters()} - written)
     if unwritten:
@@ -149,9 +166,8 @@ def upcycle_dense(
         warnings.warn(
             "upcycle: the dense model has no q/k-norm (Llama-style); they start at ones, so the MoE "
             "does not reproduce the dense model's logits exactly",
-            stacklevel=2,
+            stacklevel=3,
         )
-    return moe
 
 
 def _init_router(weight: torch.Tensor, mode: str, init_std: float, dense_down: torch.Tensor, gen: torch.Generator) -> None:

@@ -161,7 +161,7 @@ def run_round(args: argparse.Namespace) -> dict:
     import yaml
 
     from client_app import background_save, resident
-    from client_app.local_round import NodeContext, run_local_round
+    from client_app.local_round import NodeContext, RoundOrder, run_local_round
     from common.spec import from_dict
     from model import build_model, expert_param_names
 
@@ -192,7 +192,8 @@ def run_round(args: argparse.Namespace) -> dict:
                               blocks=(blocks, blocks[:8]))
             for r in range(args.rounds):
                 received = init if r == 0 else {k: v for k, v in init.items() if k not in own}
-                _, m = run_local_round(ctx, received, owned, r == 0, r * args.steps, args.steps, show_progress=False)
+                _, m = run_local_round(ctx, received, RoundOrder(owned, r == 0, r * args.steps, args.steps),
+                                       show_progress=False)
                 t0 = time.perf_counter()
                 background_save.wait_for_saves(ctx.workdir / "state")  # the exchange a run overlaps it with
                 rounds.append({"round_s": m["round-seconds"], "train_s": m["train-seconds"],

@@ -8,7 +8,6 @@ logging packages, a writable output dir — is checked here, before Flower start
 from __future__ import annotations
 
 import importlib.util
-import os
 import shlex
 from pathlib import Path
 from typing import Any

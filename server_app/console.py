@@ -12,6 +12,8 @@ from typing import IO
 
 from tqdm import tqdm
 
+from strategy.round_record import RoundRecord
+
 PREFIX = "[spes]"
 
 
@@ -63,37 +65,37 @@ class RunConsole:
             self._bar = tqdm(total=self.total, initial=done_rounds, desc=f"{PREFIX} rounds", unit="round",
                              file=self.out, ncols=80, leave=False, mininterval=0, dynamic_ncols=False)
 
-    def line(self, record: dict) -> str:
+    def line(self, record: RoundRecord) -> str:
         """The round's line (also updates s/round statistics)."""
-        wall = record.get("wall_s")
+        wall = record.wall_s
         took = None
         if isinstance(wall, (int, float)) and self._last_wall is not None:
             took = float(wall) - self._last_wall
             self.durations.append(took)
         if isinstance(wall, (int, float)):
             self._last_wall = float(wall)
-        rnd = int(record["round"])
+        rnd = record.round
         parts = [
             f"{PREFIX} round {rnd}/{self.total}",
-            f"held-out loss {record['val_loss']:.4f}",
-            f"{format_tokens(float(record.get('tokens', 0)))} tokens",
-            f"up {record.get('bytes_up', 0) / 1e6:.1f} MB, down {record.get('bytes_down', 0) / 1e6:.1f} MB",
+            f"held-out loss {record.val_loss:.4f}",
+            f"{format_tokens(float(record.tokens))} tokens",
+            f"up {record.bytes_up / 1e6:.1f} MB, down {record.bytes_down / 1e6:.1f} MB",
         ]
         if took is not None:
             mean = sum(self.durations) / len(self.durations)
             parts.append(f"{took:.1f} s/round")
             parts.append(f"ETA {format_duration(mean * max(self.total - rnd, 0))}")
-        if record.get("applied") is False:
-            parts.append(f"NOT APPLIED ({record.get('refused', '')})")
-        failed = [pid for pid, n in record.get("nodes", {}).items() if n.get("status") != "ok"]
+        if not record.applied:
+            parts.append(f"NOT APPLIED ({record.refused})")
+        failed = list(record.failed_nodes())
         if failed:
             parts.append(f"nodes not ok: {', '.join(failed)}")
         return " | ".join(parts)
 
-    def round(self, record: dict) -> None:
+    def round(self, record: RoundRecord) -> None:
         self._write(self.line(record))
         if self._bar is not None:
-            self._bar.n = int(record["round"])
+            self._bar.n = record.round
             self._bar.refresh()
 
     def close(self, message: str | None = None) -> None:

@@ -20,7 +20,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from server_app.run_log import write_json_atomic
+from common.atomic import write_json_atomic
+from strategy.round_record import RoundRecord
 
 PLOTS = ("loss.png", "traffic.png", "expert_load.png", "expert_imbalance.png")
 FP32_BYTES = 4
@@ -32,17 +33,17 @@ def diloco_bytes_per_node_round(total_params: int) -> float:
     return 2 * FP32_BYTES * float(total_params)
 
 
-def _pids(rounds: list[dict]) -> list[str]:
-    pids = {pid for r in rounds for pid in r.get("nodes", {})}
+def _pids(rounds: list[RoundRecord]) -> list[str]:
+    pids = {pid for r in rounds for pid in r.nodes}
     return sorted(pids, key=lambda p: (len(p), p))
 
 
-def node_bytes(rounds: list[dict]) -> dict[str, dict[str, list[float]]]:
+def node_bytes(rounds: list[RoundRecord]) -> dict[str, dict[str, list[float]]]:
     """Per node: bytes up/down per round (0 when the node is absent from a round)."""
     out: dict[str, dict[str, list[float]]] = {}
     for pid in _pids(rounds):
-        up = [float(r.get("nodes", {}).get(pid, {}).get("bytes_up", 0.0)) for r in rounds]
-        down = [float(r.get("nodes", {}).get(pid, {}).get("bytes_down", 0.0)) for r in rounds]
+        up = [float(r.nodes.get(pid, {}).get("bytes_up", 0.0)) for r in rounds]
+        down = [float(r.nodes.get(pid, {}).get("bytes_down", 0.0)) for r in rounds]
         out[pid] = {"up": up, "down": down}
     return out
 
@@ -55,7 +56,7 @@ def _cumsum(values: list[float]) -> list[float]:
     return out
 
 
-def expert_load_by_round(rounds: list[dict]) -> list[list[list[float]]] | None:
+def expert_load_by_round(rounds: list[RoundRecord]) -> list[list[list[float]]] | None:
     """Share of routed tokens per expert, `[layer][expert][round index]`, over all nodes.
 
     A node's row is normalised per layer first (nodes report fractions; counts work too),
@@ -64,7 +65,7 @@ def expert_load_by_round(rounds: list[dict]) -> list[list[list[float]]] | None:
     """
     shape = None
     for r in rounds:
-        for node in r.get("nodes", {}).values():
+        for node in r.nodes.values():
             load = node.get("expert_load")
             if load:
                 shape = (len(load), len(load[0]))
@@ -78,7 +79,7 @@ def expert_load_by_round(rounds: list[dict]) -> list[list[list[float]]] | None:
     for j, r in enumerate(rounds):
         acc = [[0.0] * experts for _ in range(layers)]
         weight = 0.0
-        for node in r.get("nodes", {}).values():
+        for node in r.nodes.values():
             load = node.get("expert_load")
             if not load or (len(load), len(load[0])) != shape:
                 continue
@@ -105,9 +106,9 @@ def _pyplot():
     return plt
 
 
-def plot_traffic(run_dir: Path, rounds: list[dict], total_params: int | None) -> Path:
+def plot_traffic(run_dir: Path, rounds: list[RoundRecord], total_params: int | None) -> Path:
     plt = _pyplot()
-    x = [int(r["round"]) for r in rounds]
+    x = [r.round for r in rounds]
     per_node = node_bytes(rounds)
     fig, (ax_round, ax_cum) = plt.subplots(1, 2, figsize=(11, 4))
     for i, (pid, b) in enumerate(per_node.items()):
@@ -141,19 +142,19 @@ def plot_traffic(run_dir: Path, rounds: list[dict], total_params: int | None) ->
     return path
 
 
-def plot_imbalance(run_dir: Path, rounds: list[dict]) -> Path:
+def plot_imbalance(run_dir: Path, rounds: list[RoundRecord]) -> Path:
     """max/mean tokens per expert of the federation's load, by round: mean over layers and worst layer."""
     plt = _pyplot()
     path = run_dir / "expert_imbalance.png"
-    have = [r for r in rounds if r.get("expert_imbalance") is not None]
+    have = [r for r in rounds if r.expert_imbalance is not None]
     fig, ax = plt.subplots(figsize=(5.5, 3.2), layout="constrained")
     if not have:
         ax.axis("off")
         ax.text(0.5, 0.5, "no expert load reported by the nodes", ha="center", va="center")
     else:
-        x = [int(r["round"]) for r in have]
-        ax.plot(x, [r["expert_imbalance"] for r in have], marker=".", label="mean over layers")
-        ax.plot(x, [r["expert_imbalance_max"] for r in have], marker=".", linestyle="--", label="worst layer")
+        x = [r.round for r in have]
+        ax.plot(x, [r.expert_imbalance for r in have], marker=".", label="mean over layers")
+        ax.plot(x, [r.expert_imbalance_max for r in have], marker=".", linestyle="--", label="worst layer")
         ax.axhline(1.0, color="grey", linewidth=0.8)
         ax.set_xlabel("round")
         ax.set_ylabel("max / mean tokens per expert")
@@ -164,7 +165,7 @@ def plot_imbalance(run_dir: Path, rounds: list[dict]) -> Path:
     return path
 
 
-def plot_expert_load(run_dir: Path, rounds: list[dict]) -> Path:
+def plot_expert_load(run_dir: Path, rounds: list[RoundRecord]) -> Path:
     plt = _pyplot()
     grid = expert_load_by_round(rounds)
     path = run_dir / "expert_load.png"
@@ -184,7 +185,7 @@ def plot_expert_load(run_dir: Path, rounds: list[dict]) -> Path:
                              layout="constrained")
     # Relative to a uniform router (1 = balanced) so presets with different E read alike.
     vmax = max(2.0, max((v * experts for layer in grid for row in layer for v in row if math.isfinite(v)), default=2.0))
-    rounds_x = [int(r["round"]) for r in rounds]
+    rounds_x = [r.round for r in rounds]
     image = None
     for layer in range(rows * cols):
         ax = axes[layer // cols][layer % cols]
@@ -222,13 +223,13 @@ def _fmt(x: Any, spec: str = ".4f") -> str:
     return "-" if x is None else str(x)
 
 
-def summary_rows(rounds: list[dict], summary: dict) -> list[tuple[str, str]]:
+def summary_rows(rounds: list[RoundRecord], summary: dict) -> list[tuple[str, str]]:
     """(label, value) pairs of the summary table."""
     n = max(len(rounds), 1)
     total = summary.get("total_params")
     per_node_round = [
         float(node.get("bytes_up", 0)) + float(node.get("bytes_down", 0))
-        for r in rounds for node in r.get("nodes", {}).values()
+        for r in rounds for node in r.nodes.values()
     ]
     spes_node_round = sum(per_node_round) / len(per_node_round) if per_node_round else None
     rows = [
@@ -265,23 +266,23 @@ def summary_rows(rounds: list[dict], summary: dict) -> list[tuple[str, str]]:
          f"{_fmt(total, ',')} / {_fmt(summary.get('trainable_params_node'), ',')}"),
         ("failed node-rounds", _fmt(summary.get("failed_node_rounds"), "d")),
     ]
-    imb = [r["expert_imbalance"] for r in rounds if r.get("expert_imbalance") is not None]
+    imb = [r.expert_imbalance for r in rounds if r.expert_imbalance is not None]
     if imb:
         rows.append(("expert imbalance, max/mean per layer (1 = even): first -> last round",
                      f"{_fmt(imb[0], '.3f')} -> {_fmt(imb[-1], '.3f')}"))
     return rows
 
 
-def _round_table(rounds: list[dict]) -> list[str]:
+def _round_table(rounds: list[RoundRecord]) -> list[str]:
     lines = ["| round | held-out loss | train loss | tokens | MB up | MB down | wall s | nodes ok |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rounds:
-        nodes = r.get("nodes", {})
+        nodes = r.nodes
         ok = sum(1 for n in nodes.values() if n.get("status") == "ok")
         lines.append(
-            f"| {r['round']} | {_fmt(r.get('val_loss'))} | {_fmt(r.get('train_loss'))} | "
-            f"{_fmt(r.get('tokens'), ',.0f')} | {_fmt(r.get('bytes_up', 0) / MB, '.2f')} | "
-            f"{_fmt(r.get('bytes_down', 0) / MB, '.2f')} | {_fmt(r.get('wall_s'), '.0f')} | {ok}/{len(nodes)} |"
+            f"| {r.round} | {_fmt(r.val_loss)} | {_fmt(r.train_loss)} | "
+            f"{_fmt(r.tokens, ',.0f')} | {_fmt(r.bytes_up / MB, '.2f')} | "
+            f"{_fmt(r.bytes_down / MB, '.2f')} | {_fmt(r.wall_s, '.0f')} | {ok}/{len(nodes)} |"
         )
     return lines
 
@@ -295,7 +296,7 @@ def eval_rows(eval_results: dict) -> list[str]:
     return lines
 
 
-def render_markdown(run_dir: Path, rounds: list[dict], summary: dict, config: dict,
+def render_markdown(run_dir: Path, rounds: list[RoundRecord], summary: dict, config: dict,
                     eval_results: dict | None = None) -> str:
     name = summary.get("run_name", run_dir.name)
     md = [f"# Run report: {name}", "",
@@ -328,7 +329,7 @@ def render_markdown(run_dir: Path, rounds: list[dict], summary: dict, config: di
     return "\n".join(md)
 
 
-def write_report(run_dir: Path, rounds: list[dict], summary: dict, config: dict) -> Path:
+def write_report(run_dir: Path, rounds: list[RoundRecord], summary: dict, config: dict) -> Path:
     """Write traffic.png, expert_load.png, config.json and report.md into `run_dir`; return report.md.
 
     loss.png is written by `RunLog.plot_loss`; call this after it so the report finds it.
@@ -351,11 +352,11 @@ def write_report(run_dir: Path, rounds: list[dict], summary: dict, config: dict)
     return path
 
 
-def read_rounds(run_dir: Path) -> list[dict]:
+def read_rounds(run_dir: Path) -> list[RoundRecord]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: is {run_dir} a run directory?")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [RoundRecord.from_dict(json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
 
 
 def report_from_run_dir(run_dir: Path) -> Path:

@@ -14,23 +14,19 @@ import os
 from pathlib import Path
 from typing import Any
 
+from server_app.report import expert_load_by_round
+from strategy.round_record import RoundRecord
+
 # Per-node scalars sent to TensorBoard / W&B as node<i>/<name>.
 NODE_SCALARS = ("train_loss", "tokens_per_s", "peak_mem_mb", "bytes_up", "bytes_down", "num_tokens", "train_seconds",
                 "round_seconds")
 ROUND_SCALARS = ("val_loss", "train_loss", "tokens", "bytes_up", "bytes_down", "merge_alpha", "wall_s", "global_step")
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    os.replace(tmp, path)
-
-
-def flat_scalars(record: dict[str, Any]) -> dict[str, float]:
+def flat_scalars(record: RoundRecord) -> dict[str, float]:
     """Tagged scalars of one round: global ones by name, per-node ones as node<i>/<name>."""
-    out = {k: float(record[k]) for k in ROUND_SCALARS if isinstance(record.get(k), (int, float))}
-    for pid, node in record.get("nodes", {}).items():
+    out = {k: float(v) for k in ROUND_SCALARS if isinstance(v := getattr(record, k), (int, float))}
+    for pid, node in record.nodes.items():
         for k in NODE_SCALARS:
             if isinstance(node.get(k), (int, float)):
                 out[f"node{pid}/{k}"] = float(node[k])
@@ -48,28 +44,25 @@ def eval_scalars(results: dict[str, dict[str, Any]]) -> dict[str, float]:
     }
 
 
-def run_scalars(rounds: list[dict[str, Any]]) -> dict[str, float]:
+def run_scalars(rounds: list[RoundRecord]) -> dict[str, float]:
     """The last round's scalars as the run report plots them (needs the rounds so far).
 
     Cumulative bytes (all nodes and per node, as in traffic.png), seconds the round took, and the
     expert load over all nodes (as in expert_load.png: token share x number of experts).
     """
-    from server_app.report import expert_load_by_round
-
     if not rounds:
         return {}
     last = rounds[-1]
     out = {
-        "total/bytes_up": float(sum(r.get("bytes_up", 0) for r in rounds)),
-        "total/bytes_down": float(sum(r.get("bytes_down", 0) for r in rounds)),
+        "total/bytes_up": float(sum(r.bytes_up for r in rounds)),
+        "total/bytes_down": float(sum(r.bytes_down for r in rounds)),
     }
-    for pid in last.get("nodes", {}):
+    for pid in last.nodes:
         out[f"node{pid}/bytes_total"] = float(sum(
-            r.get("nodes", {}).get(pid, {}).get("bytes_up", 0) + r.get("nodes", {}).get(pid, {}).get("bytes_down", 0)
-            for r in rounds
+            r.nodes.get(pid, {}).get("bytes_up", 0) + r.nodes.get(pid, {}).get("bytes_down", 0) for r in rounds
         ))
-    if len(rounds) > 1 and isinstance(last.get("wall_s"), (int, float)) and isinstance(rounds[-2].get("wall_s"), (int, float)):
-        out["round_s"] = float(last["wall_s"] - rounds[-2]["wall_s"])
+    if len(rounds) > 1 and last.wall_s is not None and rounds[-2].wall_s is not None:
+        out["round_s"] = float(last.wall_s - rounds[-2].wall_s)
     grid = expert_load_by_round([last])
     if grid is not None:
         experts = len(grid[0])
@@ -88,13 +81,13 @@ class RunLog:
         self.run_dir = run_dir
         self.path = run_dir / "metrics.jsonl"
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.rounds: list[dict[str, Any]] = []
+        self.rounds: list[RoundRecord] = []
         if keep_rounds_upto is not None and self.path.exists():
             # A resumed run keeps what it logged up to its checkpoint and drops any later round.
             for line in self.path.read_text().splitlines():
-                if line.strip() and (rec := json.loads(line))["round"] <= keep_rounds_upto:
+                if line.strip() and (rec := RoundRecord.from_dict(json.loads(line))).round <= keep_rounds_upto:
                     self.rounds.append(rec)
-        self.path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in self.rounds))
+        self.path.write_text("".join(json.dumps(r.to_dict(), sort_keys=True) + "\n" for r in self.rounds))
         self._tb = None
         self._wandb = None
         if tensorboard:
@@ -106,13 +99,13 @@ class RunLog:
 
             self._wandb = wandb_lib.init(project=wandb_project, name=run_dir.name, dir=str(run_dir), config=config)
 
-    def log_round(self, record: dict[str, Any]) -> None:
+    def log_round(self, record: RoundRecord) -> None:
         self.rounds.append(record)
         with self.path.open("a") as f:
-            f.write(json.dumps(record, sort_keys=True) + "\n")
+            f.write(json.dumps(record.to_dict(), sort_keys=True) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        step = int(record["round"])
+        step = record.round
         if self._tb is None and self._wandb is None:
             return
         scalars = {**flat_scalars(record), **run_scalars(self.rounds)}
@@ -138,8 +131,8 @@ class RunLog:
         tokens = [0.0]
         for t in tokens_per_round:
             tokens.append(tokens[-1] + t)
-        val = [first_val_loss] + [r["val_loss"] for r in self.rounds]
-        train = [r["train_loss"] for r in self.rounds]
+        val = [first_val_loss] + [r.val_loss for r in self.rounds]
+        train = [r.train_loss for r in self.rounds]
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.plot(tokens, val, marker="o", label="held-out (global model)")
         ax.plot(tokens[1:], [t if math.isfinite(t) else None for t in train], marker=".", label="train (node mean)")

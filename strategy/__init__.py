@@ -5,9 +5,9 @@ No training loop lives here; everything but `spes.py` is plain torch and testabl
 
 from strategy.aggregation import aggregate
 from strategy.assignment import Ownership, contiguous_assignment, make_assignment, rebalance, replicated_assignment
-from strategy.merging import MergeSchedule, merge_experts
+from strategy.merging import merge_experts
 from strategy.outer import OuterOptimizer
-from strategy.spes import SpesConfig, SpesStrategy
+from strategy.spes import SpesStrategy
 
 __all__ = [
     "aggregate",
@@ -16,9 +16,7 @@ __all__ = [
     "make_assignment",
     "rebalance",
     "replicated_assignment",
-    "MergeSchedule",
     "merge_experts",
     "OuterOptimizer",
-    "SpesConfig",
     "SpesStrategy",
 ]

@@ -15,6 +15,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from common.spec import StrategyConfig
 from model.routing import global_load
 from strategy.assignment import Ownership, balance_by_load, balance_by_speed
 
@@ -52,37 +53,34 @@ def _spread(owners: Mapping[int, Sequence[int]], load: Sequence[float]) -> float
     return max(sums) - min(sums)
 
 
-def reconsider_owners(strategy: Any, nodes: Mapping[int, Mapping[str, Any]]) -> None:
-    """At a round boundary, move experts by the policy from the last `assignment_every` rounds.
-
-    `nodes` is the round just aggregated (not yet in `strategy.history`). Nodes whose experts
-    changed get the whole model next round; the change is logged as a `reassign` event."""
-    cfg = strategy.cfg
+def propose_owners(
+    cfg: StrategyConfig, round_: int, window: Sequence[Mapping[Any, Mapping[str, Any]]],
+    active: Mapping[int, tuple[int, ...]], num_experts: int,
+) -> tuple[dict[int, tuple[int, ...]], str, dict[str, Any]] | None:
+    """New owners of the `active` partitions by `cfg.assignment_policy`, the reason and what was
+    measured, at a reconsideration round (every `assignment_every`); None when nothing is due or
+    nothing was measured. `window`: the nodes' records of the last rounds, this one last."""
+    if cfg.assignment_policy == "static" or cfg.assignment == "replicated" or round_ % cfg.assignment_every:
+        return None
     every = cfg.assignment_every
-    if cfg.assignment_policy == "static" or cfg.assignment == "replicated" or strategy.round % every:
-        return
-    window = [r["nodes"] for r in strategy.history[max(0, len(strategy.history) - (every - 1)):]] if every > 1 else []
-    window.append(nodes)
-    active = {p: strategy.owners[p] for p in strategy.partitions}
-    extra: dict[str, Any] = {}
     if cfg.assignment_policy == "load":
-        load = mean_expert_load(window, strategy.num_experts)
+        load = mean_expert_load(window, num_experts)
         if load is None:
-            log.info("round %d: no expert-load reports in the last %d rounds; ownership kept", strategy.round, every)
-            return
+            log.info("round %d: no expert-load reports in the last %d rounds; ownership kept", round_, every)
+            return None
         new = balance_by_load(active, load, cfg.assignment_tolerance)
         before, after = _spread(active, load), _spread(new, load)
-        extra = {"load_spread": [round(before, 6), round(after, 6)]}
+        extra: dict[str, Any] = {"load_spread": [round(before, 6), round(after, 6)]}
         reason = f"load-aware: per-node routed load spread {before:.4f} -> {after:.4f} over the last {every} round(s)"
     else:
         speed = mean_speed(window, list(active))
         if set(speed) != set(active):
             log.info("round %d: no tokens/s of partition(s) %s in the last %d rounds; ownership kept",
-                     strategy.round, sorted(set(active) - set(speed)), every)
-            return
+                     round_, sorted(set(active) - set(speed)), every)
+            return None
         new = balance_by_speed(active, speed)
         extra = {"tokens_per_s": {str(p): round(s, 3) for p, s in speed.items()}}
         reason = (f"load-aware: experts per node {[len(active[p]) for p in sorted(active)]} -> "
                   f"{[len(new[p]) for p in sorted(new)]} for tokens/s {[round(speed[p], 1) for p in sorted(speed)]}")
-    Ownership(strategy.num_experts, tuple(new[p] for p in sorted(new))).validate()
-    strategy.set_owners({**strategy.owners, **new}, reason, **extra)
+    Ownership(num_experts, tuple(new[p] for p in sorted(new))).validate()
+    return new, reason, extra

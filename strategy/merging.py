@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from common.spec import MergeSchedule  # noqa: F401  (re-exported: the schedule is part of the run spec)
 from model.naming import group_expert_params
 
 

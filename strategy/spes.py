@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -23,41 +23,24 @@ from flwr.serverapp.strategy import Strategy
 
 from common import keys
 from common.checks import all_finite
-from common.codec import DecodeError, decode, decode_sync, encode, payload_bytes, wire_bytes
+from common.codec import DecodeError, decode, encode, payload_bytes, wire_bytes
 from common.spec import MergeSchedule, StrategyConfig
 from model.naming import expert_param_names, parse_expert_param, trained_param_names
 from model.routing import global_load, imbalance, update_bias
 from strategy.aggregation import aggregate
 from strategy.assignment import Ownership, make_assignment, rank_partitions, rebalance
-from strategy.load_aware import reconsider_owners
+from strategy.load_aware import propose_owners
+from strategy.membership import Member, Membership
 from strategy.merging import merge_experts
 from strategy.outer import OuterOptimizer
+from strategy.round_record import RoundRecord
 from strategy.validation import InvalidUpdate, validate_eval_metrics, validate_train_metrics, validate_update
-from strategy.versions import VersionedDownlink, apply
+from strategy.versions import VersionedDownlink
 
 log = logging.getLogger("spes.strategy")
 
-SpesConfig = StrategyConfig  # the name the strategy has always used for its config
 SHADOW = "downlink-shadow/"  # checkpoint tensor prefix of the nodes' copy of the model (delta sync)
-__all__ = ["MergeSchedule", "SpesConfig", "SpesStrategy", "Member", "node_metrics"]
-
-
-def node_metrics(metrics, num_experts: int) -> dict:
-    """A node's reported metrics as the run log records them (for trusted, local metrics)."""
-    out = {k.replace("-", "_"): float(metrics[k]) for k in keys.NODE_METRICS if k in metrics}
-    if keys.EXPERT_LOAD in metrics:
-        load = [float(x) for x in metrics[keys.EXPERT_LOAD]]
-        out["expert_load"] = [load[i : i + num_experts] for i in range(0, len(load), num_experts)]
-    return out
-
-
-@dataclass
-class Member:
-    partition_id: int
-    node_id: int
-    active: bool = True
-    absent: int = 0          # rounds in a row without a valid update
-    needs_full: bool = True  # send the whole model next time
+__all__ = ["MergeSchedule", "SpesStrategy", "StrategyConfig"]
 
 
 class SpesStrategy(Strategy):
@@ -81,9 +64,7 @@ class SpesStrategy(Strategy):
         pids = [node_partitions[n] for n in node_partitions]
         rank_partitions(pids)  # distinct
         cfg.validate(num_experts, len(pids))
-        self.members: dict[int, Member] = {
-            pid: Member(pid, node_id) for node_id, pid in sorted(node_partitions.items(), key=lambda kv: kv[1])
-        }
+        self.membership = Membership(node_partitions)
         initial = make_assignment(cfg.assignment, num_experts, len(pids))
         self.owners: dict[int, tuple[int, ...]] = dict(zip(sorted(pids), initial.owners))
         self.outer = OuterOptimizer(cfg.outer_lr, cfg.outer_momentum, cfg.nesterov)
@@ -92,7 +73,7 @@ class SpesStrategy(Strategy):
         self.round = 0
         self.global_step = 0
         self.failed_rounds = 0  # in a row, below quorum
-        self.history: list[dict[str, Any]] = []
+        self.history: list[RoundRecord] = []  # the rounds aggregated by this process
         self.events: list[dict[str, Any]] = []  # joins, departures, reassignments
         self._sent: dict[int, int] = {}           # pid -> bytes sent this round
         self._targets: dict[str, int] = {}        # message id -> pid, this round
@@ -108,8 +89,12 @@ class SpesStrategy(Strategy):
 
     # -- membership ------------------------------------------------------------------------
     @property
+    def members(self) -> dict[int, Member]:
+        return self.membership.members
+
+    @property
     def partitions(self) -> list[int]:
-        return sorted(p for p, m in self.members.items() if m.active)
+        return self.membership.active
 
     @property
     def ownership(self) -> Ownership:
@@ -139,17 +124,16 @@ class SpesStrategy(Strategy):
 
     def add_node(self, node_id: int, pid: int) -> None:
         """A node joined (or came back, possibly under a new Flower node id)."""
-        member = self.members.get(pid)
-        if member is None:
-            self.members[pid] = Member(pid, node_id)
-            self.events.append({"round": self.round, "event": "join", "partition": pid})
-        else:
-            member.node_id, member.active, member.absent, member.needs_full = node_id, True, 0, True
-            self.events.append({"round": self.round, "event": "return", "partition": pid})
+        event = self.membership.join(node_id, pid)
+        self.events.append({"round": self.round, "event": event, "partition": pid})
         self._reassign(f"partition {pid} joined")
 
     def node_ids(self) -> list[int]:
-        return [self.members[p].node_id for p in self.partitions]
+        return [self.membership.node_id(p) for p in self.partitions]
+
+    def initialize(self, params: Mapping[str, torch.Tensor]) -> None:
+        """The global model the run starts (or resumes) from, copied."""
+        self.params = {k: v.detach().clone() for k, v in params.items()}
 
     # -- names -------------------------------------------------------------------------------
     def _expected_update(self, pid: int) -> set[str]:
@@ -246,10 +230,7 @@ class SpesStrategy(Strategy):
             return pid
         if self._targets:
             return None  # a reply to a message of another round, or to nothing we sent
-        for p in self.partitions:
-            if self.members[p].node_id == msg.metadata.src_node_id:
-                return p
-        return None
+        return self.membership.partition_of(msg.metadata.src_node_id)
 
     def _check_reply(self, pid: int, msg: Message) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         content = msg.content
@@ -267,28 +248,41 @@ class SpesStrategy(Strategy):
         if self.sync is None:
             update = decode(record, {n: self.params[n] for n in expected})
         else:
-            update = self._reconstruct(pid, record, expected)
+            own = set(expert_param_names(list(self.params), self.experts_of(pid)))
+            update, self._own_uplinks[pid] = self.sync.reconstruct(record, expected, own)
         validate_update(update, expected, self.params, self.cfg.max_abs_value, self.cfg.max_update_ratio)
         metrics["bytes_up"] = payload_bytes(record)
         metrics["wire_bytes_up"] = wire_bytes(record)
         return update, metrics
 
-    def _reconstruct(self, pid: int, record: ArrayRecord, expected: set[str]) -> dict[str, torch.Tensor]:
-        """The node's trained tensors: the copy it was sent plus its decoded difference."""
-        shadow = self.sync.shadow
-        unexpected = {k.partition("#")[0] for k in record} - expected
-        if unexpected:
-            raise InvalidUpdate(f"{len(unexpected)} unexpected parameter(s), e.g. {sorted(unexpected)[:3]}")
-        whole, deltas = decode_sync(record, {n: shadow[n] for n in expected}, self.cfg.uplink)
-        if whole:
-            raise InvalidUpdate(f"whole tensors in a delta-sync reply, e.g. {sorted(whole)[:3]}")
-        own = set(expert_param_names(list(self.params), self.experts_of(pid)))
-        self._own_uplinks[pid] = {n: {k: record[k] for k in record if k.partition("#")[0] == n} for n in own & set(deltas)}
-        return {n: apply(shadow[n], d) for n, d in deltas.items()}
-
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Check every reply, apply the valid ones if they make a quorum, then update what follows from
+        the round: the delta-sync versions, membership, the routing load and bias, ownership."""
+        nodes, updates = self._collect_replies(server_round, replies)
+        prev_step = self.global_step
+        alpha, refused = self._apply_updates(server_round, updates)
+        applied = not refused
+        self.failed_rounds = 0 if applied else self.failed_rounds + 1
+        if self.sync is not None:
+            for pid in self.partitions:
+                self.sync.commit(pid, pid in updates, prev_step + self.cfg.local_steps, self._own_uplinks.get(pid))
+        self._update_membership(updates, alpha, applied)
+        routing = self._update_routing(nodes, updates)
+        self._reconsider_owners(nodes)
+        record = self._round_record(server_round, nodes, set(updates), alpha, refused, routing)
+        self.history.append(record)
+        metrics = {k: float(getattr(record, k)) for k in ("global_step", "merge_alpha", "tokens", "bytes_up", "bytes_down")}
+        return encode(self.params), MetricRecord(metrics)
+
+    def _collect_replies(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[dict[int, dict[str, Any]], dict[int, tuple[dict[str, torch.Tensor], float]]]:
+        """(partition -> what the round records of it, partition -> (checked update, weight)).
+
+        A reply is matched to the message it answers; a second reply of a partition voids both, an
+        error reply or one that fails a check is recorded with its reason and never used."""
         # bytes_*: tensor payload as encoded; wire_bytes_*: the serialised arrays, headers included.
         nodes: dict[int, dict[str, Any]] = {
             p: {"partition_id": p, "bytes_down": self._sent.get(p, 0), "bytes_up": 0,
@@ -317,90 +311,95 @@ class SpesStrategy(Strategy):
                 nodes[pid]["status"] = f"rejected: {exc}"
                 log.warning("round %d: update of partition %d rejected: %s", server_round, pid, exc)
                 continue
-            nodes[pid].update(metrics)
-            nodes[pid]["status"] = "ok"
-            weight = metrics["num_tokens"] if self.cfg.shared_weighting == "tokens" else 1.0
-            updates[pid] = (update, weight)
+            nodes[pid].update(metrics, status="ok")
+            updates[pid] = (update, metrics["num_tokens"] if self.cfg.shared_weighting == "tokens" else 1.0)
+        return nodes, updates
 
+    def _apply_updates(self, server_round: int, updates: Mapping[int, tuple[dict[str, torch.Tensor], float]]
+                       ) -> tuple[float, str]:
+        """Aggregate and merge into a new global model; (merge alpha, why nothing was applied or "").
+
+        Below quorum, or when the result would hold a NaN or Inf, the global model, the step and the
+        outer optimizer's momentum stay as they were."""
         quorum = self.cfg.quorum(len(self.partitions))
-        alpha, applied, refused = 0.0, False, ""
-        prev_step = self.global_step
-        if len(updates) >= min(quorum, len(self.partitions)) and updates:
-            snapshot, buffers = self.params, {k: v.clone() for k, v in self.outer.buffers.items()}
-            new = aggregate(self.params, updates, self._trainers, self.outer, self.cfg.trim_fraction)
-            step = prev_step + self.cfg.local_steps
-            if self.cfg.merge.due(prev_step, step):
-                alpha = self.cfg.merge.alpha(step)
-                new.update(merge_experts(new, alpha, self.cfg.merge.top_k))
-            bad = next((n for n, t in new.items() if not all_finite(t)), None)
-            if bad is not None:
-                refused = f"the new global {bad} would hold NaN or Inf"
-                self.params, self.outer.buffers, alpha = snapshot, buffers, 0.0
-                log.error("round %d refused: %s; global model unchanged", server_round, refused)
-            else:
-                self.params, self.global_step, applied = new, step, True
-        else:
+        if not updates or len(updates) < min(quorum, len(self.partitions)):
             refused = f"{len(updates)} valid update(s), quorum {quorum}"
             log.warning("round %d below quorum (%s); global model unchanged", server_round, refused)
-        self.failed_rounds = 0 if applied else self.failed_rounds + 1
+            return 0.0, refused
+        buffers = {k: v.clone() for k, v in self.outer.buffers.items()}
+        new = aggregate(self.params, updates, self._trainers, self.outer, self.cfg.trim_fraction)
+        step, alpha = self.global_step + self.cfg.local_steps, 0.0
+        if self.cfg.merge.due(self.global_step, step):
+            alpha = self.cfg.merge.alpha(step)
+            new.update(merge_experts(new, alpha, self.cfg.merge.top_k))
+        bad = next((n for n, t in new.items() if not all_finite(t)), None)
+        if bad is not None:
+            refused = f"the new global {bad} would hold NaN or Inf"
+            self.outer.buffers = buffers
+            log.error("round %d refused: %s; global model unchanged", server_round, refused)
+            return 0.0, refused
+        self.params, self.global_step = new, step
+        return alpha, ""
 
-        if self.sync is not None:
-            for pid in self.partitions:
-                self.sync.commit(pid, pid in updates, prev_step + self.cfg.local_steps, self._own_uplinks.get(pid))
-        self._update_membership(updates, alpha, applied)
-        routing = self._update_routing(nodes, updates)
-        reconsider_owners(self, nodes)  # strategy.assignment_policy: owners from measured load or speed
-        tokens = sum(n.get("num_tokens", 0.0) for p, n in nodes.items() if p in updates)
-        loss = sum(n.get("train_loss", 0.0) * n.get("num_tokens", 0.0) for p, n in nodes.items() if p in updates)
-        record = {
-            "round": server_round,
-            "global_step": self.global_step,
-            "merge_alpha": alpha,
-            "applied": applied,
-            "refused": refused,
-            "valid_updates": len(updates),
-            "tokens": tokens if applied else 0.0,
-            "train_loss": loss / tokens if tokens else float("nan"),
-            "bytes_up": sum(n["bytes_up"] for n in nodes.values()),
-            "bytes_down": sum(n["bytes_down"] for n in nodes.values()),
-            "wire_bytes_up": sum(n["wire_bytes_up"] for n in nodes.values()),
-            "wire_bytes_down": sum(n["wire_bytes_down"] for n in nodes.values()),
-            "nodes": {str(p): n for p, n in nodes.items()},
-            "owners": {str(p): list(e) for p, e in self.owners.items()},
+    def _round_record(self, server_round: int, nodes: Mapping[int, dict[str, Any]], used: set[int], alpha: float,
+                      refused: str, routing: Mapping[str, float]) -> RoundRecord:
+        tokens = sum(n.get("num_tokens", 0.0) for p, n in nodes.items() if p in used)
+        loss = sum(n.get("train_loss", 0.0) * n.get("num_tokens", 0.0) for p, n in nodes.items() if p in used)
+        return RoundRecord(
+            round=server_round,
+            global_step=self.global_step,
+            merge_alpha=alpha,
+            applied=not refused,
+            refused=refused,
+            valid_updates=len(used),
+            tokens=0.0 if refused else tokens,
+            train_loss=loss / tokens if tokens else float("nan"),
+            bytes_up=sum(n["bytes_up"] for n in nodes.values()),
+            bytes_down=sum(n["bytes_down"] for n in nodes.values()),
+            wire_bytes_up=sum(n["wire_bytes_up"] for n in nodes.values()),
+            wire_bytes_down=sum(n["wire_bytes_down"] for n in nodes.values()),
+            nodes={str(p): n for p, n in nodes.items()},
+            owners={str(p): list(e) for p, e in self.owners.items()},
             **routing,
-        }
-        self.history.append(record)
-        metrics = MetricRecord(
-            {k: float(record[k]) for k in ("global_step", "merge_alpha", "tokens", "bytes_up", "bytes_down")}
         )
-        return encode(self.params), metrics
+
+    def _reconsider_owners(self, nodes: Mapping[int, Mapping[str, Any]]) -> None:
+        """strategy.assignment_policy: owners from the measured load or speed of the last rounds."""
+        every = self.cfg.assignment_every
+        window = [r.nodes for r in self.history[max(0, len(self.history) - (every - 1)):]] if every > 1 else []
+        active = {p: self.owners[p] for p in self.partitions}
+        proposal = propose_owners(self.cfg, self.round, [*window, {str(p): n for p, n in nodes.items()}], active,
+                                  self.num_experts)
+        if proposal is not None:
+            new, reason, extra = proposal
+            self.set_owners({**self.owners, **new}, reason, **extra)
 
     def _update_membership(self, updates: Mapping[int, Any], alpha: float, applied: bool) -> None:
         exclusive_copy = self.outer.is_plain_average
-        for pid in self.partitions:
-            member = self.members[pid]
-            if pid in updates:
-                member.absent = 0
-                own_exclusive = all(self._num_owners(e) == 1 for e in self.experts_of(pid))
-                # With delta sync the versions decide what a node needs; without, a node's own
-                # experts may be skipped only while its copy is the global value.
-                member.needs_full = self.sync is None and (
-                    not applied or alpha > 0 or not (exclusive_copy and own_exclusive))
-            else:
-                member.absent += 1
-                member.needs_full = True
-        gone = [p for p in self.partitions if self.cfg.reassign_after and self.members[p].absent >= self.cfg.reassign_after]
+
+        def needs_full(pid: int) -> bool:
+            # With delta sync the versions decide what a node needs; without, a node's own experts
+            # may be skipped only while its copy is the global value.
+            own_exclusive = all(self._num_owners(e) == 1 for e in self.experts_of(pid))
+            return self.sync is None and (not applied or alpha > 0 or not (exclusive_copy and own_exclusive))
+
+        self.membership.record_round(set(updates), needs_full)
+        gone = self.membership.absent_for(self.cfg.reassign_after)
         if gone and len(gone) < len(self.partitions):
-            for pid in gone:
-                self.members[pid].active = False
-                self.events.append({"round": self.round, "event": "leave", "partition": pid})
+            self.membership.deactivate(gone)
+            self.events += [{"round": self.round, "event": "leave", "partition": pid} for pid in gone]
             self._reassign(f"partition(s) {gone} without a valid update for {self.cfg.reassign_after} rounds")
+
+    def federated_eval_due(self, server_round: int) -> bool:
+        """The nodes evaluate the global model on their held-out shards in the last round and every
+        `federated_eval_every` rounds."""
+        every = self.cfg.federated_eval_every
+        return server_round == self.num_rounds or bool(every and server_round % every == 0)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid | None
     ) -> Iterable[Message]:
-        every = self.cfg.federated_eval_every
-        if not (server_round == self.num_rounds or (every and server_round % every == 0)):
+        if not self.federated_eval_due(server_round):
             return []
         messages = []
         self._eval_sent, self._targets = {}, {}
@@ -438,16 +437,15 @@ class SpesStrategy(Strategy):
         if not tokens:
             return None
         result = {"federated_eval_loss": total / tokens, "eval_bytes_down": float(sum(self._eval_sent.values()))}
-        if self.history and self.history[-1]["round"] == server_round:
-            self.history[-1].update(result)
+        if self.history and self.history[-1].round == server_round:
+            self.history[-1].federated_eval_loss = result["federated_eval_loss"]
+            self.history[-1].eval_bytes_down = result["eval_bytes_down"]
         return MetricRecord(result)
 
     def summary(self) -> None:
-        log.info(
-            "SPES: %d nodes (partitions %s), experts per node %s, H=%d, outer lr=%g momentum=%g, merge %s",
-            len(self.partitions), self.partitions, [len(self.owners[p]) for p in self.partitions],
-            self.cfg.local_steps, self.cfg.outer_lr, self.cfg.outer_momentum, asdict(self.cfg.merge),
-        )
+        """Flower's Strategy API: log the configuration."""
+        log.info("SPES: partitions %s, experts per node %s, %s", self.partitions,
+                 [len(self.owners[p]) for p in self.partitions], asdict(self.cfg))
 
     # -- state to continue a run ------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -456,7 +454,7 @@ class SpesStrategy(Strategy):
             "round": self.round,
             "global_step": self.global_step,
             "failed_rounds": self.failed_rounds,
-            "members": {str(p): {"active": m.active, "absent": m.absent} for p, m in self.members.items()},
+            "members": self.membership.state_dict(),
             "owners": {str(p): list(e) for p, e in self.owners.items()},
             "events": self.events,
             "config": asdict(self.cfg),
@@ -474,23 +472,16 @@ class SpesStrategy(Strategy):
         return out
 
     def load_state_dict(self, state: Mapping[str, Any], buffers: Mapping[str, torch.Tensor] | None = None) -> None:
-        """Continue from a saved state; members not connected now stay inactive until they return."""
+        """Continue from a saved state; members not connected now stay inactive until they return.
+        `history` starts empty: it holds the rounds this process aggregated."""
+        self.history = []
         self.round = int(state["round"])
         self.global_step = int(state["global_step"])
         self.failed_rounds = int(state.get("failed_rounds", 0))
         self.events = list(state.get("events", []))
         self.global_load = state.get("global_load")
         self.router_bias = state.get("router_bias") if self.cfg.router_bias_rate > 0 else None
-        connected = dict(self.members)
-        self.members = {}
-        for key, m in state["members"].items():
-            pid = int(key)
-            now = connected.get(pid)
-            self.members[pid] = Member(pid, now.node_id if now else -1, active=bool(m["active"]) and now is not None,
-                                       absent=int(m["absent"]))
-        for pid, member in connected.items():
-            if pid not in self.members:
-                self.members[pid] = member
+        self.membership.load_state_dict(state["members"])
         self.owners = {int(p): tuple(int(e) for e in experts) for p, experts in state["owners"].items()
                        if self.members.get(int(p)) and self.members[int(p)].active}
         Ownership(self.num_experts, tuple(self.owners.get(p, ()) for p in self.partitions))
@@ -499,8 +490,6 @@ class SpesStrategy(Strategy):
         self.outer.buffers = {k: v.clone() for k, v in buffers.items()}
         if self.sync is not None:
             self.sync.load(state.get("downlink", {}), shadow)
-        for member in self.members.values():
-            member.needs_full = True  # nodes may have lost their state meanwhile
         if set(self.partitions) != set(self.owners) or any(
             not any(e in o for o in self.owners.values()) for e in range(self.num_experts)
         ):

@@ -15,7 +15,7 @@ uplink" moves by relaying the owner's own arrays: the other nodes reach the glob
 bit-exactly, and the owner, who kept what it sent, applies it itself (`apply_own`), so its
 own experts never come back down.
 
-Nodes apply moves in the same float32 arithmetic as here (`apply`), so their copies are
+Nodes apply moves in the same float32 arithmetic as here (`common.codec.apply_delta`), so their copies are
 bit-equal to the shadow.
 """
 
@@ -28,7 +28,8 @@ import torch
 from flwr.app import Array, ArrayRecord
 
 from common.codec import Codec, decode_sync, encode_delta, to_record
-from common.codec import apply_delta as apply
+from strategy.validation import InvalidUpdate
+from common.codec import apply_delta
 
 
 @dataclass
@@ -69,7 +70,7 @@ class VersionedDownlink:
                 arrays = dict(to_record(encode_delta({name: target - current}, self.downlink)))
                 move = Move(arrays, None)
             _, delta = decode_sync(ArrayRecord(move.arrays), {name: current}, (self.downlink, self.uplink))
-            self.shadow[name] = apply(current, delta[name])
+            self.shadow[name] = apply_delta(current, delta[name])
             self.version[name] += 1
             self.moves[name] = move
 
@@ -78,7 +79,7 @@ class VersionedDownlink:
         if copy is None or name not in copy.own:
             return None
         _, delta = decode_sync(ArrayRecord(copy.own[name]), {name: current}, self.uplink)
-        if not torch.equal(apply(current, delta[name]), target):
+        if not torch.equal(apply_delta(current, delta[name]), target):
             return None  # the global value is not the owner's copy (merged, averaged, outer step)
         return Move(copy.own[name], owner)
 
@@ -123,6 +124,19 @@ class VersionedDownlink:
             copy.held, copy.base_step, copy.own = dict(pending[0]), state_step, dict(own or {})
         else:
             copy.held, copy.base_step, copy.own = {}, -1, {}  # unknown state: a full resync next time
+
+    def reconstruct(self, record: ArrayRecord, expected: set[str], own: set[str]
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Array]]]:
+        """A node's trained tensors from its delta-sync reply (the copy it was sent plus its decoded
+        difference), and the reply's arrays of its own experts (`own`), to relay to the others."""
+        unexpected = {k.partition("#")[0] for k in record} - expected
+        if unexpected:
+            raise InvalidUpdate(f"{len(unexpected)} unexpected parameter(s), e.g. {sorted(unexpected)[:3]}")
+        whole, deltas = decode_sync(record, {n: self.shadow[n] for n in expected}, self.uplink)
+        if whole:
+            raise InvalidUpdate(f"whole tensors in a delta-sync reply, e.g. {sorted(whole)[:3]}")
+        relay = {n: {k: record[k] for k in record if k.partition("#")[0] == n} for n in own & set(deltas)}
+        return {n: apply_delta(self.shadow[n], d) for n, d in deltas.items()}, relay
 
     def reset_nodes(self) -> None:
         self.nodes, self._pending = {}, {}

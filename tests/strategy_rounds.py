@@ -6,7 +6,7 @@ Node i of a test is Flower node id 10 + i. Shared by the tests that drive severa
 from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 
 from client_app import background_save
-from client_app.local_round import DeltaDownlink, NeedsFullModel, run_local_round
+from client_app.local_round import DeltaDownlink, NeedsFullModel, RoundOrder, run_local_round
 from common import keys
 from common.codec import decode, encode, to_record
 
@@ -28,11 +28,10 @@ def play_round(s, rnd, ctxs, tamper=None, fail=()):
         try:
             if ctx.partition_id in fail:
                 raise NeedsFullModel("lost")
-            reply, metrics = run_local_round(
-                ctx, {} if delta else decode(msg.content["arrays"]), list(cfg[keys.OWNED_EXPERTS]),
-                bool(cfg[keys.FULL_MODEL]), cfg[keys.GLOBAL_STEP], cfg[keys.LOCAL_STEPS], show_progress=False,
-                delta=delta,
-            )
+            order = RoundOrder(list(cfg[keys.OWNED_EXPERTS]), bool(cfg[keys.FULL_MODEL]), cfg[keys.GLOBAL_STEP],
+                               cfg[keys.LOCAL_STEPS], delta=delta)
+            reply, metrics = run_local_round(ctx, {} if delta else decode(msg.content["arrays"]), order,
+                                             show_progress=False)
         except NeedsFullModel as exc:
             replies.append(Message(Error(code=1, reason=str(exc)), reply_to=msg))
             continue

@@ -11,6 +11,7 @@ from data import split_documents, train_bpe_tokenizer
 from model import MoEArgs, build_model
 from model.export import save_hf_atomic
 from server_app.report import write_report
+from strategy.round_record import RoundRecord
 from evaluation.checkpoint_eval import hub_status, main
 
 pytest.importorskip("lm_eval")
@@ -43,9 +44,9 @@ def run_dir(tmp_path_factory):
     save_hf_atomic(build_model(args, len(tok), seed=0, special_tokens=special), run / "model", tok)
     config = {"seed": 0, "data": {"source": str(corpus), "text_field": "text", "tokenizer": "bpe", "vocab_size": 300,
                                   "seq_len": SEQ_LEN, "heldout_fraction": HELDOUT_FRACTION, "partition": "iid"}}
-    rounds = [{"round": 1, "val_loss": 5.0, "train_loss": 5.1, "tokens": 10.0, "bytes_up": 1, "bytes_down": 2,
-               "wall_s": 1.0, "nodes": {"0": {"bytes_up": 1, "bytes_down": 2, "status": "ok"}}}]
-    (run / "metrics.jsonl").write_text(json.dumps(rounds[0]) + "\n")
+    rounds = [RoundRecord(round=1, applied=True, val_loss=5.0, train_loss=5.1, tokens=10.0, bytes_up=1, bytes_down=2,
+                          wall_s=1.0, nodes={"0": {"bytes_up": 1, "bytes_down": 2, "status": "ok"}})]
+    (run / "metrics.jsonl").write_text(json.dumps(rounds[0].to_dict()) + "\n")
     write_report(run, rounds, {"run_name": "micro", "total_params": 10}, config)  # writes config.json
     return run
 

@@ -27,7 +27,7 @@ def test_token_weights_are_bounded_by_what_a_round_can_produce():
         lambda u, m: RecordDict({"arrays": encode(u), "metrics": MetricRecord({**m, "num-tokens": 1001.0})}),
         max_tokens=1000.0,
     )
-    assert s.history[-1]["nodes"]["1"]["status"].startswith("rejected: num-tokens 1001")
+    assert s.history[-1].nodes["1"]["status"].startswith("rejected: num-tokens 1001")
     # 1000 tokens is exactly the most a round can produce: accepted, and weighted 1000:500.
     s, before, replies = faults.strategy_round(
         lambda u, m: RecordDict({"arrays": encode(u), "metrics": MetricRecord({**m, "num-tokens": 1000.0})}),
@@ -69,7 +69,7 @@ def test_below_quorum_round_leaves_model_unchanged():
 
     s, before, _ = faults.strategy_round(poison, min_nodes=2)
     rec = s.history[-1]
-    assert not rec["applied"] and rec["valid_updates"] == 1 and s.failed_rounds == 1
+    assert not rec.applied and rec.valid_updates == 1 and s.failed_rounds == 1
     assert all(torch.equal(s.params[n], before[n]) for n in before)
     assert all(s.needs_full.values())  # nobody's experts are what they last sent
 

@@ -166,7 +166,7 @@ def test_skewed_load_moves_owners_at_the_reconsideration_round(flower_task):
     assert s.owners == {0: (0, 1), 1: (2, 3), 2: (4, 5)} and s.events == []  # round 1: not a multiple of 2
     _round(s, 2, None, SKEWED)
     assert s.owners == {0: (1, 4), 1: (2, 3), 2: (0, 5)}
-    assert s.history[-1]["owners"] == {"0": [1, 4], "1": [2, 3], "2": [0, 5]}
+    assert s.history[-1].owners == {"0": [1, 4], "1": [2, 3], "2": [0, 5]}
     [event] = s.events
     assert (event["round"], event["event"], event["owners"]) == (2, "reassign", {"0": [1, 4], "2": [0, 5]})
     assert event["reason"].startswith("load-aware:") and event["load_spread"] == pytest.approx([0.6, 0.2])

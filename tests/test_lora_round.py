@@ -55,8 +55,7 @@ def make(shared, name, overrides):
     ctxs = [NodeContext(spec, tok, root / f"{name}-node{p}", p, 2, progress=False) for p in (0, 1)]
     model = build_model(spec.model, len(tok), seed=0)
     s = SpesStrategy(spec.strategy, E, {10: 0, 11: 1}, num_rounds=5, max_tokens=2 * 2 * 16, num_layers=1, lora=True)
-    s.params = {**{k: v.detach().clone() for k, v in model.state_dict().items()},
-                **init_adapters(model, lora_args(spec.train), seed=0)}
+    s.initialize({**model.state_dict(), **init_adapters(model, lora_args(spec.train), seed=0)})
     return spec, tok, ctxs, s
 
 
@@ -64,7 +63,7 @@ def test_node_sends_adapters_routers_norms_owned_experts_and_base_stays(shared, 
     spec, tok, ctxs, s = make(shared, "sends", [])
     initial = {n: t.clone() for n, t in s.params.items()}
     msgs, sent = play_round(s, 1, ctxs)
-    assert all(n["status"] == "ok" for n in s.history[-1]["nodes"].values()), s.history[-1]["nodes"]
+    assert all(n["status"] == "ok" for n in s.history[-1].nodes.values()), s.history[-1].nodes
     for pid, (reply, metrics) in sent.items():
         want = sent_by_hand(s.experts_of(pid))
         assert set(reply) == want
@@ -84,7 +83,7 @@ def test_node_sends_adapters_routers_norms_owned_experts_and_base_stays(shared, 
     # Round 2: a sparse downlink (own experts stay on the node); it continues from the saved state.
     msgs, sent = play_round(s, 2, ctxs)
     assert all(not m.content["config"][keys.FULL_MODEL] for m in msgs)
-    assert all(n["status"] == "ok" for n in s.history[-1]["nodes"].values()), s.history[-1]["nodes"]
+    assert all(n["status"] == "ok" for n in s.history[-1].nodes.values()), s.history[-1].nodes
     state = NodeState.load(ctxs[0].workdir / "state", 4)
     assert float(state.optimizer[f"{b}::step"]) == 4  # moments restored by plain name, then 2 more steps
     assert all(torch.equal(s.params[n], initial[n]) for n in frozen)
@@ -99,7 +98,7 @@ def test_strategy_rejects_a_base_attention_weight_with_lora(shared, flower_task)
 
     before = s.params[q].clone()
     play_round(s, 1, ctxs, tamper=add_base_weight)
-    nodes = s.history[-1]["nodes"]
+    nodes = s.history[-1].nodes
     assert nodes["0"]["status"].startswith("rejected") and q in nodes["0"]["status"]
     assert nodes["1"]["status"] == "ok"
     assert torch.equal(s.params[q], before)
@@ -111,7 +110,7 @@ def test_delta_sync_with_lora_adapters(shared, flower_task):
     for rnd in (1, 2):
         play_round(s, rnd, ctxs)
         rec = s.history[-1]
-        assert rec["applied"] and all(n["status"] == "ok" for n in rec["nodes"].values()), rec["nodes"]
+        assert rec.applied and all(n["status"] == "ok" for n in rec.nodes.values()), rec.nodes
         for ctx in ctxs:  # the node's copy of the model is bit-equal to the coordinator's
             base = NodeState.load(ctx.workdir / "state", 2 * rnd).base
             assert set(base) == set(s.params)
@@ -119,7 +118,7 @@ def test_delta_sync_with_lora_adapters(shared, flower_task):
     for pid in (0, 1):  # int8 values + one fp32 scale per row, for exactly the LoRA set
         up = sent_by_hand(s.experts_of(pid))
         rows = sum(initial[n].numel() // initial[n].shape[-1] for n in up)
-        assert rec["nodes"][str(pid)]["bytes_up"] == sum(initial[n].numel() for n in up) + 4 * rows
+        assert rec.nodes[str(pid)]["bytes_up"] == sum(initial[n].numel() for n in up) + 4 * rows
     assert torch.equal(s.params["model.layers.0.self_attn.v_proj.weight"], initial["model.layers.0.self_attn.v_proj.weight"])
     assert s.params["model.layers.0.self_attn.v_proj.lora_B.weight"].abs().sum() > 0
 

@@ -2,6 +2,7 @@
 
 import io
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -16,6 +17,7 @@ from server_app.report import (
     write_report,
 )
 from server_app.run_log import RunLog, run_scalars, tensorboard_eval
+from strategy.round_record import RoundRecord
 
 
 def _round(rnd, val, wall, up=(300, 300), down=(1000, 700), loads=None, tokens=(100, 300)):
@@ -25,9 +27,8 @@ def _round(rnd, val, wall, up=(300, 300), down=(1000, 700), loads=None, tokens=(
                  "num_tokens": tokens[p], "tokens_per_s": 50.0, "peak_mem_mb": 200.0}
         for p in range(2)
     }
-    return {"round": rnd, "global_step": 3 * rnd, "merge_alpha": 0.0, "tokens": float(sum(tokens)),
-            "train_loss": val + 0.1, "bytes_up": sum(up), "bytes_down": sum(down), "val_loss": val,
-            "wall_s": wall, "nodes": nodes}
+    return RoundRecord(round=rnd, global_step=3 * rnd, applied=True, tokens=float(sum(tokens)), train_loss=val + 0.1,
+                       bytes_up=sum(up), bytes_down=sum(down), val_loss=val, wall_s=wall, nodes=nodes)
 
 
 ROUNDS = [_round(1, 5.0, 12.0), _round(2, 4.5, 22.0, down=(700, 700))]
@@ -51,7 +52,7 @@ def test_expert_load_is_token_weighted_share_over_nodes():
     assert grid[1] == [[0.5, 0.5], [0.5, 0.5]]
     counts = [_round(1, 5.0, 1.0, loads=([[30, 10], [2, 2]], [[1, 3], [7, 7]]))]
     assert expert_load_by_round(counts)[0] == [[0.375], [0.625]]  # counts normalise like fractions
-    no_load = [{**ROUNDS[0], "nodes": {"0": {"bytes_up": 1, "status": "ok"}}}]
+    no_load = [replace(ROUNDS[0], nodes={"0": {"bytes_up": 1, "status": "ok"}})]
     assert expert_load_by_round(no_load) is None
 
 
@@ -82,7 +83,7 @@ def test_write_report_files_and_markdown_names_every_plot(tmp_path):
 
 
 def test_report_from_run_dir_includes_eval_json(tmp_path):
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROUNDS))
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r.to_dict()) + "\n" for r in ROUNDS))
     (tmp_path / "summary.json").write_text(json.dumps(SUMMARY))
     (tmp_path / "config.json").write_text(json.dumps(CONFIG))
     (tmp_path / "eval.json").write_text(json.dumps({
@@ -100,7 +101,7 @@ def test_console_one_line_per_round_with_rate_and_eta():
     console = RunConsole(4, out=out, bar=False)
     console.start(6.0, wall_s=2.0)
     console.round(ROUNDS[0])  # 12 - 2 = 10 s; ETA 3 rounds x 10 s
-    console.round({**ROUNDS[1], "nodes": {**ROUNDS[1]["nodes"], "1": {"status": "timeout"}}})  # 10 s
+    console.round(replace(ROUNDS[1], nodes={**ROUNDS[1].nodes, "1": {"status": "timeout"}}))  # 10 s
     console.close("done")
     assert out.getvalue().splitlines() == [
         "[spes] round 0/4 | held-out loss 6.0000",
@@ -147,7 +148,7 @@ def test_run_scalars_cumulative_and_tensorboard(tmp_path):
 
 
 def test_node_round_overhead_from_later_rounds_only():
-    from server_app.app import _node_round_overhead
+    from server_app.summary import node_round_overhead as _node_round_overhead
 
     def node(round_s, train_s, kept, status="ok"):
         return {"round_seconds": round_s, "train_seconds": train_s, "resident": kept, "status": status}

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from client_app import resident
-from client_app.local_round import NodeContext, run_local_round
+from client_app.local_round import NodeContext, RoundOrder, run_local_round
 from client_app.node_state import NodeState
 from common.spec import from_dict
 from model import build_model, expert_param_names
@@ -56,7 +56,7 @@ def federation(tokenizer, name, overrides, nodes=1):
     model = build_model(spec.model, len(tok), seed=0)
     s = SpesStrategy(spec.strategy, E, {10 + p: p for p in range(nodes)}, num_rounds=5,
                      max_tokens=2 * 2 * 16, num_layers=1, lora=lora)
-    s.params = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    s.initialize(model.state_dict())
     if lora:
         s.params.update(init_adapters(model, lora_args(spec.train), seed=0))
     return ctxs, s
@@ -65,7 +65,7 @@ def federation(tokenizer, name, overrides, nodes=1):
 def play(s, rnd, ctxs):
     """One round; returns the `resident` metric of each node, by partition."""
     _, sent = play_round(s, rnd, ctxs)
-    assert all(n["status"] == "ok" for n in s.history[-1]["nodes"].values()), s.history[-1]["nodes"]
+    assert all(n["status"] == "ok" for n in s.history[-1].nodes.values()), s.history[-1].nodes
     for _, metrics in sent.values():
         assert metrics["round-seconds"] >= metrics["train-seconds"] > 0
     return {pid: metrics["resident"] for pid, (_, metrics) in sent.items()}
@@ -144,17 +144,17 @@ def test_other_owned_experts_or_step_rebuild(tokenizer, flower_task):
     spec = from_dict(compose(BASE + ["nodes=1"]))
     ctx = NodeContext(spec, tok, root / "owners-node0", 0, 1, progress=False)
     init = build_model(spec.model, len(tok), seed=0).state_dict()
-    _, m = run_local_round(ctx, init, [0, 1], True, 0, 2, show_progress=False)
+    _, m = run_local_round(ctx, init, RoundOrder([0, 1], True, 0, 2), show_progress=False)
     assert m["resident"] == 0.0
     # The kept node ended at step 2 owning [0, 1]; a full round owning [0, 1, 2] must not reuse it
     # (expert 2 would stay frozen, with no optimizer state).
-    reply, m = run_local_round(ctx, init, [0, 1, 2], True, 2, 2, show_progress=False)
+    reply, m = run_local_round(ctx, init, RoundOrder([0, 1, 2], True, 2, 2), show_progress=False)
     assert m["resident"] == 0.0
     assert set(expert_param_names(list(reply), [2])) and not torch.equal(
         reply["model.layers.0.mlp.experts.2.gate_proj.weight"], init["model.layers.0.mlp.experts.2.gate_proj.weight"])
     # A repeated round (the coordinator restarted at step 2): the kept node is at step 4, so it rebuilds.
-    _, m = run_local_round(ctx, init, [0, 1, 2], True, 2, 2, show_progress=False)
+    _, m = run_local_round(ctx, init, RoundOrder([0, 1, 2], True, 2, 2), show_progress=False)
     assert m["resident"] == 0.0
     # Continuing where it ended (step 4, the same experts) reuses it.
-    _, m = run_local_round(ctx, init, [0, 1, 2], True, 4, 2, show_progress=False)
+    _, m = run_local_round(ctx, init, RoundOrder([0, 1, 2], True, 4, 2), show_progress=False)
     assert m["resident"] == 1.0

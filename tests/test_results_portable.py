@@ -82,7 +82,7 @@ def _fake_run(run_dir: Path) -> None:
                "trainable_params_node": 10, "total_params": 20, "wall_s": 2.0,
                "bytes_up_per_round_node": 0, "bytes_down_per_round_node": 0}
     (run_dir / "summary.json").write_text(json.dumps(summary))
-    (run_dir / "metrics.jsonl").write_text('{"tokens": 10}\n{"tokens": 20}\n')
+    (run_dir / "metrics.jsonl").write_text('{"round": 1, "tokens": 10}\n{"round": 2, "tokens": 20}\n')
 
 
 def test_method_entry_records_run_dir_relative_to_the_results_file(tmp_path):

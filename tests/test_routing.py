@@ -12,7 +12,8 @@ from model import MoEArgs, build_model
 from model.balance import balance_loss
 from model.loss import lm_loss
 from model.routing import global_load, imbalance, router_bias, set_router_bias, unflatten, update_bias
-from strategy.spes import MergeSchedule, SpesConfig, SpesStrategy
+from common.spec import MergeSchedule, StrategyConfig
+from strategy.spes import SpesStrategy
 
 ARGS = MoEArgs(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, num_experts=4, top_k=2, expert_ffn=16)
 VOCAB = 50
@@ -102,17 +103,17 @@ def _reply(strategy, msg, load, tokens):
 
 def test_coordinator_sends_the_federation_load_and_moves_the_bias(flower_task):
     model = build_model(ARGS, VOCAB, seed=0)
-    cfg = SpesConfig(local_steps=1, router_bias_rate=0.02, merge=MergeSchedule(enabled=False))
+    cfg = StrategyConfig(local_steps=1, router_bias_rate=0.02, merge=MergeSchedule(enabled=False))
     strategy = SpesStrategy(cfg, 4, {10: 0, 11: 1}, num_rounds=3, num_layers=2)
-    strategy.params = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    strategy.initialize(model.state_dict())
     first = list(strategy.configure_train(1, None, ConfigRecord({}), None))
     assert keys.GLOBAL_LOAD not in first[0].content[keys.CONFIG]  # nothing measured yet
     heavy = [[0.7, 0.1, 0.1, 0.1], [0.25] * 4]
     light = [[0.1, 0.1, 0.2, 0.6], [0.25] * 4]
     strategy.aggregate_train(1, [_reply(strategy, first[0], heavy, 300.0), _reply(strategy, first[1], light, 100.0)])
     record = strategy.history[-1]
-    assert all(n["status"] == "ok" for n in record["nodes"].values()), record["nodes"]
-    assert record["expert_imbalance_max"] == pytest.approx(0.55 / 0.25)
+    assert all(n["status"] == "ok" for n in record.nodes.values()), record.nodes
+    assert record.expert_imbalance_max == pytest.approx(0.55 / 0.25)
     assert strategy.router_bias[0] == pytest.approx([-0.02, 0.02, 0.02, 0.02])  # global [0.55, 0.1, 0.125, 0.225]
     sent = list(strategy.configure_train(2, None, ConfigRecord({}), None))[1].content[keys.CONFIG]
     assert list(sent[keys.GLOBAL_LOAD])[:4] == pytest.approx([0.55, 0.1, 0.125, 0.225])

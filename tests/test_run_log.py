@@ -1,6 +1,7 @@
 """The one metrics path: JSONL always, TensorBoard when enabled, per-node tags."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -9,12 +10,13 @@ from training.trainer import TrainConfig, make_optimizer, train_steps
 from model import MoEArgs, build_model
 from server_app.config import ConfigError, load
 from server_app.run_log import RunLog, flat_scalars
+from strategy.round_record import RoundRecord
 
-RECORD = {
-    "round": 1, "val_loss": 5.0, "train_loss": 5.5, "tokens": 100.0, "bytes_up": 10, "bytes_down": 20,
-    "nodes": {"0": {"train_loss": 5.4, "bytes_up": 5, "expert_load": [[0.75, 0.25]], "status": "ok"},
-              "1": {"train_loss": 5.6, "bytes_up": 5, "status": "ok"}},
-}
+RECORD = RoundRecord(
+    round=1, val_loss=5.0, train_loss=5.5, tokens=100.0, bytes_up=10, bytes_down=20,
+    nodes={"0": {"train_loss": 5.4, "bytes_up": 5, "expert_load": [[0.75, 0.25]], "status": "ok"},
+           "1": {"train_loss": 5.6, "bytes_up": 5, "status": "ok"}},
+)
 
 
 def test_flat_scalars_tag_per_node():
@@ -29,7 +31,7 @@ def test_jsonl_and_tensorboard(tmp_path):
 
     log = RunLog(tmp_path, tensorboard=True)
     log.log_round(RECORD)
-    log.log_round({**RECORD, "round": 2, "val_loss": 4.0})
+    log.log_round(replace(RECORD, round=2, val_loss=4.0))
     log.close()
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["val_loss"] for r in lines] == [5.0, 4.0]

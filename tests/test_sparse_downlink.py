@@ -6,7 +6,6 @@ not move), that a node that lost its state is resynced bit-exactly, that the byt
 the encoded ones, and that hostile delta replies are rejected.
 """
 
-from pathlib import Path
 import shutil
 
 import numpy as np
@@ -55,7 +54,7 @@ def test_delta_sync_versions_relay_and_resync(setup, flower_task):
     model = build_model(spec.model, len(tok), seed=0)
     s = SpesStrategy(spec.strategy, E, {10: 0, 11: 1}, num_rounds=5,
                      max_tokens=2 * 2 * 16, num_layers=1)
-    s.params = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    s.initialize(model.state_dict())
     names = list(s.params)
     own = {p: set(expert_param_names(names, s.experts_of(p))) for p in (0, 1)}
 
@@ -67,13 +66,13 @@ def test_delta_sync_versions_relay_and_resync(setup, flower_task):
         base = node_copy(ctx, s)
         assert all(torch.equal(base[n], s.sync.shadow[n]) for n in names)
     rec = s.history[-1]
-    assert rec["applied"] and all(n["status"] == "ok" for n in rec["nodes"].values())
+    assert rec.applied and all(n["status"] == "ok" for n in rec.nodes.values())
     # Encoded bytes up: int8 values plus one float32 scale per row, for shared + owned tensors.
     for p in (0, 1):
         up = shared_param_names(names) + sorted(own[p])
         rows = sum(s.params[n].numel() // s.params[n].shape[-1] for n in up)
-        assert rec["nodes"][str(p)]["bytes_up"] == sum(s.params[n].numel() for n in up) + 4 * rows
-        assert rec["nodes"][str(p)]["wire_bytes_up"] > rec["nodes"][str(p)]["bytes_up"]
+        assert rec.nodes[str(p)]["bytes_up"] == sum(s.params[n].numel() for n in up) + 4 * rows
+        assert rec.nodes[str(p)]["wire_bytes_up"] > rec.nodes[str(p)]["bytes_up"]
 
     global_after_1 = {n: s.params[n].clone() for n in names}
     # Round 2: the owner applies its own experts itself; the others' experts arrive as the owner's
@@ -95,7 +94,7 @@ def test_delta_sync_versions_relay_and_resync(setup, flower_task):
     # Round 3: node 1 lost its state; it cannot train from a delta and says so.
     shutil.rmtree(ctxs[1].workdir / "state")
     play_round(s, 3, ctxs, fail={1})
-    assert s.history[-1]["nodes"]["1"]["status"].startswith("error")
+    assert s.history[-1].nodes["1"]["status"].startswith("error")
     # Round 4: node 0 gets nothing for node 1's experts (they did not move); node 1 is resynced whole.
     msgs, _ = play_round(s, 4, ctxs)
     by_pid = {m.metadata.dst_node_id - 10: m for m in msgs}
@@ -105,7 +104,7 @@ def test_delta_sync_versions_relay_and_resync(setup, flower_task):
     for ctx in ctxs:
         base = node_copy(ctx, s)
         assert all(torch.equal(base[n], s.sync.shadow[n]) for n in names)
-    assert all(n["status"] == "ok" for n in s.history[-1]["nodes"].values())
+    assert all(n["status"] == "ok" for n in s.history[-1].nodes.values())
 
 
 def _toy_strategy(**cfg):
@@ -115,7 +114,7 @@ def _toy_strategy(**cfg):
     c = StrategyConfig(local_steps=5, merge=MergeSchedule(enabled=False), delta_sync=True, uplink_codec="int8",
                        downlink_codec="int8", **cfg)
     s = SpesStrategy(c, E, {10: 0, 11: 1}, num_rounds=3, num_layers=2)
-    s.params = _toy_params(0)
+    s.initialize(_toy_params(0))
     return s
 
 
@@ -133,7 +132,7 @@ def test_hostile_delta_replies_rejected(flower_task):
     # Node 1: a delta that reconstructs to values beyond max_abs_value (validated after reconstruction).
     huge = to_record(encode_delta({n: torch.full_like(s.params[n], 1e6) for n in up[1]}, Codec("int8")))
     s.aggregate_train(1, [_delta_reply(msgs[0], good), _delta_reply(msgs[1], huge)])
-    nodes = s.history[-1]["nodes"]
+    nodes = s.history[-1].nodes
     assert nodes["0"]["status"] == "ok" and "exceeds" in nodes["1"]["status"]
 
     msgs = list(s.configure_train(2, None, ConfigRecord({}), None))
@@ -143,10 +142,10 @@ def test_hostile_delta_replies_rejected(flower_task):
     first = up[1][0]
     arrays[f"{first}#int8-scale"] = np.ones(10**5, np.float32)
     s.aggregate_train(2, [_delta_reply(msgs[0], to_record(whole)), _delta_reply(msgs[1], to_record(arrays))])
-    nodes = s.history[-1]["nodes"]
+    nodes = s.history[-1].nodes
     assert "whole tensors" in nodes["0"]["status"]
     assert "int8-scale" in nodes["1"]["status"] and "expected" in nodes["1"]["status"]
-    assert not s.history[-1]["applied"]
+    assert not s.history[-1].applied
 
 
 def test_downlink_shadow_survives_a_checkpoint(flower_task):
@@ -163,7 +162,7 @@ def test_downlink_shadow_survives_a_checkpoint(flower_task):
     assert any(not torch.equal(s.sync.shadow[n], s.params[n]) for n in names)
     state, tensors = s.state_dict(), s.outer_buffers()
     t = _toy_strategy()
-    t.params = {k: v.clone() for k, v in s.params.items()}
+    t.initialize(s.params)
     t.load_state_dict(state, tensors)
     assert all(torch.equal(t.sync.shadow[n], s.sync.shadow[n]) for n in names)
     assert t.sync.version == s.sync.version and t.outer.buffers == {}

@@ -7,15 +7,8 @@ import torch
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 from model.naming import expert_param_names, group_expert_params, shared_param_names
-from strategy import (
-    MergeSchedule,
-    OuterOptimizer,
-    SpesConfig,
-    SpesStrategy,
-    aggregate,
-    contiguous_assignment,
-    merge_experts,
-)
+from common.spec import MergeSchedule, StrategyConfig
+from strategy import OuterOptimizer, SpesStrategy, aggregate, contiguous_assignment, merge_experts
 from common.codec import decode, encode
 
 E, L, H, I = 8, 2, 6, 4
@@ -157,7 +150,7 @@ def run_round(strategy, rnd, arrays, tokens, tamper=None):
 
 def make_strategy(**cfg):
     merge = MergeSchedule(**cfg.pop("merge", {"enabled": False}))
-    return SpesStrategy(SpesConfig(local_steps=10, merge=merge, **cfg), E, {11: 1, 7: 0}, num_rounds=3)
+    return SpesStrategy(StrategyConfig(local_steps=10, merge=merge, **cfg), E, {11: 1, 7: 0}, num_rounds=3)
 
 
 def test_messages_per_node_and_bytes_analytic(flower_task):
@@ -172,7 +165,7 @@ def test_messages_per_node_and_bytes_analytic(flower_task):
     assert all(c["full-model"] for _, c in sent.values())  # first round: the full model
     s.aggregate_train(1, replies)
     rec = s.history[-1]
-    for node in rec["nodes"].values():
+    for node in rec.nodes.values():
         assert node["bytes_down"] == total
         assert node["bytes_up"] == shared + 4 * per_expert
     # Second round: no merging, so a node gets shared + the experts it does not own.
@@ -180,7 +173,7 @@ def test_messages_per_node_and_bytes_analytic(flower_task):
     assert not any(c["full-model"] for _, c in sent.values())
     assert set(sent[0][0]) == set(shared_param_names(params)) | set(expert_param_names(params, range(4, 8)))
     s.aggregate_train(2, replies)
-    for node in s.history[-1]["nodes"].values():
+    for node in s.history[-1].nodes.values():
         assert node["bytes_down"] == total - 4 * per_expert
     assert s.global_step == 20
 
@@ -210,7 +203,7 @@ def test_invalid_update_rejected_before_touching_model(flower_task):
     _, _, replies = run_round(s, 1, encode(params), tokens=[100, 100], tamper={1: poison})
     good = decode(replies[0].content["arrays"])
     s.aggregate_train(1, replies)
-    status = {k: v["status"] for k, v in s.history[-1]["nodes"].items()}
+    status = {k: v["status"] for k, v in s.history[-1].nodes.items()}
     assert status["0"] == "ok" and status["1"].startswith("rejected")
     assert all(torch.isfinite(t).all() for t in s.params.values())
     for n in shared_param_names(params):
@@ -226,7 +219,7 @@ def test_merge_round_sends_full_model_next(flower_task):
     _, _, replies = run_round(s, 1, encode(params), tokens=[100, 100])
     updates = [decode(r.content["arrays"]) for r in replies]
     s.aggregate_train(1, replies)
-    alpha = s.history[-1]["merge_alpha"]
+    alpha = s.history[-1].merge_alpha
     assert alpha == pytest.approx(0.1 * (1 - 10 / 100))
     pre = dict(params)
     for p, experts in enumerate(([0, 1, 2, 3], [4, 5, 6, 7])):
@@ -258,5 +251,5 @@ def test_expert_load_reported_per_node_and_layer(flower_task):
         load = [0.125 * (p + 1)] * (L * E)
         replies.append(reply(msg, {n: s.params[n] for n in names}, 10, **{"expert-load": load}))
     s.aggregate_train(1, replies)
-    node1 = s.history[-1]["nodes"]["1"]
+    node1 = s.history[-1].nodes["1"]
     assert len(node1["expert_load"]) == L and all(row == [0.25] * E for row in node1["expert_load"])

@@ -1,0 +1,56 @@
+"""What one round was: the record the strategy writes when it aggregates, the coordinator completes
+with its held-out evaluation, and the run log keeps as one line of metrics.jsonl.
+
+Written in one place per phase: `SpesStrategy.aggregate_train` (who replied, what was applied, bytes,
+tokens, ownership), `SpesStrategy.aggregate_evaluate` (the nodes' evaluation), the coordinator's
+round loop (held-out loss, wall time). Everyone else reads it by attribute; `from_dict` reads a
+metrics.jsonl line back (fields a line lacks stay None, keys this version does not know are dropped).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class RoundRecord:
+    round: int
+    global_step: int = 0
+    merge_alpha: float = 0.0
+    applied: bool = False
+    refused: str = ""          # why nothing was applied ("" when applied)
+    valid_updates: int = 0
+    tokens: float = 0.0        # tokens trained by the nodes whose updates were applied
+    train_loss: float = math.nan  # token-weighted mean over those nodes (the loss they optimise, aux terms included)
+    bytes_up: int = 0          # tensor payload as encoded, all nodes
+    bytes_down: int = 0
+    wire_bytes_up: int = 0     # the serialised arrays, headers included
+    wire_bytes_down: int = 0
+    # partition id -> what the coordinator recorded of that node this round: status, bytes and the
+    # node's reported metrics (num_tokens, train_loss, expert_load, tokens_per_s, ...)
+    nodes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    owners: dict[str, list[int]] = field(default_factory=dict)  # partition id -> experts, after this round
+    expert_imbalance: float | None = None      # max/mean tokens per expert, mean over layers
+    expert_imbalance_max: float | None = None  # ... the worst layer
+    federated_eval_loss: float | None = None   # the nodes' own held-out evaluation, token-weighted
+    eval_bytes_down: float | None = None
+    val_loss: float | None = None              # the coordinator's held-out evaluation of the new global model
+    val_ppl: float | None = None
+    val_loss_without_bias: float | None = None  # ... without the routing bias (what the exported model scores)
+    wall_s: float | None = None                # since the run (or the resumed run) started
+
+    def to_dict(self) -> dict[str, Any]:
+        """The metrics.jsonl line: every field that is set."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RoundRecord:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def failed_nodes(self) -> dict[str, str]:
+        """partition id -> status of every node whose update was not used."""
+        return {p: n.get("status", "?") for p, n in self.nodes.items() if n.get("status") != "ok"}
