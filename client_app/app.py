@@ -109,7 +109,7 @@ def train(msg: Message, context: Context) -> Message:
         if not isinstance(apply_own, bool):
             raise ValueError(f"received {keys.APPLY_OWN}={apply_own!r}; expected true or false")
         delta = DeltaDownlink(arrays, _int(cfg, keys.BASE_STEP, -1), apply_own)
-    share, bias = _routing(cfg, ctx)
+    load, bias = _routing(cfg, ctx)
     order = RoundOrder(
         owned=owned,
         full_model=bool(cfg[keys.FULL_MODEL]),
@@ -117,7 +117,7 @@ def train(msg: Message, context: Context) -> Message:
         steps=_int(cfg, keys.LOCAL_STEPS, 1),
         total_steps=_int(cfg, keys.TOTAL_STEPS, 1) if total is not None else None,
         delta=delta,
-        global_share=share,
+        global_load=load,
         router_bias=bias,
     )
     reply, metrics = run_local_round(ctx, {} if delta is not None else decode(arrays), order)

@@ -189,7 +189,7 @@ class RoundOrder:
     steps: int                        # H, local steps to train
     total_steps: int | None = None    # end of the LR schedule (None: the spec's)
     delta: DeltaDownlink | None = None  # a delta-sync message, decoded inside the round
-    global_share: torch.Tensor | None = None  # [layers, experts] federation's expert load last round
+    global_load: torch.Tensor | None = None  # [layers, experts] federation's expert load last round
     router_bias: torch.Tensor | None = None   # [layers, experts] routing bias for the top-k choice
 
 
@@ -321,7 +321,7 @@ def _train(ctx: NodeContext, model: torch.nn.Module, optimizer: torch.optim.Opti
     # Seeded after the build: a kept model skips the build, and must train exactly like a rebuilt one.
     torch.manual_seed(spec.seed * 100_003 + ctx.partition_id * 1_009 + order.start_step)
     metrics = train_steps(model, optimizer, stream, spec.train, order.start_step, order.steps,
-                          order.total_steps or spec.total_steps, device, bar, global_share=order.global_share)
+                          order.total_steps or spec.total_steps, device, bar, global_load=order.global_load)
     bar.close()
     metrics["trainable-params"] = float(sum(p.numel() for p in model.parameters() if p.requires_grad))
     return metrics

@@ -18,7 +18,6 @@ LOCAL_STEPS = "local-steps"
 TOTAL_STEPS = "total-steps"        # end of the LR schedule, in global steps
 OWNED_EXPERTS = "owned-experts"
 FULL_MODEL = "full-model"          # the arrays are the whole model, not a sparse downlink
-NODE_INDEX = "node-index"
 BASE_STEP = "base-step"            # delta sync: the saved state the node's copy of the model is in
 APPLY_OWN = "apply-own-delta"      # delta sync: add your last uplink's owned-expert differences yourself
 GLOBAL_LOAD = "global-expert-load"  # the federation's last-round expert load, flattened [layers * experts]

@@ -83,14 +83,14 @@ def balance_loss(
     top_k: int,
     mode: str = "per_layer",
     scale: torch.Tensor | None = None,
-    global_share: torch.Tensor | None = None,
+    global_load: torch.Tensor | None = None,
     global_weight: float = 0.0,
     bias: Sequence[torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
     """Load-balancing loss over a model's layers; `router_logits[l]` is [tokens, experts].
 
     `scale` ([E]) multiplies each expert's pick counts (the decayed variant); None = ones.
-    per_layer only: `global_share` ([L, E], each row sums to 1) is the federation's load share
+    per_layer only: `global_load` ([L, E], each row sums to 1) is the federation's load share
     of each expert last round, mixed into f_i with `global_weight` (model/routing.py).
     `bias[l]` ([E] or None): the routing bias the picks were made with.
     """
@@ -104,11 +104,11 @@ def balance_loss(
         per_layer = []
         for layer, ((c, p), r) in enumerate(zip(stats, router_logits)):
             f = c / (r.shape[0] * top_k)
-            if global_share is not None and global_weight > 0:
-                f = (1 - global_weight) * f + global_weight * global_share[layer].to(f)
+            if global_load is not None and global_weight > 0:
+                f = (1 - global_weight) * f + global_weight * global_load[layer].to(f)
             per_layer.append(num_experts * torch.sum(f * (p / r.shape[0])))
         return torch.stack(per_layer).mean()
-    if global_share is not None and global_weight > 0:
+    if global_load is not None and global_weight > 0:
         raise ValueError("train.balance_global_weight needs train.balance=per_layer")
     rows = sum(r.shape[0] for r in router_logits)
     counts = torch.stack([c for c, _ in stats]).sum(dim=0)

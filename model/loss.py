@@ -55,14 +55,14 @@ def lm_loss(
     step: int = 0,
     total_steps: int = 1,
     lean: bool = False,
-    global_share: torch.Tensor | None = None,
+    global_load: torch.Tensor | None = None,
     global_weight: float = 0.0,
 ) -> LossParts:
     """`block` is [batch, seq_len + 1]; inputs are block[:, :-1], targets block[:, 1:].
 
     balance: per_layer | pooled (model/balance.py). local_decay (with the node's `owned` experts
     and the global `step` of `total_steps`) scales the owned experts' counts in the balancing loss.
-    global_share/global_weight: the federation's load per layer mixed into the balancing loss.
+    global_load/global_weight: the federation's load per layer mixed into the balancing loss.
     """
     inputs, targets = block[:, :-1], block[:, 1:]
     want_router = aux_weight > 0 or z_weight > 0
@@ -78,7 +78,7 @@ def lm_loss(
             scale = count_scale(cfg.num_experts, owned, factor, device=ce.device)
         bias = router_bias(model)
         aux = balance_loss(out.router_logits, cfg.num_experts, cfg.num_experts_per_tok, balance, scale,
-                           global_share, global_weight, bias)
+                           global_load, global_weight, bias)
         z = router_z_loss(out.router_logits)
         counts = expert_counts(out.router_logits, cfg.num_experts_per_tok, cfg.num_experts, bias)
     total = ce + aux_weight * aux + z_weight * z

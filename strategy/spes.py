@@ -191,7 +191,6 @@ class SpesStrategy(Strategy):
                     keys.LOCAL_STEPS: self.cfg.local_steps,
                     keys.OWNED_EXPERTS: list(self.experts_of(pid)),
                     keys.FULL_MODEL: member.needs_full,
-                    keys.NODE_INDEX: self.partitions.index(pid),
                     **self._routing_config(),
                 }
             )
@@ -404,7 +403,7 @@ class SpesStrategy(Strategy):
         messages = []
         self._eval_sent, self._targets = {}, {}
         for pid in self.partitions:
-            config_rec = ConfigRecord({**dict(config), keys.SERVER_ROUND: server_round, keys.NODE_INDEX: pid,
+            config_rec = ConfigRecord({**dict(config), keys.SERVER_ROUND: server_round,
                                        **({keys.ROUTER_BIAS: self._routing_config()[keys.ROUTER_BIAS]}
                                           if self.router_bias is not None else {})})
             content = RecordDict({keys.ARRAYS: arrays, keys.CONFIG: config_rec})

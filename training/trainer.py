@@ -141,11 +141,11 @@ def train_steps(
     total_steps: int,
     device: torch.device,
     progress: Any = None,
-    global_share: torch.Tensor | None = None,
+    global_load: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Run `steps` optimizer steps; returns mean losses, tokens, throughput, peak memory, expert load.
 
-    `global_share` ([layers, experts]): the federation's expert load last round, for the
+    `global_load` ([layers, experts]): the federation's expert load last round, for the
     balancing loss when cfg.balance_global_weight > 0.
     """
     prepare_model(model, cfg)
@@ -173,7 +173,7 @@ def train_steps(
                 model, block, cfg.aux_loss_weight, cfg.z_loss_weight, balance=cfg.balance,
                 logit_z_weight=cfg.logit_z_loss_weight, local_decay=decay, owned=owned,
                 step=start_step + i, total_steps=total_steps, lean=cfg.lean_loss,
-                global_share=global_share, global_weight=cfg.balance_global_weight,
+                global_load=global_load, global_weight=cfg.balance_global_weight,
             )
         parts.total.backward()
         if cfg.grad_clip > 0:
