@@ -49,7 +49,7 @@ def variants(name: str, base: list[str]) -> list[tuple[str, str, list[str]]]:
 
 
 def run_ablation(name: str, base: list[str], out: Path) -> dict:
-    from bench.harness import merge_overrides, method_entry, owned_per_node, portable_arg, run_federated
+    from bench.runs import merge_overrides, method_entry, owned_per_node, portable_arg, run_federated
 
     t0 = time.time()
     entries = {}

@@ -21,6 +21,37 @@ RATIO_ORDER = ("mem_spes_over_diloco", "bytes_spes_over_diloco", "loss_spes_over
                "loss_spes_over_diloco", "flower_overhead", "bytes_spes_int8_over_diloco_fp32",
                "loss_spes_int8_over_spes_fp32")
 
+# ratio -> (numerator, denominator): dotted paths into results.json.
+RATIO_SOURCES = {
+    "mem_spes_over_diloco": ("memory.spes.peak_rss_mb", "memory.diloco.peak_rss_mb"),
+    "bytes_spes_over_diloco": (
+        "methods.spes.bytes_steady_per_round_node", "methods.diloco.bytes_steady_per_round_node"),
+    "loss_spes_over_centralized": ("methods.spes.final_val_loss", "methods.centralized.final_val_loss"),
+    "loss_spes_over_diloco": ("methods.spes.final_val_loss", "methods.diloco.final_val_loss"),
+    "flower_overhead": ("overhead.sim_round_s", "overhead.bare_round_s"),
+    "bytes_spes_int8_over_diloco_fp32": (
+        "methods.spes_int8.bytes_steady_per_round_node", "methods.diloco.bytes_steady_per_round_node"),
+    "loss_spes_int8_over_spes_fp32": ("methods.spes_int8.final_val_loss", "methods.spes.final_val_loss"),
+}
+
+
+def lookup(results: dict, path: str):
+    node = results
+    for part in path.split("."):
+        node = node[part]
+    return node
+
+
+def compute_ratios(results: dict) -> dict[str, float]:
+    """Every ratio whose inputs the results hold (results from before a method existed lack its ratios)."""
+    out = {}
+    for k, (num, den) in RATIO_SOURCES.items():
+        try:
+            out[k] = lookup(results, num) / lookup(results, den)
+        except KeyError:
+            continue
+    return out
+
 
 def machine_info() -> dict:
     import torch
@@ -156,7 +187,6 @@ def load_goals(path: Path = GOALS_FILE) -> dict[str, dict]:
     """ratio -> {"goal": bound, "acceptance": looser bound or None}, from the goals table (YAML)."""
     from omegaconf import OmegaConf
 
-    from bench.harness import RATIO_SOURCES
 
     if not path.is_file():
         raise FileNotFoundError(f"benchmark goals file {path} is missing")

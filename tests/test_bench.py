@@ -17,8 +17,9 @@ import pytest
 
 from micro import MICRO_MODEL
 from bench.ablations import ABLATIONS, ablation_section, variants
-from bench.report import GOALS_FILE, goal_context, load_goals, render, report_numbers, verdict
-from bench.harness import DEFAULTS, RATIO_SOURCES, absolute_paths, lookup, main, merge_overrides
+from bench.harness import DEFAULTS, main
+from bench.report import GOALS_FILE, RATIO_SOURCES, goal_context, load_goals, lookup, render, report_numbers, verdict
+from bench.runs import absolute_paths, merge_overrides
 
 SMALL = [
     *MICRO_MODEL,

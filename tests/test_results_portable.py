@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.harness import ROOT, absolute_paths, method_entry, portable_arg, relative_path
+from bench.runs import ROOT, absolute_paths, method_entry, portable_arg, relative_path
 
 BENCH = ROOT / "benchmarks"
 
