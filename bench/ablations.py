@@ -35,12 +35,15 @@ def variants(name: str, base: list[str]) -> list[tuple[str, str, list[str]]]:
     spec = load(base)
     n, r, h, b = spec.nodes, spec.rounds, spec.strategy.local_steps, spec.train.batch_size
     if name == "merge":
-        return [("merge-on", "spes", ["strategy.merge.enabled=true"]),
-                ("merge-off", "spes", ["strategy.merge.enabled=false"])]
+        return [
+            ("merge-on", "spes", ["strategy.merge.enabled=true"]),
+            ("merge-off", "spes", ["strategy.merge.enabled=false"]),
+        ]
     if name == "H":
         steps = r * h
-        return [(f"H={x}", "spes", [f"strategy.local_steps={x}", f"rounds={max(1, steps // x)}"])
-                for x in (25, 100, 400)]
+        return [
+            (f"H={x}", "spes", [f"strategy.local_steps={x}", f"rounds={max(1, steps // x)}"]) for x in (25, 100, 400)
+        ]
     if name == "nodes":
         return [(f"nodes={k}", "spes", [f"nodes={k}", f"train.batch_size={max(1, n * b // k)}"]) for k in (2, 4, 8)]
     if name == "iid":
@@ -57,10 +60,16 @@ def run_ablation(name: str, base: list[str], out: Path) -> dict:
         ov = merge_overrides(base, [f"strategy={strategy}", *extra])
         run_name = f"abl-{name}-{label}".replace("=", "")
         run_dir = run_federated(strategy, ov, out / "runs", run_name)
-        entries[label] = {"strategy": strategy, "overrides": extra,
-                          **method_entry(run_dir, owned_per_node(ov), out / "ablations")}
-        print(f"[ablation {name}] {label}: final held-out loss {entries[label]['final_val_loss']:.4f} "
-              f"({(time.time() - t0) / 60:.1f} min)", flush=True)
+        entries[label] = {
+            "strategy": strategy,
+            "overrides": extra,
+            **method_entry(run_dir, owned_per_node(ov), out / "ablations"),
+        }
+        print(
+            f"[ablation {name}] {label}: final held-out loss {entries[label]['final_val_loss']:.4f} "
+            f"({(time.time() - t0) / 60:.1f} min)",
+            flush=True,
+        )
     result = {
         "ablation": name,
         "command": f"python -m bench --ablation {name}",
@@ -84,11 +93,20 @@ def ablation_section(name: str, res: dict | None) -> dict:
     rows = []
     for label in order:
         e = res["variants"][label]
-        rows.append({**e, "label": label, "rounds": len(e["val_loss_by_round"]) - 1,
-                     "bytes_all_rounds": e["bytes_up_per_round_node"] + e["bytes_down_per_round_node"]})
+        rows.append(
+            {
+                **e,
+                "label": label,
+                "rounds": len(e["val_loss_by_round"]) - 1,
+                "bytes_all_rounds": e["bytes_up_per_round_node"] + e["bytes_down_per_round_node"],
+            }
+        )
     best = min(rows, key=lambda r: r["final_val_loss"])
-    section.update(rows=rows, best=best, others=[
-        (r["label"], r["final_val_loss"] - best["final_val_loss"]) for r in rows if r is not best])
+    section.update(
+        rows=rows,
+        best=best,
+        others=[(r["label"], r["final_val_loss"] - best["final_val_loss"]) for r in rows if r is not best],
+    )
     return section
 
 
@@ -101,12 +119,14 @@ def write_results_md(out: Path, docs: Path) -> Path:
         path = out / "ablations" / f"{name}.json"
         section = ablation_section(name, json.loads(path.read_text()) if path.exists() else None)
         if section["run"] is not None:
-            plot_loss({r["label"]: (r["tokens_by_round"], r["val_loss_by_round"]) for r in section["rows"]},
-                      docs / section["png"], TITLES[name])
+            plot_loss(
+                {r["label"]: (r["tokens_by_round"], r["val_loss_by_round"]) for r in section["rows"]},
+                docs / section["png"],
+                TITLES[name],
+            )
         sections.append(section)
     path = docs / "results.md"
-    path.write_text(render("results.md.j2", {"sections": sections,
-                                             "ablations_dir": display_path(out / "ablations")}))
+    path.write_text(render("results.md.j2", {"sections": sections, "ablations_dir": display_path(out / "ablations")}))
     return path
 
 

@@ -71,12 +71,24 @@ def run(overrides: list[str]) -> dict:
         m = train_steps(model, optimizer, stream, cfg, (r - 1) * h, h, spec.total_steps, device)
         loss, _ = evaluate(model, heldout, spec.eval.batch_size, spec.eval.max_batches, device)
         node = {
-            "partition_id": 0, "status": "ok", "bytes_up": 0, "bytes_down": 0,
+            "partition_id": 0,
+            "status": "ok",
+            "bytes_up": 0,
+            "bytes_down": 0,
             **_node_metrics({**m, "trainable-params": trainable}, spec.model.num_experts),
         }
-        record = RoundRecord(round=r, global_step=r * h, applied=True, valid_updates=1, tokens=m["num-tokens"],
-                             train_loss=m["train-loss"], nodes={"0": node}, val_loss=loss,
-                             val_ppl=math.exp(min(loss, 50.0)), wall_s=time.time() - t_start)
+        record = RoundRecord(
+            round=r,
+            global_step=r * h,
+            applied=True,
+            valid_updates=1,
+            tokens=m["num-tokens"],
+            train_loss=m["train-loss"],
+            nodes={"0": node},
+            val_loss=loss,
+            val_ppl=math.exp(min(loss, 50.0)),
+            wall_s=time.time() - t_start,
+        )
         runlog.log_round(record)
         print(
             f"[centralized] step {r * h}/{spec.total_steps}: held-out loss {loss:.4f}, train loss "
@@ -89,8 +101,10 @@ def run(overrides: list[str]) -> dict:
     write_json_atomic(run_dir / "summary.json", summary)
     runlog.plot_loss(first, [r.tokens for r in runlog.rounds])
     runlog.close()
-    print(f"[centralized] done in {summary['wall_s']:.0f}s: held-out loss {first:.4f} -> "
-          f"{summary['final_val_loss']:.4f}", flush=True)
+    print(
+        f"[centralized] done in {summary['wall_s']:.0f}s: held-out loss {first:.4f} -> {summary['final_val_loss']:.4f}",
+        flush=True,
+    )
     return summary
 
 
@@ -101,7 +115,6 @@ def _node_metrics(metrics, num_experts: int) -> dict:
         load = [float(x) for x in metrics[keys.EXPERT_LOAD]]
         out["expert_load"] = [load[i : i + num_experts] for i in range(0, len(load), num_experts)]
     return out
-
 
 
 def main(argv: list[str]) -> int:

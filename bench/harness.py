@@ -29,15 +29,26 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from bench.report import RATIO_SOURCES, compute_ratios
-from bench.runs import CODEC_METHODS, merge_overrides, method_entry, owned_per_node, portable_arg, read_run, relative_path, run_federated
+from bench.runs import (
+    CODEC_METHODS,
+    merge_overrides,
+    method_entry,
+    owned_per_node,
+    portable_arg,
+    read_run,
+    relative_path,
+    run_federated,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ("spes", "diloco", "fedavg")
 # tiny model, 4 nodes x 4 experts, 16 rounds x H=25 = 400 steps: finishes well inside 30 min on 2 CPUs.
 DEFAULTS = ["model=tiny", "nodes=4", "rounds=16", "strategy.local_steps=25"]
 
-def flower_overhead(spes_ov: list[str], runs: Path, bare_rounds: int, overhead_h: tuple[int, ...],
-                    overhead_rounds: int, stamp) -> dict:
+
+def flower_overhead(
+    spes_ov: list[str], runs: Path, bare_rounds: int, overhead_h: tuple[int, ...], overhead_rounds: int, stamp
+) -> dict:
     """Flower simulation rounds against the bare loop: short SPES runs on Flower (engine=flower) at the
     bench's H (the headline) and at each of `overhead_h` (the per-round costs Flower adds are fixed, so
     the ratio depends on H; the reference uses H = 100). Round 1 (start-up) is not timed."""
@@ -52,14 +63,24 @@ def flower_overhead(spes_ov: list[str], runs: Path, bare_rounds: int, overhead_h
     over["at_local_steps"] = {}
     for h in overhead_h:
         res = at([f"strategy.local_steps={h}"], f"bench-overhead-H{h}")
-        over["at_local_steps"][str(h)] = {k: res[k] for k in (
-            "sim_round_s", "bare_round_s", "flower_overhead", "sim_over_local_round", "unaccounted_s")}
+        over["at_local_steps"][str(h)] = {
+            k: res[k]
+            for k in ("sim_round_s", "bare_round_s", "flower_overhead", "sim_over_local_round", "unaccounted_s")
+        }
     return over
 
 
-def run_benchmark(overrides: list[str], out: Path, docs: Path, memory_overrides: list[str],
-                  memory_shape: tuple[int, int, int], bare_rounds: int, command: str,
-                  overhead_h: tuple[int, ...] = (), overhead_rounds: int = 3) -> dict:
+def run_benchmark(
+    overrides: list[str],
+    out: Path,
+    docs: Path,
+    memory_overrides: list[str],
+    memory_shape: tuple[int, int, int],
+    bare_rounds: int,
+    command: str,
+    overhead_h: tuple[int, ...] = (),
+    overhead_rounds: int = 3,
+) -> dict:
     from bench import centralized, memory
     from bench.report import machine_info, write_bench_docs
 
@@ -112,28 +133,51 @@ def run_benchmark(overrides: list[str], out: Path, docs: Path, memory_overrides:
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ablation", choices=["merge", "H", "nodes", "iid", "all"],
-                   help="run an ablation instead of the main benchmark (writes docs/results.md)")
+    p = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--ablation",
+        choices=["merge", "H", "nodes", "iid", "all"],
+        help="run an ablation instead of the main benchmark (writes docs/results.md)",
+    )
     p.add_argument("--out", default="benchmarks", help="results.json and runs/ go here")
     p.add_argument("--docs", default="docs", help="benchmarks.md / results.md and plots go here")
-    p.add_argument("--memory-overrides", default="model=small",
-                   help="Hydra overrides for the memory measurement (default: the paper's 4 x 4 ratio)")
+    p.add_argument(
+        "--memory-overrides",
+        default="model=small",
+        help="Hydra overrides for the memory measurement (default: the paper's 4 x 4 ratio)",
+    )
     p.add_argument("--memory-batch", type=int, default=4)
     p.add_argument("--memory-seq", type=int, default=128)
     p.add_argument("--memory-steps", type=int, default=3)
     p.add_argument("--bare-rounds", type=int, default=3, help="bare-loop rounds for the overhead (first is warm-up)")
-    p.add_argument("--overhead-h", type=int, nargs="*", default=[100],
-                   help="also measure the Flower overhead at these H (short SPES runs); none: skip")
-    p.add_argument("--engine", choices=["inprocess", "flower"], default="inprocess",
-                   help="how the federated methods run (bit-identical results; the Flower overhead is always "
-                        "measured on Flower simulations)")
-    p.add_argument("--overhead-rounds", type=int, default=3,
-                   help="rounds of each --overhead-h run (round 1 is start-up and is not timed)")
-    p.add_argument("--report-only", action="store_true",
-                   help="only rewrite the docs and plots from an existing <out>/results.json "
-                        "(and docs/results.md from <out>/ablations/*.json, when there are any)")
+    p.add_argument(
+        "--overhead-h",
+        type=int,
+        nargs="*",
+        default=[100],
+        help="also measure the Flower overhead at these H (short SPES runs); none: skip",
+    )
+    p.add_argument(
+        "--engine",
+        choices=["inprocess", "flower"],
+        default="inprocess",
+        help="how the federated methods run (bit-identical results; the Flower overhead is always "
+        "measured on Flower simulations)",
+    )
+    p.add_argument(
+        "--overhead-rounds",
+        type=int,
+        default=3,
+        help="rounds of each --overhead-h run (round 1 is start-up and is not timed)",
+    )
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="only rewrite the docs and plots from an existing <out>/results.json "
+        "(and docs/results.md from <out>/ablations/*.json, when there are any)",
+    )
     p.add_argument("overrides", nargs="*", help="Hydra overrides applied to every method")
     a = p.parse_args(argv)
     command = "python -m bench " + " ".join(shlex.quote(portable_arg(x)) for x in argv)
@@ -157,6 +201,15 @@ def main(argv: list[str]) -> int:
         run_ablations(a.ablation, overrides, out, docs)
         return 0
     mem_ov = shlex.split(a.memory_overrides)
-    run_benchmark(overrides, out, docs, mem_ov, (a.memory_batch, a.memory_seq, a.memory_steps), a.bare_rounds, command,
-                  tuple(a.overhead_h), a.overhead_rounds)
+    run_benchmark(
+        overrides,
+        out,
+        docs,
+        mem_ov,
+        (a.memory_batch, a.memory_seq, a.memory_steps),
+        a.bare_rounds,
+        command,
+        tuple(a.overhead_h),
+        a.overhead_rounds,
+    )
     return 0

@@ -110,13 +110,18 @@ def measure(overrides: list[str], batch: int = 4, seq: int = 128, steps: int = 3
         "threads": threads,
     }
     for method, owned in (("spes", owned_spes), ("diloco", None)):
-        print(f"[memory] {method}: fresh process, model={spec.model.name}, "
-              f"{'experts ' + str(owned) if owned else 'all experts'} trainable, {steps} steps of {batch}x{seq}",
-              flush=True)
+        print(
+            f"[memory] {method}: fresh process, model={spec.model.name}, "
+            f"{'experts ' + str(owned) if owned else 'all experts'} trainable, {steps} steps of {batch}x{seq}",
+            flush=True,
+        )
         job = {**base, "owned": owned}
         proc = subprocess.run(
             [sys.executable, "-m", "bench.memory", "--worker", json.dumps(job)],
-            cwd=ROOT, capture_output=True, text=True, check=False,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=False,
         )
         if proc.returncode != 0:
             raise RuntimeError(f"memory worker ({method}) failed:\n{proc.stderr[-3000:]}")
@@ -124,9 +129,12 @@ def measure(overrides: list[str], batch: int = 4, seq: int = 128, steps: int = 3
         res["owned_experts"] = len(owned) if owned else spec.model.num_experts
         res["analytic_floor_mb"] = analytic_floor_mb(res["total_params"], res["trainable_params"])
         res["peak_minus_imports_mb"] = res["peak_rss_mb"] - res["rss_after_imports_mb"]
-        print(f"[memory] {method}: peak RSS {res['peak_rss_mb']:.0f} MiB (analytic floor "
-              f"{res['analytic_floor_mb']:.0f} MiB, interpreter+libraries {res['rss_after_imports_mb']:.0f} MiB) "
-              f"in {res['seconds']:.0f}s", flush=True)
+        print(
+            f"[memory] {method}: peak RSS {res['peak_rss_mb']:.0f} MiB (analytic floor "
+            f"{res['analytic_floor_mb']:.0f} MiB, interpreter+libraries {res['rss_after_imports_mb']:.0f} MiB) "
+            f"in {res['seconds']:.0f}s",
+            flush=True,
+        )
         out[method] = res
     s, d = out["spes"], out["diloco"]
     out["ratio_measured"] = s["peak_rss_mb"] / d["peak_rss_mb"]
@@ -140,8 +148,9 @@ def main(argv: list[str]) -> int:
     if argv[:1] == ["--worker"]:
         print(json.dumps(_worker(json.loads(argv[1]))))
         return 0
-    p = argparse.ArgumentParser(prog="python -m bench.memory", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.memory", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--steps", type=int, default=3)

@@ -32,8 +32,9 @@ def cpu_slots() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def _worker(spec_json: str, tok_json: str, nodes: list[int], owners: list[list[int]], rounds: int,
-            workdir: str, barrier, queue) -> None:
+def _worker(
+    spec_json: str, tok_json: str, nodes: list[int], owners: list[list[int]], rounds: int, workdir: str, barrier, queue
+) -> None:
     import torch
 
     torch.set_num_threads(1)  # a simulated node is a 1-CPU Ray actor (OMP_NUM_THREADS=1)
@@ -75,16 +76,21 @@ def bare_rounds(overrides: list[str], rounds: int = 3) -> dict:
     slots = min(spec.nodes, cpu_slots())
     ctx = mp.get_context("spawn")
     barrier, queue = ctx.Barrier(slots), ctx.Queue()
-    print(f"[overhead] bare loop: {spec.nodes} nodes on {slots} processes x 1 thread, "
-          f"{rounds} rounds of {spec.strategy.local_steps} steps", flush=True)
+    print(
+        f"[overhead] bare loop: {spec.nodes} nodes on {slots} processes x 1 thread, "
+        f"{rounds} rounds of {spec.strategy.local_steps} steps",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory(prefix="spes-bare-") as tmp:
         old = os.environ.get("OMP_NUM_THREADS")
         os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the spawned workers before torch loads
         try:
             common = (spec.to_json(), tokenizer_to_json(tok))
             procs = [
-                ctx.Process(target=_worker,
-                            args=(*common, list(range(k, spec.nodes, slots)), owners, rounds, tmp, barrier, queue))
+                ctx.Process(
+                    target=_worker,
+                    args=(*common, list(range(k, spec.nodes, slots)), owners, rounds, tmp, barrier, queue),
+                )
                 for k in range(slots)
             ]
             for pr in procs:
@@ -102,13 +108,20 @@ def bare_rounds(overrides: list[str], rounds: int = 3) -> dict:
     by_round = []
     for r in range(1, rounds + 1):
         rs = [x for x in results if x["round"] == r]
-        by_round.append({"round": r, "train_s": max(x["train_s"] for x in rs),
-                         "local_round_s": max(x["local_round_s"] for x in rs)})
-        print(f"[overhead] bare round {r}: train loop {by_round[-1]['train_s']:.2f}s, "
-              f"whole node round {by_round[-1]['local_round_s']:.2f}s", flush=True)
+        by_round.append(
+            {"round": r, "train_s": max(x["train_s"] for x in rs), "local_round_s": max(x["local_round_s"] for x in rs)}
+        )
+        print(
+            f"[overhead] bare round {r}: train loop {by_round[-1]['train_s']:.2f}s, "
+            f"whole node round {by_round[-1]['local_round_s']:.2f}s",
+            flush=True,
+        )
     steady = by_round[1:] or by_round  # round 1 pays first-touch costs in the simulation too; skip it
     return {
-        "slots": slots, "threads_per_node": 1, "rounds": rounds, "by_round": by_round,
+        "slots": slots,
+        "threads_per_node": 1,
+        "rounds": rounds,
+        "by_round": by_round,
         "train_s": statistics.mean(x["train_s"] for x in steady),
         "local_round_s": statistics.mean(x["local_round_s"] for x in steady),
     }
@@ -168,7 +181,10 @@ def measure(overrides: list[str], metrics: list[RoundRecord], rounds: int = 3) -
         # work: Flower/Ray messaging, ArrayRecord encode/decode, aggregation, merging, waiting.
         "unaccounted_s": sim_round_s - accounted,
     }
-    print(f"[overhead] simulated round {sim_round_s:.2f}s vs bare train loop {bare['train_s']:.2f}s: "
-          f"overhead x{out['flower_overhead']:.2f} (whole node round without Flower {bare['local_round_s']:.2f}s, "
-          f"coordinator eval {coord['eval_s']:.2f}s + checkpoint {coord['checkpoint_s']:.2f}s)", flush=True)
+    print(
+        f"[overhead] simulated round {sim_round_s:.2f}s vs bare train loop {bare['train_s']:.2f}s: "
+        f"overhead x{out['flower_overhead']:.2f} (whole node round without Flower {bare['local_round_s']:.2f}s, "
+        f"coordinator eval {coord['eval_s']:.2f}s + checkpoint {coord['checkpoint_s']:.2f}s)",
+        flush=True,
+    )
     return out

@@ -15,22 +15,38 @@ ROOT = Path(__file__).resolve().parent.parent
 GOALS_FILE = ROOT / "conf" / "bench" / "goals.yaml"
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 MiB = 2**20
-LABELS = {"spes": "SPES", "diloco": "DiLoCo", "fedavg": "FedAvg", "centralized": "centralized",
-          "spes_int8": "SPES int8+EF", "spes_bf16": "SPES bf16"}
-RATIO_ORDER = ("mem_spes_over_diloco", "bytes_spes_over_diloco", "loss_spes_over_centralized",
-               "loss_spes_over_diloco", "flower_overhead", "bytes_spes_int8_over_diloco_fp32",
-               "loss_spes_int8_over_spes_fp32")
+LABELS = {
+    "spes": "SPES",
+    "diloco": "DiLoCo",
+    "fedavg": "FedAvg",
+    "centralized": "centralized",
+    "spes_int8": "SPES int8+EF",
+    "spes_bf16": "SPES bf16",
+}
+RATIO_ORDER = (
+    "mem_spes_over_diloco",
+    "bytes_spes_over_diloco",
+    "loss_spes_over_centralized",
+    "loss_spes_over_diloco",
+    "flower_overhead",
+    "bytes_spes_int8_over_diloco_fp32",
+    "loss_spes_int8_over_spes_fp32",
+)
 
 # ratio -> (numerator, denominator): dotted paths into results.json.
 RATIO_SOURCES = {
     "mem_spes_over_diloco": ("memory.spes.peak_rss_mb", "memory.diloco.peak_rss_mb"),
     "bytes_spes_over_diloco": (
-        "methods.spes.bytes_steady_per_round_node", "methods.diloco.bytes_steady_per_round_node"),
+        "methods.spes.bytes_steady_per_round_node",
+        "methods.diloco.bytes_steady_per_round_node",
+    ),
     "loss_spes_over_centralized": ("methods.spes.final_val_loss", "methods.centralized.final_val_loss"),
     "loss_spes_over_diloco": ("methods.spes.final_val_loss", "methods.diloco.final_val_loss"),
     "flower_overhead": ("overhead.sim_round_s", "overhead.bare_round_s"),
     "bytes_spes_int8_over_diloco_fp32": (
-        "methods.spes_int8.bytes_steady_per_round_node", "methods.diloco.bytes_steady_per_round_node"),
+        "methods.spes_int8.bytes_steady_per_round_node",
+        "methods.diloco.bytes_steady_per_round_node",
+    ),
     "loss_spes_int8_over_spes_fp32": ("methods.spes_int8.final_val_loss", "methods.spes.final_val_loss"),
 }
 
@@ -78,8 +94,13 @@ def machine_info() -> dict:
         flwr_version = "?"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {
-        "cpu": cpu, "cores": cores, "mem_gb": mem_gb, "platform": platform.platform(),
-        "python": platform.python_version(), "torch": torch.__version__, "flwr": flwr_version,
+        "cpu": cpu,
+        "cores": cores,
+        "mem_gb": mem_gb,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "flwr": flwr_version,
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
 
@@ -117,8 +138,15 @@ def plot_bytes(methods: dict, path: Path) -> Path:
     styles = ["-", "--", ":"]  # DiLoCo and FedAvg send identical bytes: keep both lines visible
     for i, m in enumerate(fed):
         per = methods[m]["bytes_per_round_node"]
-        a.plot(range(1, len(per) + 1), [x / MiB for x in per], marker="o", markersize=3,
-               linestyle=styles[i % 3], linewidth=max(2.5 - 0.7 * i, 1.0), label=LABELS[m])
+        a.plot(
+            range(1, len(per) + 1),
+            [x / MiB for x in per],
+            marker="o",
+            markersize=3,
+            linestyle=styles[i % 3],
+            linewidth=max(2.5 - 0.7 * i, 1.0),
+            label=LABELS[m],
+        )
     a.set_xlabel("round")
     a.set_ylabel("MiB per node (up + down)")
     a.set_ylim(bottom=0)
@@ -187,7 +215,6 @@ def load_goals(path: Path = GOALS_FILE) -> dict[str, dict]:
     """ratio -> {"goal": bound, "acceptance": looser bound or None}, from the goals table (YAML)."""
     from omegaconf import OmegaConf
 
-
     if not path.is_file():
         raise FileNotFoundError(f"benchmark goals file {path} is missing")
     raw = OmegaConf.to_container(OmegaConf.load(path))
@@ -213,8 +240,11 @@ def verdict(ratio: float, goal: dict) -> dict:
     """Where a measured ratio stands against its goal (every bound is an upper bound)."""
     acc = goal["acceptance"]
     return {
-        "ratio": ratio, "goal": goal["goal"], "acceptance": acc,
-        "meets_goal": ratio <= goal["goal"], "goal_gap": ratio - goal["goal"],
+        "ratio": ratio,
+        "goal": goal["goal"],
+        "acceptance": acc,
+        "meets_goal": ratio <= goal["goal"],
+        "goal_gap": ratio - goal["goal"],
         "meets_acceptance": None if acc is None else ratio <= acc,
         "acceptance_gap": None if acc is None else ratio - acc,
     }
@@ -233,17 +263,24 @@ def render(template: str, context: dict) -> str:
     """Render bench/templates/<template>; an unknown name in the template is an error, not a blank."""
     import jinja2
 
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), undefined=jinja2.StrictUndefined,
-                             trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
-                             autoescape=False)  # Markdown, not HTML
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )  # Markdown, not HTML
     env.filters.update(fmt=_fmt, mib=lambda x: _fmt(None if x is None else x / MiB, ".2f"), bound=_bound)
     return env.get_template(template).render(context)
 
 
 def _shape(model) -> str:
     """The model shape behind a preset name, since presets can be retuned between runs."""
-    return (f"{model.num_layers} x d{model.hidden_size}, vocab {model.vocab_size or 'from tokenizer'}, "
-            f"{model.num_experts} experts of FFN {model.expert_ffn}, top-{model.top_k}")
+    return (
+        f"{model.num_layers} x d{model.hidden_size}, vocab {model.vocab_size or 'from tokenizer'}, "
+        f"{model.num_experts} experts of FFN {model.expert_ffn}, top-{model.top_k}"
+    )
 
 
 def _all_rounds(entry: dict) -> float:
@@ -307,12 +344,22 @@ def report_numbers(results: dict, results_path: Path) -> dict:
 def goal_context(results: dict, goals: dict) -> dict:
     """The ratios table (with each ratio's goal) and the verdicts against the goals table."""
     ratios = {k: results["ratios"][k] for k in RATIO_ORDER if k in results["ratios"]}
-    analytic = {"bytes_spes_over_diloco": results["analytic_ratios"]["bytes_spes_over_diloco"],
-                "mem_spes_over_diloco": results["analytic_ratios"]["mem_floor_spes_over_diloco"]}
+    analytic = {
+        "bytes_spes_over_diloco": results["analytic_ratios"]["bytes_spes_over_diloco"],
+        "mem_spes_over_diloco": results["analytic_ratios"]["mem_floor_spes_over_diloco"],
+    }
     return {
-        "ratio_rows": [{"key": k, "value": v, "num": results["ratio_sources"][k][0],
-                        "den": results["ratio_sources"][k][1], "analytic": analytic.get(k), "goal": goals.get(k)}
-                       for k, v in ratios.items()],
+        "ratio_rows": [
+            {
+                "key": k,
+                "value": v,
+                "num": results["ratio_sources"][k][0],
+                "den": results["ratio_sources"][k][1],
+                "analytic": analytic.get(k),
+                "goal": goals.get(k),
+            }
+            for k, v in ratios.items()
+        ],
         "verdicts": {k: verdict(ratios[k], g) for k, g in goals.items() if k in ratios},
     }
 
@@ -327,8 +374,11 @@ def write_bench_docs(results: dict, docs: Path, results_path: Path, goals: dict 
     docs.mkdir(parents=True, exist_ok=True)
     context = bench_context(results, results_path, load_goals() if goals is None else goals)
     methods = context["methods"]
-    plot_loss({LABELS[m]: (e["tokens_by_round"], e["val_loss_by_round"]) for m, e in methods.items()},
-              docs / "bench_loss.png", "held-out loss vs tokens")
+    plot_loss(
+        {LABELS[m]: (e["tokens_by_round"], e["val_loss_by_round"]) for m, e in methods.items()},
+        docs / "bench_loss.png",
+        "held-out loss vs tokens",
+    )
     plot_bytes(methods, docs / "bench_bytes.png")
     plot_memory(results, docs / "bench_memory.png")
     path = docs / "benchmarks.md"

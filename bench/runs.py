@@ -16,11 +16,21 @@ ROOT = Path(__file__).resolve().parent.parent
 BYTES_FP32 = 4
 # SPES with delta sync and compressed differences both ways (issue 11): name -> overrides.
 CODEC_METHODS = {
-    "spes_int8": ["strategy=spes", "strategy.delta_sync=true", "strategy.uplink_codec=int8",
-                  "strategy.downlink_codec=int8", "strategy.error_feedback=true"],
-    "spes_bf16": ["strategy=spes", "strategy.delta_sync=true", "strategy.uplink_codec=bf16",
-                  "strategy.downlink_codec=bf16"],
+    "spes_int8": [
+        "strategy=spes",
+        "strategy.delta_sync=true",
+        "strategy.uplink_codec=int8",
+        "strategy.downlink_codec=int8",
+        "strategy.error_feedback=true",
+    ],
+    "spes_bf16": [
+        "strategy=spes",
+        "strategy.delta_sync=true",
+        "strategy.uplink_codec=bf16",
+        "strategy.downlink_codec=bf16",
+    ],
 }
+
 
 def _key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
@@ -116,9 +126,14 @@ def bytes_entry(summary: dict, metrics: list[RoundRecord], owned: int, analytic:
     up_s, down_s = per_node(steady, "bytes_up"), per_node(steady, "bytes_down")
     has_wire = all("wire_bytes_up" in n for r in metrics for n in r.nodes.values())
     wire_s = (per_node(steady, "wire_bytes_up") or 0.0) + (per_node(steady, "wire_bytes_down") or 0.0)
-    wire = {"wire_bytes_steady_per_round_node": wire_s if steady else None,
-            "wire_bytes_per_round_node": per_node(metrics, "wire_bytes_up") + per_node(metrics, "wire_bytes_down")
-            } if has_wire and metrics else {}
+    wire = (
+        {
+            "wire_bytes_steady_per_round_node": wire_s if steady else None,
+            "wire_bytes_per_round_node": per_node(metrics, "wire_bytes_up") + per_node(metrics, "wire_bytes_down"),
+        }
+        if has_wire and metrics
+        else {}
+    )
     entry = {
         "bytes_up_per_round_node": summary["bytes_up_per_round_node"],  # all rounds
         "bytes_down_per_round_node": summary["bytes_down_per_round_node"],
@@ -174,12 +189,12 @@ def method_entry(run_dir: Path, owned: int | None, base: Path, analytic: bool = 
 def run_federated(method: str, overrides: list[str], runs_dir: Path, run_name: str) -> Path:
     from engine.simulate import simulate as sim_main
 
-    ov = merge_overrides(overrides, [*CODEC_METHODS.get(method, [f"strategy={method}"]), f"run_name={run_name}",
-                                     f"output_dir={runs_dir}"])
+    ov = merge_overrides(
+        overrides,
+        [*CODEC_METHODS.get(method, [f"strategy={method}"]), f"run_name={run_name}", f"output_dir={runs_dir}"],
+    )
     print(f"[bench] {method}: python -m sim {' '.join(ov)}", flush=True)
     rc = sim_main(ov)
     if rc != 0:
         raise RuntimeError(f"{method} simulation failed (exit {rc}); logs under {runs_dir / run_name}")
     return runs_dir / run_name
-
-

@@ -62,8 +62,13 @@ def _node(msg: Message, context: Context) -> tuple[NodeContext, ConfigRecord]:
     if not tok_path.exists():
         raise RuntimeError(f"{tok_path} missing: the coordinator's setup query did not reach this node")
     ctx = NodeContext(
-        spec, tokenizer_from_json(tok_path.read_text()), workdir, settings.partition_id, settings.num_partitions,
-        own_data, settings.progress,
+        spec,
+        tokenizer_from_json(tok_path.read_text()),
+        workdir,
+        settings.partition_id,
+        settings.num_partitions,
+        own_data,
+        settings.progress,
     )
     return ctx, cfg
 
@@ -91,8 +96,10 @@ def setup(msg: Message, context: Context) -> Message:
 def _routing(cfg: ConfigRecord, ctx: NodeContext):
     """The federation's expert load and the routing bias the coordinator sent (each may be absent)."""
     shape = (ctx.spec.model.num_layers, ctx.spec.model.num_experts)
-    return (unflatten(cfg.get(keys.GLOBAL_LOAD), *shape, f"received {keys.GLOBAL_LOAD}"),
-            unflatten(cfg.get(keys.ROUTER_BIAS), *shape, f"received {keys.ROUTER_BIAS}"))
+    return (
+        unflatten(cfg.get(keys.GLOBAL_LOAD), *shape, f"received {keys.GLOBAL_LOAD}"),
+        unflatten(cfg.get(keys.ROUTER_BIAS), *shape, f"received {keys.ROUTER_BIAS}"),
+    )
 
 
 @app.train()

@@ -99,8 +99,9 @@ def save_after_reply(state: NodeState, root: Path) -> None:
     wait_for_saves(root)
     root.mkdir(parents=True, exist_ok=True)
     marker = root / f"saving-{state.global_step:012d}.json"
-    write_text_atomic(marker, json.dumps({"pid": os.getpid(), "start": _start_time(os.getpid()),
-                                          "step": state.global_step}))
+    write_text_atomic(
+        marker, json.dumps({"pid": os.getpid(), "start": _start_time(os.getpid()), "step": state.global_step})
+    )
 
     def write() -> None:
         try:
@@ -147,8 +148,9 @@ def wait_for_saves(root: Path, timeout_s: float = WAIT_TIMEOUT_S) -> float:
             pid, start = -1, None
         while marker.exists() and pid > 0 and _alive(pid, start):
             if time.monotonic() > deadline:
-                raise TimeoutError(f"process {pid} is still saving a node state into {root} after {timeout_s:.0f}s "
-                                   f"({marker.name})")
+                raise TimeoutError(
+                    f"process {pid} is still saving a node state into {root} after {timeout_s:.0f}s ({marker.name})"
+                )
             time.sleep(_POLL_S)
         if marker.exists():
             log.warning("a save into %s was cut short (%s, process gone); that state is absent", root, marker.name)

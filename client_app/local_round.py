@@ -76,8 +76,15 @@ def _build(ctx: NodeContext, owned: list[int] | None, device: torch.device) -> t
     """
     special = {"eos_token_id": ctx.tokenizer.eos_token_id, "pad_token_id": ctx.tokenizer.pad_token_id}
     frozen = torch.bfloat16 if ctx.spec.train.precision == "bf16" and owned is not None else None
-    return build_model(ctx.spec.model, len(ctx.tokenizer), owned=owned, special_tokens=special, device=device,
-                       frozen_dtype=frozen, empty=True)
+    return build_model(
+        ctx.spec.model,
+        len(ctx.tokenizer),
+        owned=owned,
+        special_tokens=special,
+        device=device,
+        frozen_dtype=frozen,
+        empty=True,
+    )
 
 
 def _round_model(ctx: NodeContext, owned: list[int], device: torch.device) -> tuple[torch.nn.Module, dict[str, str]]:
@@ -134,8 +141,13 @@ def _saved(state_root: Path, step: int, kept: resident.ResidentNode | None) -> N
 
 
 def _delta_start(
-    ctx: NodeContext, delta: DeltaDownlink, expected: dict[str, torch.Tensor], full_model: bool, start_step: int,
-    state_root: Path, kept: resident.ResidentNode | None,
+    ctx: NodeContext,
+    delta: DeltaDownlink,
+    expected: dict[str, torch.Tensor],
+    full_model: bool,
+    start_step: int,
+    state_root: Path,
+    kept: resident.ResidentNode | None,
 ) -> tuple[dict[str, torch.Tensor], NodeState | None]:
     """The node's copy of the global model for this round, and the saved state it continues."""
     cfg = ctx.spec.strategy
@@ -163,7 +175,10 @@ def _delta_start(
 
 
 def _delta_reply(
-    ctx: NodeContext, trained: dict[str, torch.Tensor], base: dict[str, torch.Tensor], saved: NodeState | None,
+    ctx: NodeContext,
+    trained: dict[str, torch.Tensor],
+    base: dict[str, torch.Tensor],
+    saved: NodeState | None,
     owned_names: list[str],
 ) -> tuple[dict[str, np.ndarray], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(uplink arrays, new residual, decoded differences of the owned experts)."""
@@ -183,14 +198,14 @@ def _delta_reply(
 class RoundOrder:
     """What the coordinator asked of this node for one round."""
 
-    owned: list[int]                  # experts this node trains
-    full_model: bool                  # the message holds the whole model (else: everything but the node's own experts)
-    start_step: int                   # global step the round starts at
-    steps: int                        # H, local steps to train
-    total_steps: int | None = None    # end of the LR schedule (None: the spec's)
+    owned: list[int]  # experts this node trains
+    full_model: bool  # the message holds the whole model (else: everything but the node's own experts)
+    start_step: int  # global step the round starts at
+    steps: int  # H, local steps to train
+    total_steps: int | None = None  # end of the LR schedule (None: the spec's)
     delta: DeltaDownlink | None = None  # a delta-sync message, decoded inside the round
     global_load: torch.Tensor | None = None  # [layers, experts] federation's expert load last round
-    router_bias: torch.Tensor | None = None   # [layers, experts] routing bias for the top-k choice
+    router_bias: torch.Tensor | None = None  # [layers, experts] routing bias for the top-k choice
 
 
 @dataclass
@@ -235,8 +250,9 @@ def run_local_round(
     else:
         new_state.save(state_root)
     if train_cfg.resident:
-        resident.keep(resident.ResidentNode(key, model, plain, optimizer, new_state),
-                      train_cfg.resident_budget_mb * 2**20)
+        resident.keep(
+            resident.ResidentNode(key, model, plain, optimizer, new_state), train_cfg.resident_budget_mb * 2**20
+        )
     metrics["round-seconds"] = time.perf_counter() - t_start
     metrics["resident"] = float(kept is not None)
     metrics["save-wait-seconds"] = waited
@@ -245,16 +261,23 @@ def run_local_round(
 
 def _check_order(ctx: NodeContext, order: RoundOrder, received: dict[str, torch.Tensor]) -> None:
     if order.start_step < 0 or order.steps < 1:
-        raise ValueError(f"partition {ctx.partition_id}: bad round (global step {order.start_step}, "
-                         f"{order.steps} local steps)")
+        raise ValueError(
+            f"partition {ctx.partition_id}: bad round (global step {order.start_step}, {order.steps} local steps)"
+        )
     owned = order.owned
     if len(set(owned)) != len(owned) or any(not 0 <= e < ctx.spec.model.num_experts for e in owned):
         raise ValueError(f"partition {ctx.partition_id}: bad owned experts {owned}")
     _check_received(received, ctx.partition_id)
 
 
-def _start(ctx: NodeContext, order: RoundOrder, received: dict[str, torch.Tensor], template: dict[str, torch.Tensor],
-           state_root: Path, kept: resident.ResidentNode | None) -> _Start:
+def _start(
+    ctx: NodeContext,
+    order: RoundOrder,
+    received: dict[str, torch.Tensor],
+    template: dict[str, torch.Tensor],
+    state_root: Path,
+    kept: resident.ResidentNode | None,
+) -> _Start:
     """This round's tensors: what arrived, plus from the saved state what a sparse downlink left out."""
     if order.delta is not None:
         base, saved = _delta_start(ctx, order.delta, template, order.full_model, order.start_step, state_root, kept)
@@ -273,18 +296,24 @@ def _start(ctx: NodeContext, order: RoundOrder, received: dict[str, torch.Tensor
         if saved is not None:
             log.warning(
                 "partition %d: no state at global step %d; reusing optimizer moments and data position of step %d "
-                "with the full model from the coordinator", ctx.partition_id, order.start_step, saved.global_step,
+                "with the full model from the coordinator",
+                ctx.partition_id,
+                order.start_step,
+                saved.global_step,
             )
     return _Start(tensors, saved)
 
 
-def _load(ctx: NodeContext, model: torch.nn.Module, plain: dict[str, str], tensors: dict[str, torch.Tensor],
-          owned: list[int]) -> dict[str, torch.nn.Parameter]:
+def _load(
+    ctx: NodeContext, model: torch.nn.Module, plain: dict[str, str], tensors: dict[str, torch.Tensor], owned: list[int]
+) -> dict[str, torch.nn.Parameter]:
     """Load exactly the model's tensors; the model's parameters by plain name."""
     names = set(plain.values())
     missing, unexpected = names - tensors.keys(), tensors.keys() - names
     if missing:
-        raise RuntimeError(f"partition {ctx.partition_id}: {len(missing)} parameters missing, e.g. {sorted(missing)[:3]}")
+        raise RuntimeError(
+            f"partition {ctx.partition_id}: {len(missing)} parameters missing, e.g. {sorted(missing)[:3]}"
+        )
     if unexpected:
         raise RuntimeError(
             f"partition {ctx.partition_id}: {len(unexpected)} unexpected parameters, e.g. {sorted(unexpected)[:3]}"
@@ -295,20 +324,30 @@ def _load(ctx: NodeContext, model: torch.nn.Module, plain: dict[str, str], tenso
     sent = trained_param_names(list(plain.values()), owned, lora)
     if lora and (odd := {n for n, p in named.items() if p.requires_grad} ^ set(sent)):
         # The coordinator accepts exactly these names: training anything else would be lost.
-        raise RuntimeError(f"partition {ctx.partition_id}: trainable parameters differ from those sent: {sorted(odd)[:3]}")
+        raise RuntimeError(
+            f"partition {ctx.partition_id}: trainable parameters differ from those sent: {sorted(odd)[:3]}"
+        )
     return named
 
 
-def _optimizer(model: torch.nn.Module, named: dict[str, torch.nn.Parameter], saved: NodeState | None,
-               train_cfg) -> torch.optim.Optimizer:
+def _optimizer(
+    model: torch.nn.Module, named: dict[str, torch.nn.Parameter], saved: NodeState | None, train_cfg
+) -> torch.optim.Optimizer:
     optimizer = make_optimizer(model, train_cfg)
     if saved is not None and saved.optimizer:
         restore_optimizer(optimizer, named, saved.optimizer)
     return optimizer
 
 
-def _train(ctx: NodeContext, model: torch.nn.Module, optimizer: torch.optim.Optimizer, stream: BatchStream,
-           order: RoundOrder, device: torch.device, show_progress: bool) -> dict[str, float]:
+def _train(
+    ctx: NodeContext,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    stream: BatchStream,
+    order: RoundOrder,
+    device: torch.device,
+    show_progress: bool,
+) -> dict[str, float]:
     spec = ctx.spec
     bar = tqdm(
         total=order.steps,
@@ -320,25 +359,48 @@ def _train(ctx: NodeContext, model: torch.nn.Module, optimizer: torch.optim.Opti
     set_router_bias(model, order.router_bias)
     # Seeded after the build: a kept model skips the build, and must train exactly like a rebuilt one.
     torch.manual_seed(spec.seed * 100_003 + ctx.partition_id * 1_009 + order.start_step)
-    metrics = train_steps(model, optimizer, stream, spec.train, order.start_step, order.steps,
-                          order.total_steps or spec.total_steps, device, bar, global_load=order.global_load)
+    metrics = train_steps(
+        model,
+        optimizer,
+        stream,
+        spec.train,
+        order.start_step,
+        order.steps,
+        order.total_steps or spec.total_steps,
+        device,
+        bar,
+        global_load=order.global_load,
+    )
     bar.close()
     metrics["trainable-params"] = float(sum(p.numel() for p in model.parameters() if p.requires_grad))
     return metrics
 
 
-def _reply(ctx: NodeContext, model: torch.nn.Module, plain: dict[str, str], named: dict[str, torch.nn.Parameter],
-           optimizer: torch.optim.Optimizer, stream: BatchStream, order: RoundOrder, start: _Start
-           ) -> tuple[dict[str, torch.Tensor] | dict[str, np.ndarray], NodeState]:
+def _reply(
+    ctx: NodeContext,
+    model: torch.nn.Module,
+    plain: dict[str, str],
+    named: dict[str, torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    stream: BatchStream,
+    order: RoundOrder,
+    start: _Start,
+) -> tuple[dict[str, torch.Tensor] | dict[str, np.ndarray], NodeState]:
     """What the node sends (its trained tensors, or their encoded differences) and the state it keeps."""
     train_cfg = ctx.spec.train
     names = list(plain.values())
     owned_names = expert_param_names(names, order.owned)
     state = {plain[n]: t for n, t in model.state_dict().items()}
-    reply = {n: _detached(state[n], copy=train_cfg.resident)
-             for n in trained_param_names(names, order.owned, lora_args(train_cfg) is not None)}
-    common = dict(global_step=order.start_step + order.steps, owned=list(order.owned), stream=stream.state_dict(),
-                  optimizer=optimizer_tensors(optimizer, {p: n for n, p in named.items()}))
+    reply = {
+        n: _detached(state[n], copy=train_cfg.resident)
+        for n in trained_param_names(names, order.owned, lora_args(train_cfg) is not None)
+    }
+    common = dict(
+        global_step=order.start_step + order.steps,
+        owned=list(order.owned),
+        stream=stream.state_dict(),
+        optimizer=optimizer_tensors(optimizer, {p: n for n, p in named.items()}),
+    )
     if order.delta is None:
         return reply, NodeState(**common, owned_tensors={n: reply[n] for n in owned_names})
     out, residual, own_delta = _delta_reply(ctx, reply, start.base, start.saved, owned_names)

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 # Environment of a node process (the simulation launcher sets them for its virtual nodes).
 ENV_WORK_DIR = "SPES_NODE_WORK_DIR"
 ENV_COMMON_DATA = "SPES_NODE_COMMON_DATA"  # local copy of the run's common corpus (sharded like any source)
-ENV_PROGRESS = "SPES_NODE_PROGRESS"        # "0": no per-step progress bar
+ENV_PROGRESS = "SPES_NODE_PROGRESS"  # "0": no per-step progress bar
 DEFAULT_WORK_DIR = "~/.cache/spes-flower/nodes"
 _TOKEN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
@@ -30,7 +30,7 @@ class NodeSettings:
     partition_id: int
     num_partitions: int
     work_root: Path
-    own_data: str | None = None     # node-config data-source: train on all of it instead of a shard
+    own_data: str | None = None  # node-config data-source: train on all of it instead of a shard
     common_data: str | None = None  # node-config common-data: where this node keeps the run's corpus
     progress: bool = True
 
@@ -38,7 +38,7 @@ class NodeSettings:
     def from_node_config(cls, cfg: Mapping[str, Any], env: Mapping[str, str] = os.environ) -> "NodeSettings":
         if "partition-id" not in cfg or "num-partitions" not in cfg:
             raise NodeSetupError(
-                "this SuperNode needs --node-config \"partition-id=<i> num-partitions=<n>\" "
+                'this SuperNode needs --node-config "partition-id=<i> num-partitions=<n>" '
                 "(simulation sets both automatically)"
             )
         try:

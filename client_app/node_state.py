@@ -41,7 +41,9 @@ def _fsync_file(path: Path) -> None:
         os.fsync(fh.fileno())
 
 
-def optimizer_tensors(optimizer: torch.optim.Optimizer, names: dict[torch.nn.Parameter, str]) -> dict[str, torch.Tensor]:
+def optimizer_tensors(
+    optimizer: torch.optim.Optimizer, names: dict[torch.nn.Parameter, str]
+) -> dict[str, torch.Tensor]:
     """The optimizer's per-parameter state keyed by parameter name, so it survives a change of
     which parameters are trainable (experts reassigned) and needs no pickle."""
     out = {}
@@ -72,8 +74,10 @@ def restore_optimizer(
         state = {}
         for slot, value in slots.items():
             if value.dim() and value.shape != param.shape:
-                raise ValueError(f"saved optimizer state {name}.{slot} has shape {tuple(value.shape)}, "
-                                 f"parameter has {tuple(param.shape)}")
+                raise ValueError(
+                    f"saved optimizer state {name}.{slot} has shape {tuple(value.shape)}, "
+                    f"parameter has {tuple(param.shape)}"
+                )
             state[slot] = value.to(param.device, dtype=value.dtype if value.dim() == 0 else param.dtype)
         optimizer.state[param] = state
         restored += 1
@@ -150,8 +154,11 @@ class NodeState:
                 stream={k: int(v) for k, v in meta["stream"].items()},
                 owned_tensors=load_file(str(directory / "owned.safetensors")),
                 optimizer=load_file(str(directory / "optimizer.safetensors")),
-                **{key: load_file(str(directory / f"{key}.safetensors"))
-                   for key in _OPTIONAL if f"{key}.safetensors" in meta["sizes"]},
+                **{
+                    key: load_file(str(directory / f"{key}.safetensors"))
+                    for key in _OPTIONAL
+                    if f"{key}.safetensors" in meta["sizes"]
+                },
             )
             if state.global_step != step:
                 raise ValueError(f"meta.json says step {state.global_step}")

@@ -48,8 +48,13 @@ class ResidentNode:
         seen: dict[tuple[str, int], int] = {}
         tensors = [*self.model.parameters(), *self.model.buffers()]
         tensors += [v for s in self.optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
-        for part in (self.state.owned_tensors, self.state.optimizer, self.state.base, self.state.residual,
-                     self.state.own_delta):
+        for part in (
+            self.state.owned_tensors,
+            self.state.optimizer,
+            self.state.base,
+            self.state.residual,
+            self.state.own_delta,
+        ):
             tensors += part.values()
         for t in tensors:
             storage = t.untyped_storage()

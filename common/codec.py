@@ -32,6 +32,7 @@ def _records():
 
     return Array, ArrayRecord
 
+
 NUMPY_STYPE = "numpy.ndarray"
 _ALLOWED = {np.dtype(t) for t in ("float32", "float16", "float64", "int64", "int32", "int16", "uint8", "int8", "bool")}
 CODECS = ("fp32", "bf16", "int8")
@@ -85,9 +86,7 @@ def _parse(name: str, arr: Array) -> tuple[tuple[int, ...], np.dtype, int]:
     return tuple(shape), dtype, header_len
 
 
-def decode(
-    record: ArrayRecord, expected: Mapping[str, torch.Tensor] | None = None
-) -> dict[str, torch.Tensor]:
+def decode(record: ArrayRecord, expected: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Tensors of `record`; with `expected`, each must match that tensor's shape and dtype."""
     if not isinstance(record, _records()[1]):
         raise DecodeError(f"arrays must be an ArrayRecord, got {type(record).__name__}")
@@ -242,13 +241,16 @@ def decode_sync(
             q = _view(f"{name}#int8", parts["int8"], shape, "int8")
             deltas[name] = _dequant_int8(torch.from_numpy(q.copy()), torch.from_numpy(scale.copy()), codec)
         else:
-            raise DecodeError(f"{name}: arrays {sorted(k or '(whole)' for k in kinds)} are not a "
-                              f"{'/'.join(allowed)} delta or a whole value")
+            raise DecodeError(
+                f"{name}: arrays {sorted(k or '(whole)' for k in kinds)} are not a "
+                f"{'/'.join(allowed)} delta or a whole value"
+            )
     return full, deltas
 
 
-def decode_delta(arrays: Mapping[str, np.ndarray], expected: Mapping[str, torch.Tensor], codec: Codec
-                 ) -> dict[str, torch.Tensor]:
+def decode_delta(
+    arrays: Mapping[str, np.ndarray], expected: Mapping[str, torch.Tensor], codec: Codec
+) -> dict[str, torch.Tensor]:
     """Decoded differences of locally produced arrays (the same arithmetic as `decode_sync`)."""
     full, deltas = decode_sync(to_record(arrays), expected, codec)
     if full:

@@ -9,31 +9,41 @@ CONFIG = "config"
 METRICS = "metrics"
 
 # Coordinator -> node (ConfigRecord "config").
-RUN_CONFIG = "run-config"          # the resolved run spec, JSON
-RUN_TOKEN = "run-token"            # names the node's state directory for this run
+RUN_CONFIG = "run-config"  # the resolved run spec, JSON
+RUN_TOKEN = "run-token"  # names the node's state directory for this run
 TOKENIZER_JSON = "tokenizer-json"  # setup query only
 SERVER_ROUND = "server-round"
 GLOBAL_STEP = "global-step"
 LOCAL_STEPS = "local-steps"
-TOTAL_STEPS = "total-steps"        # end of the LR schedule, in global steps
+TOTAL_STEPS = "total-steps"  # end of the LR schedule, in global steps
 OWNED_EXPERTS = "owned-experts"
-FULL_MODEL = "full-model"          # the arrays are the whole model, not a sparse downlink
-BASE_STEP = "base-step"            # delta sync: the saved state the node's copy of the model is in
-APPLY_OWN = "apply-own-delta"      # delta sync: add your last uplink's owned-expert differences yourself
+FULL_MODEL = "full-model"  # the arrays are the whole model, not a sparse downlink
+BASE_STEP = "base-step"  # delta sync: the saved state the node's copy of the model is in
+APPLY_OWN = "apply-own-delta"  # delta sync: add your last uplink's owned-expert differences yourself
 GLOBAL_LOAD = "global-expert-load"  # the federation's last-round expert load, flattened [layers * experts]
-ROUTER_BIAS = "router-bias"        # routing bias for the top-k choice, flattened [layers * experts]
+ROUTER_BIAS = "router-bias"  # routing bias for the top-k choice, flattened [layers * experts]
 
 # Node -> coordinator.
 PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
-STATE_STEP = "state-step"          # global step of the node's saved state, -1 if none (setup reply)
+STATE_STEP = "state-step"  # global step of the node's saved state, -1 if none (setup reply)
 NUM_TOKENS = "num-tokens"
-EXPERT_LOAD = "expert-load"        # flattened [layers * experts] fractions of routed tokens
+EXPERT_LOAD = "expert-load"  # flattened [layers * experts] fractions of routed tokens
 EVAL_LOSS = "eval-loss"
 EVAL_PPL = "eval-ppl"
 
 # Scalar metrics a node reports after training, as sent (kebab-case).
 NODE_METRICS = (
-    "train-loss", "ce-loss", "aux-loss", "z-loss", NUM_TOKENS, "tokens-per-s", "peak-mem-mb", "train-seconds",
-    "trainable-params", "round-seconds", "resident", "save-wait-seconds",
+    "train-loss",
+    "ce-loss",
+    "aux-loss",
+    "z-loss",
+    NUM_TOKENS,
+    "tokens-per-s",
+    "peak-mem-mb",
+    "train-seconds",
+    "trainable-params",
+    "round-seconds",
+    "resident",
+    "save-wait-seconds",
 )

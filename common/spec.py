@@ -21,8 +21,16 @@ from model.args import MoEArgs
 TOP_LEVEL = {"run_name", "output_dir", "seed", "nodes", "rounds", "init_from", "resume", "deterministic", "engine"}
 ENGINES = ("flower", "inprocess")
 SECTIONS = {"model", "data", "train", "strategy", "eval", "logging"}
-TOP_LEVEL_TYPES = {"run_name": str, "output_dir": str, "seed": int, "nodes": int, "rounds": int, "resume": bool,
-                   "deterministic": bool, "engine": str}
+TOP_LEVEL_TYPES = {
+    "run_name": str,
+    "output_dir": str,
+    "seed": int,
+    "nodes": int,
+    "rounds": int,
+    "resume": bool,
+    "deterministic": bool,
+    "engine": str,
+}
 
 
 ASSIGNMENTS = ("contiguous", "replicated")
@@ -56,9 +64,7 @@ class MergeSchedule:
         if not self.enabled:
             return
         if not 1 <= self.top_k < num_experts:
-            raise ValueError(
-                f"strategy.merge.top_k must be in [1, num_experts) = [1, {num_experts}), got {self.top_k}"
-            )
+            raise ValueError(f"strategy.merge.top_k must be in [1, num_experts) = [1, {num_experts}), got {self.top_k}")
         if self.interval < 1 or self.decay_steps < 1:
             raise ValueError("strategy.merge.interval and strategy.merge.decay_steps must be >= 1")
         if not (_finite(self.alpha_start) and 0.0 <= self.alpha_start <= 1.0):
@@ -114,9 +120,9 @@ class StrategyConfig:
     # coordinator sends each node only the tensors that changed since the version it holds.
     # Off = whole fp32 tensors, today's protocol and byte counts.
     delta_sync: bool = False
-    uplink_codec: str = "fp32"    # fp32 | bf16 | int8 (needs delta_sync)
+    uplink_codec: str = "fp32"  # fp32 | bf16 | int8 (needs delta_sync)
     downlink_codec: str = "fp32"  # fp32 | bf16 | int8 (needs delta_sync)
-    int8_block: int = 0           # int8: values per scale; 0 = one scale per row
+    int8_block: int = 0  # int8: values per scale; 0 = one scale per row
     # Nodes keep what quantisation dropped and add it to the next round's difference (the
     # coordinator always keeps its downlink residual: the gap between the model and the nodes' copy).
     error_feedback: bool = True
@@ -146,40 +152,75 @@ class StrategyConfig:
         checks = [
             (self.federated_eval_every >= 0, "strategy.federated_eval_every must be >= 0"),
             (_finite(self.outer_lr) and self.outer_lr > 0, f"strategy.outer_lr must be > 0, got {self.outer_lr}"),
-            (_finite(self.outer_momentum) and 0 <= self.outer_momentum < 1,
-             f"strategy.outer_momentum must be in [0, 1), got {self.outer_momentum}"),
-            (self.shared_weighting in ("tokens", "uniform"),
-             f"strategy.shared_weighting must be tokens or uniform, got {self.shared_weighting!r}"),
-            (_finite(self.trim_fraction) and 0 <= self.trim_fraction < 0.5,
-             f"strategy.trim_fraction must be in [0, 0.5), got {self.trim_fraction}"),
-            (_finite(self.max_update_ratio) and self.max_update_ratio >= 0,
-             f"strategy.max_update_ratio must be >= 0, got {self.max_update_ratio}"),
-            (_finite(self.max_abs_value) and self.max_abs_value >= 0,
-             f"strategy.max_abs_value must be >= 0, got {self.max_abs_value}"),
-            (0 <= self.min_nodes <= num_nodes, f"strategy.min_nodes must be in [0, nodes={num_nodes}], got {self.min_nodes}"),
-            (_finite(self.round_timeout_s) and self.round_timeout_s > 0,
-             f"strategy.round_timeout_s must be > 0, got {self.round_timeout_s}"),
+            (
+                _finite(self.outer_momentum) and 0 <= self.outer_momentum < 1,
+                f"strategy.outer_momentum must be in [0, 1), got {self.outer_momentum}",
+            ),
+            (
+                self.shared_weighting in ("tokens", "uniform"),
+                f"strategy.shared_weighting must be tokens or uniform, got {self.shared_weighting!r}",
+            ),
+            (
+                _finite(self.trim_fraction) and 0 <= self.trim_fraction < 0.5,
+                f"strategy.trim_fraction must be in [0, 0.5), got {self.trim_fraction}",
+            ),
+            (
+                _finite(self.max_update_ratio) and self.max_update_ratio >= 0,
+                f"strategy.max_update_ratio must be >= 0, got {self.max_update_ratio}",
+            ),
+            (
+                _finite(self.max_abs_value) and self.max_abs_value >= 0,
+                f"strategy.max_abs_value must be >= 0, got {self.max_abs_value}",
+            ),
+            (
+                0 <= self.min_nodes <= num_nodes,
+                f"strategy.min_nodes must be in [0, nodes={num_nodes}], got {self.min_nodes}",
+            ),
+            (
+                _finite(self.round_timeout_s) and self.round_timeout_s > 0,
+                f"strategy.round_timeout_s must be > 0, got {self.round_timeout_s}",
+            ),
             (self.reassign_after >= 0, f"strategy.reassign_after must be >= 0, got {self.reassign_after}"),
-            (self.assignment_policy in ASSIGNMENT_POLICIES,
-             f"strategy.assignment_policy must be one of {list(ASSIGNMENT_POLICIES)}, got {self.assignment_policy!r}"),
-            (self.assignment_policy == "static" or self.assignment != "replicated",
-             f"strategy.assignment_policy={self.assignment_policy} moves experts between owners, but "
-             "strategy.assignment=replicated (DiLoCo/FedAvg) has every node train every expert; use static"),
-            (not isinstance(self.assignment_every, bool) and isinstance(self.assignment_every, int)
-             and self.assignment_every >= 1,
-             f"strategy.assignment_every must be an integer >= 1 (rounds), got {self.assignment_every!r}"),
-            (_finite(self.assignment_tolerance) and self.assignment_tolerance >= 0,
-             f"strategy.assignment_tolerance must be >= 0, got {self.assignment_tolerance}"),
+            (
+                self.assignment_policy in ASSIGNMENT_POLICIES,
+                f"strategy.assignment_policy must be one of {list(ASSIGNMENT_POLICIES)}, got {self.assignment_policy!r}",
+            ),
+            (
+                self.assignment_policy == "static" or self.assignment != "replicated",
+                f"strategy.assignment_policy={self.assignment_policy} moves experts between owners, but "
+                "strategy.assignment=replicated (DiLoCo/FedAvg) has every node train every expert; use static",
+            ),
+            (
+                not isinstance(self.assignment_every, bool)
+                and isinstance(self.assignment_every, int)
+                and self.assignment_every >= 1,
+                f"strategy.assignment_every must be an integer >= 1 (rounds), got {self.assignment_every!r}",
+            ),
+            (
+                _finite(self.assignment_tolerance) and self.assignment_tolerance >= 0,
+                f"strategy.assignment_tolerance must be >= 0, got {self.assignment_tolerance}",
+            ),
             (self.max_failed_rounds >= 1, f"strategy.max_failed_rounds must be >= 1, got {self.max_failed_rounds}"),
-            (self.uplink_codec in CODECS, f"strategy.uplink_codec must be one of {list(CODECS)}, got {self.uplink_codec!r}"),
-            (self.downlink_codec in CODECS,
-             f"strategy.downlink_codec must be one of {list(CODECS)}, got {self.downlink_codec!r}"),
-            (self.delta_sync or (self.uplink_codec, self.downlink_codec) == ("fp32", "fp32"),
-             "strategy.uplink_codec/downlink_codec other than fp32 need strategy.delta_sync=true"),
-            (not isinstance(self.int8_block, bool) and isinstance(self.int8_block, int) and self.int8_block >= 0,
-             f"strategy.int8_block must be an integer >= 0 (0 = per row), got {self.int8_block!r}"),
-            (_finite(self.router_bias_rate) and 0 <= self.router_bias_rate <= 1,
-             f"strategy.router_bias_rate must be in [0, 1], got {self.router_bias_rate}"),
+            (
+                self.uplink_codec in CODECS,
+                f"strategy.uplink_codec must be one of {list(CODECS)}, got {self.uplink_codec!r}",
+            ),
+            (
+                self.downlink_codec in CODECS,
+                f"strategy.downlink_codec must be one of {list(CODECS)}, got {self.downlink_codec!r}",
+            ),
+            (
+                self.delta_sync or (self.uplink_codec, self.downlink_codec) == ("fp32", "fp32"),
+                "strategy.uplink_codec/downlink_codec other than fp32 need strategy.delta_sync=true",
+            ),
+            (
+                not isinstance(self.int8_block, bool) and isinstance(self.int8_block, int) and self.int8_block >= 0,
+                f"strategy.int8_block must be an integer >= 0 (0 = per row), got {self.int8_block!r}",
+            ),
+            (
+                _finite(self.router_bias_rate) and 0 <= self.router_bias_rate <= 1,
+                f"strategy.router_bias_rate must be in [0, 1], got {self.router_bias_rate}",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -317,7 +358,11 @@ def validate(spec: RunSpec) -> None:
     spec.train.validate()
     spec.eval.validate()
     spec.strategy.validate(spec.model.num_experts, spec.nodes)
-    if spec.model.vocab_size is not None and spec.data.tokenizer == "bpe" and spec.model.vocab_size < spec.data.vocab_size:
+    if (
+        spec.model.vocab_size is not None
+        and spec.data.tokenizer == "bpe"
+        and spec.model.vocab_size < spec.data.vocab_size
+    ):
         raise ValueError(
             f"model.vocab_size ({spec.model.vocab_size}) is smaller than data.vocab_size ({spec.data.vocab_size})"
         )

@@ -89,7 +89,12 @@ class TrainConfig:
         )
         for key, rule, ok in reals:
             value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+                or not ok(value)
+            ):
                 raise ValueError(f"train.{key} must be a finite number {rule}, got {value!r}")
 
     def validate(self) -> None:
@@ -103,7 +108,9 @@ class TrainConfig:
         if not (isinstance(self.balance_global_weight, (int, float)) and 0 <= self.balance_global_weight <= 1):
             raise ValueError(f"train.balance_global_weight must be in [0, 1], got {self.balance_global_weight!r}")
         if self.balance_global_weight > 0 and self.balance != "per_layer":
-            raise ValueError("train.balance_global_weight needs train.balance=per_layer (the pooled loss has no per-layer shares)")
+            raise ValueError(
+                "train.balance_global_weight needs train.balance=per_layer (the pooled loss has no per-layer shares)"
+            )
         if not self.logit_z_loss_weight >= 0:
             raise ValueError(f"train.logit_z_loss_weight must be >= 0, got {self.logit_z_loss_weight}")
         if self.balance_local_decay:

@@ -43,9 +43,7 @@ def _stdlib_sources(root: Path) -> list[Path]:
     for dirpath, dirnames, filenames in os.walk(root):
         # Prune in place so os.walk never descends into skipped trees.
         # "config-*" holds build files; "test*" catches test_*/tests variants.
-        dirnames[:] = [
-            d for d in dirnames if d not in _SKIP_DIRS and not d.startswith(("config-", "test"))
-        ]
+        dirnames[:] = [d for d in dirnames if d not in _SKIP_DIRS and not d.startswith(("config-", "test"))]
         paths.extend(Path(dirpath, f) for f in filenames if f.endswith(".py"))
     # Sorted by path relative to the root so the order is machine independent.
     return sorted(paths, key=lambda p: p.relative_to(root).as_posix())
@@ -58,9 +56,7 @@ def _docstrings(source: str) -> list[str]:
         tree = ast.parse(source)
     out = []
     for node in ast.walk(tree):
-        if isinstance(
-            node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
-        ):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
             doc = ast.get_docstring(node, clean=True)
             if doc:
                 out.append(doc)
@@ -110,9 +106,7 @@ def embedded_documents(cache_dir: Path | None = None) -> list[str]:
     """
     if cache_dir is None:
         return _collect()
-    key = hashlib.sha256(
-        f"{sys.version}|{sysconfig.get_paths()['stdlib']}|{MIN_DOC_CHARS}".encode()
-    ).hexdigest()[:16]
+    key = hashlib.sha256(f"{sys.version}|{sysconfig.get_paths()['stdlib']}|{MIN_DOC_CHARS}".encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"embedded-corpus-{key}.json"
     if path.exists():
         try:

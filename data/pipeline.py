@@ -71,9 +71,7 @@ class DataConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(
-                f"Unknown data config key(s) {unknown}; valid keys are {sorted(known)}."
-            )
+            raise ValueError(f"Unknown data config key(s) {unknown}; valid keys are {sorted(known)}.")
         return cls(**dict(d))
 
     def validate(self) -> DataConfig:
@@ -93,11 +91,8 @@ class DataConfig:
             ("decode_errors", DECODE_ERRORS),
         ):
             if getattr(self, key) not in choices:
-                raise ValueError(
-                    f"data.{key} must be one of {list(choices)}, got {getattr(self, key)!r}"
-                )
-        for key, value in (("data.seq_len", self.seq_len), ("data.vocab_size", self.vocab_size),
-                           ("seed", self.seed)):
+                raise ValueError(f"data.{key} must be one of {list(choices)}, got {getattr(self, key)!r}")
+        for key, value in (("data.seq_len", self.seq_len), ("data.vocab_size", self.vocab_size), ("seed", self.seed)):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"{key} must be an integer, got {value!r}")
         if self.seq_len < 8:
@@ -107,9 +102,7 @@ class DataConfig:
             raise ValueError(f"data.heldout_fraction must be in (0, 0.5], got {frac!r}")
         if self.tokenizer == "bpe" and self.vocab_size < 260:
             # 256 byte symbols + 2 special tokens leave no room for merges.
-            raise ValueError(
-                f"data.vocab_size must be at least 260 for tokenizer 'bpe', got {self.vocab_size}"
-            )
+            raise ValueError(f"data.vocab_size must be at least 260 for tokenizer 'bpe', got {self.vocab_size}")
         if self.source.startswith("hf:") and not self.source[3:].split(":")[0]:
             raise ValueError("data.source 'hf:' needs a dataset name, e.g. 'hf:user/name'")
         return self
@@ -138,8 +131,7 @@ def _local_files(path: Path) -> list[Path]:
     files = _data_files(path)
     if not files:
         raise DataSourceError(
-            f"data.source directory {str(path)!r} contains no files with a "
-            f"supported extension {sorted(SUFFIXES)}"
+            f"data.source directory {str(path)!r} contains no files with a supported extension {sorted(SUFFIXES)}"
         )
     return files
 
@@ -207,10 +199,7 @@ def load_documents(cfg: DataConfig, cache_dir: Path | None = None) -> list[str]:
 
 def _column(ds: Any, field: str, source: str) -> list[str]:
     if field not in ds.column_names:
-        raise ValueError(
-            f"Data source {source!r} has no column {field!r} (text_field); "
-            f"columns are {ds.column_names}."
-        )
+        raise ValueError(f"Data source {source!r} has no column {field!r} (text_field); columns are {ds.column_names}.")
     return [t.strip() for t in ds[field] if isinstance(t, str) and t.strip()]
 
 
@@ -233,9 +222,7 @@ def _unit_hash(text: str, seed: int) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def split_documents(
-    docs: list[str], heldout_fraction: float, seed: int
-) -> tuple[list[str], list[str]]:
+def split_documents(docs: list[str], heldout_fraction: float, seed: int) -> tuple[list[str], list[str]]:
     """Split into (train, heldout) by a seeded hash of each document's text.
 
     The decision depends only on the text and seed, so it is identical on
@@ -288,9 +275,7 @@ def pack(docs: list[str], tokenizer: PreTrainedTokenizerFast, seq_len: int) -> t
     return torch.from_numpy(flat[: n_blocks * width].reshape(n_blocks, width).copy())
 
 
-def node_shard(
-    blocks: torch.Tensor, partition_id: int, num_partitions: int, mode: str, seed: int
-) -> torch.Tensor:
+def node_shard(blocks: torch.Tensor, partition_id: int, num_partitions: int, mode: str, seed: int) -> torch.Tensor:
     """Return partition ``partition_id`` of ``num_partitions`` equal, disjoint shards.
 
     ``"iid"`` deals from a seeded permutation; ``"contiguous"`` takes
@@ -300,9 +285,7 @@ def node_shard(
     if num_partitions < 1:
         raise ValueError(f"num_partitions must be >= 1, got {num_partitions}.")
     if not 0 <= partition_id < num_partitions:
-        raise ValueError(
-            f"partition_id {partition_id} out of range for {num_partitions} partitions."
-        )
+        raise ValueError(f"partition_id {partition_id} out of range for {num_partitions} partitions.")
     per = len(blocks) // num_partitions
     if per == 0:
         raise ValueError(
@@ -334,9 +317,7 @@ class BatchStream(Iterator[torch.Tensor]):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
         if len(blocks) < batch_size:
-            raise ValueError(
-                f"Shard has {len(blocks)} blocks, fewer than batch_size={batch_size}."
-            )
+            raise ValueError(f"Shard has {len(blocks)} blocks, fewer than batch_size={batch_size}.")
         self.blocks = blocks
         self.batch_size = batch_size
         self.seed = seed
@@ -373,10 +354,7 @@ class BatchStream(Iterator[torch.Tensor]):
         """Resume so the next batch is the one that followed when ``state`` was taken."""
         epoch, index = int(state["epoch"]), int(state["index"])
         if epoch < 0 or not 0 <= index <= self.batches_per_epoch:
-            raise ValueError(
-                f"Invalid BatchStream state {dict(state)} for {self.batches_per_epoch} "
-                "batches per epoch."
-            )
+            raise ValueError(f"Invalid BatchStream state {dict(state)} for {self.batches_per_epoch} batches per epoch.")
         self.epoch, self.index = epoch, index
 
 
@@ -388,9 +366,7 @@ def _source_fingerprint(cfg: DataConfig) -> Any:
         return cfg.source
     root = Path(cfg.source).expanduser().resolve()
     # Size and mtime catch edited files without hashing all their bytes.
-    return [
-        [str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in _data_files(root)
-    ]
+    return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in _data_files(root)]
 
 
 def blocks_cache_key(cfg: DataConfig, tokenizer: PreTrainedTokenizerFast) -> str:
@@ -424,9 +400,7 @@ def prepare_blocks(
             return saved["train"].long(), saved["heldout"].long()
         except Exception:
             pass  # unreadable cache (e.g. truncated by a crash): rebuild it
-    train_docs, held_docs = split_documents(
-        load_documents(cfg, cache_dir), cfg.heldout_fraction, cfg.seed
-    )
+    train_docs, held_docs = split_documents(load_documents(cfg, cache_dir), cfg.heldout_fraction, cfg.seed)
     train = pack(train_docs, tokenizer, cfg.seq_len)
     heldout = pack(held_docs, tokenizer, cfg.seq_len)
     if len(train) == 0 or len(heldout) == 0:

@@ -83,9 +83,7 @@ def read_files(
             got, file_notes = _read_file(path, text_field, on_bad_file, decode_errors)
         except _BadFile as e:
             if on_bad_file == "error":
-                raise DataSourceError(
-                    f"data file {str(path)!r} {e} (data.on_bad_file=skip skips bad files)"
-                ) from None
+                raise DataSourceError(f"data file {str(path)!r} {e} (data.on_bad_file=skip skips bad files)") from None
             skipped.append(f"{str(path)!r} {e}")
             notes.append(f"data file {str(path)!r} skipped: {e}")
             continue
@@ -94,16 +92,11 @@ def read_files(
     if not docs:
         why = "; ".join(skipped[:_MAX_LISTED])
         more = f" (and {len(skipped) - _MAX_LISTED} more)" if len(skipped) > _MAX_LISTED else ""
-        raise DataSourceError(
-            f"data.source {source!r} has no usable documents"
-            + (f": {why}{more}" if why else "")
-        )
+        raise DataSourceError(f"data.source {source!r} has no usable documents" + (f": {why}{more}" if why else ""))
     return docs, notes
 
 
-def _read_file(
-    path: Path, text_field: str, on_bad_file: str, decode_errors: str
-) -> tuple[list[str], list[str]]:
+def _read_file(path: Path, text_field: str, on_bad_file: str, decode_errors: str) -> tuple[list[str], list[str]]:
     problem = quick_problem(path)
     if problem:
         raise _BadFile(problem)
@@ -134,9 +127,7 @@ def _decode(raw: bytes, decode_errors: str, line_offset: int = 0) -> tuple[str, 
         where = f"has invalid UTF-8 at line {line} (byte {raw[e.start]:#04x})"
         if decode_errors == "strict":
             raise _BadFile(f"{where}; data.decode_errors=replace replaces such bytes") from None
-        return raw.decode("utf-8", errors="replace"), [
-            f"{where}: undecodable bytes replaced with U+FFFD"
-        ]
+        return raw.decode("utf-8", errors="replace"), [f"{where}: undecodable bytes replaced with U+FFFD"]
 
 
 def _paragraphs(text: str) -> list[str]:
@@ -146,9 +137,7 @@ def _paragraphs(text: str) -> list[str]:
     return [p.strip() for p in text.split("\n\n") if p.strip()]
 
 
-def _jsonl_docs(
-    path: Path, text_field: str, on_bad_file: str, decode_errors: str
-) -> tuple[list[str], list[str]]:
+def _jsonl_docs(path: Path, text_field: str, on_bad_file: str, decode_errors: str) -> tuple[list[str], list[str]]:
     bad_bytes: list[str] = []
     lines: list[tuple[int, str]] = []
     with path.open("rb") as f:
@@ -178,9 +167,7 @@ class _Malformed:
         self.why = why
 
 
-def _json_docs(
-    text: str, text_field: str, on_bad_file: str, notes: list[str]
-) -> tuple[list[str], list[str]]:
+def _json_docs(text: str, text_field: str, on_bad_file: str, notes: list[str]) -> tuple[list[str], list[str]]:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
@@ -191,24 +178,18 @@ def _json_docs(
         docs, more = _records_docs(_parse_lines(lines), text_field, on_bad_file)
         return docs, notes + more
     items = value if isinstance(value, list) else [value]
-    docs, more = _records_docs(
-        ((f"item {i}", v) for i, v in enumerate(items)), text_field, on_bad_file
-    )
+    docs, more = _records_docs(((f"item {i}", v) for i, v in enumerate(items)), text_field, on_bad_file)
     return docs, notes + more
 
 
-def _records_docs(
-    records: Iterable[tuple[str, Any]], text_field: str, on_bad_file: str
-) -> tuple[list[str], list[str]]:
+def _records_docs(records: Iterable[tuple[str, Any]], text_field: str, on_bad_file: str) -> tuple[list[str], list[str]]:
     docs: list[str] = []
     bad: list[str] = []
     keys: set[str] = set()
     has_field = False
     for where, rec in records:
         if isinstance(rec, _Malformed) or not isinstance(rec, dict):
-            why = rec.why if isinstance(rec, _Malformed) else (
-                f"expected a JSON object, got {type(rec).__name__}"
-            )
+            why = rec.why if isinstance(rec, _Malformed) else (f"expected a JSON object, got {type(rec).__name__}")
             if on_bad_file == "error":
                 raise _BadFile(f"{where}: {why}")
             bad.append(f"{where}: {why}")
@@ -229,9 +210,7 @@ def _records_docs(
     notes = []
     if bad:
         more = f" and {len(bad) - _MAX_LISTED} more" if len(bad) > _MAX_LISTED else ""
-        notes.append(
-            f"skipped {len(bad)} malformed record(s): {'; '.join(bad[:_MAX_LISTED])}{more}"
-        )
+        notes.append(f"skipped {len(bad)} malformed record(s): {'; '.join(bad[:_MAX_LISTED])}{more}")
     return docs, notes
 
 

@@ -40,7 +40,7 @@ class ConsoleFilter:
         """Completed pieces of ``text`` (each ends in ``\\n`` or ``\\r``); the rest waits."""
         text = self._partial + text
         out = _SEGMENT.findall(text)
-        self._partial = text[sum(len(s) for s in out):]
+        self._partial = text[sum(len(s) for s in out) :]
         return out
 
     def rest(self) -> list[str]:
@@ -55,7 +55,7 @@ class ConsoleFilter:
         body = _ANSI.sub("", segment).rstrip("\r\n")
         node = _RAY_PREFIX.match(body)
         if node:
-            body = body[node.end():]
+            body = body[node.end() :]
         if self._in_traceback:
             # A traceback is indented lines ending with the unindented exception line.
             self._in_traceback = body[:1] in (" ", "\t") or not body.strip()

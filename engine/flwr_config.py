@@ -168,8 +168,7 @@ def check_run_config(app_dir: Path, run_config: Mapping[str, RunConfigValue]) ->
         )
 
 
-def write_connection(flwr_home: Path, name: str, address: str,
-                     root_certificates: Path | None = None) -> Path:
+def write_connection(flwr_home: Path, name: str, address: str, root_certificates: Path | None = None) -> Path:
     """Add/replace ``[superlink.<name>]`` in config.toml: ``insecure = true``, or with
     ``root_certificates`` a TLS connection verified against that CA (Flower 1.42 accepts
     only an absolute path there).
@@ -185,9 +184,11 @@ def write_connection(flwr_home: Path, name: str, address: str,
     if path.exists():
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     superlink = data.setdefault("superlink", {})
-    superlink[name] = ({"address": address, "insecure": True} if root_certificates is None
-                       else {"address": address,
-                             "root-certificates": str(Path(root_certificates).resolve())})
+    superlink[name] = (
+        {"address": address, "insecure": True}
+        if root_certificates is None
+        else {"address": address, "root-certificates": str(Path(root_certificates).resolve())}
+    )
     superlink.setdefault("default", name)
     path.write_text(tomli_w.dumps(data), encoding="utf-8")
     return path
@@ -204,18 +205,28 @@ class TlsFiles:
     server_key: Path
 
     def superlink_args(self) -> list[str]:
-        return ["--ssl-ca-certfile", str(self.ca_cert), "--ssl-certfile", str(self.server_cert),
-                "--ssl-keyfile", str(self.server_key)]
+        return [
+            "--ssl-ca-certfile",
+            str(self.ca_cert),
+            "--ssl-certfile",
+            str(self.server_cert),
+            "--ssl-keyfile",
+            str(self.server_key),
+        ]
 
 
 # ------------------------------------------------------------------ flwr CLI helpers
-def flwr_json(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 60.0
-               ) -> dict[str, Any] | None:
+def flwr_json(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 60.0) -> dict[str, Any] | None:
     """Run ``flwr <args> --format json`` and parse its JSON; None on failure."""
     try:
         res = subprocess.run(  # noqa: S603
-            [flower_exe("flwr"), *args, "--format", "json"], env=env, cwd=str(cwd),
-            capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+            [flower_exe("flwr"), *args, "--format", "json"],
+            env=env,
+            cwd=str(cwd),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
         )
     except subprocess.TimeoutExpired:
         log.warning("`flwr %s` timed out", " ".join(args))
@@ -232,12 +243,10 @@ def flwr_json(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 
     return data if isinstance(data, dict) else None
 
 
-def wait_http_ok(url: str, proc: subprocess.Popen[bytes], timeout: float,
-                  ca_cert: Path | None = None) -> bool:
+def wait_http_ok(url: str, proc: subprocess.Popen[bytes], timeout: float, ca_cert: Path | None = None) -> bool:
     handlers: list[Any] = [urllib.request.ProxyHandler({})]
     if ca_cert is not None:
-        handlers.append(urllib.request.HTTPSHandler(
-            context=ssl.create_default_context(cafile=str(ca_cert))))
+        handlers.append(urllib.request.HTTPSHandler(context=ssl.create_default_context(cafile=str(ca_cert))))
     opener = urllib.request.build_opener(*handlers)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -43,17 +43,27 @@ FIRST_NODE_ID = 1_000  # node ids of the in-process nodes: FIRST_NODE_ID + parti
 class InProcessGrid(Grid):
     """`num_nodes` nodes with partition ids 0..num_nodes-1, served by `client_app` in this process."""
 
-    def __init__(self, client_app: ClientApp, num_nodes: int, run_id: int = 1, threads_per_node: int = 1,
-                 node_config: Mapping[str, str | int | float | bool] | None = None) -> None:
+    def __init__(
+        self,
+        client_app: ClientApp,
+        num_nodes: int,
+        run_id: int = 1,
+        threads_per_node: int = 1,
+        node_config: Mapping[str, str | int | float | bool] | None = None,
+    ) -> None:
         if num_nodes < 1 or threads_per_node < 1:
             raise ValueError(f"need num_nodes >= 1 and threads_per_node >= 1, got {num_nodes}, {threads_per_node}")
         self.client_app = client_app
         self.threads_per_node = threads_per_node
         self._run = Run.create_empty(run_id)
         self.contexts = {
-            FIRST_NODE_ID + i: Context(run_id, FIRST_NODE_ID + i,
-                                       {PARTITION_ID_KEY: i, NUM_PARTITIONS_KEY: num_nodes, **(node_config or {})},
-                                       RecordDict(), {})
+            FIRST_NODE_ID + i: Context(
+                run_id,
+                FIRST_NODE_ID + i,
+                {PARTITION_ID_KEY: i, NUM_PARTITIONS_KEY: num_nodes, **(node_config or {})},
+                RecordDict(),
+                {},
+            )
             for i in range(num_nodes)
         }
         self._replies: dict[str, Message] = {}
@@ -67,8 +77,9 @@ class InProcessGrid(Grid):
     def run(self) -> Run:
         return self._run
 
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
-                       ttl: float | None = None) -> Message:
+    def create_message(
+        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
+    ) -> Message:
         return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> Iterable[int]:

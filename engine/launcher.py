@@ -29,7 +29,6 @@ Facts about Flower 1.42 this module relies on (checked against the installed sou
 No torch import here: this module must stay cheap to import.
 """
 
-
 from __future__ import annotations
 
 import codecs
@@ -47,9 +46,24 @@ from typing import IO, Any
 
 from engine.console import ConsoleFilter
 from engine.flwr_config import (
-    EXIT_NOT_STARTED, EXIT_OK, EXIT_RUN_FAILED, EXIT_TIMEOUT, HOST, LOCAL_CONNECTION, SIM_CONNECTION,
-    RunConfigValue, TlsFiles, check_run_config, find_free_port, flower_exe, flwr_json, format_run_config,
-    log_tail, run_config_args, wait_http_ok, write_connection,
+    EXIT_NOT_STARTED,
+    EXIT_OK,
+    EXIT_RUN_FAILED,
+    EXIT_TIMEOUT,
+    HOST,
+    LOCAL_CONNECTION,
+    SIM_CONNECTION,
+    RunConfigValue,
+    TlsFiles,
+    check_run_config,
+    find_free_port,
+    flower_exe,
+    flwr_json,
+    format_run_config,
+    log_tail,
+    run_config_args,
+    wait_http_ok,
+    write_connection,
 )
 from engine.processes import ProcessGroup, SigtermAsExit
 
@@ -64,10 +78,15 @@ class _FlowerLocal:
     simulation: bool
     console = "all"  # what `flwr run` output reaches stdout: CONSOLE_MODES
 
-    def __init__(self, run_dir: Path, log_file: Path | None = None,
-                 startup_timeout: float = 60.0, stop_grace: float = 10.0,
-                 tls: TlsFiles | None = None,
-                 extra_env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        log_file: Path | None = None,
+        startup_timeout: float = 60.0,
+        stop_grace: float = 10.0,
+        tls: TlsFiles | None = None,
+        extra_env: Mapping[str, str] | None = None,
+    ) -> None:
         self.run_dir = Path(run_dir).resolve()
         self.tls = tls
         self.extra_env = dict(extra_env or {})
@@ -111,15 +130,21 @@ class _FlowerLocal:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.flwr_home.mkdir(parents=True, exist_ok=True)
             self._start_superlink()
-            write_connection(self.flwr_home, self.connection, self.address,
-                             None if self.tls is None else self.tls.ca_cert)
+            write_connection(
+                self.flwr_home, self.connection, self.address, None if self.tls is None else self.tls.ca_cert
+            )
             self._after_superlink()
         except BaseException:
             self._teardown()
             raise
         self.timings["start_s"] = time.monotonic() - t0
-        log.info("%s up on %s in %.1fs (logs in %s)", type(self).__name__, self.address,
-                 self.timings["start_s"], self.run_dir)
+        log.info(
+            "%s up on %s in %.1fs (logs in %s)",
+            type(self).__name__,
+            self.address,
+            self.timings["start_s"],
+            self.run_dir,
+        )
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -138,10 +163,19 @@ class _FlowerLocal:
         # Dependencies come from the environment installed from requirements.lock, never
         # from a per-run `uv sync` (see docs/join-as-supernode.md).
         security = ["--insecure"] if self.tls is None else self.tls.superlink_args()
-        cmd = [flower_exe("flower-superlink"), *security, "--isolation", "subprocess",
-               "--host", HOST, "--port", str(port),
-               "--database", str(self.flwr_home / "state.db"),
-               "--disable-runtime-dependency-installation"]
+        cmd = [
+            flower_exe("flower-superlink"),
+            *security,
+            "--isolation",
+            "subprocess",
+            "--host",
+            HOST,
+            "--port",
+            str(port),
+            "--database",
+            str(self.flwr_home / "state.db"),
+            "--disable-runtime-dependency-installation",
+        ]
         if self.simulation:
             cmd.append("--simulation")
         return cmd
@@ -149,35 +183,44 @@ class _FlowerLocal:
     def _start_superlink(self) -> None:
         for attempt in range(3):
             port = find_free_port()
-            proc = self._group.start("flower-superlink", self._superlink_cmd(port),
-                                     self.env, self.run_dir, self.log_file)
+            proc = self._group.start(
+                "flower-superlink", self._superlink_cmd(port), self.env, self.run_dir, self.log_file
+            )
             scheme = "http" if self.tls is None else "https"
-            if wait_http_ok(f"{scheme}://{HOST}:{port}/health", proc, self.startup_timeout,
-                             None if self.tls is None else self.tls.ca_cert):
+            if wait_http_ok(
+                f"{scheme}://{HOST}:{port}/health",
+                proc,
+                self.startup_timeout,
+                None if self.tls is None else self.tls.ca_cert,
+            ):
                 self.port = port
                 return
             tail = log_tail(self.log_file)
-            if proc.poll() is not None and "address already in use" in tail.lower() \
-                    and attempt < 2:
+            if proc.poll() is not None and "address already in use" in tail.lower() and attempt < 2:
                 log.warning("port %d taken, retrying", port)
                 continue
             raise RuntimeError(
                 f"flower-superlink did not become ready on {HOST}:{port} within "
                 f"{self.startup_timeout:.0f}s (exit code {proc.poll()}); "
-                f"log {self.log_file}:\n{tail}")
+                f"log {self.log_file}:\n{tail}"
+            )
 
     def _after_superlink(self) -> None:
         """Hook for LocalDeployment (start SuperNodes)."""
 
     # running an app -------------------------------------------------------------
-    def _run(self, app_dir: Path, run_config: Mapping[str, RunConfigValue],
-             timeout_s: float | None, federation_config: str | None = None) -> int:
+    def _run(
+        self,
+        app_dir: Path,
+        run_config: Mapping[str, RunConfigValue],
+        timeout_s: float | None,
+        federation_config: str | None = None,
+    ) -> int:
         if self.port is None:
             raise RuntimeError("use inside `with`")
         app_dir = Path(app_dir).resolve()
         check_run_config(app_dir, run_config)
-        cmd = [flower_exe("flwr"), "run", str(app_dir), self.connection,
-               *run_config_args(run_config, self.run_dir)]
+        cmd = [flower_exe("flwr"), "run", str(app_dir), self.connection, *run_config_args(run_config, self.run_dir)]
         if federation_config:
             cmd += ["--federation-config", federation_config]
         cmd.append("--stream")
@@ -187,8 +230,7 @@ class _FlowerLocal:
 class _FlwrRun:
     """One ``flwr run --stream``: forward its output, find the outcome, stop on abort."""
 
-    def __init__(self, link: _FlowerLocal, cmd: list[str], timeout_s: float | None,
-                 console: str = "all") -> None:
+    def __init__(self, link: _FlowerLocal, cmd: list[str], timeout_s: float | None, console: str = "all") -> None:
         self.link = link
         self.cmd = cmd
         self.timeout_s = timeout_s
@@ -226,8 +268,13 @@ class _FlwrRun:
         deadline = None if self.timeout_s is None else t0 + self.timeout_s
         log.info("$ %s", " ".join(self.cmd))
         proc = subprocess.Popen(  # noqa: S603
-            self.cmd, env=link.env, cwd=str(link.run_dir), stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+            self.cmd,
+            env=link.env,
+            cwd=str(link.run_dir),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         assert proc.stdout is not None
         pump = threading.Thread(target=self._pump, args=(proc.stdout,), daemon=True)
@@ -250,8 +297,7 @@ class _FlwrRun:
                     continue
             pump.join(timeout=10)
             if self.run_id is None:
-                log.error("`flwr run` exited with %s without starting a run (see %s)",
-                          rc, self.out_log)
+                log.error("`flwr run` exited with %s without starting a run (see %s)", rc, self.out_log)
                 return EXIT_NOT_STARTED
             status = self._final_status(deadline)
             link.timings["run_s"] = time.monotonic() - t0
@@ -261,8 +307,12 @@ class _FlwrRun:
                 return EXIT_TIMEOUT
             ok = status.get("status") == "finished:completed"
             (log.info if ok else log.error)(
-                "run %s: %s (%s) in %.1fs", self.run_id, status.get("status"),
-                status.get("status-details"), link.timings["run_s"])
+                "run %s: %s (%s) in %.1fs",
+                self.run_id,
+                status.get("status"),
+                status.get("status-details"),
+                link.timings["run_s"],
+            )
             return EXIT_OK if ok else EXIT_RUN_FAILED
         except BaseException:  # KeyboardInterrupt, SystemExit from SIGTERM, ...
             log.error("interrupted; stopping the run")
@@ -270,8 +320,7 @@ class _FlwrRun:
             raise
 
     def _status(self) -> dict[str, Any] | None:
-        data = flwr_json(["ls", self.link.connection, "--run-id", str(self.run_id)],
-                          self.link.env, self.link.run_dir)
+        data = flwr_json(["ls", self.link.connection, "--run-id", str(self.run_id)], self.link.env, self.link.run_dir)
         for run in (data or {}).get("runs", []):
             if str(run.get("run-id")) == str(self.run_id):
                 return run
@@ -296,15 +345,22 @@ class _FlwrRun:
         link = self.link
         try:
             data = flwr_json(["ls", link.connection], link.env, link.run_dir, timeout=30)
-            run_ids = {str(r.get("run-id")) for r in (data or {}).get("runs", [])
-                       if not str(r.get("status", "")).startswith("finished")}
+            run_ids = {
+                str(r.get("run-id"))
+                for r in (data or {}).get("runs", [])
+                if not str(r.get("status", "")).startswith("finished")
+            }
             if self.run_id is not None:
                 run_ids.add(str(self.run_id))
             for run_id in sorted(run_ids):
                 subprocess.run(  # noqa: S603
-                    [flower_exe("flwr"), "stop", run_id, link.connection], env=link.env,
-                    cwd=str(link.run_dir), capture_output=True, timeout=30,
-                    stdin=subprocess.DEVNULL)
+                    [flower_exe("flwr"), "stop", run_id, link.connection],
+                    env=link.env,
+                    cwd=str(link.run_dir),
+                    capture_output=True,
+                    timeout=30,
+                    stdin=subprocess.DEVNULL,
+                )
                 log.info("stopped run %s", run_id)
         except (subprocess.TimeoutExpired, OSError) as err:
             log.warning("flwr stop failed: %s", err)
@@ -337,18 +393,30 @@ class SimulationSuperLink(_FlowerLocal):
         super().__enter__()
         return self
 
-    def run(self, app_dir: Path, run_config: Mapping[str, RunConfigValue], num_nodes: int,
-            cpus_per_node: int = 1, timeout_s: float | None = None) -> int:
+    def run(
+        self,
+        app_dir: Path,
+        run_config: Mapping[str, RunConfigValue],
+        num_nodes: int,
+        cpus_per_node: int = 1,
+        timeout_s: float | None = None,
+    ) -> int:
         """``flwr run <app_dir> spes-sim --run-config ... --federation-config
         "num-supernodes=N client-resources-num-cpus=C" --stream``; 0 on success."""
         fed = f"num-supernodes={int(num_nodes)} client-resources-num-cpus={int(cpus_per_node)}"
         return self._run(app_dir, run_config, timeout_s, fed)
 
 
-def run_app(app_dir: Path, run_dir: Path, num_nodes: int,
-            run_config: Mapping[str, RunConfigValue], cpus_per_node: int = 1,
-            timeout_s: float | None = None, extra_env: Mapping[str, str] | None = None,
-            console: str = "all") -> int:
+def run_app(
+    app_dir: Path,
+    run_dir: Path,
+    num_nodes: int,
+    run_config: Mapping[str, RunConfigValue],
+    cpus_per_node: int = 1,
+    timeout_s: float | None = None,
+    extra_env: Mapping[str, str] | None = None,
+    console: str = "all",
+) -> int:
     """Run a Flower app in a fresh local simulation and tear everything down.
 
     Returns 0 if the run finished ``completed``, 1 if it failed or was stopped,
@@ -384,12 +452,18 @@ class LocalDeployment(_FlowerLocal):
     connection = LOCAL_CONNECTION
     simulation = False
 
-    def __init__(self, run_dir: Path, num_nodes: int, log_file: Path | None = None,
-                 startup_timeout: float = 90.0, stop_grace: float = 10.0,
-                 node_config: Mapping[str, RunConfigValue] | None = None,
-                 tls: TlsFiles | None = None,
-                 node_keys: Sequence[tuple[Path, Path]] | None = None,
-                 extra_env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        num_nodes: int,
+        log_file: Path | None = None,
+        startup_timeout: float = 90.0,
+        stop_grace: float = 10.0,
+        node_config: Mapping[str, RunConfigValue] | None = None,
+        tls: TlsFiles | None = None,
+        node_keys: Sequence[tuple[Path, Path]] | None = None,
+        extra_env: Mapping[str, str] | None = None,
+    ) -> None:
         super().__init__(run_dir, log_file, startup_timeout, stop_grace, tls, extra_env)
         if num_nodes < 1:
             raise ValueError("num_nodes must be >= 1")
@@ -423,40 +497,57 @@ class LocalDeployment(_FlowerLocal):
         message if the SuperLink does not accept the key."""
         res = subprocess.run(  # noqa: S603
             [flower_exe("flwr"), "supernode", "register", str(public_key), self.connection],
-            env=self.env, cwd=str(self.run_dir), capture_output=True, text=True,
-            timeout=60, stdin=subprocess.DEVNULL)
+            env=self.env,
+            cwd=str(self.run_dir),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            stdin=subprocess.DEVNULL,
+        )
         if res.returncode != 0 or "registered successfully" not in res.stdout:
-            raise RuntimeError(f"`flwr supernode register {public_key}` failed "
-                               f"(exit {res.returncode}): {res.stdout}{res.stderr}")
+            raise RuntimeError(
+                f"`flwr supernode register {public_key}` failed (exit {res.returncode}): {res.stdout}{res.stderr}"
+            )
 
-    def start_supernode(self, i: int, num_partitions: int | None = None,
-                        private_key: Path | None = None) -> subprocess.Popen[bytes]:
+    def start_supernode(
+        self, i: int, num_partitions: int | None = None, private_key: Path | None = None
+    ) -> subprocess.Popen[bytes]:
         """Start ``flower-supernode`` number ``i`` (partition id ``i``) against this
         SuperLink, signing in with ``private_key`` if given; log in ``node_log(i)``."""
         node_dir = self.node_dir(i)
         node_dir.mkdir(parents=True, exist_ok=True)
         port = find_free_port()
         self.node_ports.append(port)
-        cfg = format_run_config({"partition-id": i,
-                                 "num-partitions": num_partitions or self.num_nodes,
-                                 **self.node_config})
+        cfg = format_run_config(
+            {"partition-id": i, "num-partitions": num_partitions or self.num_nodes, **self.node_config}
+        )
         if cfg is None:
             raise ValueError("node_config strings may not contain both quote kinds")
-        security = (["--insecure"] if self.tls is None
-                    else ["--root-certificates", str(Path(self.tls.ca_cert).resolve())])
+        security = (
+            ["--insecure"] if self.tls is None else ["--root-certificates", str(Path(self.tls.ca_cert).resolve())]
+        )
         if private_key is not None:
             security += ["--auth-supernode-private-key", str(Path(private_key).resolve())]
-        cmd = [flower_exe("flower-supernode"), *security, "--superlink", self.address,
-               "--node-config", cfg, "--host", HOST, "--port", str(port)]
-        return self._group.start(f"flower-supernode-{i}", cmd,
-                                 self._env(node_dir / ".flwr"), node_dir, self.node_log(i))
+        cmd = [
+            flower_exe("flower-supernode"),
+            *security,
+            "--superlink",
+            self.address,
+            "--node-config",
+            cfg,
+            "--host",
+            HOST,
+            "--port",
+            str(port),
+        ]
+        return self._group.start(
+            f"flower-supernode-{i}", cmd, self._env(node_dir / ".flwr"), node_dir, self.node_log(i)
+        )
 
     def online_node_ids(self) -> list[int]:
         """Node ids the SuperLink lists as online (``flwr supernode list``)."""
-        data = flwr_json(["supernode", "list", self.connection], self.env,
-                          self.run_dir, timeout=30)
-        return [int(n["node-id"]) for n in (data or {}).get("nodes", [])
-                if n.get("status") == "online"]
+        data = flwr_json(["supernode", "list", self.connection], self.env, self.run_dir, timeout=30)
+        return [int(n["node-id"]) for n in (data or {}).get("nodes", []) if n.get("status") == "online"]
 
     def _after_superlink(self) -> None:
         procs = []
@@ -473,18 +564,17 @@ class LocalDeployment(_FlowerLocal):
             for i, proc in enumerate(procs):
                 if proc.poll() is not None:
                     raise RuntimeError(
-                        f"flower-supernode {i} exited with {proc.returncode}; log:\n"
-                        + log_tail(self.node_log(i)))
+                        f"flower-supernode {i} exited with {proc.returncode}; log:\n" + log_tail(self.node_log(i))
+                    )
             online = len(self.online_node_ids())
             if online >= self.num_nodes:
                 return
             time.sleep(0.5)
         raise RuntimeError(
             f"only {online}/{self.num_nodes} SuperNodes online after "
-            f"{self.startup_timeout:.0f}s; last log:\n"
-            + log_tail(self.node_log(self.num_nodes - 1)))
+            f"{self.startup_timeout:.0f}s; last log:\n" + log_tail(self.node_log(self.num_nodes - 1))
+        )
 
-    def run(self, app_dir: Path, run_config: Mapping[str, RunConfigValue],
-            timeout_s: float | None = None) -> int:
+    def run(self, app_dir: Path, run_config: Mapping[str, RunConfigValue], timeout_s: float | None = None) -> int:
         """``flwr run <app_dir> spes-local --run-config ... --stream``; 0 on success."""
         return self._run(app_dir, run_config, timeout_s)

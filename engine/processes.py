@@ -137,15 +137,15 @@ class ProcessGroup:
         env[TAG_ENV] = self.tag
         # Keep the processes self-contained: no attaching to an outside Ray cluster,
         # no legacy gRPC APIs on fixed ports (0.0.0.0:9091/9093).
-        for name in ("RAY_ADDRESS", "FLWR_INTERNAL_GRPC_CONTROL_API",
-                     "FLWR_INTERNAL_GRPC_FLEET_API"):
+        for name in ("RAY_ADDRESS", "FLWR_INTERNAL_GRPC_CONTROL_API", "FLWR_INTERNAL_GRPC_FLEET_API"):
             env.pop(name, None)
         for name in ("NO_PROXY", "no_proxy"):  # loopback never through a proxy
             env[name] = ",".join(filter(None, [env.get(name), "127.0.0.1", "localhost"]))
         return env
 
-    def start(self, name: str, cmd: list[str], env: dict[str, str], cwd: Path,
-              log_file: Path) -> subprocess.Popen[bytes]:
+    def start(
+        self, name: str, cmd: list[str], env: dict[str, str], cwd: Path, log_file: Path
+    ) -> subprocess.Popen[bytes]:
         log_file.parent.mkdir(parents=True, exist_ok=True)
         fh = open(log_file, "ab")  # noqa: SIM115 - closed in stop()
         fh.write(f"\n$ {' '.join(cmd)}\n".encode())
@@ -155,8 +155,13 @@ class ProcessGroup:
         if (preexec := _die_with_parent_preexec()) is not None:
             kwargs["preexec_fn"] = preexec
         proc = subprocess.Popen(  # noqa: S603
-            cmd, env=env, cwd=str(cwd), stdin=subprocess.DEVNULL, stdout=fh,
-            stderr=subprocess.STDOUT, **kwargs,
+            cmd,
+            env=env,
+            cwd=str(cwd),
+            stdin=subprocess.DEVNULL,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            **kwargs,
         )
         self.procs.append((name, proc))
         log.debug("started %s pid=%d: %s", name, proc.pid, " ".join(cmd))
@@ -177,8 +182,7 @@ class ProcessGroup:
             elif not (alive := self.alive()):
                 return []
             if time.monotonic() >= deadline:
-                return [p.pid for _, p in self.procs if p.poll() is None] if own_only \
-                    else alive
+                return [p.pid for _, p in self.procs if p.poll() is None] if own_only else alive
             time.sleep(0.1)
 
     def stop(self, grace: float = 10.0) -> None:

@@ -7,6 +7,7 @@ down at the end. With `engine=inprocess` the same ServerApp and ClientApp code r
 process instead (engine/inprocess.py: no SuperLink, no Ray). A run directory from an earlier run
 is moved aside, never deleted.
 """
+
 from __future__ import annotations
 
 import json
@@ -64,20 +65,34 @@ def simulate(argv: list[str]) -> int:
         "overrides": " ".join(shlex.quote(a) for a in argv),
         "output-dir": str(Path(spec.output_dir).expanduser().resolve()),
     }
-    print(f"[sim] {spec.nodes} simulated nodes, model={spec.model.name}, {spec.rounds} rounds, "
-          f"engine={spec.engine}; run dir {run_dir}")
+    print(
+        f"[sim] {spec.nodes} simulated nodes, model={spec.model.name}, {spec.rounds} rounds, "
+        f"engine={spec.engine}; run dir {run_dir}"
+    )
     try:
-        rc = _run_inprocess(spec, run_dir) if spec.engine == "inprocess" else run_app(
-            APP_DIR, run_dir / "flower", spec.nodes, run_config, cpus_per_node=1,
-            extra_env=node_environment(spec, run_dir),
-            console="coordinator+nodes" if spec.logging.node_progress else "coordinator")
+        rc = (
+            _run_inprocess(spec, run_dir)
+            if spec.engine == "inprocess"
+            else run_app(
+                APP_DIR,
+                run_dir / "flower",
+                spec.nodes,
+                run_config,
+                cpus_per_node=1,
+                extra_env=node_environment(spec, run_dir),
+                console="coordinator+nodes" if spec.logging.node_progress else "coordinator",
+            )
+        )
     except KeyboardInterrupt:
         print("[sim] interrupted; the simulation was stopped and cleaned up", file=sys.stderr)
         return 130
     summary = run_dir / "summary.json"
     if rc != 0 or not summary.exists():
-        print(f"[sim] run failed (exit {rc}); coordinator log: {run_dir / 'coordinator.log'}, "
-              f"Flower log: {run_dir / 'flower' / 'flwr-run.log'}", file=sys.stderr)
+        print(
+            f"[sim] run failed (exit {rc}); coordinator log: {run_dir / 'coordinator.log'}, "
+            f"Flower log: {run_dir / 'flower' / 'flwr-run.log'}",
+            file=sys.stderr,
+        )
         _print_failure(run_dir)
         return rc or 1
     s = json.loads(summary.read_text())

@@ -34,8 +34,16 @@ HELDOUT = "heldout"
 DOWNSTREAM = "downstream"
 # docs/method.md section 6; None = lm-eval's default shot count (the method names none for mmlu).
 DOWNSTREAM_SUITE: dict[str, int | None] = {
-    "sciq": 0, "piqa": 0, "winogrande": 0, "arc_easy": 0, "social_iqa": 0, "openbookqa": 0, "boolq": 0,
-    "arc_challenge": 25, "hellaswag": 10, "mmlu": None,
+    "sciq": 0,
+    "piqa": 0,
+    "winogrande": 0,
+    "arc_easy": 0,
+    "social_iqa": 0,
+    "openbookqa": 0,
+    "boolq": 0,
+    "arc_challenge": 25,
+    "hellaswag": 10,
+    "mmlu": None,
 }
 _TRUE = ("1", "true", "yes", "on")
 
@@ -96,16 +104,24 @@ def flat_results(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, floa
     return out
 
 
-def _simple_evaluate(checkpoint: Path, tasks: list[str], task_manager, args, num_fewshot: int | None,
-                     max_length: int | None) -> dict:
+def _simple_evaluate(
+    checkpoint: Path, tasks: list[str], task_manager, args, num_fewshot: int | None, max_length: int | None
+) -> dict:
     import lm_eval
 
     model_args: dict[str, Any] = {"pretrained": str(checkpoint), "dtype": "float32"}
     if max_length:
         model_args["max_length"] = int(max_length)
     return lm_eval.simple_evaluate(
-        model="hf", model_args=model_args, tasks=tasks, task_manager=task_manager, device=args.device,
-        batch_size=args.batch_size, limit=args.limit, num_fewshot=num_fewshot, log_samples=False,
+        model="hf",
+        model_args=model_args,
+        tasks=tasks,
+        task_manager=task_manager,
+        device=args.device,
+        batch_size=args.batch_size,
+        limit=args.limit,
+        num_fewshot=num_fewshot,
+        log_samples=False,
     )
 
 
@@ -115,21 +131,37 @@ def evaluate(checkpoint: Path, args: argparse.Namespace, overrides: list[str]) -
     from evaluation import HELDOUT_TASK, write_heldout_task
 
     requested = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    report: dict[str, Any] = {"checkpoint": str(checkpoint), "results": {}, "n_samples": {}, "skipped": [],
-                              "tasks": requested}
+    report: dict[str, Any] = {
+        "checkpoint": str(checkpoint),
+        "results": {},
+        "n_samples": {},
+        "skipped": [],
+        "tasks": requested,
+    }
     t0 = time.time()
     if HELDOUT in requested:
         docs, cfg, source = heldout_documents(checkpoint, overrides)
         max_length = args.max_length or cfg.seq_len
         tasks_dir = write_heldout_task(checkpoint.parent / "eval", docs)
         print(f"[eval] held-out split: {len(docs)} documents ({source}); windows of {max_length} tokens", flush=True)
-        out = _simple_evaluate(checkpoint, [HELDOUT_TASK], TaskManager(include_path=str(tasks_dir),
-                               include_defaults=False), args, None, max_length)
+        out = _simple_evaluate(
+            checkpoint,
+            [HELDOUT_TASK],
+            TaskManager(include_path=str(tasks_dir), include_defaults=False),
+            args,
+            None,
+            max_length,
+        )
         report["results"].update(flat_results(out["results"]))
         report["n_samples"][HELDOUT_TASK] = out.get("n-samples", {}).get(HELDOUT_TASK, {}).get("effective")
         report["max_length"] = max_length
-        report["heldout_data"] = {"source": cfg.source, "heldout_fraction": cfg.heldout_fraction, "seed": cfg.seed,
-                                  "documents": len(docs), "file": str(tasks_dir.parent / "heldout.jsonl")}
+        report["heldout_data"] = {
+            "source": cfg.source,
+            "heldout_fraction": cfg.heldout_fraction,
+            "seed": cfg.seed,
+            "documents": len(docs),
+            "file": str(tasks_dir.parent / "heldout.jsonl"),
+        }
     hub_tasks: dict[str, int | None] = {}
     for name in requested:
         if name == DOWNSTREAM:
@@ -162,16 +194,21 @@ def evaluate(checkpoint: Path, args: argparse.Namespace, overrides: list[str]) -
 
 
 def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(prog="python -m evaluation", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m evaluation", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("checkpoint", type=Path, help="Hugging Face checkpoint directory (e.g. outputs/demo/model)")
-    parser.add_argument("--tasks", default=f"{HELDOUT},{DOWNSTREAM}",
-                        help=f"comma-separated: {HELDOUT}, {DOWNSTREAM}, or lm-eval task names (default: %(default)s)")
+    parser.add_argument(
+        "--tasks",
+        default=f"{HELDOUT},{DOWNSTREAM}",
+        help=f"comma-separated: {HELDOUT}, {DOWNSTREAM}, or lm-eval task names (default: %(default)s)",
+    )
     parser.add_argument("--limit", type=int, default=None, help="at most this many documents/examples per task")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--max-length", type=int, default=None,
-                        help="tokens per scoring window (default: the run's data.seq_len)")
+    parser.add_argument(
+        "--max-length", type=int, default=None, help="tokens per scoring window (default: the run's data.seq_len)"
+    )
     args, rest = parser.parse_known_args(argv)
     unknown = [a for a in rest if "=" not in a or a.startswith("-")]
     if unknown:
@@ -183,8 +220,11 @@ def main(argv: list[str]) -> int:
     args, overrides = _parse(argv)
     checkpoint = args.checkpoint.expanduser().resolve()
     if not (checkpoint / "config.json").exists():
-        print(f"[eval] {checkpoint} is not a Hugging Face checkpoint (no config.json); "
-              f"run `make demo` first or pass a model directory", file=sys.stderr)
+        print(
+            f"[eval] {checkpoint} is not a Hugging Face checkpoint (no config.json); "
+            f"run `make demo` first or pass a model directory",
+            file=sys.stderr,
+        )
         return 2
     try:
         import lm_eval  # noqa: F401

@@ -29,15 +29,18 @@ E, L, HID, INTER = 4, 2, 6, 4
 @dataclass
 class Outcome:
     fault: str
-    before: str   # what the code did before this suite existed (issue 7 / 8 findings)
-    now: str      # what happened in this run
-    ok: bool      # the global model stayed finite and unchanged by the fault / the run survived
+    before: str  # what the code did before this suite existed (issue 7 / 8 findings)
+    now: str  # what happened in this run
+    ok: bool  # the global model stayed finite and unchanged by the fault / the run survived
 
 
 # -- hostile replies through the real strategy ---------------------------------------------------
 def _toy_params(seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    p = {"model.embed_tokens.weight": torch.randn(10, HID, generator=g), "model.norm.weight": torch.randn(HID, generator=g)}
+    p = {
+        "model.embed_tokens.weight": torch.randn(10, HID, generator=g),
+        "model.norm.weight": torch.randn(HID, generator=g),
+    }
     for layer in range(L):
         p[f"model.layers.{layer}.mlp.gate.weight"] = torch.randn(E, HID, generator=g)
         for e in range(E):
@@ -58,8 +61,9 @@ def _task_identity() -> None:
         TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
 
 
-def strategy_round(tamper: Callable | None = None, *, max_tokens: float = 1000.0, extra_replies: int = 0,
-                   **cfg) -> tuple[object, dict, list]:
+def strategy_round(
+    tamper: Callable | None = None, *, max_tokens: float = 1000.0, extra_replies: int = 0, **cfg
+) -> tuple[object, dict, list]:
     """One round of a 2-node SpesStrategy whose node 1 reply goes through `tamper(msg, update, metrics)`.
 
     Returns (strategy, params before the round, replies sent)."""
@@ -72,8 +76,14 @@ def strategy_round(tamper: Callable | None = None, *, max_tokens: float = 1000.0
 
     _task_identity()
     merge = MergeSchedule(enabled=False)
-    strategy = SpesStrategy(StrategyConfig(local_steps=10, merge=merge, **cfg), E, {7: 0, 11: 1}, num_rounds=3,
-                            max_tokens=max_tokens, num_layers=L)
+    strategy = SpesStrategy(
+        StrategyConfig(local_steps=10, merge=merge, **cfg),
+        E,
+        {7: 0, 11: 1},
+        num_rounds=3,
+        max_tokens=max_tokens,
+        num_layers=L,
+    )
     before = _toy_params(0)
     msgs = list(strategy.configure_train(1, encode(before), ConfigRecord({}), None))
     replies = []
@@ -123,6 +133,7 @@ def _metric_case(fault: str, before_text: str, value) -> Callable[[], Outcome]:
         finite = all(torch.isfinite(t).all() for t in s.params.values())
         ok = finite and _status(s).startswith("rejected") and _honest_shared_kept(s, before)
         return Outcome(fault, before_text, f"node rejected ({_status(s)[:70]}); round applied from the honest node", ok)
+
     return case
 
 
@@ -137,6 +148,7 @@ def _tensor_case(fault: str, before_text: str, tamper_tensors: Callable, **cfg) 
         finite = all(torch.isfinite(t).all() for t in s.params.values())
         ok = finite and _status(s).startswith("rejected") and _honest_shared_kept(s, before)
         return Outcome(fault, before_text, f"node rejected ({_status(s)[:70]})", ok)
+
     return case
 
 
@@ -167,12 +179,17 @@ def _scaled(update, value):
 def case_duplicate_reply() -> Outcome:
     s, before, _ = strategy_round(None, extra_replies=1)
     ok = _status(s) == "rejected: duplicate reply" and _honest_shared_kept(s, before)
-    return Outcome("second reply from the same node in one round", "silently replaced the first",
-                   f"both dropped ({_status(s)}); round applied from the other node", ok)
+    return Outcome(
+        "second reply from the same node in one round",
+        "silently replaced the first",
+        f"both dropped ({_status(s)}); round applied from the other node",
+        ok,
+    )
 
 
 def case_overflow_refused() -> Outcome:
     """Values that pass every per-update bound but overflow in the outer step: the round is refused."""
+
     def tamper(update, metrics):
         from flwr.app import MetricRecord, RecordDict
 
@@ -181,13 +198,18 @@ def case_overflow_refused() -> Outcome:
         update = {n: torch.full_like(t, -3.0e38) for n, t in update.items()}
         return RecordDict({"arrays": encode(update), "metrics": MetricRecord(metrics)})
 
-    s, before = strategy_round(tamper, max_abs_value=0.0, outer_lr=0.7, outer_momentum=0.9, nesterov=True,
-                               shared_weighting="uniform")[:2]
+    s, before = strategy_round(
+        tamper, max_abs_value=0.0, outer_lr=0.7, outer_momentum=0.9, nesterov=True, shared_weighting="uniform"
+    )[:2]
     rec = s.history[-1]
     unchanged = all(torch.equal(s.params[n], before[n]) for n in before)
     ok = not rec.applied and unchanged and "NaN or Inf" in rec.refused
-    return Outcome("finite updates of -3e38 with the size bound off (outer Nesterov step overflows)",
-                   "Inf checkpointed and sent to every node", f"round refused ({rec.refused}); model unchanged", ok)
+    return Outcome(
+        "finite updates of -3e38 with the size bound off (outer Nesterov step overflows)",
+        "Inf checkpointed and sent to every node",
+        f"round refused ({rec.refused}); model unchanged",
+        ok,
+    )
 
 
 def case_eval_reply() -> Outcome:
@@ -197,11 +219,17 @@ def case_eval_reply() -> Outcome:
 
     s, _, _ = strategy_round(None)
     msgs = list(s.configure_evaluate(3, encode(s.params), ConfigRecord({}), None))
-    bad = [Message(RecordDict({"metrics": MetricRecord({"eval-loss": math.nan, "num-tokens": 10.0})}), reply_to=msgs[0]),
-           Message(RecordDict({"metrics": MetricRecord({"eval-loss": 3.0})}), reply_to=msgs[1])]
+    bad = [
+        Message(RecordDict({"metrics": MetricRecord({"eval-loss": math.nan, "num-tokens": 10.0})}), reply_to=msgs[0]),
+        Message(RecordDict({"metrics": MetricRecord({"eval-loss": 3.0})}), reply_to=msgs[1]),
+    ]
     result = s.aggregate_evaluate(3, bad)
-    return Outcome("eval replies with NaN loss / without num-tokens", "crashed aggregate_evaluate",
-                   "both ignored with a log line; no federated loss this round", result is None)
+    return Outcome(
+        "eval replies with NaN loss / without num-tokens",
+        "crashed aggregate_evaluate",
+        "both ignored with a log line; no federated loss this round",
+        result is None,
+    )
 
 
 # -- node-side faults -------------------------------------------------------------------------
@@ -217,8 +245,12 @@ def case_run_token_paths() -> Outcome:
             except NodeSetupError:
                 refused.append(token)
         ok = len(refused) == 4 and s.workdir("run-1").is_relative_to(Path(tmp).resolve())
-    return Outcome("run token `../../x`, `/etc`, `..` from the coordinator", "node wrote (and deleted) outside its work dir",
-                   f"refused: {', '.join(refused)}", ok)
+    return Outcome(
+        "run token `../../x`, `/etc`, `..` from the coordinator",
+        "node wrote (and deleted) outside its work dir",
+        f"refused: {', '.join(refused)}",
+        ok,
+    )
 
 
 def case_coordinator_data_path() -> Outcome:
@@ -232,16 +264,24 @@ def case_coordinator_data_path() -> Outcome:
         ok, now = True, f"refused: {str(exc)[:80]}..."
     own = NodeSettings.from_node_config({"partition-id": 0, "num-partitions": 2, "data-source": "/data/mine"}, env={})
     ok = ok and own.data_source("/coordinator/path") == ("/data/mine", False)
-    return Outcome("coordinator's data.source names a path on the node", "node trained on whatever that path held",
-                   now + "; a node's own data-source wins", ok)
+    return Outcome(
+        "coordinator's data.source names a path on the node",
+        "node trained on whatever that path held",
+        now + "; a node's own data-source wins",
+        ok,
+    )
 
 
 def _state(step: int):
     from client_app.node_state import NodeState
 
-    return NodeState(global_step=step, owned=[0, 1], stream={"epoch": 0, "index": step},
-                     owned_tensors={"w": torch.full((3,), float(step))},
-                     optimizer={"w::exp_avg": torch.ones(3), "w::step": torch.tensor(float(step))})
+    return NodeState(
+        global_step=step,
+        owned=[0, 1],
+        stream={"epoch": 0, "index": step},
+        owned_tensors={"w": torch.full((3,), float(step))},
+        optimizer={"w::exp_avg": torch.ones(3), "w::step": torch.tensor(float(step))},
+    )
 
 
 def case_state_crash_mid_save() -> Outcome:
@@ -255,10 +295,18 @@ def case_state_crash_mid_save() -> Outcome:
         (half / "owned.safetensors").write_bytes(b"\0" * 7)
         survived = NodeState.load(root, 10)
         _state(20).save(root)
-        ok = survived is not None and torch.equal(survived.owned_tensors["w"], torch.full((3,), 10.0)) \
-            and not half.exists() and saved_steps(root) == [10, 20]
-    return Outcome("node crashes in the middle of a state save", "optimizer state and data position lost for good",
-                   "previous state intact; the half-written one removed at the next save", ok)
+        ok = (
+            survived is not None
+            and torch.equal(survived.owned_tensors["w"], torch.full((3,), 10.0))
+            and not half.exists()
+            and saved_steps(root) == [10, 20]
+        )
+    return Outcome(
+        "node crashes in the middle of a state save",
+        "optimizer state and data position lost for good",
+        "previous state intact; the half-written one removed at the next save",
+        ok,
+    )
 
 
 def case_state_corrupt() -> Outcome:
@@ -270,8 +318,12 @@ def case_state_corrupt() -> Outcome:
         with open(d / "owned.safetensors", "r+b") as fh:
             fh.write(b"garbage!")
         gone = NodeState.load(root, 10) is None and not d.exists()
-    return Outcome("node's saved state corrupted on disk", "node failed every round, even after a full resend",
-                   "state discarded; the node asks for the full model and continues", gone)
+    return Outcome(
+        "node's saved state corrupted on disk",
+        "node failed every round, even after a full resend",
+        "state discarded; the node asks for the full model and continues",
+        gone,
+    )
 
 
 def case_state_other_step() -> Outcome:
@@ -281,8 +333,12 @@ def case_state_other_step() -> Outcome:
         root = Path(tmp) / "state"
         _state(10).save(root)
         ok = NodeState.load(root, 20) is None and NodeState.load(root, 10) is not None
-    return Outcome("saved state from another global step", "used silently",
-                   "only a state tagged with the round's start step is used for a sparse downlink", ok)
+    return Outcome(
+        "saved state from another global step",
+        "used silently",
+        "only a state tagged with the round's start step is used for a sparse downlink",
+        ok,
+    )
 
 
 def _tiny_node_context(tmp: Path):
@@ -291,8 +347,19 @@ def _tiny_node_context(tmp: Path):
     from data import load_tokenizer
     from server_app.config import compose
 
-    raw = compose(["model.hidden_size=32", "model.expert_ffn=16", "model.num_layers=1", "model.num_experts=4",
-                   "strategy.merge.top_k=2", "data.vocab_size=300", "data.seq_len=16", "train.batch_size=2", "nodes=2"])
+    raw = compose(
+        [
+            "model.hidden_size=32",
+            "model.expert_ffn=16",
+            "model.num_layers=1",
+            "model.num_experts=4",
+            "strategy.merge.top_k=2",
+            "data.vocab_size=300",
+            "data.seq_len=16",
+            "train.batch_size=2",
+            "nodes=2",
+        ]
+    )
     spec = from_dict(raw)
     tok = load_tokenizer(spec.data, tmp / "cache")
     return NodeContext(spec, tok, tmp / "node", 0, 2, progress=False)
@@ -310,15 +377,22 @@ def case_node_refuses_bad_round() -> Outcome:
         poisoned = dict(weights)
         name = sorted(poisoned)[0]
         poisoned[name] = torch.full_like(poisoned[name], math.nan)
-        for label, received, start, steps in (("NaN weights", poisoned, 0, 1), ("local-steps -3", weights, 0, -3),
-                                              ("global-step -5", weights, -5, 1)):
+        for label, received, start, steps in (
+            ("NaN weights", poisoned, 0, 1),
+            ("local-steps -3", weights, 0, -3),
+            ("global-step -5", weights, -5, 1),
+        ):
             try:
                 run_local_round(ctx, received, RoundOrder([0, 1], True, start, steps), show_progress=False)
             except ValueError:
                 refused.append(label)
         ok = len(refused) == 3 and not (ctx.workdir / "state").exists()
-    return Outcome("NaN weights / negative local-steps or global-step sent to a node",
-                   "trained on (negative learning rate)", f"refused before training: {', '.join(refused)}", ok)
+    return Outcome(
+        "NaN weights / negative local-steps or global-step sent to a node",
+        "trained on (negative learning rate)",
+        f"refused before training: {', '.join(refused)}",
+        ok,
+    )
 
 
 # -- processes killed ------------------------------------------------------------------------------
@@ -327,25 +401,33 @@ def case_resume_bit_identical(workdir: Path) -> Outcome:
     from faults.runs import resume_matches_uninterrupted
 
     same, detail = resume_matches_uninterrupted(workdir)
-    return Outcome("coordinator SIGKILLed after round 1 of 3 (outer momentum on), then `resume=true`",
-                   "nothing survived a restart (state written, never read; reruns wiped nodes/)", detail, same)
+    return Outcome(
+        "coordinator SIGKILLed after round 1 of 3 (outer momentum on), then `resume=true`",
+        "nothing survived a restart (state written, never read; reruns wiped nodes/)",
+        detail,
+        same,
+    )
 
 
 def case_supernode_killed(workdir: Path) -> Outcome:
     from faults.runs import supernode_killed_mid_round
 
     completed, detail = supernode_killed_mid_round(workdir)
-    return Outcome("one of 2 SuperNodes SIGKILLed mid-run (min_nodes=1)",
-                   "every round waited for every node", detail, completed)
+    return Outcome(
+        "one of 2 SuperNodes SIGKILLed mid-run (min_nodes=1)", "every round waited for every node", detail, completed
+    )
 
 
 def case_simulation_worker_killed(workdir: Path) -> Outcome:
     from faults.runs import simulation_worker_killed
 
     ok, detail = simulation_worker_killed(workdir)
-    return Outcome("a Ray simulation worker SIGKILLed between rounds (3 nodes)",
-                   "Flower reused the dead worker: 2 of 3 nodes failed every later round, `python -m sim` exited 0",
-                   detail, ok)
+    return Outcome(
+        "a Ray simulation worker SIGKILLed between rounds (3 nodes)",
+        "Flower reused the dead worker: 2 of 3 nodes failed every later round, `python -m sim` exited 0",
+        detail,
+        ok,
+    )
 
 
 QUICK: list[Callable[[], Outcome]] = [
@@ -358,12 +440,21 @@ QUICK: list[Callable[[], Outcome]] = [
     _metric_case("expert-load a scalar", "coordinator crashed in aggregate_train", ("expert-load", 0.5)),
     _tensor_case("NaN in an update", "rejected (already)", lambda u: _scaled(u, math.nan)),
     _tensor_case("finite update of 1e30", "accepted; outer step and merging made Inf", lambda u: _scaled(u, 1e30)),
-    _tensor_case("`arrays` is a MetricRecord", "coordinator crashed in aggregate_train",
-                 lambda u: __import__("flwr.app", fromlist=["MetricRecord"]).MetricRecord({"x": 1.0})),
-    _tensor_case("valid .npy with trailing bytes", "accepted; byte counts spoofed",
-                 lambda u: _record_with_raw_array(u, _first(u), _npy(u[_first(u)]) + b"\0" * 64)),
-    _tensor_case("declared shape smaller than the data", "accepted; byte counts spoofed",
-                 lambda u: _record_with_raw_array(u, _first(u), _npy(u[_first(u)]), shape=(1,))),
+    _tensor_case(
+        "`arrays` is a MetricRecord",
+        "coordinator crashed in aggregate_train",
+        lambda u: __import__("flwr.app", fromlist=["MetricRecord"]).MetricRecord({"x": 1.0}),
+    ),
+    _tensor_case(
+        "valid .npy with trailing bytes",
+        "accepted; byte counts spoofed",
+        lambda u: _record_with_raw_array(u, _first(u), _npy(u[_first(u)]) + b"\0" * 64),
+    ),
+    _tensor_case(
+        "declared shape smaller than the data",
+        "accepted; byte counts spoofed",
+        lambda u: _record_with_raw_array(u, _first(u), _npy(u[_first(u)]), shape=(1,)),
+    ),
     case_duplicate_reply,
     case_overflow_refused,
     case_eval_reply,
@@ -391,8 +482,8 @@ def write_doc(outcomes: list[Outcome], path: Path = ROOT / "docs" / "reliability
     path.write_text(
         "# Reliability: faults and hostile input\n\n"
         "Generated by `python -m faults` (every row is a fault built by hand and fed through the real code;\n"
-        "`tests/test_faults.py` asserts the same cases). \"Before\" is what the code did before this suite\n"
-        "existed; \"now\" is what this run observed.\n\n"
+        '`tests/test_faults.py` asserts the same cases). "Before" is what the code did before this suite\n'
+        'existed; "now" is what this run observed.\n\n'
         "| fault | before | now | contained |\n|---|---|---|---|\n" + rows + "\n"
     )
     return path

@@ -22,8 +22,14 @@ from server_app.report import read_rounds
 
 ROOT = Path(__file__).resolve().parent.parent
 MICRO = [
-    "model.hidden_size=64", "model.expert_ffn=32", "model.num_layers=2", "model.num_experts=6",
-    "strategy.merge.top_k=2", "data.vocab_size=512", "data.seq_len=64", "train.batch_size=4",
+    "model.hidden_size=64",
+    "model.expert_ffn=32",
+    "model.num_layers=2",
+    "model.num_experts=6",
+    "strategy.merge.top_k=2",
+    "data.vocab_size=512",
+    "data.seq_len=64",
+    "train.batch_size=4",
 ]
 
 
@@ -37,8 +43,14 @@ def _final_params(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def _sim(args: list[str], timeout_s: float) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "sim", *args], cwd=ROOT, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "sim", *args],
+        cwd=ROOT,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _rounds_logged(run_dir: Path) -> int:
@@ -53,17 +65,28 @@ def _checkpointed(run_dir: Path) -> int:
     return max(checkpoint.rounds(run_dir / "checkpoint"), default=0)
 
 
-def resume_matches_uninterrupted(workdir: Path, rounds: int = 3, kill_after: int = 1,
-                                 timeout_s: float = 420) -> tuple[bool, str]:
+def resume_matches_uninterrupted(
+    workdir: Path, rounds: int = 3, kill_after: int = 1, timeout_s: float = 420
+) -> tuple[bool, str]:
     """Run `rounds` rounds straight; run again, SIGKILL the run after round `kill_after`, resume.
 
     In-process engine: the coordinator and its nodes die together, as a whole simulation does, and
     nothing gets to clean up. Outer Nesterov momentum is on, so a resume that lost the outer
     optimizer's buffers cannot match. Returns (final global weights bit-identical and the kill came
     before the end, a one-line account)."""
-    common = ["nodes=2", f"rounds={rounds}", "strategy.local_steps=3", "deterministic=true", *MICRO,
-              "strategy.merge.interval=6", "strategy.merge.decay_steps=60", "strategy.outer_lr=0.7",
-              "strategy.outer_momentum=0.9", "engine=inprocess", "run_name=faultrun"]
+    common = [
+        "nodes=2",
+        f"rounds={rounds}",
+        "strategy.local_steps=3",
+        "deterministic=true",
+        *MICRO,
+        "strategy.merge.interval=6",
+        "strategy.merge.decay_steps=60",
+        "strategy.outer_lr=0.7",
+        "strategy.outer_momentum=0.9",
+        "engine=inprocess",
+        "run_name=faultrun",
+    ]
     straight = _sim([*common, f"output_dir={workdir / 'straight'}"], timeout_s)
     out, _ = straight.communicate(timeout=timeout_s)
     if straight.returncode != 0:
@@ -87,8 +110,10 @@ def resume_matches_uninterrupted(workdir: Path, rounds: int = 3, kill_after: int
     a, b = _final_params(workdir / "straight" / "faultrun"), _final_params(interrupted_dir)
     same = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     rows = [r.round for r in read_rounds(interrupted_dir)]
-    detail = (f"SIGKILLed with {killed_at} of {rounds} round(s) checkpointed, resumed; rounds logged {rows}; final "
-              f"weights {'bit-identical to' if same else 'DIFFER from'} the uninterrupted run's")
+    detail = (
+        f"SIGKILLed with {killed_at} of {rounds} round(s) checkpointed, resumed; rounds logged {rows}; final "
+        f"weights {'bit-identical to' if same else 'DIFFER from'} the uninterrupted run's"
+    )
     return same and rows == list(range(1, rounds + 1)), detail
 
 
@@ -97,12 +122,21 @@ def supernode_killed_mid_round(workdir: Path, timeout_s: float = 900) -> tuple[b
     with the dead node's experts moved to the live one."""
     from engine.launcher import LocalDeployment
 
-    overrides = ["nodes=2", "rounds=2", "strategy.local_steps=3", *MICRO, "strategy.min_nodes=1",
-                 "strategy.round_timeout_s=240", "strategy.reassign_after=1", "run_name=killnode"]
+    overrides = [
+        "nodes=2",
+        "rounds=2",
+        "strategy.local_steps=3",
+        *MICRO,
+        "strategy.min_nodes=1",
+        "strategy.round_timeout_s=240",
+        "strategy.reassign_after=1",
+        "run_name=killnode",
+    ]
     run_dir = workdir / "outputs" / "killnode"
     run_config = {"overrides": " ".join(shlex.quote(o) for o in overrides), "output-dir": str(workdir / "outputs")}
     killed = threading.Event()
     with LocalDeployment(workdir / "flower", num_nodes=2, node_config={"work-dir": str(workdir / "nodes")}) as dep:
+
         def killer() -> None:
             deadline = time.monotonic() + timeout_s
             while _rounds_logged(run_dir) < 1 and time.monotonic() < deadline:
@@ -121,11 +155,19 @@ def supernode_killed_mid_round(workdir: Path, timeout_s: float = 900) -> tuple[b
     rows = read_rounds(run_dir)
     last = rows[-1]
     status = last.nodes.get("1", {}).get("status", "absent")
-    ok = (killed.is_set() and len(rows) == 2 and rows[0].nodes["1"]["status"] == "ok" and status != "ok"
-          and last.owners == {"0": list(range(6))} and last.valid_updates == 1
-          and last.federated_eval_loss is not None)
-    return ok, (f"run completed 2 rounds in {run_s:.0f}s (exit {rc}); partition 1 in round 2: {status[:70]}; its "
-                f"experts reassigned: owners after round 2 {last.owners}")
+    ok = (
+        killed.is_set()
+        and len(rows) == 2
+        and rows[0].nodes["1"]["status"] == "ok"
+        and status != "ok"
+        and last.owners == {"0": list(range(6))}
+        and last.valid_updates == 1
+        and last.federated_eval_loss is not None
+    )
+    return ok, (
+        f"run completed 2 rounds in {run_s:.0f}s (exit {rc}); partition 1 in round 2: {status[:70]}; its "
+        f"experts reassigned: owners after round 2 {last.owners}"
+    )
 
 
 def _actor_pids(marker: str) -> list[int]:

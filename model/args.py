@@ -32,9 +32,9 @@ class MoEArgs:
     # see model/upcycle.py). The coordinator does this once; nodes receive the weights.
     init: str = "random"
     dense_path: str | None = None
-    upcycle_noise_std: float = 0.0        # N(0, std) added to a random fraction of each expert's entries
+    upcycle_noise_std: float = 0.0  # N(0, std) added to a random fraction of each expert's entries
     upcycle_noise_fraction: float = 0.5
-    upcycle_router_init: str = "normal"   # zeros | normal (init_std) | down_proj_std (std of the dense down-projection)
+    upcycle_router_init: str = "normal"  # zeros | normal (init_std) | down_proj_std (std of the dense down-projection)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "MoEArgs":
@@ -52,8 +52,16 @@ class MoEArgs:
         self._validate_init()
         # Types first: a string from a command-line override would otherwise
         # fail below with a TypeError that names no key.
-        sizes = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "num_experts", "top_k", "expert_ffn",
-                 "max_seq_len")
+        sizes = (
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "num_experts",
+            "top_k",
+            "expert_ffn",
+            "max_seq_len",
+        )
         for key in sizes + ("vocab_size",):
             value = getattr(self, key)
             if key == "vocab_size" and value is None:
@@ -67,9 +75,7 @@ class MoEArgs:
         if not isinstance(self.norm_topk_prob, bool):
             raise ValueError(f"model.norm_topk_prob must be true or false, got {self.norm_topk_prob!r}")
         if not 1 <= self.top_k < self.num_experts:
-            raise ValueError(
-                f"model.top_k must be in [1, num_experts) = [1, {self.num_experts}), got {self.top_k}"
-            )
+            raise ValueError(f"model.top_k must be in [1, num_experts) = [1, {self.num_experts}), got {self.top_k}")
         if self.hidden_size % self.num_heads:
             raise ValueError(
                 f"model.hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})"
@@ -102,7 +108,9 @@ class MoEArgs:
             raise ValueError(f"model.upcycle_noise_fraction must be in [0, 1], got {self.upcycle_noise_fraction}")
         if self.init == "upcycle":
             if not self.dense_path:
-                raise ValueError("model.init=upcycle needs model.dense_path (a dense Hugging Face checkpoint dir or name)")
+                raise ValueError(
+                    "model.init=upcycle needs model.dense_path (a dense Hugging Face checkpoint dir or name)"
+                )
             if self.vocab_size is None:
                 # Nodes build their model from these args and the tokenizer's length, which can be
                 # smaller than the dense checkpoint's (padded) embedding matrix.
@@ -110,7 +118,9 @@ class MoEArgs:
                     "model.init=upcycle needs model.vocab_size set to the dense checkpoint's config.vocab_size"
                 )
             if not self.norm_topk_prob:
-                raise ValueError("model.init=upcycle needs model.norm_topk_prob=true (else the MoE is not the dense model)")
+                raise ValueError(
+                    "model.init=upcycle needs model.norm_topk_prob=true (else the MoE is not the dense model)"
+                )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

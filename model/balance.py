@@ -29,9 +29,9 @@ BALANCE_MODES = ("per_layer", "pooled")
 
 @dataclass(frozen=True)
 class LocalDecay:
-    start: float = 0.7            # factor on the node's own experts' counts at step 0
+    start: float = 0.7  # factor on the node's own experts' counts at step 0
     warmup_fraction: float = 0.2  # of total_steps, over which the factor rises linearly to 1
-    every: int = 500              # the factor changes only at multiples of this many global steps
+    every: int = 500  # the factor changes only at multiples of this many global steps
 
     def factor(self, step: int, total_steps: int) -> float:
         ramp = self.warmup_fraction * total_steps

@@ -87,7 +87,10 @@ class _ChunkedLinearCE(torch.autograd.Function):
 
 
 def chunked_linear_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int | None = None,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    chunk: int | None = None,
     with_z: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean CE, logit z-loss) of `hidden [N, H] @ weight[V, H].T` against `targets [N]` (-100
@@ -119,8 +122,12 @@ def lean_cross_entropy(
 
 
 def forward_ce(
-    model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, output_router_logits: bool,
-    lean: bool = False, logit_z: bool = False,
+    model: torch.nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    output_router_logits: bool,
+    lean: bool = False,
+    logit_z: bool = False,
 ):
     """Run the causal LM and its next-token CE: (model output with router_logits, ce, logit z-loss).
 

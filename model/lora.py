@@ -36,8 +36,17 @@ if TYPE_CHECKING:
     from peft import PeftModel
 
 __all__ = [
-    "ATTENTION_PROJECTIONS", "LoraArgs", "lora_args", "parse_targets", "apply_lora", "adapter_param_names",
-    "init_adapters", "adapter_shapes", "split_adapters", "merge_adapters", "merge_and_export",
+    "ATTENTION_PROJECTIONS",
+    "LoraArgs",
+    "lora_args",
+    "parse_targets",
+    "apply_lora",
+    "adapter_param_names",
+    "init_adapters",
+    "adapter_shapes",
+    "split_adapters",
+    "merge_adapters",
+    "merge_and_export",
 ]
 
 
@@ -62,7 +71,9 @@ class LoraArgs:
             raise ValueError(f"lora rank must be >= 1, got {self.rank}")
         bad = sorted(set(self.targets) - set(ATTENTION_PROJECTIONS))
         if not self.targets or bad:
-            raise ValueError(f"lora targets must be a non-empty subset of {list(ATTENTION_PROJECTIONS)}, got {bad or []}")
+            raise ValueError(
+                f"lora targets must be a non-empty subset of {list(ATTENTION_PROJECTIONS)}, got {bad or []}"
+            )
         if not 0 <= self.dropout < 1:
             raise ValueError(f"lora dropout must be in [0, 1), got {self.dropout}")
 
@@ -85,8 +96,9 @@ def apply_lora(model: torch.nn.Module, args: LoraArgs, owned: Iterable[int] | No
     args.validate()
     if owned is None:
         owned = owned_experts(model)
-    config = LoraConfig(r=args.rank, lora_alpha=args.alpha, target_modules=list(args.targets),
-                        lora_dropout=args.dropout, bias="none")
+    config = LoraConfig(
+        r=args.rank, lora_alpha=args.alpha, target_modules=list(args.targets), lora_dropout=args.dropout, bias="none"
+    )
     peft_model = get_peft_model(model, config)  # freezes every base parameter
     set_owned_experts(peft_model.base_model.model, owned)
     for name, p in peft_model.named_parameters():
@@ -102,7 +114,9 @@ def adapter_param_names(model: torch.nn.Module) -> list[str]:
 
 def _targeted_linears(model: torch.nn.Module, targets: Iterable[str]) -> dict[str, torch.nn.Linear]:
     wanted = set(targets)
-    found = {n: m for n, m in model.named_modules() if n.rpartition(".")[2] in wanted and isinstance(m, torch.nn.Linear)}
+    found = {
+        n: m for n, m in model.named_modules() if n.rpartition(".")[2] in wanted and isinstance(m, torch.nn.Linear)
+    }
     if not found:
         raise ValueError(f"the model has no linear layer named any of {sorted(wanted)}")
     return found
@@ -162,17 +176,26 @@ def merge_adapters(params: Mapping[str, torch.Tensor], args: LoraArgs) -> dict[s
         if m is not None:
             modules.setdefault(m["module"], {})[m["part"]] = t
     targets = set(args.targets)
-    bare = [n for n in merged if n.endswith(".weight") and n[: -len(".weight")].rpartition(".")[2] in targets
-            and n[: -len(".weight")] not in modules]
+    bare = [
+        n
+        for n in merged
+        if n.endswith(".weight")
+        and n[: -len(".weight")].rpartition(".")[2] in targets
+        and n[: -len(".weight")] not in modules
+    ]
     if bare:
         raise KeyError(f"{len(bare)} targeted projection(s) without an adapter, e.g. {bare[:3]}")
     for module, parts in modules.items():
         base = f"{module}.weight"
         if set(parts) != {"lora_A", "lora_B"} or base not in merged:
-            raise KeyError(f"adapter of {module} incomplete: has {sorted(parts)}, base weight present: {base in merged}")
+            raise KeyError(
+                f"adapter of {module} incomplete: has {sorted(parts)}, base weight present: {base in merged}"
+            )
         a, b, w = parts["lora_A"], parts["lora_B"], merged[base]
         if a.shape[0] != b.shape[1] or (b.shape[0], a.shape[1]) != tuple(w.shape):
-            raise ValueError(f"adapter of {module}: A {tuple(a.shape)} and B {tuple(b.shape)} do not fit W {tuple(w.shape)}")
+            raise ValueError(
+                f"adapter of {module}: A {tuple(a.shape)} and B {tuple(b.shape)} do not fit W {tuple(w.shape)}"
+            )
         delta = (b.double() @ a.double()) * args.scaling
         merged[base] = (w.double() + delta).to(w.dtype)
     return merged

@@ -30,8 +30,11 @@ def expert_counts(
     """[layers, experts] top-k picks, made as the router made them (with its selection bias, if any)."""
     bias = bias or [None] * len(router_logits)
     picks = [
-        (r.topk(top_k, dim=-1) if b is None else (torch.softmax(r.float(), dim=-1) + b.to(r.device)).topk(top_k, dim=-1))
-        .indices.flatten()
+        (
+            r.topk(top_k, dim=-1)
+            if b is None
+            else (torch.softmax(r.float(), dim=-1) + b.to(r.device)).topk(top_k, dim=-1)
+        ).indices.flatten()
         for r, b in zip(router_logits, bias)
     ]
     return torch.stack([torch.bincount(p, minlength=num_experts) for p in picks]).float()
@@ -77,8 +80,16 @@ def lm_loss(
             factor = local_decay.factor(step, total_steps)
             scale = count_scale(cfg.num_experts, owned, factor, device=ce.device)
         bias = router_bias(model)
-        aux = balance_loss(out.router_logits, cfg.num_experts, cfg.num_experts_per_tok, balance, scale,
-                           global_load, global_weight, bias)
+        aux = balance_loss(
+            out.router_logits,
+            cfg.num_experts,
+            cfg.num_experts_per_tok,
+            balance,
+            scale,
+            global_load,
+            global_weight,
+            bias,
+        )
         z = router_z_loss(out.router_logits)
         counts = expert_counts(out.router_logits, cfg.num_experts_per_tok, cfg.num_experts, bias)
     total = ce + aux_weight * aux + z_weight * z

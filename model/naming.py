@@ -73,7 +73,7 @@ def is_adapter_name(name: str) -> bool:
 def peft_to_plain(name: str, adapter: str = "default") -> str:
     """A peft parameter name (with or without the PeftModel prefix) as the global model names it."""
     if name.startswith(_PEFT_PREFIX):
-        name = name[len(_PEFT_PREFIX):]
+        name = name[len(_PEFT_PREFIX) :]
     name = name.replace(".base_layer.", ".")
     return re.sub(rf"\.(lora_A|lora_B)\.{re.escape(adapter)}\.", r".\1.", name)
 

@@ -53,8 +53,10 @@ def set_router_bias(model: nn.Module, bias: torch.Tensor | Sequence[Sequence[flo
     if bias is not None:
         bias = torch.as_tensor(bias, dtype=torch.float32)
         if bias.shape != (len(gates), gates[0].num_experts if gates else 0):
-            raise ValueError(f"router bias has shape {tuple(bias.shape)}, the model has {len(gates)} routers "
-                             f"of {gates[0].num_experts if gates else 0} experts")
+            raise ValueError(
+                f"router bias has shape {tuple(bias.shape)}, the model has {len(gates)} routers "
+                f"of {gates[0].num_experts if gates else 0} experts"
+            )
         if not torch.isfinite(bias).all():
             raise ValueError("router bias holds NaN or Inf")
     for layer, gate in enumerate(gates):

@@ -54,8 +54,10 @@ def check_compatible(dense_cfg, moe_cfg, args: MoEArgs) -> None:
         (getattr(dense_cfg, "attention_bias", False), "attention_bias=true"),
         (getattr(dense_cfg, "mlp_bias", False), "mlp_bias=true"),
         (getattr(dense_cfg, "use_sliding_window", False), "use_sliding_window=true"),
-        (getattr(dense_cfg, "hidden_act", "silu") != getattr(moe_cfg, "hidden_act", "silu"),
-         f"hidden_act {getattr(dense_cfg, 'hidden_act', None)!r}"),
+        (
+            getattr(dense_cfg, "hidden_act", "silu") != getattr(moe_cfg, "hidden_act", "silu"),
+            f"hidden_act {getattr(dense_cfg, 'hidden_act', None)!r}",
+        ),
     ]
     reasons = [why for bad_flag, why in unsupported if bad_flag]
     if reasons:
@@ -98,7 +100,8 @@ def upcycle_dense(
     dcfg = dense.config
     if special_tokens is None:
         special_tokens = {
-            k: getattr(dcfg, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+            k: getattr(dcfg, k, None)
+            for k in ("bos_token_id", "eos_token_id", "pad_token_id")
             if getattr(dcfg, k, None) is not None
         }
     config = build_config(moe_args, dcfg.vocab_size, **special_tokens)
@@ -112,8 +115,18 @@ def upcycle_dense(
     with torch.device(device), no_init_weights():
         moe = Qwen3MoeForCausalLM(config)
     moe = partition_experts(moe, owned)
-    _copy_dense(moe, src, _Init(noise_std, noise_fraction, router_init, moe_args.init_std,
-                                torch.Generator().manual_seed(seed), meta=device.type == "meta"))
+    _copy_dense(
+        moe,
+        src,
+        _Init(
+            noise_std,
+            noise_fraction,
+            router_init,
+            moe_args.init_std,
+            torch.Generator().manual_seed(seed),
+            meta=device.type == "meta",
+        ),
+    )
     return moe
 
 
@@ -170,7 +183,9 @@ def _copy_dense(moe: Qwen3MoeForCausalLM, src: dict[str, torch.Tensor], init: _I
         )
 
 
-def _init_router(weight: torch.Tensor, mode: str, init_std: float, dense_down: torch.Tensor, gen: torch.Generator) -> None:
+def _init_router(
+    weight: torch.Tensor, mode: str, init_std: float, dense_down: torch.Tensor, gen: torch.Generator
+) -> None:
     if mode == "zeros":
         weight.zero_()
         return

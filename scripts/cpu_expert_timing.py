@@ -67,9 +67,18 @@ def main() -> None:
             wall[impl].append(m["tokens-per-s"])
             # Tokens per CPU-second of this (single-threaded) process: robust to other load on the machine.
             cpu[impl].append(m["num-tokens"] / (time.process_time() - c0))
-    print(json.dumps({k: {"median_tokens_per_s": round(statistics.median(wall[k])),
-                          "median_tokens_per_cpu_s": round(statistics.median(cpu[k])),
-                          "tokens_per_cpu_s": [round(x) for x in cpu[k]]} for k in runs}))
+    print(
+        json.dumps(
+            {
+                k: {
+                    "median_tokens_per_s": round(statistics.median(wall[k])),
+                    "median_tokens_per_cpu_s": round(statistics.median(cpu[k])),
+                    "tokens_per_cpu_s": [round(x) for x in cpu[k]],
+                }
+                for k in runs
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

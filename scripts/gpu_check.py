@@ -74,9 +74,15 @@ def run_one(args: argparse.Namespace) -> dict:
     bf16 = device.type == "cuda"
     eight_bit = args.lean and device.type == "cuda" and have_8bit_optimizer()
     cfg = TrainConfig(
-        device=args.device, precision="bf16" if bf16 else "fp32", batch_size=args.batch, lr=5e-4,
-        warmup_steps=10, lean_loss=args.lean, activation_checkpointing=args.lean,
-        optimizer="adamw8bit" if eight_bit else "adamw", compile=args.compile,
+        device=args.device,
+        precision="bf16" if bf16 else "fp32",
+        batch_size=args.batch,
+        lr=5e-4,
+        warmup_steps=10,
+        lean_loss=args.lean,
+        activation_checkpointing=args.lean,
+        optimizer="adamw8bit" if eight_bit else "adamw",
+        compile=args.compile,
     )
     torch.manual_seed(0)
     vocab = margs.vocab_size or 4096
@@ -85,8 +91,9 @@ def run_one(args: argparse.Namespace) -> dict:
             model = Qwen3MoeForCausalLM(build_config(margs, vocab))
     else:
         owned = list(range(args.owned)) if args.mode == "spes" else None
-        model = build_model(margs, vocab_size=vocab, owned=owned, device=device,
-                            frozen_dtype=torch.bfloat16 if bf16 and owned else None)
+        model = build_model(
+            margs, vocab_size=vocab, owned=owned, device=device, frozen_dtype=torch.bfloat16 if bf16 and owned else None
+        )
         set_experts_implementation(model, args.impl)
     opt = make_optimizer(model, cfg)
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -97,18 +104,27 @@ def run_one(args: argparse.Namespace) -> dict:
 
     it = batches()
     result = {
-        "preset": args.preset, "mode": args.mode, "lean": args.lean, "compile": args.compile,
-        "optimizer": cfg.optimizer, "experts_impl": args.impl if args.mode != "stock" else "transformers",
+        "preset": args.preset,
+        "mode": args.mode,
+        "lean": args.lean,
+        "compile": args.compile,
+        "optimizer": cfg.optimizer,
+        "experts_impl": args.impl if args.mode != "stock" else "transformers",
         "owned_experts": args.owned if args.mode == "spes" else margs.num_experts,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
     }
     counts = count_parameters(model.config)
-    result.update({
-        "total_params": counts["total"],
-        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "active_params": active_params(model.config),
-        "steps": args.steps, "batch": args.batch, "seq": args.seq, "tokens_per_step": args.batch * args.seq,
-    })
+    result.update(
+        {
+            "total_params": counts["total"],
+            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "active_params": active_params(model.config),
+            "steps": args.steps,
+            "batch": args.batch,
+            "seq": args.seq,
+            "tokens_per_step": args.batch * args.seq,
+        }
+    )
     try:
         train_steps(model, opt, it, cfg, 0, args.warmup, 1000, device)
         t0 = time.perf_counter()
@@ -116,14 +132,16 @@ def run_one(args: argparse.Namespace) -> dict:
     except torch.OutOfMemoryError as exc:
         result.update({"oom": True, "error": str(exc).splitlines()[0][:300]})
         return result
-    result.update({
-        "oom": False,
-        "tokens_per_s": m["tokens-per-s"],
-        "wall_s": time.perf_counter() - t0,
-        "peak_mem_gb": m["peak-mem-mb"] / 1024,
-        "mfu": m["tokens-per-s"] * 6 * result["active_params"] / PEAK_FLOPS,
-        "final_train_loss": m["ce-loss"],
-    })
+    result.update(
+        {
+            "oom": False,
+            "tokens_per_s": m["tokens-per-s"],
+            "wall_s": time.perf_counter() - t0,
+            "peak_mem_gb": m["peak-mem-mb"] / 1024,
+            "mfu": m["tokens-per-s"] * 6 * result["active_params"] / PEAK_FLOPS,
+            "final_train_loss": m["ce-loss"],
+        }
+    )
     return result
 
 
@@ -174,31 +192,59 @@ def run_round(args: argparse.Namespace) -> dict:
     owned = list(range(args.owned))
     init = build_model(from_dict({"model": preset}).model, vocab, seed=0).state_dict()
     own = set(expert_param_names(list(init), owned))
-    result = {"preset": args.preset, "mode": "round", "lean": args.lean, "steps": args.steps, "batch": args.batch, "seq": args.seq,
-              "owned_experts": args.owned, "device": torch.cuda.get_device_name(device) if bf16 else "cpu",
-              "round_h": args.round_h}
+    result = {
+        "preset": args.preset,
+        "mode": "round",
+        "lean": args.lean,
+        "steps": args.steps,
+        "batch": args.batch,
+        "seq": args.seq,
+        "owned_experts": args.owned,
+        "device": torch.cuda.get_device_name(device) if bf16 else "cpu",
+        "round_h": args.round_h,
+    }
     result["fresh_process_s"] = _fresh_process_s(args.device)
     for variant, (keep, background) in ROUND_VARIANTS.items():
-        spec = from_dict({
-            "model": preset, "nodes": 4, "rounds": args.rounds,
-            "strategy": {"local_steps": args.steps},
-            "train": {"device": args.device, "precision": "bf16" if bf16 else "fp32", "batch_size": args.batch,
-                      "lr": 5e-4, "warmup_steps": 0, "resident": keep, "save_in_background": background,
-                      "lean_loss": args.lean, "activation_checkpointing": args.lean},
-        })
+        spec = from_dict(
+            {
+                "model": preset,
+                "nodes": 4,
+                "rounds": args.rounds,
+                "strategy": {"local_steps": args.steps},
+                "train": {
+                    "device": args.device,
+                    "precision": "bf16" if bf16 else "fp32",
+                    "batch_size": args.batch,
+                    "lr": 5e-4,
+                    "warmup_steps": 0,
+                    "resident": keep,
+                    "save_in_background": background,
+                    "lean_loss": args.lean,
+                    "activation_checkpointing": args.lean,
+                },
+            }
+        )
         rounds = []
         with tempfile.TemporaryDirectory(prefix="spes-round-", dir=args.workdir) as tmp:
-            ctx = NodeContext(spec, _Vocab(vocab), Path(tmp) / "node0", 0, 4, progress=False,
-                              blocks=(blocks, blocks[:8]))
+            ctx = NodeContext(
+                spec, _Vocab(vocab), Path(tmp) / "node0", 0, 4, progress=False, blocks=(blocks, blocks[:8])
+            )
             for r in range(args.rounds):
                 received = init if r == 0 else {k: v for k, v in init.items() if k not in own}
-                _, m = run_local_round(ctx, received, RoundOrder(owned, r == 0, r * args.steps, args.steps),
-                                       show_progress=False)
+                _, m = run_local_round(
+                    ctx, received, RoundOrder(owned, r == 0, r * args.steps, args.steps), show_progress=False
+                )
                 t0 = time.perf_counter()
                 background_save.wait_for_saves(ctx.workdir / "state")  # the exchange a run overlaps it with
-                rounds.append({"round_s": m["round-seconds"], "train_s": m["train-seconds"],
-                               "resident": bool(m["resident"]), "tokens_per_s": m["tokens-per-s"],
-                               "save_after_reply_s": time.perf_counter() - t0})
+                rounds.append(
+                    {
+                        "round_s": m["round-seconds"],
+                        "train_s": m["train-seconds"],
+                        "resident": bool(m["resident"]),
+                        "tokens_per_s": m["tokens-per-s"],
+                        "save_after_reply_s": time.perf_counter() - t0,
+                    }
+                )
         resident.drop()
         warm = rounds[1:]
         overhead = sum(r["round_s"] - r["train_s"] for r in warm) / len(warm)
@@ -214,7 +260,9 @@ def run_round(args: argparse.Namespace) -> dict:
         }
         if not keep:  # in deployment every round also starts a fresh process
             fresh = overhead + result["fresh_process_s"]
-            result[variant][f"overhead_share_at_h{args.round_h}_fresh_process"] = fresh / (fresh + args.round_h * step_s)
+            result[variant][f"overhead_share_at_h{args.round_h}_fresh_process"] = fresh / (
+                fresh + args.round_h * step_s
+            )
     return result
 
 
@@ -233,13 +281,24 @@ def _fresh_process_s(device: str) -> float:
 
 # Round mode: (train.resident, train.save_in_background). Deployment runs every message in a fresh
 # process, so its defaults are "rebuilt_bg"; a simulation's are "resident_bg".
-ROUND_VARIANTS = {"rebuilt": (False, False), "rebuilt_bg": (False, True), "resident": (True, False),
-                  "resident_bg": (True, True)}
+ROUND_VARIANTS = {
+    "rebuilt": (False, False),
+    "rebuilt_bg": (False, True),
+    "resident": (True, False),
+    "resident_bg": (True, True),
+}
 
 # (size, mode, lean): "1b" and "7b" stand for --small-preset and --large-preset.
 SUITE = [
-    ("1b", "stock", False), ("1b", "full", False), ("1b", "spes", False), ("1b", "full", True), ("1b", "spes", True),
-    ("7b", "full", False), ("7b", "spes", False), ("7b", "full", True), ("7b", "spes", True),
+    ("1b", "stock", False),
+    ("1b", "full", False),
+    ("1b", "spes", False),
+    ("1b", "full", True),
+    ("1b", "spes", True),
+    ("7b", "full", False),
+    ("7b", "spes", False),
+    ("7b", "full", True),
+    ("7b", "spes", True),
     ("1b", "round", False),
 ]
 
@@ -253,20 +312,47 @@ def run_suite(args: argparse.Namespace) -> dict:
     for size, mode, lean in SUITE:
         small = size == "1b"
         preset = args.small_preset if small else args.large_preset
-        cmd = [sys.executable, __file__, "--preset", preset, "--mode", mode,
-               "--rounds", str(args.rounds), "--round-h", str(args.round_h),
-               "--batch", str(args.batch_small if small else args.batch_large),
-               "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup),
-               "--device", args.device, "--owned", str(args.owned_small if small else args.owned_large),
-               "--impl", args.impl] + (["--lean"] if lean else []) + (["--compile"] if args.compile else [])
+        cmd = (
+            [
+                sys.executable,
+                __file__,
+                "--preset",
+                preset,
+                "--mode",
+                mode,
+                "--rounds",
+                str(args.rounds),
+                "--round-h",
+                str(args.round_h),
+                "--batch",
+                str(args.batch_small if small else args.batch_large),
+                "--seq",
+                str(args.seq),
+                "--steps",
+                str(args.steps),
+                "--warmup",
+                str(args.warmup),
+                "--device",
+                args.device,
+                "--owned",
+                str(args.owned_small if small else args.owned_large),
+                "--impl",
+                args.impl,
+            ]
+            + (["--lean"] if lean else [])
+            + (["--compile"] if args.compile else [])
+        )
         label = f"{size}:{preset} {mode}{' +lean' if lean else ''}"
         try:
             # A round row runs 2 x --rounds node rounds, each saving the node's state.
             timeout = args.timeout * (2 if mode == "round" else 1)
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-            row = json.loads(lines[-1]) if lines else {"preset": preset, "mode": mode, "lean": lean,
-                                                        "error": proc.stderr.strip().splitlines()[-1:]}
+            row = (
+                json.loads(lines[-1])
+                if lines
+                else {"preset": preset, "mode": mode, "lean": lean, "error": proc.stderr.strip().splitlines()[-1:]}
+            )
         except subprocess.TimeoutExpired:
             row = {"preset": preset, "mode": mode, "lean": lean, "error": f"timeout {timeout}s"}
         row["size"] = size
@@ -280,23 +366,35 @@ def run_suite(args: argparse.Namespace) -> dict:
         return None
 
     ratios = {
-        "spes_over_stock_tokens_per_s_1b": _ratio(get("1b", "spes", False, "tokens_per_s"),
-                                                  get("1b", "stock", False, "tokens_per_s")),
-        "mem_spes_over_full_1b": _ratio(get("1b", "spes", False, "peak_mem_gb"), get("1b", "full", False, "peak_mem_gb")),
-        "mem_spes_over_full_7b": _ratio(get("7b", "spes", False, "peak_mem_gb"), get("7b", "full", False, "peak_mem_gb")),
+        "spes_over_stock_tokens_per_s_1b": _ratio(
+            get("1b", "spes", False, "tokens_per_s"), get("1b", "stock", False, "tokens_per_s")
+        ),
+        "mem_spes_over_full_1b": _ratio(
+            get("1b", "spes", False, "peak_mem_gb"), get("1b", "full", False, "peak_mem_gb")
+        ),
+        "mem_spes_over_full_7b": _ratio(
+            get("7b", "spes", False, "peak_mem_gb"), get("7b", "full", False, "peak_mem_gb")
+        ),
         "peak_gb_7b_spes_lean": get("7b", "spes", True, "peak_mem_gb"),
         # Target 4: everything but the H steps, as a share of a round at H = 100 (1b), with the
         # defaults of deployment (rebuilt, saved after the reply) and of simulation (kept), and as
         # before the state was saved after the reply.
         "node_round_overhead_1b_h100": (get("1b", "round", False, "rebuilt_bg") or {}).get(
-            "overhead_share_at_h100_fresh_process"),
+            "overhead_share_at_h100_fresh_process"
+        ),
         "node_round_overhead_1b_h100_resident": (get("1b", "round", False, "resident_bg") or {}).get(
-            "overhead_share_at_h100"),
+            "overhead_share_at_h100"
+        ),
         "node_round_overhead_1b_h100_save_before_reply": (get("1b", "round", False, "rebuilt") or {}).get(
-            "overhead_share_at_h100_fresh_process"),
+            "overhead_share_at_h100_fresh_process"
+        ),
     }
-    out = {"runs": rows, "ratios": ratios, "mfu_peak_flops": PEAK_FLOPS,
-           "command": " ".join([Path(sys.executable).name] + sys.argv)}
+    out = {
+        "runs": rows,
+        "ratios": ratios,
+        "mfu_peak_flops": PEAK_FLOPS,
+        "command": " ".join([Path(sys.executable).name] + sys.argv),
+    }
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2) + "\n")
@@ -317,18 +415,25 @@ def _fmt(label: str, r: dict) -> str:
             lines.append(
                 f"{'':<16} {k:>11}: {v['overhead_s']:6.2f} s outside {r['steps']} steps of {v['step_s']:.3f} s "
                 f"= {100 * share:4.1f} % of a round at H={h}{' with the fresh process' if 'rebuilt' in k else ''} "
-                f"(cold round {v['first_round_overhead_s']:.2f} s; {v['save_after_reply_s']:.2f} s saving after the reply)")
+                f"(cold round {v['first_round_overhead_s']:.2f} s; {v['save_after_reply_s']:.2f} s saving after the reply)"
+            )
         return "\n".join(lines)
-    return (f"{label:<16} {r['tokens_per_s']:>9.0f} tok/s  {r['peak_mem_gb']:>7.2f} GB  MFU {100 * r['mfu']:5.1f} %  "
-            f"trainable {r['trainable_params'] / 1e6:,.0f} M of {r['total_params'] / 1e6:,.0f} M  opt {r['optimizer']}")
+    return (
+        f"{label:<16} {r['tokens_per_s']:>9.0f} tok/s  {r['peak_mem_gb']:>7.2f} GB  MFU {100 * r['mfu']:5.1f} %  "
+        f"trainable {r['trainable_params'] / 1e6:,.0f} M of {r['total_params'] / 1e6:,.0f} M  opt {r['optimizer']}"
+    )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--suite", action="store_true", help="run the 1b/7b matrix and write --out")
     ap.add_argument("--preset", default="1b")
-    ap.add_argument("--mode", choices=["spes", "full", "stock", "round"], default="spes",
-                    help="round: node round overhead (whole run_local_round vs its training loop)")
+    ap.add_argument(
+        "--mode",
+        choices=["spes", "full", "stock", "round"],
+        default="spes",
+        help="round: node round overhead (whole run_local_round vs its training loop)",
+    )
     ap.add_argument("--rounds", type=int, default=3, help="round mode: rounds per variant (the first is cold)")
     ap.add_argument("--round-h", type=int, default=100, help="round mode: H the overhead share is given for")
     ap.add_argument("--workdir", default=None, help="round mode: where the node's state is saved (default: temp)")

@@ -27,8 +27,10 @@ USE = {
     "7b": 'the paper\'s "7B (A1.7B)"',
     "9b": 'the paper\'s "9B (A3B)", upcycled from a dense Qwen3-1.7B shape',
 }
-HEADER = ("| preset | parameters (vocabulary) | shared weights | layers x d_model | experts / top-k / expert FFN | use |\n"
-          "|---|---|---|---|---|---|")
+HEADER = (
+    "| preset | parameters (vocabulary) | shared weights | layers x d_model | experts / top-k / expert FFN | use |\n"
+    "|---|---|---|---|---|---|"
+)
 ORDER = ("tiny", "small", "1b", "7b", "9b")
 
 
@@ -44,8 +46,10 @@ def row(preset: str) -> str:
     m = spec.model
     vocab = m.vocab_size or spec.data.vocab_size
     c = count_parameters(build_config(m, vocab))
-    return (f"| `{preset}` | {_count(c['total'])} ({vocab:,}) | {c['shared'] / c['total']:.0%} | "
-            f"{m.num_layers} x {m.hidden_size} | {m.num_experts} / {m.top_k} / {m.expert_ffn} | {USE.get(preset, '')} |")
+    return (
+        f"| `{preset}` | {_count(c['total'])} ({vocab:,}) | {c['shared'] / c['total']:.0%} | "
+        f"{m.num_layers} x {m.hidden_size} | {m.num_experts} / {m.top_k} / {m.expert_ffn} | {USE.get(preset, '')} |"
+    )
 
 
 def table() -> str:

@@ -34,8 +34,9 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def save(root: Path, round_: int, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
-         state: dict[str, Any]) -> Path:
+def save(
+    root: Path, round_: int, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], state: dict[str, Any]
+) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)

@@ -78,7 +78,9 @@ def check_coordinator(spec: RunSpec) -> list[str]:
         raise ConfigError(f"model.dense_path {dense!r} does not exist (a hub name like 'Qwen/Qwen3-1.7B' is fine)")
     for enabled, module in ((spec.logging.tensorboard, "tensorboard"), (spec.logging.wandb, "wandb")):
         if enabled and importlib.util.find_spec(module) is None:
-            raise ConfigError(f"logging.{module}=true but the {module!r} package is not installed (pip install {module})")
+            raise ConfigError(
+                f"logging.{module}=true but the {module!r} package is not installed (pip install {module})"
+            )
     out = Path(spec.output_dir).expanduser()
     if not _writable_dir(out):
         raise ConfigError(f"output_dir {str(out)!r} is not a writable directory (or cannot be created)")

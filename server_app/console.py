@@ -62,8 +62,17 @@ class RunConsole:
         self._last_wall = wall_s
         self._write(f"{PREFIX} round {done_rounds}/{self.total} | held-out loss {first_val_loss:.4f}")
         if self._use_bar:
-            self._bar = tqdm(total=self.total, initial=done_rounds, desc=f"{PREFIX} rounds", unit="round",
-                             file=self.out, ncols=80, leave=False, mininterval=0, dynamic_ncols=False)
+            self._bar = tqdm(
+                total=self.total,
+                initial=done_rounds,
+                desc=f"{PREFIX} rounds",
+                unit="round",
+                file=self.out,
+                ncols=80,
+                leave=False,
+                mininterval=0,
+                dynamic_ncols=False,
+            )
 
     def line(self, record: RoundRecord) -> str:
         """The round's line (also updates s/round statistics)."""

@@ -92,16 +92,22 @@ def _start(spec: RunSpec, model, lora: LoraArgs | None, resumed) -> Start:
     params, adapters = _split_adapters(params, lora, model)
     model.load_state_dict(params, strict=True)
     print(f"[spes] resuming after round {state['round']} (global step {state['strategy']['global_step']})", flush=True)
-    return Start(state["run_token"], int(state["round"]), state.get("first_val_loss"), adapters,
-                 (state["strategy"], buffers))
+    return Start(
+        state["run_token"], int(state["round"]), state.get("first_val_loss"), adapters, (state["strategy"], buffers)
+    )
 
 
 def _strategy(spec: RunSpec, model, partitions: dict[int, int], start: Start, lora: LoraArgs | None) -> SpesStrategy:
-    strategy = SpesStrategy(spec.strategy, model.config.num_experts, partitions, spec.rounds,
-                            max_tokens=spec.strategy.local_steps * spec.train.batch_size * spec.data.seq_len,
-                            num_layers=model.config.num_hidden_layers,
-                            max_eval_tokens=spec.eval.max_batches * spec.eval.batch_size * spec.data.seq_len,
-                            lora=lora is not None)
+    strategy = SpesStrategy(
+        spec.strategy,
+        model.config.num_experts,
+        partitions,
+        spec.rounds,
+        max_tokens=spec.strategy.local_steps * spec.train.batch_size * spec.data.seq_len,
+        num_layers=model.config.num_hidden_layers,
+        max_eval_tokens=spec.eval.max_batches * spec.eval.batch_size * spec.data.seq_len,
+        lora=lora is not None,
+    )
     strategy.initialize({**model.state_dict(), **start.adapters})
     if start.strategy_state is not None:
         strategy.load_state_dict(*start.strategy_state)
@@ -112,8 +118,10 @@ def _trainable(strategy: SpesStrategy) -> dict[str, int]:
     """Parameters each partition trains: shared + owned experts, or with LoRA adapters + routers +
     norms + owned experts."""
     params = strategy.params
-    return {str(p): sum(params[n].numel() for n in trained_param_names(params, strategy.owners[p], lora=strategy.lora))
-            for p in strategy.partitions}
+    return {
+        str(p): sum(params[n].numel() for n in trained_param_names(params, strategy.owners[p], lora=strategy.lora))
+        for p in strategy.partitions
+    }
 
 
 class CentralEval:
@@ -127,8 +135,9 @@ class CentralEval:
         params = strategy.params if self.lora is None else merge_adapters(strategy.params, self.lora)
         self.model.load_state_dict(params, strict=True)
         set_router_bias(self.model, strategy.router_bias if bias else None)
-        loss, _ = evaluate(self.model, self.heldout, self.spec.eval.batch_size, self.spec.eval.max_batches,
-                           torch.device("cpu"))
+        loss, _ = evaluate(
+            self.model, self.heldout, self.spec.eval.batch_size, self.spec.eval.max_batches, torch.device("cpu")
+        )
         return loss
 
 
@@ -165,7 +174,7 @@ class _Run:
     strategy: SpesStrategy
     collector: Collector
     node_cfg: ConfigRecord  # sent with every message
-    setup: ConfigRecord     # ... and the tokenizer, to nodes that join
+    setup: ConfigRecord  # ... and the tokenizer, to nodes that join
     evaluate: CentralEval
     runlog: RunLog
     tokenizer: object
@@ -195,13 +204,18 @@ class _Run:
         model_dir = self.run_dir / "model"
         save_hf_atomic(self.evaluate.model, model_dir, self.tokenizer)
         if self.strategy.router_bias is not None:
-            write_json_atomic(model_dir / "router_bias.json", {
-                "router_bias": self.strategy.router_bias,
-                "note": "added to the router probabilities for the top-k choice only (spes model/routing.py); "
-                        "stock transformers ignores this file"})
+            write_json_atomic(
+                model_dir / "router_bias.json",
+                {
+                    "router_bias": self.strategy.router_bias,
+                    "note": "added to the router probabilities for the top-k choice only (spes model/routing.py); "
+                    "stock transformers ignores this file",
+                },
+            )
         state = {"run_token": self.start.token, "first_val_loss": first_val, "strategy": self.strategy.state_dict()}
-        checkpoint.save(self.run_dir / "checkpoint", record.round, self.strategy.params, self.strategy.outer_buffers(),
-                        state)
+        checkpoint.save(
+            self.run_dir / "checkpoint", record.round, self.strategy.params, self.strategy.outer_buffers(), state
+        )
         write_json_atomic(self.run_dir / "strategy_state.json", self.strategy.state_dict())
 
     def finish(self, first_val: float, counts: dict, trainable: dict[str, int]) -> dict:
@@ -235,17 +249,36 @@ def _setup(spec: RunSpec, run_dir: Path, grid: Grid, resumed, t_start: float) ->
     model = _initial_model(spec, tokenizer)
     lora = lora_args(spec.train)
     start = _start(spec, model, lora, resumed)
-    node_cfg = ConfigRecord({keys.RUN_CONFIG: spec.to_json(), keys.RUN_TOKEN: start.token,
-                             keys.TOTAL_STEPS: spec.total_steps})
+    node_cfg = ConfigRecord(
+        {keys.RUN_CONFIG: spec.to_json(), keys.RUN_TOKEN: start.token, keys.TOTAL_STEPS: spec.total_steps}
+    )
     setup = ConfigRecord({**dict(node_cfg), keys.TOKENIZER_JSON: tokenizer_to_json(tokenizer)})
     collector = Collector(grid)
     partitions = discover(grid, spec.nodes, setup, collector, spec.strategy.round_timeout_s)
     known = set(grid.get_node_ids())
     strategy = _strategy(spec, model, partitions, start, lora)
-    runlog = RunLog(run_dir, spec.logging.tensorboard, spec.logging.wandb, spec.logging.wandb_project,
-                    config=spec.raw, keep_rounds_upto=start.after_round if resumed is not None else None)
-    return _Run(spec, grid, run_dir, strategy, collector, node_cfg, setup, CentralEval(model, heldout, spec, lora),
-                runlog, tokenizer, start, t_start), known
+    runlog = RunLog(
+        run_dir,
+        spec.logging.tensorboard,
+        spec.logging.wandb,
+        spec.logging.wandb_project,
+        config=spec.raw,
+        keep_rounds_upto=start.after_round if resumed is not None else None,
+    )
+    return _Run(
+        spec,
+        grid,
+        run_dir,
+        strategy,
+        collector,
+        node_cfg,
+        setup,
+        CentralEval(model, heldout, spec, lora),
+        runlog,
+        tokenizer,
+        start,
+        t_start,
+    ), known
 
 
 def _run(grid, spec, run_dir, ckpt_root, resumed, t_start) -> dict:
@@ -256,8 +289,11 @@ def _run(grid, spec, run_dir, ckpt_root, resumed, t_start) -> dict:
     _announce(spec, strategy, counts, trainable, coord.evaluate.lora)
     first_val = start.first_val if start.first_val is not None else coord.evaluate(strategy)
     console = RunConsole(spec.rounds)
-    console.start(coord.runlog.rounds[-1].val_loss if coord.runlog.rounds else first_val,
-                  wall_s=time.time() - t_start, done_rounds=start.after_round)
+    console.start(
+        coord.runlog.rounds[-1].val_loss if coord.runlog.rounds else first_val,
+        wall_s=time.time() - t_start,
+        done_rounds=start.after_round,
+    )
     for rnd in range(start.after_round + 1, spec.rounds + 1):
         record = coord.play_round(rnd, known)
         coord.persist(record, first_val)
@@ -266,7 +302,7 @@ def _run(grid, spec, run_dir, ckpt_root, resumed, t_start) -> dict:
             log.warning("round %d partition %s: %s", rnd, pid, status)
         if strategy.failed_rounds >= spec.strategy.max_failed_rounds:
             console.close()
-            raise RunFailed(failure_report(coord.runlog.rounds[-spec.strategy.max_failed_rounds:]))
+            raise RunFailed(failure_report(coord.runlog.rounds[-spec.strategy.max_failed_rounds :]))
     console.close()
     summary = coord.finish(first_val, counts, trainable)
     print(

@@ -119,8 +119,14 @@ def plot_traffic(run_dir: Path, rounds: list[RoundRecord], total_params: int | N
         ax_cum.plot(x, [v / MB for v in _cumsum(total)], color=color, marker=".", label=f"node {pid} (SPES)")
     if total_params:
         per_round = diloco_bytes_per_node_round(total_params)
-        ax_cum.plot(x, [per_round * k / MB for k in x], color="black", ls=":", lw=2,
-                    label="DiLoCo (2 x 4 B x all params per round)")
+        ax_cum.plot(
+            x,
+            [per_round * k / MB for k in x],
+            color="black",
+            ls=":",
+            lw=2,
+            label="DiLoCo (2 x 4 B x all params per round)",
+        )
     ax_round.plot([], [], color="gray", label="up (solid)")
     ax_round.plot([], [], color="gray", ls="--", label="down (dashed)")
     ax_round.set_title("payload per round and node")
@@ -181,8 +187,9 @@ def plot_expert_load(run_dir: Path, rounds: list[RoundRecord]) -> Path:
     layers, experts = len(grid), len(grid[0])
     cols = min(layers, 4)
     rows = math.ceil(layers / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols + 1.2, 2.6 * rows + 0.8), squeeze=False,
-                             layout="constrained")
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(3.2 * cols + 1.2, 2.6 * rows + 0.8), squeeze=False, layout="constrained"
+    )
     # Relative to a uniform router (1 = balanced) so presets with different E read alike.
     vmax = max(2.0, max((v * experts for layer in grid for row in layer for v in row if math.isfinite(v)), default=2.0))
     rounds_x = [r.round for r in rounds]
@@ -193,9 +200,16 @@ def plot_expert_load(run_dir: Path, rounds: list[RoundRecord]) -> Path:
             ax.axis("off")
             continue
         rel = [[v * experts for v in row] for row in grid[layer]]
-        image = ax.imshow(rel, aspect="auto", origin="lower", cmap="magma", vmin=0.0, vmax=vmax,
-                          interpolation="nearest",
-                          extent=(rounds_x[0] - 0.5, rounds_x[-1] + 0.5, -0.5, experts - 0.5))
+        image = ax.imshow(
+            rel,
+            aspect="auto",
+            origin="lower",
+            cmap="magma",
+            vmin=0.0,
+            vmax=vmax,
+            interpolation="nearest",
+            extent=(rounds_x[0] - 0.5, rounds_x[-1] + 0.5, -0.5, experts - 0.5),
+        )
         ax.set_title(f"layer {layer}", fontsize=9)
         ax.set_xlabel("round", fontsize=8)
         ax.set_ylabel("expert", fontsize=8)
@@ -228,20 +242,23 @@ def summary_rows(rounds: list[RoundRecord], summary: dict) -> list[tuple[str, st
     n = max(len(rounds), 1)
     total = summary.get("total_params")
     per_node_round = [
-        float(node.get("bytes_up", 0)) + float(node.get("bytes_down", 0))
-        for r in rounds for node in r.nodes.values()
+        float(node.get("bytes_up", 0)) + float(node.get("bytes_down", 0)) for r in rounds for node in r.nodes.values()
     ]
     spes_node_round = sum(per_node_round) / len(per_node_round) if per_node_round else None
     rows = [
         ("run", str(summary.get("run_name", "-"))),
         ("strategy / model", f"{summary.get('strategy', '-')} / {summary.get('model', '-')}"),
-        ("nodes x rounds x local steps",
-         f"{summary.get('nodes', '-')} x {summary.get('rounds', len(rounds))} x {summary.get('local_steps', '-')}"),
+        (
+            "nodes x rounds x local steps",
+            f"{summary.get('nodes', '-')} x {summary.get('rounds', len(rounds))} x {summary.get('local_steps', '-')}",
+        ),
         ("held-out loss", f"{_fmt(summary.get('first_val_loss'))} -> {_fmt(summary.get('final_val_loss'))}"),
         ("final train loss (node mean)", _fmt(summary.get("final_train_loss"))),
         ("tokens trained (all nodes)", _fmt(summary.get("tokens_trained"), ",.0f")),
-        ("bytes up / down (all nodes, all rounds)",
-         f"{_fmt_bytes(summary.get('bytes_up'))} / {_fmt_bytes(summary.get('bytes_down'))}"),
+        (
+            "bytes up / down (all nodes, all rounds)",
+            f"{_fmt_bytes(summary.get('bytes_up'))} / {_fmt_bytes(summary.get('bytes_down'))}",
+        ),
         ("up + down per node and round", _fmt_bytes(spes_node_round)),
     ]
     if total:
@@ -258,24 +275,36 @@ def summary_rows(rounds: list[RoundRecord], summary: dict) -> list[tuple[str, st
         ("tokens/s per node (mean)", _fmt(summary.get("tokens_per_s_node"), ".0f")),
     ]
     if summary.get("node_round_overhead") is not None:
-        rows.append(("node round time outside the training loop (build, load, save; rounds 2..)",
-                     f"{100 * summary['node_round_overhead']:.1f} % (model kept in memory in "
-                     f"{summary['node_rounds_resident']} of {summary['node_rounds_timed']} node-rounds)"))
+        rows.append(
+            (
+                "node round time outside the training loop (build, load, save; rounds 2..)",
+                f"{100 * summary['node_round_overhead']:.1f} % (model kept in memory in "
+                f"{summary['node_rounds_resident']} of {summary['node_rounds_timed']} node-rounds)",
+            )
+        )
     rows += [
-        ("parameters: total / trainable per node",
-         f"{_fmt(total, ',')} / {_fmt(summary.get('trainable_params_node'), ',')}"),
+        (
+            "parameters: total / trainable per node",
+            f"{_fmt(total, ',')} / {_fmt(summary.get('trainable_params_node'), ',')}",
+        ),
         ("failed node-rounds", _fmt(summary.get("failed_node_rounds"), "d")),
     ]
     imb = [r.expert_imbalance for r in rounds if r.expert_imbalance is not None]
     if imb:
-        rows.append(("expert imbalance, max/mean per layer (1 = even): first -> last round",
-                     f"{_fmt(imb[0], '.3f')} -> {_fmt(imb[-1], '.3f')}"))
+        rows.append(
+            (
+                "expert imbalance, max/mean per layer (1 = even): first -> last round",
+                f"{_fmt(imb[0], '.3f')} -> {_fmt(imb[-1], '.3f')}",
+            )
+        )
     return rows
 
 
 def _round_table(rounds: list[RoundRecord]) -> list[str]:
-    lines = ["| round | held-out loss | train loss | tokens | MB up | MB down | wall s | nodes ok |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| round | held-out loss | train loss | tokens | MB up | MB down | wall s | nodes ok |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rounds:
         nodes = r.nodes
         ok = sum(1 for n in nodes.values() if n.get("status") == "ok")
@@ -296,17 +325,24 @@ def eval_rows(eval_results: dict) -> list[str]:
     return lines
 
 
-def render_markdown(run_dir: Path, rounds: list[RoundRecord], summary: dict, config: dict,
-                    eval_results: dict | None = None) -> str:
+def render_markdown(
+    run_dir: Path, rounds: list[RoundRecord], summary: dict, config: dict, eval_results: dict | None = None
+) -> str:
     name = summary.get("run_name", run_dir.name)
-    md = [f"# Run report: {name}", "",
-          f"Written from `{run_dir}`: metrics.jsonl (one record per round), summary.json, config.json.", "",
-          "## Summary", "", "| | |", "|---|---|"]
+    md = [
+        f"# Run report: {name}",
+        "",
+        f"Written from `{run_dir}`: metrics.jsonl (one record per round), summary.json, config.json.",
+        "",
+        "## Summary",
+        "",
+        "| | |",
+        "|---|---|",
+    ]
     md += [f"| {label} | {value} |" for label, value in summary_rows(rounds, summary)]
     md += ["", "## Evaluation (lm-eval-harness)", ""]
     if eval_results:
-        md += [f"Checkpoint `{eval_results.get('checkpoint', '-')}`; "
-               f"`python -m evaluation` wrote eval.json."]
+        md += [f"Checkpoint `{eval_results.get('checkpoint', '-')}`; `python -m evaluation` wrote eval.json."]
         md += [""] + eval_rows(eval_results)
         for skipped in eval_results.get("skipped", []):
             md.append(f"\nSkipped: {skipped}")

@@ -41,8 +41,12 @@ class Collector:
             self._stale.discard(msg.metadata.reply_to_message_id)
             log.warning("late reply from node %s to an earlier round dropped", msg.metadata.src_node_id)
 
-    def exchange(self, messages: list[Message], timeout_s: float,
-                 on_sent: Callable[[list[str], list[Message]], None] | None = None) -> list[Message]:
+    def exchange(
+        self,
+        messages: list[Message],
+        timeout_s: float,
+        on_sent: Callable[[list[str], list[Message]], None] | None = None,
+    ) -> list[Message]:
         if not messages:
             return []
         ids = [i for i in self.grid.push_messages(messages)]
@@ -66,14 +70,17 @@ class Collector:
         return replies
 
 
-def setup_nodes(grid: Grid, node_ids: Iterable[int], setup: ConfigRecord, collector: Collector,
-                timeout_s: float) -> tuple[dict[int, int], list[str]]:
+def setup_nodes(
+    grid: Grid, node_ids: Iterable[int], setup: ConfigRecord, collector: Collector, timeout_s: float
+) -> tuple[dict[int, int], list[str]]:
     """Send the run setup; node id -> partition id of those that answered, and the errors."""
-    messages = [Message(RecordDict({keys.CONFIG: setup}), message_type=MessageType.QUERY, dst_node_id=n)
-                for n in node_ids]
+    messages = [
+        Message(RecordDict({keys.CONFIG: setup}), message_type=MessageType.QUERY, dst_node_id=n) for n in node_ids
+    ]
     sent: dict[str, int] = {}
-    replies = collector.exchange(messages, timeout_s, lambda ids, msgs: sent.update(
-        {i: m.metadata.dst_node_id for i, m in zip(ids, msgs) if i}))
+    replies = collector.exchange(
+        messages, timeout_s, lambda ids, msgs: sent.update({i: m.metadata.dst_node_id for i, m in zip(ids, msgs) if i})
+    )
     partitions: dict[int, int] = {}
     errors: list[str] = []
     for reply in replies:
@@ -114,8 +121,9 @@ def discover(grid: Grid, wanted: int, setup: ConfigRecord, collector: Collector,
     return {n: partitions[n] for n in chosen}
 
 
-def admit_new_nodes(grid: Grid, strategy: SpesStrategy, setup: ConfigRecord, collector: Collector,
-                    known: set[int], timeout_s: float) -> None:
+def admit_new_nodes(
+    grid: Grid, strategy: SpesStrategy, setup: ConfigRecord, collector: Collector, known: set[int], timeout_s: float
+) -> None:
     """Set up SuperNodes that connected since the last round and give them an assignment."""
     new = [n for n in grid.get_node_ids() if n not in known]
     if not new:
@@ -128,8 +136,9 @@ def admit_new_nodes(grid: Grid, strategy: SpesStrategy, setup: ConfigRecord, col
         member = strategy.members.get(pid)
         if member is not None and member.active and member.node_id != node_id:
             if member.node_id in set(grid.get_node_ids()):
-                log.warning("node %s claims partition %d, already held by live node %s; ignored",
-                            node_id, pid, member.node_id)
+                log.warning(
+                    "node %s claims partition %d, already held by live node %s; ignored", node_id, pid, member.node_id
+                )
                 continue
         log.warning("partition %d (node %s) joins at round %d", pid, node_id, strategy.round + 1)
         strategy.add_node(node_id, pid)

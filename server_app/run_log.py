@@ -18,8 +18,16 @@ from server_app.report import expert_load_by_round
 from strategy.round_record import RoundRecord
 
 # Per-node scalars sent to TensorBoard / W&B as node<i>/<name>.
-NODE_SCALARS = ("train_loss", "tokens_per_s", "peak_mem_mb", "bytes_up", "bytes_down", "num_tokens", "train_seconds",
-                "round_seconds")
+NODE_SCALARS = (
+    "train_loss",
+    "tokens_per_s",
+    "peak_mem_mb",
+    "bytes_up",
+    "bytes_down",
+    "num_tokens",
+    "train_seconds",
+    "round_seconds",
+)
 ROUND_SCALARS = ("val_loss", "train_loss", "tokens", "bytes_up", "bytes_down", "merge_alpha", "wall_s", "global_step")
 
 
@@ -39,7 +47,8 @@ def flat_scalars(record: RoundRecord) -> dict[str, float]:
 def eval_scalars(results: dict[str, dict[str, Any]]) -> dict[str, float]:
     return {
         f"eval/{task}/{metric}": float(v)
-        for task, metrics in results.items() for metric, v in metrics.items()
+        for task, metrics in results.items()
+        for metric, v in metrics.items()
         if isinstance(v, (int, float)) and not isinstance(v, bool)
     }
 
@@ -58,9 +67,9 @@ def run_scalars(rounds: list[RoundRecord]) -> dict[str, float]:
         "total/bytes_down": float(sum(r.bytes_down for r in rounds)),
     }
     for pid in last.nodes:
-        out[f"node{pid}/bytes_total"] = float(sum(
-            r.nodes.get(pid, {}).get("bytes_up", 0) + r.nodes.get(pid, {}).get("bytes_down", 0) for r in rounds
-        ))
+        out[f"node{pid}/bytes_total"] = float(
+            sum(r.nodes.get(pid, {}).get("bytes_up", 0) + r.nodes.get(pid, {}).get("bytes_down", 0) for r in rounds)
+        )
     if len(rounds) > 1 and last.wall_s is not None and rounds[-2].wall_s is not None:
         out["round_s"] = float(last.wall_s - rounds[-2].wall_s)
     grid = expert_load_by_round([last])
@@ -75,8 +84,13 @@ def run_scalars(rounds: list[RoundRecord]) -> dict[str, float]:
 
 class RunLog:
     def __init__(
-        self, run_dir: Path, tensorboard: bool = False, wandb: bool = False, wandb_project: str = "spes-flower",
-        config: dict[str, Any] | None = None, keep_rounds_upto: int | None = None,
+        self,
+        run_dir: Path,
+        tensorboard: bool = False,
+        wandb: bool = False,
+        wandb_project: str = "spes-flower",
+        config: dict[str, Any] | None = None,
+        keep_rounds_upto: int | None = None,
     ) -> None:
         self.run_dir = run_dir
         self.path = run_dir / "metrics.jsonl"

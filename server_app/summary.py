@@ -8,8 +8,9 @@ from common.spec import RunSpec
 from strategy.round_record import RoundRecord
 
 
-def summarize(spec: RunSpec, rounds: list[RoundRecord], first_val: float, counts: dict, trainable: dict,
-              wall_s: float) -> dict[str, Any]:
+def summarize(
+    spec: RunSpec, rounds: list[RoundRecord], first_val: float, counts: dict, trainable: dict, wall_s: float
+) -> dict[str, Any]:
     nodes = [n for r in rounds for n in r.nodes.values()]
     ok_nodes = [n for n in nodes if n["status"] == "ok"]
     n_rounds = max(len(rounds), 1)
@@ -53,7 +54,8 @@ def node_round_overhead(nodes: list[dict]) -> dict:
     if not timed:
         return {}
     return {
-        "node_round_overhead": 1 - sum(n.get("train_seconds", 0.0) for n in timed) / sum(n["round_seconds"] for n in timed),
+        "node_round_overhead": 1
+        - sum(n.get("train_seconds", 0.0) for n in timed) / sum(n["round_seconds"] for n in timed),
         "node_rounds_resident": sum(1 for n in timed if n.get("resident")),
         "node_rounds_timed": len(timed),
     }
@@ -63,6 +65,7 @@ def failure_report(rounds: list[RoundRecord]) -> str:
     """Why the run stops: the rounds in a row below quorum and each failed node's status."""
     lines = [f"{len(rounds)} rounds in a row below quorum; the run stops."]
     for r in rounds:
-        lines.append(f"round {r.round}: {r.refused}; "
-                     + "; ".join(f"partition {p}: {s}" for p, s in r.failed_nodes().items()))
+        lines.append(
+            f"round {r.round}: {r.refused}; " + "; ".join(f"partition {p}: {s}" for p, s in r.failed_nodes().items())
+        )
     return "\n".join(lines)

@@ -209,7 +209,7 @@ def balance_by_speed(owners: Mapping[int, Sequence[int]], speed: Mapping[int, fl
     if all(len(owners[p]) >= 1 and abs(len(owners[p]) - num_experts * speed[p] / total) < 1 for p in owners):
         return {p: tuple(sorted(experts)) for p, experts in owners.items()}
     new = {p: sorted(owners[p])[: counts[p]] for p in sorted(owners)}
-    released = sorted(e for p in owners for e in sorted(owners[p])[counts[p]:])
+    released = sorted(e for p in owners for e in sorted(owners[p])[counts[p] :])
     for p in sorted(owners):
         while len(new[p]) < counts[p]:
             new[p].append(released.pop(0))

@@ -27,8 +27,14 @@ def mean_expert_load(rounds: Sequence[Mapping[Any, Mapping[str, Any]]], num_expe
 
     `rounds` holds one {partition: node record} per round (the round log's `nodes`); None when
     no accepted reply reported a load."""
-    per_layer = global_load([(node.get("expert_load"), float(node.get("num_tokens", 0.0)))
-                             for nodes in rounds for node in nodes.values() if node.get("status") == "ok"])
+    per_layer = global_load(
+        [
+            (node.get("expert_load"), float(node.get("num_tokens", 0.0)))
+            for nodes in rounds
+            for node in nodes.values()
+            if node.get("status") == "ok"
+        ]
+    )
     if per_layer is None:
         return None
     return [sum(layer[e] for layer in per_layer) for e in range(num_experts)]
@@ -54,8 +60,11 @@ def _spread(owners: Mapping[int, Sequence[int]], load: Sequence[float]) -> float
 
 
 def propose_owners(
-    cfg: StrategyConfig, round_: int, window: Sequence[Mapping[Any, Mapping[str, Any]]],
-    active: Mapping[int, tuple[int, ...]], num_experts: int,
+    cfg: StrategyConfig,
+    round_: int,
+    window: Sequence[Mapping[Any, Mapping[str, Any]]],
+    active: Mapping[int, tuple[int, ...]],
+    num_experts: int,
 ) -> tuple[dict[int, tuple[int, ...]], str, dict[str, Any]] | None:
     """New owners of the `active` partitions by `cfg.assignment_policy`, the reason and what was
     measured, at a reconsideration round (every `assignment_every`); None when nothing is due or
@@ -75,12 +84,18 @@ def propose_owners(
     else:
         speed = mean_speed(window, list(active))
         if set(speed) != set(active):
-            log.info("round %d: no tokens/s of partition(s) %s in the last %d rounds; ownership kept",
-                     round_, sorted(set(active) - set(speed)), every)
+            log.info(
+                "round %d: no tokens/s of partition(s) %s in the last %d rounds; ownership kept",
+                round_,
+                sorted(set(active) - set(speed)),
+                every,
+            )
             return None
         new = balance_by_speed(active, speed)
         extra = {"tokens_per_s": {str(p): round(s, 3) for p, s in speed.items()}}
-        reason = (f"load-aware: experts per node {[len(active[p]) for p in sorted(active)]} -> "
-                  f"{[len(new[p]) for p in sorted(new)]} for tokens/s {[round(speed[p], 1) for p in sorted(speed)]}")
+        reason = (
+            f"load-aware: experts per node {[len(active[p]) for p in sorted(active)]} -> "
+            f"{[len(new[p]) for p in sorted(new)]} for tokens/s {[round(speed[p], 1) for p in sorted(speed)]}"
+        )
     Ownership(num_experts, tuple(new[p] for p in sorted(new))).validate()
     return new, reason, extra

@@ -18,7 +18,7 @@ class Member:
     partition_id: int
     node_id: int
     active: bool = True
-    absent: int = 0          # rounds in a row without a valid update
+    absent: int = 0  # rounds in a row without a valid update
     needs_full: bool = True  # send the whole model next time
 
 
@@ -81,8 +81,9 @@ class Membership:
         for key, m in state.items():
             pid = int(key)
             now = connected.get(pid)
-            self.members[pid] = Member(pid, now.node_id if now else -1, active=bool(m["active"]) and now is not None,
-                                       absent=int(m["absent"]))
+            self.members[pid] = Member(
+                pid, now.node_id if now else -1, active=bool(m["active"]) and now is not None, absent=int(m["absent"])
+            )
         for pid, member in connected.items():
             self.members.setdefault(pid, member)
         self.all_need_full()

@@ -21,26 +21,26 @@ class RoundRecord:
     global_step: int = 0
     merge_alpha: float = 0.0
     applied: bool = False
-    refused: str = ""          # why nothing was applied ("" when applied)
+    refused: str = ""  # why nothing was applied ("" when applied)
     valid_updates: int = 0
-    tokens: float = 0.0        # tokens trained by the nodes whose updates were applied
+    tokens: float = 0.0  # tokens trained by the nodes whose updates were applied
     train_loss: float = math.nan  # token-weighted mean over those nodes (the loss they optimise, aux terms included)
-    bytes_up: int = 0          # tensor payload as encoded, all nodes
+    bytes_up: int = 0  # tensor payload as encoded, all nodes
     bytes_down: int = 0
-    wire_bytes_up: int = 0     # the serialised arrays, headers included
+    wire_bytes_up: int = 0  # the serialised arrays, headers included
     wire_bytes_down: int = 0
     # partition id -> what the coordinator recorded of that node this round: status, bytes and the
     # node's reported metrics (num_tokens, train_loss, expert_load, tokens_per_s, ...)
     nodes: dict[str, dict[str, Any]] = field(default_factory=dict)
     owners: dict[str, list[int]] = field(default_factory=dict)  # partition id -> experts, after this round
-    expert_imbalance: float | None = None      # max/mean tokens per expert, mean over layers
+    expert_imbalance: float | None = None  # max/mean tokens per expert, mean over layers
     expert_imbalance_max: float | None = None  # ... the worst layer
-    federated_eval_loss: float | None = None   # the nodes' own held-out evaluation, token-weighted
+    federated_eval_loss: float | None = None  # the nodes' own held-out evaluation, token-weighted
     eval_bytes_down: float | None = None
-    val_loss: float | None = None              # the coordinator's held-out evaluation of the new global model
+    val_loss: float | None = None  # the coordinator's held-out evaluation of the new global model
     val_ppl: float | None = None
     val_loss_without_bias: float | None = None  # ... without the routing bias (what the exported model scores)
-    wall_s: float | None = None                # since the run (or the resumed run) started
+    wall_s: float | None = None  # since the run (or the resumed run) started
 
     def to_dict(self) -> dict[str, Any]:
         """The metrics.jsonl line: every field that is set."""

@@ -75,8 +75,8 @@ class SpesStrategy(Strategy):
         self.failed_rounds = 0  # in a row, below quorum
         self.history: list[RoundRecord] = []  # the rounds aggregated by this process
         self.events: list[dict[str, Any]] = []  # joins, departures, reassignments
-        self._sent: dict[int, int] = {}           # pid -> bytes sent this round
-        self._targets: dict[str, int] = {}        # message id -> pid, this round
+        self._sent: dict[int, int] = {}  # pid -> bytes sent this round
+        self._targets: dict[str, int] = {}  # message id -> pid, this round
         self._eval_sent: dict[int, int] = {}
         self._wire_sent: dict[int, int] = {}
         # Delta sync: the nodes' copy of the model and what each node holds (None: whole fp32 tensors).
@@ -208,7 +208,9 @@ class SpesStrategy(Strategy):
 
     def _update_routing(self, nodes: Mapping[int, dict[str, Any]], valid: Iterable[int]) -> dict[str, Any]:
         """The federation's expert load from this round's valid replies; moves the routing bias."""
-        load = global_load([(nodes[p]["expert_load"], nodes[p]["num_tokens"]) for p in valid if "expert_load" in nodes[p]])
+        load = global_load(
+            [(nodes[p]["expert_load"], nodes[p]["num_tokens"]) for p in valid if "expert_load" in nodes[p]]
+        )
         if load is None:
             return {}
         self.global_load = load
@@ -235,7 +237,9 @@ class SpesStrategy(Strategy):
         content = msg.content
         if keys.ARRAYS not in content.array_records or keys.METRICS not in content.metric_records:
             raise InvalidUpdate("reply needs an ArrayRecord 'arrays' and a MetricRecord 'metrics'")
-        num_layers = self.num_layers or max((e.layer for n in self.params if (e := parse_expert_param(n))), default=0) + 1
+        num_layers = (
+            self.num_layers or max((e.layer for n in self.params if (e := parse_expert_param(n))), default=0) + 1
+        )
         metrics = validate_train_metrics(
             content.metric_records[keys.METRICS], self.max_tokens, num_layers, self.num_experts
         )
@@ -272,7 +276,9 @@ class SpesStrategy(Strategy):
         self._reconsider_owners(nodes)
         record = self._round_record(server_round, nodes, set(updates), alpha, refused, routing)
         self.history.append(record)
-        metrics = {k: float(getattr(record, k)) for k in ("global_step", "merge_alpha", "tokens", "bytes_up", "bytes_down")}
+        metrics = {
+            k: float(getattr(record, k)) for k in ("global_step", "merge_alpha", "tokens", "bytes_up", "bytes_down")
+        }
         return encode(self.params), MetricRecord(metrics)
 
     def _collect_replies(
@@ -284,16 +290,25 @@ class SpesStrategy(Strategy):
         error reply or one that fails a check is recorded with its reason and never used."""
         # bytes_*: tensor payload as encoded; wire_bytes_*: the serialised arrays, headers included.
         nodes: dict[int, dict[str, Any]] = {
-            p: {"partition_id": p, "bytes_down": self._sent.get(p, 0), "bytes_up": 0,
-                "wire_bytes_down": self._wire_sent.get(p, 0), "wire_bytes_up": 0, "status": "no reply"}
+            p: {
+                "partition_id": p,
+                "bytes_down": self._sent.get(p, 0),
+                "bytes_up": 0,
+                "wire_bytes_down": self._wire_sent.get(p, 0),
+                "wire_bytes_up": 0,
+                "status": "no reply",
+            }
             for p in self.partitions
         }
         updates: dict[int, tuple[dict[str, torch.Tensor], float]] = {}
         for msg in replies:
             pid = self._sender(msg)
             if pid is None:
-                log.warning("round %d: reply not matching any message of this round dropped (from node %s)",
-                            server_round, msg.metadata.src_node_id)
+                log.warning(
+                    "round %d: reply not matching any message of this round dropped (from node %s)",
+                    server_round,
+                    msg.metadata.src_node_id,
+                )
                 continue
             if nodes[pid]["status"] != "no reply":
                 log.warning("round %d: second reply of partition %d rejected", server_round, pid)
@@ -314,8 +329,9 @@ class SpesStrategy(Strategy):
             updates[pid] = (update, metrics["num_tokens"] if self.cfg.shared_weighting == "tokens" else 1.0)
         return nodes, updates
 
-    def _apply_updates(self, server_round: int, updates: Mapping[int, tuple[dict[str, torch.Tensor], float]]
-                       ) -> tuple[float, str]:
+    def _apply_updates(
+        self, server_round: int, updates: Mapping[int, tuple[dict[str, torch.Tensor], float]]
+    ) -> tuple[float, str]:
         """Aggregate and merge into a new global model; (merge alpha, why nothing was applied or "").
 
         Below quorum, or when the result would hold a NaN or Inf, the global model, the step and the
@@ -340,8 +356,15 @@ class SpesStrategy(Strategy):
         self.params, self.global_step = new, step
         return alpha, ""
 
-    def _round_record(self, server_round: int, nodes: Mapping[int, dict[str, Any]], used: set[int], alpha: float,
-                      refused: str, routing: Mapping[str, float]) -> RoundRecord:
+    def _round_record(
+        self,
+        server_round: int,
+        nodes: Mapping[int, dict[str, Any]],
+        used: set[int],
+        alpha: float,
+        refused: str,
+        routing: Mapping[str, float],
+    ) -> RoundRecord:
         tokens = sum(n.get("num_tokens", 0.0) for p, n in nodes.items() if p in used)
         loss = sum(n.get("train_loss", 0.0) * n.get("num_tokens", 0.0) for p, n in nodes.items() if p in used)
         return RoundRecord(
@@ -365,10 +388,11 @@ class SpesStrategy(Strategy):
     def _reconsider_owners(self, nodes: Mapping[int, Mapping[str, Any]]) -> None:
         """strategy.assignment_policy: owners from the measured load or speed of the last rounds."""
         every = self.cfg.assignment_every
-        window = [r.nodes for r in self.history[max(0, len(self.history) - (every - 1)):]] if every > 1 else []
+        window = [r.nodes for r in self.history[max(0, len(self.history) - (every - 1)) :]] if every > 1 else []
         active = {p: self.owners[p] for p in self.partitions}
-        proposal = propose_owners(self.cfg, self.round, [*window, {str(p): n for p, n in nodes.items()}], active,
-                                  self.num_experts)
+        proposal = propose_owners(
+            self.cfg, self.round, [*window, {str(p): n for p, n in nodes.items()}], active, self.num_experts
+        )
         if proposal is not None:
             new, reason, extra = proposal
             self.set_owners({**self.owners, **new}, reason, **extra)
@@ -403,9 +427,17 @@ class SpesStrategy(Strategy):
         messages = []
         self._eval_sent, self._targets = {}, {}
         for pid in self.partitions:
-            config_rec = ConfigRecord({**dict(config), keys.SERVER_ROUND: server_round,
-                                       **({keys.ROUTER_BIAS: self._routing_config()[keys.ROUTER_BIAS]}
-                                          if self.router_bias is not None else {})})
+            config_rec = ConfigRecord(
+                {
+                    **dict(config),
+                    keys.SERVER_ROUND: server_round,
+                    **(
+                        {keys.ROUTER_BIAS: self._routing_config()[keys.ROUTER_BIAS]}
+                        if self.router_bias is not None
+                        else {}
+                    ),
+                }
+            )
             content = RecordDict({keys.ARRAYS: arrays, keys.CONFIG: config_rec})
             self._eval_sent[pid] = payload_bytes(arrays)
             messages.append(
@@ -443,8 +475,12 @@ class SpesStrategy(Strategy):
 
     def summary(self) -> None:
         """Flower's Strategy API: log the configuration."""
-        log.info("SPES: partitions %s, experts per node %s, %s", self.partitions,
-                 [len(self.owners[p]) for p in self.partitions], asdict(self.cfg))
+        log.info(
+            "SPES: partitions %s, experts per node %s, %s",
+            self.partitions,
+            [len(self.owners[p]) for p in self.partitions],
+            asdict(self.cfg),
+        )
 
     # -- state to continue a run ------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -481,11 +517,14 @@ class SpesStrategy(Strategy):
         self.global_load = state.get("global_load")
         self.router_bias = state.get("router_bias") if self.cfg.router_bias_rate > 0 else None
         self.membership.load_state_dict(state["members"])
-        self.owners = {int(p): tuple(int(e) for e in experts) for p, experts in state["owners"].items()
-                       if self.members.get(int(p)) and self.members[int(p)].active}
+        self.owners = {
+            int(p): tuple(int(e) for e in experts)
+            for p, experts in state["owners"].items()
+            if self.members.get(int(p)) and self.members[int(p)].active
+        }
         Ownership(self.num_experts, tuple(self.owners.get(p, ()) for p in self.partitions))
         buffers = dict(buffers or {})
-        shadow = {k[len(SHADOW):]: buffers.pop(k) for k in list(buffers) if k.startswith(SHADOW)}
+        shadow = {k[len(SHADOW) :]: buffers.pop(k) for k in list(buffers) if k.startswith(SHADOW)}
         self.outer.buffers = {k: v.clone() for k, v in buffers.items()}
         if self.sync is not None:
             self.sync.load(state.get("downlink", {}), shadow)

@@ -71,7 +71,9 @@ def validate_train_metrics(
     if keys.NUM_TOKENS not in metrics:
         raise InvalidUpdate(f"metric {keys.NUM_TOKENS} missing")
     if not 0 < out["num_tokens"] <= max_tokens:
-        raise InvalidUpdate(f"num-tokens {out['num_tokens']:g} is outside (0, {max_tokens:g}] that this round can produce")
+        raise InvalidUpdate(
+            f"num-tokens {out['num_tokens']:g} is outside (0, {max_tokens:g}] that this round can produce"
+        )
     if keys.EXPERT_LOAD in metrics:
         load = metrics[keys.EXPERT_LOAD]
         if not isinstance(load, list) or len(load) != num_layers * num_experts:

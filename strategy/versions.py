@@ -41,7 +41,7 @@ class Move:
 @dataclass
 class NodeCopy:
     held: dict[str, int] = field(default_factory=dict)  # tensor -> version the node holds
-    base_step: int = -1                                  # the saved node state that holds it
+    base_step: int = -1  # the saved node state that holds it
     own: dict[str, dict[str, Array]] = field(default_factory=dict)  # last valid uplink's owned experts
 
 
@@ -125,8 +125,9 @@ class VersionedDownlink:
         else:
             copy.held, copy.base_step, copy.own = {}, -1, {}  # unknown state: a full resync next time
 
-    def reconstruct(self, record: ArrayRecord, expected: set[str], own: set[str]
-                    ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Array]]]:
+    def reconstruct(
+        self, record: ArrayRecord, expected: set[str], own: set[str]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Array]]]:
         """A node's trained tensors from its delta-sync reply (the copy it was sent plus its decoded
         difference), and the reply's arrays of its own experts (`own`), to relay to the others."""
         unexpected = {k.partition("#")[0] for k in record} - expected

@@ -28,10 +28,16 @@ def play_round(s, rnd, ctxs, tamper=None, fail=()):
         try:
             if ctx.partition_id in fail:
                 raise NeedsFullModel("lost")
-            order = RoundOrder(list(cfg[keys.OWNED_EXPERTS]), bool(cfg[keys.FULL_MODEL]), cfg[keys.GLOBAL_STEP],
-                               cfg[keys.LOCAL_STEPS], delta=delta)
-            reply, metrics = run_local_round(ctx, {} if delta else decode(msg.content["arrays"]), order,
-                                             show_progress=False)
+            order = RoundOrder(
+                list(cfg[keys.OWNED_EXPERTS]),
+                bool(cfg[keys.FULL_MODEL]),
+                cfg[keys.GLOBAL_STEP],
+                cfg[keys.LOCAL_STEPS],
+                delta=delta,
+            )
+            reply, metrics = run_local_round(
+                ctx, {} if delta else decode(msg.content["arrays"]), order, show_progress=False
+            )
         except NeedsFullModel as exc:
             replies.append(Message(Error(code=1, reason=str(exc)), reply_to=msg))
             continue

@@ -28,9 +28,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def state(step=4) -> NodeState:
     g = torch.Generator().manual_seed(step)
-    return NodeState(global_step=step, owned=[1, 3], stream={"epoch": 0, "index": 7},
-                     owned_tensors={"layers.0.experts.1.w": torch.randn(64, 32, generator=g)},
-                     optimizer={"layers.0.experts.1.w::exp_avg": torch.randn(64, 32, generator=g)})
+    return NodeState(
+        global_step=step,
+        owned=[1, 3],
+        stream={"epoch": 0, "index": 7},
+        owned_tensors={"layers.0.experts.1.w": torch.randn(64, 32, generator=g)},
+        optimizer={"layers.0.experts.1.w::exp_avg": torch.randn(64, 32, generator=g)},
+    )
 
 
 @dataclass
@@ -66,8 +70,9 @@ def test_written_state_is_the_synchronous_save_byte_for_byte(tmp_path):
     wait_for_saves(tmp_path / "bg")
     assert markers(tmp_path / "bg") == [] and saved_steps(tmp_path / "bg") == [4]
     for name in ("owned.safetensors", "optimizer.safetensors", "meta.json"):
-        assert (tmp_path / "bg" / "step-000000000004" / name).read_bytes() == \
-               (tmp_path / "sync" / "step-000000000004" / name).read_bytes(), name
+        assert (tmp_path / "bg" / "step-000000000004" / name).read_bytes() == (
+            tmp_path / "sync" / "step-000000000004" / name
+        ).read_bytes(), name
 
 
 def test_a_reader_in_this_process_waits_for_the_save(tmp_path):
@@ -139,8 +144,11 @@ def test_a_save_cut_short_is_noticed_at_once(tmp_path, caplog):
     deadline = time.monotonic() + 10
     while background_save._stat(zombie.pid)[0] != "Z" and time.monotonic() < deadline:
         time.sleep(0.05)
-    cases = {"exited": (gone.pid, None), "zombie": (zombie.pid, background_save._start_time(zombie.pid)),
-             "pid reused": (os.getppid(), "1")}  # a live process, but not the one that wrote the marker
+    cases = {
+        "exited": (gone.pid, None),
+        "zombie": (zombie.pid, background_save._start_time(zombie.pid)),
+        "pid reused": (os.getppid(), "1"),
+    }  # a live process, but not the one that wrote the marker
     for name, (pid, start) in cases.items():
         root = tmp_path / name.replace(" ", "-")
         write_marker(root, pid, start)
@@ -199,8 +207,9 @@ def test_a_flower_process_ending_after_its_reply_lives_until_the_save_is_done(tm
     script = FLOWER_EXIT.format(root=str(ROOT), tests=str(ROOT / "tests"))
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=env, capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)], env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     from flwr.supercore.constant import FORCE_EXIT_TIMEOUT_SECONDS
 

@@ -278,9 +278,7 @@ def test_tokenizer_training_is_bounded_on_a_long_line_without_whitespace():
         print(took[0], took[1])
         """
     )
-    done = subprocess.run(
-        [sys.executable, "-c", script, str(ROOT)], capture_output=True, text=True, timeout=180
-    )
+    done = subprocess.run([sys.executable, "-c", script, str(ROOT)], capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-2000:]
     spaced_s, line_s = map(float, done.stdout.split())
     assert line_s < 5 * spaced_s + 1, (line_s, spaced_s)

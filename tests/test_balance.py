@@ -118,8 +118,9 @@ def test_lm_loss_balance_modes_and_logit_z_on_a_model():
     torch.testing.assert_close(per_layer.logit_z, logit_z_loss(out.logits))
     torch.testing.assert_close(per_layer.total, per_layer.ce + 0.01 * per_layer.aux + 1e-2 * per_layer.logit_z)
     # Decayed balancing: the model's owned experts (2, 3) are scaled at step 0.
-    decayed = lm_loss(model, block, 0.01, 0.0, local_decay=LocalDecay(), owned=owned_experts(model), step=0,
-                      total_steps=100)
+    decayed = lm_loss(
+        model, block, 0.01, 0.0, local_decay=LocalDecay(), owned=owned_experts(model), step=0, total_steps=100
+    )
     scale = count_scale(8, [2, 3], 0.7)
     torch.testing.assert_close(decayed.aux, balance_loss(out.router_logits, 8, 2, "per_layer", scale))
 

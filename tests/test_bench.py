@@ -29,8 +29,13 @@ SMALL = [
     "strategy.local_steps=2",
 ]
 METHOD_FIELDS = (
-    "final_val_loss", "bytes_up_per_round_node", "bytes_down_per_round_node", "peak_mem_mb_node",
-    "tokens_per_s_node", "trainable_params_node", "wall_s",
+    "final_val_loss",
+    "bytes_up_per_round_node",
+    "bytes_down_per_round_node",
+    "peak_mem_mb_node",
+    "tokens_per_s_node",
+    "trainable_params_node",
+    "wall_s",
 )
 
 
@@ -38,8 +43,24 @@ METHOD_FIELDS = (
 def bench(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     argv = [
-        "--out", str(out), "--docs", str(out / "docs"), "--memory-overrides", " ".join(SMALL),
-        "--memory-batch", "2", "--memory-seq", "32", "--memory-steps", "2", "--bare-rounds", "2", "--overhead-h", "--overhead-rounds", "2", *SMALL,
+        "--out",
+        str(out),
+        "--docs",
+        str(out / "docs"),
+        "--memory-overrides",
+        " ".join(SMALL),
+        "--memory-batch",
+        "2",
+        "--memory-seq",
+        "32",
+        "--memory-steps",
+        "2",
+        "--bare-rounds",
+        "2",
+        "--overhead-h",
+        "--overhead-rounds",
+        "2",
+        *SMALL,
     ]
     assert main(argv) == 0
     return out, json.loads((out / "results.json").read_text())
@@ -70,8 +91,12 @@ def steady(entry):
 def test_ratios_are_the_ratios_of_the_measured_values(bench):
     out, res = bench
     assert set(res["ratios"]) == {
-        "mem_spes_over_diloco", "bytes_spes_over_diloco", "loss_spes_over_centralized",
-        "loss_spes_over_diloco", "flower_overhead", "bytes_spes_int8_over_diloco_fp32",
+        "mem_spes_over_diloco",
+        "bytes_spes_over_diloco",
+        "loss_spes_over_centralized",
+        "loss_spes_over_diloco",
+        "flower_overhead",
+        "bytes_spes_int8_over_diloco_fp32",
         "loss_spes_int8_over_spes_fp32",
     }
     m, mem, over = res["methods"], res["memory"], res["overhead"]
@@ -162,9 +187,12 @@ def test_ablation_variants_keep_the_budget():
     nodes = variants("nodes", base)
     assert {int(ov[0].split("=")[1]) * int(ov[1].split("=")[1]) for _, _, ov in nodes} == {4 * 8}  # global batch
     assert [v[1:] for v in variants("merge", base)] == [
-        ("spes", ["strategy.merge.enabled=true"]), ("spes", ["strategy.merge.enabled=false"])]
+        ("spes", ["strategy.merge.enabled=true"]),
+        ("spes", ["strategy.merge.enabled=false"]),
+    ]
     assert {(s, ov[0]) for _, s, ov in variants("iid", base)} == {
-        (s, f"data.partition={p}") for s in ("spes", "diloco") for p in ("iid", "contiguous")}
+        (s, f"data.partition={p}") for s in ("spes", "diloco") for p in ("iid", "contiguous")
+    }
 
 
 def test_merge_overrides_later_wins():
@@ -218,21 +246,29 @@ def test_report_goals_and_verdicts_follow_the_goals_table(tmp_path, numbers):
     loss, mem = res["ratios"]["loss_spes_over_centralized"], res["ratios"]["mem_spes_over_diloco"]
     above, below = round(loss + 0.05, 2), round(loss - 0.05, 2)
     mem_goal, mem_acc = round(mem - 0.02, 2), round(mem + 0.03, 2)
-    goals = load_goals(write_goals(tmp_path, f"""
+    goals = load_goals(
+        write_goals(
+            tmp_path,
+            f"""
 loss_spes_over_centralized: {{goal: {above}}}
 mem_spes_over_diloco: {{goal: {mem_goal}, acceptance: {mem_acc}}}
-"""))
+""",
+        )
+    )
     text = report(numbers, goals)
     table = ratio_table(text)
     assert table["loss_spes_over_centralized"][3] == f"<= {above:.2f}"
     assert table["mem_spes_over_diloco"][3] == f"<= {mem_goal:.2f} (acceptance <= {mem_acc:.2f})"
     assert table["flower_overhead"][3] == "-"  # no goal in the table: no goal, no verdict
     assert f"`loss_spes_over_centralized` {loss:.3f} meets the goal (<= {above:.2f})." in text
-    assert (f"Measured {mem:.3f}: meets the acceptance bound (<= {mem_acc:.2f}) but misses the "
-            f"{mem_goal:.2f} goal by {mem - mem_goal:.3f}.") in text
+    assert (
+        f"Measured {mem:.3f}: meets the acceptance bound (<= {mem_acc:.2f}) but misses the "
+        f"{mem_goal:.2f} goal by {mem - mem_goal:.3f}."
+    ) in text
     assert "\nWhy: " in text
     assert "`flower_overhead` " not in text.split("## Flower overhead")[1].split("## Analytic")[0].replace(
-        "`flower_overhead` = ", "")
+        "`flower_overhead` = ", ""
+    )
 
     goals = load_goals(write_goals(tmp_path, f"loss_spes_over_centralized: {{goal: {below}}}\n"))
     text = report(numbers, goals)
@@ -247,13 +283,16 @@ def test_default_goals_table_loads():
         assert g["acceptance"] is None or g["acceptance"] >= g["goal"]
 
 
-@pytest.mark.parametrize("text, message", [
-    ("loss_spes_over_nothing: {goal: 1.0}\n", "unknown ratio 'loss_spes_over_nothing'"),
-    ("flower_overhead: {goal: high}\n", "flower_overhead.goal must be a number"),
-    ("flower_overhead: {goal: 1.1, acceptance: 1.0}\n", "stricter than its goal"),
-    ("flower_overhead: {bound: 1.1}\n", "needs `goal`"),
-    ("- 1.1\n", "expected a mapping"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("loss_spes_over_nothing: {goal: 1.0}\n", "unknown ratio 'loss_spes_over_nothing'"),
+        ("flower_overhead: {goal: high}\n", "flower_overhead.goal must be a number"),
+        ("flower_overhead: {goal: 1.1, acceptance: 1.0}\n", "stricter than its goal"),
+        ("flower_overhead: {bound: 1.1}\n", "needs `goal`"),
+        ("- 1.1\n", "expected a mapping"),
+    ],
+)
 def test_bad_goals_table_is_rejected_naming_file_and_key(tmp_path, text, message):
     path = write_goals(tmp_path, text)
     with pytest.raises(ValueError, match=re.escape(message)) as exc:
@@ -277,15 +316,25 @@ def test_verdict_against_goal_and_acceptance():
 
 def test_ablation_section_best_and_gaps():
     def run(loss):
-        return {"final_val_loss": loss, "val_loss_by_round": [9.0, 8.0, loss], "bytes_up_per_round_node": 3,
-                "bytes_down_per_round_node": 5, "tokens_by_round": [0, 1, 2], "overrides": [], "wall_s": 1.0}
+        return {
+            "final_val_loss": loss,
+            "val_loss_by_round": [9.0, 8.0, loss],
+            "bytes_up_per_round_node": 3,
+            "bytes_down_per_round_node": 5,
+            "tokens_by_round": [0, 1, 2],
+            "overrides": [],
+            "wall_s": 1.0,
+        }
 
     res = {"order": ["a", "b", "c"], "variants": {"a": run(2.0), "b": run(1.5), "c": run(1.75)}}
     s = ablation_section("merge", res)
     assert s["best"]["label"] == "b"
     assert [(k, pytest.approx(g)) for k, g in s["others"]] == [("a", 0.5), ("c", 0.25)]
     assert [(r["label"], r["rounds"], r["bytes_all_rounds"]) for r in s["rows"]] == [
-        ("a", 2, 8), ("b", 2, 8), ("c", 2, 8)]
+        ("a", 2, 8),
+        ("b", 2, 8),
+        ("c", 2, 8),
+    ]
     assert ablation_section("merge", None)["run"] is None
 
 

@@ -7,7 +7,16 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord
 
-from common.codec import Codec, DecodeError, decode_delta, decode_sync, encode_delta, payload_bytes, to_record, wire_bytes
+from common.codec import (
+    Codec,
+    DecodeError,
+    decode_delta,
+    decode_sync,
+    encode_delta,
+    payload_bytes,
+    to_record,
+    wire_bytes,
+)
 
 
 def tensors(seed=0):
@@ -86,8 +95,12 @@ def test_truncated_and_padded_data_rejected():
     rec = to_record(good)
     arr = rec["w#int8"]
     for data in (arr.data[:-1], arr.data + b"\0"):
-        bad = ArrayRecord({"w#int8": Array(dtype=arr.dtype, shape=arr.shape, stype=arr.stype, data=data),
-                           "w#int8-scale": rec["w#int8-scale"]})
+        bad = ArrayRecord(
+            {
+                "w#int8": Array(dtype=arr.dtype, shape=arr.shape, stype=arr.stype, data=data),
+                "w#int8-scale": rec["w#int8-scale"],
+            }
+        )
         with pytest.raises(DecodeError, match="bytes"):
             decode_sync(bad, expected, Codec("int8"))
 

@@ -24,7 +24,7 @@ STREAM = (
     "ValueError: boom\n"
     "INFO :      Run finished\n"
     "(ClientAppActor pid=5) Traceback (most recent call last):\n"
-    "(ClientAppActor pid=5)   File \"node.py\", line 9, in train\n"
+    '(ClientAppActor pid=5)   File "node.py", line 9, in train\n'
     "(ClientAppActor pid=5) KeyError: 'k'\n"
     "(ClientAppActor pid=5) node 0 steps 0-25: 4%|\r"
     "[spes] done"  # no newline at the end of the stream
@@ -51,7 +51,7 @@ def test_coordinator_mode_keeps_own_lines_bar_and_errors():
         '  File "app.py", line 1, in main\n'
         "ValueError: boom\n"
         "(ClientAppActor pid=5) Traceback (most recent call last):\n"
-        "(ClientAppActor pid=5)   File \"node.py\", line 9, in train\n"
+        '(ClientAppActor pid=5)   File "node.py", line 9, in train\n'
         "(ClientAppActor pid=5) KeyError: 'k'\n"
         "[spes] done"
     )

@@ -19,7 +19,9 @@ def test_tls_connection_and_auth_options_are_checked(tmp_path, monkeypatch):
     path = write_connection(tmp_path / "home", "fed", "127.0.0.1:9", Path("certs/ca.crt"))
     # Flower 1.42 refuses a relative root-certificates path, and a TLS connection is not insecure.
     assert tomllib.loads(path.read_text())["superlink"]["fed"] == {
-        "address": "127.0.0.1:9", "root-certificates": str(tmp_path / "certs" / "ca.crt")}
+        "address": "127.0.0.1:9",
+        "root-certificates": str(tmp_path / "certs" / "ca.crt"),
+    }
     tls = TlsFiles(Path("ca.crt"), Path("server.pem"), Path("server.key"))
     pair = (Path("n.key"), Path("n.key.pub"))
     with pytest.raises(ValueError, match="needs tls"):

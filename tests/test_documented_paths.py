@@ -92,7 +92,7 @@ def with_overrides(argv: list[str], overrides: list[str]) -> list[str]:
     i = argv.index("--run-config")
     run_config, n = re.subn(r"overrides='[^']*'", "overrides='" + " ".join(overrides) + "'", argv[i + 1])
     assert n == 1, f"README: no overrides='...' in {argv[i + 1]!r}"
-    return [*argv[: i + 1], run_config, *argv[i + 2:]]
+    return [*argv[: i + 1], run_config, *argv[i + 2 :]]
 
 
 # ------------------------------------------------------------------------- helpers
@@ -107,13 +107,14 @@ def user_env(group: ProcessGroup, flwr_home: Path, extra: dict[str, str]) -> dic
 
 
 def run_cli(argv, env, cwd, timeout=60) -> subprocess.CompletedProcess:
-    return subprocess.run(argv, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        argv, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+    )
 
 
 def run_status(env, cwd, connection: list[str], run_id: int) -> dict:
     res = run_cli(["flwr", "ls", *connection, "--run-id", str(run_id), "--format", "json"], env, cwd)
-    data = json.loads(res.stdout[res.stdout.index("{"):])
+    data = json.loads(res.stdout[res.stdout.index("{") :])
     return next(r for r in data["runs"] if str(r["run-id"]) == str(run_id))
 
 
@@ -170,8 +171,9 @@ def test_requires_python_is_what_the_locked_packages_need():
 def test_lock_matches_environment_and_ships_in_the_app_bundle():
     from flwr.cli.build import build_fab_from_disk
 
-    check = subprocess.run([sys.executable, "scripts/lock.py", "--check"], cwd=ROOT, capture_output=True,
-                           text=True, timeout=60)
+    check = subprocess.run(
+        [sys.executable, "scripts/lock.py", "--check"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     assert check.returncode == 0, check.stderr
     lines = _lock_lines()
     assert all(re.fullmatch(r"[a-z0-9-]+==[0-9][^ ]*", l) for l in lines), lines
@@ -188,12 +190,16 @@ def test_lock_matches_environment_and_ships_in_the_app_bundle():
 
 
 def test_make_setup_installs_from_the_lock(tmp_path):
-    res = subprocess.run(["make", "-n", "-B", "setup", f"VENV={tmp_path / 'venv'}"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=30)
+    res = subprocess.run(
+        ["make", "-n", "-B", "setup", f"VENV={tmp_path / 'venv'}"], cwd=ROOT, capture_output=True, text=True, timeout=30
+    )
     assert res.returncode == 0, res.stderr
     pip = [l for l in res.stdout.splitlines() if " -m pip install" in l]
     assert [p.split("install --quiet ")[1] for p in pip[1:]] == [
-        "torch==2.13.0", "-r requirements.lock", '--no-deps -e ".[dev]"']
+        "torch==2.13.0",
+        "-r requirements.lock",
+        '--no-deps -e ".[dev]"',
+    ]
 
 
 # -------------------------------------------------------------- the README's federation
@@ -210,9 +216,12 @@ def test_readme_federation_recipe_with_tls_and_node_auth(tmp_path):
     make_tls(coord)  # ca.crt, server.pem, server.key where the README's SuperLink command expects them
     home = coord / "flwr-home"
     home.mkdir()
-    conn_toml["superlink"][name] = {k: v.replace("<coordinator>", "127.0.0.1").replace("8000", str(port))
-                                    .replace("/path/to/ca.crt", str(coord / "ca.crt"))
-                                    for k, v in conn_toml["superlink"][name].items()}
+    conn_toml["superlink"][name] = {
+        k: v.replace("<coordinator>", "127.0.0.1")
+        .replace("8000", str(port))
+        .replace("/path/to/ca.crt", str(coord / "ca.crt"))
+        for k, v in conn_toml["superlink"][name].items()
+    }
     import tomli_w
 
     (home / "config.toml").write_text(tomli_w.dumps(conn_toml))
@@ -226,8 +235,11 @@ def test_readme_federation_recipe_with_tls_and_node_auth(tmp_path):
         assert flag_value(link_cmd, "--database") == "state.db"
         env, register = find(cmds, "flwr", "supernode", "register")
         coord_env = user_env(group, home, env)
-        wait_for(lambda: link.poll() is None and run_cli(["flwr", "ls", name], coord_env, coord).returncode == 0,
-                 60, f"the SuperLink to serve (log: {link_log})")
+        wait_for(
+            lambda: link.poll() is None and run_cli(["flwr", "ls", name], coord_env, coord).returncode == 0,
+            60,
+            f"the SuperLink to serve (log: {link_log})",
+        )
 
         env_node, node_cmd = find(cmds, "flower-supernode")
         nodes, node_homes = [], []
@@ -239,15 +251,30 @@ def test_readme_federation_recipe_with_tls_and_node_auth(tmp_path):
                 res = run_cli(register, coord_env, coord)
                 assert res.returncode == 0 and "registered successfully" in res.stdout, res.stdout + res.stderr
             (site / "ca.crt").write_bytes((coord / "ca.crt").read_bytes())  # received from the coordinator
-            cmd = substitute(node_cmd, {"<coordinator>": "127.0.0.1", "8000": str(port), "<i>": str(i),
-                                        "<N>": str(n_nodes), "/scratch/spes": str(site / "work")})
+            cmd = substitute(
+                node_cmd,
+                {
+                    "<coordinator>": "127.0.0.1",
+                    "8000": str(port),
+                    "<i>": str(i),
+                    "<N>": str(n_nodes),
+                    "/scratch/spes": str(site / "work"),
+                },
+            )
             node_homes.append(site / "flwr-home")
-            nodes.append(group.start(f"supernode-{i}", [*cmd, "--port", str(find_free_port())],
-                                     user_env(group, node_homes[-1], env_node), site, site / "supernode.log"))
+            nodes.append(
+                group.start(
+                    f"supernode-{i}",
+                    [*cmd, "--port", str(find_free_port())],
+                    user_env(group, node_homes[-1], env_node),
+                    site,
+                    site / "supernode.log",
+                )
+            )
 
         def online():
             res = run_cli(["flwr", "supernode", "list", name, "--format", "json"], coord_env, coord)
-            data = json.loads(res.stdout[res.stdout.index("{"):]) if "{" in res.stdout else {}
+            data = json.loads(res.stdout[res.stdout.index("{") :]) if "{" in res.stdout else {}
             return [n["node-id"] for n in data.get("nodes", []) if n.get("status") == "online"]
 
         wait_for(lambda: len(online()) == n_nodes, 90, f"{n_nodes} SuperNodes online")
@@ -257,9 +284,19 @@ def test_readme_federation_recipe_with_tls_and_node_auth(tmp_path):
 
         env, run_cmd = find(cmds, "flwr", "run", ".", name)
         outputs = tmp_path / "outputs"
-        run_cmd = with_overrides(run_cmd, [*MICRO_MODEL, "model.num_experts=4", "strategy.merge.top_k=2",
-                                           f"nodes={n_nodes}", "rounds=1", "strategy.local_steps=2",
-                                           "run_name=readme", f"output_dir={outputs}"])
+        run_cmd = with_overrides(
+            run_cmd,
+            [
+                *MICRO_MODEL,
+                "model.num_experts=4",
+                "strategy.merge.top_k=2",
+                f"nodes={n_nodes}",
+                "rounds=1",
+                "strategy.local_steps=2",
+                "run_name=readme",
+                f"output_dir={outputs}",
+            ],
+        )
         run_log = tmp_path / "flwr-run.log"
         text = finish(group.start("flwr-run", run_cmd, user_env(group, home, env), ROOT, run_log), run_log, 420)
         run_id = int(RUN_ID.search(text).group(1))
@@ -267,7 +304,7 @@ def test_readme_federation_recipe_with_tls_and_node_auth(tmp_path):
         env, ls_cmd = find(cmds, "flwr", "ls", name)
         ls_cmd = substitute(ls_cmd, {"<run-id>": str(run_id)})
         res = run_cli([*ls_cmd, "--format", "json"], user_env(group, home, env), ROOT)
-        status = json.loads(res.stdout[res.stdout.index("{"):])["runs"][0]
+        status = json.loads(res.stdout[res.stdout.index("{") :])["runs"][0]
         assert status["status"] == "finished:completed", (status, text[-3000:])
     finally:
         group.stop(grace=10)
@@ -291,14 +328,31 @@ def test_flwr_run_dot_local_simulation(tmp_path):
     env, cmd = find(cmds, "flwr", "run", ".", "--stream")
     assert env == {NO_UV_SYNC: "1"}
     outputs = tmp_path / "outputs"
-    cmd = with_overrides(cmd, [*MICRO_MODEL, "model.num_experts=4", "strategy.merge.top_k=2", "nodes=2",
-                               "rounds=1", "strategy.local_steps=2", "run_name=sim", f"output_dir={outputs}"])
+    cmd = with_overrides(
+        cmd,
+        [
+            *MICRO_MODEL,
+            "model.num_experts=4",
+            "strategy.merge.top_k=2",
+            "nodes=2",
+            "rounds=1",
+            "strategy.local_steps=2",
+            "run_name=sim",
+            f"output_dir={outputs}",
+        ],
+    )
     cmd = [re.sub(r"num-supernodes=\d+", "num-supernodes=2", a) for a in cmd]
     home = tmp_path / "flwr-home"
     group = ProcessGroup()
-    shell = user_env(group, home, {"FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(find_free_port()),
-                                   "FLWR_LOCAL_CONTROL_API_PORT": str(find_free_port()),
-                                   "SPES_NODE_WORK_DIR": str(tmp_path / "nodes")})
+    shell = user_env(
+        group,
+        home,
+        {
+            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(find_free_port()),
+            "FLWR_LOCAL_CONTROL_API_PORT": str(find_free_port()),
+            "SPES_NODE_WORK_DIR": str(tmp_path / "nodes"),
+        },
+    )
     try:
         for attempt in range(3):
             log = tmp_path / f"flwr-run-{attempt}.log"

@@ -31,10 +31,13 @@ def _round(strategy, rnd, arrays, replying):
         if pid not in replying:
             continue
         got = decode(msg.content["arrays"])
-        names = shared_param_names(strategy.params) + expert_param_names(strategy.params, msg.content["config"]["owned-experts"])
+        names = shared_param_names(strategy.params) + expert_param_names(
+            strategy.params, msg.content["config"]["owned-experts"]
+        )
         update = {n: strategy.params[n] + 0.01 for n in names}
-        replies.append(Message(RecordDict({"arrays": encode(update), "metrics": MetricRecord({"num-tokens": 10.0})}),
-                               reply_to=msg))
+        replies.append(
+            Message(RecordDict({"arrays": encode(update), "metrics": MetricRecord({"num-tokens": 10.0})}), reply_to=msg)
+        )
         assert set(got) <= set(strategy.params)
     strategy.aggregate_train(rnd, replies)
     return msgs

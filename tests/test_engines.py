@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM
 from micro import MICRO_MODEL
 from model import count_parameters, load_pretrained
 from model.naming import expert_param_names
+
 ROOT = Path(__file__).resolve().parent.parent
 
 OVERRIDES = [
@@ -34,16 +35,28 @@ OVERRIDES = [
 ]
 # What differs between two runs however equal they are: clocks, process memory, and which
 # simulation actor happened to still hold a node (Flower's choice).
-NOT_COMPARED = {"wall_s", "round_seconds", "train_seconds", "save_wait_seconds", "tokens_per_s", "peak_mem_mb",
-                "resident"}
+NOT_COMPARED = {
+    "wall_s",
+    "round_seconds",
+    "train_seconds",
+    "save_wait_seconds",
+    "tokens_per_s",
+    "peak_mem_mb",
+    "resident",
+}
 
 
 @pytest.fixture(scope="module")
 def sim_run(tmp_path_factory):
     """`python -m sim` as a user runs it; its console output is part of what is tested."""
     out = tmp_path_factory.mktemp("sim")
-    proc = subprocess.run([sys.executable, "-m", "sim", *OVERRIDES, f"output_dir={out}"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-m", "sim", *OVERRIDES, f"output_dir={out}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out / "simtest", proc.stdout, proc.stderr
 
@@ -128,8 +141,19 @@ def test_run_report_names_every_plot(run_dir):
 
 def test_outputs_and_summary(run_dir):
     summary = json.loads((run_dir / "summary.json").read_text())
-    for key in ("final_val_loss", "first_val_loss", "rounds", "nodes", "tokens_trained", "bytes_up", "bytes_down",
-                "wall_s", "peak_mem_mb_node", "trainable_params_node", "total_params"):
+    for key in (
+        "final_val_loss",
+        "first_val_loss",
+        "rounds",
+        "nodes",
+        "tokens_trained",
+        "bytes_up",
+        "bytes_down",
+        "wall_s",
+        "peak_mem_mb_node",
+        "trainable_params_node",
+        "total_params",
+    ):
         assert key in summary, key
     assert summary["rounds"] == 2 and summary["nodes"] == 2
     assert summary["tokens_trained"] == 2 * 2 * 3 * 4 * 64
@@ -165,7 +189,8 @@ def test_global_experts_equal_their_owners_copy(run_dir):
     # Each node keeps its newest two states, tagged by global step: 3 and 6 after 2 rounds of H=3.
     parts = sorted((run_dir / "nodes").glob("*/partition-*"))
     assert [sorted(p.name for p in (d / "state").iterdir()) for d in parts] == [
-        ["step-000000000003", "step-000000000006"]] * 2
+        ["step-000000000003", "step-000000000006"]
+    ] * 2
     states = [d / "state" / "step-000000000006" / "owned.safetensors" for d in parts]
     for pid, path in enumerate(states):
         saved = load_file(str(path))

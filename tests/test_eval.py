@@ -38,14 +38,36 @@ def run_dir(tmp_path_factory):
     run.mkdir()
     corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     tok = train_bpe_tokenizer(docs, 300)
-    args = MoEArgs(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, num_experts=4, top_k=2,
-                   expert_ffn=16, max_seq_len=64)
+    args = MoEArgs(
+        hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, num_experts=4, top_k=2, expert_ffn=16, max_seq_len=64
+    )
     special = {"eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
     save_hf_atomic(build_model(args, len(tok), seed=0, special_tokens=special), run / "model", tok)
-    config = {"seed": 0, "data": {"source": str(corpus), "text_field": "text", "tokenizer": "bpe", "vocab_size": 300,
-                                  "seq_len": SEQ_LEN, "heldout_fraction": HELDOUT_FRACTION, "partition": "iid"}}
-    rounds = [RoundRecord(round=1, applied=True, val_loss=5.0, train_loss=5.1, tokens=10.0, bytes_up=1, bytes_down=2,
-                          wall_s=1.0, nodes={"0": {"bytes_up": 1, "bytes_down": 2, "status": "ok"}})]
+    config = {
+        "seed": 0,
+        "data": {
+            "source": str(corpus),
+            "text_field": "text",
+            "tokenizer": "bpe",
+            "vocab_size": 300,
+            "seq_len": SEQ_LEN,
+            "heldout_fraction": HELDOUT_FRACTION,
+            "partition": "iid",
+        },
+    }
+    rounds = [
+        RoundRecord(
+            round=1,
+            applied=True,
+            val_loss=5.0,
+            train_loss=5.1,
+            tokens=10.0,
+            bytes_up=1,
+            bytes_down=2,
+            wall_s=1.0,
+            nodes={"0": {"bytes_up": 1, "bytes_down": 2, "status": "ok"}},
+        )
+    ]
     (run / "metrics.jsonl").write_text(json.dumps(rounds[0].to_dict()) + "\n")
     write_report(run, rounds, {"run_name": "micro", "total_params": 10}, config)  # writes config.json
     return run
@@ -70,7 +92,7 @@ def _direct_bits_per_byte(checkpoint, docs, window):
             with torch.no_grad():
                 logp = torch.log_softmax(model(input_ids=torch.tensor([full[start:b]])).logits[0].double(), -1)
             targets = torch.tensor(ids[a:b])
-            total_ll += logp[-(b - a):].gather(1, targets[:, None]).sum().item()
+            total_ll += logp[-(b - a) :].gather(1, targets[:, None]).sum().item()
         total_bytes += len(doc.encode("utf-8"))
     return -total_ll / math.log(2) / total_bytes
 
@@ -83,7 +105,7 @@ def test_heldout_bits_per_byte_matches_the_model(run_dir, capsys):
     got = report["results"]["spes_heldout"]
     want = _direct_bits_per_byte(run_dir / "model", heldout, SEQ_LEN)
     assert got["bits_per_byte"] == pytest.approx(want, abs=1e-3)
-    assert got["byte_perplexity"] == pytest.approx(2 ** want, rel=1e-3)
+    assert got["byte_perplexity"] == pytest.approx(2**want, rel=1e-3)
     # The hub is off in tests: the downstream suite is skipped with one line, not attempted.
     assert len(report["skipped"]) == 1 and "HF_HUB_OFFLINE" in report["skipped"][0]
     out = capsys.readouterr().out

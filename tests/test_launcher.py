@@ -126,8 +126,19 @@ def _read(path: Path) -> dict:
 def test_format_run_config_roundtrips_through_flower_parser(tmp_path: Path) -> None:
     from flwr.common.config import parse_config_args
 
-    cfg = {"a": 1, "b": NOTE, "c": True, "d": 1e-5, "e": "it's", "f": 'say "hi"',
-           "g": "C:\\path", "h": "", "i": -2.5, "j": "tab\tand\nnewline", "k.l": 3}
+    cfg = {
+        "a": 1,
+        "b": NOTE,
+        "c": True,
+        "d": 1e-5,
+        "e": "it's",
+        "f": 'say "hi"',
+        "g": "C:\\path",
+        "h": "",
+        "i": -2.5,
+        "j": "tab\tand\nnewline",
+        "k.l": 3,
+    }
     text = flwr_config.format_run_config(cfg)
     assert text is not None and 'b="model=tiny nodes=4"' in text
     assert parse_config_args([text]) == cfg
@@ -171,14 +182,13 @@ def test_unknown_run_config_key_fails_before_starting(tmp_path: Path) -> None:
 
 
 # -------------------------------------------------------- simulation (real processes)
-def test_run_app_success(tmp_path: Path, no_leftovers, flwr_home_untouched,
-                         capsys: pytest.CaptureFixture[str]) -> None:
+def test_run_app_success(tmp_path: Path, no_leftovers, flwr_home_untouched, capsys: pytest.CaptureFixture[str]) -> None:
     run_dir = tmp_path / "run"
     out = tmp_path / "out.json"
     t0 = time.monotonic()
-    rc = run_app(TOY_APP, run_dir, num_nodes=2,
-                 run_config={"out-file": str(out), "note": NOTE, "num-rounds": 2},
-                 timeout_s=120)
+    rc = run_app(
+        TOY_APP, run_dir, num_nodes=2, run_config={"out-file": str(out), "note": NOTE, "num-rounds": 2}, timeout_s=120
+    )
     elapsed = time.monotonic() - t0
     assert rc == 0
     # each node adds partition-id + 1 per round: (1 + 2) then (3 + 1) + (3 + 2)
@@ -191,9 +201,13 @@ def test_run_app_success(tmp_path: Path, no_leftovers, flwr_home_untouched,
 
 
 def test_run_app_failing_serverapp(tmp_path: Path, no_leftovers) -> None:
-    rc = run_app(TOY_APP, tmp_path / "run", num_nodes=2,
-                 run_config={"fail": True, "out-file": str(tmp_path / "x.json")},
-                 timeout_s=120)
+    rc = run_app(
+        TOY_APP,
+        tmp_path / "run",
+        num_nodes=2,
+        run_config={"fail": True, "out-file": str(tmp_path / "x.json")},
+        timeout_s=120,
+    )
     assert rc == flwr_config.EXIT_RUN_FAILED
     assert not (tmp_path / "x.json").exists()
 
@@ -201,8 +215,9 @@ def test_run_app_failing_serverapp(tmp_path: Path, no_leftovers) -> None:
 def test_run_app_timeout_stops_everything(tmp_path: Path, no_leftovers) -> None:
     out = tmp_path / "never.json"
     t0 = time.monotonic()
-    rc = run_app(TOY_APP, tmp_path / "run", num_nodes=2,
-                 run_config={"num-rounds": 1_000_000, "out-file": str(out)}, timeout_s=10)
+    rc = run_app(
+        TOY_APP, tmp_path / "run", num_nodes=2, run_config={"num-rounds": 1_000_000, "out-file": str(out)}, timeout_s=10
+    )
     assert rc == flwr_config.EXIT_TIMEOUT
     assert time.monotonic() - t0 < 60
     assert not out.exists()
@@ -222,8 +237,7 @@ def test_superlink_context_start_stop(tmp_path: Path, no_leftovers) -> None:
 
 
 # ----------------------------------------------------------- deployment on loopback
-def test_local_deployment_two_supernodes(tmp_path: Path, no_leftovers,
-                                         flwr_home_untouched) -> None:
+def test_local_deployment_two_supernodes(tmp_path: Path, no_leftovers, flwr_home_untouched) -> None:
     """TLS SuperLink and two SuperNodes with registered keys (the app's own loopback run is the
     README recipe in test_documented_paths)."""
     out = tmp_path / "dep.json"
@@ -243,5 +257,4 @@ def test_local_deployment_two_supernodes(tmp_path: Path, no_leftovers,
     assert rc == 0
     assert _read(out) == {"rounds": 2, "note": NOTE, "pids": [0, 1], "sum": [9.0] * 3}
     assert (tmp_path / "run" / "supernode-0.log").exists()
-    print(f"\n[timing] deployment start {started:.1f}s, toy run {ran:.1f}s, "
-          f"stop {stopped:.1f}s")
+    print(f"\n[timing] deployment start {started:.1f}s, toy run {ran:.1f}s, stop {stopped:.1f}s")

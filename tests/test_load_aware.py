@@ -45,8 +45,8 @@ def test_load_already_even_moves_nothing():
 def test_load_gain_below_tolerance_moves_nothing():
     # Sums 0.51 / 0.49; the best swap (1 <-> 2) evens them, a gain of 0.02 in spread.
     load, owners = [0.26, 0.25, 0.25, 0.24], {0: (0, 1), 1: (2, 3)}
-    assert balance_by_load(owners, load, 0.05) == owners        # bar 0.05 x 0.5 = 0.025 > 0.02
-    new = balance_by_load(owners, load, 0.01)                   # bar 0.005 < 0.02
+    assert balance_by_load(owners, load, 0.05) == owners  # bar 0.05 x 0.5 = 0.025 > 0.02
+    new = balance_by_load(owners, load, 0.01)  # bar 0.005 < 0.02
     assert _sums(new, load) == pytest.approx({0: 0.5, 1: 0.5}) and _moved(owners, new) == 2
 
 
@@ -105,27 +105,36 @@ def test_speed_needs_a_positive_speed_for_every_node():
 
 # -- combining the reports -------------------------------------------------------------------
 def test_mean_expert_load_token_weighted_summed_over_layers():
-    rounds = [{
-        "0": {"status": "ok", "num_tokens": 100.0, "expert_load": [[0.75, 0.25], [0.5, 0.5]]},
-        "1": {"status": "ok", "num_tokens": 300.0, "expert_load": [[0.25, 0.75], [0.5, 0.5]]},
-        "2": {"status": "rejected: x", "num_tokens": 900.0, "expert_load": [[1.0, 0.0], [1.0, 0.0]]},
-    }]
+    rounds = [
+        {
+            "0": {"status": "ok", "num_tokens": 100.0, "expert_load": [[0.75, 0.25], [0.5, 0.5]]},
+            "1": {"status": "ok", "num_tokens": 300.0, "expert_load": [[0.25, 0.75], [0.5, 0.5]]},
+            "2": {"status": "rejected: x", "num_tokens": 900.0, "expert_load": [[1.0, 0.0], [1.0, 0.0]]},
+        }
+    ]
     # (100 * [1.25, 0.75] + 300 * [0.75, 1.25]) / 400
     assert mean_expert_load(rounds, 2) == pytest.approx([0.875, 1.125])
     assert mean_expert_load([{"0": {"status": "ok", "num_tokens": 5.0}}], 2) is None
 
 
 def test_mean_speed_is_tokens_over_seconds():
-    rounds = [{"0": {"status": "ok", "num_tokens": 100.0, "tokens_per_s": 50.0}},   # 2 s
-              {"0": {"status": "ok", "num_tokens": 300.0, "tokens_per_s": 100.0},  # 3 s
-               "1": {"status": "no reply"}}]
+    rounds = [
+        {"0": {"status": "ok", "num_tokens": 100.0, "tokens_per_s": 50.0}},  # 2 s
+        {
+            "0": {"status": "ok", "num_tokens": 300.0, "tokens_per_s": 100.0},  # 3 s
+            "1": {"status": "no reply"},
+        },
+    ]
     assert mean_speed(rounds, [0, 1]) == pytest.approx({0: 80.0})
 
 
 # -- the strategy ---------------------------------------------------------------------------
 def _params(experts, hid=4, inter=3):
     g = torch.Generator().manual_seed(0)
-    p = {"model.embed_tokens.weight": torch.randn(10, hid, generator=g), "model.norm.weight": torch.randn(hid, generator=g)}
+    p = {
+        "model.embed_tokens.weight": torch.randn(10, hid, generator=g),
+        "model.norm.weight": torch.randn(hid, generator=g),
+    }
     for layer in range(L):
         p[f"model.layers.{layer}.mlp.gate.weight"] = torch.randn(experts, hid, generator=g)
         for e in range(experts):
@@ -145,15 +154,22 @@ def _round(s, rnd, arrays, per_layer_load, speed=None):
         metrics = {"num-tokens": 100.0, "expert-load": list(per_layer_load) * L}
         if speed:
             metrics["tokens-per-s"] = speed[pid]
-        replies.append(Message(RecordDict({"arrays": encode({n: s.params[n] + 0.01 for n in names}),
-                                           "metrics": MetricRecord(metrics)}), reply_to=msg))
+        replies.append(
+            Message(
+                RecordDict(
+                    {"arrays": encode({n: s.params[n] + 0.01 for n in names}), "metrics": MetricRecord(metrics)}
+                ),
+                reply_to=msg,
+            )
+        )
     s.aggregate_train(rnd, replies)
     return {m.metadata.dst_node_id: m.content["config"] for m in msgs}
 
 
 def _strategy(policy, experts, nodes, every=2, **cfg):
-    cfg = StrategyConfig(local_steps=5, merge=MergeSchedule(enabled=False), assignment_policy=policy,
-                         assignment_every=every, **cfg)
+    cfg = StrategyConfig(
+        local_steps=5, merge=MergeSchedule(enabled=False), assignment_policy=policy, assignment_every=every, **cfg
+    )
     return SpesStrategy(cfg, experts, {10 + p: p for p in range(nodes)}, num_rounds=5, num_layers=L)
 
 
@@ -223,7 +239,10 @@ def test_config_keys_through_the_entry_point_config():
 
     spec = load(["strategy.assignment_policy=load", "strategy.assignment_every=3"])
     assert (spec.strategy.assignment_policy, spec.strategy.assignment_every, spec.strategy.assignment_tolerance) == (
-        "load", 3, 0.05)
+        "load",
+        3,
+        0.05,
+    )
     assert load(["strategy=diloco"]).strategy.assignment_policy == "static"
     with pytest.raises(ConfigError, match=r"assignment_policy=speed moves experts.*replicated"):
         load(["strategy=fedavg", "strategy.assignment_policy=speed"])

@@ -87,8 +87,12 @@ def test_peft_names_map_to_plain_names_and_back():
     peft_model = apply_lora(build_model(ARGS, VOCAB, owned=[0], seed=0), LoraArgs(rank=RANK, targets=TARGETS))
     peft_names = list(peft_model.state_dict())
     plain = [peft_to_plain(n) for n in peft_names]
-    adapters = [f"model.layers.{i}.self_attn.{p}.{part}.weight" for i in range(2) for p in TARGETS
-                for part in ("lora_A", "lora_B")]
+    adapters = [
+        f"model.layers.{i}.self_attn.{p}.{part}.weight"
+        for i in range(2)
+        for p in TARGETS
+        for part in ("lora_A", "lora_B")
+    ]
     assert sorted(plain) == sorted(base_names + adapters)
     assert "model.layers.0.self_attn.q_proj.lora_A.weight" in plain
     assert "model.layers.0.self_attn.k_proj.weight" in plain  # not targeted: its name is unchanged by peft
@@ -145,7 +149,7 @@ def test_fresh_adapters_follow_peft_init():
         if ".lora_B." in name:
             assert not t.any()  # the adapted model starts as the base model
         else:  # kaiming-uniform(a=sqrt(5)) over in_features = 32: bound 1/sqrt(32)
-            assert t.abs().max() <= 32 ** -0.5 and t.std() > 0.5 * 32 ** -0.5 / 3 ** 0.5
+            assert t.abs().max() <= 32**-0.5 and t.std() > 0.5 * 32**-0.5 / 3**0.5
     assert all(torch.equal(fresh[n], init_adapters(base, args, seed=3)[n]) for n in fresh)
 
 
@@ -179,21 +183,26 @@ def test_merge_refuses_incomplete_adapters():
     del params["model.layers.0.self_attn.v_proj.lora_B.weight"]
     with pytest.raises(KeyError, match="v_proj"):
         merge_adapters(params, args)
-    no_adapter = {n: t for n, t in params.items() if "layers.1.self_attn.q_proj.lora" not in n and "v_proj.lora" not in n}
+    no_adapter = {
+        n: t for n, t in params.items() if "layers.1.self_attn.q_proj.lora" not in n and "v_proj.lora" not in n
+    }
     with pytest.raises(KeyError, match="without an adapter"):
         merge_adapters(no_adapter, args)
 
 
-@pytest.mark.parametrize("key, value, message", [
-    ("lora_rank", -1, "train.lora_rank must be an integer >= 0"),
-    ("lora_rank", 2.5, "train.lora_rank"),
-    ("lora_alpha", 0.0, "train.lora_alpha must be a finite number > 0"),
-    ("lora_alpha", float("nan"), "train.lora_alpha"),
-    ("lora_targets", "q_proj,gate_proj", r"unknown: \['gate_proj'\]"),
-    ("lora_targets", "", "train.lora_targets must name distinct projections"),
-    ("lora_targets", "q_proj,q_proj", "distinct"),
-    ("lora_targets", ["q_proj"], "comma-separated string"),
-])
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("lora_rank", -1, "train.lora_rank must be an integer >= 0"),
+        ("lora_rank", 2.5, "train.lora_rank"),
+        ("lora_alpha", 0.0, "train.lora_alpha must be a finite number > 0"),
+        ("lora_alpha", float("nan"), "train.lora_alpha"),
+        ("lora_targets", "q_proj,gate_proj", r"unknown: \['gate_proj'\]"),
+        ("lora_targets", "", "train.lora_targets must name distinct projections"),
+        ("lora_targets", "q_proj,q_proj", "distinct"),
+        ("lora_targets", ["q_proj"], "comma-separated string"),
+    ],
+)
 def test_train_config_rejects_bad_lora_settings(key, value, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(**{key: value}).validate()

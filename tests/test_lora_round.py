@@ -21,21 +21,42 @@ from strategy.spes import SpesStrategy
 from strategy_rounds import play_round
 
 E = 4
-BASE = ["model.hidden_size=32", "model.expert_ffn=16", "model.num_layers=1", f"model.num_experts={E}",
-        "strategy.merge.enabled=false", "data.vocab_size=300", "data.seq_len=16", "train.batch_size=2",
-        "nodes=2", "strategy.local_steps=2", "train.lora_rank=2", "train.lora_alpha=4",
-        "train.lora_targets='q_proj,v_proj'", "train.warmup_steps=0"]
-DELTA = ["strategy.delta_sync=true", "strategy.uplink_codec=int8", "strategy.downlink_codec=int8",
-         "strategy.error_feedback=true"]
+BASE = [
+    "model.hidden_size=32",
+    "model.expert_ffn=16",
+    "model.num_layers=1",
+    f"model.num_experts={E}",
+    "strategy.merge.enabled=false",
+    "data.vocab_size=300",
+    "data.seq_len=16",
+    "train.batch_size=2",
+    "nodes=2",
+    "strategy.local_steps=2",
+    "train.lora_rank=2",
+    "train.lora_alpha=4",
+    "train.lora_targets='q_proj,v_proj'",
+    "train.warmup_steps=0",
+]
+DELTA = [
+    "strategy.delta_sync=true",
+    "strategy.uplink_codec=int8",
+    "strategy.downlink_codec=int8",
+    "strategy.error_feedback=true",
+]
 
 
 def sent_by_hand(owned):
     """What a node owning `owned` sends with LoRA on q/v (1 layer), written out name by name."""
     layer = "model.layers.0"
     names = {f"{layer}.self_attn.{p}.{part}.weight" for p in ("q_proj", "v_proj") for part in ("lora_A", "lora_B")}
-    names |= {f"{layer}.self_attn.q_norm.weight", f"{layer}.self_attn.k_norm.weight",
-              f"{layer}.input_layernorm.weight", f"{layer}.post_attention_layernorm.weight",
-              f"{layer}.mlp.gate.weight", "model.norm.weight"}
+    names |= {
+        f"{layer}.self_attn.q_norm.weight",
+        f"{layer}.self_attn.k_norm.weight",
+        f"{layer}.input_layernorm.weight",
+        f"{layer}.post_attention_layernorm.weight",
+        f"{layer}.mlp.gate.weight",
+        "model.norm.weight",
+    }
     names |= {f"{layer}.mlp.experts.{e}.{p}.weight" for e in owned for p in ("gate_proj", "up_proj", "down_proj")}
     return names
 
@@ -119,7 +140,9 @@ def test_delta_sync_with_lora_adapters(shared, flower_task):
         up = sent_by_hand(s.experts_of(pid))
         rows = sum(initial[n].numel() // initial[n].shape[-1] for n in up)
         assert rec.nodes[str(pid)]["bytes_up"] == sum(initial[n].numel() for n in up) + 4 * rows
-    assert torch.equal(s.params["model.layers.0.self_attn.v_proj.weight"], initial["model.layers.0.self_attn.v_proj.weight"])
+    assert torch.equal(
+        s.params["model.layers.0.self_attn.v_proj.weight"], initial["model.layers.0.self_attn.v_proj.weight"]
+    )
     assert s.params["model.layers.0.self_attn.v_proj.lora_B.weight"].abs().sum() > 0
 
 
@@ -134,8 +157,9 @@ def test_node_evaluation_uses_the_adapters(shared):
     peft_model.load_state_dict({plain_to_peft(n, args.targets): t for n, t in params.items()}, strict=True)
     from client_app.local_round import _data
 
-    want, want_tokens = evaluate(peft_model, _data(ctxs[0])[1], spec.eval.batch_size, spec.eval.max_batches,
-                                 torch.device("cpu"))
+    want, want_tokens = evaluate(
+        peft_model, _data(ctxs[0])[1], spec.eval.batch_size, spec.eval.max_batches, torch.device("cpu")
+    )
     assert tokens == want_tokens and loss == pytest.approx(want, rel=1e-5)
     base_only, _ = run_local_eval(ctxs[0], s.params)  # B = 0: the adapters change nothing yet
     assert abs(loss - base_only) > 1e-3

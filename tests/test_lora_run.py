@@ -39,10 +39,20 @@ OVERRIDES = [
 def dense_checkpoint(path: Path) -> Qwen3ForCausalLM:
     """A random dense Qwen3 of the micro shape (hidden 64, MLP 32 = the expert FFN, 2 layers, 4/2 heads)."""
     torch.manual_seed(3)
-    dense = Qwen3ForCausalLM(Qwen3Config(
-        vocab_size=512, hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6, tie_word_embeddings=False,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0})).eval()
+    dense = Qwen3ForCausalLM(
+        Qwen3Config(
+            vocab_size=512,
+            hidden_size=64,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            rms_norm_eps=1e-6,
+            tie_word_embeddings=False,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        )
+    ).eval()
     dense.save_pretrained(path)
     return dense
 
@@ -51,8 +61,12 @@ def dense_checkpoint(path: Path) -> Qwen3ForCausalLM:
 def dense_and_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("lora-run")
     dense = dense_checkpoint(out / "dense")
-    upcycle = ["model.init=upcycle", f"model.dense_path={out / 'dense'}", "model.vocab_size=512",
-               "model.upcycle_noise_std=0.02"]
+    upcycle = [
+        "model.init=upcycle",
+        f"model.dense_path={out / 'dense'}",
+        "model.vocab_size=512",
+        "model.upcycle_noise_std=0.02",
+    ]
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
         assert simulate([*OVERRIDES, *upcycle, f"output_dir={out}"]) == 0

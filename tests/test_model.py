@@ -93,7 +93,9 @@ def test_export_loads_in_stock_transformers_with_same_logits(tmp_path):
         torch.testing.assert_close(again(input_ids=x).logits, model(input_ids=x).logits, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("preset, lo, hi", [("tiny", 3e6, 6e6), ("small", 80e6, 120e6), ("1b", 1.0e9, 1.3e9), ("7b", 6.5e9, 7.5e9)])
+@pytest.mark.parametrize(
+    "preset, lo, hi", [("tiny", 3e6, 6e6), ("small", 80e6, 120e6), ("1b", 1.0e9, 1.3e9), ("7b", 6.5e9, 7.5e9)]
+)
 def test_presets_build_on_meta_with_analytic_counts(preset, lo, hi):
     spec = load([f"model={preset}"])
     model = build_model(spec.model, vocab_size=spec.data.vocab_size, owned=[0], device="meta")
@@ -151,8 +153,9 @@ def test_empty_build_loaded_equals_initialised_build(frozen_dtype):
     empty.eval()
     assert dict(ref.named_buffers()).keys() == dict(empty.named_buffers()).keys()
     assert all(torch.equal(b, dict(empty.named_buffers())[n]) for n, b in ref.named_buffers())  # rotary inv_freq
-    assert [(n, p.requires_grad, p.dtype) for n, p in ref.named_parameters()] == \
-        [(n, p.requires_grad, p.dtype) for n, p in empty.named_parameters()]
+    assert [(n, p.requires_grad, p.dtype) for n, p in ref.named_parameters()] == [
+        (n, p.requires_grad, p.dtype) for n, p in empty.named_parameters()
+    ]
     x = torch.randint(0, VOCAB, (2, 20))
     with torch.no_grad():
         assert torch.equal(ref(input_ids=x).logits, empty(input_ids=x).logits)

@@ -34,7 +34,9 @@ def test_node_ignores_coordinator_only_paths(tmp_path):
     from client_app.app import _spec_for_node
     from client_app.node_settings import NodeSettings, NodeSetupError
 
-    settings = NodeSettings.from_node_config({"partition-id": 0, "num-partitions": 4, "work-dir": str(tmp_path)}, env={})
+    settings = NodeSettings.from_node_config(
+        {"partition-id": 0, "num-partitions": 4, "work-dir": str(tmp_path)}, env={}
+    )
     # A checkpoint path that exists only on the coordinator: the node neither checks nor keeps it.
     spec, own = _spec_for_node(ConfigRecord({"run-config": _spec_json(init_from="/only/on/coordinator")}), settings)
     assert spec.init_from is None and own is None and spec.data.source == "embedded"
@@ -44,8 +46,7 @@ def test_node_ignores_coordinator_only_paths(tmp_path):
     # With this node's own copy configured, that copy is sharded like the common corpus.
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("some text\n\nmore text\n")
-    mine = NodeSettings.from_node_config(
-        {"partition-id": 0, "num-partitions": 4, "common-data": str(corpus)}, env={})
+    mine = NodeSettings.from_node_config({"partition-id": 0, "num-partitions": 4, "common-data": str(corpus)}, env={})
     spec, own = _spec_for_node(ConfigRecord({"run-config": _spec_json(source="/only/on/coordinator/corpus")}), mine)
     assert spec.data.source == str(corpus) and own is None
 
@@ -56,5 +57,7 @@ def test_node_work_dir_comes_from_the_node(tmp_path):
     cfg = {"partition-id": 1, "num-partitions": 2, "work-dir": str(tmp_path / "mine")}
     s = NodeSettings.from_node_config(cfg, env={ENV_WORK_DIR: str(tmp_path / "env")})
     assert s.workdir("run-abc") == (tmp_path / "mine" / "run-abc" / "partition-1").resolve()
-    s = NodeSettings.from_node_config({"partition-id": 1, "num-partitions": 2}, env={ENV_WORK_DIR: str(tmp_path / "env")})
+    s = NodeSettings.from_node_config(
+        {"partition-id": 1, "num-partitions": 2}, env={ENV_WORK_DIR: str(tmp_path / "env")}
+    )
     assert s.workdir("run-abc") == (tmp_path / "env" / "run-abc" / "partition-1").resolve()

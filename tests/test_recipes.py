@@ -30,7 +30,12 @@ def test_recipe_gives_the_papers_values(recipe):
     assert strategy["local_steps"] == 100  # H
     merge = strategy["merge"]
     assert (merge["enabled"], merge["interval"], merge["alpha_start"], merge["decay_steps"], merge["top_k"]) == (
-        True, 500, alpha, decay, 4)
+        True,
+        500,
+        alpha,
+        decay,
+        4,
+    )
     assert cfg["rounds"] * strategy["local_steps"] == train["total_steps"]  # the run ends with the schedule
     MoEArgs.from_dict(cfg["model"]).validate()
     TrainConfig.from_dict(train).validate()
@@ -41,7 +46,12 @@ def test_9b_recipe_upcycles_with_the_dense_models_tokenizer():
     model = MoEArgs.from_dict(cfg["model"])
     model.validate()
     assert (model.init, model.dense_path, model.num_experts, model.top_k, model.expert_ffn) == (
-        "upcycle", "/ckpt/Qwen3-1.7B", 8, 2, 6144)
+        "upcycle",
+        "/ckpt/Qwen3-1.7B",
+        8,
+        2,
+        6144,
+    )
     assert cfg["data"]["tokenizer"] == "/ckpt/Qwen3-1.7B"  # embeddings are copied: same token ids
 
 

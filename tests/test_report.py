@@ -23,25 +23,60 @@ from strategy.round_record import RoundRecord
 def _round(rnd, val, wall, up=(300, 300), down=(1000, 700), loads=None, tokens=(100, 300)):
     loads = loads or ([[0.75, 0.25], [0.5, 0.5]], [[0.25, 0.75], [0.5, 0.5]])
     nodes = {
-        str(p): {"bytes_up": up[p], "bytes_down": down[p], "status": "ok", "expert_load": loads[p],
-                 "num_tokens": tokens[p], "tokens_per_s": 50.0, "peak_mem_mb": 200.0}
+        str(p): {
+            "bytes_up": up[p],
+            "bytes_down": down[p],
+            "status": "ok",
+            "expert_load": loads[p],
+            "num_tokens": tokens[p],
+            "tokens_per_s": 50.0,
+            "peak_mem_mb": 200.0,
+        }
         for p in range(2)
     }
-    return RoundRecord(round=rnd, global_step=3 * rnd, applied=True, tokens=float(sum(tokens)), train_loss=val + 0.1,
-                       bytes_up=sum(up), bytes_down=sum(down), val_loss=val, wall_s=wall, nodes=nodes)
+    return RoundRecord(
+        round=rnd,
+        global_step=3 * rnd,
+        applied=True,
+        tokens=float(sum(tokens)),
+        train_loss=val + 0.1,
+        bytes_up=sum(up),
+        bytes_down=sum(down),
+        val_loss=val,
+        wall_s=wall,
+        nodes=nodes,
+    )
 
 
 ROUNDS = [_round(1, 5.0, 12.0), _round(2, 4.5, 22.0, down=(700, 700))]
-SUMMARY = {"run_name": "unit", "strategy": "spes", "model": "tiny", "nodes": 2, "rounds": 2, "local_steps": 3,
-           "first_val_loss": 6.0, "final_val_loss": 4.5, "final_train_loss": 4.6, "tokens_trained": 800.0,
-           "bytes_up": 1200, "bytes_down": 3100, "wall_s": 22.0, "peak_mem_mb_node": 200.0,
-           "tokens_per_s_node": 50.0, "trainable_params_node": 80, "total_params": 100, "failed_node_rounds": 0}
+SUMMARY = {
+    "run_name": "unit",
+    "strategy": "spes",
+    "model": "tiny",
+    "nodes": 2,
+    "rounds": 2,
+    "local_steps": 3,
+    "first_val_loss": 6.0,
+    "final_val_loss": 4.5,
+    "final_train_loss": 4.6,
+    "tokens_trained": 800.0,
+    "bytes_up": 1200,
+    "bytes_down": 3100,
+    "wall_s": 22.0,
+    "peak_mem_mb_node": 200.0,
+    "tokens_per_s_node": 50.0,
+    "trainable_params_node": 80,
+    "total_params": 100,
+    "failed_node_rounds": 0,
+}
 CONFIG = {"seed": 0, "data": {"source": "embedded", "heldout_fraction": 0.05, "seq_len": 64}}
 
 
 def test_bytes_per_node_and_diloco_line():
-    assert node_bytes(ROUNDS) == {"0": {"up": [300.0, 300.0], "down": [1000.0, 700.0]},
-                                  "1": {"up": [300.0, 300.0], "down": [700.0, 700.0]}}
+    assert node_bytes(ROUNDS) == {
+        "0": {"up": [300.0, 300.0], "down": [1000.0, 700.0]},
+        "1": {"up": [300.0, 300.0], "down": [700.0, 700.0]},
+    }
     assert diloco_bytes_per_node_round(100) == 800.0  # 2 directions x 4 bytes x 100 params
 
 
@@ -86,9 +121,15 @@ def test_report_from_run_dir_includes_eval_json(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r.to_dict()) + "\n" for r in ROUNDS))
     (tmp_path / "summary.json").write_text(json.dumps(SUMMARY))
     (tmp_path / "config.json").write_text(json.dumps(CONFIG))
-    (tmp_path / "eval.json").write_text(json.dumps({
-        "checkpoint": "x/model", "results": {"spes_heldout": {"bits_per_byte": 1.25}},
-        "skipped": ["downstream suite: offline"]}))
+    (tmp_path / "eval.json").write_text(
+        json.dumps(
+            {
+                "checkpoint": "x/model",
+                "results": {"spes_heldout": {"bits_per_byte": 1.25}},
+                "skipped": ["downstream suite: offline"],
+            }
+        )
+    )
     md = report_from_run_dir(tmp_path).read_text()
     assert "| spes_heldout | bits_per_byte | 1.2500 |" in md
     assert "Skipped: downstream suite: offline" in md
@@ -158,6 +199,8 @@ def test_node_round_overhead_from_later_rounds_only():
     assert out == {"node_round_overhead": pytest.approx(0.2), "node_rounds_resident": 1, "node_rounds_timed": 2}
     assert _node_round_overhead([{"status": "ok", "train_seconds": 1.0}]) == {}  # older nodes send no round time
     rows = dict(summary_rows(ROUNDS, {**SUMMARY, **out}))
-    assert rows["node round time outside the training loop (build, load, save; rounds 2..)"] == \
-        "20.0 % (model kept in memory in 1 of 2 node-rounds)"
+    assert (
+        rows["node round time outside the training loop (build, load, save; rounds 2..)"]
+        == "20.0 % (model kept in memory in 1 of 2 node-rounds)"
+    )
     assert not any(k.startswith("node round time") for k in dict(summary_rows(ROUNDS, SUMMARY)))

@@ -21,13 +21,26 @@ from strategy.spes import SpesStrategy
 from strategy_rounds import play_round
 
 E = 4
-BASE = ["model.hidden_size=32", "model.expert_ffn=16", "model.num_layers=1", f"model.num_experts={E}",
-        "strategy.merge.enabled=false", "data.vocab_size=300", "data.seq_len=16", "train.batch_size=2",
-        "strategy.local_steps=2", "train.warmup_steps=0"]
+BASE = [
+    "model.hidden_size=32",
+    "model.expert_ffn=16",
+    "model.num_layers=1",
+    f"model.num_experts={E}",
+    "strategy.merge.enabled=false",
+    "data.vocab_size=300",
+    "data.seq_len=16",
+    "train.batch_size=2",
+    "strategy.local_steps=2",
+    "train.warmup_steps=0",
+]
 VARIANTS = {
     "plain": [],
-    "delta-int8-ef": ["strategy.delta_sync=true", "strategy.uplink_codec=int8", "strategy.downlink_codec=int8",
-                      "strategy.error_feedback=true"],
+    "delta-int8-ef": [
+        "strategy.delta_sync=true",
+        "strategy.uplink_codec=int8",
+        "strategy.downlink_codec=int8",
+        "strategy.error_feedback=true",
+    ],
     "lora": ["train.lora_rank=2", "train.lora_alpha=4", "train.lora_targets='q_proj,v_proj'"],
     "bf16": ["train.precision=bf16"],
 }
@@ -54,8 +67,15 @@ def federation(tokenizer, name, overrides, nodes=1):
     ctxs = [NodeContext(spec, tok, root / f"{name}-node{p}", p, nodes, progress=False) for p in range(nodes)]
     lora = spec.train.lora_rank > 0
     model = build_model(spec.model, len(tok), seed=0)
-    s = SpesStrategy(spec.strategy, E, {10 + p: p for p in range(nodes)}, num_rounds=5,
-                     max_tokens=2 * 2 * 16, num_layers=1, lora=lora)
+    s = SpesStrategy(
+        spec.strategy,
+        E,
+        {10 + p: p for p in range(nodes)},
+        num_rounds=5,
+        max_tokens=2 * 2 * 16,
+        num_layers=1,
+        lora=lora,
+    )
     s.initialize(model.state_dict())
     if lora:
         s.params.update(init_adapters(model, lora_args(spec.train), seed=0))
@@ -82,8 +102,12 @@ def test_kept_node_equals_rebuilt_node(tokenizer, flower_task, variant):
     before it, whether the next round finds the node kept or rebuilds it from that state."""
     runs = {}
     for keep, background in ((True, True), (False, True), (False, False)):
-        ctxs, s = federation(tokenizer, f"{variant}-{keep}-{background}", VARIANTS[variant] + [
-            f"train.resident={str(keep).lower()}", f"train.save_in_background={str(background).lower()}"])
+        ctxs, s = federation(
+            tokenizer,
+            f"{variant}-{keep}-{background}",
+            VARIANTS[variant]
+            + [f"train.resident={str(keep).lower()}", f"train.save_in_background={str(background).lower()}"],
+        )
         hits = [play(s, rnd, ctxs)[0] for rnd in (1, 2, 3)]
         runs[keep, background] = (s.params, saved(ctxs[0], 6), hits)
         resident.drop()
@@ -105,8 +129,12 @@ def test_two_nodes_in_one_process(tokenizer, flower_task, budget_mb, round2_hits
     result equals rebuilding from disk."""
     params = {}
     for keep in (True, False):
-        ctxs, s = federation(tokenizer, f"two-{budget_mb}-{keep}",
-                             [f"train.resident={str(keep).lower()}", f"train.resident_budget_mb={budget_mb}"], nodes=2)
+        ctxs, s = federation(
+            tokenizer,
+            f"two-{budget_mb}-{keep}",
+            [f"train.resident={str(keep).lower()}", f"train.resident_budget_mb={budget_mb}"],
+            nodes=2,
+        )
         hits = [play(s, rnd, ctxs) for rnd in (1, 2)]
         assert hits == [{0: 0.0, 1: 0.0}, round2_hits if keep else {0: 0.0, 1: 0.0}]
         assert resident.kept_partitions() == (([0, 1] if budget_mb else [1]) if keep else [])
@@ -151,7 +179,8 @@ def test_other_owned_experts_or_step_rebuild(tokenizer, flower_task):
     reply, m = run_local_round(ctx, init, RoundOrder([0, 1, 2], True, 2, 2), show_progress=False)
     assert m["resident"] == 0.0
     assert set(expert_param_names(list(reply), [2])) and not torch.equal(
-        reply["model.layers.0.mlp.experts.2.gate_proj.weight"], init["model.layers.0.mlp.experts.2.gate_proj.weight"])
+        reply["model.layers.0.mlp.experts.2.gate_proj.weight"], init["model.layers.0.mlp.experts.2.gate_proj.weight"]
+    )
     # A repeated round (the coordinator restarted at step 2): the kept node is at step 4, so it rebuilds.
     _, m = run_local_round(ctx, init, RoundOrder([0, 1, 2], True, 2, 2), show_progress=False)
     assert m["resident"] == 0.0

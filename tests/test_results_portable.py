@@ -20,7 +20,11 @@ def results_files() -> list[Path]:
     try:
         listed = subprocess.run(
             ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard", "--", "benchmarks/*.json"],
-            cwd=ROOT, capture_output=True, text=True, check=True).stdout.split("\0")
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split("\0")
         files = [ROOT / f for f in listed if f and (ROOT / f).is_file()]
     except (OSError, subprocess.CalledProcessError):
         files = []
@@ -53,20 +57,38 @@ def test_committed_docs_hold_no_absolute_path():
         assert [line for line in lines if absolute_paths(line)] == [], name
 
 
-@pytest.mark.parametrize("value", [
-    "/srv/alice/spes/benchmarks/runs/bench-spes", "/opt/checkout/benchmarks", "~/runs", "C:\\Users\\bob",
-    "python -m bench --out /var/scratch/bench", "output_dir=/mnt/x", "see (/srv/data)",
-])
+@pytest.mark.parametrize(
+    "value",
+    [
+        "/srv/alice/spes/benchmarks/runs/bench-spes",
+        "/opt/checkout/benchmarks",
+        "~/runs",
+        "C:\\Users\\bob",
+        "python -m bench --out /var/scratch/bench",
+        "output_dir=/mnt/x",
+        "see (/srv/data)",
+    ],
+)
 def test_absolute_paths_are_found(value):
     # Example roots outside the ones `git grep '/(root|home|work|tmp)/'` looks for, so the
     # repository-wide check for machine paths stays empty.
     assert absolute_paths({"a": [{"b": value}]}) == [("a[0].b", value)]
 
 
-@pytest.mark.parametrize("value", [
-    "runs/bench-spes", "../runs/abl-H-H25", "model=tiny nodes=4", "up / round / node",
-    "memory.spes.peak_rss_mb", "Linux-6.18-x86_64-with-glibc2.36", "2.13.0+cpu", "DiLoCo/FedAvg", "",
-])
+@pytest.mark.parametrize(
+    "value",
+    [
+        "runs/bench-spes",
+        "../runs/abl-H-H25",
+        "model=tiny nodes=4",
+        "up / round / node",
+        "memory.spes.peak_rss_mb",
+        "Linux-6.18-x86_64-with-glibc2.36",
+        "2.13.0+cpu",
+        "DiLoCo/FedAvg",
+        "",
+    ],
+)
 def test_relative_strings_are_not_flagged(value):
     assert absolute_paths({"k": value, "list": [value, 1.5, None]}) == []
 
@@ -77,10 +99,19 @@ def test_absolute_keys_are_found():
 
 def _fake_run(run_dir: Path) -> None:
     run_dir.mkdir(parents=True)
-    summary = {"first_val_loss": 9.0, "final_val_loss": 7.5, "val_loss_by_round": [9.0, 8.0, 7.5],
-               "tokens_trained": 30, "peak_mem_mb_node": 100.0, "tokens_per_s_node": 5.0,
-               "trainable_params_node": 10, "total_params": 20, "wall_s": 2.0,
-               "bytes_up_per_round_node": 0, "bytes_down_per_round_node": 0}
+    summary = {
+        "first_val_loss": 9.0,
+        "final_val_loss": 7.5,
+        "val_loss_by_round": [9.0, 8.0, 7.5],
+        "tokens_trained": 30,
+        "peak_mem_mb_node": 100.0,
+        "tokens_per_s_node": 5.0,
+        "trainable_params_node": 10,
+        "total_params": 20,
+        "wall_s": 2.0,
+        "bytes_up_per_round_node": 0,
+        "bytes_down_per_round_node": 0,
+    }
     (run_dir / "summary.json").write_text(json.dumps(summary))
     (run_dir / "metrics.jsonl").write_text('{"round": 1, "tokens": 10}\n{"round": 2, "tokens": 20}\n')
 

@@ -87,9 +87,11 @@ def test_balance_loss_with_the_global_share_hand_computed():
     assert float(local) == pytest.approx(2 * (1.0 * 0.75 + 0.0 * 0.25))  # 1.5
     share = torch.tensor([[0.2, 0.8]])
     assert float(balance_loss(logits, 2, 1, global_load=share, global_weight=1.0)) == pytest.approx(
-        2 * (0.2 * 0.75 + 0.8 * 0.25))  # 0.7
+        2 * (0.2 * 0.75 + 0.8 * 0.25)
+    )  # 0.7
     assert float(balance_loss(logits, 2, 1, global_load=share, global_weight=0.5)) == pytest.approx(
-        2 * (0.6 * 0.75 + 0.4 * 0.25))  # 1.1
+        2 * (0.6 * 0.75 + 0.4 * 0.25)
+    )  # 1.1
     with pytest.raises(ValueError, match="per_layer"):
         balance_loss(logits, 2, 1, mode="pooled", global_load=share, global_weight=0.5)
 

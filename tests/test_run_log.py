@@ -13,9 +13,16 @@ from server_app.run_log import RunLog, flat_scalars
 from strategy.round_record import RoundRecord
 
 RECORD = RoundRecord(
-    round=1, val_loss=5.0, train_loss=5.5, tokens=100.0, bytes_up=10, bytes_down=20,
-    nodes={"0": {"train_loss": 5.4, "bytes_up": 5, "expert_load": [[0.75, 0.25]], "status": "ok"},
-           "1": {"train_loss": 5.6, "bytes_up": 5, "status": "ok"}},
+    round=1,
+    val_loss=5.0,
+    train_loss=5.5,
+    tokens=100.0,
+    bytes_up=10,
+    bytes_down=20,
+    nodes={
+        "0": {"train_loss": 5.4, "bytes_up": 5, "expert_load": [[0.75, 0.25]], "status": "ok"},
+        "1": {"train_loss": 5.6, "bytes_up": 5, "status": "ok"},
+    },
 )
 
 

@@ -9,8 +9,24 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_check(mode):
-    cmd = [sys.executable, "scripts/gpu_check.py", "--preset", "tiny", "--device", "cpu", "--mode", mode,
-           "--steps", "2", "--warmup", "1", "--batch", "2", "--seq", "32"]
+    cmd = [
+        sys.executable,
+        "scripts/gpu_check.py",
+        "--preset",
+        "tiny",
+        "--device",
+        "cpu",
+        "--mode",
+        mode,
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--batch",
+        "2",
+        "--seq",
+        "32",
+    ]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -35,8 +51,26 @@ def test_gpu_check_times_a_node_round_without_flower(tmp_path):
         "            raise ImportError('not on the GPU machine: ' + name)\n"
         "sys.meta_path.insert(0, _Block())\n"
     )
-    cmd = [sys.executable, "scripts/gpu_check.py", "--preset", "tiny", "--device", "cpu", "--mode", "round",
-           "--steps", "2", "--batch", "2", "--seq", "32", "--rounds", "3", "--workdir", str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "scripts/gpu_check.py",
+        "--preset",
+        "tiny",
+        "--device",
+        "cpu",
+        "--mode",
+        "round",
+        "--steps",
+        "2",
+        "--batch",
+        "2",
+        "--seq",
+        "32",
+        "--rounds",
+        "3",
+        "--workdir",
+        str(tmp_path),
+    ]
     env = {**__import__("os").environ, "PYTHONPATH": str(tmp_path)}
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]

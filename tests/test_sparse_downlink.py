@@ -32,10 +32,24 @@ def setup(tmp_path_factory):
     from data import load_tokenizer
 
     tmp = tmp_path_factory.mktemp("delta")
-    raw = compose(["model.hidden_size=32", "model.expert_ffn=16", "model.num_layers=1", f"model.num_experts={E}",
-                   "strategy.merge.enabled=false", "data.vocab_size=300", "data.seq_len=16", "train.batch_size=2",
-                   "nodes=2", "strategy.local_steps=2", "strategy.delta_sync=true", "strategy.uplink_codec=int8",
-                   "strategy.downlink_codec=int8", "strategy.error_feedback=true"])
+    raw = compose(
+        [
+            "model.hidden_size=32",
+            "model.expert_ffn=16",
+            "model.num_layers=1",
+            f"model.num_experts={E}",
+            "strategy.merge.enabled=false",
+            "data.vocab_size=300",
+            "data.seq_len=16",
+            "train.batch_size=2",
+            "nodes=2",
+            "strategy.local_steps=2",
+            "strategy.delta_sync=true",
+            "strategy.uplink_codec=int8",
+            "strategy.downlink_codec=int8",
+            "strategy.error_feedback=true",
+        ]
+    )
     spec = from_dict(raw)
     tok = load_tokenizer(spec.data, tmp / "cache")
     return spec, tok, tmp
@@ -52,8 +66,7 @@ def test_delta_sync_versions_relay_and_resync(setup, flower_task):
     spec, tok, tmp = setup
     ctxs = [NodeContext(spec, tok, tmp / f"node{p}", p, 2, progress=False) for p in (0, 1)]
     model = build_model(spec.model, len(tok), seed=0)
-    s = SpesStrategy(spec.strategy, E, {10: 0, 11: 1}, num_rounds=5,
-                     max_tokens=2 * 2 * 16, num_layers=1)
+    s = SpesStrategy(spec.strategy, E, {10: 0, 11: 1}, num_rounds=5, max_tokens=2 * 2 * 16, num_layers=1)
     s.initialize(model.state_dict())
     names = list(s.params)
     own = {p: set(expert_param_names(names, s.experts_of(p))) for p in (0, 1)}
@@ -111,16 +124,29 @@ def _toy_strategy(**cfg):
     from common.spec import MergeSchedule, StrategyConfig
     from faults.cases import _toy_params
 
-    c = StrategyConfig(local_steps=5, merge=MergeSchedule(enabled=False), delta_sync=True, uplink_codec="int8",
-                       downlink_codec="int8", **cfg)
+    c = StrategyConfig(
+        local_steps=5,
+        merge=MergeSchedule(enabled=False),
+        delta_sync=True,
+        uplink_codec="int8",
+        downlink_codec="int8",
+        **cfg,
+    )
     s = SpesStrategy(c, E, {10: 0, 11: 1}, num_rounds=3, num_layers=2)
     s.initialize(_toy_params(0))
     return s
 
 
 def _delta_reply(msg, arrays):
-    return Message(RecordDict({"arrays": ArrayRecord(arrays) if isinstance(arrays, dict) else arrays,
-                               "metrics": MetricRecord({"num-tokens": 10.0})}), reply_to=msg)
+    return Message(
+        RecordDict(
+            {
+                "arrays": ArrayRecord(arrays) if isinstance(arrays, dict) else arrays,
+                "metrics": MetricRecord({"num-tokens": 10.0}),
+            }
+        ),
+        reply_to=msg,
+    )
 
 
 def test_hostile_delta_replies_rejected(flower_task):
@@ -155,8 +181,11 @@ def test_downlink_shadow_survives_a_checkpoint(flower_task):
     replies = []
     for p, msg in enumerate(msgs):
         up = shared_param_names(names) + expert_param_names(names, s.experts_of(p))
-        replies.append(_delta_reply(msg, to_record(encode_delta(
-            {n: torch.randn_like(s.params[n]) * 0.1 for n in up}, Codec("int8")))))
+        replies.append(
+            _delta_reply(
+                msg, to_record(encode_delta({n: torch.randn_like(s.params[n]) * 0.1 for n in up}, Codec("int8")))
+            )
+        )
     s.aggregate_train(1, replies)
     list(s.configure_train(2, None, ConfigRecord({}), None))  # the shadow trails the model by a residual
     assert any(not torch.equal(s.sync.shadow[n], s.params[n]) for n in names)

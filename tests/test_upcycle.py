@@ -13,11 +13,20 @@ from model.upcycle import upcycle_dense, upcycle_from_args
 from server_app.config import compose
 
 VOCAB, HIDDEN, INTER, LAYERS = 101, 32, 24, 2
-ARGS = MoEArgs(hidden_size=HIDDEN, num_layers=LAYERS, num_heads=4, num_kv_heads=2, num_experts=4, top_k=2,
-               expert_ffn=INTER)
-SHAPE = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=LAYERS,
-             num_attention_heads=4, num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-6,
-             rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+ARGS = MoEArgs(
+    hidden_size=HIDDEN, num_layers=LAYERS, num_heads=4, num_kv_heads=2, num_experts=4, top_k=2, expert_ffn=INTER
+)
+SHAPE = dict(
+    vocab_size=VOCAB,
+    hidden_size=HIDDEN,
+    intermediate_size=INTER,
+    num_hidden_layers=LAYERS,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    rms_norm_eps=1e-6,
+    rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+)
 
 
 def dense_qwen3(tie=True, seed=0):
@@ -62,8 +71,10 @@ def test_experts_are_copies_of_the_dense_mlp_and_noise_hits_the_asked_fraction()
         for proj in ("gate_proj", "up_proj", "down_proj"):
             assert torch.equal(getattr(expert, proj).weight, getattr(dense.model.layers[0].mlp, proj).weight)
     noisy = upcycle_dense(dense, ARGS, noise_std=0.02, noise_fraction=0.5, router_init="normal", seed=1)
-    deltas = [noisy.model.layers[0].mlp.experts[e].gate_proj.weight - dense.model.layers[0].mlp.gate_proj.weight
-              for e in range(ARGS.num_experts)]
+    deltas = [
+        noisy.model.layers[0].mlp.experts[e].gate_proj.weight - dense.model.layers[0].mlp.gate_proj.weight
+        for e in range(ARGS.num_experts)
+    ]
     for d in deltas:
         changed = d[d != 0]
         assert 0.4 < changed.numel() / d.numel() < 0.6  # 768 entries, asked 50 %
@@ -87,8 +98,15 @@ def test_owned_experts_trainable_and_export_loads_in_stock_transformers(tmp_path
 def test_from_args_loads_a_dense_checkpoint_dir(tmp_path):
     dense = dense_qwen3()
     dense.save_pretrained(tmp_path / "dense")
-    args = MoEArgs(**{**ARGS.to_dict(), "init": "upcycle", "dense_path": str(tmp_path / "dense"), "vocab_size": VOCAB,
-                      "upcycle_router_init": "down_proj_std"})
+    args = MoEArgs(
+        **{
+            **ARGS.to_dict(),
+            "init": "upcycle",
+            "dense_path": str(tmp_path / "dense"),
+            "vocab_size": VOCAB,
+            "upcycle_router_init": "down_proj_std",
+        }
+    )
     args.validate()
     moe = upcycle_from_args(args, seed=0).eval()
     x = tokens()
@@ -136,10 +154,19 @@ def test_llama_style_dense_model_upcycles_with_unit_qk_norm():
 def test_9b_preset_upcycles_from_a_qwen3_1_7b_shaped_model_on_meta():
     """Qwen3-1.7B's shape (its config.json values); 9b = 8 copies of its MLP per layer."""
     preset = MoEArgs.from_dict(compose(["model=9b"])["model"])
-    dense_cfg = Qwen3Config(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
-                            num_attention_heads=16, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-6,
-                            max_position_embeddings=40960, tie_word_embeddings=True,
-                            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
+    dense_cfg = Qwen3Config(
+        vocab_size=151936,
+        hidden_size=2048,
+        intermediate_size=6144,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=40960,
+        tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+    )
     with torch.device("meta"):
         dense = Qwen3ForCausalLM(dense_cfg)
     moe = upcycle_dense(dense, preset, owned=[0, 1])

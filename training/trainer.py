@@ -54,8 +54,11 @@ def _adamw8bit(groups: list[dict], cfg: TrainConfig, device: torch.device) -> to
     if device.type != "cuda":
         raise ValueError(f"train.optimizer=adamw8bit needs the model on a CUDA device, it is on {device.type}")
     cls = None
-    for module, name in (("torchao.optim", "AdamW8bit"), ("torchao.prototype.low_bit_optim", "AdamW8bit"),
-                         ("bitsandbytes.optim", "AdamW8bit")):
+    for module, name in (
+        ("torchao.optim", "AdamW8bit"),
+        ("torchao.prototype.low_bit_optim", "AdamW8bit"),
+        ("bitsandbytes.optim", "AdamW8bit"),
+    ):
         with contextlib.suppress(ImportError, AttributeError):
             cls = getattr(importlib.import_module(module), name)
             break
@@ -170,10 +173,19 @@ def train_steps(
         block = next(batches).to(device, non_blocking=True)
         with autocast:
             parts = lm_loss(
-                model, block, cfg.aux_loss_weight, cfg.z_loss_weight, balance=cfg.balance,
-                logit_z_weight=cfg.logit_z_loss_weight, local_decay=decay, owned=owned,
-                step=start_step + i, total_steps=total_steps, lean=cfg.lean_loss,
-                global_load=global_load, global_weight=cfg.balance_global_weight,
+                model,
+                block,
+                cfg.aux_loss_weight,
+                cfg.z_loss_weight,
+                balance=cfg.balance,
+                logit_z_weight=cfg.logit_z_loss_weight,
+                local_decay=decay,
+                owned=owned,
+                step=start_step + i,
+                total_steps=total_steps,
+                lean=cfg.lean_loss,
+                global_load=global_load,
+                global_weight=cfg.balance_global_weight,
             )
         parts.total.backward()
         if cfg.grad_clip > 0:
