@@ -24,15 +24,15 @@ from common import keys
 
 
 def run(overrides: list[str]) -> dict:
-    from training.trainer import evaluate, make_optimizer, resolve_device, train_steps
+    from common.atomic import write_json_atomic
     from data import BatchStream, load_tokenizer, node_shard, prepare_blocks
     from model import build_model, count_parameters
-    from server_app.summary import summarize
     from server_app.config import load
     from server_app.config import run_dir as run_dir_of
-    from common.atomic import write_json_atomic
     from server_app.run_log import RunLog
+    from server_app.summary import summarize
     from strategy.round_record import RoundRecord
+    from training.trainer import evaluate, make_optimizer, resolve_device, train_steps
 
     t_start = time.time()
     spec = load(overrides)

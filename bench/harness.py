@@ -9,8 +9,9 @@ and SPES with int8 / bf16 delta sync) through the in-process engine (`--engine f
 simulations: the same numbers bit for bit, tests/test_engines.py) and the centralized baseline
 (`python -m bench.centralized`) with the same model, data, seed and tokens; then measures per-node
 memory for the paper's 4 x 4 ratio (`model=small`, bench.memory) and the Flower overhead on short
-SPES Flower simulations (bench.overhead). It writes <out>/results.json, <docs>/benchmarks.md and three plots. Every ratio
-is computed here from measured values; `ratio_sources` in results.json names its inputs.
+SPES Flower simulations (bench.overhead). It writes <out>/results.json, <docs>/benchmarks.md and
+three plots. Every ratio is computed here from measured values; `ratio_sources` in results.json
+names its inputs.
 
 Results files are committed, so every path in one is relative to the folder holding that file
 (`run_dir`: "runs/bench-spes" in results.json, "../runs/abl-..." in ablations/<name>.json): they
@@ -25,7 +26,7 @@ import json
 import shlex
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from bench.report import RATIO_SOURCES, compute_ratios
@@ -107,7 +108,7 @@ def run_benchmark(
     over = flower_overhead(spes_ov, runs, bare_rounds, overhead_h, overhead_rounds, stamp)
     results = {
         "command": command,
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": machine_info(),
         "overrides": [portable_arg(o) for o in overrides],
         "runs_dir": relative_path(runs, out),

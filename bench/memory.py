@@ -41,9 +41,9 @@ def _worker(job: dict) -> dict:
 
     import torch
 
-    from training.trainer import TrainConfig, make_optimizer, train_steps
     from model import build_model, count_parameters
     from model.args import MoEArgs
+    from training.trainer import TrainConfig, make_optimizer, train_steps
 
     torch.set_num_threads(job["threads"])
     rss_imports, _ = _rss_mb()

@@ -131,11 +131,11 @@ def coordinator_work(overrides: list[str], repeats: int = 2) -> dict:
     """Per-round coordinator work outside Flower: held-out evaluation + checkpoint write."""
     import torch
 
-    from training.trainer import evaluate
     from data import load_tokenizer, prepare_blocks
     from model import build_model
     from model.export import save_hf_atomic
     from server_app.config import load, run_dir
+    from training.trainer import evaluate
 
     spec = load(overrides)
     cache = run_dir(spec).parent / ".cache"

@@ -388,9 +388,9 @@ def write_bench_docs(results: dict, docs: Path, results_path: Path, goals: dict 
 
 def _preset_ratios():
     """(preset, 'N x m', (bytes ratio, memory floor ratio)) for small, 1b, 7b at their paper node counts."""
+    from bench.memory import analytic_floor_mb
     from model.args import build_config, count_parameters
     from server_app.config import load
-    from bench.memory import analytic_floor_mb
 
     for name, nodes in (("small", 4), ("1b", 4), ("7b", 4)):
         spec = load([f"model={name}", f"nodes={nodes}"])

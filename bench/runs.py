@@ -4,6 +4,7 @@ with every path made relative so that committed results name no machine."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -58,10 +59,8 @@ def portable_arg(arg: str) -> str:
     """
     key, sep, value = arg.partition("=") if "=" in arg else ("", "", arg)
     if Path(value).is_absolute():
-        try:
+        with contextlib.suppress(ValueError):
             value = Path(value).resolve().relative_to(ROOT).as_posix() or "."
-        except ValueError:
-            pass
     return key + sep + value
 
 

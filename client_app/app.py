@@ -17,8 +17,8 @@ from client_app.background_save import wait_for_saves
 from client_app.local_round import DeltaDownlink, NodeContext, RoundOrder, run_local_eval, run_local_round
 from client_app.node_settings import NodeSettings
 from client_app.node_state import saved_steps
-from common.atomic import write_text_atomic
 from common import keys
+from common.atomic import write_text_atomic
 from common.codec import decode, encode, to_record
 from common.spec import RunSpec, from_dict
 from data import tokenizer_from_json

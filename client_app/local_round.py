@@ -24,15 +24,15 @@ from tqdm import tqdm
 
 from client_app import background_save, resident
 from client_app.node_state import NodeState, optimizer_tensors, restore_optimizer, saved_steps
-from training.trainer import evaluate, make_optimizer, resolve_device, train_steps
+from common.checks import all_finite
+from common.codec import apply_delta, decode_delta, decode_sync, encode_delta
+from common.spec import RunSpec
 from data import BatchStream, node_shard, prepare_blocks
 from model import build_model, expert_param_names
 from model.lora import lora_args, merge_adapters
 from model.naming import peft_to_plain, trained_param_names
 from model.routing import set_router_bias
-from common.checks import all_finite
-from common.codec import apply_delta, decode_delta, decode_sync, encode_delta
-from common.spec import RunSpec
+from training.trainer import evaluate, make_optimizer, resolve_device, train_steps
 
 if TYPE_CHECKING:
     from flwr.app import ArrayRecord
@@ -395,12 +395,12 @@ def _reply(
         n: _detached(state[n], copy=train_cfg.resident)
         for n in trained_param_names(names, order.owned, lora_args(train_cfg) is not None)
     }
-    common = dict(
-        global_step=order.start_step + order.steps,
-        owned=list(order.owned),
-        stream=stream.state_dict(),
-        optimizer=optimizer_tensors(optimizer, {p: n for n, p in named.items()}),
-    )
+    common = {
+        "global_step": order.start_step + order.steps,
+        "owned": list(order.owned),
+        "stream": stream.state_dict(),
+        "optimizer": optimizer_tensors(optimizer, {p: n for n, p in named.items()}),
+    }
     if order.delta is None:
         return reply, NodeState(**common, owned_tensors={n: reply[n] for n in owned_names})
     out, residual, own_delta = _delta_reply(ctx, reply, start.base, start.saved, owned_names)

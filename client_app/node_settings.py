@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 # Environment of a node process (the simulation launcher sets them for its virtual nodes).
 ENV_WORK_DIR = "SPES_NODE_WORK_DIR"
@@ -35,7 +36,7 @@ class NodeSettings:
     progress: bool = True
 
     @classmethod
-    def from_node_config(cls, cfg: Mapping[str, Any], env: Mapping[str, str] = os.environ) -> "NodeSettings":
+    def from_node_config(cls, cfg: Mapping[str, Any], env: Mapping[str, str] = os.environ) -> NodeSettings:
         if "partition-id" not in cfg or "num-partitions" not in cfg:
             raise NodeSetupError(
                 'this SuperNode needs --node-config "partition-id=<i> num-partitions=<n>" '

@@ -137,7 +137,7 @@ class NodeState:
         return final
 
     @classmethod
-    def load(cls, root: Path, step: int) -> "NodeState | None":
+    def load(cls, root: Path, step: int) -> NodeState | None:
         """The state saved at exactly `step`, or None if there is none or it is damaged."""
         directory = root / f"step-{step:012d}"
         if not (directory / "meta.json").exists():

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, Mapping
+from typing import Any
 
-from common.train_config import TrainConfig
 from common.codec import CODECS, Codec
+from common.train_config import TrainConfig
 from data.pipeline import DataConfig
 from model.args import MoEArgs
 
@@ -46,6 +47,10 @@ def _check_fields(section: str, cls: type, d: Mapping[str, Any]) -> None:
     unknown = sorted(set(d) - known)
     if unknown:
         raise ValueError(f"{section}: unknown key(s) {unknown}; known keys are {sorted(known)}")
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _finite(value: Any) -> bool:
@@ -131,7 +136,7 @@ class StrategyConfig:
     router_bias_rate: float = 0.0
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "StrategyConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> StrategyConfig:
         d = dict(d)
         d.pop("name", None)
         merge = d.pop("merge", {})
@@ -149,7 +154,13 @@ class StrategyConfig:
                 f"SPES needs at least as many experts per layer as nodes (E >= N), got E={num_experts}, N={num_nodes}"
             )
         self.merge.validate(num_experts)
-        checks = [
+        for ok, message in (*self._round_checks(num_nodes), *self._ownership_checks(), *self._codec_checks()):
+            if not ok:
+                raise ValueError(message)
+
+    def _round_checks(self, num_nodes: int) -> list[tuple[bool, str]]:
+        """(holds, message) of the outer step, the robustness bounds and the quorum."""
+        return [
             (self.federated_eval_every >= 0, "strategy.federated_eval_every must be >= 0"),
             (_finite(self.outer_lr) and self.outer_lr > 0, f"strategy.outer_lr must be > 0, got {self.outer_lr}"),
             (
@@ -180,27 +191,40 @@ class StrategyConfig:
                 _finite(self.round_timeout_s) and self.round_timeout_s > 0,
                 f"strategy.round_timeout_s must be > 0, got {self.round_timeout_s}",
             ),
+            (self.max_failed_rounds >= 1, f"strategy.max_failed_rounds must be >= 1, got {self.max_failed_rounds}"),
+        ]
+
+    def _ownership_checks(self) -> list[tuple[bool, str]]:
+        """(holds, message) of the settings that move experts between nodes."""
+        return [
             (self.reassign_after >= 0, f"strategy.reassign_after must be >= 0, got {self.reassign_after}"),
             (
                 self.assignment_policy in ASSIGNMENT_POLICIES,
-                f"strategy.assignment_policy must be one of {list(ASSIGNMENT_POLICIES)}, got {self.assignment_policy!r}",
+                (
+                    f"strategy.assignment_policy must be one of {list(ASSIGNMENT_POLICIES)}, "
+                    f"got {self.assignment_policy!r}"
+                ),
             ),
             (
                 self.assignment_policy == "static" or self.assignment != "replicated",
-                f"strategy.assignment_policy={self.assignment_policy} moves experts between owners, but "
-                "strategy.assignment=replicated (DiLoCo/FedAvg) has every node train every expert; use static",
+                (
+                    f"strategy.assignment_policy={self.assignment_policy} moves experts between owners, but "
+                    "strategy.assignment=replicated (DiLoCo/FedAvg) has every node train every expert; use static"
+                ),
             ),
             (
-                not isinstance(self.assignment_every, bool)
-                and isinstance(self.assignment_every, int)
-                and self.assignment_every >= 1,
+                _whole(self.assignment_every) and self.assignment_every >= 1,
                 f"strategy.assignment_every must be an integer >= 1 (rounds), got {self.assignment_every!r}",
             ),
             (
                 _finite(self.assignment_tolerance) and self.assignment_tolerance >= 0,
                 f"strategy.assignment_tolerance must be >= 0, got {self.assignment_tolerance}",
             ),
-            (self.max_failed_rounds >= 1, f"strategy.max_failed_rounds must be >= 1, got {self.max_failed_rounds}"),
+        ]
+
+    def _codec_checks(self) -> list[tuple[bool, str]]:
+        """(holds, message) of delta sync and its codecs."""
+        return [
             (
                 self.uplink_codec in CODECS,
                 f"strategy.uplink_codec must be one of {list(CODECS)}, got {self.uplink_codec!r}",
@@ -214,7 +238,7 @@ class StrategyConfig:
                 "strategy.uplink_codec/downlink_codec other than fp32 need strategy.delta_sync=true",
             ),
             (
-                not isinstance(self.int8_block, bool) and isinstance(self.int8_block, int) and self.int8_block >= 0,
+                _whole(self.int8_block) and self.int8_block >= 0,
                 f"strategy.int8_block must be an integer >= 0 (0 = per row), got {self.int8_block!r}",
             ),
             (
@@ -222,9 +246,6 @@ class StrategyConfig:
                 f"strategy.router_bias_rate must be in [0, 1], got {self.router_bias_rate}",
             ),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
 
     def quorum(self, num_nodes: int) -> int:
         return self.min_nodes or num_nodes
@@ -286,7 +307,7 @@ class RunSpec:
         return json.dumps(self.raw, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "RunSpec":
+    def from_json(cls, text: str) -> RunSpec:
         raw = json.loads(text)
         if not isinstance(raw, dict):
             raise ConfigError("run spec must be a JSON object")

@@ -61,7 +61,7 @@ class TrainConfig:
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj"  # comma-separated subset of ATTENTION_PROJECTIONS
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -127,7 +127,8 @@ class TrainConfig:
             raise ValueError(f"train.lora_alpha must be a finite number > 0, got {alpha!r}")
         if not isinstance(self.lora_targets, str):
             raise ValueError(
-                f"train.lora_targets must be a comma-separated string such as 'q_proj,v_proj', got {self.lora_targets!r}"
+                "train.lora_targets must be a comma-separated string such as 'q_proj,v_proj', "
+                f"got {self.lora_targets!r}"
             )
         targets = [t.strip() for t in self.lora_targets.split(",") if t.strip()]
         bad = [t for t in targets if t not in ATTENTION_PROJECTIONS]

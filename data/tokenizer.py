@@ -32,7 +32,7 @@ MAX_RUN_CHARS = 256
 def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
     return pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Split(Regex(r"\S{%d}" % MAX_RUN_CHARS), behavior="isolated"),
+            pre_tokenizers.Split(Regex(rf"\S{{{MAX_RUN_CHARS}}}"), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False),
         ]
     )

@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-
 # ------------------------------------------------------------------ console output
 CONSOLE_MODES = ("all", "coordinator", "coordinator+nodes")
 OWN_PREFIXES = ("[spes]", "[sim]")

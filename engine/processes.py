@@ -4,6 +4,7 @@ again by the tag (or the session) and stopped by PID, Ray's detached helpers inc
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -98,10 +99,8 @@ def _scan_psutil(entry: str, me: int) -> list[int]:  # pragma: no cover
 
 def _signal_pids(pids: list[int], sig: int) -> None:
     for pid in pids:
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
 
 
 def _die_with_parent_preexec() -> Any:
@@ -194,10 +193,8 @@ class ProcessGroup:
         try:
             for _, proc in reversed(self.procs):
                 if proc.poll() is None:
-                    try:
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
                         os.killpg(proc.pid, signal.SIGTERM)
-                    except (ProcessLookupError, PermissionError):
-                        pass
             self._wait(grace, own_only=True)
             if alive := self.alive():
                 log.info("SIGTERM to %d leftover processes", len(alive))
@@ -213,10 +210,8 @@ class ProcessGroup:
         for _ in range(5):
             for _, proc in self.procs:
                 if proc.poll() is None:
-                    try:
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
                         os.killpg(proc.pid, signal.SIGKILL)
-                    except (ProcessLookupError, PermissionError):
-                        pass
             alive = self.alive()
             if not alive:
                 break

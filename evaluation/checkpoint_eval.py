@@ -176,7 +176,7 @@ def evaluate(checkpoint: Path, args: argparse.Namespace, overrides: list[str]) -
             report["skipped"].append(line)
         else:
             manager = TaskManager()
-            for shots in sorted({s for s in hub_tasks.values()}, key=lambda s: -1 if s is None else s):
+            for shots in sorted(set(hub_tasks.values()), key=lambda s: -1 if s is None else s):
                 names = [t for t, s in hub_tasks.items() if s == shots]
                 out = _simple_evaluate(checkpoint, names, manager, args, shots, args.max_length)
                 results = flat_results(out["results"])

@@ -120,7 +120,7 @@ def resume_matches_uninterrupted(
 def supernode_killed_mid_round(workdir: Path, timeout_s: float = 900) -> tuple[bool, str]:
     """2 SuperNodes, min_nodes=1; SIGKILL SuperNode 1 once round 1 is logged; the run must complete,
     with the dead node's experts moved to the live one."""
-    from engine.launcher import LocalDeployment
+    from engine.deployment import LocalDeployment
 
     overrides = [
         "nodes=2",

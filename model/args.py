@@ -37,7 +37,7 @@ class MoEArgs:
     upcycle_router_init: str = "normal"  # zeros | normal (init_std) | down_proj_std (std of the dense down-projection)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "MoEArgs":
+    def from_dict(cls, d: dict[str, Any]) -> MoEArgs:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:

@@ -170,7 +170,7 @@ class PartitionedExperts(nn.Module):
                     p.grad = None
 
     @classmethod
-    def from_fused(cls, fused: nn.Module, act: str = "silu") -> "PartitionedExperts":
+    def from_fused(cls, fused: nn.Module, act: str = "silu") -> PartitionedExperts:
         gate_up, down = fused.gate_up_proj.data, fused.down_proj.data
         num_experts, two_inter, hidden = gate_up.shape
         inter = two_inter // 2

@@ -25,9 +25,9 @@ from model.balance import owned_experts
 from model.experts import set_owned_experts
 from model.export import save_hf_atomic
 from model.naming import (
+    _PLAIN_ADAPTER,
     ATTENTION_PROJECTIONS,
     LORA_ALWAYS_TRAINED,
-    _PLAIN_ADAPTER,
     is_adapter_name,
     parse_expert_param,
 )

@@ -9,10 +9,9 @@ breaks the symmetry between the copies (docs/method.md section 4).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import warnings
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch

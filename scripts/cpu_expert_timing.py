@@ -22,9 +22,9 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from training.trainer import TrainConfig, make_optimizer, train_steps  # noqa: E402
 from model import MoEArgs, build_model  # noqa: E402
 from model.experts import set_experts_implementation  # noqa: E402
+from training.trainer import TrainConfig, make_optimizer, train_steps  # noqa: E402
 
 
 def main() -> None:

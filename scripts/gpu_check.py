@@ -64,10 +64,10 @@ def run_one(args: argparse.Namespace) -> dict:
     import torch
     from transformers import Qwen3MoeForCausalLM
 
-    from training.trainer import TrainConfig, make_optimizer, train_steps
     from model import build_model, count_parameters
     from model.args import build_config
     from model.experts import set_experts_implementation
+    from training.trainer import TrainConfig, make_optimizer, train_steps
 
     margs = _preset(args.preset)
     device = torch.device(args.device)
@@ -415,7 +415,8 @@ def _fmt(label: str, r: dict) -> str:
             lines.append(
                 f"{'':<16} {k:>11}: {v['overhead_s']:6.2f} s outside {r['steps']} steps of {v['step_s']:.3f} s "
                 f"= {100 * share:4.1f} % of a round at H={h}{' with the fresh process' if 'rebuilt' in k else ''} "
-                f"(cold round {v['first_round_overhead_s']:.2f} s; {v['save_after_reply_s']:.2f} s saving after the reply)"
+                f"(cold round {v['first_round_overhead_s']:.2f} s; "
+                f"{v['save_after_reply_s']:.2f} s saving after the reply)"
             )
         return "\n".join(lines)
     return (

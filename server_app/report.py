@@ -239,12 +239,6 @@ def _fmt(x: Any, spec: str = ".4f") -> str:
 
 def summary_rows(rounds: list[RoundRecord], summary: dict) -> list[tuple[str, str]]:
     """(label, value) pairs of the summary table."""
-    n = max(len(rounds), 1)
-    total = summary.get("total_params")
-    per_node_round = [
-        float(node.get("bytes_up", 0)) + float(node.get("bytes_down", 0)) for r in rounds for node in r.nodes.values()
-    ]
-    spes_node_round = sum(per_node_round) / len(per_node_round) if per_node_round else None
     rows = [
         ("run", str(summary.get("run_name", "-"))),
         ("strategy / model", f"{summary.get('strategy', '-')} / {summary.get('model', '-')}"),
@@ -255,40 +249,8 @@ def summary_rows(rounds: list[RoundRecord], summary: dict) -> list[tuple[str, st
         ("held-out loss", f"{_fmt(summary.get('first_val_loss'))} -> {_fmt(summary.get('final_val_loss'))}"),
         ("final train loss (node mean)", _fmt(summary.get("final_train_loss"))),
         ("tokens trained (all nodes)", _fmt(summary.get("tokens_trained"), ",.0f")),
-        (
-            "bytes up / down (all nodes, all rounds)",
-            f"{_fmt_bytes(summary.get('bytes_up'))} / {_fmt_bytes(summary.get('bytes_down'))}",
-        ),
-        ("up + down per node and round", _fmt_bytes(spes_node_round)),
     ]
-    if total:
-        diloco = diloco_bytes_per_node_round(total)
-        saving = ""
-        if spes_node_round:
-            pct = 100 * (1 - spes_node_round / diloco)
-            saving = f" (SPES sends {abs(pct):.1f} % {'less' if pct >= 0 else 'more'})"
-        rows.append(("DiLoCo, same model, per node and round", _fmt_bytes(diloco) + saving))
-    wall = summary.get("wall_s")
-    rows += [
-        ("wall time", f"{_fmt(wall, '.0f')} s ({_fmt(wall / n if wall else None, '.1f')} s/round)"),
-        ("peak memory per node", f"{_fmt(summary.get('peak_mem_mb_node'), '.0f')} MB"),
-        ("tokens/s per node (mean)", _fmt(summary.get("tokens_per_s_node"), ".0f")),
-    ]
-    if summary.get("node_round_overhead") is not None:
-        rows.append(
-            (
-                "node round time outside the training loop (build, load, save; rounds 2..)",
-                f"{100 * summary['node_round_overhead']:.1f} % (model kept in memory in "
-                f"{summary['node_rounds_resident']} of {summary['node_rounds_timed']} node-rounds)",
-            )
-        )
-    rows += [
-        (
-            "parameters: total / trainable per node",
-            f"{_fmt(total, ',')} / {_fmt(summary.get('trainable_params_node'), ',')}",
-        ),
-        ("failed node-rounds", _fmt(summary.get("failed_node_rounds"), "d")),
-    ]
+    rows += _traffic_rows(rounds, summary) + _cost_rows(rounds, summary)
     imb = [r.expert_imbalance for r in rounds if r.expert_imbalance is not None]
     if imb:
         rows.append(
@@ -298,6 +260,57 @@ def summary_rows(rounds: list[RoundRecord], summary: dict) -> list[tuple[str, st
             )
         )
     return rows
+
+
+def _traffic_rows(rounds: list[RoundRecord], summary: dict) -> list[tuple[str, str]]:
+    """Bytes sent, per node and round, beside what DiLoCo would send for the same model."""
+    per_node_round = [
+        float(node.get("bytes_up", 0)) + float(node.get("bytes_down", 0)) for r in rounds for node in r.nodes.values()
+    ]
+    spes_node_round = sum(per_node_round) / len(per_node_round) if per_node_round else None
+    rows = [
+        (
+            "bytes up / down (all nodes, all rounds)",
+            f"{_fmt_bytes(summary.get('bytes_up'))} / {_fmt_bytes(summary.get('bytes_down'))}",
+        ),
+        ("up + down per node and round", _fmt_bytes(spes_node_round)),
+    ]
+    if total := summary.get("total_params"):
+        diloco = diloco_bytes_per_node_round(total)
+        saving = ""
+        if spes_node_round:
+            pct = 100 * (1 - spes_node_round / diloco)
+            saving = f" (SPES sends {abs(pct):.1f} % {'less' if pct >= 0 else 'more'})"
+        rows.append(("DiLoCo, same model, per node and round", _fmt_bytes(diloco) + saving))
+    return rows
+
+
+def _cost_rows(rounds: list[RoundRecord], summary: dict) -> list[tuple[str, str]]:
+    """Time, memory, speed, parameters and failures."""
+    wall, n = summary.get("wall_s"), max(len(rounds), 1)
+    rows = [
+        ("wall time", f"{_fmt(wall, '.0f')} s ({_fmt(wall / n if wall else None, '.1f')} s/round)"),
+        ("peak memory per node", f"{_fmt(summary.get('peak_mem_mb_node'), '.0f')} MB"),
+        ("tokens/s per node (mean)", _fmt(summary.get("tokens_per_s_node"), ".0f")),
+    ]
+    if summary.get("node_round_overhead") is not None:
+        rows.append(
+            (
+                "node round time outside the training loop (build, load, save; rounds 2..)",
+                (
+                    f"{100 * summary['node_round_overhead']:.1f} % (model kept in memory in "
+                    f"{summary['node_rounds_resident']} of {summary['node_rounds_timed']} node-rounds)"
+                ),
+            )
+        )
+    return [
+        *rows,
+        (
+            "parameters: total / trainable per node",
+            f"{_fmt(summary.get('total_params'), ',')} / {_fmt(summary.get('trainable_params_node'), ',')}",
+        ),
+        ("failed node-rounds", _fmt(summary.get("failed_node_rounds"), "d")),
+    ]
 
 
 def _round_table(rounds: list[RoundRecord]) -> list[str]:

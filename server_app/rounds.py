@@ -49,7 +49,7 @@ class Collector:
     ) -> list[Message]:
         if not messages:
             return []
-        ids = [i for i in self.grid.push_messages(messages)]
+        ids = list(self.grid.push_messages(messages))
         if on_sent is not None:
             on_sent(ids, messages)
         pending = {i for i in ids if i}
@@ -134,11 +134,11 @@ def admit_new_nodes(
         log.warning("new node not admitted: %s", e)
     for node_id, pid in sorted(partitions.items(), key=lambda kv: kv[1]):
         member = strategy.members.get(pid)
-        if member is not None and member.active and member.node_id != node_id:
-            if member.node_id in set(grid.get_node_ids()):
-                log.warning(
-                    "node %s claims partition %d, already held by live node %s; ignored", node_id, pid, member.node_id
-                )
-                continue
+        held = member is not None and member.active and member.node_id != node_id
+        if held and member.node_id in set(grid.get_node_ids()):
+            log.warning(
+                "node %s claims partition %d, already held by live node %s; ignored", node_id, pid, member.node_id
+            )
+            continue
         log.warning("partition %d (node %s) joins at round %d", pid, node_id, strategy.round + 1)
         strategy.add_node(node_id, pid)

@@ -33,7 +33,7 @@ class Ownership:
         return {"num_experts": self.num_experts, "owners": [list(o) for o in self.owners]}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Ownership":
+    def from_dict(cls, d: dict) -> Ownership:
         own = cls(int(d["num_experts"]), tuple(tuple(int(e) for e in o) for o in d["owners"]))
         own.validate(exclusive=all(len(own.trainers_of(e)) == 1 for e in range(own.num_experts)))
         return own

@@ -43,8 +43,8 @@ def mean_expert_load(rounds: Sequence[Mapping[Any, Mapping[str, Any]]], num_expe
 def mean_speed(rounds: Sequence[Mapping[Any, Mapping[str, Any]]], partitions: Sequence[int]) -> dict[int, float]:
     """Tokens/s of each partition over `rounds`: its tokens over its training seconds (a mean of
     rates weighted by tokens), for partitions with at least one accepted measurement."""
-    tokens = {p: 0.0 for p in partitions}
-    seconds = {p: 0.0 for p in partitions}
+    tokens = dict.fromkeys(partitions, 0.0)
+    seconds = dict.fromkeys(partitions, 0.0)
     for nodes in rounds:
         for key, node in nodes.items():
             p, rate, n = int(key), float(node.get("tokens_per_s", 0.0)), float(node.get("num_tokens", 0.0))

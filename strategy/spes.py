@@ -26,15 +26,16 @@ from common.checks import all_finite
 from common.codec import DecodeError, decode, encode, payload_bytes, wire_bytes
 from common.spec import MergeSchedule, StrategyConfig
 from model.naming import expert_param_names, parse_expert_param, trained_param_names
-from model.routing import global_load, imbalance, update_bias
 from strategy.aggregation import aggregate
 from strategy.assignment import Ownership, make_assignment, rank_partitions, rebalance
+from strategy.federated_eval import federated_loss
+from strategy.federation_load import FederationLoad
 from strategy.load_aware import propose_owners
 from strategy.membership import Member, Membership
 from strategy.merging import merge_experts
 from strategy.outer import OuterOptimizer
 from strategy.round_record import RoundRecord
-from strategy.validation import InvalidUpdate, validate_eval_metrics, validate_train_metrics, validate_update
+from strategy.validation import InvalidUpdate, validate_train_metrics, validate_update
 from strategy.versions import VersionedDownlink
 
 log = logging.getLogger("spes.strategy")
@@ -82,12 +83,19 @@ class SpesStrategy(Strategy):
         # Delta sync: the nodes' copy of the model and what each node holds (None: whole fp32 tensors).
         self.sync = VersionedDownlink(cfg.downlink, cfg.uplink) if cfg.delta_sync else None
         self._own_uplinks: dict[int, dict[str, dict]] = {}  # pid -> owned expert -> its uplink Arrays
-        # Balancing across nodes: last round's expert load of the federation ([layers][experts]
-        # token shares) goes back to every node, with the routing bias when router_bias_rate > 0.
-        self.global_load: list[list[float]] | None = None
-        self.router_bias: list[list[float]] | None = None
+        self.balance = FederationLoad(cfg.router_bias_rate)  # balancing across nodes
 
     # -- membership ------------------------------------------------------------------------
+    @property
+    def global_load(self) -> list[list[float]] | None:
+        """The federation's expert load of the last round, [layers][experts] token shares."""
+        return self.balance.load
+
+    @property
+    def router_bias(self) -> list[list[float]] | None:
+        """The routing bias nodes add for the top-k choice (None unless router_bias_rate > 0)."""
+        return self.balance.bias
+
     @property
     def members(self) -> dict[int, Member]:
         return self.membership.members
@@ -191,34 +199,12 @@ class SpesStrategy(Strategy):
                     keys.LOCAL_STEPS: self.cfg.local_steps,
                     keys.OWNED_EXPERTS: list(self.experts_of(pid)),
                     keys.FULL_MODEL: member.needs_full,
-                    **self._routing_config(),
+                    **self.balance.train_config(),
                 }
             )
             content = RecordDict({keys.ARRAYS: record, keys.CONFIG: node_cfg})
             messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=member.node_id))
         return messages
-
-    def _routing_config(self) -> dict[str, list[float]]:
-        out = {}
-        if self.global_load is not None:
-            out[keys.GLOBAL_LOAD] = [x for row in self.global_load for x in row]
-        if self.router_bias is not None:
-            out[keys.ROUTER_BIAS] = [x for row in self.router_bias for x in row]
-        return out
-
-    def _update_routing(self, nodes: Mapping[int, dict[str, Any]], valid: Iterable[int]) -> dict[str, Any]:
-        """The federation's expert load from this round's valid replies; moves the routing bias."""
-        load = global_load(
-            [(nodes[p]["expert_load"], nodes[p]["num_tokens"]) for p in valid if "expert_load" in nodes[p]]
-        )
-        if load is None:
-            return {}
-        self.global_load = load
-        if self.cfg.router_bias_rate > 0:
-            start = self.router_bias or [[0.0] * len(row) for row in load]
-            self.router_bias = update_bias(start, load, self.cfg.router_bias_rate)
-        mean, worst = imbalance(load)
-        return {"expert_imbalance": mean, "expert_imbalance_max": worst}
 
     def register_sent(self, message_ids: Iterable[str], messages: Iterable[Message]) -> None:
         """Remember which partition each pushed message went to (replies are matched by it)."""
@@ -272,7 +258,9 @@ class SpesStrategy(Strategy):
             for pid in self.partitions:
                 self.sync.commit(pid, pid in updates, prev_step + self.cfg.local_steps, self._own_uplinks.get(pid))
         self._update_membership(updates, alpha, applied)
-        routing = self._update_routing(nodes, updates)
+        routing = self.balance.update(
+            [(nodes[p]["expert_load"], nodes[p]["num_tokens"]) for p in updates if "expert_load" in nodes[p]]
+        )
         self._reconsider_owners(nodes)
         record = self._round_record(server_round, nodes, set(updates), alpha, refused, routing)
         self.history.append(record)
@@ -427,17 +415,7 @@ class SpesStrategy(Strategy):
         messages = []
         self._eval_sent, self._targets = {}, {}
         for pid in self.partitions:
-            config_rec = ConfigRecord(
-                {
-                    **dict(config),
-                    keys.SERVER_ROUND: server_round,
-                    **(
-                        {keys.ROUTER_BIAS: self._routing_config()[keys.ROUTER_BIAS]}
-                        if self.router_bias is not None
-                        else {}
-                    ),
-                }
-            )
+            config_rec = ConfigRecord({**dict(config), keys.SERVER_ROUND: server_round, **self.balance.eval_config()})
             content = RecordDict({keys.ARRAYS: arrays, keys.CONFIG: config_rec})
             self._eval_sent[pid] = payload_bytes(arrays)
             messages.append(
@@ -446,32 +424,14 @@ class SpesStrategy(Strategy):
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        total, tokens, seen = 0.0, 0.0, set()
-        for msg in replies:
-            pid = self._sender(msg)
-            if pid is None or pid in seen:
-                log.warning("evaluation reply dropped (unknown or duplicate sender %s)", msg.metadata.src_node_id)
-                continue
-            seen.add(pid)
-            if msg.has_error():
-                log.warning("evaluation failed on partition %d: %s", pid, msg.error.reason)
-                continue
-            try:
-                if keys.METRICS not in msg.content.metric_records:
-                    raise InvalidUpdate("no metrics record")
-                loss, n = validate_eval_metrics(msg.content.metric_records[keys.METRICS], self.max_eval_tokens)
-            except (InvalidUpdate, TypeError, ValueError) as exc:
-                log.warning("evaluation reply of partition %d rejected: %s", pid, exc)
-                continue
-            total += loss * n
-            tokens += n
-        if not tokens:
+        result = federated_loss(replies, self._sender, self.max_eval_tokens)
+        if result is None:
             return None
-        result = {"federated_eval_loss": total / tokens, "eval_bytes_down": float(sum(self._eval_sent.values()))}
+        record = {"federated_eval_loss": result[0], "eval_bytes_down": float(sum(self._eval_sent.values()))}
         if self.history and self.history[-1].round == server_round:
-            self.history[-1].federated_eval_loss = result["federated_eval_loss"]
-            self.history[-1].eval_bytes_down = result["eval_bytes_down"]
-        return MetricRecord(result)
+            self.history[-1].federated_eval_loss = record["federated_eval_loss"]
+            self.history[-1].eval_bytes_down = record["eval_bytes_down"]
+        return MetricRecord(record)
 
     def summary(self) -> None:
         """Flower's Strategy API: log the configuration."""
@@ -493,8 +453,7 @@ class SpesStrategy(Strategy):
             "owners": {str(p): list(e) for p, e in self.owners.items()},
             "events": self.events,
             "config": asdict(self.cfg),
-            "global_load": self.global_load,
-            "router_bias": self.router_bias,
+            **self.balance.state_dict(),
             **({} if self.sync is None else {"downlink": self.sync.state_dict()}),
         }
 
@@ -514,8 +473,7 @@ class SpesStrategy(Strategy):
         self.global_step = int(state["global_step"])
         self.failed_rounds = int(state.get("failed_rounds", 0))
         self.events = list(state.get("events", []))
-        self.global_load = state.get("global_load")
-        self.router_bias = state.get("router_bias") if self.cfg.router_bias_rate > 0 else None
+        self.balance.load_state_dict(state)
         self.membership.load_state_dict(state["members"])
         self.owners = {
             int(p): tuple(int(e) for e in experts)

@@ -27,9 +27,8 @@ from dataclasses import dataclass, field
 import torch
 from flwr.app import Array, ArrayRecord
 
-from common.codec import Codec, decode_sync, encode_delta, to_record
+from common.codec import Codec, apply_delta, decode_sync, encode_delta, to_record
 from strategy.validation import InvalidUpdate
-from common.codec import apply_delta
 
 
 @dataclass
@@ -59,7 +58,7 @@ class VersionedDownlink:
         """Move the shadow towards `params` (once per round, before the messages)."""
         if not self.shadow:
             self.shadow = {k: v.detach().clone() for k, v in params.items()}
-            self.version = {k: 0 for k in params}
+            self.version = dict.fromkeys(params, 0)
             return
         for name, target in params.items():
             current = self.shadow[name]
@@ -154,6 +153,6 @@ class VersionedDownlink:
         self.shadow = {k: v.clone() for k, v in shadow.items()}
         self.version = {k: int(v) for k, v in state.get("version", {}).items()}
         if set(self.version) != set(self.shadow):
-            self.version = {k: 0 for k in self.shadow}
+            self.version = dict.fromkeys(self.shadow, 0)
         self.moves = {}
         self.reset_nodes()

@@ -6,10 +6,10 @@ import pytest
 import torch
 from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
 
-from training.trainer import TrainConfig, make_optimizer, train_steps
 from model import MoEArgs, build_model
 from model.balance import LocalDecay, balance_loss, count_scale, logit_z_loss, owned_experts
 from model.loss import lm_loss
+from training.trainer import TrainConfig, make_optimizer, train_steps
 
 # The tiny preset's routing shape: 16 experts, top-2, 4 layers.
 E, K, L, T = 16, 2, 4, 8

@@ -14,8 +14,8 @@ import re
 import shutil
 
 import pytest
-
 from micro import MICRO_MODEL
+
 from bench.ablations import ABLATIONS, ablation_section, variants
 from bench.harness import DEFAULTS, main
 from bench.report import GOALS_FILE, RATIO_SOURCES, goal_context, load_goals, lookup, render, report_numbers, verdict
@@ -117,7 +117,7 @@ def test_ratios_are_the_ratios_of_the_measured_values(bench):
     # Flower simulation (its SuperLink and `flwr run` logs are there), while the methods ran in-process.
     # run_dir is recorded relative to the folder of results.json.
     runs = out / res["runs_dir"]
-    metrics = [json.loads(x) for x in open(runs / "bench-overhead" / "metrics.jsonl")]
+    metrics = [json.loads(x) for x in (runs / "bench-overhead" / "metrics.jsonl").read_text().splitlines()]
     assert [r["global_step"] for r in metrics] == [2, 4]
     assert over["sim_round_s"] == pytest.approx(metrics[1]["wall_s"] - metrics[0]["wall_s"])
     assert over["bare_round_s"] > 0 and res["ratios"]["flower_overhead"] > 1

@@ -1,4 +1,5 @@
-"""What of `flwr run --stream` output reaches the terminal (engine.console.ConsoleFilter, engine.launcher._FlwrRun._pump)."""
+"""What of `flwr run --stream` output reaches the terminal (engine.console.ConsoleFilter and
+engine.launcher._FlwrRun._pump)."""
 
 import io
 from pathlib import Path

@@ -121,7 +121,7 @@ def test_load_local_tokenizer_dir_with_pad_fallback(tok, tmp_path):
     no_pad = tokenizer_from_json(tokenizer_to_json(tok))
     no_pad.pad_token = None
     no_pad.save_pretrained(str(tmp_path / "tk"))
-    loaded = load_or_train_tokenizer(str(tmp_path / "tk"), 0, lambda: [], tmp_path)
+    loaded = load_or_train_tokenizer(str(tmp_path / "tk"), 0, list, tmp_path)
     assert loaded.pad_token == loaded.eos_token == "<|endoftext|>"
     assert loaded(SAMPLES).input_ids == tok(SAMPLES).input_ids
 
@@ -129,7 +129,7 @@ def test_load_local_tokenizer_dir_with_pad_fallback(tok, tmp_path):
 def test_unloadable_tokenizer_raises_clearly(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(OSError, match="no-such-org/no-such-tokenizer"):
-        load_or_train_tokenizer("no-such-org/no-such-tokenizer", 0, lambda: [], tmp_path)
+        load_or_train_tokenizer("no-such-org/no-such-tokenizer", 0, list, tmp_path)
 
 
 # ---------------------------------------------------------------- pack

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from engine.deployment import LocalDeployment
 from engine.flwr_config import TlsFiles, write_connection
-from engine.launcher import LocalDeployment
 
 
 def test_tls_connection_and_auth_options_are_checked(tmp_path, monkeypatch):

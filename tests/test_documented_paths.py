@@ -22,13 +22,13 @@ from io import BytesIO
 from pathlib import Path
 
 import pytest
+from micro import MICRO_MODEL
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
+from tls_certs import make_node_key, make_tls
 
-from micro import MICRO_MODEL
 from engine.flwr_config import find_free_port
 from engine.processes import ProcessGroup
-from tls_certs import make_node_key, make_tls
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

@@ -4,8 +4,8 @@ from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 from common.codec import decode, encode
 from common.spec import MergeSchedule, StrategyConfig
-from model.naming import expert_param_names, shared_param_names
 from faults.cases import _task_identity, _toy_params
+from model.naming import expert_param_names, shared_param_names
 from strategy.assignment import rebalance
 from strategy.spes import SpesStrategy
 

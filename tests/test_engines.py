@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from micro import MICRO_MODEL
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from micro import MICRO_MODEL
 from model import count_parameters, load_pretrained
 from model.naming import expert_param_names
 

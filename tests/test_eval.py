@@ -8,17 +8,34 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from data import split_documents, train_bpe_tokenizer
+from evaluation.checkpoint_eval import hub_status, main
 from model import MoEArgs, build_model
 from model.export import save_hf_atomic
 from server_app.report import write_report
 from strategy.round_record import RoundRecord
-from evaluation.checkpoint_eval import hub_status, main
 
 pytest.importorskip("lm_eval")
 
 SEQ_LEN = 24
 HELDOUT_FRACTION = 0.3
-WORDS = "the a model node expert round token shared weight merge router layer loss data held out".split()
+WORDS = [
+    "the",
+    "a",
+    "model",
+    "node",
+    "expert",
+    "round",
+    "token",
+    "shared",
+    "weight",
+    "merge",
+    "router",
+    "layer",
+    "loss",
+    "data",
+    "held",
+    "out",
+]
 
 
 def _documents():

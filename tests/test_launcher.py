@@ -20,11 +20,12 @@ import uuid
 from pathlib import Path
 
 import pytest
+from tls_certs import make_node_key, make_tls
 
 from engine import flwr_config
+from engine.deployment import LocalDeployment
 from engine.flwr_config import TlsFiles
-from engine.launcher import LocalDeployment, SimulationSuperLink, run_app
-from tls_certs import make_node_key, make_tls
+from engine.launcher import SimulationSuperLink, run_app
 
 TOY_APP = Path(__file__).parent / "fixtures" / "toy_app"
 NOTE = "model=tiny nodes=4"  # a string value with spaces and '=' must survive

@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from training.trainer import TrainConfig, activation_checkpointing, make_optimizer, train_steps
 from model import MoEArgs, build_model
 from model.ce import chunked_linear_cross_entropy
 from model.loss import lm_loss
+from training.trainer import TrainConfig, activation_checkpointing, make_optimizer, train_steps
 
 ARGS = MoEArgs(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, num_experts=8, top_k=2, expert_ffn=16)
 VOCAB = 97

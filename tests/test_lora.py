@@ -4,7 +4,6 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from training.trainer import TrainConfig, make_optimizer, train_steps
 from model import MoEArgs, build_model
 from model.lora import (
     LoraArgs,
@@ -18,6 +17,7 @@ from model.lora import (
     split_adapters,
 )
 from model.naming import expert_param_names, is_adapter_name, peft_to_plain, plain_to_peft, trained_param_names
+from training.trainer import TrainConfig, make_optimizer, train_steps
 
 ARGS = MoEArgs(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, num_experts=8, top_k=2, expert_ffn=16)
 VOCAB, RANK = 61, 4

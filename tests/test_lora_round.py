@@ -7,10 +7,10 @@ accepts that and nothing else; the frozen base weights keep their initial value.
 
 import pytest
 import torch
+from strategy_rounds import play_round
 
 from client_app.local_round import NodeContext, run_local_eval
 from client_app.node_state import NodeState
-from training.trainer import evaluate
 from common import keys
 from common.spec import from_dict
 from model import build_model
@@ -18,7 +18,7 @@ from model.lora import apply_lora, init_adapters, lora_args
 from model.naming import plain_to_peft
 from server_app.config import compose
 from strategy.spes import SpesStrategy
-from strategy_rounds import play_round
+from training.trainer import evaluate
 
 E = 4
 BASE = [

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from micro import MICRO_MODEL
 from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from engine.simulate import simulate
-from micro import MICRO_MODEL
 from model import count_parameters, load_pretrained
 from model.lora import LoraArgs, merge_adapters
 from model.naming import is_adapter_name

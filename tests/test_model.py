@@ -4,12 +4,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Qwen3MoeForCausalLM
 
-from training.trainer import TrainConfig, make_optimizer, train_steps
 from model import MoEArgs, build_model, count_parameters, load_pretrained, set_owned_experts
 from model.args import build_config
 from model.export import save_hf_atomic
 from model.naming import expert_param_names, shared_param_names
 from server_app.config import load
+from training.trainer import TrainConfig, make_optimizer, train_steps
 
 ARGS = MoEArgs(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, num_experts=8, top_k=2, expert_ffn=16)
 VOCAB = 97

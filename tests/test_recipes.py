@@ -4,9 +4,9 @@ import re
 
 import pytest
 
-from training.trainer import TrainConfig
 from model import MoEArgs
 from server_app.config import CONF_DIR, compose
+from training.trainer import TrainConfig
 
 # docs/method.md section 5, one row per recipe:
 # model, lr, warm-up, seq len, merge alpha / decay (defaults 0.01/10000, the 9B run 0.05/20000)

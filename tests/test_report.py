@@ -147,8 +147,10 @@ def test_console_one_line_per_round_with_rate_and_eta():
     assert out.getvalue().splitlines() == [
         "[spes] round 0/4 | held-out loss 6.0000",
         "[spes] round 1/4 | held-out loss 5.0000 | 400 tokens | up 0.0 MB, down 0.0 MB | 10.0 s/round | ETA 30s",
-        "[spes] round 2/4 | held-out loss 4.5000 | 400 tokens | up 0.0 MB, down 0.0 MB | 10.0 s/round | ETA 20s"
-        " | nodes not ok: 1",
+        (
+            "[spes] round 2/4 | held-out loss 4.5000 | 400 tokens | up 0.0 MB, down 0.0 MB | 10.0 s/round | ETA 20s"
+            " | nodes not ok: 1"
+        ),
         "[spes] done",
     ]
     assert format_duration(3725) == "1h02m" and format_duration(61) == "1m01s"

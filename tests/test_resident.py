@@ -9,6 +9,7 @@ ended (another node in the same process, other owned experts) must rebuild.
 
 import pytest
 import torch
+from strategy_rounds import play_round
 
 from client_app import resident
 from client_app.local_round import NodeContext, RoundOrder, run_local_round
@@ -18,7 +19,6 @@ from model import build_model, expert_param_names
 from model.lora import init_adapters, lora_args
 from server_app.config import compose
 from strategy.spes import SpesStrategy
-from strategy_rounds import play_round
 
 E = 4
 BASE = [

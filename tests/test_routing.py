@@ -8,11 +8,11 @@ from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 from common import keys
 from common.codec import encode
+from common.spec import MergeSchedule, StrategyConfig
 from model import MoEArgs, build_model
 from model.balance import balance_loss
 from model.loss import lm_loss
 from model.routing import global_load, imbalance, router_bias, set_router_bias, unflatten, update_bias
-from common.spec import MergeSchedule, StrategyConfig
 from strategy.spes import SpesStrategy
 
 ARGS = MoEArgs(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, num_experts=4, top_k=2, expert_ffn=16)

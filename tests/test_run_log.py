@@ -6,11 +6,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from training.trainer import TrainConfig, make_optimizer, train_steps
 from model import MoEArgs, build_model
 from server_app.config import ConfigError, load
 from server_app.run_log import RunLog, flat_scalars
 from strategy.round_record import RoundRecord
+from training.trainer import TrainConfig, make_optimizer, train_steps
 
 RECORD = RoundRecord(
     round=1,

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from strategy_rounds import play_round
 
 from client_app.local_round import NodeContext
 from client_app.node_state import NodeState
@@ -22,7 +23,6 @@ from model import build_model
 from model.naming import expert_param_names, shared_param_names
 from server_app.config import compose
 from strategy.spes import SpesStrategy
-from strategy_rounds import play_round
 
 E = 4
 

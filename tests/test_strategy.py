@@ -6,10 +6,10 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
-from model.naming import expert_param_names, group_expert_params, shared_param_names
-from common.spec import MergeSchedule, StrategyConfig
-from strategy import OuterOptimizer, SpesStrategy, aggregate, contiguous_assignment, merge_experts
 from common.codec import decode, encode
+from common.spec import MergeSchedule, StrategyConfig
+from model.naming import expert_param_names, group_expert_params, shared_param_names
+from strategy import OuterOptimizer, SpesStrategy, aggregate, contiguous_assignment, merge_experts
 
 E, L, H, I = 8, 2, 6, 4
 
@@ -87,7 +87,7 @@ def test_merge_matches_formula_by_hand():
     params = toy_params(1)
     alpha, k = 0.3, 2
     merged = merge_experts(params, alpha, k)
-    for layer, experts in group_expert_params(params).items():
+    for _layer, experts in group_expert_params(params).items():
         gates = {e: params[experts[e]["gate_proj"]].flatten() for e in experts}
         for i in experts:
             sims = {

@@ -16,17 +16,17 @@ VOCAB, HIDDEN, INTER, LAYERS = 101, 32, 24, 2
 ARGS = MoEArgs(
     hidden_size=HIDDEN, num_layers=LAYERS, num_heads=4, num_kv_heads=2, num_experts=4, top_k=2, expert_ffn=INTER
 )
-SHAPE = dict(
-    vocab_size=VOCAB,
-    hidden_size=HIDDEN,
-    intermediate_size=INTER,
-    num_hidden_layers=LAYERS,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=8,
-    rms_norm_eps=1e-6,
-    rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-)
+SHAPE = {
+    "vocab_size": VOCAB,
+    "hidden_size": HIDDEN,
+    "intermediate_size": INTER,
+    "num_hidden_layers": LAYERS,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 8,
+    "rms_norm_eps": 1e-6,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+}
 
 
 def dense_qwen3(tie=True, seed=0):
@@ -138,7 +138,7 @@ def test_bad_upcycle_args_fail_with_the_key(change, message):
 
 def test_llama_style_dense_model_upcycles_with_unit_qk_norm():
     torch.manual_seed(0)
-    cfg = LlamaConfig(**{k: v for k, v in SHAPE.items()}, tie_word_embeddings=False)
+    cfg = LlamaConfig(**dict(SHAPE.items()), tie_word_embeddings=False)
     dense = LlamaForCausalLM(cfg).eval()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -25,7 +25,7 @@ def _write_key(path: Path, key: ec.EllipticCurvePrivateKey, fmt=serialization.Pr
 def make_tls(directory: Path) -> dict[str, Path]:
     """Write ca.crt, server.pem and server.key into `directory`; return their paths by those names."""
     directory.mkdir(parents=True, exist_ok=True)
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "spes-test-ca")])
     ca_cert = (
