@@ -33,7 +33,10 @@ lock:
 demo: setup
 	$(PY) -m sim run_name=demo output_dir=outputs
 
+# The formatter and linter first (seconds), then the suite.
 test: setup
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
 # SPES vs DiLoCo vs FedAvg vs centralized (tiny model; ~17 min on 2 CPUs), memory per node

@@ -1,0 +1,56 @@
+"""Docs that cannot drift: computed tables match their generators, and every reference resolves
+inside the repository (the paper is cited by its arXiv number, not by a file we do not ship)."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from preset_table import replace_in, table  # noqa: E402
+
+
+def _tracked_text_files() -> list[Path]:
+    out = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    suffixes = {".py", ".md", ".yaml", ".toml", ".j2", ".sh", ""}
+    return [ROOT / f for f in out if Path(f).suffix in suffixes and (ROOT / f).is_file()]
+
+
+def test_readme_preset_table_is_the_computed_one():
+    readme = (ROOT / "README.md").read_text()
+    assert replace_in(readme, table()) == readme, "stale preset table: python scripts/preset_table.py --write"
+
+
+def test_replace_in_swaps_only_the_table():
+    text = "intro\n\n| preset | a |\n|---|---|\n| `x` | 1 |\n\nafter\n"
+    assert replace_in(text, "| preset | b |") == "intro\n\n| preset | b |\n\nafter\n"
+
+
+def test_no_reference_to_files_outside_the_repository():
+    offenders = [
+        str(f.relative_to(ROOT))
+        for f in _tracked_text_files()
+        if f.name != "test_docs.py" and "spes-method.md" in f.read_text(errors="replace")
+    ]
+    assert not offenders, f"cite docs/method.md or arXiv 2602.11543 instead: {offenders}"
+
+
+def test_every_docs_page_named_in_the_tree_exists():
+    named = set()
+    for f in _tracked_text_files():
+        named |= {(f, m) for m in re.findall(r"\bdocs/[\w.-]+\.(?:md|png)\b", f.read_text(errors="replace"))}
+    missing = sorted({f"{m} (in {f.relative_to(ROOT)})" for f, m in named if not (ROOT / m).exists()})
+    assert not missing, missing
+
+
+def test_markdown_links_resolve():
+    broken = []
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+            if "://" in target:
+                continue
+            if not (page.parent / target).exists():
+                broken.append(f"{page.relative_to(ROOT)} -> {target}")
+    assert not broken, broken
