@@ -17,10 +17,12 @@ bench/templates/results.md.j2 (so running one ablation keeps the others' section
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from pathlib import Path
 
 ABLATIONS = ("merge", "H", "nodes", "iid")
+ROOT = Path(__file__).resolve().parent.parent
 TITLES = {
     "merge": "Expert-merging warm-up on / off (SPES)",
     "H": "Sync interval H at equal total steps (SPES)",
@@ -51,6 +53,18 @@ def variants(name: str, base: list[str]) -> list[tuple[str, str, list[str]]]:
     raise ValueError(f"unknown ablation {name!r}; choose one of {ABLATIONS}")
 
 
+def code_commit() -> str | None:
+    """The checkout's commit (short), with "+changes" when the tree differs from it; None outside git."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             check=True, timeout=30).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, check=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return sha + ("+changes" if dirty else "")
+
+
 def run_ablation(name: str, base: list[str], out: Path) -> dict:
     from bench.runs import merge_overrides, method_entry, owned_per_node, portable_arg, run_federated
 
@@ -75,6 +89,7 @@ def run_ablation(name: str, base: list[str], out: Path) -> dict:
         "command": f"python -m bench --ablation {name}",
         "base_overrides": [portable_arg(o) for o in base],
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "commit": code_commit(),
         "wall_s": time.time() - t0,
         "variants": entries,
         "order": list(entries),  # the JSON is written with sorted keys; keep the variants' order
