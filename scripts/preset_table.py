@@ -22,6 +22,7 @@ from server_app.config import available_presets, load  # noqa: E402
 
 USE = {
     "tiny": "CPU demo and tests",
+    "mini": "scale trends on a CPU (studies)",
     "small": "the paper's 4 x 4 ratio at a size a CPU can still step",
     "1b": 'the paper\'s "1B" (docs/method.md section 5)',
     "7b": 'the paper\'s "7B (A1.7B)"',
@@ -31,7 +32,7 @@ HEADER = (
     "| preset | parameters (vocabulary) | shared weights | layers x d_model | experts / top-k / expert FFN | use |\n"
     "|---|---|---|---|---|---|"
 )
-ORDER = ("tiny", "small", "1b", "7b", "9b")
+ORDER = ("tiny", "mini", "small", "1b", "7b", "9b")
 
 
 def _count(n: int) -> str:

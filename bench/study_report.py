@@ -1,0 +1,255 @@
+"""docs/studies.md from benchmarks/studies/*.json: per study, the grid searched, each arm at its best
+point as mean +- sample standard deviation over seeds, ratios to the reference arm paired by seed
+(at equal tokens, and at equal training FLOPs where the reference's curve reaches the arm's FLOPs),
+and held-out loss curves with a band of one standard deviation. Rewritten from the JSON alone."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+from bench.runs import relative_path
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def fmt_ms(values: list[float], spec: str = ".4f") -> str:
+    if not values:
+        return "-"
+    m, s = mean_std(values)
+    return f"{m:{spec}} ± {s:{spec}}" if len(values) > 1 else f"{m:{spec}} (1 seed)"
+
+
+def interpolate(x: list[float], y: list[float], at: float) -> float | None:
+    """y at `at` on the piecewise-linear curve (x ascending); None outside its range."""
+    if not x or at < x[0] or at > x[-1]:
+        return None
+    for (x0, y0), (x1, y1) in zip(zip(x, y), zip(x[1:], y[1:])):
+        if x0 <= at <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (at - x0) / (x1 - x0)
+    return y[-1]
+
+
+def chosen_cells(results: dict) -> dict[str, list[dict]]:
+    """Per arm, its cells at the point every seed ran (the best grid point), ordered by seed."""
+    by_arm: dict[str, list[dict]] = {}
+    for arm in results["arms"]:
+        cells = [c for c in results["cells"].values() if c["arm"] == arm]
+        seeds_per_point: dict = {}
+        for c in cells:
+            seeds_per_point.setdefault(c["point"], set()).add(c["seed"])
+        if not cells:
+            continue
+        point = max(seeds_per_point, key=lambda p: (len(seeds_per_point[p]), p is None))
+        by_arm[arm] = sorted((c for c in cells if c["point"] == point), key=lambda c: c["seed"])
+    return by_arm
+
+
+def paired_ratios(arm_cells: list[dict], ref_cells: list[dict], equal_flops: bool = False) -> list[float]:
+    """arm / reference final held-out loss per seed both ran; with `equal_flops`, the reference's loss
+    is read off its loss-vs-FLOPs curve at the arm's total FLOPs (seeds where it does not reach them
+    are left out)."""
+    ref = {c["seed"]: c for c in ref_cells}
+    out = []
+    for c in arm_cells:
+        r = ref.get(c["seed"])
+        if r is None:
+            continue
+        if equal_flops:
+            denom = interpolate(r["flops_by_round"], r["val_loss_by_round"], c["flops_by_round"][-1])
+        else:
+            denom = r["final_val_loss"]
+        if denom:
+            out.append(c["final_val_loss"] / denom)
+    return out
+
+
+def _reference(results: dict, arm: str) -> str | None:
+    ref = results["arms"][arm].get("reference") or results.get("reference")
+    return None if ref == arm else ref
+
+
+def study_section(results: dict, png: str | None) -> list[str]:
+    by_arm = chosen_cells(results)
+    seeds = sorted({c["seed"] for cells in by_arm.values() for c in cells})
+    wall = sum(c["wall_s"] for c in results["cells"].values())
+    commits = sorted({c.get("commit") or "?" for c in results["cells"].values()})
+    md = [
+        f"## {results['title']}",
+        "",
+        results["question"].strip(),
+        "",
+        (
+            f"Regenerate: `python -m bench.study {results['study']}` (resumable). Base: `{' '.join(results['base'])}`; "
+            f"seeds {seeds}; {len(results['cells'])} runs, {wall / 3600:.2f} h of run time; code at "
+            f"{', '.join(f'`{c}`' for c in commits)}; last written {results['date']}."
+        ),
+        "",
+    ]
+    if results.get("budget"):
+        md += [results["budget"].strip(), ""]
+    md += _grid_table(results)
+    md += [
+        (
+            "| arm | point | seeds | final held-out loss | bytes up+down / round / node (MB) | training PFLOPs "
+            "| reference | / reference, equal tokens | / reference, equal FLOPs |"
+        ),
+        "|---|---|---:|---:|---:|---:|---|---:|---:|",
+    ]
+    for arm, cells in by_arm.items():
+        traffic = [(c["bytes_up_per_round_node"] + c["bytes_down_per_round_node"]) / 1e6 for c in cells]
+        ref = _reference(results, arm)
+        ratios = (
+            ("-", "-")
+            if ref not in by_arm
+            else (
+                fmt_ms(paired_ratios(cells, by_arm[ref])),
+                fmt_ms(paired_ratios(cells, by_arm[ref], equal_flops=True)),
+            )
+        )
+        md.append(
+            f"| {arm} | {cells[0]['point'] or '-'} | {len(cells)} | {fmt_ms([c['final_val_loss'] for c in cells])} "
+            f"| {fmt_ms(traffic, '.2f')} | {fmt_ms([c['flops_by_round'][-1] / 1e15 for c in cells], '.4f')} "
+            f"| {ref or '-'} | {ratios[0]} | {ratios[1]} |"
+        )
+    md += [
+        "",
+        (
+            "Ratios are taken per seed (against the same seed's reference run), then mean ± sample standard "
+            "deviation; equal FLOPs reads the reference's held-out loss off its loss-vs-FLOPs curve at the arm's "
+            'training FLOPs ("-" where the curve does not reach them).'
+        ),
+    ]
+    md += trend_section(results, by_arm)
+    if png:
+        md += ["", f"![{results['study']}]({png})"]
+    return md + [""]
+
+
+def trend_points(results: dict, by_arm: dict[str, list[dict]]) -> dict[str, list[tuple[float, list[float]]]]:
+    """series -> [(x, per-seed ratios to the arm's reference)] for arms that declare a series and x."""
+    out: dict[str, list[tuple[float, list[float]]]] = {}
+    for arm, cells in by_arm.items():
+        spec = results["arms"][arm]
+        ref = _reference(results, arm)
+        if spec.get("series") and spec.get("x") and ref in by_arm:
+            out.setdefault(spec["series"], []).append((float(spec["x"]), paired_ratios(cells, by_arm[ref])))
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def fit_log_trend(points: list[tuple[float, list[float]]]) -> tuple[float, float, float] | None:
+    """Least-squares line ratio = a + b log10(x) through every seed's ratio; (a, b, standard error of b)."""
+    xs = [math.log10(x) for x, rs in points for _ in rs]
+    ys = [r for _, rs in points for r in rs]
+    if len(set(xs)) < 2 or len(xs) < 3:
+        return None
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+    a = my - b * mx
+    resid = sum((y - a - b * x) ** 2 for x, y in zip(xs, ys))
+    se = math.sqrt(resid / (len(xs) - 2) / sxx) if len(xs) > 2 else math.nan
+    return a, b, se
+
+
+def trend_section(results: dict, by_arm: dict[str, list[dict]]) -> list[str]:
+    trends = trend_points(results, by_arm)
+    if not trends:
+        return []
+    md = [
+        "",
+        "Trend of the ratio against log10(tokens), fitted through every seed's ratio:",
+        "",
+        "| series | points | ratio at the smallest -> largest x | slope per 10x (± 1 s.e.) | the gap |",
+        "|---|---:|---|---|---|",
+    ]
+    for series, points in trends.items():
+        fit = fit_log_trend(points)
+        first, last = fmt_ms(points[0][1]), fmt_ms(points[-1][1])
+        if fit is None:
+            md.append(f"| {series} | {len(points)} | {first} -> {last} | - | too few points |")
+            continue
+        _, b, se = fit
+        verdict = "shrinks" if b + 2 * se < 0 else "grows" if b - 2 * se > 0 else "no clear change (within 2 s.e.)"
+        md.append(f"| {series} | {len(points)} | {first} -> {last} | {b:+.4f} ± {se:.4f} | {verdict} |")
+    return md
+
+
+def _grid_table(results: dict) -> list[str]:
+    tuned = [c for c in results["cells"].values() if c["point"] is not None]
+    if not tuned:
+        return []
+    seed = min(c["seed"] for c in tuned)
+    rows = sorted((c for c in tuned if c["seed"] == seed), key=lambda c: (c["arm"], c["final_val_loss"]))
+    md = [
+        (
+            f"Grid searched on seed {seed} (lowest final held-out loss first; the first row of each arm is the one run "
+            "with every seed):"
+        ),
+        "",
+        "| arm | point | overrides | final held-out loss |",
+        "|---|---|---|---:|",
+    ]
+    arms = results["arms"]
+    md += [
+        f"| {c['arm']} | {c['point']} | `{' '.join(arms[c['arm']]['grid'][c['point']])}` | {c['final_val_loss']:.4f} |"
+        for c in rows
+    ]
+    return md + [""]
+
+
+def plot_study(results: dict, path: Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_arm = chosen_cells(results)
+    if not by_arm:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    for i, (arm, cells) in enumerate(by_arm.items()):
+        n = min(len(c["val_loss_by_round"]) for c in cells)
+        x = [t / 1e6 for t in cells[0]["tokens_by_round"][:n]]
+        per_round = [[c["val_loss_by_round"][j] for c in cells] for j in range(n)]
+        mean = [statistics.fmean(v) for v in per_round]
+        std = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in per_round]
+        ax.plot(x, mean, color=f"C{i}", marker=".", label=f"{arm} ({len(cells)} seeds)")
+        ax.fill_between(
+            x, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], color=f"C{i}", alpha=0.2
+        )
+    ax.set_xlabel("tokens trained, all nodes (M)")
+    ax.set_ylabel("held-out loss (mean ± 1 std over seeds)")
+    ax.set_title(results["title"], fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_page(out: Path, docs: Path) -> Path:
+    docs.mkdir(parents=True, exist_ok=True)
+    md = [
+        "# Studies",
+        "",
+        (
+            "Generated by `python -m bench.study <name>` from `benchmarks/studies/<name>.json` (`python -m bench.study "
+            "--report-only` rewrites this page and its plots); do not edit by hand. Each arm is shown at its best grid "
+            "point; a finding needs at least 3 seeds and is given as mean ± sample standard deviation."
+        ),
+        "",
+    ]
+    for path in sorted(Path(out).glob("*.json")):
+        results = json.loads(path.read_text())
+        png = plot_study(results, docs / f"study_{results['study']}.png")
+        md += study_section(results, relative_path(png, docs) if png else None)
+    page = docs / "studies.md"
+    page.write_text("\n".join(md).rstrip() + "\n")
+    return page

@@ -1,0 +1,169 @@
+"""Studies: the pure pieces against hand-computed values, and a micro study end to end (in-process)."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from micro import MICRO_MODEL
+
+from bench import study as study_mod
+from bench.study import cell_id, cell_overrides, load_study, run_study
+from bench.study_cost import flops_per_token, training_flops
+from bench.study_report import fit_log_trend, interpolate, mean_std, paired_ratios, write_page
+from bench.wan import rounds_to
+from server_app.config import load
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_mean_and_sample_std():
+    m, s = mean_std([1.0, 2.0, 4.0])
+    assert m == pytest.approx(7 / 3) and s == pytest.approx(
+        math.sqrt(((1 - 7 / 3) ** 2 + (2 - 7 / 3) ** 2 + (4 - 7 / 3) ** 2) / 2)
+    )
+    assert mean_std([5.0]) == (5.0, 0.0)
+
+
+def test_interpolate_inside_and_outside():
+    assert interpolate([0, 10, 20], [4.0, 3.0, 1.0], 15) == pytest.approx(2.0)
+    assert interpolate([0, 10], [4.0, 3.0], 10) == 3.0
+    assert interpolate([0, 10], [4.0, 3.0], 11) is None
+
+
+def test_paired_ratios_match_seeds_and_read_flops_curves():
+    ref = [
+        {"seed": 0, "final_val_loss": 4.0, "flops_by_round": [0, 100, 200], "val_loss_by_round": [6.0, 5.0, 4.0]},
+        {"seed": 1, "final_val_loss": 5.0, "flops_by_round": [0, 100, 200], "val_loss_by_round": [6.0, 5.5, 5.0]},
+    ]
+    arm = [
+        {"seed": 1, "final_val_loss": 5.5, "flops_by_round": [0, 50]},
+        {"seed": 0, "final_val_loss": 4.4, "flops_by_round": [0, 150]},
+        {"seed": 7, "final_val_loss": 1.0, "flops_by_round": [0, 1]},
+    ]  # no reference run: left out
+    assert paired_ratios(arm, ref) == pytest.approx([5.5 / 5.0, 4.4 / 4.0])
+    # at equal FLOPs: seed 1's reference at 50 FLOPs is 5.75, seed 0's at 150 is 4.5
+    assert paired_ratios(arm, ref, equal_flops=True) == pytest.approx([5.5 / 5.75, 4.4 / 4.5])
+
+
+def test_log_trend_recovers_a_line_and_its_sign():
+    points = [(1e5, [1.20, 1.20]), (1e6, [1.10, 1.10]), (1e7, [1.00, 1.00])]
+    a, b, se = fit_log_trend(points)
+    assert b == pytest.approx(-0.10) and a == pytest.approx(1.70) and se == pytest.approx(0.0, abs=1e-12)
+    assert fit_log_trend([(1e5, [1.0])]) is None
+
+
+def test_rounds_to_target_interpolates_between_rounds():
+    assert rounds_to([7.0, 6.0, 5.0, 4.0], 4.5) == pytest.approx(2.5)
+    assert rounds_to([7.0, 6.0], 5.0) is None
+
+
+def test_flops_per_token_by_hand():
+    spec = load([*MICRO_MODEL, "model.num_experts=8", "nodes=2", "model.num_heads=4", "model.num_kv_heads=2"])
+    d, L, E, ffn, vocab, seq = 64, 2, 8, 32, 512, 64
+    hd = d // 4
+    attn = d * 4 * hd * 2 + d * 2 * hd * 2
+    shared = L * (attn + d * E) + d * vocab
+    expert = L * 3 * d * ffn
+    active = shared + 2 * expert
+    attn_seq = L * 2 * 2 * seq * 4 * hd
+    spes = 4 * active + 2 * (shared + 2 * (4 / 8) * expert) + 3 * attn_seq  # a node owns 4 of 8 experts
+    full = 6 * active + 3 * attn_seq
+    assert flops_per_token(spec, vocab) == pytest.approx(spes)
+    assert training_flops(spec, 10, centralized=True) == pytest.approx(10 * full)
+    assert training_flops(load([*MICRO_MODEL, "model.num_experts=8", "strategy=diloco"]), 1) == pytest.approx(full)
+
+
+def test_study_yaml_errors_are_clear(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("title: t\nquestion: q\nbase: []\nseeds: [0]\narms: {a: {overides: []}}\n")
+    with pytest.raises(SystemExit, match="overides"):
+        load_study(str(bad))
+    bad.write_text("title: t\nquestion: q\nbase: []\nseeds: [0]\nreference: nope\narms: {a: {overrides: []}}\n")
+    with pytest.raises(SystemExit, match="reference 'nope' is not an arm"):
+        load_study(str(bad))
+
+
+def test_shipped_studies_load_and_every_cell_config_is_valid():
+    for path in sorted((ROOT / "conf" / "study").glob("*.yaml")):
+        study_mod.check_study(load_study(path.stem))
+
+
+@pytest.fixture(scope="module")
+def micro_study(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("study")
+    base = [
+        *MICRO_MODEL,
+        "model.num_experts=4",
+        "nodes=2",
+        "rounds=2",
+        "strategy.local_steps=2",
+        "strategy.merge.enabled=false",
+        "eval.max_batches=2",
+    ]
+    (tmp / "micro.yaml").write_text(
+        json.dumps(
+            {
+                "title": "micro",
+                "question": "does the runner work?",
+                "base": base,
+                "seeds": [0, 1],
+                "reference": "central",
+                "arms": {
+                    "spes": {"overrides": [], "grid": {"lo": ["train.lr=1e-3"], "hi": ["train.lr=6e-3"]}},
+                    "central": {"kind": "centralized", "overrides": []},
+                },
+            }
+        )
+    )  # JSON is YAML
+    study = load_study(str(tmp / "micro.yaml"))
+    results = run_study(study, tmp / "out", threads=1)
+    return study, results, tmp
+
+
+def test_micro_study_runs_the_grid_on_one_seed_and_the_best_point_on_every_seed(micro_study):
+    study, results, _ = micro_study
+    cells = results["cells"]
+    spes = [c for c in cells.values() if c["arm"] == "spes"]
+    tuned = {c["point"]: c["final_val_loss"] for c in spes if c["seed"] == 0}
+    best = min(tuned, key=tuned.get)
+    assert set(tuned) == {"lo", "hi"} and sorted(c["seed"] for c in spes if c["point"] == best) == [0, 1]
+    assert len(cells) == 3 + 2  # 2 grid points + 1 more seed of the best, 2 centralized seeds
+    for key, c in cells.items():
+        assert key == cell_id(
+            cell_overrides(study, study.arms[0] if c["arm"] == "spes" else study.arms[1], c["point"], c["seed"])
+        )
+        assert f"seed={c['seed']}" in c["overrides"] and len(c["val_loss_by_round"]) == 3
+        assert c["tokens_by_round"][-1] == 2 * 2 * 2 * 4 * 64 and c["flops_by_round"][-1] > 0
+    # the seeds differ: another init and data order
+    assert len({c["final_val_loss"] for c in cells.values() if c["arm"] == "central"}) == 2
+
+
+def test_micro_study_resumes_without_rerunning_a_cell(micro_study, monkeypatch):
+    study, results, tmp = micro_study
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a finished cell was run again")
+
+    monkeypatch.setattr(study_mod, "run_cell", must_not_run)
+    again = run_study(study, tmp / "out", threads=1)
+    assert again["cells"] == results["cells"]
+
+
+def test_micro_study_page_reports_paired_ratios(micro_study):
+    _, results, tmp = micro_study
+    page = write_page(tmp / "out", tmp / "docs").read_text()
+    spes = sorted(
+        (
+            c
+            for c in results["cells"].values()
+            if c["arm"] == "spes"
+            and c["seed"] in (0, 1)
+            and sum(1 for d in results["cells"].values() if d["point"] == c["point"]) == 2
+        ),
+        key=lambda c: c["seed"],
+    )
+    central = {c["seed"]: c["final_val_loss"] for c in results["cells"].values() if c["arm"] == "central"}
+    m, s = mean_std([c["final_val_loss"] / central[c["seed"]] for c in spes])
+    assert f"{m:.4f} ± {s:.4f}" in page
+    assert (tmp / "docs" / "study_micro.png").stat().st_size > 0
