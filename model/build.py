@@ -28,7 +28,7 @@ def build_model(
     On the meta device nothing is allocated: used to report the size of the large presets.
     `empty=True`: parameters are allocated on `device` but hold garbage, for a caller that loads a
     whole state dict next (a node each round). It skips the random initialisation and the copies
-    of the fused experts, most of a build's time (1b preset on one CPU thread: 22.7 s -> 0.6 s,
+    of the fused experts, most of a build's time (1b preset on one CPU thread, measured 2026-11-29: 22.7 s -> 0.6 s,
     docs/node-round.md).
     """
     args.validate()

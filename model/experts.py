@@ -14,7 +14,7 @@ a Python loop over experts; the owned block carries gradients to the per-expert 
 without a copy, the frozen block carries none and may be stored in bf16 (the coordinator keeps
 the fp32 masters; loading fp32 into it casts). The per-expert loop stays available
 (`implementation="loop"`, the reference in tests); grouped was not slower on CPU either (tiny
-preset, 8 x 128, 1 thread, scripts/cpu_expert_timing.py: 3223 vs 2804 and 3035 vs 2921 tokens
+preset, 8 x 128, 1 thread, scripts/cpu_expert_timing.py, 2026-11-28: 3223 vs 2804 and 3035 vs 2921 tokens
 per CPU-second against the previous per-expert module, two runs on a loaded 2-core machine).
 """
 

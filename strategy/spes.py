@@ -105,11 +105,6 @@ class SpesStrategy(Strategy):
         return self.membership.active
 
     @property
-    def ownership(self) -> Ownership:
-        """Ownership over the active members, in partition order (node index = rank)."""
-        return Ownership(self.num_experts, tuple(self.owners[p] for p in self.partitions))
-
-    @property
     def needs_full(self) -> dict[int, bool]:
         return {p: m.needs_full for p, m in self.members.items()}
 

@@ -238,7 +238,7 @@ def test_state_dict_round_trip(flower_task):
     state = s.state_dict()
     t = make_strategy()
     t.load_state_dict(state, s.outer_buffers())
-    assert (t.round, t.global_step, t.ownership) == (1, 10, s.ownership)
+    assert (t.round, t.global_step, t.owners) == (1, 10, s.owners)
     assert all(t.needs_full.values())  # after a restart nodes may have lost their state
 
 
