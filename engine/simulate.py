@@ -20,6 +20,7 @@ from client_app.node_settings import ENV_COMMON_DATA, ENV_PROGRESS, ENV_WORK_DIR
 from engine.launcher import run_app
 from server_app.config import ConfigError, load
 from server_app.config import run_dir as spec_run_dir
+from server_app.console import ENV_BAR
 
 APP_DIR = Path(__file__).resolve().parent.parent
 
@@ -79,7 +80,7 @@ def simulate(argv: list[str]) -> int:
                 spec.nodes,
                 run_config,
                 cpus_per_node=1,
-                extra_env=node_environment(spec, run_dir),
+                extra_env={**node_environment(spec, run_dir), ENV_BAR: "1" if sys.stdout.isatty() else "0"},
                 console="coordinator+nodes" if spec.logging.node_progress else "coordinator",
             )
         )

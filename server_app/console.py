@@ -1,12 +1,18 @@
-"""What the coordinator prints: one line per round under an overall progress bar.
+"""What the coordinator prints: one line per round, under an overall progress bar on a terminal.
 
 Every line starts with `[spes]` (the bar's description too): the simulation launcher
 (`engine.launcher`, console="coordinator") passes exactly those lines, plus errors, from
 `flwr run --stream` to the terminal and leaves Flower's and Ray's output to the log files.
+The bar is drawn only when the output is a terminal: in a file or a CI log every round is one
+plain line. Under a Flower simulation the ServerApp writes into the launcher's pipe, so the
+launcher says whether its own output is a terminal (`SPES_CONSOLE_BAR`). Every line also goes
+to the coordinator's log (`coordinator.log` in the run folder).
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 from typing import IO
 
@@ -15,6 +21,21 @@ from tqdm import tqdm
 from strategy.round_record import RoundRecord
 
 PREFIX = "[spes]"
+ENV_BAR = "SPES_CONSOLE_BAR"  # "1" / "0": draw the progress bar or not (default: only on a terminal)
+log = logging.getLogger("spes.server")
+
+
+def say(text: str) -> None:
+    """A coordinator line: printed (prefixed) and written to the coordinator's log."""
+    line = f"{PREFIX} {text}"
+    print(line, flush=True)
+    log.info(line)
+
+
+def bar_wanted(out: IO[str]) -> bool:
+    if os.environ.get(ENV_BAR) in ("0", "1"):
+        return os.environ[ENV_BAR] == "1"
+    return bool(getattr(out, "isatty", lambda: False)())
 
 
 def format_duration(seconds: float) -> str:
@@ -42,15 +63,17 @@ class RunConsole:
     so they include evaluation and checkpointing; the ETA is the mean so far times the rounds left.
     """
 
-    def __init__(self, total_rounds: int, out: IO[str] | None = None, bar: bool = True) -> None:
+    def __init__(self, total_rounds: int, out: IO[str] | None = None, bar: bool | None = None) -> None:
+        """`bar`: draw the progress bar; None: only when `out` is a terminal (or as SPES_CONSOLE_BAR says)."""
         self.total = int(total_rounds)
         self.out = out if out is not None else sys.stdout
         self.durations: list[float] = []
         self._last_wall: float | None = None
         self._bar = None
-        self._use_bar = bar
+        self._use_bar = bar_wanted(self.out) if bar is None else bar
 
     def _write(self, line: str) -> None:
+        log.info(line)
         if self._bar is not None:
             self._bar.write(line, file=self.out)
         else:

@@ -34,7 +34,7 @@ from model.routing import set_router_bias
 from model.upcycle import upcycle_from_args
 from server_app import checkpoint
 from server_app import config as run_config
-from server_app.console import RunConsole
+from server_app.console import RunConsole, say
 from server_app.report import write_report
 from server_app.rounds import Collector, RunFailed, admit_new_nodes, discover
 from server_app.run_log import RunLog
@@ -91,7 +91,7 @@ def _start(spec: RunSpec, model, lora: LoraArgs | None, resumed) -> Start:
     params, buffers, state = resumed
     params, adapters = _split_adapters(params, lora, model)
     model.load_state_dict(params, strict=True)
-    print(f"[spes] resuming after round {state['round']} (global step {state['strategy']['global_step']})", flush=True)
+    say(f"resuming after round {state['round']} (global step {state['strategy']['global_step']})")
     return Start(
         state["run_token"], int(state["round"]), state.get("first_val_loss"), adapters, (state["strategy"], buffers)
     )
@@ -228,16 +228,15 @@ class _Run:
         write_report(self.run_dir, rounds, summary, self.spec.raw)
         failures = [f"round {r.round} partition {p}: {s}" for r in rounds for p, s in r.failed_nodes().items()]
         if failures:
-            print(f"[spes] {len(failures)} node-round(s) failed; first ones: " + "; ".join(failures[:5]), flush=True)
+            say(f"{len(failures)} node-round(s) failed; first ones: " + "; ".join(failures[:5]))
         return summary
 
 
 def _announce(spec: RunSpec, strategy: SpesStrategy, counts: dict, trainable: dict[str, int], lora) -> None:
-    print(
-        f"[spes] {len(strategy.partitions)} nodes, partitions {strategy.partitions}; {counts['total']:,} parameters, "
+    say(
+        f"{len(strategy.partitions)} nodes, partitions {strategy.partitions}; {counts['total']:,} parameters, "
         f"{max(trainable.values()):,} trainable per node{'' if lora is None else f' (LoRA rank {lora.rank})'}; "
-        f"{spec.rounds} rounds x {spec.strategy.local_steps} steps",
-        flush=True,
+        f"{spec.rounds} rounds x {spec.strategy.local_steps} steps"
     )
 
 
@@ -282,7 +281,7 @@ def _setup(spec: RunSpec, run_dir: Path, grid: Grid, resumed, t_start: float) ->
 
 
 def _run(grid, spec, run_dir, ckpt_root, resumed, t_start) -> dict:
-    print(f"[spes] run {spec.run_name}: outputs in {run_dir}", flush=True)
+    say(f"run {spec.run_name}: outputs in {run_dir}")
     coord, known = _setup(spec, run_dir, grid, resumed, t_start)
     strategy, start = coord.strategy, coord.start
     counts, trainable = count_parameters(coord.evaluate.model.config), _trainable(strategy)
@@ -305,9 +304,8 @@ def _run(grid, spec, run_dir, ckpt_root, resumed, t_start) -> dict:
             raise RunFailed(failure_report(coord.runlog.rounds[-spec.strategy.max_failed_rounds :]))
     console.close()
     summary = coord.finish(first_val, counts, trainable)
-    print(
-        f"[spes] done in {summary['wall_s']:.0f}s: held-out loss {summary['first_val_loss']:.4f} -> "
-        f"{summary['final_val_loss']:.4f}. Report: {run_dir / 'report.md'}",
-        flush=True,
+    say(
+        f"done in {summary['wall_s']:.0f}s: held-out loss {summary['first_val_loss']:.4f} -> "
+        f"{summary['final_val_loss']:.4f}. Report: {run_dir / 'report.md'}"
     )
     return summary

@@ -123,7 +123,10 @@ def test_inprocess_console_is_the_coordinators(inprocess_run):
 
 
 def test_console_has_one_line_per_round_and_no_node_bars(sim_run):
-    _, stdout, stderr = sim_run
+    run_dir, stdout, stderr = sim_run
+    assert "\r" not in stdout  # not a terminal: plain lines, no progress bar
+    log = (run_dir / "coordinator.log").read_text()
+    assert "[spes] round 2/2 | held-out loss" in log and "[spes] done in" in log
     lines = stdout.replace("\r", "\n").splitlines()
     rounds = [ln for ln in lines if re.search(r"\[spes\] round \d+/2 \| held-out loss", ln)]
     assert [re.search(r"round (\d+)/", ln).group(1) for ln in rounds] == ["0", "1", "2"]

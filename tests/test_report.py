@@ -156,9 +156,32 @@ def test_console_one_line_per_round_with_rate_and_eta():
     assert format_duration(3725) == "1h02m" and format_duration(61) == "1m01s"
 
 
+def test_console_draws_a_bar_only_on_a_terminal(monkeypatch, caplog):
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.delenv("SPES_CONSOLE_BAR", raising=False)
+    for out, drawn in ((io.StringIO(), False), (Terminal(), True)):
+        console = RunConsole(2, out=out)
+        console.start(6.0)
+        console.round(ROUNDS[0])
+        console.close()
+        assert ("\r" in out.getvalue()) == drawn
+    # A Flower simulation's ServerApp writes into the launcher's pipe: the launcher decides.
+    monkeypatch.setenv("SPES_CONSOLE_BAR", "1")
+    assert RunConsole(2, out=io.StringIO())._use_bar
+    monkeypatch.setenv("SPES_CONSOLE_BAR", "0")
+    assert not RunConsole(2, out=Terminal())._use_bar
+    # every line also reaches the coordinator's log
+    with caplog.at_level("INFO", logger="spes.server"):
+        RunConsole(2, out=io.StringIO()).start(6.0)
+    assert "[spes] round 0/2 | held-out loss 6.0000" in caplog.text
+
+
 def test_console_bar_lines_all_carry_the_prefix():
     out = io.StringIO()
-    console = RunConsole(2, out=out)
+    console = RunConsole(2, out=out, bar=True)
     console.start(6.0, wall_s=0.0)
     for r in ROUNDS:
         console.round(r)
