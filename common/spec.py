@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from common.codec import CODECS, Codec
+from common.errors import ConfigError
 from common.train_config import TrainConfig
 from data.pipeline import DataConfig
 from model.args import MoEArgs
@@ -36,10 +37,6 @@ TOP_LEVEL_TYPES = {
 
 ASSIGNMENTS = ("contiguous", "replicated")
 ASSIGNMENT_POLICIES = ("static", "load", "speed")  # strategy/load_aware.py
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message says what to change."""
 
 
 def _check_fields(section: str, cls: type, d: Mapping[str, Any]) -> None:

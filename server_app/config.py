@@ -8,43 +8,13 @@ logging packages, a writable output dir — is checked here, before Flower start
 from __future__ import annotations
 
 import importlib.util
-import shlex
 from pathlib import Path
-from typing import Any
 
-from common.spec import ConfigError, RunSpec, from_dict
+from common.errors import ConfigError
+from common.spec import RunSpec, from_dict
+from server_app.compose import CONF_DIR, available_presets, compose
 
 __all__ = ["CONF_DIR", "ConfigError", "RunSpec", "available_presets", "compose", "load", "run_dir", "check_coordinator"]
-
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-
-
-def available_presets(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
-
-
-def compose(overrides: list[str] | str = ()) -> dict[str, Any]:
-    """Compose conf/config.yaml with Hydra overrides into a plain dict."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.errors import HydraException, MissingConfigException
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    if isinstance(overrides, str):
-        overrides = shlex.split(overrides)
-    for ov in overrides:
-        key, _, value = ov.partition("=")
-        if (CONF_DIR / key).is_dir() and value and value not in available_presets(key) and value != "null":
-            raise ConfigError(f"unknown {key} preset {value!r}; available: {', '.join(available_presets(key))}")
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-            cfg = hydra_compose(config_name="config", overrides=list(overrides))
-        return OmegaConf.to_container(cfg, resolve=True)
-    except MissingConfigException as exc:
-        raise ConfigError(f"bad config override: {exc}") from None
-    except (HydraException, OmegaConfBaseException) as exc:
-        raise ConfigError(f"bad config override ({' '.join(overrides)}): {exc}") from None
 
 
 def run_dir(spec: RunSpec) -> Path:

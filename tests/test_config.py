@@ -11,12 +11,14 @@ from server_app.config import ConfigError, load
         (["nodes=20"], r"E >= N.*E=16, N=20"),
         (["model.top_k=16"], r"model.top_k must be in \[1, num_experts\)"),
         (["strategy.merge.top_k=16"], r"strategy.merge.top_k must be in \[1, num_experts\)"),
-        (["model=huge"], r"unknown model preset 'huge'; available: 1b, 7b, 9b, small, tiny"),
+        (["model=huge"], r"unknown model preset 'huge'; available: 1b, 7b, 9b, mini, small, tiny"),
         (["data.source=/no/such/corpus.jsonl"], r"'/no/such/corpus.jsonl' does not exist"),
         (["init_from=/no/such/ckpt"], r"init_from checkpoint '/no/such/ckpt' does not exist"),
         (["strategy.local_steps=0"], r"strategy.local_steps must be >= 1"),
         (["train.precision=fp8"], r"train.precision must be fp32 or bf16"),
-        (["no_such_key=1"], r"Could not override 'no_such_key'"),
+        (["no_such_key=1"], r"unknown key no_such_key; every key is listed in conf/config.yaml"),
+        (["strategy.local_step=25"], r"unknown key strategy.local_step; did you mean strategy.local_steps\?$"),
+        (["trian.lr=1e-3"], r"unknown key trian.lr; did you mean train.lr"),
     ],
 )
 def test_bad_config_fails_with_clear_message(overrides, message):
@@ -114,3 +116,35 @@ def test_unwritable_output_dir_is_a_config_error(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(engine.simulate, "run_app", lambda *a, **k: 1)
     assert main([f"output_dir={target}"]) == 2
     assert "output_dir" in capsys.readouterr().err
+
+
+def test_print_config_composes_without_torch_and_fast():
+    """`python -m sim --print-config` prints the composed config and exits before any torch import."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import yaml
+
+    code = (
+        "import runpy, sys\n"
+        "sys.argv = ['sim', '--print-config', 'model=small', 'rounds=3']\n"
+        "try:\n    runpy.run_module('sim', run_name='__main__')\n"
+        "except SystemExit as e:\n    assert e.code == 0, e.code\n"
+        "print('TORCH-IMPORTED', 'torch' in sys.modules, file=sys.stderr)\n"
+    )
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    took = time.perf_counter() - t0
+    print(f"--print-config took {took:.2f} s")
+    assert proc.returncode == 0, proc.stderr
+    cfg = yaml.safe_load(proc.stdout)
+    assert cfg["model"]["name"] == "small" and cfg["rounds"] == 3 and "strategy" in cfg
+    assert "TORCH-IMPORTED False" in proc.stderr
