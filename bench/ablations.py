@@ -17,9 +17,10 @@ bench/templates/results.md.j2 (so running one ablation keeps the others' section
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 from pathlib import Path
+
+from server_app.provenance import code_commit
 
 ABLATIONS = ("merge", "H", "nodes", "iid")
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,25 +52,6 @@ def variants(name: str, base: list[str]) -> list[tuple[str, str, list[str]]]:
     if name == "iid":
         return [(f"{s}-{p}", s, [f"data.partition={p}"]) for s in ("spes", "diloco") for p in ("iid", "contiguous")]
     raise ValueError(f"unknown ablation {name!r}; choose one of {ABLATIONS}")
-
-
-def code_commit() -> str | None:
-    """The checkout's commit (short), with "+changes" when the tree differs from it; None outside git."""
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True, timeout=30
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=30,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return sha + ("+changes" if dirty else "")
 
 
 def run_ablation(name: str, base: list[str], out: Path) -> dict:

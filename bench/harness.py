@@ -40,6 +40,7 @@ from bench.runs import (
     relative_path,
     run_federated,
 )
+from server_app.provenance import code_commit
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ("spes", "diloco", "fedavg")
@@ -108,6 +109,7 @@ def run_benchmark(
     over = flower_overhead(spes_ov, runs, bare_rounds, overhead_h, overhead_rounds, stamp)
     results = {
         "command": command,
+        "commit": code_commit(),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": machine_info(),
         "overrides": [portable_arg(o) for o in overrides],

@@ -29,10 +29,10 @@ from pathlib import Path
 
 import yaml
 
-from bench.ablations import code_commit
 from bench.runs import ROOT, merge_overrides, portable_arg, read_run
 from bench.study_cost import training_flops
 from common.atomic import write_json_atomic
+from server_app.provenance import code_commit
 
 STUDY_DIR = ROOT / "conf" / "study"
 KINDS = ("federated", "centralized")

@@ -21,6 +21,7 @@ from engine.launcher import run_app
 from server_app.config import ConfigError, load
 from server_app.config import run_dir as spec_run_dir
 from server_app.console import ENV_BAR
+from server_app.provenance import ENV_COMMAND, ENV_COMMIT, code_commit
 
 APP_DIR = Path(__file__).resolve().parent.parent
 
@@ -44,6 +45,15 @@ def node_environment(spec, run_dir: Path) -> dict[str, str]:
     source = spec.data.source
     if source != "embedded" and not source.startswith("hf:"):
         env[ENV_COMMON_DATA] = str(Path(source).expanduser().resolve())
+    return env
+
+
+def run_environment(spec, run_dir: Path, argv: list[str]) -> dict[str, str]:
+    """The nodes' environment, plus what the coordinator records in run.json: the checkout's commit
+    (a Flower simulation runs an unpacked app bundle, with no git history) and the command line."""
+    env = {**node_environment(spec, run_dir), ENV_COMMAND: " ".join(["python -m sim", *map(shlex.quote, argv)])}
+    if (commit := code_commit(APP_DIR)) is not None:
+        env[ENV_COMMIT] = commit
     return env
 
 
@@ -72,7 +82,7 @@ def simulate(argv: list[str]) -> int:
     )
     try:
         rc = (
-            _run_inprocess(spec, run_dir)
+            _run_inprocess(spec, run_dir, argv)
             if spec.engine == "inprocess"
             else run_app(
                 APP_DIR,
@@ -80,7 +90,7 @@ def simulate(argv: list[str]) -> int:
                 spec.nodes,
                 run_config,
                 cpus_per_node=1,
-                extra_env={**node_environment(spec, run_dir), ENV_BAR: "1" if sys.stdout.isatty() else "0"},
+                extra_env={**run_environment(spec, run_dir, argv), ENV_BAR: "1" if sys.stdout.isatty() else "0"},
                 console="coordinator+nodes" if spec.logging.node_progress else "coordinator",
             )
         )
@@ -104,12 +114,12 @@ def simulate(argv: list[str]) -> int:
     return 0
 
 
-def _run_inprocess(spec, run_dir: Path) -> int:
+def _run_inprocess(spec, run_dir: Path, argv: list[str]) -> int:
     """The run in this process (engine=inprocess); 0, or 1 after printing why it failed."""
     from engine import inprocess  # torch and transformers: only this engine needs them in this process
 
     try:
-        inprocess.run(spec, node_environment(spec, run_dir))
+        inprocess.run(spec, run_environment(spec, run_dir, argv))
     except Exception as exc:  # the Flower simulation reports a failed ServerApp by exit status too
         print(f"[sim] the coordinator stopped: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1

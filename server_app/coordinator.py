@@ -9,6 +9,7 @@ round's record, the Hugging Face checkpoint and the resume checkpoint.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -35,6 +36,7 @@ from model.upcycle import upcycle_from_args
 from server_app import checkpoint
 from server_app import config as run_config
 from server_app.console import RunConsole, say
+from server_app.provenance import provenance
 from server_app.report import write_report
 from server_app.rounds import Collector, RunFailed, admit_new_nodes, discover
 from server_app.run_log import RunLog
@@ -153,6 +155,7 @@ def run(grid: Grid, spec: RunSpec) -> dict:
             f"{run_dir} already holds a run; continue it with resume=true or pick another run_name"
         )
     run_dir.mkdir(parents=True, exist_ok=True)
+    _record_provenance(run_dir / "run.json", spec, getattr(grid.run, "fab_hash", None), resumed is not None)
     handler = logging.FileHandler(run_dir / "coordinator.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger("spes").addHandler(handler)
@@ -162,6 +165,16 @@ def run(grid: Grid, spec: RunSpec) -> dict:
     finally:
         logging.getLogger("spes").removeHandler(handler)
         handler.close()
+
+
+def _record_provenance(path: Path, spec: RunSpec, fab_hash: str | None, resuming: bool) -> None:
+    """run.json: how the run was made; a resume appends how it was continued."""
+    made = provenance(spec.raw, fab_hash)
+    if resuming and path.exists():
+        first = json.loads(path.read_text())
+        first.setdefault("resumes", []).append({k: v for k, v in made.items() if k != "config"})
+        made = first
+    write_json_atomic(path, made)
 
 
 @dataclass

@@ -342,10 +342,16 @@ def render_markdown(
     run_dir: Path, rounds: list[RoundRecord], summary: dict, config: dict, eval_results: dict | None = None
 ) -> str:
     name = summary.get("run_name", run_dir.name)
+    made = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
     md = [
         f"# Run report: {name}",
         "",
         f"Written from `{run_dir}`: metrics.jsonl (one record per round), summary.json, config.json.",
+        "",
+        f"Made by `{made.get('command', '?')}` at code commit `{made.get('commit') or 'unknown'}`, started "
+        f"{made.get('started', '?')}; versions and machine in run.json."
+        if made
+        else "No run.json (an older run).",
         "",
         "## Summary",
         "",

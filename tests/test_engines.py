@@ -209,3 +209,20 @@ def test_checkpoint_loads_in_stock_transformers(run_dir):
     with torch.no_grad():
         torch.testing.assert_close(stock(input_ids=x).logits, ours(input_ids=x).logits, rtol=1e-6, atol=1e-6)
     assert (run_dir / "model" / "tokenizer.json").exists()
+
+
+def test_run_json_records_how_each_run_was_made(run_dir, inprocess_run):
+    from server_app.provenance import code_commit
+
+    commit = code_commit()
+    assert commit is not None and len(commit.split("+")[0]) == 40  # this checkout is a git repository
+    for folder, engine in ((run_dir, "flower"), (inprocess_run[0], "inprocess")):
+        made = json.loads((folder / "run.json").read_text())
+        # A Flower simulation runs an unpacked app bundle: the commit comes from the launcher.
+        assert made["commit"] == commit, engine
+        assert made["command"].startswith("python -m sim nodes=2 rounds=2") and f"engine={engine}" in (
+            made["command"] if engine == "inprocess" else "engine=flower"
+        )
+        assert made["packages"]["torch"] and made["packages"]["flwr"] and made["packages"]["transformers"]
+        assert made["config"]["run_name"] == "simtest" and made["config"]["deterministic"] is True
+        assert made["python"] and made["machine"]["cpus"] >= 1 and made["started"].endswith("Z")
