@@ -73,6 +73,16 @@ def _split_adapters(params: dict, lora: LoraArgs | None, model) -> tuple[dict, d
         ) from None
 
 
+def export_fields(spec: RunSpec, tokenizer) -> dict:
+    """config.json fields of the exported checkpoint that say how it was trained and is meant to run:
+    the balancing loss's weight, the tokenizer's special tokens, generation with a KV cache."""
+    fields = {"router_aux_loss_coef": spec.train.aux_loss_weight, "use_cache": True}
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if getattr(tokenizer, name, None) is not None:
+            fields[name] = getattr(tokenizer, name)
+    return fields
+
+
 @dataclass
 class Start:
     """Where a run starts: its token (names the nodes' state directories), the round it continues
@@ -215,7 +225,7 @@ class _Run:
         """The round's line in metrics.jsonl, the exported model, the checkpoint a resume reads."""
         self.runlog.log_round(record)
         model_dir = self.run_dir / "model"
-        save_hf_atomic(self.evaluate.model, model_dir, self.tokenizer)
+        save_hf_atomic(self.evaluate.model, model_dir, self.tokenizer, export_fields(self.spec, self.tokenizer))
         if self.strategy.router_bias is not None:
             write_json_atomic(
                 model_dir / "router_bias.json",

@@ -226,3 +226,22 @@ def test_run_json_records_how_each_run_was_made(run_dir, inprocess_run):
         assert made["packages"]["torch"] and made["packages"]["flwr"] and made["packages"]["transformers"]
         assert made["config"]["run_name"] == "simtest" and made["config"]["deterministic"] is True
         assert made["python"] and made["machine"]["cpus"] >= 1 and made["started"].endswith("Z")
+
+
+def test_export_says_how_it_was_trained_and_is_readable_by_others(run_dir):
+    """config.json carries the training's balancing weight, the tokenizer's special tokens and a KV
+    cache for generation; files are as readable as the umask allows (mkdtemp alone gives 0700)."""
+    import os
+    import stat
+
+    from transformers import AutoTokenizer
+
+    config = json.loads((run_dir / "model" / "config.json").read_text())
+    tok = AutoTokenizer.from_pretrained(run_dir / "model")
+    assert config["router_aux_loss_coef"] == 0.01 and config["use_cache"] is True
+    assert config["bos_token_id"] == tok.bos_token_id is not None and config["eos_token_id"] == tok.eos_token_id
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE((run_dir / "model").stat().st_mode) == 0o777 & ~mask
+    for f in (run_dir / "model").iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~mask, f.name
