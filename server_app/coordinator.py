@@ -14,7 +14,7 @@ import logging
 import math
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -41,6 +41,7 @@ from server_app.report import write_report
 from server_app.rounds import Collector, RunFailed, admit_new_nodes, discover
 from server_app.run_log import RunLog
 from server_app.summary import failure_report, summarize
+from strategy.federation_load import STARVING_ROUNDS, STARVING_SHARE
 from strategy.round_record import RoundRecord
 from strategy.spes import SpesStrategy
 from training.trainer import evaluate
@@ -203,6 +204,7 @@ class _Run:
     tokenizer: object
     start: Start
     t_start: float
+    warned: set = field(default_factory=set)  # starving experts the console has named
 
     def play_round(self, rnd: int, known: set[int]) -> RoundRecord:
         timeout = self.spec.strategy.round_timeout_s
@@ -240,6 +242,16 @@ class _Run:
             self.run_dir / "checkpoint", record.round, self.strategy.params, self.strategy.outer_buffers(), state
         )
         write_json_atomic(self.run_dir / "strategy_state.json", self.strategy.state_dict())
+
+    def warn_starving(self, record: RoundRecord) -> None:
+        """Name each expert once on the console when it starts starving (strategy/federation_load.py)."""
+        for layer, expert in record.starving_experts or []:
+            if (layer, expert) not in self.warned:
+                self.warned.add((layer, expert))
+                say(
+                    f"warning: layer {layer} expert {expert} has had under {STARVING_SHARE}x its uniform share of "
+                    f"the routed tokens for {STARVING_ROUNDS} rounds in a row (starving)"
+                )
 
     def finish(self, first_val: float, counts: dict, trainable: dict[str, int]) -> dict:
         rounds = self.runlog.rounds
@@ -320,6 +332,7 @@ def _run(grid, spec, run_dir, ckpt_root, resumed, t_start) -> dict:
         record = coord.play_round(rnd, known)
         coord.persist(record, first_val)
         console.round(record)
+        coord.warn_starving(record)
         for pid, status in record.failed_nodes().items():
             log.warning("round %d partition %s: %s", rnd, pid, status)
         if strategy.failed_rounds >= spec.strategy.max_failed_rounds:

@@ -259,6 +259,14 @@ def summary_rows(rounds: list[RoundRecord], summary: dict) -> list[tuple[str, st
                 f"{_fmt(imb[0], '.3f')} -> {_fmt(imb[-1], '.3f')}",
             )
         )
+    if rounds and rounds[-1].starving_experts is not None:
+        starving = rounds[-1].starving_experts
+        rows.append(
+            (
+                "starving experts at the last round (under 0.1x the uniform share for 3+ rounds)",
+                ", ".join(f"layer {layer} expert {e}" for layer, e in starving) or "none",
+            )
+        )
     return rows
 
 

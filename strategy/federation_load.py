@@ -15,12 +15,16 @@ from typing import Any
 from common import keys
 from model.routing import global_load, imbalance, update_bias
 
+STARVING_SHARE = 0.1  # an expert getting under this fraction of the uniform share 1/E ...
+STARVING_ROUNDS = 3  # ... for this many reported rounds in a row is starving
+
 
 class FederationLoad:
     def __init__(self, bias_rate: float) -> None:
         self.bias_rate = bias_rate
         self.load: list[list[float]] | None = None  # last round's, [layers][experts]
         self.bias: list[list[float]] | None = None  # None while the bias is off
+        self.low_rounds: dict[tuple[int, int], int] = {}  # (layer, expert) -> rounds in a row under the bar
 
     def update(self, reports: Sequence[tuple[Any, float]]) -> dict[str, float]:
         """Take this round's (expert load, tokens) reports; the imbalance stats of the round record
@@ -31,8 +35,24 @@ class FederationLoad:
         self.load = load
         if self.bias_rate > 0:
             self.bias = update_bias(self.bias or [[0.0] * len(row) for row in load], load, self.bias_rate)
+        self._count_low(load)
         mean, worst = imbalance(load)
-        return {"expert_imbalance": mean, "expert_imbalance_max": worst}
+        return {"expert_imbalance": mean, "expert_imbalance_max": worst, "starving_experts": self.starving()}
+
+    def _count_low(self, load: list[list[float]]) -> None:
+        for layer, row in enumerate(load):
+            bar = STARVING_SHARE / len(row)
+            for expert, share in enumerate(row):
+                key = (layer, expert)
+                if share < bar:
+                    self.low_rounds[key] = self.low_rounds.get(key, 0) + 1
+                else:
+                    self.low_rounds.pop(key, None)
+
+    def starving(self) -> list[list[int]]:
+        """[layer, expert] of every expert under STARVING_SHARE of its uniform share for
+        STARVING_ROUNDS reported rounds in a row: it barely trains, and what it holds is barely used."""
+        return sorted([list(k) for k, n in self.low_rounds.items() if n >= STARVING_ROUNDS])
 
     def train_config(self) -> dict[str, list[float]]:
         """What a training message carries: the load and the bias, flattened, when there are any."""
@@ -47,11 +67,13 @@ class FederationLoad:
         return {} if self.bias is None else {keys.ROUTER_BIAS: _flat(self.bias)}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"global_load": self.load, "router_bias": self.bias}
+        low = [[layer, expert, n] for (layer, expert), n in sorted(self.low_rounds.items())]
+        return {"global_load": self.load, "router_bias": self.bias, "low_load_rounds": low}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.load = state.get("global_load")
         self.bias = state.get("router_bias") if self.bias_rate > 0 else None
+        self.low_rounds = {(int(layer), int(e)): int(n) for layer, e, n in state.get("low_load_rounds", [])}
 
 
 def _flat(rows: list[list[float]]) -> list[float]:

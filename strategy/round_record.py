@@ -35,6 +35,7 @@ class RoundRecord:
     owners: dict[str, list[int]] = field(default_factory=dict)  # partition id -> experts, after this round
     expert_imbalance: float | None = None  # max/mean tokens per expert, mean over layers
     expert_imbalance_max: float | None = None  # ... the worst layer
+    starving_experts: list[list[int]] | None = None  # [layer, expert]s long under a tenth of their share
     federated_eval_loss: float | None = None  # the nodes' own held-out evaluation, token-weighted
     eval_bytes_down: float | None = None
     val_loss: float | None = None  # the coordinator's held-out evaluation of the new global model

@@ -229,3 +229,13 @@ def test_node_round_overhead_from_later_rounds_only():
         == "20.0 % (model kept in memory in 1 of 2 node-rounds)"
     )
     assert not any(k.startswith("node round time") for k in dict(summary_rows(ROUNDS, SUMMARY)))
+
+
+def test_report_names_starving_experts_of_the_last_round():
+    rows = dict(summary_rows([*ROUNDS[:-1], replace(ROUNDS[-1], starving_experts=[[0, 3], [1, 0]])], SUMMARY))
+    assert rows["starving experts at the last round (under 0.1x the uniform share for 3+ rounds)"] == (
+        "layer 0 expert 3, layer 1 expert 0"
+    )
+    healthy = dict(summary_rows([*ROUNDS[:-1], replace(ROUNDS[-1], starving_experts=[])], SUMMARY))
+    assert healthy["starving experts at the last round (under 0.1x the uniform share for 3+ rounds)"] == "none"
+    assert not any(k.startswith("starving") for k in dict(summary_rows(ROUNDS, SUMMARY)))  # older runs

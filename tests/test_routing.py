@@ -123,3 +123,21 @@ def test_coordinator_sends_the_federation_load_and_moves_the_bias(flower_task):
     again = SpesStrategy(cfg, 4, {10: 0, 11: 1}, num_rounds=3, num_layers=2)
     again.load_state_dict(strategy.state_dict())
     assert again.router_bias == strategy.router_bias and again.global_load == strategy.global_load
+
+
+def test_an_expert_is_starving_after_three_rounds_under_a_tenth_of_its_share():
+    from strategy.federation_load import FederationLoad
+
+    fed = FederationLoad(bias_rate=0.0)
+    # 4 experts: the uniform share is 0.25, the bar 0.025. Layer 0 expert 3 gets 0.02, then 0.001 (both
+    # under), layer 1 expert 0 gets 0.03 (over the bar).
+    low = [[0.49, 0.3, 0.19, 0.02], [0.03, 0.32, 0.32, 0.33]]
+    lower = [[0.5, 0.3, 0.199, 0.001], [0.03, 0.32, 0.32, 0.33]]
+    seen = [fed.update([(load, 100.0)])["starving_experts"] for load in (low, lower, low)]
+    assert seen == [[], [], [[0, 3]]]
+    again = FederationLoad(bias_rate=0.0)
+    again.load_state_dict(fed.state_dict())  # a resume keeps the count
+    assert again.starving() == [[0, 3]]
+    recovered = [[0.4, 0.3, 0.2, 0.1], [0.03, 0.32, 0.32, 0.33]]
+    assert fed.update([(recovered, 100.0)])["starving_experts"] == []  # the run of low rounds ends
+    assert fed.update([(lower, 100.0)])["starving_experts"] == []  # and starts again from one
