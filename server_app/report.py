@@ -48,6 +48,19 @@ def node_bytes(rounds: list[RoundRecord]) -> dict[str, dict[str, list[float]]]:
     return out
 
 
+def traffic_lines(per_node: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, list[float]]]:
+    """One line per group of nodes whose traffic was identical in every round (SPES nodes of equal
+    shares usually are), labelled with the nodes it stands for; one line per node otherwise."""
+    groups: dict[tuple, list[str]] = {}
+    for pid, b in per_node.items():
+        groups.setdefault((tuple(b["up"]), tuple(b["down"])), []).append(pid)
+    lines = {}
+    for pids in groups.values():
+        label = f"node {pids[0]}" if len(pids) == 1 else f"nodes {', '.join(pids)} (identical)"
+        lines[label] = per_node[pids[0]]
+    return lines
+
+
 def _cumsum(values: list[float]) -> list[float]:
     out, total = [], 0.0
     for v in values:
@@ -109,14 +122,14 @@ def _pyplot():
 def plot_traffic(run_dir: Path, rounds: list[RoundRecord], total_params: int | None) -> Path:
     plt = _pyplot()
     x = [r.round for r in rounds]
-    per_node = node_bytes(rounds)
+    per_node = traffic_lines(node_bytes(rounds))
     fig, (ax_round, ax_cum) = plt.subplots(1, 2, figsize=(11, 4))
-    for i, (pid, b) in enumerate(per_node.items()):
+    for i, (label, b) in enumerate(per_node.items()):
         color = f"C{i % 10}"
-        ax_round.plot(x, [v / MB for v in b["up"]], color=color, marker=".", label=f"node {pid}")
+        ax_round.plot(x, [v / MB for v in b["up"]], color=color, marker=".", label=label)
         ax_round.plot(x, [v / MB for v in b["down"]], color=color, ls="--", marker=".")
         total = [u + d for u, d in zip(b["up"], b["down"])]
-        ax_cum.plot(x, [v / MB for v in _cumsum(total)], color=color, marker=".", label=f"node {pid} (SPES)")
+        ax_cum.plot(x, [v / MB for v in _cumsum(total)], color=color, marker=".", label=label)
     if total_params:
         per_round = diloco_bytes_per_node_round(total_params)
         ax_cum.plot(
@@ -129,7 +142,7 @@ def plot_traffic(run_dir: Path, rounds: list[RoundRecord], total_params: int | N
         )
     ax_round.plot([], [], color="gray", label="up (solid)")
     ax_round.plot([], [], color="gray", ls="--", label="down (dashed)")
-    ax_round.set_title("payload per round and node")
+    ax_round.set_title("payload per round and node (decimal MB)")
     ax_round.set_ylabel("MB")
     ax_cum.set_title("cumulative up + down per node")
     ax_cum.set_ylabel("MB")
@@ -231,6 +244,10 @@ def _fmt_bytes(n: float | None) -> str:
     return f"{n:.0f} B"
 
 
+def _ppl(loss: float | None) -> float | None:
+    return None if loss is None else math.exp(min(loss, 50.0))
+
+
 def _fmt(x: Any, spec: str = ".4f") -> str:
     if isinstance(x, (int, float)) and not isinstance(x, bool):
         return format(x, spec) if math.isfinite(x) else str(x)
@@ -247,7 +264,12 @@ def summary_rows(rounds: list[RoundRecord], summary: dict) -> list[tuple[str, st
             f"{summary.get('nodes', '-')} x {summary.get('rounds', len(rounds))} x {summary.get('local_steps', '-')}",
         ),
         ("held-out loss", f"{_fmt(summary.get('first_val_loss'))} -> {_fmt(summary.get('final_val_loss'))}"),
-        ("final train loss (node mean)", _fmt(summary.get("final_train_loss"))),
+        ("held-out perplexity per token, last round", _fmt(_ppl(summary.get("final_val_loss")), ".1f")),
+        (
+            "the nodes' own evaluation, last round (their held-out shards, token-weighted)",
+            _fmt(summary.get("federated_eval_loss")),
+        ),
+        ("final train loss (node mean: cross-entropy + balancing + z-losses)", _fmt(summary.get("final_train_loss"))),
         ("tokens trained (all nodes)", _fmt(summary.get("tokens_trained"), ",.0f")),
     ]
     rows += _traffic_rows(rounds, summary) + _cost_rows(rounds, summary)
@@ -298,7 +320,7 @@ def _cost_rows(rounds: list[RoundRecord], summary: dict) -> list[tuple[str, str]
     wall, n = summary.get("wall_s"), max(len(rounds), 1)
     rows = [
         ("wall time", f"{_fmt(wall, '.0f')} s ({_fmt(wall / n if wall else None, '.1f')} s/round)"),
-        ("peak memory per node", f"{_fmt(summary.get('peak_mem_mb_node'), '.0f')} MB"),
+        ("peak memory per node", f"{_fmt(summary.get('peak_mem_mb_node'), '.0f')} MiB"),
         ("tokens/s per node (mean)", _fmt(summary.get("tokens_per_s_node"), ".0f")),
     ]
     if summary.get("node_round_overhead") is not None:
@@ -323,16 +345,22 @@ def _cost_rows(rounds: list[RoundRecord], summary: dict) -> list[tuple[str, str]
 
 def _round_table(rounds: list[RoundRecord]) -> list[str]:
     lines = [
-        "| round | held-out loss | train loss | tokens | MB up | MB down | wall s | nodes ok |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        (
+            "| round | held-out loss | held-out ppl (token) | train loss | tokens | MB up | MB down | s this round "
+            "| s since start | nodes ok |"
+        ),
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    previous = None
     for r in rounds:
         nodes = r.nodes
         ok = sum(1 for n in nodes.values() if n.get("status") == "ok")
+        took = r.wall_s - previous if r.wall_s is not None and previous is not None else None
+        previous = r.wall_s
         lines.append(
-            f"| {r.round} | {_fmt(r.val_loss)} | {_fmt(r.train_loss)} | "
-            f"{_fmt(r.tokens, ',.0f')} | {_fmt(r.bytes_up / MB, '.2f')} | "
-            f"{_fmt(r.bytes_down / MB, '.2f')} | {_fmt(r.wall_s, '.0f')} | {ok}/{len(nodes)} |"
+            f"| {r.round} | {_fmt(r.val_loss)} | {_fmt(r.val_ppl, '.1f')} | {_fmt(r.train_loss)} | "
+            f"{_fmt(r.tokens, ',.0f')} | {_fmt(r.bytes_up / MB, '.2f')} | {_fmt(r.bytes_down / MB, '.2f')} | "
+            f"{_fmt(took, '.1f')} | {_fmt(r.wall_s, '.0f')} | {ok}/{len(nodes)} |"
         )
     return lines
 
@@ -362,6 +390,8 @@ def render_markdown(
         else "No run.json (an older run).",
         "",
         "## Summary",
+        "",
+        "Units: bytes on the wire in decimal kB/MB/GB (10^3/10^6/10^9 bytes); memory in MiB (2^20 bytes).",
         "",
         "| | |",
         "|---|---|",

@@ -93,6 +93,7 @@ class RunLog:
         keep_rounds_upto: int | None = None,
     ) -> None:
         self.run_dir = run_dir
+        self.config = config
         self.path = run_dir / "metrics.jsonl"
         run_dir.mkdir(parents=True, exist_ok=True)
         self.rounds: list[RoundRecord] = []
@@ -148,13 +149,21 @@ class RunLog:
         val = [first_val_loss] + [r.val_loss for r in self.rounds]
         train = [r.train_loss for r in self.rounds]
         fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot(tokens, val, marker="o", label="held-out (global model)")
-        ax.plot(tokens[1:], [t if math.isfinite(t) else None for t in train], marker=".", label="train (node mean)")
+        middle = [(a + b) / 2 for a, b in zip(tokens, tokens[1:])]  # a round's train loss is its mean
+        ax.plot(tokens, val, marker="o", label="held-out cross-entropy (global model, after the round)")
+        ax.plot(
+            middle,
+            [t if math.isfinite(t) else None for t in train],
+            marker=".",
+            linestyle="--",
+            label="train loss (node mean over the round: cross-entropy + balancing + z-losses)",
+        )
         ax.set_xlabel("tokens trained (all nodes)")
-        ax.set_ylabel("cross-entropy loss")
-        ax.set_title(self.run_dir.name)
+        ax.set_ylabel("loss (nats per token)")
+        model = (self.config or {}).get("model", {}).get("name")
+        ax.set_title(f"{self.run_dir.name}" + (f" (model {model})" if model else ""))
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=7)
         path = self.run_dir / "loss.png"
         fig.tight_layout()
         fig.savefig(path, dpi=110)

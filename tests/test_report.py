@@ -2,6 +2,7 @@
 
 import io
 import json
+import math
 from dataclasses import replace
 
 import pytest
@@ -43,6 +44,7 @@ def _round(rnd, val, wall, up=(300, 300), down=(1000, 700), loads=None, tokens=(
         bytes_up=sum(up),
         bytes_down=sum(down),
         val_loss=val,
+        val_ppl=math.exp(val),
         wall_s=wall,
         nodes=nodes,
     )
@@ -113,7 +115,7 @@ def test_write_report_files_and_markdown_names_every_plot(tmp_path):
         assert f"]({plot})" in md
     assert json.loads((tmp_path / "config.json").read_text()) == CONFIG
     assert '"heldout_fraction": 0.05' in md
-    assert "| 2 | 4.5000 | 4.6000 | 400 | 0.00 | 0.00 | 22 | 2/2 |" in md  # 600 B, 1400 B round to 0.00 MB
+    assert "| 2 | 4.5000 | 90.0 | 4.6000 | 400 | 0.00 | 0.00 | 10.0 | 22 | 2/2 |" in md  # 600 B, 1400 B: 0.00 MB
     assert "No eval.json yet" in md
 
 
@@ -239,3 +241,11 @@ def test_report_names_starving_experts_of_the_last_round():
     healthy = dict(summary_rows([*ROUNDS[:-1], replace(ROUNDS[-1], starving_experts=[])], SUMMARY))
     assert healthy["starving experts at the last round (under 0.1x the uniform share for 3+ rounds)"] == "none"
     assert not any(k.startswith("starving") for k in dict(summary_rows(ROUNDS, SUMMARY)))  # older runs
+
+
+def test_traffic_plot_draws_identical_nodes_as_one_line():
+    from server_app.report import traffic_lines
+
+    same = {"up": [1.0, 2.0], "down": [3.0, 4.0]}
+    lines = traffic_lines({"0": same, "1": dict(same), "2": {"up": [1.0, 2.0], "down": [3.0, 5.0]}})
+    assert lines == {"nodes 0, 1 (identical)": same, "node 2": {"up": [1.0, 2.0], "down": [3.0, 5.0]}}
