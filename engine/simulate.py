@@ -26,7 +26,7 @@ from server_app.provenance import ENV_COMMAND, ENV_COMMIT, code_commit
 APP_DIR = Path(__file__).resolve().parent.parent
 
 
-def _archive(run_dir: Path) -> Path | None:
+def archive(run_dir: Path) -> Path | None:
     """Move an earlier run's directory to <run_dir>.<timestamp> so nothing it wrote is lost."""
     if not run_dir.exists() or not any(run_dir.iterdir()):
         return None
@@ -70,7 +70,7 @@ def simulate(argv: list[str]) -> int:
             print(f"config error: resume=true but {run_dir} holds no checkpoint", file=sys.stderr)
             return 2
         (run_dir / "summary.json").unlink(missing_ok=True)
-    elif (moved := _archive(run_dir)) is not None:
+    elif (moved := archive(run_dir)) is not None:
         print(f"[sim] an earlier run in {run_dir} was moved to {moved}")
     run_config = {
         "overrides": " ".join(shlex.quote(a) for a in argv),
