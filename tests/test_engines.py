@@ -245,3 +245,23 @@ def test_export_says_how_it_was_trained_and_is_readable_by_others(run_dir):
     assert stat.S_IMODE((run_dir / "model").stat().st_mode) == 0o777 & ~mask
     for f in (run_dir / "model").iterdir():
         assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~mask, f.name
+
+
+def test_compare_two_runs_side_by_side(run_dir, inprocess_run, tmp_path):
+    """python -m sim.compare on the two engines' runs: one table, the one config key that differs, a plot."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "sim.compare", str(run_dir), str(inprocess_run[0]), "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = [ln for ln in proc.stdout.splitlines() if ln.startswith("| simtest |")]
+    assert len(rows) == 2 and rows[0].split("|")[2] == rows[1].split("|")[2]  # the same final loss
+    assert "| engine | flower | inprocess |" in proc.stdout
+    assert (tmp_path / "compare.png").stat().st_size > 0 and (tmp_path / "compare.md").exists()
+    bad = subprocess.run(
+        [sys.executable, "-m", "sim.compare", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert bad.returncode != 0 and "no summary.json" in bad.stderr
