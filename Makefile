@@ -46,7 +46,7 @@ bench: setup
 	$(PY) -m bench $(BENCH_ARGS)
 
 # lm-eval-harness on the demo's checkpoint: held-out perplexity (offline) and, when the hub is
-# reachable, the paper's downstream suite -> outputs/demo/eval.json and report.md.
+# reachable, the paper's downstream suite -> outputs/demo/model/eval.json and report.md.
 # Other checkpoints/tasks: $(PY) -m evaluation <checkpoint> --tasks heldout,hellaswag
 EVAL_CHECKPOINT ?= outputs/demo/model
 eval: setup

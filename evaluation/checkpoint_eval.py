@@ -13,9 +13,13 @@ Hugging Face hub are skipped with one line when it is unreachable (or HF_*_OFFLI
 The held-out split is the run's: the data config comes from config.json beside the checkpoint
 (written by the run report); with `key=value` overrides, or without config.json, from
 conf/config.yaml with those overrides.
-Results go to eval.json beside the checkpoint, into report.md and TensorBoard (when the run has
-them). The model is scored with the `hf` backend (AutoModelForCausalLM), windows of data.seq_len
-tokens (the context it was trained on) unless --max-length says otherwise.
+
+Everything it writes goes into the checkpoint folder: eval.json and eval/ (the held-out documents
+scored and the task definition); when the checkpoint is a run's `model/`, the run's report.md and
+TensorBoard get the results too. The corpus is cached with the run's (outputs/.cache) for a run's
+checkpoint, else in ~/.cache/spes-flower/corpus ($XDG_CACHE_HOME). The model is scored with the
+`hf` backend (AutoModelForCausalLM), windows of data.seq_len tokens (the context it was trained
+on) unless --max-length says otherwise.
 """
 
 from __future__ import annotations
@@ -81,11 +85,19 @@ def data_config(checkpoint: Path, overrides: list[str]):
     return DataConfig.from_dict({**raw["data"], "seed": raw.get("seed", 0)}), source
 
 
+def corpus_cache(checkpoint: Path) -> Path:
+    """Where the corpus is cached: the coordinator's cache beside a run folder's checkpoint (shared with
+    the run), else the user's cache dir; never beside a copied checkpoint."""
+    if (checkpoint.parent / "metrics.jsonl").exists():
+        return checkpoint.parent.parent / ".cache"
+    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "spes-flower" / "corpus"
+
+
 def heldout_documents(checkpoint: Path, overrides: list[str]) -> tuple[list[str], Any, str]:
     from data import load_documents, split_documents
 
     cfg, source = data_config(checkpoint, overrides)
-    cache = checkpoint.parent.parent / ".cache"  # where the coordinator caches the corpus
+    cache = corpus_cache(checkpoint)
     docs = split_documents(load_documents(cfg, cache), cfg.heldout_fraction, cfg.seed)[1]
     return docs, cfg, source
 
@@ -142,7 +154,7 @@ def evaluate(checkpoint: Path, args: argparse.Namespace, overrides: list[str]) -
     if HELDOUT in requested:
         docs, cfg, source = heldout_documents(checkpoint, overrides)
         max_length = args.max_length or cfg.seq_len
-        tasks_dir = write_heldout_task(checkpoint.parent / "eval", docs)
+        tasks_dir = write_heldout_task(checkpoint / "eval", docs)
         print(f"[eval] held-out split: {len(docs)} documents ({source}); windows of {max_length} tokens", flush=True)
         out = _simple_evaluate(
             checkpoint,
@@ -240,7 +252,7 @@ def main(argv: list[str]) -> int:
     from server_app.run_log import tensorboard_eval
 
     run_dir = checkpoint.parent
-    out = run_dir / "eval.json"
+    out = checkpoint / "eval.json"
     write_json_atomic(out, report)
     for task, metrics in sorted(report["results"].items()):
         shown = ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items()) if not k.endswith("_stderr"))

@@ -399,12 +399,20 @@ def render_markdown(
     md += [f"| {label} | {value} |" for label, value in summary_rows(rounds, summary)]
     md += ["", "## Evaluation (lm-eval-harness)", ""]
     if eval_results:
-        md += [f"Checkpoint `{eval_results.get('checkpoint', '-')}`; `python -m evaluation` wrote eval.json."]
+        md += [f"Checkpoint `{eval_results.get('checkpoint', '-')}`; `python -m evaluation` wrote model/eval.json."]
+        if held := eval_results.get("heldout_data"):
+            md += [
+                (
+                    f"Held-out text scored: the held-out split of `{held.get('source')}` (fraction "
+                    f"{held.get('heldout_fraction')}, chosen by a hash of each document), {held.get('documents')} "
+                    f"documents, in windows of {eval_results.get('max_length')} tokens."
+                )
+            ]
         md += [""] + eval_rows(eval_results)
         for skipped in eval_results.get("skipped", []):
             md.append(f"\nSkipped: {skipped}")
     else:
-        md.append("No eval.json yet: `python -m evaluation <run dir>/model` (or `make eval`) adds it here.")
+        md.append("No model/eval.json yet: `python -m evaluation <run dir>/model` (or `make eval`) adds it here.")
     md += ["", "## Plots", ""]
     captions = {
         "loss.png": "Held-out and train loss against tokens trained",
@@ -426,7 +434,7 @@ def write_report(run_dir: Path, rounds: list[RoundRecord], summary: dict, config
     """Write traffic.png, expert_load.png, config.json and report.md into `run_dir`; return report.md.
 
     loss.png is written by `RunLog.plot_loss`; call this after it so the report finds it.
-    eval.json, when evaluation.checkpoint_eval has written one beside the checkpoint, goes into the report too.
+    model/eval.json, when evaluation.checkpoint_eval has written one into the checkpoint, goes into the report too.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -436,7 +444,10 @@ def write_report(run_dir: Path, rounds: list[RoundRecord], summary: dict, config
         plot_traffic(run_dir, rounds, summary.get("total_params"))
         plot_expert_load(run_dir, rounds)
         plot_imbalance(run_dir, rounds)
-    eval_path = run_dir / "eval.json"
+    eval_path = next(
+        (p for p in (run_dir / "model" / "eval.json", run_dir / "eval.json") if p.exists()),
+        run_dir / "model" / "eval.json",
+    )  # older runs wrote it beside model/
     eval_results = json.loads(eval_path.read_text()) if eval_path.exists() else None
     path = run_dir / "report.md"
     tmp = path.with_name(".report.md.tmp")

@@ -115,8 +115,14 @@ def _direct_bits_per_byte(checkpoint, docs, window):
 
 
 def test_heldout_bits_per_byte_matches_the_model(run_dir, capsys):
+    before = sorted(p.relative_to(run_dir.parent) for p in run_dir.parent.rglob("*") if "model" not in p.parts)
     assert main([str(run_dir / "model"), "--tasks", "heldout,downstream", "--batch-size", "4"]) == 0
-    report = json.loads((run_dir / "eval.json").read_text())
+    report = json.loads((run_dir / "model" / "eval.json").read_text())
+    assert (run_dir / "model" / "eval" / "heldout.jsonl").exists()
+    # Nothing else is written outside the checkpoint but the run's report (and the run's corpus cache).
+    after = sorted(p.relative_to(run_dir.parent) for p in run_dir.parent.rglob("*") if "model" not in p.parts)
+    new = {str(p) for p in set(after) - set(before)}
+    assert all(p.startswith(".cache") or p in ("micro/report.md",) for p in new), new
     heldout = split_documents(_documents(), HELDOUT_FRACTION, 0)[1]
     assert report["n_samples"]["spes_heldout"] == len(heldout) and report["max_length"] == SEQ_LEN
     got = report["results"]["spes_heldout"]
@@ -129,6 +135,7 @@ def test_heldout_bits_per_byte_matches_the_model(run_dir, capsys):
     assert sum(1 for line in out.splitlines() if line.startswith("[eval] skipped:")) == 1
     md = (run_dir / "report.md").read_text()
     assert f"| spes_heldout | bits_per_byte | {got['bits_per_byte']:.4f} |" in md
+    assert f"{len(heldout)} documents, in windows of {SEQ_LEN} tokens" in md  # says what text was scored
 
 
 def test_missing_checkpoint_is_one_clear_error(tmp_path, capsys):

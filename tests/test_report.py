@@ -116,14 +116,15 @@ def test_write_report_files_and_markdown_names_every_plot(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text()) == CONFIG
     assert '"heldout_fraction": 0.05' in md
     assert "| 2 | 4.5000 | 90.0 | 4.6000 | 400 | 0.00 | 0.00 | 10.0 | 22 | 2/2 |" in md  # 600 B, 1400 B: 0.00 MB
-    assert "No eval.json yet" in md
+    assert "No model/eval.json yet" in md
 
 
 def test_report_from_run_dir_includes_eval_json(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r.to_dict()) + "\n" for r in ROUNDS))
     (tmp_path / "summary.json").write_text(json.dumps(SUMMARY))
     (tmp_path / "config.json").write_text(json.dumps(CONFIG))
-    (tmp_path / "eval.json").write_text(
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "eval.json").write_text(
         json.dumps(
             {
                 "checkpoint": "x/model",
