@@ -82,6 +82,18 @@ def run_scalars(rounds: list[RoundRecord]) -> dict[str, float]:
     return out
 
 
+def wandb_mode(env: dict[str, str] | None = None, netrc: Path | None = None) -> str:
+    """WANDB_MODE when set; else online only with credentials (WANDB_API_KEY or a wandb entry in
+    ~/.netrc), offline otherwise, so that a run without a login records locally instead of waiting
+    for one (`wandb sync <run dir>/wandb/offline-run-*` uploads it later)."""
+    env = os.environ if env is None else env
+    if env.get("WANDB_MODE"):
+        return env["WANDB_MODE"]
+    netrc = Path("~/.netrc").expanduser() if netrc is None else netrc
+    logged_in = bool(env.get("WANDB_API_KEY")) or (netrc.exists() and "api.wandb.ai" in netrc.read_text())
+    return "online" if logged_in else "offline"
+
+
 class RunLog:
     def __init__(
         self,
@@ -112,7 +124,9 @@ class RunLog:
         if wandb:
             import wandb as wandb_lib
 
-            self._wandb = wandb_lib.init(project=wandb_project, name=run_dir.name, dir=str(run_dir), config=config)
+            self._wandb = wandb_lib.init(
+                project=wandb_project, name=run_dir.name, dir=str(run_dir), config=config, mode=wandb_mode()
+            )
 
     def log_round(self, record: RoundRecord) -> None:
         self.rounds.append(record)

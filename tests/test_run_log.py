@@ -72,3 +72,14 @@ def test_trainer_reports_expert_load_per_layer():
     m = train_steps(model, make_optimizer(model, cfg), batches(), cfg, 0, 2, 10, torch.device("cpu"))
     load_ = torch.tensor(m["expert-load"]).view(2, 4)
     torch.testing.assert_close(load_.sum(dim=1), torch.ones(2))
+
+
+def test_wandb_goes_offline_without_credentials(tmp_path):
+    from server_app.run_log import wandb_mode
+
+    netrc = tmp_path / ".netrc"
+    assert wandb_mode({}, netrc) == "offline"
+    assert wandb_mode({"WANDB_API_KEY": "x"}, netrc) == "online"
+    netrc.write_text("machine api.wandb.ai\n  login user\n  password key\n")
+    assert wandb_mode({}, netrc) == "online"
+    assert wandb_mode({"WANDB_MODE": "disabled", "WANDB_API_KEY": "x"}, netrc) == "disabled"
