@@ -114,19 +114,32 @@ def _plt():
     return plt
 
 
+STYLES = ["-", "--", ":", "-.", (0, (5, 1)), (0, (1, 1))]
+MARKERS = ["o", "s", "^", "D", "v", "x"]
+
+
 def plot_loss(curves: dict[str, tuple[list[float], list[float]]], path: Path, title: str) -> Path:
     """curves: label -> (tokens, held-out loss)."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for label, (tokens, loss) in curves.items():
-        ax.plot(tokens, loss, marker="o", markersize=3, label=label)
-    ax.set_xlabel("tokens trained (all nodes)")
+    fig, ax = plt.subplots(figsize=(7.6, 4.2))
+    for i, (label, (tokens, loss)) in enumerate(curves.items()):
+        # Curves that nearly coincide stay apart by line style and marker; fewer than 3 points get no line.
+        style = STYLES[i % len(STYLES)] if len(tokens) >= 3 else "none"
+        ax.plot(
+            [t / 1e6 for t in tokens],
+            loss,
+            marker=MARKERS[i % len(MARKERS)],
+            markersize=4,
+            linestyle=style,
+            label=label,
+        )
+    ax.set_xlabel("tokens trained, all nodes (M)")
     ax.set_ylabel("held-out cross-entropy")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -135,16 +148,16 @@ def plot_bytes(methods: dict, path: Path) -> Path:
     plt = _plt()
     fed = [m for m in methods if "bytes_per_round_node" in methods[m]]
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
-    styles = ["-", "--", ":"]  # DiLoCo and FedAvg send identical bytes: keep both lines visible
     for i, m in enumerate(fed):
         per = methods[m]["bytes_per_round_node"]
+        # DiLoCo and FedAvg send identical bytes: line style, marker and width keep both visible.
         a.plot(
             range(1, len(per) + 1),
             [x / MiB for x in per],
-            marker="o",
-            markersize=3,
-            linestyle=styles[i % 3],
-            linewidth=max(2.5 - 0.7 * i, 1.0),
+            marker=MARKERS[i % len(MARKERS)],
+            markersize=4,
+            linestyle=STYLES[i % len(STYLES)],
+            linewidth=max(3.0 - 0.5 * i, 1.0),
             label=LABELS[m],
         )
     a.set_xlabel("round")
@@ -152,7 +165,7 @@ def plot_bytes(methods: dict, path: Path) -> Path:
     a.set_ylim(bottom=0)
     a.set_title("measured bytes per round per node")
     a.grid(alpha=0.3)
-    a.legend()
+    a.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3)
     x = range(len(fed))
     w = 0.2
     up = [methods[m]["bytes_up_steady_per_round_node"] / MiB for m in fed]
@@ -194,7 +207,8 @@ def plot_memory(results: dict, path: Path) -> Path:
     b.bar(range(len(order)), [methods[m]["peak_mem_mb_node"] for m in order])
     b.set_xticks(range(len(order)), [LABELS[m] for m in order])
     b.set_ylabel("MiB (largest per-round peak RSS)")
-    b.set_title("as reported by the nodes of the benchmark runs")
+    bench_model = next((o.split("=", 1)[1] for o in results.get("overrides", []) if o.startswith("model=")), "?")
+    b.set_title(f"as reported by the nodes of the benchmark runs, model={bench_model}")
     b.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     fig.savefig(path, dpi=110, bbox_inches="tight")
