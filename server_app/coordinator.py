@@ -76,8 +76,13 @@ def _split_adapters(params: dict, lora: LoraArgs | None, model) -> tuple[dict, d
 
 def export_fields(spec: RunSpec, tokenizer) -> dict:
     """config.json fields of the exported checkpoint that say how it was trained and is meant to run:
-    the balancing loss's weight, the tokenizer's special tokens, generation with a KV cache."""
-    fields = {"router_aux_loss_coef": spec.train.aux_loss_weight, "use_cache": True}
+    the balancing loss's weight, the tokenizer's special tokens, generation with a KV cache, and the
+    sequence length it was trained at as its positions (model.max_seq_len is only an upper bound)."""
+    fields = {
+        "router_aux_loss_coef": spec.train.aux_loss_weight,
+        "use_cache": True,
+        "max_position_embeddings": spec.data.seq_len,
+    }
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         if getattr(tokenizer, name, None) is not None:
             fields[name] = getattr(tokenizer, name)

@@ -239,6 +239,7 @@ def test_export_says_how_it_was_trained_and_is_readable_by_others(run_dir):
     config = json.loads((run_dir / "model" / "config.json").read_text())
     tok = AutoTokenizer.from_pretrained(run_dir / "model")
     assert config["router_aux_loss_coef"] == 0.01 and config["use_cache"] is True
+    assert config["max_position_embeddings"] == 64  # data.seq_len of this run, not the preset's 2048
     assert config["bos_token_id"] == tok.bos_token_id is not None and config["eos_token_id"] == tok.eos_token_id
     mask = os.umask(0)
     os.umask(mask)
