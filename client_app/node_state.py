@@ -27,6 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from common.atomic import fsync_dir, write_text_atomic
+from common.checks import all_finite
 
 log = logging.getLogger("spes.node")
 
@@ -136,6 +137,14 @@ class NodeState:
             shutil.rmtree(root / f"step-{old_step:012d}", ignore_errors=True)
         return final
 
+    def non_finite(self) -> str | None:
+        """The first saved tensor holding a NaN or an Inf ("optimizer/<name>", ...), or None."""
+        for group in ("owned_tensors", "optimizer", *_OPTIONAL):
+            for name, tensor in (getattr(self, group, None) or {}).items():
+                if tensor.is_floating_point() and not all_finite(tensor):
+                    return f"{group}/{name}"
+        return None
+
     @classmethod
     def load(cls, root: Path, step: int) -> NodeState | None:
         """The state saved at exactly `step`, or None if there is none or it is damaged."""
@@ -162,6 +171,10 @@ class NodeState:
             )
             if state.global_step != step:
                 raise ValueError(f"meta.json says step {state.global_step}")
+            # A NaN in the moments keeps the file's size but poisons every later round: refuse it here,
+            # so the node asks for the full model and starts its moments afresh.
+            if bad := state.non_finite():
+                raise ValueError(f"{bad} holds NaN or Inf")
         except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
             log.warning("saved node state %s is damaged (%s); it is discarded", directory, exc)
             shutil.rmtree(directory, ignore_errors=True)

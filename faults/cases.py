@@ -27,6 +27,7 @@ from faults.node_cases import (
     case_run_token_paths,
     case_state_corrupt,
     case_state_crash_mid_save,
+    case_state_nan_moments,
     case_state_other_step,
 )
 from faults.outcome import Outcome
@@ -300,6 +301,7 @@ QUICK: list[Callable[[], Outcome]] = [
     case_coordinator_data_path,
     case_state_crash_mid_save,
     case_state_corrupt,
+    case_state_nan_moments,
     case_state_other_step,
     case_node_refuses_bad_round,
 ]

@@ -107,6 +107,29 @@ def case_state_corrupt() -> Outcome:
     )
 
 
+def case_state_nan_moments() -> Outcome:
+    """A NaN written into the saved AdamW moments, the file keeping its size (the issue 22 finding)."""
+    from safetensors.torch import load_file, save_file
+
+    from client_app.node_state import NodeState
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "state"
+        d = _state(10).save(root)
+        size = (d / "optimizer.safetensors").stat().st_size
+        moments = load_file(str(d / "optimizer.safetensors"))
+        moments["w::exp_avg"][1] = math.nan
+        save_file(moments, str(d / "optimizer.safetensors"))
+        same_size = (d / "optimizer.safetensors").stat().st_size == size
+        gone = NodeState.load(root, 10) is None and not d.exists()
+    return Outcome(
+        "NaN in the node's saved optimizer moments (file size unchanged)",
+        "the node replied NaN every round, even after a full-model resend, until dropped",
+        "state discarded on load; the node asks for the full model and starts fresh moments",
+        same_size and gone,
+    )
+
+
 def case_state_other_step() -> Outcome:
     from client_app.node_state import NodeState
 

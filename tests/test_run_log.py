@@ -83,3 +83,23 @@ def test_wandb_goes_offline_without_credentials(tmp_path):
     netrc.write_text("machine api.wandb.ai\n  login user\n  password key\n")
     assert wandb_mode({}, netrc) == "online"
     assert wandb_mode({"WANDB_MODE": "disabled", "WANDB_API_KEY": "x"}, netrc) == "disabled"
+
+
+def test_a_non_finite_loss_stops_the_round_before_the_update():
+    from training.trainer import NonFiniteTraining
+
+    args = MoEArgs(hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2, num_experts=4, top_k=2, expert_ffn=16)
+    model = build_model(args, 64, seed=0)
+    cfg = TrainConfig(batch_size=2, warmup_steps=0)
+    optimizer = make_optimizer(model, cfg)
+    batches = iter([torch.randint(0, 64, (2, 9)) for _ in range(3)])
+    train_steps(model, optimizer, batches, cfg, 0, 1, 3, torch.device("cpu"))  # a healthy step
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    moments = [s["exp_avg"].clone() for s in optimizer.state.values()]
+    with torch.no_grad():
+        model.model.norm.weight[0] = float("nan")
+    with pytest.raises(NonFiniteTraining, match="step 1: the loss is nan"):
+        train_steps(model, optimizer, batches, cfg, 1, 1, 3, torch.device("cpu"))
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k != "model.norm.weight")
+    assert all(torch.equal(m, s["exp_avg"]) for m, s in zip(moments, optimizer.state.values()))

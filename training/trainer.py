@@ -134,6 +134,12 @@ def peak_memory_mb(device: torch.device) -> float:
     return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+class NonFiniteTraining(RuntimeError):
+    """A loss or gradient went NaN or Inf: nothing of this step reaches the weights or the moments,
+    the round ends with an error and its state is not saved, so the node's next round starts from
+    the coordinator's full model."""
+
+
 def train_steps(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -187,9 +193,14 @@ def train_steps(
                 global_load=global_load,
                 global_weight=cfg.balance_global_weight,
             )
+        if not math.isfinite(loss := float(parts.total.detach())):
+            raise NonFiniteTraining(f"step {start_step + i}: the loss is {loss}; the round stops before the update")
         parts.total.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        if not math.isfinite(float(norm)):
+            raise NonFiniteTraining(
+                f"step {start_step + i}: the gradient norm is {float(norm)}; the round stops before the update"
+            )
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         for key, value in zip(sums, (parts.total, parts.ce, parts.aux, parts.z)):
