@@ -22,6 +22,7 @@ from server_app.config import ConfigError, load
 from server_app.config import run_dir as spec_run_dir
 from server_app.console import ENV_BAR
 from server_app.provenance import ENV_COMMAND, ENV_COMMIT, code_commit
+from server_app.run_lock import holder
 
 APP_DIR = Path(__file__).resolve().parent.parent
 
@@ -65,6 +66,12 @@ def simulate(argv: list[str]) -> int:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
     run_dir = spec_run_dir(spec)
+    if (busy := holder(run_dir)) is not None:
+        print(
+            f"config error: {run_dir} is in use by a running coordinator ({busy}); wait for it to end or stop it first",
+            file=sys.stderr,
+        )
+        return 2
     if spec.resume:
         if not (run_dir / "checkpoint").is_dir():
             print(f"config error: resume=true but {run_dir} holds no checkpoint", file=sys.stderr)

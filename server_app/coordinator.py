@@ -39,6 +39,7 @@ from server_app.console import RunConsole, say
 from server_app.provenance import provenance
 from server_app.report import write_report
 from server_app.rounds import Collector, RunFailed, admit_new_nodes, discover
+from server_app.run_lock import run_folder_lock
 from server_app.run_log import RunLog
 from server_app.summary import failure_report, summarize
 from strategy.federation_load import STARVING_ROUNDS, STARVING_SHARE
@@ -163,14 +164,19 @@ def run(grid: Grid, spec: RunSpec) -> dict:
     t_start = time.time()
     run_dir = run_config.run_dir(spec)
     ckpt_root = run_dir / "checkpoint"
-    resumed = checkpoint.load_latest(ckpt_root) if spec.resume else None
-    if spec.resume and resumed is None:
-        raise run_config.ConfigError(f"resume=true but {ckpt_root} holds no readable checkpoint")
-    if not spec.resume and checkpoint.rounds(ckpt_root):
-        raise run_config.ConfigError(
-            f"{run_dir} already holds a run; continue it with resume=true or pick another run_name"
-        )
     run_dir.mkdir(parents=True, exist_ok=True)
+    with run_folder_lock(run_dir):
+        resumed = checkpoint.load_latest(ckpt_root) if spec.resume else None
+        if spec.resume and resumed is None:
+            raise run_config.ConfigError(f"resume=true but {ckpt_root} holds no readable checkpoint")
+        if not spec.resume and checkpoint.rounds(ckpt_root):
+            raise run_config.ConfigError(
+                f"{run_dir} already holds a run; continue it with resume=true or pick another run_name"
+            )
+        return _run_locked(grid, spec, run_dir, ckpt_root, resumed, t_start)
+
+
+def _run_locked(grid: Grid, spec: RunSpec, run_dir: Path, ckpt_root: Path, resumed, t_start: float) -> dict:
     _record_provenance(run_dir / "run.json", spec, getattr(grid.run, "fab_hash", None), resumed is not None)
     handler = logging.FileHandler(run_dir / "coordinator.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
