@@ -50,6 +50,7 @@ def _spec_for_node(cfg: ConfigRecord, settings: NodeSettings) -> tuple[RunSpec, 
     raw["data"] = {**raw["data"], "source": source if sharded else "embedded"}
     raw.pop("init_from", None)  # the coordinator's checkpoint path: nothing for a node to open
     spec = from_dict(raw)
+    settings.check_run(spec)  # within this node's limits (node-config max-*)
     return spec, None if sharded else source
 
 
@@ -109,6 +110,8 @@ def train(msg: Message, context: Context) -> Message:
     if not isinstance(owned, list) or not all(isinstance(e, int) and not isinstance(e, bool) for e in owned):
         raise ValueError(f"received {keys.OWNED_EXPERTS}={owned!r}; expected a list of integers")
     total = cfg.get(keys.TOTAL_STEPS)
+    steps = _int(cfg, keys.LOCAL_STEPS, 1)
+    NodeSettings.from_node_config(context.node_config).check_run(ctx.spec, steps)
     arrays = msg.content.array_records[keys.ARRAYS]
     delta = None
     if ctx.spec.strategy.delta_sync:  # decoded against the model's shapes inside the round
@@ -121,7 +124,7 @@ def train(msg: Message, context: Context) -> Message:
         owned=owned,
         full_model=bool(cfg[keys.FULL_MODEL]),
         start_step=_int(cfg, keys.GLOBAL_STEP, 0),
-        steps=_int(cfg, keys.LOCAL_STEPS, 1),
+        steps=steps,
         total_steps=_int(cfg, keys.TOTAL_STEPS, 1) if total is not None else None,
         delta=delta,
         global_load=load,

@@ -14,12 +14,30 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from common.spec import RunSpec
+from model.args import build_config, count_parameters
+
 # Environment of a node process (the simulation launcher sets them for its virtual nodes).
 ENV_WORK_DIR = "SPES_NODE_WORK_DIR"
 ENV_COMMON_DATA = "SPES_NODE_COMMON_DATA"  # local copy of the run's common corpus (sharded like any source)
 ENV_PROGRESS = "SPES_NODE_PROGRESS"  # "0": no per-step progress bar
 DEFAULT_WORK_DIR = "~/.cache/spes-flower/nodes"
 _TOKEN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+def _limits(cfg: Mapping[str, Any]) -> dict[str, int]:
+    out = {}
+    for key, field_name in (
+        ("max-local-steps", "max_local_steps"),
+        ("max-params", "max_params"),
+        ("max-batch-tokens", "max_batch_tokens"),
+    ):
+        if key in cfg:
+            value = cfg[key]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise NodeSetupError(f"node-config {key} must be a positive integer, got {value!r}")
+            out[field_name] = value
+    return out
 
 
 class NodeSetupError(ValueError):
@@ -34,6 +52,10 @@ class NodeSettings:
     own_data: str | None = None  # node-config data-source: train on all of it instead of a shard
     common_data: str | None = None  # node-config common-data: where this node keeps the run's corpus
     progress: bool = True
+    # What this node agrees to run, whatever the coordinator sends (node-config max-*).
+    max_local_steps: int = 10_000
+    max_params: int = 20_000_000_000
+    max_batch_tokens: int = 1_048_576
 
     @classmethod
     def from_node_config(cls, cfg: Mapping[str, Any], env: Mapping[str, str] = os.environ) -> NodeSettings:
@@ -56,7 +78,22 @@ class NodeSettings:
             own_data=str(cfg["data-source"]) if cfg.get("data-source") else None,
             common_data=str(cfg.get("common-data") or env.get(ENV_COMMON_DATA) or "") or None,
             progress=env.get(ENV_PROGRESS, "1") != "0",
+            **_limits(cfg),
         )
+
+    def check_run(self, spec: RunSpec, local_steps: int | None = None) -> None:
+        """Refuse a run (or a round of `local_steps`) beyond this node's limits, naming the node-config key."""
+        m = spec.model
+        params = count_parameters(build_config(m, m.vocab_size or spec.data.vocab_size))["total"]
+        tokens = spec.train.batch_size * spec.data.seq_len
+        steps = spec.strategy.local_steps if local_steps is None else local_steps
+        for value, limit, key, what in (
+            (params, self.max_params, "max-params", f"a model of {params:,} parameters"),
+            (tokens, self.max_batch_tokens, "max-batch-tokens", f"{tokens:,} tokens per step"),
+            (steps, self.max_local_steps, "max-local-steps", f"{steps:,} local steps per round"),
+        ):
+            if value > limit:
+                raise NodeSetupError(f"this node refuses {what} (its {key} is {limit:,}); raise --node-config {key}")
 
     def workdir(self, run_token: str) -> Path:
         """`<work root>/<run token>/partition-<i>`, refusing any token that is not a plain name."""
@@ -70,16 +107,25 @@ class NodeSettings:
     def data_source(self, received: str) -> tuple[str, bool]:
         """(source this node reads, whether it takes its shard of it).
 
-        The coordinator's `data.source` is used only when it names no path (`embedded`, `hf:`);
-        a path on the coordinator means nothing here, and reading whatever this node has at that
-        path could ship local data back inside the weights.
+        The coordinator's `data.source` is used only when it is the corpus that ships with Python
+        (`embedded`); anything else it names is opened only as this node's own setting says. A path
+        on the coordinator means nothing here, and reading whatever this node has at that path could
+        ship local data back inside the weights; an `hf:` source is a hub download or, for a name
+        that is a local folder, a path again.
         """
         if self.own_data:
             return self.own_data, False
-        if received == "embedded" or received.startswith("hf:"):
+        if received == "embedded":
             return received, True
         if self.common_data:
             return self.common_data, True
+        if received.startswith("hf:"):
+            raise NodeSetupError(
+                f"the run's data.source is {received!r}: this node would fetch it from the Hugging Face hub, "
+                "or read a local folder of that name, because the coordinator said so. A node opens only what "
+                f"its own settings name: give it --node-config \"common-data='{received}'\" (or its copy of "
+                "the corpus)"
+            )
         raise NodeSetupError(
             f"the run's data.source is a path on the coordinator ({received!r}); this node does not open "
             "paths it receives. Give it its copy of that corpus with --node-config \"common-data='/path'\" "

@@ -41,10 +41,14 @@ def archive(run_dir: Path) -> Path | None:
 
 
 def node_environment(spec, run_dir: Path) -> dict[str, str]:
-    """What the simulated nodes need from this machine: their work dir, the corpus path, progress bars."""
+    """What the simulated nodes need from this machine: their work dir, the corpus (the source the user
+    gave here is every simulated node's own setting: a node opens nothing only the coordinator names),
+    progress bars."""
     env = {ENV_WORK_DIR: str(run_dir / "nodes"), ENV_PROGRESS: "1" if spec.logging.node_progress else "0"}
     source = spec.data.source
-    if source != "embedded" and not source.startswith("hf:"):
+    if source.startswith("hf:"):
+        env[ENV_COMMON_DATA] = source
+    elif source != "embedded":
         env[ENV_COMMON_DATA] = str(Path(source).expanduser().resolve())
     return env
 

@@ -61,3 +61,36 @@ def test_node_work_dir_comes_from_the_node(tmp_path):
         {"partition-id": 1, "num-partitions": 2}, env={ENV_WORK_DIR: str(tmp_path / "env")}
     )
     assert s.workdir("run-abc") == (tmp_path / "env" / "run-abc" / "partition-1").resolve()
+
+
+def test_node_opens_no_hub_source_it_only_received(tmp_path):
+    from client_app.app import _spec_for_node
+    from client_app.node_settings import NodeSettings, NodeSetupError
+
+    settings = NodeSettings.from_node_config({"partition-id": 0, "num-partitions": 4, "work-dir": str(tmp_path)}, env={})
+    # `hf:` is a hub download, or a local folder of that name: the coordinator does not decide that here.
+    with pytest.raises(NodeSetupError, match="common-data='hf:/etc'"):
+        _spec_for_node(ConfigRecord({"run-config": _spec_json(source="hf:/etc")}), settings)
+    mine = NodeSettings.from_node_config(
+        {"partition-id": 0, "num-partitions": 4, "common-data": "hf:wikitext:wikitext-2-raw-v1"}, env={}
+    )
+    spec, own = _spec_for_node(ConfigRecord({"run-config": _spec_json(source="hf:wikitext:wikitext-2-raw-v1")}), mine)
+    assert spec.data.source == "hf:wikitext:wikitext-2-raw-v1" and own is None
+
+
+def test_node_refuses_runs_beyond_its_limits(tmp_path):
+    from client_app.app import _spec_for_node
+    from client_app.node_settings import NodeSettings, NodeSetupError
+
+    base = {"partition-id": 0, "num-partitions": 4, "work-dir": str(tmp_path)}
+    demo = ConfigRecord({"run-config": _spec_json()})
+    spec, _ = _spec_for_node(demo, NodeSettings.from_node_config(base, env={}))  # the defaults take the demo
+    small = NodeSettings.from_node_config({**base, "max-params": 1_000_000}, env={})
+    with pytest.raises(NodeSetupError, match=r"refuses a model of 3,876,224 parameters \(its max-params is 1,000,000\)"):
+        _spec_for_node(demo, small)
+    with pytest.raises(NodeSetupError, match=r"refuses 1,024 tokens per step \(its max-batch-tokens is 1,000\)"):
+        NodeSettings.from_node_config({**base, "max-batch-tokens": 1000}, env={}).check_run(spec)
+    with pytest.raises(NodeSetupError, match=r"refuses 1,000,000,000 local steps per round \(its max-local-steps"):
+        NodeSettings.from_node_config(base, env={}).check_run(spec, local_steps=10**9)
+    with pytest.raises(NodeSetupError, match="max-local-steps must be a positive integer"):
+        NodeSettings.from_node_config({**base, "max-local-steps": "many"}, env={})
