@@ -189,11 +189,53 @@ def _run_locked(grid: Grid, spec: RunSpec, run_dir: Path, ckpt_root: Path, resum
         handler.close()
 
 
+# What a resume may change: how long the run goes on, where and how it runs, what is logged and
+# evaluated. Anything else (the model, the data, the method, the learning schedule) must stay.
+CHANGEABLE_ON_RESUME = (
+    "resume",
+    "rounds",
+    "engine",
+    "deterministic",
+    "output_dir",
+    "logging.",
+    "eval.",
+    "train.threads",
+    "train.device",
+    "train.resident",
+    "train.save_in_background",
+    "strategy.round_timeout_s",
+    "strategy.max_failed_rounds",
+    "strategy.federated_eval_every",
+    "strategy.min_nodes",
+)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
 def _record_provenance(path: Path, spec: RunSpec, fab_hash: str | None, resuming: bool) -> None:
-    """run.json: how the run was made; a resume appends how it was continued."""
+    """run.json: how the run was made; a resume appends how it was continued, after checking that it
+    changes nothing but CHANGEABLE_ON_RESUME (a run started before run.json existed is not checked)."""
     made = provenance(spec.raw, fab_hash)
     if resuming and path.exists():
         first = json.loads(path.read_text())
+        before, now = _flat(first.get("config", {})), _flat(spec.raw)
+        changed = sorted(
+            k
+            for k in set(before) | set(now)
+            if before.get(k) != now.get(k)
+            and not any(k == c or (c.endswith(".") and k.startswith(c)) for c in CHANGEABLE_ON_RESUME)
+        )
+        if changed:
+            shown = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:6])
+            raise run_config.ConfigError(
+                f"resume=true with settings the run did not start with ({shown}); resume with the same "
+                "settings, changing only how long or where it runs (rounds, engine, logging, eval, ...)"
+            )
         first.setdefault("resumes", []).append({k: v for k, v in made.items() if k != "config"})
         made = first
     write_json_atomic(path, made)

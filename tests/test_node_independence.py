@@ -67,7 +67,9 @@ def test_node_opens_no_hub_source_it_only_received(tmp_path):
     from client_app.app import _spec_for_node
     from client_app.node_settings import NodeSettings, NodeSetupError
 
-    settings = NodeSettings.from_node_config({"partition-id": 0, "num-partitions": 4, "work-dir": str(tmp_path)}, env={})
+    settings = NodeSettings.from_node_config(
+        {"partition-id": 0, "num-partitions": 4, "work-dir": str(tmp_path)}, env={}
+    )
     # `hf:` is a hub download, or a local folder of that name: the coordinator does not decide that here.
     with pytest.raises(NodeSetupError, match="common-data='hf:/etc'"):
         _spec_for_node(ConfigRecord({"run-config": _spec_json(source="hf:/etc")}), settings)
@@ -86,7 +88,9 @@ def test_node_refuses_runs_beyond_its_limits(tmp_path):
     demo = ConfigRecord({"run-config": _spec_json()})
     spec, _ = _spec_for_node(demo, NodeSettings.from_node_config(base, env={}))  # the defaults take the demo
     small = NodeSettings.from_node_config({**base, "max-params": 1_000_000}, env={})
-    with pytest.raises(NodeSetupError, match=r"refuses a model of 3,876,224 parameters \(its max-params is 1,000,000\)"):
+    with pytest.raises(
+        NodeSetupError, match=r"refuses a model of 3,876,224 parameters \(its max-params is 1,000,000\)"
+    ):
         _spec_for_node(demo, small)
     with pytest.raises(NodeSetupError, match=r"refuses 1,024 tokens per step \(its max-batch-tokens is 1,000\)"):
         NodeSettings.from_node_config({**base, "max-batch-tokens": 1000}, env={}).check_run(spec)

@@ -1,0 +1,38 @@
+"""resume=true continues a run only with the settings it started with (but for how long and where it runs)."""
+
+import contextlib
+import io
+import json
+
+from engine.simulate import simulate
+from micro import MICRO_MODEL
+
+BASE = [
+    *MICRO_MODEL,
+    "model.num_experts=4",
+    "nodes=2",
+    "strategy.local_steps=2",
+    "strategy.merge.enabled=false",
+    "eval.max_batches=2",
+    "engine=inprocess",
+    "run_name=r",
+]
+
+
+def _sim(argv):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = simulate(argv)
+    return rc, out.getvalue() + err.getvalue()
+
+
+def test_resume_refuses_other_settings_and_takes_more_rounds(tmp_path):
+    out = f"output_dir={tmp_path}"
+    assert _sim([*BASE, "rounds=1", out])[0] == 0
+    rc, text = _sim([*BASE, "rounds=2", "train.lr=1e-4", "resume=true", out])
+    assert rc == 1 and "resume=true with settings the run did not start with (train.lr: 0.003 -> 0.0001)" in text
+    assert _sim([*BASE, "rounds=2", "resume=true", "logging.node_progress=true", out])[0] == 0
+    made = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert made["config"]["rounds"] == 1 and len(made["resumes"]) == 1  # the start, then how it went on
+    rounds = [json.loads(x)["round"] for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert rounds == [1, 2]
