@@ -88,7 +88,14 @@ def model_rows(parity: dict, int8_ratio: float, step_s: dict[str, float], latenc
                 rows[f"{preset} | {link} | {method}"] = _time(
                     method, b, bps, latency_s, step_s[preset], syncs, int8_ratio, nodes
                 )
-    return {"target_loss": target, "syncs_to_target": syncs, "rows": rows}
+    return {
+        "target_loss": target,
+        "syncs_to_target": syncs,
+        "rows": rows,
+        "links": list(LINKS_BPS),
+        "methods": list(METHODS),
+        "presets": list(PRESETS),
+    }
 
 
 def _time(method, b, bps, latency_s, step_s, syncs, int8_ratio, nodes) -> dict:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench.wan import LINKS_BPS, METHODS, PRESETS
-
 
 def _h(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}"
@@ -18,8 +16,9 @@ def ratio(rows: dict, preset: str, link: str, a: str, b: str) -> float | None:
 
 def write_wan_page(out: dict, docs: Path) -> Path:
     rows, a = out["rows"], out["assumptions"]
+    links, methods, presets = out["links"], out["methods"], out["presets"]
     syncs = ", ".join(f"{m} {_h(n)}" for m, n in out["syncs_to_target"].items())
-    steps = ", ".join(f"{p} {a['step_s'][p]:.3f} s ({a['step_source'][p]})" for p in PRESETS)
+    steps = ", ".join(f"{p} {a['step_s'][p]:.3f} s ({a['step_source'][p]})" for p in presets)
     md = [
         "# Time to a target loss over a wide-area network (a model)",
         "",
@@ -34,7 +33,7 @@ def write_wan_page(out: dict, docs: Path) -> Path:
         f"  H = 25): {syncs}. The same number of syncs is assumed at the 1b and 7b presets, each after",
         f"  H = {a['H']} steps; data-parallel training takes the centralized curve's syncs x H steps.",
         f"- Step time per node: {steps}; compute and communication do not overlap.",
-        f"- Links: {', '.join(LINKS_BPS)}; one-way latency {a['latency_s'] * 1e3:.0f} ms; {a['nodes']} nodes,",
+        f"- Links: {', '.join(links)}; one-way latency {a['latency_s'] * 1e3:.0f} ms; {a['nodes']} nodes,",
         "  each with its own link to the coordinator.",
         "- Bytes per round and node: fp32 parameter counts of the preset (SPES: shared + owned experts up,",
         "  all but the owned experts down; DiLoCo and FedAvg: the whole model both ways). int8 delta sync:",
@@ -44,26 +43,26 @@ def write_wan_page(out: dict, docs: Path) -> Path:
         "",
         "## Hours to the target",
         "",
-        "| preset | link | " + " | ".join(METHODS) + " | SPES / DiLoCo | SPES int8 / DiLoCo |",
-        "|---|---|" + "---:|" * (len(METHODS) + 2),
+        "| preset | link | " + " | ".join(methods) + " | SPES / DiLoCo | SPES int8 / DiLoCo |",
+        "|---|---|" + "---:|" * (len(methods) + 2),
     ]
-    for preset in PRESETS:
-        for link in LINKS_BPS:
-            hours = [_h(rows[f"{preset} | {link} | {m}"]["hours"]) for m in METHODS]
+    for preset in presets:
+        for link in links:
+            hours = [_h(rows[f"{preset} | {link} | {m}"]["hours"]) for m in methods]
             r1, r2 = ratio(rows, preset, link, "spes", "diloco"), ratio(rows, preset, link, "spes_int8", "diloco")
             md.append(f"| {preset} | {link} | " + " | ".join(hours) + f" | {_h(r1)} | {_h(r2)} |")
     md += [
         "",
         "Share of a round spent communicating:",
         "",
-        "| preset | link | " + " | ".join(METHODS) + " |",
-        "|---|---|" + "---:|" * len(METHODS),
+        "| preset | link | " + " | ".join(methods) + " |",
+        "|---|---|" + "---:|" * len(methods),
     ]
-    for preset in PRESETS:
-        for link in LINKS_BPS:
+    for preset in presets:
+        for link in links:
             md.append(
                 f"| {preset} | {link} | "
-                + " | ".join(f"{rows[f'{preset} | {link} | {m}']['comm_share']:.0%}" for m in METHODS)
+                + " | ".join(f"{rows[f'{preset} | {link} | {m}']['comm_share']:.0%}" for m in methods)
                 + " |"
             )
     png = _plot(out, docs / "wan.png")
@@ -74,16 +73,16 @@ def write_wan_page(out: dict, docs: Path) -> Path:
 
 
 def _plot(out: dict, path: Path) -> Path:
+    links, methods, presets = out["links"], out["methods"], out["presets"]
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(PRESETS), figsize=(10, 3.8), sharey=False)
-    links = list(LINKS_BPS)
-    for ax, preset in zip(axes, PRESETS):
-        width = 0.8 / len(METHODS)
-        for i, m in enumerate(METHODS):
+    fig, axes = plt.subplots(1, len(presets), figsize=(10, 3.8), sharey=False)
+    for ax, preset in zip(axes, presets):
+        width = 0.8 / len(methods)
+        for i, m in enumerate(methods):
             hours = [out["rows"][f"{preset} | {link} | {m}"]["hours"] or 0.0 for link in links]
             ax.bar([j + i * width for j in range(len(links))], hours, width, label=m, color=f"C{i}")
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(links))], links)

@@ -4,8 +4,9 @@ import contextlib
 import io
 import json
 
-from engine.simulate import simulate
 from micro import MICRO_MODEL
+
+from engine.simulate import simulate
 
 BASE = [
     *MICRO_MODEL,
