@@ -69,6 +69,22 @@ def paired_ratios(arm_cells: list[dict], ref_cells: list[dict], equal_flops: boo
     return out
 
 
+def planned_runs(results: dict) -> int:
+    """Runs the study plans: per arm, its grid on the first seed then the best point on the other seeds."""
+    seeds = len(results["seeds"])
+    return sum(len(a["grid"]) + seeds - 1 if a.get("grid") else seeds for a in results["arms"].values())
+
+
+def progress_line(results: dict) -> str:
+    done, planned = len(results["cells"]), planned_runs(results)
+    if done >= planned:
+        return f"Complete: all {planned} planned runs."
+    return (
+        f"**In progress: {done} of {planned} planned runs.** An arm with fewer than 3 seeds is a hint, not a finding; "
+        f"rerun `python -m bench.study {results['study']}` to continue."
+    )
+
+
 def _reference(results: dict, arm: str) -> str | None:
     ref = results["arms"][arm].get("reference") or results.get("reference")
     return None if ref == arm else ref
@@ -89,6 +105,8 @@ def study_section(results: dict, png: str | None) -> list[str]:
             f"seeds {seeds}; {len(results['cells'])} runs, {wall / 3600:.2f} h of run time; code at "
             f"{', '.join(f'`{c}`' for c in commits)}; last written {results['date']}."
         ),
+        "",
+        progress_line(results),
         "",
     ]
     if results.get("budget"):

@@ -10,7 +10,15 @@ from micro import MICRO_MODEL
 from bench import study as study_mod
 from bench.study import cell_id, cell_overrides, load_study, run_study
 from bench.study_cost import flops_per_token, training_flops
-from bench.study_report import fit_log_trend, interpolate, mean_std, paired_ratios, write_page
+from bench.study_report import (
+    fit_log_trend,
+    interpolate,
+    mean_std,
+    paired_ratios,
+    planned_runs,
+    progress_line,
+    write_page,
+)
 from bench.wan import rounds_to
 from server_app.config import load
 
@@ -167,3 +175,11 @@ def test_micro_study_page_reports_paired_ratios(micro_study):
     m, s = mean_std([c["final_val_loss"] / central[c["seed"]] for c in spes])
     assert f"{m:.4f} ± {s:.4f}" in page
     assert (tmp / "docs" / "study_micro.png").stat().st_size > 0
+
+
+def test_page_says_how_far_a_study_got(micro_study):
+    _, results, tmp = micro_study
+    assert planned_runs(results) == 5  # 2 grid points on seed 0, the best on seed 1, centralized on seeds 0 and 1
+    assert progress_line(results) == "Complete: all 5 planned runs."
+    partial = {**results, "cells": dict(list(results["cells"].items())[:3])}
+    assert progress_line(partial).startswith("**In progress: 3 of 5 planned runs.**")
