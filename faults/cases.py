@@ -277,6 +277,18 @@ QUICK: list[Callable[[], Outcome]] = [
     _metric_case("train-loss a string", "coordinator crashed in aggregate_train", ("train-loss", "low")),
     _metric_case("num-tokens a list", "coordinator crashed in aggregate_train", ("num-tokens", [1.0, 2.0])),
     _metric_case("expert-load a scalar", "coordinator crashed in aggregate_train", ("expert-load", 0.5)),
+    _metric_case(
+        "expert-load rows summing to 2 (a load claim counted twice)",
+        "accepted: steered the federation's load",
+        ("expert-load", [2.0 / E] * (L * E)),
+    ),
+    _metric_case("tokens-per-s 1.7e308", "accepted; `inf` written into metrics.jsonl", ("tokens-per-s", 1.7e308)),
+    _metric_case(
+        "tokens-per-s 1e12 (the speed policy's lever)",
+        "accepted (a 10x claim took 5 of 8 experts, policy speed)",
+        ("tokens-per-s", 1e12),
+    ),
+    _metric_case("train-loss -5", "accepted", ("train-loss", -5.0)),
     _tensor_case("NaN in an update", "rejected (already)", lambda u: _scaled(u, math.nan)),
     _tensor_case("finite update of 1e30", "accepted; outer step and merging made Inf", lambda u: _scaled(u, 1e30)),
     _tensor_case(

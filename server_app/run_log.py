@@ -82,6 +82,31 @@ def run_scalars(rounds: list[RoundRecord]) -> dict[str, float]:
     return out
 
 
+def finite_record(record: dict[str, Any]) -> dict[str, Any]:
+    """The round's record with every non-finite number replaced by None and its path listed under
+    "non_finite", so metrics.jsonl stays strict JSON that any reader parses."""
+    refused: list[str] = []
+
+    def clean(value: Any, path: str) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            refused.append(path)
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v, f"{path}[{i}]") for i, v in enumerate(value)]
+        return value
+
+    out = clean(record, "")
+    if refused:
+        out["non_finite"] = sorted(refused)
+    return out
+
+
+def _line(record: RoundRecord) -> str:
+    return json.dumps(finite_record(record.to_dict()), sort_keys=True, allow_nan=False) + "\n"
+
+
 def wandb_mode(env: dict[str, str] | None = None, netrc: Path | None = None) -> str:
     """WANDB_MODE when set; else online only with credentials (WANDB_API_KEY or a wandb entry in
     ~/.netrc), offline otherwise, so that a run without a login records locally instead of waiting
@@ -114,7 +139,7 @@ class RunLog:
             for line in self.path.read_text().splitlines():
                 if line.strip() and (rec := RoundRecord.from_dict(json.loads(line))).round <= keep_rounds_upto:
                     self.rounds.append(rec)
-        self.path.write_text("".join(json.dumps(r.to_dict(), sort_keys=True) + "\n" for r in self.rounds))
+        self.path.write_text("".join(_line(r) for r in self.rounds))
         self._tb = None
         self._wandb = None
         if tensorboard:
@@ -131,7 +156,7 @@ class RunLog:
     def log_round(self, record: RoundRecord) -> None:
         self.rounds.append(record)
         with self.path.open("a") as f:
-            f.write(json.dumps(record.to_dict(), sort_keys=True) + "\n")
+            f.write(_line(record))
             f.flush()
             os.fsync(f.fileno())
         step = record.round

@@ -133,7 +133,7 @@ def _node_loads(owners: Mapping[int, Sequence[int]], load: Sequence[float]) -> d
 
 
 def balance_by_load(
-    owners: Mapping[int, Sequence[int]], expert_load: Sequence[float], tolerance: float
+    owners: Mapping[int, Sequence[int]], expert_load: Sequence[float], tolerance: float, max_swaps: int | None = None
 ) -> dict[int, tuple[int, ...]]:
     """Swap experts between nodes so each node's summed `expert_load` is as even as possible.
 
@@ -141,7 +141,8 @@ def balance_by_load(
     swap lowers it by more than `tolerance` x the mean per-node load. The bar is a share of a
     node's fair load, not of the current spread, so a nearly even assignment is left alone rather
     than reshuffled to chase measurement noise. Swaps keep every node's number of experts (its
-    memory) and the one-owner-per-expert invariant.
+    memory) and the one-owner-per-expert invariant. `max_swaps` caps the swaps of one call (None:
+    until no swap helps), so one decision cannot move much on the strength of one window's reports.
     """
     if tolerance < 0 or not math.isfinite(tolerance):
         raise ValueError(f"tolerance must be a finite number >= 0, got {tolerance}")
@@ -154,7 +155,8 @@ def balance_by_load(
     if not new:
         return {}
     bar = tolerance * sum(expert_load) / len(new)
-    while True:
+    swaps = 0
+    while max_swaps is None or swaps < max_swaps:
         sums = _node_loads(new, expert_load)
         spread = max(sums.values()) - min(sums.values())
         best, best_spread = None, spread
@@ -167,10 +169,12 @@ def balance_by_load(
                     if after < best_spread - 1e-12:
                         best, best_spread = (i, a, j, b), after
         if best is None or spread - best_spread <= bar:
-            return {p: tuple(sorted(experts)) for p, experts in new.items()}
+            break
         i, a, j, b = best
         new[i].remove(a), new[j].remove(b)
         new[i].append(b), new[j].append(a)
+        swaps += 1
+    return {p: tuple(sorted(experts)) for p, experts in new.items()}
 
 
 def speed_counts(speed: Mapping[int, float], num_experts: int) -> dict[int, int]:
@@ -193,18 +197,44 @@ def speed_counts(speed: Mapping[int, float], num_experts: int) -> dict[int, int]
     return counts
 
 
-def balance_by_speed(owners: Mapping[int, Sequence[int]], speed: Mapping[int, float]) -> dict[int, tuple[int, ...]]:
+def cap_counts(old: Mapping[int, int], proposed: Mapping[int, int], max_change: int) -> dict[int, int]:
+    """`proposed` expert counts with each node's change from `old` clipped to +-`max_change`, still
+    summing to the same total and at least one each: the clipped surplus or shortfall is settled by the
+    nodes furthest from their proposal that still have room (lowest partition id on ties)."""
+    if set(old) != set(proposed) or sum(old.values()) != sum(proposed.values()):
+        raise ValueError(f"old {dict(old)} and proposed {dict(proposed)} counts must cover the same nodes and total")
+    if max_change < 1:
+        raise ValueError(f"max_change must be >= 1, got {max_change}")
+    lo = {p: max(1, old[p] - max_change) for p in old}
+    hi = {p: old[p] + max_change for p in old}
+    counts = {p: min(max(proposed[p], lo[p]), hi[p]) for p in old}
+    total = sum(old.values())
+    while sum(counts.values()) > total:
+        p = max((p for p in counts if counts[p] > lo[p]), key=lambda p: (counts[p] - proposed[p], -p))
+        counts[p] -= 1
+    while sum(counts.values()) < total:
+        p = max((p for p in counts if counts[p] < hi[p]), key=lambda p: (proposed[p] - counts[p], -p))
+        counts[p] += 1
+    return counts
+
+
+def balance_by_speed(
+    owners: Mapping[int, Sequence[int]], speed: Mapping[int, float], max_change: int | None = None
+) -> dict[int, tuple[int, ...]]:
     """Faster nodes own more experts: counts proportional to `speed` (tokens/s), at least one each.
 
     Nothing moves while every node's count is within one expert of its exact quota (any such
     count is as fair a rounding as another; this keeps noisy speeds from shuffling experts back
     and forth). Otherwise counts go to `speed_counts` with the fewest moves: each node keeps its
     lowest experts up to its new count and the released ones fill the nodes that need more.
+    `max_change` caps how many experts a node gains or loses in one call (None: no cap).
     """
     if set(speed) != set(owners):
         raise ValueError(f"need a speed for every node: owners {sorted(owners)}, speeds {sorted(speed)}")
     num_experts = sum(len(experts) for experts in owners.values())
     counts = speed_counts(speed, num_experts)
+    if max_change is not None:
+        counts = cap_counts({p: len(owners[p]) for p in owners}, counts, max_change)
     total = sum(speed.values())
     if all(len(owners[p]) >= 1 and abs(len(owners[p]) - num_experts * speed[p] / total) < 1 for p in owners):
         return {p: tuple(sorted(experts)) for p, experts in owners.items()}

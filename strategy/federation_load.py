@@ -5,6 +5,12 @@ the tokens each node trained) becomes the federation's load; it goes back to eve
 mix it into its balancing loss, `train.balance_global_weight`). With `router_bias_rate` > 0 an
 aux-loss-free routing bias (DeepSeek-V3) moves toward balance by that rate every round; nodes add
 it to the router probabilities for the top-k choice (model/routing.py).
+
+A node's load report steers routing, so no single node may decide it: with three or more reports
+the federation's load is the coordinate-wise median of the nodes' shares (each layer renormalised
+to sum to 1), which one node of N >= 3 cannot move past the honest nodes' range; with fewer it is
+the token-weighted mean. The bias moves by `router_bias_rate` per round and stays within
++-BIAS_LIMIT_STEPS of those steps.
 """
 
 from __future__ import annotations
@@ -12,9 +18,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+
 from common import keys
 from model.routing import global_load, imbalance, update_bias
 
+BIAS_LIMIT_STEPS = 25  # the bias stays within +-25 x router_bias_rate (0.25 at the suggested 0.01)
+MEDIAN_FROM = 3  # reports needed before the median replaces the token-weighted mean
 STARVING_SHARE = 0.1  # an expert getting under this fraction of the uniform share 1/E ...
 STARVING_ROUNDS = 3  # ... for this many reported rounds in a row is starving
 
@@ -29,12 +39,14 @@ class FederationLoad:
     def update(self, reports: Sequence[tuple[Any, float]]) -> dict[str, float]:
         """Take this round's (expert load, tokens) reports; the imbalance stats of the round record
         (max/mean tokens per expert, mean over layers and worst layer), or {} without reports."""
-        load = global_load(list(reports))
+        load = robust_load(reports)
         if load is None:
             return {}
         self.load = load
         if self.bias_rate > 0:
-            self.bias = update_bias(self.bias or [[0.0] * len(row) for row in load], load, self.bias_rate)
+            moved = update_bias(self.bias or [[0.0] * len(row) for row in load], load, self.bias_rate)
+            limit = BIAS_LIMIT_STEPS * self.bias_rate
+            self.bias = [[min(max(b, -limit), limit) for b in row] for row in moved]
         self._count_low(load)
         mean, worst = imbalance(load)
         return {"expert_imbalance": mean, "expert_imbalance_max": worst, "starving_experts": self.starving()}
@@ -74,6 +86,18 @@ class FederationLoad:
         self.load = state.get("global_load")
         self.bias = state.get("router_bias") if self.bias_rate > 0 else None
         self.low_rounds = {(int(layer), int(e)): int(n) for layer, e, n in state.get("low_load_rounds", [])}
+
+
+def robust_load(reports: Sequence[tuple[Any, float]]) -> list[list[float]] | None:
+    """The federation's per-layer load from (load[L][E], tokens) reports: the coordinate-wise median of
+    the reports with tokens (rows renormalised to sum to 1) when there are MEDIAN_FROM or more, else
+    their token-weighted mean; None without any."""
+    reports = [(load, w) for load, w in reports if load and w > 0]
+    if len(reports) < MEDIAN_FROM:
+        return global_load(reports)
+    stacked = torch.tensor([load for load, _ in reports], dtype=torch.float64)
+    median = stacked.quantile(0.5, dim=0)  # the midpoint of the middle two for an even count
+    return (median / median.sum(dim=1, keepdim=True).clamp_min(1e-12)).tolist()
 
 
 def _flat(rows: list[list[float]]) -> list[float]:

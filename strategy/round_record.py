@@ -49,8 +49,9 @@ class RoundRecord:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RoundRecord:
+        """A metrics.jsonl line back; a null (a non-finite number when written) takes the field's default."""
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        return cls(**{k: v for k, v in d.items() if k in known and v is not None})
 
     def failed_nodes(self) -> dict[str, str]:
         """partition id -> status of every node whose update was not used."""

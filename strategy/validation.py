@@ -16,6 +16,10 @@ import torch
 from common import keys
 from common.checks import value_range
 
+METRIC_MAX = 1e15  # above any honest count, rate, size or time; keeps sums over nodes finite
+MAX_TOKENS_PER_S = 1e8  # far above what one node trains per second
+LOAD_ROW_TOLERANCE = 1e-3  # a layer's shares sum to 1 up to float32 rounding
+
 
 class InvalidUpdate(ValueError):
     pass
@@ -54,6 +58,8 @@ def validate_update(
 def _number(value: Any, key: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
         raise InvalidUpdate(f"metric {key}={value!r} is not a finite number")
+    if abs(float(value)) > METRIC_MAX:
+        raise InvalidUpdate(f"metric {key}={value!r} is beyond {METRIC_MAX:g}")
     return float(value)
 
 
@@ -65,9 +71,11 @@ def validate_train_metrics(
     for key in keys.NODE_METRICS:
         if key in metrics:
             value = _number(metrics[key], key)
-            if value < 0 and key not in ("train-loss", "ce-loss"):
+            if value < 0:
                 raise InvalidUpdate(f"metric {key}={value} is negative")
             out[key.replace("-", "_")] = value
+    if out.get("tokens_per_s", 0.0) > MAX_TOKENS_PER_S:
+        raise InvalidUpdate(f"metric tokens-per-s={out['tokens_per_s']:g} is beyond {MAX_TOKENS_PER_S:g}")
     if keys.NUM_TOKENS not in metrics:
         raise InvalidUpdate(f"metric {keys.NUM_TOKENS} missing")
     if not 0 < out["num_tokens"] <= max_tokens:
@@ -81,7 +89,11 @@ def validate_train_metrics(
         values = [_number(x, keys.EXPERT_LOAD) for x in load]
         if any(not 0.0 <= x <= 1.0 for x in values):
             raise InvalidUpdate("metric expert-load holds fractions outside [0, 1]")
-        out["expert_load"] = [values[i : i + num_experts] for i in range(0, len(values), num_experts)]
+        rows = [values[i : i + num_experts] for i in range(0, len(values), num_experts)]
+        sums = [sum(row) for row in rows]
+        if any(abs(total - 1.0) > LOAD_ROW_TOLERANCE for total in sums):
+            raise InvalidUpdate(f"metric expert-load: each layer's shares must sum to 1, got sums {sums}")
+        out["expert_load"] = rows
     return out
 
 

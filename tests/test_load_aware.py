@@ -8,8 +8,9 @@ from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from common.codec import encode
 from common.spec import MergeSchedule, StrategyConfig
 from model.naming import expert_param_names, shared_param_names
-from strategy.assignment import Ownership, balance_by_load, balance_by_speed, speed_counts
-from strategy.load_aware import mean_expert_load, mean_speed
+from strategy.assignment import Ownership, balance_by_load, balance_by_speed, cap_counts, speed_counts
+from strategy.federation_load import BIAS_LIMIT_STEPS, FederationLoad, robust_load
+from strategy.load_aware import SPEED_CLIP, mean_expert_load, mean_speed
 from strategy.spes import SpesStrategy
 
 L = 2
@@ -117,15 +118,73 @@ def test_mean_expert_load_token_weighted_summed_over_layers():
     assert mean_expert_load([{"0": {"status": "ok", "num_tokens": 5.0}}], 2) is None
 
 
-def test_mean_speed_is_tokens_over_seconds():
+def test_mean_speed_is_the_median_rate_clipped_to_the_median_node():
     rounds = [
-        {"0": {"status": "ok", "num_tokens": 100.0, "tokens_per_s": 50.0}},  # 2 s
+        {"0": {"status": "ok", "num_tokens": 100.0, "tokens_per_s": 50.0}},
         {
-            "0": {"status": "ok", "num_tokens": 300.0, "tokens_per_s": 100.0},  # 3 s
+            "0": {"status": "ok", "num_tokens": 300.0, "tokens_per_s": 100.0},
             "1": {"status": "no reply"},
         },
+        {"0": {"status": "ok", "num_tokens": 300.0, "tokens_per_s": 1e6}},  # one absurd round: the median ignores it
     ]
-    assert mean_speed(rounds, [0, 1]) == pytest.approx({0: 80.0})
+    assert mean_speed(rounds, [0, 1]) == pytest.approx({0: 100.0})
+    liar = [{str(p): {"status": "ok", "num_tokens": 9.0, "tokens_per_s": 10.0} for p in range(3)}]
+    liar[0]["3"] = {"status": "ok", "num_tokens": 9.0, "tokens_per_s": 1000.0}
+    # medians 10, 10, 10, 1000 -> middle 10; the liar counts as SPEED_CLIP x 10
+    assert mean_speed(liar, [0, 1, 2, 3]) == pytest.approx({0: 10.0, 1: 10.0, 2: 10.0, 3: 10.0 * SPEED_CLIP})
+
+
+def test_one_node_of_three_cannot_move_the_federation_load():
+    honest = [[0.5, 0.3, 0.2]]
+    reports = [(honest, 100.0), ([[0.5, 0.25, 0.25]], 100.0), ([[0.0, 0.0, 1.0]], 1e9)]
+    # coordinate-wise median [0.5, 0.25, 0.25] sums to 1 already; the liar's tokens do not weigh
+    assert robust_load(reports)[0] == pytest.approx([0.5, 0.25, 0.25])
+    # two reports: the token-weighted mean (100 * [0.5, 0.3, 0.2] + 300 * [0.1, 0.1, 0.8]) / 400
+    assert robust_load([(honest, 100.0), ([[0.1, 0.1, 0.8]], 300.0)])[0] == pytest.approx([0.2, 0.15, 0.65])
+    # four reports: the midpoint of the middle two per expert
+    four = [([[a, b, c]], 1.0) for a, b, c in [(0.5, 0.3, 0.2), (0.4, 0.2, 0.4), (0.5, 0.2, 0.3), (0.4, 0.3, 0.3)]]
+    assert robust_load(four)[0] == pytest.approx([0.45, 0.25, 0.3])
+    # medians [0.4, 0.4, 0.0] sum to 0.8: renormalised to shares
+    three = [([row], 1.0) for row in ([0.6, 0.4, 0.0], [0.4, 0.6, 0.0], [0.0, 0.4, 0.6])]
+    assert robust_load(three)[0] == pytest.approx([0.5, 0.5, 0.0])
+    assert robust_load([]) is None
+
+
+def test_the_router_bias_stays_within_its_limit():
+    fed = FederationLoad(bias_rate=0.01)
+    skewed = [([[0.9, 0.1]], 10.0)] * 3
+    for _ in range(BIAS_LIMIT_STEPS + 20):
+        fed.update(skewed)
+    limit = BIAS_LIMIT_STEPS * 0.01
+    assert fed.bias[0] == pytest.approx([-limit, limit])
+
+
+def test_cap_counts_moves_each_node_at_most_the_cap_and_keeps_the_total():
+    old = {0: 2, 1: 2, 2: 2, 3: 2}
+    # clipped to 3, 1, 1, 1; the two missing go to the nodes furthest below their proposal, lowest id first
+    assert cap_counts(old, {0: 5, 1: 1, 2: 1, 3: 1}, 1) == {0: 3, 1: 2, 2: 2, 3: 1}
+    assert cap_counts(old, {0: 1, 1: 1, 2: 3, 3: 3}, 1) == {0: 1, 1: 1, 2: 3, 3: 3}
+    assert cap_counts(old, {0: 5, 1: 1, 2: 1, 3: 1}, 3) == {0: 5, 1: 1, 2: 1, 3: 1}
+    with pytest.raises(ValueError, match="same nodes and total"):
+        cap_counts(old, {0: 8, 1: 1, 2: 1, 3: 1}, 1)
+
+
+def test_a_decision_by_speed_moves_one_expert_per_node_at_most():
+    owners = {0: (0, 1), 1: (2, 3), 2: (4, 5), 3: (6, 7)}
+    uncapped = balance_by_speed(owners, {0: 10.0, 1: 1.0, 2: 1.0, 3: 1.0})
+    capped = balance_by_speed(owners, {0: 10.0, 1: 1.0, 2: 1.0, 3: 1.0}, max_change=1)
+    assert [len(uncapped[p]) for p in range(4)] == [5, 1, 1, 1]
+    assert [len(capped[p]) for p in range(4)] == [3, 2, 2, 1]
+    assert sorted(e for es in capped.values() for e in es) == list(range(8))
+
+
+def test_a_decision_by_load_makes_one_swap_at_most():
+    owners = {0: (0, 1, 2), 1: (3, 4, 5), 2: (6, 7, 8)}
+    load = [9.0, 8.0, 7.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0]  # node loads 24, 3, 0
+    # uncapped: two swaps (0<->6, then 2<->3) even the nodes out at 9 each; capped: only the first
+    assert balance_by_load(owners, load, 0.0) == {0: (1, 3, 6), 1: (2, 4, 5), 2: (0, 7, 8)}
+    assert balance_by_load(owners, load, 0.0, max_swaps=1) == {0: (1, 2, 6), 1: (3, 4, 5), 2: (0, 7, 8)}
+    assert balance_by_load(owners, load, 0.0, max_swaps=0) == owners
 
 
 # -- the strategy ---------------------------------------------------------------------------
@@ -207,8 +266,9 @@ def test_static_never_moves_owners(flower_task):
 def test_speed_policy_gives_the_faster_node_more_experts(flower_task):
     s = _strategy("speed", 8, 2, every=1)
     _round(s, 1, encode(_params(8)), [0.125] * 8, speed={0: 300.0, 1: 100.0})
-    assert s.owners == {0: (0, 1, 2, 3, 6, 7), 1: (4, 5)}
-    assert s.events[0]["owners"] == {"0": [0, 1, 2, 3, 6, 7], "1": [4, 5]}
+    # 3x faster: quota 6 of 8 experts, but one decision moves at most one expert per node (4 -> 5)
+    assert s.owners == {0: (0, 1, 2, 3, 7), 1: (4, 5, 6)}
+    assert s.events[0]["owners"] == {"0": [0, 1, 2, 3, 7], "1": [4, 5, 6]}
     assert s.needs_full == {0: True, 1: True}
 
 

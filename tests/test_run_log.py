@@ -103,3 +103,17 @@ def test_a_non_finite_loss_stops_the_round_before_the_update():
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before if k != "model.norm.weight")
     assert all(torch.equal(m, s["exp_avg"]) for m, s in zip(moments, optimizer.state.values()))
+
+
+def test_metrics_jsonl_is_strict_json_with_non_finite_numbers_named(tmp_path):
+    nothing_trained = replace(RECORD, round=2, train_loss=float("nan"), nodes={"0": {"tokens_per_s": float("inf")}})
+    log = RunLog(tmp_path)
+    log.log_round(RECORD)
+    log.log_round(nothing_trained)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    strict = [json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in metrics.jsonl")) for line in lines]
+    assert "non_finite" not in strict[0]
+    assert strict[1]["non_finite"] == ["nodes.0.tokens_per_s", "train_loss"]
+    assert strict[1]["train_loss"] is None and strict[1]["nodes"]["0"]["tokens_per_s"] is None
+    back = RoundRecord.from_dict(strict[1])  # read back (resume, reports): a null takes the field's default
+    assert back.train_loss != back.train_loss and back.round == 2

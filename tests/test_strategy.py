@@ -248,8 +248,8 @@ def test_expert_load_reported_per_node_and_layer(flower_task):
     replies = []
     for p, msg in enumerate(msgs):
         names = shared_param_names(s.params) + expert_param_names(s.params, msg.content["config"]["owned-experts"])
-        load = [0.125 * (p + 1)] * (L * E)
-        replies.append(reply(msg, {n: s.params[n] for n in names}, 10, **{"expert-load": load}))
+        row = [1.0 / (p + 1)] * (p + 1) + [0.0] * (E - p - 1)  # node p spreads its tokens over p + 1 experts
+        replies.append(reply(msg, {n: s.params[n] for n in names}, 10, **{"expert-load": row * L}))
     s.aggregate_train(1, replies)
     node1 = s.history[-1].nodes["1"]
-    assert len(node1["expert_load"]) == L and all(row == [0.25] * E for row in node1["expert_load"])
+    assert len(node1["expert_load"]) == L and all(row == [0.5, 0.5] + [0.0] * (E - 2) for row in node1["expert_load"])
