@@ -7,8 +7,10 @@ lives in its own directory `state/step-<n>/`; the newest two are kept, so a coor
 restarts and repeats a round finds the state that round started from.
 
 A save never touches a finished state: it writes a temporary directory, fsyncs it and renames
-it into place (an atomic rename on POSIX). Nothing here unpickles: tensors and optimizer
-moments are safetensors files, the rest JSON.
+it into place (an atomic rename on POSIX). Saving a step that is already there (a repeated round)
+first moves the old state aside as `.replaced-step-<n>`; a crash between the two renames leaves
+that, and the next load or save puts it back, so no crash loses the state of a step. Nothing here
+unpickles: tensors and optimizer moments are safetensors files, the rest JSON.
 """
 
 from __future__ import annotations
@@ -33,8 +35,23 @@ log = logging.getLogger("spes.node")
 
 KEEP_STATES = 2
 _STEP_DIR = re.compile(r"^step-(\d{12})$")
+_REPLACED = ".replaced-"  # + the step directory's name: a state moved aside while its step is saved again
 _SEP = "::"  # optimizer tensor key: <parameter name>::<state key>
 _OPTIONAL = ("base", "residual", "own_delta")  # delta-sync files, written only when non-empty
+
+
+def recover_replaced(root: Path) -> None:
+    """Put back a state moved aside by a same-step save that crashed before its new state was in
+    place; drop one whose replacement made it."""
+    if not root.is_dir():
+        return
+    for aside in root.glob(f"{_REPLACED}step-*"):
+        final = root / aside.name.removeprefix(_REPLACED)
+        if final.exists():
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.replace(aside, final)
+            log.warning("put back %s: a save of the same step was cut short", final)
 
 
 def _fsync_file(path: Path) -> None:
@@ -107,6 +124,7 @@ class NodeState:
     def save(self, root: Path, keep: int = KEEP_STATES) -> Path:
         """Write `root/step-<global_step>/` atomically; keep the newest `keep` states."""
         root.mkdir(parents=True, exist_ok=True)
+        recover_replaced(root)
         for stale in root.glob(".tmp-*"):  # left by a crash mid-save
             shutil.rmtree(stale, ignore_errors=True)
         tmp = root / f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -126,10 +144,11 @@ class NodeState:
         fsync_dir(tmp)
         final = root / f"step-{self.global_step:012d}"
         if final.exists():  # the same step saved again (a repeated round): replace it
-            old = root / f".tmp-old-{uuid.uuid4().hex[:8]}"
-            os.replace(final, old)
+            aside = root / f"{_REPLACED}{final.name}"
+            os.replace(final, aside)
             os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
+            fsync_dir(root)
+            shutil.rmtree(aside, ignore_errors=True)
         else:
             os.replace(tmp, final)
         fsync_dir(root)
@@ -148,6 +167,7 @@ class NodeState:
     @classmethod
     def load(cls, root: Path, step: int) -> NodeState | None:
         """The state saved at exactly `step`, or None if there is none or it is damaged."""
+        recover_replaced(root)
         directory = root / f"step-{step:012d}"
         if not (directory / "meta.json").exists():
             return None
@@ -183,7 +203,9 @@ class NodeState:
 
 
 def saved_steps(root: Path) -> list[int]:
-    """Global steps of the saved states under `root`, ascending."""
+    """Global steps of the saved states under `root`, ascending (a state moved aside by a cut-short
+    same-step save is put back first)."""
     if not root.is_dir():
         return []
+    recover_replaced(root)
     return sorted(int(m.group(1)) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)))

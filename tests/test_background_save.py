@@ -24,6 +24,7 @@ from client_app.background_save import MARKER_GLOB, save_after_reply, wait_for_s
 from client_app.node_state import NodeState, saved_steps
 
 ROOT = Path(__file__).resolve().parent.parent
+KEY = "layers.0.experts.1.w::exp_avg"
 
 
 def state(step=4) -> NodeState:
@@ -215,3 +216,19 @@ def test_a_flower_process_ending_after_its_reply_lives_until_the_save_is_done(tm
 
     assert time.monotonic() - t0 > FORCE_EXIT_TIMEOUT_SECONDS + 2
     assert NodeState.load(tmp_path, 4) is not None and markers(tmp_path) == []
+
+
+def test_a_same_step_save_cut_between_its_renames_loses_nothing(tmp_path):
+    first = state(4)
+    first.save(tmp_path)
+    # the crash window of saving step 4 again: the old state is moved aside, the new one not yet in place
+    os.replace(tmp_path / "step-000000000004", tmp_path / ".replaced-step-000000000004")
+    assert saved_steps(tmp_path) == [4]  # put back
+    back = NodeState.load(tmp_path, 4)
+    assert back is not None and torch.equal(back.optimizer[KEY], first.optimizer[KEY])
+    # a second save of step 4 replaces it and leaves nothing aside
+    second = state(4)
+    second.optimizer = {KEY: first.optimizer[KEY] + 1}
+    second.save(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000000000004"]
+    assert torch.equal(NodeState.load(tmp_path, 4).optimizer[KEY], first.optimizer[KEY] + 1)
