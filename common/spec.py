@@ -376,6 +376,12 @@ def validate(spec: RunSpec) -> None:
     spec.train.validate()
     spec.eval.validate()
     spec.strategy.validate(spec.model.num_experts, spec.nodes)
+    if spec.strategy.max_update_ratio and spec.train.lora_rank:
+        raise ValueError(
+            "strategy.max_update_ratio cannot be used with train.lora_rank > 0: LoRA's B matrices start at zero, "
+            "so every honest change of them is an unbounded ratio; bound a LoRA run with strategy.max_abs_value "
+            "or strategy.trim_fraction"
+        )
     if (
         spec.model.vocab_size is not None
         and spec.data.tokenizer == "bpe"

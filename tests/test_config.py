@@ -19,6 +19,7 @@ from server_app.config import ConfigError, load
         (["no_such_key=1"], r"unknown key no_such_key; every key is listed in conf/config.yaml"),
         (["strategy.local_step=25"], r"unknown key strategy.local_step; did you mean strategy.local_steps\?$"),
         (["trian.lr=1e-3"], r"unknown key trian.lr; did you mean train.lr"),
+        (["train.lora_rank=4", "strategy.max_update_ratio=0.5"], r"max_update_ratio cannot be used with train.lora"),
     ],
 )
 def test_bad_config_fails_with_clear_message(overrides, message):
