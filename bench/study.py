@@ -236,7 +236,8 @@ def main(argv: list[str]) -> int:
         check_study(study)
         seeds = [int(s) for s in a.seeds.split(",")] if a.seeds else None
         run_study(study, out, a.threads, seeds)
-    print(f"[study] {write_page(out, docs)}")
+    readme = ROOT / "README.md" if Path(a.docs).resolve() == (ROOT / "docs").resolve() else None
+    print(f"[study] {write_page(out, docs, readme)}")
     return 0
 
 

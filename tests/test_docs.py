@@ -23,6 +23,14 @@ def test_readme_preset_table_is_the_computed_one():
     assert replace_in(readme, table()) == readme, "stale preset table: python scripts/preset_table.py --write"
 
 
+def test_readme_studies_block_is_generated_from_the_committed_studies():
+    from bench.study_report import readme_block, replace_readme_block
+
+    readme = (ROOT / "README.md").read_text()
+    fresh = replace_readme_block(readme, readme_block(ROOT / "benchmarks" / "studies"))
+    assert fresh == readme, "stale studies block: python -m bench.study --report-only"
+
+
 def test_replace_in_swaps_only_the_table():
     text = "intro\n\n| preset | a |\n|---|---|\n| `x` | 1 |\n\nafter\n"
     assert replace_in(text, "| preset | b |") == "intro\n\n| preset | b |\n\nafter\n"

@@ -11,12 +11,16 @@ from bench import study as study_mod
 from bench.study import cell_id, cell_overrides, load_study, run_study
 from bench.study_cost import flops_per_token, training_flops
 from bench.study_report import (
+    README_BEGIN,
+    README_END,
     fit_log_trend,
     interpolate,
     mean_std,
     paired_ratios,
     planned_runs,
     progress_line,
+    readme_lines,
+    replace_readme_block,
     write_page,
 )
 from bench.wan import rounds_to
@@ -183,3 +187,17 @@ def test_page_says_how_far_a_study_got(micro_study):
     assert progress_line(results) == "Complete: all 5 planned runs."
     partial = {**results, "cells": dict(list(results["cells"].items())[:3])}
     assert progress_line(partial).startswith("**In progress: 3 of 5 planned runs.**")
+
+
+def test_readme_line_pairs_the_first_arm_with_the_others(micro_study):
+    _, results, _ = micro_study
+    by_arm = {
+        a: sorted((c for c in results["cells"].values() if c["arm"] == a), key=lambda c: c["seed"])
+        for a in ("spes", "central")
+    }
+    best = [c for c in by_arm["spes"] if sum(d["point"] == c["point"] for d in by_arm["spes"]) == 2]
+    m, s = mean_std([c["final_val_loss"] / r["final_val_loss"] for c, r in zip(best, by_arm["central"])])
+    (line,) = readme_lines(results)
+    assert f"spes / central {m:.4f} ± {s:.4f}" in line and "in progress" not in line
+    block = replace_readme_block(f"a\n{README_BEGIN}\nold\n{README_END}\nb", "NEW")
+    assert block == "a\nNEW\nb"
