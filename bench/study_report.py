@@ -45,7 +45,9 @@ def chosen_cells(results: dict) -> dict[str, list[dict]]:
             seeds_per_point.setdefault(c["point"], set()).add(c["seed"])
         if not cells:
             continue
-        point = max(seeds_per_point, key=lambda p: (len(seeds_per_point[p]), p is None))
+        first = {c["point"]: c["final_val_loss"] for c in cells if c["seed"] == min(c["seed"] for c in cells)}
+        # the point run on most seeds; while the grid is still being searched, the best one so far
+        point = max(seeds_per_point, key=lambda p: (len(seeds_per_point[p]), -first.get(p, float("inf"))))
         by_arm[arm] = sorted((c for c in cells if c["point"] == point), key=lambda c: c["seed"])
     return by_arm
 
@@ -264,21 +266,18 @@ def readme_lines(results: dict) -> list[str]:
         return []
     ref = results.get("reference")
     done = "" if len(results["cells"]) >= planned_runs(results) else " **(in progress: not a finding yet)**"
-    seeds = sorted({c["seed"] for cells in by_arm.values() for c in cells})
-    head = f"- **{results['title']}** ({len(seeds)} seed(s), `{' '.join(results['base'])}`){done}: "
+    seeds = len({c["seed"] for cells in by_arm.values() for c in cells})
+    head = f"- **{results['title']}** ({seeds} seed{'s' * (seeds > 1)}, `{' '.join(results['base'])}`){done}: "
+    losses = {arm: fmt_ms([c["final_val_loss"] for c in cells]) for arm, cells in by_arm.items()}
     if ref is None:
-        return [
-            head
-            + "; ".join(f"{arm} {fmt_ms([c['final_val_loss'] for c in cells])}" for arm, cells in by_arm.items())
-            + "."
-        ]
+        return [head + "final held-out loss " + "; ".join(f"{arm} {loss}" for arm, loss in losses.items()) + "."]
     first, *others = by_arm
-    parts = [f"{first} / {o} {fmt_ms(paired_ratios(by_arm[first], by_arm[o]))}" for o in others]
+    parts = [f"{first} {losses[first]}"]
+    parts += [f"{first} / {o} {fmt_ms(paired_ratios(by_arm[first], by_arm[o]))}" for o in others]
     if ref in by_arm and ref != first:
-        parts.append(
-            f"{first} / {ref} at equal training FLOPs {fmt_ms(paired_ratios(by_arm[first], by_arm[ref], True))}"
-        )
-    return [head + "held-out loss at equal tokens, " + "; ".join(parts) + "."]
+        flops = fmt_ms(paired_ratios(by_arm[first], by_arm[ref], equal_flops=True))
+        parts.append(f"{first} / {ref} at equal training FLOPs {flops}")
+    return [head + "final held-out loss at equal tokens " + "; ".join(parts) + "."]
 
 
 def readme_block(out: Path) -> str:
