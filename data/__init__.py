@@ -22,6 +22,7 @@ from .sources import DataSourceError, DataSourceWarning
 from .tokenizer import (
     EOS_TOKEN,
     PAD_TOKEN,
+    bytes_per_token,
     ensure_pad_token,
     load_or_train_tokenizer,
     tokenizer_fingerprint,
@@ -35,6 +36,7 @@ __all__ = [
     "EOS_TOKEN",
     "PAD_TOKEN",
     "BatchStream",
+    "bytes_per_token",
     "DataConfig",
     "DataSourceError",
     "DataSourceWarning",

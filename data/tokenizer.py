@@ -156,3 +156,12 @@ def _load_pretrained(spec: str) -> PreTrainedTokenizerFast:
             f"the hub is unreachable or has no such repo); use tokenizer='bpe' or a "
             f"local path. Cause: {type(e).__name__}: {e}"
         ) from e
+
+
+def bytes_per_token(tok: PreTrainedTokenizerFast, rows: list[list[int]]) -> float:
+    """UTF-8 bytes of text per token over packed token `rows` (special tokens count as tokens of no
+    text): the factor that turns a loss per token into bits per byte, loss / ln 2 / this."""
+    tokens = sum(len(r) for r in rows)
+    if not tokens:
+        raise ValueError("no tokens to measure")
+    return sum(len(tok.decode(r, skip_special_tokens=True).encode("utf-8")) for r in rows) / tokens

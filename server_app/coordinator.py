@@ -26,7 +26,7 @@ from common import keys
 from common.atomic import write_json_atomic
 from common.codec import encode
 from common.spec import RunSpec
-from data import load_tokenizer, prepare_blocks, tokenizer_to_json
+from data import bytes_per_token, load_tokenizer, prepare_blocks, tokenizer_to_json
 from model import build_model, count_parameters, load_pretrained
 from model.export import save_hf_atomic
 from model.lora import LoraArgs, init_adapters, lora_args, merge_adapters, split_adapters
@@ -147,8 +147,10 @@ class CentralEval:
     """The coordinator's held-out loss of the global model. With LoRA the evaluated (and exported)
     model is the merged one, W + alpha/r * B @ A; `bias=False` scores it without the routing bias."""
 
-    def __init__(self, model, heldout: torch.Tensor, spec: RunSpec, lora: LoraArgs | None) -> None:
+    def __init__(self, model, heldout: torch.Tensor, spec: RunSpec, lora: LoraArgs | None, tokenizer) -> None:
         self.model, self.heldout, self.spec, self.lora = model, heldout, spec, lora
+        scored = heldout[: spec.eval.batch_size * spec.eval.max_batches, 1:]  # the targets `evaluate` scores
+        self.bytes_per_token = bytes_per_token(tokenizer, scored.tolist())
 
     def __call__(self, strategy: SpesStrategy, bias: bool = True) -> float:
         params = strategy.params if self.lora is None else merge_adapters(strategy.params, self.lora)
@@ -310,6 +312,8 @@ class _Run:
         rounds = self.runlog.rounds
         summary = summarize(self.spec, rounds, first_val, counts, trainable, time.time() - self.t_start)
         summary["events"] = self.strategy.events
+        summary["heldout_bytes_per_token"] = self.evaluate.bytes_per_token
+        summary["final_val_bits_per_byte"] = summary["final_val_loss"] / math.log(2) / self.evaluate.bytes_per_token
         write_json_atomic(self.run_dir / "summary.json", summary)
         self.runlog.plot_loss(first_val, [r.tokens for r in rounds])
         self.runlog.close()
@@ -360,7 +364,7 @@ def _setup(spec: RunSpec, run_dir: Path, grid: Grid, resumed, t_start: float) ->
         collector,
         node_cfg,
         setup,
-        CentralEval(model, heldout, spec, lora),
+        CentralEval(model, heldout, spec, lora, tokenizer),
         runlog,
         tokenizer,
         start,

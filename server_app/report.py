@@ -254,6 +254,11 @@ def _fmt(x: Any, spec: str = ".4f") -> str:
     return "-" if x is None else str(x)
 
 
+def _bpb_label(summary: dict) -> str:
+    bpt = _fmt(summary.get("heldout_bytes_per_token"), ".2f")
+    return f"held-out bits per byte, last round ({bpt} UTF-8 bytes of text per token scored)"
+
+
 def summary_rows(rounds: list[RoundRecord], summary: dict) -> list[tuple[str, str]]:
     """(label, value) pairs of the summary table."""
     rows = [
@@ -265,6 +270,7 @@ def summary_rows(rounds: list[RoundRecord], summary: dict) -> list[tuple[str, st
         ),
         ("held-out loss", f"{_fmt(summary.get('first_val_loss'))} -> {_fmt(summary.get('final_val_loss'))}"),
         ("held-out perplexity per token, last round", _fmt(_ppl(summary.get("final_val_loss")), ".1f")),
+        (_bpb_label(summary), _fmt(summary.get("final_val_bits_per_byte"), ".4f")),
         (
             "the nodes' own evaluation, last round (their held-out shards, token-weighted)",
             _fmt(summary.get("federated_eval_loss")),

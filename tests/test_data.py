@@ -87,6 +87,16 @@ def test_bpe_tokenizer_deterministic_and_special_tokens(small_docs, tok):
     assert tok.eos_token_id in tok(SAMPLES[2]).input_ids
 
 
+def test_bytes_per_token_counts_the_text_bytes_of_the_rows(tok):
+    text = "naïve café"  # 10 characters, 12 UTF-8 bytes
+    ids = tok(text, add_special_tokens=False).input_ids
+    assert data.bytes_per_token(tok, [ids]) == pytest.approx(12 / len(ids))
+    # an end-of-text token is a token with no text: it lowers the bytes per token
+    assert data.bytes_per_token(tok, [ids + [tok.eos_token_id]]) == pytest.approx(12 / (len(ids) + 1))
+    with pytest.raises(ValueError, match="no tokens"):
+        data.bytes_per_token(tok, [])
+
+
 def test_tokenizer_json_round_trip(tok):
     s = tokenizer_to_json(tok)
     assert isinstance(s, str)

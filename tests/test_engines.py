@@ -7,6 +7,7 @@ bit-identical global weights, outer-optimizer state, node states, metrics and by
 import contextlib
 import io
 import json
+import math
 import re
 import subprocess
 import sys
@@ -162,6 +163,10 @@ def test_outputs_and_summary(run_dir):
     assert summary["tokens_trained"] == 2 * 2 * 3 * 4 * 64
     assert summary["final_val_loss"] < summary["first_val_loss"]
     assert summary["federated_eval_loss"] is not None  # the nodes' evaluation replies were accepted
+    bpt = summary["heldout_bytes_per_token"]
+    assert 1 < bpt < 8  # a byte-level BPE of English-like text
+    assert summary["final_val_bits_per_byte"] == pytest.approx(summary["final_val_loss"] / math.log(2) / bpt)
+    assert f"{summary['final_val_bits_per_byte']:.4f}" in (run_dir / "report.md").read_text()
     assert (run_dir / "loss.png").stat().st_size > 0
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in lines] == [1, 2]
