@@ -120,3 +120,23 @@ def test_no_circle_between_modules():
 def test_the_cycle_finder_finds_cycles():
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+
+
+SHORT_FUNCTIONS = ("model", "strategy", "client_app", "server_app", "common")
+
+
+def test_functions_of_the_method_and_its_glue_fit_on_a_screen():
+    long = [
+        f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+        for pkg in SHORT_FUNCTIONS
+        for path in (ROOT / pkg).rglob("*.py")
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 60
+    ]
+    assert not long, long
+
+
+def test_no_source_file_over_500_lines():
+    files = [f for pkg in [*PACKAGES, "tests", "scripts"] for f in (ROOT / pkg).rglob("*.py")]
+    long = [f"{f.relative_to(ROOT)} ({n} lines)" for f in files if (n := f.read_text().count("\n")) > 500]
+    assert not long, long
