@@ -58,6 +58,7 @@ class Study:
     seeds: list[int]
     arms: list[Arm]
     reference: str | None = None  # the arm others are divided by
+    subject: str | None = None  # the arm the study is about (the README line divides it by the others)
     budget: str = ""  # what the study costs, as measured, for the page
 
 
@@ -81,9 +82,9 @@ def load_study(name: str) -> Study:
         if arm.kind not in KINDS:
             raise SystemExit(f"{path}: arm {arm.name}: kind must be one of {KINDS}, got {arm.kind!r}")
     names = {a.name for a in arms}
-    for ref in [study.reference, *(a.reference for a in arms)]:
+    for ref in [study.reference, study.subject, *(a.reference for a in arms)]:
         if ref is not None and ref not in names:
-            raise SystemExit(f"{path}: reference {ref!r} is not an arm")
+            raise SystemExit(f"{path}: reference or subject {ref!r} is not an arm")
     return study
 
 
@@ -195,6 +196,7 @@ def _save(path: Path, study: Study, cells: dict) -> dict:
         "base": study.base,
         "seeds": study.seeds,
         "reference": study.reference,
+        "subject": study.subject,
         "budget": study.budget,
         "arms": {
             a.name: {

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import statistics
 from pathlib import Path
 
@@ -35,10 +36,16 @@ def interpolate(x: list[float], y: list[float], at: float) -> float | None:
     return y[-1]
 
 
+def natural_key(name: str) -> list:
+    """H25 before H100: digit runs compare as numbers."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
 def chosen_cells(results: dict) -> dict[str, list[dict]]:
-    """Per arm, its cells at the point every seed ran (the best grid point), ordered by seed."""
+    """Per arm (in natural order of names), its cells at the point every seed ran (the best grid
+    point), ordered by seed."""
     by_arm: dict[str, list[dict]] = {}
-    for arm in results["arms"]:
+    for arm in sorted(results["arms"], key=natural_key):
         cells = [c for c in results["cells"].values() if c["arm"] == arm]
         seeds_per_point: dict = {}
         for c in cells:
@@ -271,7 +278,10 @@ def readme_lines(results: dict) -> list[str]:
     losses = {arm: fmt_ms([c["final_val_loss"] for c in cells]) for arm, cells in by_arm.items()}
     if ref is None:
         return [head + "final held-out loss " + "; ".join(f"{arm} {loss}" for arm, loss in losses.items()) + "."]
-    first, *others = by_arm
+    first = results.get("subject") or next(iter(by_arm))
+    if first not in by_arm:
+        return [head + f"no run of {first} yet."]
+    others = [arm for arm in by_arm if arm != first]
     parts = [f"{first} {losses[first]}"]
     parts += [f"{first} / {o} {fmt_ms(paired_ratios(by_arm[first], by_arm[o]))}" for o in others]
     if ref in by_arm and ref != first:

@@ -173,3 +173,9 @@ def _flops_per_step_ratio() -> float:
         spec = load([f"recipe={preset}"])
         f[preset] = training_flops(spec, spec.train.batch_size * spec.data.seq_len)
     return f["7b"] / f["1b"]
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main(sys.argv[1:]))

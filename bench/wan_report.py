@@ -17,7 +17,7 @@ def ratio(rows: dict, preset: str, link: str, a: str, b: str) -> float | None:
 def write_wan_page(out: dict, docs: Path) -> Path:
     rows, a = out["rows"], out["assumptions"]
     links, methods, presets = out["links"], out["methods"], out["presets"]
-    syncs = ", ".join(f"{m} {_h(n)}" for m, n in out["syncs_to_target"].items())
+    syncs = ", ".join(f"{m} {_h(n)}" for m, n in sorted(out["syncs_to_target"].items()))
     steps = ", ".join(f"{p} {a['step_s'][p]:.3f} s ({a['step_source'][p]})" for p in presets)
     md = [
         "# Time to a target loss over a wide-area network (a model)",

@@ -31,6 +31,15 @@ def test_readme_studies_block_is_generated_from_the_committed_studies():
     assert fresh == readme, "stale studies block: python -m bench.study --report-only"
 
 
+def test_studies_page_is_the_rendering_of_the_committed_studies(tmp_path):
+    from bench.study_report import write_page
+
+    page = write_page(ROOT / "benchmarks" / "studies", tmp_path).read_text()
+    assert page == (ROOT / "docs" / "studies.md").read_text(), (
+        "stale docs/studies.md: python -m bench.study --report-only"
+    )
+
+
 def test_replace_in_swaps_only_the_table():
     text = "intro\n\n| preset | a |\n|---|---|\n| `x` | 1 |\n\nafter\n"
     assert replace_in(text, "| preset | b |") == "intro\n\n| preset | b |\n\nafter\n"

@@ -2,6 +2,8 @@
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -92,7 +94,7 @@ def test_study_yaml_errors_are_clear(tmp_path):
     with pytest.raises(SystemExit, match="overides"):
         load_study(str(bad))
     bad.write_text("title: t\nquestion: q\nbase: []\nseeds: [0]\nreference: nope\narms: {a: {overrides: []}}\n")
-    with pytest.raises(SystemExit, match="reference 'nope' is not an arm"):
+    with pytest.raises(SystemExit, match="reference or subject 'nope' is not an arm"):
         load_study(str(bad))
 
 
@@ -121,6 +123,7 @@ def micro_study(tmp_path_factory):
                 "base": base,
                 "seeds": [0, 1],
                 "reference": "central",
+                "subject": "spes",
                 "arms": {
                     "spes": {"overrides": [], "grid": {"lo": ["train.lr=1e-3"], "hi": ["train.lr=6e-3"]}},
                     "central": {"kind": "centralized", "overrides": []},
@@ -201,3 +204,19 @@ def test_readme_line_pairs_the_first_arm_with_the_others(micro_study):
     assert f"spes / central {m:.4f} ± {s:.4f}" in line and "in progress" not in line
     block = replace_readme_block(f"a\n{README_BEGIN}\nold\n{README_END}\nb", "NEW")
     assert block == "a\nNEW\nb"
+
+
+def test_wan_page_is_the_rendering_of_its_committed_json(tmp_path):
+    from bench.wan_report import write_wan_page
+
+    root = Path(__file__).resolve().parent.parent
+    out = json.loads((root / "benchmarks" / "wan.json").read_text())
+    page = write_wan_page(out, tmp_path)
+    assert page.read_text() == (root / "docs" / "wan.md").read_text(), "stale docs/wan.md: python -m bench.wan"
+    assert (tmp_path / "wan.png").stat().st_size > 0
+
+
+def test_wan_runs_as_a_command():
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-m", "bench.wan", "--help"], cwd=root, capture_output=True, text=True)
+    assert done.returncode == 0 and "usage: python -m bench.wan" in done.stdout
