@@ -52,7 +52,8 @@ def chosen_cells(results: dict) -> dict[str, list[dict]]:
             seeds_per_point.setdefault(c["point"], set()).add(c["seed"])
         if not cells:
             continue
-        first = {c["point"]: c["final_val_loss"] for c in cells if c["seed"] == min(c["seed"] for c in cells)}
+        seed0 = min(c["seed"] for c in cells)
+        first = {c["point"]: c["final_val_loss"] for c in cells if c["seed"] == seed0}
         # the point run on most seeds; while the grid is still being searched, the best one so far
         point = max(seeds_per_point, key=lambda p: (len(seeds_per_point[p]), -first.get(p, float("inf"))))
         by_arm[arm] = sorted((c for c in cells if c["point"] == point), key=lambda c: c["seed"])
