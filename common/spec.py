@@ -84,6 +84,45 @@ class MergeSchedule:
 
 
 @dataclass
+class GuardConfig:
+    """The acceptance test of every round (strategy/guard.py)."""
+
+    enabled: bool = True
+    blocks: int = 32  # held-out blocks the guard scores, apart from those the reported evaluation scores
+    tolerance: float = 0.02  # a rise in guard loss under this share of the loss always passes
+    noise_factor: float = 3.0  # ... and one under this many standard deviations of the recent rounds' changes
+    window: int = 8  # rounds whose changes measure that noise
+    strikes: int = 2  # a node whose update the guard dropped this many times is quarantined (0: never)
+
+    def validate(self) -> None:
+        checks = (
+            (
+                _whole(self.blocks) and self.blocks >= 1,
+                f"strategy.guard.blocks must be an integer >= 1, got {self.blocks!r}",
+            ),
+            (
+                _finite(self.tolerance) and self.tolerance >= 0,
+                f"strategy.guard.tolerance must be >= 0, got {self.tolerance}",
+            ),
+            (
+                _finite(self.noise_factor) and self.noise_factor >= 0,
+                f"strategy.guard.noise_factor must be >= 0, got {self.noise_factor}",
+            ),
+            (
+                _whole(self.window) and self.window >= 3,
+                f"strategy.guard.window must be an integer >= 3, got {self.window!r}",
+            ),
+            (
+                _whole(self.strikes) and self.strikes >= 0,
+                f"strategy.guard.strikes must be an integer >= 0, got {self.strikes!r}",
+            ),
+        )
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
+@dataclass
 class StrategyConfig:
     local_steps: int = 100
     assignment: str = "contiguous"  # contiguous (SPES) | replicated (every node trains every expert)
@@ -98,12 +137,19 @@ class StrategyConfig:
     outer_momentum: float = 0.0
     nesterov: bool = False
     merge: MergeSchedule = field(default_factory=MergeSchedule)
+    guard: GuardConfig = field(default_factory=GuardConfig)
     # Federated evaluation on the nodes' held-out shards every k rounds; 0 = last round only.
     federated_eval_every: int = 0
     # Mean of the shared weights: weighted by tokens trained, or plain (the reference).
     shared_weighting: str = "tokens"
     # Robust mean of the shared weights: drop this fraction of the extreme values per entry on each side.
     trim_fraction: float = 0.0
+    # Coordinate-wise median of the shared weights instead of their mean (3+ nodes; strategy/aggregation.py).
+    median: bool = False
+    # Clip each update to this multiple of the round's median update norm: shared tensors against the
+    # other nodes' (3+ nodes), an expert against the other experts of its layer (strategy/robust.py). 0 = off.
+    clip_shared: float = 4.0
+    clip_experts: float = 4.0
     # Reject an update whose distance to the global tensor exceeds this multiple of the global
     # tensor's norm (0 = off).
     max_update_ratio: float = 0.0
@@ -136,10 +182,11 @@ class StrategyConfig:
     def from_dict(cls, d: Mapping[str, Any]) -> StrategyConfig:
         d = dict(d)
         d.pop("name", None)
-        merge = d.pop("merge", {})
+        merge, guard = d.pop("merge", {}), d.pop("guard", {})
         _check_fields("strategy", cls, d)
         _check_fields("strategy.merge", MergeSchedule, merge)
-        return cls(merge=MergeSchedule(**merge), **d)
+        _check_fields("strategy.guard", GuardConfig, guard)
+        return cls(merge=MergeSchedule(**merge), guard=GuardConfig(**guard), **d)
 
     def validate(self, num_experts: int, num_nodes: int) -> None:
         if self.local_steps < 1:
@@ -151,6 +198,7 @@ class StrategyConfig:
                 f"SPES needs at least as many experts per layer as nodes (E >= N), got E={num_experts}, N={num_nodes}"
             )
         self.merge.validate(num_experts)
+        self.guard.validate()
         for ok, message in (*self._round_checks(num_nodes), *self._ownership_checks(), *self._codec_checks()):
             if not ok:
                 raise ValueError(message)
@@ -171,6 +219,14 @@ class StrategyConfig:
             (
                 _finite(self.trim_fraction) and 0 <= self.trim_fraction < 0.5,
                 f"strategy.trim_fraction must be in [0, 0.5), got {self.trim_fraction}",
+            ),
+            (not (self.median and self.trim_fraction), "strategy.median and strategy.trim_fraction: choose one"),
+            (
+                _finite(self.clip_shared)
+                and self.clip_shared >= 0
+                and _finite(self.clip_experts)
+                and self.clip_experts >= 0,
+                f"strategy.clip_shared and clip_experts must be >= 0, got {self.clip_shared} and {self.clip_experts}",
             ),
             (
                 _finite(self.max_update_ratio) and self.max_update_ratio >= 0,

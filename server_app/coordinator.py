@@ -153,13 +153,29 @@ class CentralEval:
         self.bytes_per_token = bytes_per_token(tokenizer, scored.tolist())
 
     def __call__(self, strategy: SpesStrategy, bias: bool = True) -> float:
-        params = strategy.params if self.lora is None else merge_adapters(strategy.params, self.lora)
-        self.model.load_state_dict(params, strict=True)
-        set_router_bias(self.model, strategy.router_bias if bias else None)
-        loss, _ = evaluate(
-            self.model, self.heldout, self.spec.eval.batch_size, self.spec.eval.max_batches, torch.device("cpu")
+        return self.score(
+            strategy.params, strategy.router_bias if bias else None, self.heldout, self.spec.eval.max_batches
         )
+
+    def score(self, params, router_bias, blocks: torch.Tensor, max_batches: int) -> float:
+        params = params if self.lora is None else merge_adapters(params, self.lora)
+        self.model.load_state_dict(params, strict=True)
+        set_router_bias(self.model, router_bias)
+        loss, _ = evaluate(self.model, blocks, self.spec.eval.batch_size, max_batches, torch.device("cpu"))
         return loss
+
+    def guard(self, strategy: SpesStrategy):
+        """The guard's loss of a candidate model (strategy/guard.py): held-out blocks after those reported on,
+        or, where the held-out split is too small to spare them, its last blocks (then they overlap)."""
+        wanted, reported = self.spec.strategy.guard.blocks, self.spec.eval.batch_size * self.spec.eval.max_batches
+        blocks = self.heldout[reported : reported + wanted]
+        if len(blocks) < wanted:
+            blocks = self.heldout[-wanted:]
+            log.warning(
+                "held-out split of %d blocks: the guard's %d overlap the reported ones", len(self.heldout), len(blocks)
+            )
+        batches = math.ceil(len(blocks) / self.spec.eval.batch_size)
+        return lambda params: self.score(params, strategy.router_bias, blocks, batches)
 
 
 def run(grid: Grid, spec: RunSpec) -> dict:
@@ -348,6 +364,8 @@ def _setup(spec: RunSpec, run_dir: Path, grid: Grid, resumed, t_start: float) ->
     partitions = discover(grid, spec.nodes, setup, collector, spec.strategy.round_timeout_s)
     known = set(grid.get_node_ids())
     strategy = _strategy(spec, model, partitions, start, lora)
+    central_eval = CentralEval(model, heldout, spec, lora, tokenizer)
+    strategy.guard_score = central_eval.guard(strategy)
     runlog = RunLog(
         run_dir,
         spec.logging.tensorboard,
@@ -364,7 +382,7 @@ def _setup(spec: RunSpec, run_dir: Path, grid: Grid, resumed, t_start: float) ->
         collector,
         node_cfg,
         setup,
-        CentralEval(model, heldout, spec, lora, tokenizer),
+        central_eval,
         runlog,
         tokenizer,
         start,

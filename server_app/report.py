@@ -346,6 +346,19 @@ def _cost_rows(rounds: list[RoundRecord], summary: dict) -> list[tuple[str, str]
             f"{_fmt(summary.get('total_params'), ',')} / {_fmt(summary.get('trainable_params_node'), ',')}",
         ),
         ("failed node-rounds", _fmt(summary.get("failed_node_rounds"), "d")),
+        *(
+            [
+                (
+                    "updates clipped / dropped by the guard (guard cost)",
+                    (
+                        f"{summary['clipped_updates']} / {summary['guard_dropped_updates']} "
+                        f"({summary['guard_evaluations']} evaluations, {summary['guard_seconds']:.1f} s)"
+                    ),
+                )
+            ]
+            if "guard_evaluations" in summary
+            else []
+        ),
     ]
 
 

@@ -134,6 +134,9 @@ def admit_new_nodes(
         log.warning("new node not admitted: %s", e)
     for node_id, pid in sorted(partitions.items(), key=lambda kv: kv[1]):
         member = strategy.members.get(pid)
+        if member is not None and member.quarantined:
+            log.warning("node %s claims partition %d, quarantined by the guard; refused", node_id, pid)
+            continue
         held = member is not None and member.active and member.node_id != node_id
         if held and member.node_id in set(grid.get_node_ids()):
             log.warning(

@@ -44,6 +44,19 @@ def summarize(
         "shared_params": counts["shared"],
         "params_per_expert": counts["per_expert"],
         "failed_node_rounds": sum(1 for n in nodes if n["status"] != "ok"),
+        **robustness(rounds),
+    }
+
+
+def robustness(rounds: list[RoundRecord]) -> dict:
+    """What the bounds and the guard did (strategy/robust.py, strategy/guard.py), and what the guard cost."""
+    nodes = [n for r in rounds for n in r.nodes.values()]
+    guarded = [r.guard for r in rounds if r.guard]
+    return {
+        "clipped_updates": sum(1 for n in nodes if n.get("clipped_tensors")),
+        "guard_dropped_updates": sum(1 for n in nodes if n["status"].startswith("dropped by the guard")),
+        "guard_evaluations": sum(g["evaluations"] for g in guarded),
+        "guard_seconds": sum(g.get("seconds", 0.0) for g in guarded),
     }
 
 

@@ -19,12 +19,20 @@ def trimmed_mean(copies: list[torch.Tensor], trim_fraction: float) -> torch.Tens
     return stacked.mean(dim=0)
 
 
+def coordinate_median(copies: list[torch.Tensor]) -> torch.Tensor:
+    """Per-entry median; with an even count, the mean of the two middle values."""
+    ordered = torch.stack([c.double() for c in copies]).sort(dim=0).values
+    n = len(copies)
+    return ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+
+
 def aggregate(
     params: Mapping[str, torch.Tensor],
     updates: Mapping[int, tuple[Mapping[str, torch.Tensor], float]],
     trainers: Callable[[str], set[int]],
     outer: OuterOptimizer,
     trim_fraction: float = 0.0,
+    median: bool = False,
 ) -> dict[str, torch.Tensor]:
     """New global parameters.
 
@@ -33,7 +41,8 @@ def aggregate(
     that trained it and sent a valid update, passed through the outer optimizer. An expert with
     a single owner is thus its owner's copy (with the default plain-average outer step). With
     `trim_fraction` > 0, parameters with three or more copies take the unweighted trimmed mean
-    instead (robust to a few outlying nodes). A parameter nobody updated keeps its value.
+    instead (robust to a few outlying nodes), and with `median` their coordinate-wise median (robust
+    to any minority, at the price of a noisier average). A parameter nobody updated keeps its value.
     """
     new = dict(params)
     for name, old in params.items():
@@ -42,6 +51,8 @@ def aggregate(
             continue
         if len(contributors) == 1:
             averaged = updates[contributors[0]][0][name]
+        elif median and len(contributors) >= 3:
+            averaged = coordinate_median([updates[p][0][name] for p in contributors]).to(old.dtype)
         elif trim_fraction > 0 and len(contributors) >= 3:
             averaged = trimmed_mean([updates[p][0][name] for p in contributors], trim_fraction).to(old.dtype)
         else:

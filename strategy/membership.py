@@ -8,7 +8,7 @@ back, and after a resume (it may have lost its state meanwhile).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +20,8 @@ class Member:
     active: bool = True
     absent: int = 0  # rounds in a row without a valid update
     needs_full: bool = True  # send the whole model next time
+    strikes: int = 0  # updates the guard dropped (strategy/guard.py)
+    quarantined: bool = False  # out of the run for good: never active again
 
 
 class Membership:
@@ -47,6 +49,8 @@ class Membership:
         if member is None:
             self.members[pid] = Member(pid, node_id)
             return "join"
+        if member.quarantined:
+            raise ValueError(f"partition {pid} is quarantined by the guard and cannot rejoin this run")
         member.node_id, member.active, member.absent, member.needs_full = node_id, True, 0, True
         return "return"
 
@@ -57,6 +61,17 @@ class Membership:
             member = self.members[pid]
             member.absent = 0 if pid in valid else member.absent + 1
             member.needs_full = needs_full_after_update(pid) if pid in valid else True
+
+    def strike(self, pids: Iterable[int], limit: int) -> list[int]:
+        """Count a strike for each of `pids`; those now at `limit` strikes (0: no limit) are quarantined."""
+        out = []
+        for pid in pids:
+            member = self.members[pid]
+            member.strikes += 1
+            if limit and member.strikes >= limit and not member.quarantined:
+                member.quarantined = True
+                out.append(pid)
+        return out
 
     def absent_for(self, rounds: int) -> list[int]:
         """Active partitions without a valid update for `rounds` rounds in a row (none when rounds is 0)."""
@@ -71,7 +86,10 @@ class Membership:
             member.needs_full = True
 
     def state_dict(self) -> dict[str, dict[str, Any]]:
-        return {str(p): {"active": m.active, "absent": m.absent} for p, m in self.members.items()}
+        return {
+            str(p): {"active": m.active, "absent": m.absent, "strikes": m.strikes, "quarantined": m.quarantined}
+            for p, m in self.members.items()
+        }
 
     def load_state_dict(self, state: Mapping[str, Mapping[str, Any]]) -> None:
         """Members from a saved run; one not connected now stays inactive until it returns, one
@@ -81,8 +99,14 @@ class Membership:
         for key, m in state.items():
             pid = int(key)
             now = connected.get(pid)
+            quarantined = bool(m.get("quarantined", False))
             self.members[pid] = Member(
-                pid, now.node_id if now else -1, active=bool(m["active"]) and now is not None, absent=int(m["absent"])
+                pid,
+                now.node_id if now else -1,
+                active=bool(m["active"]) and now is not None and not quarantined,
+                absent=int(m["absent"]),
+                strikes=int(m.get("strikes", 0)),
+                quarantined=quarantined,
             )
         for pid, member in connected.items():
             self.members.setdefault(pid, member)

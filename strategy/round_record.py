@@ -42,6 +42,9 @@ class RoundRecord:
     val_ppl: float | None = None
     val_loss_without_bias: float | None = None  # ... without the routing bias (what the exported model scores)
     wall_s: float | None = None  # since the run (or the resumed run) started
+    # The acceptance test (strategy/guard.py): guard loss with every update and as applied, the bar,
+    # partitions excluded, models scored.
+    guard: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The metrics.jsonl line: every field that is set."""
@@ -52,6 +55,27 @@ class RoundRecord:
         """A metrics.jsonl line back; a null (a non-finite number when written) takes the field's default."""
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known and v is not None})
+
+    @classmethod
+    def of_round(
+        cls, server_round: int, global_step: int, nodes: dict[int, dict[str, Any]], used: set[int], **fields: Any
+    ) -> RoundRecord:
+        """The strategy's part: who replied, tokens and loss of the used updates, bytes; `fields` the rest."""
+        tokens = sum(n.get("num_tokens", 0.0) for p, n in nodes.items() if p in used)
+        loss = sum(n.get("train_loss", 0.0) * n.get("num_tokens", 0.0) for p, n in nodes.items() if p in used)
+        return cls(
+            round=server_round,
+            global_step=global_step,
+            valid_updates=len(used),
+            tokens=tokens if fields.get("applied") else 0.0,
+            train_loss=loss / tokens if tokens else float("nan"),
+            bytes_up=sum(n["bytes_up"] for n in nodes.values()),
+            bytes_down=sum(n["bytes_down"] for n in nodes.values()),
+            wire_bytes_up=sum(n["wire_bytes_up"] for n in nodes.values()),
+            wire_bytes_down=sum(n["wire_bytes_down"] for n in nodes.values()),
+            nodes={str(p): n for p, n in nodes.items()},
+            **fields,
+        )
 
     def failed_nodes(self) -> dict[str, str]:
         """partition id -> status of every node whose update was not used."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict
 from typing import Any
 
@@ -22,17 +22,15 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from common import keys
-from common.checks import all_finite
 from common.codec import DecodeError, decode, encode, payload_bytes, wire_bytes
 from common.spec import MergeSchedule, StrategyConfig
 from model.naming import expert_param_names, parse_expert_param, trained_param_names
-from strategy.aggregation import aggregate
+from strategy.acceptance import Outcome, accept_round
 from strategy.assignment import Ownership, make_assignment, rank_partitions, rebalance
 from strategy.federated_eval import federated_loss
 from strategy.federation_load import FederationLoad
 from strategy.load_aware import propose_owners
 from strategy.membership import Member, Membership
-from strategy.merging import merge_experts
 from strategy.outer import OuterOptimizer
 from strategy.round_record import RoundRecord
 from strategy.validation import InvalidUpdate, validate_train_metrics, validate_update
@@ -84,6 +82,9 @@ class SpesStrategy(Strategy):
         self.sync = VersionedDownlink(cfg.downlink, cfg.uplink) if cfg.delta_sync else None
         self._own_uplinks: dict[int, dict[str, dict]] = {}  # pid -> owned expert -> its uplink Arrays
         self.balance = FederationLoad(cfg.router_bias_rate)  # balancing across nodes
+        # The acceptance test (strategy/guard.py): guard loss of a candidate model, set by the coordinator.
+        self.guard_score: Callable[[Mapping[str, torch.Tensor]], float] | None = None
+        self.guard_losses: list[float] = []  # of the accepted models, the last window + 1
 
     # -- membership ------------------------------------------------------------------------
     @property
@@ -246,18 +247,39 @@ class SpesStrategy(Strategy):
         the round: the delta-sync versions, membership, the routing load and bias, ownership."""
         nodes, updates = self._collect_replies(server_round, replies)
         prev_step = self.global_step
-        alpha, refused = self._apply_updates(server_round, updates)
-        applied = not refused
+        outcome = self._apply_updates(server_round, updates)
+        alpha, refused, applied = outcome.alpha, outcome.refused, not outcome.refused
+        for pid, scale in outcome.scale.items():
+            nodes[pid].update({f"{kind}_update_scale": v for kind, v in scale.items()})
+            nodes[pid]["clipped_tensors"] = outcome.clipped.get(pid, 0)
+        for pid, cosine in outcome.cosine.items():
+            nodes[pid]["shared_update_cosine"] = cosine
+        for pid, why in outcome.dropped.items():
+            nodes[pid]["status"] = why
+            updates.pop(pid)
+        quarantined = self.membership.strike(outcome.dropped, self.cfg.guard.strikes)
         self.failed_rounds = 0 if applied else self.failed_rounds + 1
         if self.sync is not None:
             for pid in self.partitions:
                 self.sync.commit(pid, pid in updates, prev_step + self.cfg.local_steps, self._own_uplinks.get(pid))
         self._update_membership(updates, alpha, applied)
+        self._quarantine(quarantined)
         routing = self.balance.update(
             [(nodes[p]["expert_load"], nodes[p]["num_tokens"]) for p in updates if "expert_load" in nodes[p]]
         )
         self._reconsider_owners(nodes)
-        record = self._round_record(server_round, nodes, set(updates), alpha, refused, routing)
+        record = RoundRecord.of_round(
+            server_round,
+            self.global_step,
+            nodes,
+            set(updates),
+            merge_alpha=alpha,
+            applied=applied,
+            refused=refused,
+            owners={str(p): list(e) for p, e in self.owners.items()},
+            guard=None if outcome.verdict is None else outcome.verdict.summary(),
+            **routing,
+        )
         self.history.append(record)
         metrics = {
             k: float(getattr(record, k)) for k in ("global_step", "merge_alpha", "tokens", "bytes_up", "bytes_down")
@@ -312,61 +334,26 @@ class SpesStrategy(Strategy):
             updates[pid] = (update, metrics["num_tokens"] if self.cfg.shared_weighting == "tokens" else 1.0)
         return nodes, updates
 
-    def _apply_updates(
-        self, server_round: int, updates: Mapping[int, tuple[dict[str, torch.Tensor], float]]
-    ) -> tuple[float, str]:
-        """Aggregate and merge into a new global model; (merge alpha, why nothing was applied or "").
-
-        Below quorum, or when the result would hold a NaN or Inf, the global model, the step and the
-        outer optimizer's momentum stay as they were."""
-        quorum = self.cfg.quorum(len(self.partitions))
-        if not updates or len(updates) < min(quorum, len(self.partitions)):
-            refused = f"{len(updates)} valid update(s), quorum {quorum}"
-            log.warning("round %d below quorum (%s); global model unchanged", server_round, refused)
-            return 0.0, refused
-        buffers = {k: v.clone() for k, v in self.outer.buffers.items()}
-        new = aggregate(self.params, updates, self._trainers, self.outer, self.cfg.trim_fraction)
-        step, alpha = self.global_step + self.cfg.local_steps, 0.0
-        if self.cfg.merge.due(self.global_step, step):
-            alpha = self.cfg.merge.alpha(step)
-            new.update(merge_experts(new, alpha, self.cfg.merge.top_k))
-        bad = next((n for n, t in new.items() if not all_finite(t)), None)
-        if bad is not None:
-            refused = f"the new global {bad} would hold NaN or Inf"
-            self.outer.buffers = buffers
-            log.error("round %d refused: %s; global model unchanged", server_round, refused)
-            return 0.0, refused
-        self.params, self.global_step = new, step
-        return alpha, ""
-
-    def _round_record(
-        self,
-        server_round: int,
-        nodes: Mapping[int, dict[str, Any]],
-        used: set[int],
-        alpha: float,
-        refused: str,
-        routing: Mapping[str, float],
-    ) -> RoundRecord:
-        tokens = sum(n.get("num_tokens", 0.0) for p, n in nodes.items() if p in used)
-        loss = sum(n.get("train_loss", 0.0) * n.get("num_tokens", 0.0) for p, n in nodes.items() if p in used)
-        return RoundRecord(
-            round=server_round,
-            global_step=self.global_step,
-            merge_alpha=alpha,
-            applied=not refused,
-            refused=refused,
-            valid_updates=len(used),
-            tokens=0.0 if refused else tokens,
-            train_loss=loss / tokens if tokens else float("nan"),
-            bytes_up=sum(n["bytes_up"] for n in nodes.values()),
-            bytes_down=sum(n["bytes_down"] for n in nodes.values()),
-            wire_bytes_up=sum(n["wire_bytes_up"] for n in nodes.values()),
-            wire_bytes_down=sum(n["wire_bytes_down"] for n in nodes.values()),
-            nodes={str(p): n for p, n in nodes.items()},
-            owners={str(p): list(e) for p, e in self.owners.items()},
-            **routing,
+    def _apply_updates(self, server_round: int, updates: Mapping[int, Any]) -> Outcome:
+        """The round's outcome (strategy/acceptance.py); the model, step and momentum change only if applied."""
+        quorum = min(self.cfg.quorum(len(self.partitions)), len(self.partitions))
+        guard = None
+        if self.guard_score is not None and self.cfg.guard.enabled:
+            if not self.guard_losses:
+                self.guard_losses = [self.guard_score(self.params)]
+            guard = (self.guard_score, self.guard_losses)
+        outcome = accept_round(
+            self.params, updates, self._trainers, self.outer, self.cfg, self.global_step, quorum, guard
         )
+        for pid, why in outcome.dropped.items():
+            log.warning("round %d: update of partition %d %s", server_round, pid, why)
+        if outcome.refused:
+            log.error("round %d refused: %s; global model unchanged", server_round, outcome.refused)
+            return outcome
+        self.params, self.global_step = outcome.params, outcome.step
+        if outcome.verdict is not None:
+            self.guard_losses = [*self.guard_losses, outcome.verdict.loss][-(self.cfg.guard.window + 1) :]
+        return outcome
 
     def _reconsider_owners(self, nodes: Mapping[int, Mapping[str, Any]]) -> None:
         """strategy.assignment_policy: owners from the measured load or speed of the last rounds."""
@@ -395,6 +382,17 @@ class SpesStrategy(Strategy):
             self.membership.deactivate(gone)
             self.events += [{"round": self.round, "event": "leave", "partition": pid} for pid in gone]
             self._reassign(f"partition(s) {gone} without a valid update for {self.cfg.reassign_after} rounds")
+
+    def _quarantine(self, pids: list[int]) -> None:
+        """Nodes with `guard.strikes` dropped updates: out of the run for good, their experts to the others."""
+        if not pids or len(pids) >= len(self.partitions):
+            return
+        self.membership.deactivate(pids)
+        self.events += [{"round": self.round, "event": "quarantine", "partition": p} for p in pids]
+        log.error(
+            "round %d: partition(s) %s quarantined after %d dropped updates", self.round, pids, self.cfg.guard.strikes
+        )
+        self._reassign(f"partition(s) {pids} quarantined by the guard")
 
     def federated_eval_due(self, server_round: int) -> bool:
         """The nodes evaluate the global model on their held-out shards in the last round and every
@@ -447,6 +445,7 @@ class SpesStrategy(Strategy):
             "members": self.membership.state_dict(),
             "owners": {str(p): list(e) for p, e in self.owners.items()},
             "events": self.events,
+            "guard_losses": self.guard_losses,
             "config": asdict(self.cfg),
             **self.balance.state_dict(),
             **({} if self.sync is None else {"downlink": self.sync.state_dict()}),
@@ -468,6 +467,7 @@ class SpesStrategy(Strategy):
         self.global_step = int(state["global_step"])
         self.failed_rounds = int(state.get("failed_rounds", 0))
         self.events = list(state.get("events", []))
+        self.guard_losses = [float(x) for x in state.get("guard_losses", [])]
         self.balance.load_state_dict(state)
         self.membership.load_state_dict(state["members"])
         self.owners = {

@@ -74,6 +74,8 @@ def test_spec_round_trips_through_json():
         ("strategy.min_nodes=9", r"strategy\.min_nodes must be in \[0, nodes=4\], got 9"),
         ("strategy.round_timeout_s=0", r"strategy\.round_timeout_s must be > 0"),
         ("strategy.trim_fraction=0.5", r"strategy\.trim_fraction must be in \[0, 0\.5\)"),
+        ("strategy.clip_shared=-1", r"strategy\.clip_shared and clip_experts must be >= 0"),
+        ("strategy.guard.window=2", r"strategy\.guard\.window must be an integer >= 3, got 2"),
         ("eval.batch_size=0", r"eval\.batch_size and eval\.max_batches must be >= 1"),
         ("eval.max_batches=-1", r"eval\.batch_size and eval\.max_batches must be >= 1"),
         ("nodes=abc", r"nodes must be an integer, got 'abc'"),

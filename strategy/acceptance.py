@@ -1,0 +1,104 @@
+"""From a round's checked updates to the next global model, or to a refusal (no Flower, no training).
+
+Order: quorum; clip every update to the round's honest scale (strategy/robust.py); aggregate and
+merge; the guard's acceptance test, excluding updates that explain a rise (strategy/guard.py);
+refuse a result that still holds a NaN or Inf, or that the guard cannot score. Building a
+candidate never moves the outer optimizer's momentum: only the accepted one's is kept.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from common.checks import all_finite
+from common.spec import StrategyConfig
+from strategy.aggregation import aggregate
+from strategy.guard import Verdict, screen, tolerance
+from strategy.merging import merge_experts
+from strategy.outer import OuterOptimizer
+from strategy.robust import Updates, clip_updates
+
+Params = dict[str, torch.Tensor]
+
+
+@dataclass
+class Outcome:
+    params: Params | None  # the new global model; None when the round is refused
+    step: int
+    alpha: float = 0.0
+    refused: str = ""
+    clipped: dict[int, int] = field(default_factory=dict)  # partition -> tensors clipped
+    scale: dict[int, dict[str, float]] = field(default_factory=dict)  # partition -> largest norm / median norm
+    cosine: dict[int, float] = field(default_factory=dict)  # partition -> agreement with the others' update
+    dropped: dict[int, str] = field(default_factory=dict)  # partition -> why the guard dropped its update
+    verdict: Verdict | None = None
+
+
+def accept_round(
+    params: Params,
+    updates: Updates,
+    trainers: Callable[[str], set[int]],
+    outer: OuterOptimizer,
+    cfg: StrategyConfig,
+    global_step: int,
+    quorum: int,
+    guard: tuple[Callable[[Params], float], list[float]] | None = None,
+) -> Outcome:
+    """The round's outcome. `guard`: (guard loss of a model, guard losses of the accepted models)."""
+    step = global_step + cfg.local_steps
+    if not updates or len(updates) < quorum:
+        return Outcome(None, global_step, refused=f"{len(updates)} valid update(s), quorum {quorum}")
+    clipping = clip_updates(params, updates, trainers, cfg.clip_shared, cfg.clip_experts)
+    updates = clipping.updates
+    alpha = cfg.merge.alpha(step) if cfg.merge.due(global_step, step) else 0.0
+
+    def candidate(excluded: frozenset[int]) -> tuple[Params, dict[str, torch.Tensor]]:
+        saved = {k: v.clone() for k, v in outer.buffers.items()}
+        kept = {p: u for p, u in updates.items() if p not in excluded}
+        new = aggregate(params, kept, trainers, outer, cfg.trim_fraction, cfg.median)
+        if alpha:
+            new.update(merge_experts(new, alpha, cfg.merge.top_k))
+        moved, outer.buffers = outer.buffers, saved
+        return new, moved
+
+    verdict, excluded = None, frozenset()
+    if guard is not None:
+        score, losses = guard
+        g = cfg.guard
+        tol = tolerance(losses, g.tolerance, g.noise_factor, g.window)
+        # A minority: a majority's rise is the federation's; of two nodes one can be at fault; one alone, no telling.
+        limit = (len(updates) - 1) // 2 if len(updates) >= 3 else len(updates) - 1
+        verdict = screen(lambda ex: score(candidate(ex)[0]), sorted(updates), losses[-1], tol, limit, clipping.suspects)
+        excluded = frozenset(verdict.excluded)
+    outcome = Outcome(
+        None,
+        global_step,
+        alpha,
+        clipped=clipping.clipped,
+        scale=clipping.scale,
+        cosine=clipping.cosine,
+        verdict=verdict,
+    )
+    outcome.dropped = {
+        p: f"dropped by the guard: guard loss {verdict.first_loss:.4g} with it, {verdict.evidence[p]:.4g} "
+        f"without it, bar {verdict.bar:.4g}{', clipped' if p in clipping.clipped else ''}"
+        f"{f', cosine {clipping.cosine[p]:.2f} with the others' if clipping.cosine.get(p, 1.0) < 0 else ''}"
+        for p in excluded
+    }
+    if len(updates) - len(excluded) < quorum:
+        outcome.refused = f"{len(updates) - len(excluded)} update(s) after the guard, quorum {quorum}"
+        return outcome
+    new, buffers = candidate(excluded)
+    bad = next((n for n, t in new.items() if not all_finite(t)), None)
+    if bad is not None:
+        outcome.refused = f"the new global {bad} would hold NaN or Inf"
+    elif verdict is not None and not math.isfinite(verdict.loss):
+        outcome.refused = "the guard loss of the new global model is not finite"
+    else:
+        outer.buffers = buffers
+        outcome.params, outcome.step = new, step
+    return outcome

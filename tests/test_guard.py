@@ -1,0 +1,215 @@
+"""Robust by default: clipping against the round's median, coordinate-wise median, the guard's
+acceptance test with leave-one-out, strikes and quarantine (pure logic and the strategy)."""
+
+import math
+
+import pytest
+import torch
+from flwr.app import ConfigRecord
+
+from common.codec import decode, encode
+from common.spec import GuardConfig, MergeSchedule, StrategyConfig
+from model.naming import expert_param_names, shared_param_names
+from strategy import OuterOptimizer, SpesStrategy
+from strategy.acceptance import accept_round
+from strategy.aggregation import coordinate_median
+from strategy.guard import MAD_TO_STD, screen, tolerance
+from strategy.membership import Membership
+from strategy.robust import clip_updates
+from tests.test_strategy import E, reply, toy_params
+
+
+# -- tolerance and leave-one-out ----------------------------------------------------------------
+def test_tolerance_is_the_larger_of_the_floor_and_the_rounds_noise():
+    losses = [5.0, 4.0, 3.5, 3.3, 3.2]  # changes -1, -0.5, -0.2, -0.1: median -0.35, MAD 0.2
+    assert tolerance(losses, 0.02, 3.0, 8) == pytest.approx(3 * MAD_TO_STD * 0.2)
+    assert tolerance(losses, 0.5, 3.0, 8) == pytest.approx(0.5 * 3.2)  # the floor wins
+    assert tolerance([5.0, 4.0, 3.5], 0.02, 3.0, 8) == pytest.approx(0.07)  # two changes: no noise estimate yet
+    # Only the last `window` changes count: -0.2, -0.1, 0.0 -> median -0.1, MAD 0.1.
+    assert tolerance([*losses, 3.2], 0.0, 1.0, 3) == pytest.approx(MAD_TO_STD * 0.1)
+
+
+def _losses(table):
+    return lambda excluded: table[frozenset(excluded)]
+
+
+def test_screen_excludes_the_node_whose_absence_restores_the_loss():
+    table = {frozenset(): 10.0, **{frozenset({p}): 9.5 for p in (0, 1, 3)}, frozenset({2}): 4.0}
+    v = screen(_losses(table), [0, 1, 2, 3], previous=4.1, tol=0.1, limit=1)
+    assert not v.passed and v.excluded == [2] and v.loss == 4.0 and v.first_loss == 10.0
+    assert v.evidence == {0: 9.5, 1: 9.5, 2: 4.0, 3: 9.5} and v.evaluations == 5
+    assert v.bar == pytest.approx(4.2)
+
+
+def test_screen_accepts_a_passing_round_with_one_evaluation():
+    v = screen(_losses({frozenset(): 4.15}), [0, 1], previous=4.1, tol=0.1, limit=1)
+    assert v.passed and v.excluded == [] and v.evaluations == 1 and v.loss == 4.15
+
+
+def test_screen_keeps_a_rise_no_single_node_explains():
+    table = {frozenset(): 5.0, **{frozenset({p}): 4.95 for p in range(4)}}
+    v = screen(_losses(table), [0, 1, 2, 3], previous=4.0, tol=0.1, limit=1)
+    assert v.excluded == [] and v.loss == 5.0 and not v.passed
+
+
+def test_screen_removes_up_to_limit_nodes_and_treats_nan_as_worst():
+    table = {
+        frozenset(): math.nan,
+        frozenset({0}): 8.0,
+        frozenset({1}): math.nan,
+        frozenset({2}): 9.0,
+        frozenset({0, 2}): 4.0,
+        frozenset({0, 1}): 8.0,
+    }
+    assert screen(_losses(table), [0, 1, 2], 4.0, 0.1, limit=1).excluded == [0]
+    v = screen(_losses(table), [0, 1, 2], 4.0, 0.1, limit=2)
+    assert v.excluded == [0, 2] and v.loss == 4.0 and v.first_loss == math.inf
+
+
+# -- clipping and the median ----------------------------------------------------------------------
+def _shared_updates(norms):
+    """Updates of one 2-entry shared tensor at zero, node p moving it by norms[p] along (3, 4) / 5."""
+    params = {"model.norm.weight": torch.zeros(2)}
+    direction = torch.tensor([0.6, 0.8])
+    return params, {p: ({"model.norm.weight": n * direction}, 1.0) for p, n in enumerate(norms)}
+
+
+def test_centered_clipping_bounds_a_node_by_the_median_update():
+    params, updates = _shared_updates([1.0, 2.0, 100.0])
+    out = clip_updates(params, updates, lambda n: {0, 1, 2}, 4.0, 4.0)
+    assert out.clipped == {2: 1}  # median 2, bound 8
+    assert torch.allclose(out.updates[2][0]["model.norm.weight"], torch.tensor([4.8, 6.4]))  # 8 along (0.6, 0.8)
+    assert torch.equal(out.updates[0][0]["model.norm.weight"], updates[0][0]["model.norm.weight"])
+    assert out.scale[2]["shared"] == pytest.approx(50.0) and out.scale[0]["shared"] == pytest.approx(0.5)
+
+
+def test_centered_clipping_needs_three_nodes_and_can_be_off():
+    params, updates = _shared_updates([1.0, 100.0])
+    assert clip_updates(params, updates, lambda n: {0, 1}, 4.0, 4.0).clipped == {}
+    params, updates = _shared_updates([1.0, 2.0, 100.0])
+    assert clip_updates(params, updates, lambda n: {0, 1, 2}, 0.0, 4.0).clipped == {}
+
+
+def test_expert_clipped_against_its_layer_peers():
+    params = {f"model.layers.0.mlp.experts.{e}.up_proj.weight": torch.zeros(1) for e in range(4)}
+    updates = {
+        0: ({f"model.layers.0.mlp.experts.{e}.up_proj.weight": torch.ones(1) for e in (0, 1)}, 1.0),
+        1: (
+            {
+                "model.layers.0.mlp.experts.2.up_proj.weight": torch.full((1,), 3.0),
+                "model.layers.0.mlp.experts.3.up_proj.weight": torch.full((1,), 50.0),
+            },
+            1.0,
+        ),
+    }
+
+    def owner(name):
+        return {0} if int(name.split(".")[5]) < 2 else {1}
+
+    out = clip_updates(params, updates, owner, 4.0, 4.0)  # peers' norms 1, 1, 3, 50: median 2, bound 8
+    assert out.clipped == {1: 1}
+    assert out.updates[1][0]["model.layers.0.mlp.experts.3.up_proj.weight"].item() == pytest.approx(8.0)
+    assert out.updates[1][0]["model.layers.0.mlp.experts.2.up_proj.weight"].item() == 3.0
+    assert out.scale[1]["expert"] == pytest.approx(25.0)
+
+
+def test_zero_start_tensor_is_bounded_without_a_norm_floor():
+    """A LoRA B matrix starts at zero: honest changes pass, an outlier is clipped (no 1e-6 floor trap)."""
+    params, updates = _shared_updates([1e-3, 2e-3, 1.5e-3])
+    assert clip_updates(params, updates, lambda n: {0, 1, 2}, 4.0, 4.0).clipped == {}
+
+
+def test_coordinate_median_odd_and_even():
+    copies = [torch.tensor([1.0, 5.0]), torch.tensor([2.0, -1.0]), torch.tensor([100.0, 0.0])]
+    assert torch.equal(coordinate_median(copies), torch.tensor([2.0, 0.0], dtype=torch.float64))
+    copies.append(torch.tensor([3.0, 7.0]))
+    assert torch.equal(coordinate_median(copies), torch.tensor([2.5, 2.5], dtype=torch.float64))
+
+
+# -- the round's acceptance ---------------------------------------------------------------------
+def _distance_to(target):
+    return lambda params: float(sum(((params[n] - target[n]) ** 2).sum() for n in params))
+
+
+def test_accept_round_drops_the_update_that_wrecks_the_guard_loss_and_keeps_momentum():
+    params = {"w": torch.zeros(3)}
+    target = {"w": torch.ones(3)}
+    honest = [({"w": torch.full((3,), 0.5)}, 1.0) for _ in range(3)]
+    updates = {0: honest[0], 1: honest[1], 2: honest[2], 3: ({"w": torch.full((3,), -40.0)}, 1.0)}
+    cfg = StrategyConfig(local_steps=10, merge=MergeSchedule(enabled=False), clip_shared=0.0)
+    outer = OuterOptimizer(lr=0.7, momentum=0.9, nesterov=True)
+    out = accept_round(params, updates, lambda n: {0, 1, 2, 3}, outer, cfg, 0, 1, (_distance_to(target), [3.0]))
+    assert sorted(out.dropped) == [3] and not out.refused and out.step == 10
+    # The applied result is the honest three's: mean 0.5, pseudo-gradient -0.5, Nesterov: -0.5 - 0.9 * 0.5.
+    assert torch.allclose(out.params["w"], torch.full((3,), 0.7 * 0.95))
+    assert torch.allclose(outer.buffers["w"], torch.full((3,), -0.5))  # only the accepted candidate's momentum
+    assert out.verdict.evaluations == 5
+
+
+def test_accept_round_refuses_below_quorum_after_the_guard():
+    params = {"w": torch.zeros(3)}
+    updates = {0: ({"w": torch.full((3,), 0.5)}, 1.0), 1: ({"w": torch.full((3,), -40.0)}, 1.0)}
+    cfg = StrategyConfig(local_steps=10, merge=MergeSchedule(enabled=False))
+    out = accept_round(
+        params, updates, lambda n: {0, 1}, OuterOptimizer(), cfg, 0, 2, (_distance_to({"w": torch.ones(3)}), [3.0])
+    )
+    assert out.params is None and "quorum 2" in out.refused and list(out.dropped) == [1]
+
+
+# -- strikes and quarantine ---------------------------------------------------------------------
+def test_strikes_quarantine_for_good():
+    m = Membership({7: 0, 11: 1})
+    assert m.strike([1], 2) == [] and m.strike([1], 2) == [1]
+    assert m.members[1].quarantined and m.strike([1], 2) == []
+    with pytest.raises(ValueError, match="quarantined"):
+        m.join(12, 1)
+    restored = Membership({7: 0, 11: 1})
+    restored.load_state_dict(m.state_dict())
+    assert restored.members[1].quarantined and not restored.members[1].active and restored.members[1].strikes == 3
+
+
+def _guarded_strategy(target):
+    cfg = StrategyConfig(local_steps=10, merge=MergeSchedule(enabled=False), guard=GuardConfig(strikes=2))
+    s = SpesStrategy(cfg, E, {7: 0, 11: 1, 13: 2, 17: 3}, num_rounds=5)
+    s.guard_score = _distance_to(target)
+    return s
+
+
+def _round(s, rnd, arrays, attacker):
+    msgs = list(s.configure_train(rnd, arrays, ConfigRecord({"run-token": "t"}), None))
+    replies = []
+    for msg in msgs:
+        received = {**s.params, **decode(msg.content["arrays"])}
+        owned = msg.content["config"]["owned-experts"]
+        names = shared_param_names(received) + expert_param_names(received, owned)
+        node = [p for p in s.partitions if s.members[p].node_id == msg.metadata.dst_node_id][0]
+        step = -5.0 if node == attacker else 0.1
+        replies.append(reply(msg, {n: received[n] + step * (s.target[n] - received[n]) for n in names}, 100))
+    s.aggregate_train(rnd, replies)
+
+
+def test_strategy_drops_then_quarantines_the_attacker_and_moves_its_experts(flower_task):
+    params = toy_params(0)
+    target = {n: torch.zeros_like(t) for n, t in params.items()}
+    s = _guarded_strategy(target)
+    s.target = target
+    _round(s, 1, encode(params), attacker=3)
+    rec = s.history[-1]
+    assert rec.nodes["3"]["status"].startswith("dropped by the guard") and rec.guard["excluded"] == [3]
+    assert all(rec.nodes[str(p)]["status"] == "ok" for p in (0, 1, 2)) and rec.valid_updates == 3
+    assert s.members[3].strikes == 1 and s.members[3].active
+    _round(s, 2, None, attacker=3)
+    assert s.members[3].quarantined and 3 not in s.partitions
+    assert sorted(e for p in s.partitions for e in s.owners[p]) == list(range(E))
+    assert any(ev["event"] == "quarantine" and ev["partition"] == 3 for ev in s.events)
+    loss_before = s.guard_losses[-1]
+    _round(s, 3, None, attacker=None)
+    assert s.history[-1].guard["excluded"] == [] and s.guard_losses[-1] < loss_before
+
+
+def test_a_clipped_update_stays_only_if_the_loss_is_no_lower_without_it():
+    table = {frozenset(): 4.0, frozenset({1}): 3.9, frozenset({2}): 4.05}
+    v = screen(_losses(table), [0, 1, 2], previous=4.1, tol=0.1, limit=1, suspects=[1])
+    assert v.passed and v.excluded == [1] and v.loss == 3.9 and v.evaluations == 2
+    v = screen(_losses(table), [0, 1, 2], previous=4.1, tol=0.1, limit=1, suspects=[2])
+    assert v.excluded == [] and v.loss == 4.0
