@@ -130,6 +130,7 @@ class ProcessGroup:
         self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
         self.sessions: set[int] = set()  # sessions seen holding tagged processes
         self._log_handles: list[IO[bytes]] = []
+        self._watchdog: subprocess.Popen[bytes] | None = None  # stops them all if this process is killed
 
     def env(self, flwr_home: Path) -> dict[str, str]:
         env = flwr_env(flwr_home)
@@ -150,6 +151,10 @@ class ProcessGroup:
         fh.write(f"\n$ {' '.join(cmd)}\n".encode())
         fh.flush()
         self._log_handles.append(fh)
+        if self._watchdog is None:
+            from engine import watchdog
+
+            self._watchdog = watchdog.start(self.tag)
         kwargs: dict[str, Any] = {"start_new_session": True}
         if (preexec := _die_with_parent_preexec()) is not None:
             kwargs["preexec_fn"] = preexec
@@ -227,6 +232,10 @@ class ProcessGroup:
         for fh in self._log_handles:
             fh.close()
         self._log_handles.clear()
+        if self._watchdog is not None:
+            self._watchdog.kill()
+            self._watchdog.wait(timeout=5)
+            self._watchdog = None
 
 
 class SigtermAsExit:
