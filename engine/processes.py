@@ -122,6 +122,20 @@ def _die_with_parent_preexec() -> Any:
     return preexec
 
 
+def _start_watchdog(tag: str) -> subprocess.Popen[bytes]:
+    """`python -m engine.watchdog` for this process and `tag`: in a session of its own, without the tag."""
+    env = {k: v for k, v in os.environ.items() if k != TAG_ENV}
+    return subprocess.Popen(  # noqa: S603
+        [sys.executable, "-m", "engine.watchdog", str(os.getpid()), tag],
+        env=env,
+        cwd=str(Path(__file__).resolve().parent.parent),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
 class ProcessGroup:
     """Processes started by us, each in its own session, all tagged via env."""
 
@@ -152,9 +166,7 @@ class ProcessGroup:
         fh.flush()
         self._log_handles.append(fh)
         if self._watchdog is None:
-            from engine import watchdog
-
-            self._watchdog = watchdog.start(self.tag)
+            self._watchdog = _start_watchdog(self.tag)
         kwargs: dict[str, Any] = {"start_new_session": True}
         if (preexec := _die_with_parent_preexec()) is not None:
             kwargs["preexec_fn"] = preexec

@@ -4,18 +4,18 @@ included), stop every process carrying the launcher's TAG (engine/processes.py).
 The launcher's own children get a parent-death signal, but what they start (Flower's SuperExec,
 the simulation, Ray's workers and helpers) does not, and an orphaned simulation goes on training
 and writing into the run folder. This process outlives the launcher by design: it polls its parent
-and, once reparented, SIGTERMs the tagged processes, waits, and SIGKILLs what is left.
+and, once reparented, SIGTERMs the tagged processes, waits, and SIGKILLs what is left. Started by
+`engine.processes.ProcessGroup` with its first process.
 """
 
 from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 import time
 
-from engine.processes import TAG_ENV, _signal_pids, scan_processes
+from engine.processes import _signal_pids, scan_processes
 
 POLL_S = 0.5
 
@@ -32,20 +32,6 @@ def stop_tagged(tag: str, grace_s: float = 3.0) -> None:
         _signal_pids(alive, signal.SIGKILL)
         time.sleep(0.2)
         alive = scan_processes(tag, sessions)
-
-
-def start(tag: str) -> subprocess.Popen[bytes]:
-    """A watchdog for this process and `tag`, in a session of its own and without the tag itself."""
-    env = {k: v for k, v in os.environ.items() if k != TAG_ENV}
-    return subprocess.Popen(  # noqa: S603
-        [sys.executable, "-m", "engine.watchdog", str(os.getpid()), tag],
-        env=env,
-        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
 
 
 def main(argv: list[str]) -> int:

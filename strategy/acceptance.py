@@ -38,6 +38,16 @@ class Outcome:
     verdict: Verdict | None = None
 
 
+def _screen(candidate, guard, cfg: StrategyConfig, nodes: list[int], suspects: list[int]) -> Verdict:
+    """The guard's verdict on the round (strategy/guard.py)."""
+    score, losses = guard
+    g = cfg.guard
+    tol = tolerance(losses, g.tolerance, g.noise_factor, g.window)
+    # A minority: a majority's rise is the federation's; of two nodes one can be at fault; one alone, no telling.
+    limit = (len(nodes) - 1) // 2 if len(nodes) >= 3 else len(nodes) - 1
+    return screen(lambda ex: score(candidate(ex)[0]), nodes, losses[-1], tol, limit, suspects)
+
+
 def accept_round(
     params: Params,
     updates: Updates,
@@ -65,15 +75,8 @@ def accept_round(
         moved, outer.buffers = outer.buffers, saved
         return new, moved
 
-    verdict, excluded = None, frozenset()
-    if guard is not None:
-        score, losses = guard
-        g = cfg.guard
-        tol = tolerance(losses, g.tolerance, g.noise_factor, g.window)
-        # A minority: a majority's rise is the federation's; of two nodes one can be at fault; one alone, no telling.
-        limit = (len(updates) - 1) // 2 if len(updates) >= 3 else len(updates) - 1
-        verdict = screen(lambda ex: score(candidate(ex)[0]), sorted(updates), losses[-1], tol, limit, clipping.suspects)
-        excluded = frozenset(verdict.excluded)
+    verdict = None if guard is None else _screen(candidate, guard, cfg, sorted(updates), clipping.suspects)
+    excluded = frozenset(verdict.excluded if verdict else ())
     outcome = Outcome(
         None,
         global_step,

@@ -48,15 +48,18 @@ def reference_norms(
 ) -> dict[tuple[int, str], tuple[str, float]]:
     """(partition, tensor name) -> ("shared" or "expert", the median update norm it is measured against).
 
-    Only tensors with a reference: shared ones trained by 3+ nodes, experts with 3+ single-owner peers."""
+    Only tensors with a reference: those 3+ nodes train (shared ones; experts too where every node
+    trains every expert: then against the expert's other holders), and single-owner experts with 3+
+    peers in their layer."""
     refs: dict[tuple[int, str], tuple[str, float]] = {}
     peers: dict[tuple[int, str], list[tuple[int, str, float]]] = {}
     for name, old in params.items():
         holders = [p for p in sorted(trainers(name)) if p in updates and name in updates[p][0]]
         norms = [_norm(updates[p][0][name], old) for p in holders]
-        if len(holders) >= 3:
+        if len(holders) >= 3:  # shared tensors, and experts every node trains (DiLoCo, FedAvg)
+            kind = "shared" if parse_expert_param(name) is None else "expert"
             median = statistics.median(norms)
-            refs.update({(p, name): ("shared", median) for p in holders})
+            refs.update({(p, name): (kind, median) for p in holders})
         elif len(holders) == 1 and (e := parse_expert_param(name)) is not None:
             peers.setdefault((e.layer, e.proj), []).append((holders[0], name, norms[0]))
     for group in peers.values():
