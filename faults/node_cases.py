@@ -197,3 +197,55 @@ def case_node_refuses_bad_round() -> Outcome:
         f"refused before training: {', '.join(refused)}",
         ok,
     )
+
+
+def case_node_limits() -> Outcome:
+    """A coordinator asking for 10^9 local steps, or naming `hf:/etc` as the corpus."""
+    import json
+
+    from flwr.app import ConfigRecord
+
+    from client_app.app import _spec_for_node
+    from client_app.node_settings import NodeSettings, NodeSetupError
+    from server_app.config import compose
+
+    refused = []
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = NodeSettings.from_node_config({"partition-id": 0, "num-partitions": 4, "work-dir": tmp}, env={})
+        raw = compose([])
+        spec, _ = _spec_for_node(ConfigRecord({"run-config": json.dumps(raw)}), settings)
+        try:
+            settings.check_run(spec, local_steps=10**9)
+        except NodeSetupError as exc:
+            refused.append("local-steps 10^9" + (" (over max-local-steps)" if "max-local-steps" in str(exc) else ""))
+        raw["data"]["source"] = "hf:/etc"
+        try:
+            _spec_for_node(ConfigRecord({"run-config": json.dumps(raw)}), settings)
+        except NodeSetupError:
+            refused.append("data.source hf:/etc")
+    return Outcome(
+        "coordinator asks a node for 10^9 local steps / names `hf:/etc` as its corpus",
+        "node trained for as long as told / read a local folder named by the coordinator",
+        f"refused: {'; '.join(refused)}",
+        len(refused) == 2,
+    )
+
+
+def case_second_coordinator() -> Outcome:
+    """A second coordinator (or an early `resume=true`) on a run folder in use."""
+    from common.errors import ConfigError
+    from server_app.run_lock import run_folder_lock
+
+    with tempfile.TemporaryDirectory() as tmp, run_folder_lock(Path(tmp)):
+        try:
+            with run_folder_lock(Path(tmp)):
+                outcome = "ran: two coordinators on one folder"
+        except ConfigError as exc:
+            in_use = "in use by a running coordinator" in str(exc)
+            outcome = "refused: the folder is in use by a running coordinator" if in_use else f"refused: {exc}"
+    return Outcome(
+        "a second coordinator on a run folder in use",
+        "both ran, writing the same checkpoints",
+        outcome,
+        outcome.startswith("refused"),
+    )

@@ -225,6 +225,7 @@ CHANGEABLE_ON_RESUME = (
     "strategy.max_failed_rounds",
     "strategy.federated_eval_every",
     "strategy.min_nodes",
+    "strategy.guard.",  # how rounds are defended, not what they compute
 )
 
 

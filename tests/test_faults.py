@@ -93,3 +93,85 @@ def test_dead_simulation_worker_is_replaced(tmp_path):
 
     ok, detail = simulation_worker_killed(tmp_path)
     assert ok, detail
+
+
+def test_sign_flipping_node_is_dropped_then_quarantined_and_honest_run_keeps_everyone(tmp_path):
+    """A real 4-node run with one node sending -1 x its honest update: the guard drops it in round 1
+    (it pulls against the others), quarantines it at its second strike; the honest run drops nobody."""
+    from faults.attacks import ATTACKS, caught, honest_drops, run_attacks
+
+    flip = next(a for a in ATTACKS if a.name == "update scaled x-1")
+    flip.rounds = 3
+    try:
+        row = run_attacks(tmp_path, [flip])[0]
+    finally:
+        flip.rounds = 10
+    assert caught(tmp_path / "attack0") == "dropped from round 1 (2 rounds); quarantined in round 2", row
+    assert honest_drops(tmp_path / "honest0") == 0 and row["honest_dropped"] == 0
+    assert math.isfinite(row["attacked_loss"]) and abs(row["gap"]) < 0.05, row
+
+
+def test_reliability_attack_block_is_the_rendering_of_its_json():
+    import json
+
+    from faults.attacks import BLOCK, render
+
+    result = json.loads((faults.ROOT / "benchmarks" / "attacks.json").read_text())
+    doc = (faults.ROOT / "docs" / "reliability.md").read_text()
+    assert BLOCK[0] + doc.split(BLOCK[0], 1)[1].split(BLOCK[1], 1)[0] + BLOCK[1] == render(result)
+
+
+def test_killing_the_launcher_stops_every_process_it_started(tmp_path):
+    """SIGKILL `python -m sim` (Flower engine) mid-run: its watchdog stops the SuperLink, SuperExec, the
+    simulation and Ray within seconds, so nothing goes on writing into the run folder."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    import uuid
+
+    from engine.processes import scan_processes
+    from faults.runs import MICRO, ROOT
+
+    marker = f"SPES_TEST_MARK={uuid.uuid4().hex}"
+    env = {**os.environ, marker.split("=")[0]: marker.split("=")[1]}
+    run_dir = tmp_path / "kt"
+    args = ["nodes=2", "rounds=30", "strategy.local_steps=3", *MICRO, "run_name=kt", f"output_dir={tmp_path}"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sim", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        metrics = run_dir / "metrics.jsonl"
+        while time.monotonic() < deadline and not (metrics.exists() and metrics.read_text().strip()):
+            assert proc.poll() is None, "the run ended before it could be killed"
+            time.sleep(0.2)
+        proc.kill()  # SIGKILL: no handler, no cleanup in the launcher
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while scan_processes(marker) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        left = scan_processes(marker)
+        rounds = len(metrics.read_text().splitlines())
+        time.sleep(5)
+        assert left == [] and len(metrics.read_text().splitlines()) == rounds < 30
+    finally:
+        for pid in scan_processes(marker):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_honest_bounds_measurement_reads_every_nodes_scale(tmp_path):
+    """python -m faults.bounds's measurement on a micro run: every node-round has a finite scale and
+    cosine, and with nothing clipped an honest shared update stays under the default factor."""
+    from faults.bounds import measure
+    from faults.runs import MICRO
+
+    r = measure("micro", ["nodes=3", "rounds=2", "strategy.local_steps=3", *MICRO], tmp_path)
+    assert r["node_rounds"] == 6
+    assert 1.0 <= r["shared_max"] < 4.0 and r["expert_max"] >= 1.0 and 0.0 < r["cosine_min"] <= 1.0, r

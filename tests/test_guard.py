@@ -213,3 +213,13 @@ def test_a_clipped_update_stays_only_if_the_loss_is_no_lower_without_it():
     assert v.passed and v.excluded == [1] and v.loss == 3.9 and v.evaluations == 2
     v = screen(_losses(table), [0, 1, 2], previous=4.1, tol=0.1, limit=1, suspects=[2])
     assert v.excluded == [] and v.loss == 4.0
+
+
+def test_max_update_ratio_refuses_a_change_beyond_its_multiple_of_the_norm():
+    from strategy.validation import InvalidUpdate, validate_update
+
+    ref = {"w": torch.tensor([3.0, 4.0])}  # norm 5: at ratio 0.5 a change of up to 2.5 passes
+    validate_update({"w": torch.tensor([4.5, 6.0])}, {"w"}, ref, max_update_ratio=0.5)  # change 2.5
+    with pytest.raises(InvalidUpdate, match=r"w: change 3 exceeds 0.5 x its norm 5"):
+        validate_update({"w": torch.tensor([4.8, 6.4])}, {"w"}, ref, max_update_ratio=0.5)
+    validate_update({"w": torch.tensor([4.8, 6.4])}, {"w"}, ref, max_update_ratio=0.0)  # off
