@@ -176,6 +176,9 @@ def method_entry(run_dir: Path, owned: int | None, base: Path, analytic: bool = 
         "wall_s": summary["wall_s"],
         "bytes_up_per_round_node": summary["bytes_up_per_round_node"],
         "bytes_down_per_round_node": summary["bytes_down_per_round_node"],
+        # What the robustness defaults did to these honest runs (docs/robustness.md); absent before they existed.
+        "clipped_updates": summary.get("clipped_updates"),
+        "guard_dropped_updates": summary.get("guard_dropped_updates"),
     }
     if owned is not None:
         entry.update(bytes_entry(summary, metrics, owned, analytic))

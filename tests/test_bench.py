@@ -75,6 +75,12 @@ def test_methods_have_the_required_fields(bench):
         assert entry["final_val_loss"] > 0 and entry["wall_s"] > 0 and entry["tokens_per_s_node"] > 0
 
 
+def test_no_honest_update_is_dropped_by_the_guard(bench):
+    _, res = bench
+    federated = {m: e for m, e in res["methods"].items() if m != "centralized"}
+    assert {m: e["guard_dropped_updates"] for m, e in federated.items()} == dict.fromkeys(federated, 0)
+
+
 def test_same_token_budget_and_model_for_every_method(bench):
     _, res = bench
     tokens = {m: e["tokens_trained"] for m, e in res["methods"].items()}
