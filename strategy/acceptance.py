@@ -38,6 +38,28 @@ class Outcome:
     verdict: Verdict | None = None
 
 
+def _candidates(params: Params, updates: Updates, trainers, outer: OuterOptimizer, cfg: StrategyConfig, alpha: float):
+    """excluded partitions -> (the aggregate without them, merged; the outer momentum it would leave).
+
+    The outer optimizer's buffers are restored after each build; the latest build is kept, since
+    the one the guard scored last is usually the one applied."""
+    last: dict[frozenset[int], tuple[Params, dict[str, torch.Tensor]]] = {}
+
+    def candidate(excluded: frozenset[int]) -> tuple[Params, dict[str, torch.Tensor]]:
+        if excluded not in last:
+            saved = {k: v.clone() for k, v in outer.buffers.items()}
+            kept = {p: u for p, u in updates.items() if p not in excluded}
+            new = aggregate(params, kept, trainers, outer, cfg.trim_fraction, cfg.median)
+            if alpha:
+                new.update(merge_experts(new, alpha, cfg.merge.top_k))
+            moved, outer.buffers = outer.buffers, saved
+            last.clear()
+            last[excluded] = (new, moved)
+        return last[excluded]
+
+    return candidate
+
+
 def _screen(candidate, guard, cfg: StrategyConfig, nodes: list[int], suspects: list[int]) -> Verdict:
     """The guard's verdict on the round (strategy/guard.py)."""
     score, losses = guard
@@ -66,15 +88,7 @@ def accept_round(
     updates = clipping.updates
     alpha = cfg.merge.alpha(step) if cfg.merge.due(global_step, step) else 0.0
 
-    def candidate(excluded: frozenset[int]) -> tuple[Params, dict[str, torch.Tensor]]:
-        saved = {k: v.clone() for k, v in outer.buffers.items()}
-        kept = {p: u for p, u in updates.items() if p not in excluded}
-        new = aggregate(params, kept, trainers, outer, cfg.trim_fraction, cfg.median)
-        if alpha:
-            new.update(merge_experts(new, alpha, cfg.merge.top_k))
-        moved, outer.buffers = outer.buffers, saved
-        return new, moved
-
+    candidate = _candidates(params, updates, trainers, outer, cfg, alpha)
     verdict = None if guard is None else _screen(candidate, guard, cfg, sorted(updates), clipping.suspects)
     excluded = frozenset(verdict.excluded if verdict else ())
     outcome = Outcome(
