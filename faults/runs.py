@@ -42,10 +42,12 @@ def _final_params(run_dir: Path) -> dict[str, torch.Tensor]:
     return latest[0]
 
 
-def _sim(args: list[str], timeout_s: float) -> subprocess.Popen:
+def start_sim(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    """`python -m sim <args>` in a session of its own (to kill by process group), output piped."""
     return subprocess.Popen(
         [sys.executable, "-m", "sim", *args],
         cwd=ROOT,
+        env=env,
         start_new_session=True,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -87,12 +89,12 @@ def resume_matches_uninterrupted(
         "engine=inprocess",
         "run_name=faultrun",
     ]
-    straight = _sim([*common, f"output_dir={workdir / 'straight'}"], timeout_s)
+    straight = start_sim([*common, f"output_dir={workdir / 'straight'}"])
     out, _ = straight.communicate(timeout=timeout_s)
     if straight.returncode != 0:
         return False, f"uninterrupted run failed (exit {straight.returncode}): {out[-800:]}"
     interrupted_dir = workdir / "interrupted" / "faultrun"
-    proc = _sim([*common, f"output_dir={workdir / 'interrupted'}"], timeout_s)
+    proc = start_sim([*common, f"output_dir={workdir / 'interrupted'}"])
     deadline = time.monotonic() + timeout_s
     while _checkpointed(interrupted_dir) < kill_after and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -103,7 +105,7 @@ def resume_matches_uninterrupted(
     killed_at = _checkpointed(interrupted_dir)
     if not kill_after <= killed_at < rounds:
         return False, f"the kill came with {killed_at} of {rounds} rounds checkpointed: nothing was interrupted"
-    resumed = _sim([*common, f"output_dir={workdir / 'interrupted'}", "resume=true"], timeout_s)
+    resumed = start_sim([*common, f"output_dir={workdir / 'interrupted'}", "resume=true"])
     out, _ = resumed.communicate(timeout=timeout_s)
     if resumed.returncode != 0:
         return False, f"resumed run failed (exit {resumed.returncode}): {out[-800:]}"
@@ -190,7 +192,7 @@ def simulation_worker_killed(workdir: Path, timeout_s: float = 420) -> tuple[boo
     out_dir = workdir / "outputs"
     run_dir = out_dir / "deadworker"
     args = ["nodes=3", "rounds=4", "strategy.local_steps=2", *MICRO, "run_name=deadworker", f"output_dir={out_dir}"]
-    proc = _sim(args, timeout_s)
+    proc = start_sim(args)
     deadline = time.monotonic() + timeout_s
     killed: list[int] = []
     while proc.poll() is None and time.monotonic() < deadline:

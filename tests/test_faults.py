@@ -126,26 +126,17 @@ def test_killing_the_launcher_stops_every_process_it_started(tmp_path):
     simulation and Ray within seconds, so nothing goes on writing into the run folder."""
     import os
     import signal
-    import subprocess
-    import sys
     import time
     import uuid
 
     from engine.processes import scan_processes
-    from faults.runs import MICRO, ROOT
+    from faults.runs import MICRO, start_sim
 
     marker = f"SPES_TEST_MARK={uuid.uuid4().hex}"
     env = {**os.environ, marker.split("=")[0]: marker.split("=")[1]}
     run_dir = tmp_path / "kt"
     args = ["nodes=2", "rounds=30", "strategy.local_steps=3", *MICRO, "run_name=kt", f"output_dir={tmp_path}"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sim", *args],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    proc = start_sim(args, env)
     try:
         deadline = time.monotonic() + 300
         metrics = run_dir / "metrics.jsonl"
@@ -153,7 +144,7 @@ def test_killing_the_launcher_stops_every_process_it_started(tmp_path):
             assert proc.poll() is None, "the run ended before it could be killed"
             time.sleep(0.2)
         proc.kill()  # SIGKILL: no handler, no cleanup in the launcher
-        proc.wait(timeout=30)
+        proc.communicate(timeout=30)
         deadline = time.monotonic() + 30
         while scan_processes(marker) and time.monotonic() < deadline:
             time.sleep(0.5)
