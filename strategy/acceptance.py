@@ -29,7 +29,7 @@ Params = dict[str, torch.Tensor]
 class Outcome:
     params: Params | None  # the new global model; None when the round is refused
     step: int
-    alpha: float = 0.0
+    alpha: float = 0.0  # the merge applied (0 when refused)
     refused: str = ""
     clipped: dict[int, int] = field(default_factory=dict)  # partition -> tensors clipped
     scale: dict[int, dict[str, float]] = field(default_factory=dict)  # partition -> largest norm / median norm
@@ -94,7 +94,6 @@ def accept_round(
     outcome = Outcome(
         None,
         global_step,
-        alpha,
         clipped=clipping.clipped,
         scale=clipping.scale,
         cosine=clipping.cosine,
@@ -117,5 +116,5 @@ def accept_round(
         outcome.refused = "the guard loss of the new global model is not finite"
     else:
         outer.buffers = buffers
-        outcome.params, outcome.step = new, step
+        outcome.params, outcome.step, outcome.alpha = new, step, alpha
     return outcome

@@ -223,3 +223,13 @@ def test_max_update_ratio_refuses_a_change_beyond_its_multiple_of_the_norm():
     with pytest.raises(InvalidUpdate, match=r"w: change 3 exceeds 0.5 x its norm 5"):
         validate_update({"w": torch.tensor([4.8, 6.4])}, {"w"}, ref, max_update_ratio=0.5)
     validate_update({"w": torch.tensor([4.8, 6.4])}, {"w"}, ref, max_update_ratio=0.0)  # off
+
+
+def test_a_refused_round_records_no_merge():
+    names = [f"model.layers.0.mlp.experts.{e}.{p}_proj.weight" for e in (0, 1) for p in ("gate", "up", "down")]
+    params = {n: torch.ones(2, 2) for n in names}
+    updates = {0: ({n: torch.full((2, 2), math.nan if "0.up" in n else 2.0) for n in names}, 1.0)}
+    cfg = StrategyConfig(local_steps=10, merge=MergeSchedule(interval=10, alpha_start=0.05, decay_steps=100, top_k=1))
+    assert cfg.merge.due(0, 10)  # the round would merge, were it applied
+    out = accept_round(params, updates, lambda n: {0}, OuterOptimizer(), cfg, 0, 1)
+    assert out.refused.endswith("would hold NaN or Inf") and out.alpha == 0.0 and out.params is None
