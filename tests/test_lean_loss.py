@@ -116,3 +116,25 @@ def test_eight_bit_adamw_is_refused_on_cpu_with_the_key_named():
     model = build_model(ARGS, VOCAB, owned=[0], seed=0)
     with pytest.raises(ValueError, match="CUDA device"):
         make_optimizer(model, TrainConfig(optimizer="adamw8bit", device="auto"))
+
+
+def test_a_tensor_learning_rate_is_updated_in_place_and_trains_like_a_float_one():
+    """torchao's AdamW8bit keeps each group's lr as a tensor and refuses a float in its place (the
+    H200 suite's first lean rows failed so); the schedule must write into that tensor."""
+    from training.trainer import lr_at
+
+    cfg = TrainConfig(lr=1e-2, warmup_steps=4)
+    states = []
+    for tensor_lr in (False, True):
+        model = build_model(ARGS, VOCAB, owned=[0, 3], seed=0)
+        params = [p for p in model.parameters() if p.requires_grad]
+        lr = torch.tensor(cfg.lr) if tensor_lr else cfg.lr
+        opt = torch.optim.AdamW(params, lr=lr, foreach=False)
+        before = opt.param_groups[0]["lr"]
+        train_steps(model, opt, batches(), cfg, 0, 3, 10, CPU)
+        after = opt.param_groups[0]["lr"]
+        if tensor_lr:
+            assert after is before and float(after) == pytest.approx(lr_at(2, cfg, 10))
+        states.append(model.state_dict())
+    for k in states[0]:
+        torch.testing.assert_close(states[1][k], states[0][k], rtol=1e-5, atol=1e-6, msg=k)

@@ -175,7 +175,10 @@ def train_steps(
     for i in range(steps):
         lr = lr_at(start_step + i, cfg, total_steps)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            if isinstance(group["lr"], torch.Tensor):  # torchao's AdamW8bit keeps lr as a tensor
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
         block = next(batches).to(device, non_blocking=True)
         with autocast:
             parts = lm_loss(
