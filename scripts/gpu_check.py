@@ -307,6 +307,41 @@ def _ratio(a, b):
     return a / b if a is not None and b else None
 
 
+def suite_ratios(rows: list[dict]) -> dict:
+    """The suite's headline ratios from its rows (None where a row failed or ran out of memory)."""
+
+    def get(size, mode, lean, key):
+        for r in rows:
+            if (r["size"], r.get("mode"), r.get("lean")) == (size, mode, lean) and not r.get("oom"):
+                return r.get(key)
+        return None
+
+    return {
+        "spes_over_stock_tokens_per_s_1b": _ratio(
+            get("1b", "spes", False, "tokens_per_s"), get("1b", "stock", False, "tokens_per_s")
+        ),
+        "mem_spes_over_full_1b": _ratio(
+            get("1b", "spes", False, "peak_mem_gb"), get("1b", "full", False, "peak_mem_gb")
+        ),
+        "mem_spes_over_full_7b": _ratio(
+            get("7b", "spes", False, "peak_mem_gb"), get("7b", "full", False, "peak_mem_gb")
+        ),
+        "peak_gb_7b_spes_lean": get("7b", "spes", True, "peak_mem_gb"),
+        # Target 4: everything but the H steps, as a share of a round at H = 100 (1b), with the
+        # defaults of deployment (rebuilt, saved after the reply) and of simulation (kept), and as
+        # before the state was saved after the reply.
+        "node_round_overhead_1b_h100": (get("1b", "round", False, "rebuilt_bg") or {}).get(
+            "overhead_share_at_h100_fresh_process"
+        ),
+        "node_round_overhead_1b_h100_resident": (get("1b", "round", False, "resident_bg") or {}).get(
+            "overhead_share_at_h100"
+        ),
+        "node_round_overhead_1b_h100_save_before_reply": (get("1b", "round", False, "rebuilt") or {}).get(
+            "overhead_share_at_h100_fresh_process"
+        ),
+    }
+
+
 def run_suite(args: argparse.Namespace) -> dict:
     rows = []
     for size, mode, lean in SUITE:
@@ -358,49 +393,28 @@ def run_suite(args: argparse.Namespace) -> dict:
         row["size"] = size
         rows.append(row)
         print(_fmt(label, row), flush=True)
+        _write(args.out, {"runs": rows, "complete": False})  # a suite cut short keeps its finished rows
 
-    def get(size, mode, lean, key):
-        for r in rows:
-            if (r["size"], r.get("mode"), r.get("lean")) == (size, mode, lean) and not r.get("oom"):
-                return r.get(key)
-        return None
-
-    ratios = {
-        "spes_over_stock_tokens_per_s_1b": _ratio(
-            get("1b", "spes", False, "tokens_per_s"), get("1b", "stock", False, "tokens_per_s")
-        ),
-        "mem_spes_over_full_1b": _ratio(
-            get("1b", "spes", False, "peak_mem_gb"), get("1b", "full", False, "peak_mem_gb")
-        ),
-        "mem_spes_over_full_7b": _ratio(
-            get("7b", "spes", False, "peak_mem_gb"), get("7b", "full", False, "peak_mem_gb")
-        ),
-        "peak_gb_7b_spes_lean": get("7b", "spes", True, "peak_mem_gb"),
-        # Target 4: everything but the H steps, as a share of a round at H = 100 (1b), with the
-        # defaults of deployment (rebuilt, saved after the reply) and of simulation (kept), and as
-        # before the state was saved after the reply.
-        "node_round_overhead_1b_h100": (get("1b", "round", False, "rebuilt_bg") or {}).get(
-            "overhead_share_at_h100_fresh_process"
-        ),
-        "node_round_overhead_1b_h100_resident": (get("1b", "round", False, "resident_bg") or {}).get(
-            "overhead_share_at_h100"
-        ),
-        "node_round_overhead_1b_h100_save_before_reply": (get("1b", "round", False, "rebuilt") or {}).get(
-            "overhead_share_at_h100_fresh_process"
-        ),
-    }
+    ratios = suite_ratios(rows)
     out = {
         "runs": rows,
         "ratios": ratios,
         "mfu_peak_flops": PEAK_FLOPS,
         "command": " ".join([Path(sys.executable).name] + sys.argv),
+        "complete": True,
     }
-    path = Path(args.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=2) + "\n")
+    _write(args.out, out)
     print(json.dumps(ratios), flush=True)
-    print(f"wrote {path}", flush=True)
+    print(f"wrote {args.out}", flush=True)
     return out
+
+
+def _write(out: str, data: dict) -> None:
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
 
 
 def _fmt(label: str, r: dict) -> str:
