@@ -17,8 +17,8 @@ training over the same links) and each link speed:
 - bytes per round at the 1b and 7b presets from their parameter counts (fp32, owned experts per
   the contiguous assignment); int8 delta sync scales SPES fp32's steady bytes by the ratio measured
   on the tiny model (benchmarks/results.json), an assumption stated on the page;
-- step time: a SPES node's measured tokens/s in benchmarks/gpu.json (scripts/gpu_check.sh, "runs") when it
-  holds the preset, else an assumption (default 1b: 0.44 s per step, the figure the resident-worker
+- step time: a SPES node's measured tokens/s in benchmarks/gpu.json (scripts/gpu_check.sh, "runs") over
+  the recipe's tokens per step when it holds the preset, else an assumption (default 1b: 0.44 s per step, the figure the resident-worker
   issue quotes for an H200 at 4 x 2048 tokens; 7b: 1b's scaled by training FLOPs per step of the
   recipes, i.e. the same FLOP/s).
 
@@ -152,15 +152,21 @@ def main(argv: list[str]) -> int:
 
 
 def gpu_step_seconds(path: Path) -> dict[str, float]:
-    """Seconds per step of a SPES node per preset, from scripts/gpu_check.sh's rows (plain loss)."""
+    """Seconds per recipe step of a SPES node per preset, from scripts/gpu_check.sh's rows (plain
+    loss): the row's tokens/s over the recipe's tokens per step (train.batch_size x data.seq_len). The
+    suite's batches are smaller than the recipes' (4 and 2 sequences against 8), so this is the
+    slower side: a GPU's tokens/s rarely falls with the batch."""
     if not path.exists():
         return {}
+    from server_app.config import load
+
     rows = json.loads(path.read_text()).get("runs", [])
-    return {
-        r["size"]: r["tokens_per_step"] / r["tokens_per_s"]
-        for r in rows
-        if r.get("mode") == "spes" and not r.get("lean") and r.get("tokens_per_s") and r.get("size") in PRESETS
-    }
+    out = {}
+    for r in rows:
+        if r.get("mode") == "spes" and not r.get("lean") and r.get("tokens_per_s") and r.get("size") in PRESETS:
+            spec = load([f"recipe={r['size']}"])
+            out[r["size"]] = spec.train.batch_size * spec.data.seq_len / r["tokens_per_s"]
+    return out
 
 
 def _flops_per_step_ratio() -> float:
