@@ -12,10 +12,10 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from common.spec import RunSpec
-from model.args import build_config, count_parameters
+if TYPE_CHECKING:
+    from common.spec import RunSpec
 
 # Environment of a node process (the simulation launcher sets them for its virtual nodes).
 ENV_WORK_DIR = "SPES_NODE_WORK_DIR"
@@ -83,6 +83,8 @@ class NodeSettings:
 
     def check_run(self, spec: RunSpec, local_steps: int | None = None) -> None:
         """Refuse a run (or a round of `local_steps`) beyond this node's limits, naming the node-config key."""
+        from model.args import build_config, count_parameters  # torch + transformers: not at import
+
         m = spec.model
         params = count_parameters(build_config(m, m.vocab_size or spec.data.vocab_size))["total"]
         tokens = spec.train.batch_size * spec.data.seq_len

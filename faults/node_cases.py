@@ -205,7 +205,7 @@ def case_node_limits() -> Outcome:
 
     from flwr.app import ConfigRecord
 
-    from client_app.app import _spec_for_node
+    from client_app.handlers import _spec_for_node
     from client_app.node_settings import NodeSettings, NodeSetupError
     from server_app.config import compose
 

@@ -315,8 +315,11 @@ def test_readme_federation_recipe_with_tls_and_node_auth(tmp_path):
     for i in range(n_nodes):
         assert [p.name for p in (tmp_path / f"institution-{i}" / "work").glob("*/partition-*")] == [f"partition-{i}"]
         # ... written after the reply by a process Flower then ends: complete, no save left under way.
-        state = next((tmp_path / f"institution-{i}" / "work").glob("*/partition-*")) / "state"
-        assert sorted(p.name for p in state.iterdir()) == ["step-000000000002"]
+        node_dir = next((tmp_path / f"institution-{i}" / "work").glob("*/partition-*"))
+        assert sorted(p.name for p in (node_dir / "state").iterdir()) == ["step-000000000002"]
+        # ... by the node's resident worker (node-config worker=auto), one process for the whole run.
+        served = [json.loads(x) for x in (node_dir / "worker-served.jsonl").read_text().splitlines()]
+        assert [s["op"] for s in served][:2] == ["setup", "train"] and len({s["pid"] for s in served}) == 1
     no_runtime_installs(home, *node_homes)
 
 

@@ -13,9 +13,21 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_node_code_never_imports_the_coordinator():
     code = (
-        "import sys; import client_app.app; "
+        "import sys; import client_app.app, client_app.handlers, client_app.worker; "
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('server_app', 'strategy')); "
         "print(bad); sys.exit(1 if bad else 0)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_the_clientapp_module_imports_neither_torch_nor_transformers():
+    """In deployment every message starts a fresh `flwr-clientapp` process; one that its node's worker
+    serves must not pay for torch and transformers (about 4-10 s) before handing the message over."""
+    code = (
+        "import sys; import client_app.app; "
+        "heavy = sorted(m for m in ('torch', 'transformers', 'datasets', 'tokenizers') if m in sys.modules); "
+        "print(heavy); sys.exit(1 if heavy else 0)"
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -31,7 +43,7 @@ def _spec_json(**changes):
 
 
 def test_node_ignores_coordinator_only_paths(tmp_path):
-    from client_app.app import _spec_for_node
+    from client_app.handlers import _spec_for_node
     from client_app.node_settings import NodeSettings, NodeSetupError
 
     settings = NodeSettings.from_node_config(
@@ -64,7 +76,7 @@ def test_node_work_dir_comes_from_the_node(tmp_path):
 
 
 def test_node_opens_no_hub_source_it_only_received(tmp_path):
-    from client_app.app import _spec_for_node
+    from client_app.handlers import _spec_for_node
     from client_app.node_settings import NodeSettings, NodeSetupError
 
     settings = NodeSettings.from_node_config(
@@ -81,7 +93,7 @@ def test_node_opens_no_hub_source_it_only_received(tmp_path):
 
 
 def test_node_refuses_runs_beyond_its_limits(tmp_path):
-    from client_app.app import _spec_for_node
+    from client_app.handlers import _spec_for_node
     from client_app.node_settings import NodeSettings, NodeSetupError
 
     base = {"partition-id": 0, "num-partitions": 4, "work-dir": str(tmp_path)}

@@ -1,0 +1,227 @@
+"""The node's resident worker (client_app/worker.py, worker_link.py, worker_channel.py).
+
+Real SuperNodes on 127.0.0.1: with the default node-config (worker=auto) every node's messages
+are served by one worker process that keeps its model between rounds; a worker killed by PID
+mid-run is replaced (or its message runs in-process) and the run completes with global weights
+bit-identical to worker=off (deterministic mode). Real worker processes for the lifecycle: a
+worker of other code is replaced, the socket is closed to other users, frames are checked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+from test_launcher import flwr_home_untouched, no_leftovers  # noqa: F401 - fixtures
+
+from client_app import worker_channel as channel
+from client_app import worker_link
+from faults.runs import MICRO, _rounds_logged
+
+ROOT = Path(__file__).resolve().parent.parent
+ROUNDS = 3
+
+needs_flower = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or not (Path(sys.executable).parent / "flower-superlink").exists(),
+    reason="needs Linux /proc and the Flower executables",
+)
+
+
+def _deployment_run(tmp: Path, node_config: dict, kill_worker_of: int | None = None) -> tuple[Path, Path]:
+    """A 2-node, 3-round deterministic SPES run on real SuperNodes; optionally SIGKILL partition
+    `kill_worker_of`'s worker once round 1 is logged. Returns (run dir, node work root)."""
+    from engine.deployment import LocalDeployment
+
+    overrides = [*MICRO, "nodes=2", f"rounds={ROUNDS}", "strategy.local_steps=3", "deterministic=true", "run_name=w"]
+    run_config = {"overrides": " ".join(shlex.quote(o) for o in overrides), "output-dir": str(tmp / "outputs")}
+    nodes = tmp / "nodes"
+    run_dir = tmp / "outputs" / "w"
+
+    def killer() -> None:
+        deadline = time.monotonic() + 400
+        while _rounds_logged(run_dir) < 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        (record,) = nodes.glob(f"*/partition-{kill_worker_of}/worker.json")
+        os.kill(json.loads(record.read_text())["pid"], signal.SIGKILL)
+
+    with LocalDeployment(tmp / "flower", num_nodes=2, node_config={"work-dir": str(nodes), **node_config}) as dep:
+        thread = threading.Thread(target=killer, daemon=True) if kill_worker_of is not None else None
+        if thread:
+            thread.start()
+        assert dep.run(ROOT, run_config, timeout_s=600) == 0
+        if thread:
+            thread.join(10)
+    return run_dir, nodes
+
+
+def _served(nodes: Path, partition: int) -> list[dict]:
+    (log,) = nodes.glob(f"*/partition-{partition}/worker-served.jsonl")
+    return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+@needs_flower
+def test_workers_serve_every_round_survive_a_kill_and_change_no_number(tmp_path, no_leftovers):  # noqa: F811
+    run_dir, nodes = _deployment_run(tmp_path / "workers", {}, kill_worker_of=1)
+    # Partition 0: one worker served the whole run, and kept its model from round to round.
+    served = _served(nodes, 0)
+    assert len({s["pid"] for s in served}) == 1, served
+    trains = [s for s in served if s["op"] == "train"]
+    assert len(trains) == ROUNDS and [s["resident"] for s in trains] == [0.0] + [1.0] * (ROUNDS - 1)
+    # Partition 1: its worker was killed after round 1; a new one (or the message in-process) took over.
+    served = _served(nodes, 1)
+    assert len({s["pid"] for s in served}) == 2, served
+    assert [s["op"] for s in served].count("train") >= ROUNDS - 1
+    plain, _ = _deployment_run(tmp_path / "plain", {"worker": "off"})
+    assert not list((tmp_path / "plain" / "nodes").glob("*/partition-*/worker-served.jsonl"))
+    last = f"round-{ROUNDS:06d}"
+    a, b = load_file(run_dir / "checkpoint" / last / "params.safetensors"), None
+    b = load_file(plain / "checkpoint" / last / "params.safetensors")
+    assert a.keys() == b.keys() and a
+    assert all(a[k].equal(b[k]) for k in a), [k for k in a if not a[k].equal(b[k])][:5]
+
+
+# ---------------------------------------------------------------- real worker processes, no Flower run
+def _start_worker(workdir: Path, root: Path = ROOT) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "client_app.worker", "--workdir", str(workdir), "--idle-exit", "120"]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    return subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _older_app(tmp: Path) -> Path:
+    """A copy of the node's code with one file changed: another version of the app."""
+    import shutil
+
+    for pkg in channel.NODE_PACKAGES:
+        shutil.copytree(ROOT / pkg, tmp / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp / "conf").symlink_to(ROOT / "conf")
+    with open(tmp / "client_app" / "handlers.py", "a") as fh:
+        fh.write("# an older version\n")
+    return tmp
+
+
+def _wait_hello(workdir: Path, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        hello = worker_link._hello(channel.socket_path(workdir), workdir)
+        if hello is not None:
+            return hello
+        time.sleep(0.2)
+    raise AssertionError(f"no worker answered for {workdir}")
+
+
+@pytest.fixture
+def runtime_dir(monkeypatch):
+    """A short XDG_RUNTIME_DIR of the test's own (pytest's tmp paths are too long for a socket)."""
+    import shutil
+    import tempfile
+
+    d = Path(tempfile.mkdtemp(prefix="xdg-", dir="/tmp"))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(d))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_a_worker_of_other_code_is_replaced_and_exits(tmp_path, runtime_dir):
+    workdir = tmp_path / "run-x" / "partition-0"
+    stale = _start_worker(workdir, _older_app(tmp_path / "older"))
+    fresh = None
+    try:
+        hello = _wait_hello(workdir)
+        assert hello["pid"] == stale.pid and hello["identity"] != channel.identity(workdir)
+        with worker_link._ready_worker(workdir, channel.identity(workdir), {}) as sock:
+            sock.settimeout(10)
+            channel.send(sock, {"op": "hello"})
+            header, _ = channel.recv(sock)
+        fresh = header["pid"]
+        assert fresh != stale.pid and header["identity"] == channel.identity(workdir)
+        assert stale.wait(timeout=30) == 0  # asked to stop, it stopped
+    finally:
+        stale.kill()
+        if fresh:
+            os.kill(fresh, signal.SIGTERM)
+
+
+def test_the_socket_is_closed_to_other_users(tmp_path, runtime_dir):
+    workdir = tmp_path / "run-y" / "partition-0"
+    proc = _start_worker(workdir)
+    try:
+        _wait_hello(workdir)
+        path = channel.socket_path(workdir)
+        assert path.stat().st_mode & 0o777 == 0o600 and path.parent.stat().st_mode & 0o777 == 0o700
+        if os.getuid() != 0:
+            pytest.skip("connecting as another user needs root here")
+        code = (
+            "import os, socket, sys; os.setgid(65534); os.setuid(65534); s = socket.socket(socket.AF_UNIX)\n"
+            "try:\n    s.connect(sys.argv[1])\nexcept PermissionError:\n    sys.exit(3)\n"
+        )
+        done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, timeout=30)
+        assert done.returncode == 3, done.stderr
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=30) == 0
+
+
+def test_channel_dir_refuses_one_others_can_enter(runtime_dir, monkeypatch):
+    (runtime_dir / "spes-workers").mkdir(mode=0o755)
+    os.chmod(runtime_dir / "spes-workers", 0o755)
+    with pytest.raises(channel.WorkerUnavailable, match="mode 0700"):
+        channel.channel_dir()
+    # Where $XDG_RUNTIME_DIR is too deep for a socket path, the sockets go under /tmp instead.
+    monkeypatch.setenv("XDG_RUNTIME_DIR", "/" + "d" * 90)
+    assert channel.channel_dir() == Path(f"/tmp/spes-workers-{os.getuid()}")
+    assert len(str(channel.socket_path(Path("/any/work/dir")))) <= channel.MAX_SOCKET_PATH
+
+
+def test_frames_round_trip_and_malformed_ones_are_refused():
+    a, b = socket.socketpair()
+    with a, b:
+        channel.send(a, {"op": "train", "n": 1}, b"\x00\x01payload")
+        assert channel.recv(b) == ({"op": "train", "n": 1}, b"\x00\x01payload")
+        a.sendall(b"XXXX" + bytes(12))
+        with pytest.raises(ValueError, match="not a worker-channel frame"):
+            channel.recv(b)
+        a.sendall(channel.MAGIC + (channel.MAX_HEADER + 1).to_bytes(4, "little") + bytes(8))
+        with pytest.raises(ValueError, match="frame header"):
+            channel.recv(b)
+        a.sendall(channel.MAGIC + (5).to_bytes(4, "little") + (0).to_bytes(8, "little") + b"[1,2]")
+        with pytest.raises(ValueError, match="not a JSON object"):
+            channel.recv(b)
+        channel.send(a, {"op": "x"}, b"abc")
+        a.shutdown(socket.SHUT_WR)
+        assert channel.recv(b) == ({"op": "x"}, b"abc")
+        with pytest.raises(ConnectionError):
+            channel.recv(b)
+
+
+def test_unknown_worker_mode_is_refused_with_the_key_named():
+    from flwr.app import RecordDict
+
+    with pytest.raises(ValueError, match="node-config worker must be one of auto, on, off"):
+        worker_link._worker_workdir(RecordDict(), {"worker": "yes"})
+
+
+def test_one_worker_per_node_and_it_leaves_when_idle(tmp_path, runtime_dir):
+    workdir = tmp_path / "run-z" / "partition-0"
+    first = _start_worker(workdir)
+    try:
+        _wait_hello(workdir)
+        second = _start_worker(workdir)
+        assert second.wait(timeout=60) == 1  # the lock is held: it does not serve
+        assert _wait_hello(workdir)["pid"] == first.pid
+    finally:
+        first.terminate()
+        assert first.wait(timeout=30) == 0
+    assert not channel.socket_path(workdir).exists()  # a worker that leaves takes its socket along
+    cmd = [sys.executable, "-m", "client_app.worker", "--workdir", str(workdir), "--idle-exit", "1"]
+    idle = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert idle.returncode == 0 and "no message for" in idle.stderr
