@@ -18,9 +18,9 @@ training over the same links) and each link speed:
   the contiguous assignment); int8 delta sync scales SPES fp32's steady bytes by the ratio measured
   on the tiny model (benchmarks/results.json), an assumption stated on the page;
 - step time: a SPES node's measured tokens/s in benchmarks/gpu.json (scripts/gpu_check.sh, "runs") over
-  the recipe's tokens per step when it holds the preset, else an assumption (default 1b: 0.44 s per step, the figure the resident-worker
-  issue quotes for an H200 at 4 x 2048 tokens; 7b: 1b's scaled by training FLOPs per step of the
-  recipes, i.e. the same FLOP/s).
+  the recipe's tokens per step when it holds the preset, else an assumption (default 1b: 0.44 s per
+  step, the figure the resident-worker issue quotes for an H200 at 4 x 2048 tokens; 7b: 1b's scaled
+  by training FLOPs per step of the recipes, i.e. the same FLOP/s).
 
 The target is the worst of the compared methods' final mean losses, so that every method reaches it.
 """

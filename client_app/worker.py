@@ -107,25 +107,27 @@ class Worker:
             elif header.get("identity") != self.identity:
                 channel.send(conn, {"ok": False, "stale": True, "identity": self.identity})
             else:
-                self._message(conn, str(op), header.get("node_config"), body)
+                self._message(conn, str(op), header, body)
 
-    def _message(self, conn: socket.socket, op: str, node_config, body: bytes) -> None:
+    def _message(self, conn: socket.socket, op: str, header: dict, body: bytearray) -> None:
         from client_app.handlers import HANDLERS
 
+        node_config = header.get("node_config")
         if op not in HANDLERS or not isinstance(node_config, dict):
             channel.send(conn, {"ok": False, "error": f"unknown operation {op!r} or no node config"})
             return
         with self.busy:
             self.last_active = time.monotonic()
             try:
-                reply = HANDLERS[op](channel.decode_content(body), node_config)
+                reply = HANDLERS[op](channel.decode_content(header.get("content"), body), node_config)
             except Exception as exc:  # the message's error, reported as the in-process node would raise it
                 log.exception("%s failed", op)
                 channel.send(conn, {"ok": False, "error": f"{type(exc).__name__}: {exc}"})
                 return
             finally:
                 self.last_active = time.monotonic()
-            channel.send(conn, {"ok": True}, channel.encode_content(reply))
+            layout, parts = channel.encode_content(reply)
+            channel.send(conn, {"ok": True, "content": layout}, parts)
             self._record(op, reply)
 
     def _record(self, op: str, reply) -> None:

@@ -4,8 +4,11 @@ A Unix socket that only the node's own user can open: it lives in a directory of
 this user owns (`$XDG_RUNTIME_DIR/spes-workers`, else `/tmp/spes-workers-<uid>`: a socket path
 must fit in 108 bytes, which a node's work dir may not) and is named by a digest of the
 node's work dir, so one worker serves one (run, partition). A frame is a JSON header and a body
-of bytes; the body is a message's content in Flower's own protobuf serialization of a RecordDict
-(what arrived over the network, checked the same way after), never pickle.
+of bytes. A message's content travels as its arrays' bytes exactly as they arrived (Flower's
+`Array.data`, decoded and checked by the handler as in-process), described in the header, and
+its config and metric records in Flower's own protobuf serialization; never pickle. Not the
+whole RecordDict as one protobuf: protobuf refuses messages over 2 GiB, and a 1b model is 4.7 GB
+in fp32.
 
 Light on purpose: the `flwr-clientapp` process of every message imports this, and the point of
 the worker is that such a process need not import torch.
@@ -27,7 +30,7 @@ from typing import Any
 MAGIC = b"SPW1"
 MAX_SOCKET_PATH = 107  # sun_path is 108 bytes with its terminating NUL
 SOCKET_NAME_LEN = len("0" * 24 + ".sock")
-MAX_HEADER = 1 << 20
+MAX_HEADER = 1 << 24
 # The node's code: a worker started from other code (an updated app) is never used.
 NODE_PACKAGES = ("client_app", "common", "data", "model", "training")
 
@@ -71,11 +74,12 @@ def identity(workdir: Path) -> dict[str, str]:
     return {"workdir": str(workdir), "code": code_digest(), "python": sys.executable}
 
 
-def send(sock: socket.socket, header: dict[str, Any], body: bytes = b"") -> None:
+def send(sock: socket.socket, header: dict[str, Any], parts: list[bytes] | tuple[bytes, ...] = ()) -> None:
+    """One frame: the header, then the parts back to back as the body (not joined: no copy)."""
     head = json.dumps(header).encode()
-    sock.sendall(MAGIC + struct.pack("<IQ", len(head), len(body)) + head)
-    if body:
-        sock.sendall(body)
+    sock.sendall(MAGIC + struct.pack("<IQ", len(head), sum(len(p) for p in parts)) + head)
+    for part in parts:
+        sock.sendall(part)
 
 
 def _read_exactly(sock: socket.socket, n: int) -> bytearray:
@@ -90,7 +94,7 @@ def _read_exactly(sock: socket.socket, n: int) -> bytearray:
     return buf
 
 
-def recv(sock: socket.socket) -> tuple[dict[str, Any], bytes]:
+def recv(sock: socket.socket) -> tuple[dict[str, Any], bytearray]:
     """One frame; raises ConnectionError on a closed channel and ValueError on anything malformed."""
     prefix = _read_exactly(sock, 16)
     if bytes(prefix[:4]) != MAGIC:
@@ -101,17 +105,46 @@ def recv(sock: socket.socket) -> tuple[dict[str, Any], bytes]:
     header = json.loads(bytes(_read_exactly(sock, head_len)))
     if not isinstance(header, dict):
         raise ValueError("frame header is not a JSON object")
-    return header, bytes(_read_exactly(sock, body_len)) if body_len else b""
+    return header, _read_exactly(sock, body_len) if body_len else bytearray()
 
 
-def encode_content(content) -> bytes:
+def encode_content(content) -> tuple[dict[str, Any], list[bytes]]:
+    """(layout for the header, body parts) of a RecordDict: its config and metric records as one
+    protobuf part, then every array's bytes."""
+    from flwr.app import RecordDict
     from flwr.common.serde import recorddict_to_proto
 
-    return recorddict_to_proto(content).SerializeToString()
+    rest = RecordDict({k: v for k, v in content.items() if k not in content.array_records})
+    parts = [recorddict_to_proto(rest).SerializeToString()]
+    arrays: dict[str, list[dict[str, Any]]] = {}
+    for name, record in content.array_records.items():
+        arrays[name] = []
+        for key, a in record.items():
+            arrays[name].append({"key": key, "dtype": a.dtype, "shape": list(a.shape), "stype": a.stype})
+            arrays[name][-1]["bytes"] = len(a.data)
+            parts.append(a.data)
+    return {"records_bytes": len(parts[0]), "arrays": arrays}, parts
 
 
-def decode_content(data: bytes):
+def decode_content(layout: Any, body: bytearray):
+    """The RecordDict that `encode_content` described; ValueError where layout and body disagree."""
+    from flwr.app import Array, ArrayRecord
     from flwr.common.serde import recorddict_from_proto
     from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
-    return recorddict_from_proto(ProtoRecordDict.FromString(data))
+    try:
+        view, offset = memoryview(body), int(layout["records_bytes"])
+        content = recorddict_from_proto(ProtoRecordDict.FromString(view[:offset].tobytes()))
+        for name, entries in layout["arrays"].items():
+            record = {}
+            for e in entries:
+                size = int(e["bytes"])
+                data = view[offset : offset + size].tobytes()
+                offset += size
+                record[str(e["key"])] = Array(dtype=e["dtype"], shape=tuple(e["shape"]), stype=e["stype"], data=data)
+            content[str(name)] = ArrayRecord(array_dict=record)
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"malformed content layout: {exc!r}") from exc
+    if offset != len(body):
+        raise ValueError(f"content layout covers {offset} bytes of a {len(body)}-byte body")
+    return content

@@ -69,14 +69,14 @@ def _via_worker(op: str, content, node_config: dict[str, Any], workdir: Path):
     with sock:
         sock.settimeout(None)  # a round takes as long as it takes; a worker that dies closes the channel
         try:
-            channel.send(
-                sock, {"op": op, "identity": ident, "node_config": node_config}, channel.encode_content(content)
-            )
+            layout, parts = channel.encode_content(content)
+            header = {"op": op, "identity": ident, "node_config": node_config, "content": layout}
+            channel.send(sock, header, parts)
             header, body = channel.recv(sock)
         except (ConnectionError, OSError) as exc:
             raise channel.WorkerUnavailable(f"the worker went away mid-message: {exc}") from exc
     if header.get("ok"):
-        return channel.decode_content(body)
+        return channel.decode_content(header.get("content"), body)
     if header.get("stale"):
         raise channel.WorkerUnavailable("the worker was replaced by one of other code mid-message")
     raise RuntimeError(f"node worker: {header.get('error')}")

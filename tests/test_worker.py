@@ -185,7 +185,7 @@ def test_channel_dir_refuses_one_others_can_enter(runtime_dir, monkeypatch):
 def test_frames_round_trip_and_malformed_ones_are_refused():
     a, b = socket.socketpair()
     with a, b:
-        channel.send(a, {"op": "train", "n": 1}, b"\x00\x01payload")
+        channel.send(a, {"op": "train", "n": 1}, [b"\x00\x01", b"payload"])
         assert channel.recv(b) == ({"op": "train", "n": 1}, b"\x00\x01payload")
         a.sendall(b"XXXX" + bytes(12))
         with pytest.raises(ValueError, match="not a worker-channel frame"):
@@ -196,7 +196,7 @@ def test_frames_round_trip_and_malformed_ones_are_refused():
         a.sendall(channel.MAGIC + (5).to_bytes(4, "little") + (0).to_bytes(8, "little") + b"[1,2]")
         with pytest.raises(ValueError, match="not a JSON object"):
             channel.recv(b)
-        channel.send(a, {"op": "x"}, b"abc")
+        channel.send(a, {"op": "x"}, [b"abc"])
         a.shutdown(socket.SHUT_WR)
         assert channel.recv(b) == ({"op": "x"}, b"abc")
         with pytest.raises(ConnectionError):
@@ -225,3 +225,29 @@ def test_one_worker_per_node_and_it_leaves_when_idle(tmp_path, runtime_dir):
     cmd = [sys.executable, "-m", "client_app.worker", "--workdir", str(workdir), "--idle-exit", "1"]
     idle = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert idle.returncode == 0 and "no message for" in idle.stderr
+
+
+def test_content_travels_whole_and_a_layout_that_disagrees_is_refused():
+    import numpy as np
+    from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+    content = RecordDict(
+        {
+            "config": ConfigRecord({"owned": [0, 3], "token": "run-1", "full": True}),
+            "arrays": ArrayRecord({"a": Array(np.arange(6, dtype=np.float32).reshape(2, 3)), "b": Array(np.ones(0))}),
+            "metrics": MetricRecord({"loss": 1.5}),
+            "more": ArrayRecord({"c": Array(np.array([7], dtype=np.int64))}),
+        }
+    )
+    layout, parts = channel.encode_content(content)
+    body = bytearray(b"".join(parts))
+    back = channel.decode_content(json.loads(json.dumps(layout)), body)  # the layout travels as JSON
+    assert dict(back["config"]) == {"owned": [0, 3], "token": "run-1", "full": True}
+    assert dict(back["metrics"]) == {"loss": 1.5}
+    assert back["arrays"]["a"].numpy().tolist() == [[0, 1, 2], [3, 4, 5]] and back["arrays"]["b"].numpy().size == 0
+    assert back["more"]["c"].numpy().tolist() == [7]
+    layout["arrays"]["arrays"][0]["bytes"] -= 1
+    with pytest.raises(ValueError, match="covers"):
+        channel.decode_content(layout, body)
+    with pytest.raises(ValueError, match="malformed content layout"):
+        channel.decode_content({"records_bytes": 0}, bytearray())
