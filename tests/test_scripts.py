@@ -87,3 +87,17 @@ def test_gpu_check_times_a_node_round_without_flower(tmp_path):
     for k in ("rebuilt", "rebuilt_bg"):  # deployment pays a fresh process every round on top
         assert r[k]["overhead_share_at_h100"] < r[k]["overhead_share_at_h100_fresh_process"] < 1
     assert list(tmp_path.iterdir()) == [blocker]  # the node's state went to a temporary directory, now gone
+
+
+def test_gpu_page_tables_are_the_committed_measurements():
+    """docs/gpu.md's generated block equals what scripts/gpu_report.py renders from benchmarks/gpu.json."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import gpu_report
+
+    data = json.loads((ROOT / "benchmarks" / "gpu.json").read_text())
+    page = ROOT / "docs" / "gpu.md"
+    assert gpu_report.rewrite(page, data) == page.read_text(), "stale docs/gpu.md: python scripts/gpu_report.py"
+    block = gpu_report.render(data)
+    spes = next(r for r in data["runs"] if (r["size"], r.get("mode"), r.get("lean")) == ("1b", "spes", False))
+    assert f"| 1b | SPES | 4 | {spes['tokens_per_s']:,.0f} | {spes['peak_mem_gb']:.2f} GB |" in block
+    assert all(f"`{k}`" in block for k in data["ratios"])
