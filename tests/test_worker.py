@@ -71,7 +71,17 @@ def _served(nodes: Path, partition: int) -> list[dict]:
 
 @needs_flower
 def test_workers_serve_every_round_survive_a_kill_and_change_no_number(tmp_path, no_leftovers):  # noqa: F811
+    # The worker=off run goes alongside (its own SuperLink and SuperNodes): both mostly wait on
+    # Flower's polling, and side by side they take about the time of one.
+    plain_result: dict = {}
+    plain_thread = threading.Thread(
+        target=lambda: plain_result.update(run=_deployment_run(tmp_path / "plain", {"worker": "off"})), daemon=True
+    )
+    plain_thread.start()
     run_dir, nodes = _deployment_run(tmp_path / "workers", {}, kill_worker_of=1)
+    plain_thread.join(600)
+    assert "run" in plain_result, "the worker=off run did not finish"
+    plain, _ = plain_result["run"]
     # Partition 0: one worker served the whole run, and kept its model from round to round.
     served = _served(nodes, 0)
     assert len({s["pid"] for s in served}) == 1, served
@@ -81,7 +91,6 @@ def test_workers_serve_every_round_survive_a_kill_and_change_no_number(tmp_path,
     served = _served(nodes, 1)
     assert len({s["pid"] for s in served}) == 2, served
     assert [s["op"] for s in served].count("train") >= ROUNDS - 1
-    plain, _ = _deployment_run(tmp_path / "plain", {"worker": "off"})
     assert not list((tmp_path / "plain" / "nodes").glob("*/partition-*/worker-served.jsonl"))
     last = f"round-{ROUNDS:06d}"
     a, b = load_file(run_dir / "checkpoint" / last / "params.safetensors"), None
