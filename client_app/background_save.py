@@ -55,15 +55,13 @@ def _stat(pid: int) -> tuple[str, str] | None:
         return None
 
 
-def _start_time(pid: int) -> str | None:
+def process_start_time(pid: int) -> str | None:
     stat = _stat(pid)
     return None if stat is None else stat[1]
 
 
-def _alive(pid: int, start: str | None) -> bool:
-    """Whether the process that wrote a marker still runs (not exited, not a zombie, PID not reused)."""
-    if pid == os.getpid():
-        return False  # this process's writers are joined, never waited for by marker
+def process_alive(pid: int, start: str | None = None) -> bool:
+    """Whether a process still runs: not exited, not a zombie, and (given its start time) its PID not reused."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -100,7 +98,7 @@ def save_after_reply(state: NodeState, root: Path) -> None:
     root.mkdir(parents=True, exist_ok=True)
     marker = root / f"saving-{state.global_step:012d}.json"
     write_text_atomic(
-        marker, json.dumps({"pid": os.getpid(), "start": _start_time(os.getpid()), "step": state.global_step})
+        marker, json.dumps({"pid": os.getpid(), "start": process_start_time(os.getpid()), "step": state.global_step})
     )
 
     def write() -> None:
@@ -146,7 +144,8 @@ def wait_for_saves(root: Path, timeout_s: float = WAIT_TIMEOUT_S) -> float:
             continue  # finished meanwhile
         except (OSError, ValueError, KeyError, TypeError):
             pid, start = -1, None
-        while marker.exists() and pid > 0 and _alive(pid, start):
+        # This process's own writers were joined above: its markers are never waited for.
+        while marker.exists() and 0 < pid != os.getpid() and process_alive(pid, start):
             if time.monotonic() > deadline:
                 raise TimeoutError(
                     f"process {pid} is still saving a node state into {root} after {timeout_s:.0f}s ({marker.name})"

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 from client_app import worker_channel as channel
+from client_app.background_save import process_alive, process_start_time
 from common.atomic import write_text_atomic
 
 log = logging.getLogger("spes.worker")
@@ -40,6 +41,7 @@ class Worker:
     def __init__(self, workdir: Path, parent: int | None, idle_exit_s: float) -> None:
         self.workdir = workdir
         self.parent = parent
+        self.parent_start = None if parent is None else process_start_time(parent)  # a reused PID is not it
         self.idle_exit_s = idle_exit_s
         self.identity = channel.identity(workdir)
         self.busy = threading.Lock()
@@ -82,7 +84,7 @@ class Worker:
     def _should_exit(self) -> bool:
         if self.stop.is_set():
             return True
-        if self.parent is not None and not _alive(self.parent):
+        if self.parent is not None and not process_alive(self.parent, self.parent_start):
             log.info("the SuperNode (pid %d) is gone: exiting", self.parent)
             return True
         idle = time.monotonic() - self.last_active
@@ -135,20 +137,6 @@ class Worker:
         line = {"pid": os.getpid(), "op": op, "time": time.time(), "resident": metrics.get("resident")}
         with open(self.workdir / "worker-served.jsonl", "a") as fh:
             fh.write(json.dumps(line) + "\n")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie is gone for our purpose
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            return fh.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
-    except (OSError, IndexError):
-        return True
 
 
 def main(argv: list[str] | None = None) -> int:

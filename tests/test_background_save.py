@@ -147,7 +147,7 @@ def test_a_save_cut_short_is_noticed_at_once(tmp_path, caplog):
         time.sleep(0.05)
     cases = {
         "exited": (gone.pid, None),
-        "zombie": (zombie.pid, background_save._start_time(zombie.pid)),
+        "zombie": (zombie.pid, background_save.process_start_time(zombie.pid)),
         "pid reused": (os.getppid(), "1"),
     }  # a live process, but not the one that wrote the marker
     for name, (pid, start) in cases.items():
@@ -164,7 +164,7 @@ def test_a_save_cut_short_is_noticed_at_once(tmp_path, caplog):
 def test_a_live_writer_that_never_finishes_times_out(tmp_path):
     sleeper = subprocess.Popen(["sleep", "30"])
     try:
-        write_marker(tmp_path, sleeper.pid, background_save._start_time(sleeper.pid))
+        write_marker(tmp_path, sleeper.pid, background_save.process_start_time(sleeper.pid))
         with pytest.raises(TimeoutError, match=f"process {sleeper.pid} is still saving"):
             wait_for_saves(tmp_path, timeout_s=0.3)
     finally:

@@ -11,26 +11,25 @@ from flwr.app import ConfigRecord
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_node_code_never_imports_the_coordinator():
+def _assert_import_loads_none_of(imports: str, packages: tuple[str, ...]) -> None:
+    """A fresh interpreter imports `imports`; no module of `packages` may have been loaded."""
     code = (
-        "import sys; import client_app.app, client_app.handlers, client_app.worker; "
-        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('server_app', 'strategy')); "
+        f"import sys; import {imports}; "
+        f"bad = sorted(m for m in sys.modules if m.split('.')[0] in {packages!r}); "
         "print(bad); sys.exit(1 if bad else 0)"
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+def test_node_code_never_imports_the_coordinator():
+    _assert_import_loads_none_of("client_app.app, client_app.handlers, client_app.worker", ("server_app", "strategy"))
+
+
 def test_the_clientapp_module_imports_neither_torch_nor_transformers():
     """In deployment every message starts a fresh `flwr-clientapp` process; one that its node's worker
     serves must not pay for torch and transformers (about 4-10 s) before handing the message over."""
-    code = (
-        "import sys; import client_app.app; "
-        "heavy = sorted(m for m in ('torch', 'transformers', 'datasets', 'tokenizers') if m in sys.modules); "
-        "print(heavy); sys.exit(1 if heavy else 0)"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    _assert_import_loads_none_of("client_app.app", ("torch", "transformers", "datasets", "tokenizers"))
 
 
 def _spec_json(**changes):
