@@ -11,6 +11,7 @@ measure the bare training loop against the same work inside a Flower simulation.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import sys
 import time
@@ -32,6 +33,7 @@ from model import build_model, expert_param_names
 from model.lora import lora_args, merge_adapters
 from model.naming import peft_to_plain, trained_param_names
 from model.routing import set_router_bias
+from training import parallel
 from training.trainer import evaluate, make_optimizer, resolve_device, train_steps
 
 if TYPE_CHECKING:
@@ -72,10 +74,12 @@ def _build(ctx: NodeContext, owned: list[int] | None, device: torch.device) -> t
     """The node's model, uninitialised on `device`: every caller loads a whole state dict into it.
 
     Under bf16 the frozen experts are allocated in bf16 right away (loading casts into them, as
-    `prepare_model` would), so the node never holds them in fp32.
+    `prepare_model` would), so the node never holds them in fp32. A node of several ranks gets
+    its shard only (training/parallel.py), frozen experts in the owned ones' dtype.
     """
     special = {"eos_token_id": ctx.tokenizer.eos_token_id, "pad_token_id": ctx.tokenizer.pad_token_id}
-    frozen = torch.bfloat16 if ctx.spec.train.precision == "bf16" and owned is not None else None
+    ranks = parallel.current()
+    frozen = torch.bfloat16 if ctx.spec.train.precision == "bf16" and owned is not None and not ranks else None
     return build_model(
         ctx.spec.model,
         len(ctx.tokenizer),
@@ -84,7 +88,25 @@ def _build(ctx: NodeContext, owned: list[int] | None, device: torch.device) -> t
         device=device,
         frozen_dtype=frozen,
         empty=True,
+        shard=functools.partial(parallel.shard_model, device_type=device.type) if ranks else None,
     )
+
+
+def _device(ctx: NodeContext) -> torch.device:
+    """Where this process trains; with several ranks, checks what they cannot share."""
+    device = resolve_device(ctx.spec.train.device)
+    ranks = parallel.current()
+    if ranks is None:
+        return device
+    train = ctx.spec.train
+    if lora_args(train) is not None:
+        raise ValueError(f"partition {ctx.partition_id}: LoRA (train.lora_rank > 0) is not supported with gpus > 1")
+    if train.batch_size % ranks.world:
+        raise ValueError(
+            f"partition {ctx.partition_id}: train.batch_size={train.batch_size} does not divide among "
+            f"gpus={ranks.world} ranks"
+        )
+    return ranks.device(device)
 
 
 def _round_model(ctx: NodeContext, owned: list[int], device: torch.device) -> tuple[torch.nn.Module, dict[str, str]]:
@@ -226,7 +248,7 @@ def run_local_round(
     _check_order(ctx, order, received)
     if train_cfg.threads:
         torch.set_num_threads(train_cfg.threads)
-    device = resolve_device(train_cfg.device)
+    device, ranks = _device(ctx), parallel.current()
     if spec.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     state_root = ctx.workdir / "state"
@@ -243,12 +265,17 @@ def run_local_round(
     stream = BatchStream(shard, train_cfg.batch_size, seed=spec.seed * 7919 + ctx.partition_id)
     if start.saved is not None:
         stream.load_state_dict(start.saved.stream)
-    metrics = _train(ctx, model, optimizer, stream, order, device, show_progress)
+    metrics = _train(ctx, model, optimizer, stream, order, device, show_progress and not (ranks and ranks.rank))
     out, new_state = _reply(ctx, model, plain, named, optimizer, stream, order, start)
-    if train_cfg.save_in_background:
-        background_save.save_after_reply(new_state, state_root)
-    else:
-        new_state.save(state_root)
+    if ranks is None or ranks.rank == 0:  # rank 0 saves the node's state, gathered
+        if train_cfg.save_in_background:
+            background_save.save_after_reply(new_state, state_root)
+        else:
+            new_state.save(state_root)
+    if ranks is not None:
+        # The save (or its marker) is on disk before any rank starts the next round, so that every
+        # rank continues from the same state.
+        parallel.barrier()
     if train_cfg.resident:
         resident.keep(
             resident.ResidentNode(key, model, plain, optimizer, new_state), train_cfg.resident_budget_mb * 2**20
@@ -318,7 +345,11 @@ def _load(
         raise RuntimeError(
             f"partition {ctx.partition_id}: {len(unexpected)} unexpected parameters, e.g. {sorted(unexpected)[:3]}"
         )
-    model.load_state_dict({n: tensors[p] for n, p in plain.items()}, strict=True)
+    if parallel.current() is None:
+        model.load_state_dict({n: tensors[p] for n, p in plain.items()}, strict=True)
+    else:
+        targets = model.state_dict()
+        model.load_state_dict({n: parallel.like(tensors[p], targets[n]) for n, p in plain.items()}, strict=True)
     named = {plain[n]: p for n, p in model.named_parameters()}
     lora = lora_args(ctx.spec.train) is not None
     sent = trained_param_names(list(plain.values()), owned, lora)
@@ -370,6 +401,7 @@ def _train(
         device,
         bar,
         global_load=order.global_load,
+        ranks=parallel.current(),
     )
     bar.close()
     metrics["trainable-params"] = float(sum(p.numel() for p in model.parameters() if p.requires_grad))
@@ -392,14 +424,14 @@ def _reply(
     owned_names = expert_param_names(names, order.owned)
     state = {plain[n]: t for n, t in model.state_dict().items()}
     reply = {
-        n: _detached(state[n], copy=train_cfg.resident)
+        n: _detached(parallel.full(state[n]), copy=train_cfg.resident)
         for n in trained_param_names(names, order.owned, lora_args(train_cfg) is not None)
     }
     common = {
         "global_step": order.start_step + order.steps,
         "owned": list(order.owned),
         "stream": stream.state_dict(),
-        "optimizer": optimizer_tensors(optimizer, {p: n for n, p in named.items()}),
+        "optimizer": optimizer_tensors(optimizer, {p: n for n, p in named.items()}, parallel.full),
     }
     if order.delta is None:
         return reply, NodeState(**common, owned_tensors={n: reply[n] for n in owned_names})
@@ -418,10 +450,14 @@ def run_local_eval(
     ctx: NodeContext, received: dict[str, torch.Tensor], router_bias: torch.Tensor | None = None
 ) -> tuple[float, int]:
     _check_received(received, ctx.partition_id)
-    device = resolve_device(ctx.spec.train.device)
+    device = _device(ctx)
     model = _build(ctx, None, device)
     args = lora_args(ctx.spec.train)
-    model.load_state_dict(received if args is None else merge_adapters(received, args), strict=True)
+    tensors = received if args is None else merge_adapters(received, args)
+    if parallel.current() is not None:
+        targets = model.state_dict()
+        tensors = {n: parallel.like(t, targets[n]) for n, t in tensors.items()}
+    model.load_state_dict(tensors, strict=True)
     set_router_bias(model, router_bias)
     _, held = _data(ctx)
     return evaluate(model, held, ctx.spec.eval.batch_size, ctx.spec.eval.max_batches, device)

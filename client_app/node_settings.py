@@ -40,6 +40,16 @@ def _limits(cfg: Mapping[str, Any]) -> dict[str, int]:
     return out
 
 
+def node_gpus(cfg: Mapping[str, Any]) -> int:
+    """node-config gpus (default 1): the node's ranks, one per GPU."""
+    value = cfg.get("gpus", 1)
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 64:
+        raise NodeSetupError(f"node-config gpus must be an integer in [1, 64], got {value!r}")
+    return value
+
+
 class NodeSetupError(ValueError):
     """This node cannot take part as configured; the message says what to set."""
 
@@ -52,6 +62,7 @@ class NodeSettings:
     own_data: str | None = None  # node-config data-source: train on all of it instead of a shard
     common_data: str | None = None  # node-config common-data: where this node keeps the run's corpus
     progress: bool = True
+    gpus: int = 1  # node-config gpus: ranks of this node, one per GPU (client_app/ranks.py)
     # What this node agrees to run, whatever the coordinator sends (node-config max-*).
     max_local_steps: int = 10_000
     max_params: int = 20_000_000_000
@@ -78,6 +89,7 @@ class NodeSettings:
             own_data=str(cfg["data-source"]) if cfg.get("data-source") else None,
             common_data=str(cfg.get("common-data") or env.get(ENV_COMMON_DATA) or "") or None,
             progress=env.get(ENV_PROGRESS, "1") != "0",
+            gpus=node_gpus(cfg),
             **_limits(cfg),
         )
 

@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from common.atomic import fsync_dir, write_text_atomic
 from common.checks import all_finite
+from training.parallel import like
 
 log = logging.getLogger("spes.node")
 
@@ -60,16 +61,18 @@ def _fsync_file(path: Path) -> None:
 
 
 def optimizer_tensors(
-    optimizer: torch.optim.Optimizer, names: dict[torch.nn.Parameter, str]
+    optimizer: torch.optim.Optimizer, names: dict[torch.nn.Parameter, str], whole=lambda t: t
 ) -> dict[str, torch.Tensor]:
     """The optimizer's per-parameter state keyed by parameter name, so it survives a change of
-    which parameters are trainable (experts reassigned) and needs no pickle."""
+    which parameters are trainable (experts reassigned) and needs no pickle. `whole` gathers a
+    sharded moment (training/parallel.py `full`), so a node of several ranks saves what one would."""
     out = {}
     for param, state in optimizer.state.items():
         name = names.get(param)
         if name is None:
             continue
         for key, value in state.items():
+            value = whole(value) if isinstance(value, torch.Tensor) else value
             if not isinstance(value, torch.Tensor) or type(value) is not torch.Tensor:
                 raise TypeError(f"optimizer state {name}.{key} is a {type(value).__name__}, not a plain tensor")
             out[f"{name}{_SEP}{key}"] = value.detach().cpu().contiguous()
@@ -96,7 +99,8 @@ def restore_optimizer(
                     f"saved optimizer state {name}.{slot} has shape {tuple(value.shape)}, "
                     f"parameter has {tuple(param.shape)}"
                 )
-            state[slot] = value.to(param.device, dtype=value.dtype if value.dim() == 0 else param.dtype)
+            # A moment goes where its parameter is, sharded like it on a node of several ranks.
+            state[slot] = value.to(param.device) if value.dim() == 0 else like(value.to(dtype=param.dtype), param)
         optimizer.state[param] = state
         restored += 1
     return restored

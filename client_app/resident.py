@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from client_app.node_state import NodeState
+from training.parallel import local
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ class ResidentNode:
             self.state.own_delta,
         ):
             tensors += part.values()
-        for t in tensors:
+        for t in map(local, tensors):  # a rank of a sharded node holds its shard only
             storage = t.untyped_storage()
             seen[(str(t.device), storage.data_ptr())] = storage.nbytes()
         return sum(seen.values())

@@ -13,7 +13,10 @@ SIGINT (it shares the SuperNode's process group, so stopping the SuperNode's gro
 or when asked to by a message of other code. A state being saved in the background is
 finished before it exits. Every message it served is a line in `<work dir>/worker-served.jsonl`.
 
-    python -m client_app.worker --workdir <node work dir> [--parent <pid>] [--idle-exit 1800]
+With `--gpus n` (node-config gpus) it is rank 0 of the node's n ranks and starts the others
+(client_app/ranks.py) before it listens; each message goes to all of them.
+
+    python -m client_app.worker --workdir <node work dir> [--parent <pid>] [--idle-exit 1800] [--gpus 1]
 """
 
 from __future__ import annotations
@@ -38,27 +41,32 @@ POLL_S = 1.0
 
 
 class Worker:
-    def __init__(self, workdir: Path, parent: int | None, idle_exit_s: float) -> None:
-        self.workdir = workdir
+    def __init__(self, workdir: Path, parent: int | None, idle_exit_s: float, gpus: int = 1) -> None:
+        self.workdir, self.gpus = workdir, gpus
+        self.ranks = None  # client_app.ranks.RankGroup where gpus > 1
         self.parent = parent
         self.parent_start = None if parent is None else process_start_time(parent)  # a reused PID is not it
         self.idle_exit_s = idle_exit_s
-        self.identity = channel.identity(workdir)
+        self.identity = channel.identity(workdir, gpus)
         self.busy = threading.Lock()
         self.stop = threading.Event()
         self.last_active = time.monotonic()
 
     def serve(self) -> int:
-        """Serve until told to stop; 0, or 1 where another worker already serves this node."""
+        """Serve until told to stop; 0, or channel.ANOTHER_SERVES where another worker already serves this node."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         lock = open(self.workdir / "worker.lock", "w")  # noqa: SIM115 - held for the process's life
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             log.info("another worker serves %s", self.workdir)
-            return 1
+            return channel.ANOTHER_SERVES
         import client_app.handlers  # noqa: F401 - torch, transformers: paid once, before it listens
 
+        if self.gpus > 1:
+            from client_app.ranks import RankGroup
+
+            self.ranks = RankGroup(self.workdir, self.gpus).start()
         path = channel.socket_path(self.workdir)
         path.unlink(missing_ok=True)  # we hold the lock: a socket file left there is a dead worker's
         server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -79,6 +87,8 @@ class Worker:
         finally:
             server.close()
             path.unlink(missing_ok=True)
+            if self.ranks is not None:
+                self.ranks.stop()
         return 0
 
     def _should_exit(self) -> bool:
@@ -121,6 +131,8 @@ class Worker:
         with self.busy:
             self.last_active = time.monotonic()
             try:
+                if self.ranks is not None:
+                    self.ranks.forward({"op": op, "node_config": node_config, "content": header.get("content")}, body)
                 reply = HANDLERS[op](channel.decode_content(header.get("content"), body), node_config)
             except Exception as exc:  # the message's error, reported as the in-process node would raise it
                 log.exception("%s failed", op)
@@ -146,9 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--parent", type=int, default=None, help="exit when this process (the SuperNode) is gone")
     ap.add_argument("--idle-exit", type=float, default=1800.0, help="exit after this many seconds without a message")
+    ap.add_argument("--gpus", type=int, default=1, help="ranks of this node, one per GPU (node-config gpus)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    worker = Worker(Path(args.workdir).resolve(), args.parent, args.idle_exit)
+    worker = Worker(Path(args.workdir).resolve(), args.parent, args.idle_exit, args.gpus)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: worker.stop.set())
     code = worker.serve()

@@ -31,6 +31,7 @@ MAGIC = b"SPW1"
 MAX_SOCKET_PATH = 107  # sun_path is 108 bytes with its terminating NUL
 SOCKET_NAME_LEN = len("0" * 24 + ".sock")
 MAX_HEADER = 1 << 24
+ANOTHER_SERVES = 75  # a worker's exit status where another worker holds the node's lock (EX_TEMPFAIL)
 # The node's code: a worker started from other code (an updated app) is never used.
 NODE_PACKAGES = ("client_app", "common", "data", "model", "training")
 
@@ -68,10 +69,10 @@ def code_digest() -> str:
     return h.hexdigest()
 
 
-def identity(workdir: Path) -> dict[str, str]:
-    """What a worker must match to serve a message: the node's work dir (run and partition), the code
-    and the interpreter."""
-    return {"workdir": str(workdir), "code": code_digest(), "python": sys.executable}
+def identity(workdir: Path, gpus: int = 1) -> dict[str, str]:
+    """What a worker must match to serve a message: the node's work dir (run and partition), the code,
+    the interpreter and its number of ranks (node-config gpus)."""
+    return {"workdir": str(workdir), "code": code_digest(), "python": sys.executable, "gpus": str(gpus)}
 
 
 def send(sock: socket.socket, header: dict[str, Any], parts: list[bytes] | tuple[bytes, ...] = ()) -> None:

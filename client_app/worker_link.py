@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from client_app import worker_channel as channel
-from client_app.node_settings import NodeSettings, NodeSetupError
+from client_app.node_settings import NodeSettings, NodeSetupError, node_gpus
 from common import keys
 
 log = logging.getLogger("spes.node")
@@ -38,11 +38,16 @@ STARTUP_TIMEOUT_S = 300.0  # a worker imports torch and transformers before it l
 def run(op: str, content, node_config: Mapping[str, Any]):
     """The reply content to a message's content, from the worker where one serves, else in-process."""
     workdir = _worker_workdir(content, node_config)
+    gpus = node_gpus(node_config)
     if workdir is not None:
         try:
             return _via_worker(op, content, dict(node_config), workdir)
         except channel.WorkerUnavailable as exc:
+            if gpus > 1:  # in-process would train on one device, with memory sized for several
+                raise RuntimeError(f"gpus={gpus}: the node's ranks run in its worker, and none serves ({exc})") from exc
             log.warning("node worker unavailable (%s): this message runs in-process", exc)
+    elif gpus > 1:
+        raise NodeSetupError(f"node-config gpus={gpus} needs the node worker (worker=auto in deployment, or on)")
     from client_app.handlers import HANDLERS
 
     return HANDLERS[op](content, node_config)
@@ -64,7 +69,7 @@ def _worker_workdir(content, node_config: Mapping[str, Any]) -> Path | None:
 
 
 def _via_worker(op: str, content, node_config: dict[str, Any], workdir: Path):
-    ident = channel.identity(workdir)
+    ident = channel.identity(workdir, node_gpus(node_config))
     sock = _ready_worker(workdir, ident, node_config)
     with sock:
         sock.settimeout(None)  # a round takes as long as it takes; a worker that dies closes the channel
@@ -91,11 +96,13 @@ def _ready_worker(workdir: Path, ident: dict[str, str], node_config: dict[str, A
         _stop(path, hello)
         hello = None
     if hello is None:
-        _start(workdir, node_config)
+        proc = _start(workdir, node_config)
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while hello is None and time.monotonic() < deadline:
+        while hello is None and time.monotonic() < deadline and proc.poll() in (None, channel.ANOTHER_SERVES):
             time.sleep(0.2)
             hello = _hello(path, workdir)
+        if hello is None and proc.poll() not in (None, channel.ANOTHER_SERVES):
+            raise channel.WorkerUnavailable(f"the worker exited with {proc.returncode} (see {workdir / 'worker.log'})")
         if hello is None:
             raise channel.WorkerUnavailable(f"no worker answered on {path} within {STARTUP_TIMEOUT_S:.0f} s")
     return _connect(path)
@@ -170,14 +177,15 @@ def _is_worker(pid: int, workdir: Path) -> bool:
     return b"client_app.worker" in cmd and str(workdir).encode() in cmd
 
 
-def _start(workdir: Path, node_config: dict[str, Any]) -> None:
+def _start(workdir: Path, node_config: dict[str, Any]) -> subprocess.Popen:
     root = str(Path(__file__).resolve().parent.parent)  # Flower installs the app outside sys.path's defaults
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
     idle = str(float(node_config.get("worker-idle-s", 1800)))
+    gpus = str(node_gpus(node_config))
     cmd = [sys.executable, "-m", "client_app.worker", "--workdir", str(workdir), "--parent", str(os.getppid())]
     with open(workdir / "worker.log", "ab") as out:
-        subprocess.Popen(  # noqa: S603 - our own interpreter and module
-            [*cmd, "--idle-exit", idle],
+        proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+            [*cmd, "--idle-exit", idle, "--gpus", gpus],
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -185,3 +193,4 @@ def _start(workdir: Path, node_config: dict[str, Any]) -> None:
             cwd=root,
         )
     log.info("started the node worker for %s (log: %s)", workdir, workdir / "worker.log")
+    return proc

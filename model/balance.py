@@ -17,7 +17,7 @@ node can train is penalised less early on.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -86,6 +86,7 @@ def balance_loss(
     global_load: torch.Tensor | None = None,
     global_weight: float = 0.0,
     bias: Sequence[torch.Tensor | None] | None = None,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Load-balancing loss over a model's layers; `router_logits[l]` is [tokens, experts].
 
@@ -93,24 +94,30 @@ def balance_loss(
     per_layer only: `global_load` ([L, E], each row sums to 1) is the federation's load share
     of each expert last round, mixed into f_i with `global_weight` (model/routing.py).
     `bias[l]` ([E] or None): the routing bias the picks were made with.
+    `reduce`: the sum over the ranks that split one batch (training/parallel.py), differentiable;
+    f and P are then the whole batch's, so the loss is the one a single rank would compute.
     """
     if mode not in BALANCE_MODES:
         raise ValueError(f"train.balance must be one of {list(BALANCE_MODES)}, got {mode!r}")
     bias = list(bias) if bias is not None else [None] * len(router_logits)
     stats = [_layer_stats(r, num_experts, top_k, b) for r, b in zip(router_logits, bias)]
+    tokens: list = [r.shape[0] for r in router_logits]
+    if reduce is not None:
+        stats = [(reduce(c), reduce(p)) for c, p in stats]
+        tokens = [c.sum() / top_k for c, _ in stats]  # every token makes exactly top_k picks
     if scale is not None:
         stats = [(c * scale.to(c.device), p) for c, p in stats]
     if mode == "per_layer":
         per_layer = []
-        for layer, ((c, p), r) in enumerate(zip(stats, router_logits)):
-            f = c / (r.shape[0] * top_k)
+        for layer, ((c, p), n) in enumerate(zip(stats, tokens)):
+            f = c / (n * top_k)
             if global_load is not None and global_weight > 0:
                 f = (1 - global_weight) * f + global_weight * global_load[layer].to(f)
-            per_layer.append(num_experts * torch.sum(f * (p / r.shape[0])))
+            per_layer.append(num_experts * torch.sum(f * (p / n)))
         return torch.stack(per_layer).mean()
     if global_load is not None and global_weight > 0:
         raise ValueError("train.balance_global_weight needs train.balance=per_layer")
-    rows = sum(r.shape[0] for r in router_logits)
+    rows = sum(tokens)
     counts = torch.stack([c for c, _ in stats]).sum(dim=0)
     probs = torch.stack([p for _, p in stats]).sum(dim=0)
     return num_experts * torch.sum(counts / rows * (probs / rows))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -21,6 +21,7 @@ def build_model(
     special_tokens: dict[str, int | None] | None = None,
     frozen_dtype: torch.dtype | None = None,
     empty: bool = False,
+    shard: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
 ) -> Qwen3MoeForCausalLM:
     """A freshly initialised model with per-expert modules; `owned=None` trains every expert.
 
@@ -30,21 +31,27 @@ def build_model(
     whole state dict next (a node each round). It skips the random initialisation and the copies
     of the fused experts, most of a build's time (1b preset on one CPU thread, measured 2026-11-29: 22.7 s -> 0.6 s,
     docs/node-round.md).
+    `shard` (with `empty`): applied on the meta device before allocation, so that only what it
+    leaves on this process is allocated (FSDP, training/parallel.py).
     """
     args.validate()
     config = build_config(args, vocab_size, **(special_tokens or {}))
     if seed is not None:
         torch.manual_seed(seed)
     if empty and torch.device(device).type != "meta":
-        return _empty_model(config, owned, torch.device(device), frozen_dtype)
+        return _empty_model(config, owned, torch.device(device), frozen_dtype, shard)
+    if shard is not None:
+        raise ValueError("build_model(shard=...) needs empty=True: a sharded model is loaded, not initialised")
     with torch.device(device):
         model = Qwen3MoeForCausalLM(config)
     return partition_experts(model, owned, frozen_dtype=frozen_dtype)
 
 
-def _empty_model(config, owned, device: torch.device, frozen_dtype) -> Qwen3MoeForCausalLM:
+def _empty_model(config, owned, device: torch.device, frozen_dtype, shard=None) -> Qwen3MoeForCausalLM:
     with torch.device("meta"):
         model = partition_experts(Qwen3MoeForCausalLM(config), owned, frozen_dtype=frozen_dtype)
+    if shard is not None:
+        model = shard(model)
     materialize_empty(model, device)
     # Non-persistent buffers are in no state dict, so nothing would overwrite their garbage:
     # recompute the ones this architecture has, and refuse any other (a transformers change).

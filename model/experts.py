@@ -96,6 +96,9 @@ class PartitionedExperts(nn.Module):
         self._ptrs: tuple[int, ...] = ()
         self._slot = torch.empty(0)
         self._copy_on_pack = True  # False while materialising garbage (materialize_empty)
+        # True once FSDP owns the parameters (training/parallel.py): they are replaced by gathered
+        # tensors around every forward, so the blocks are stacked from them per call, never packed.
+        self.sharded = False
         self._pack()
 
     def __getitem__(self, e: int) -> ExpertFFN:
@@ -129,11 +132,15 @@ class PartitionedExperts(nn.Module):
                         view.copy_(p)
                     p.data = view
             self._blocks[group] = (gate_up, down)
-        order = list(self.owned) + list(self.frozen)
-        slot = torch.empty(self.num_experts, dtype=torch.long)
-        slot[order] = torch.arange(self.num_experts)
-        self._slot = slot.to(self[0].gate_proj.weight.device)
+        self._slot = self._block_slots(self[0].gate_proj.weight.device)
         self._ptrs = tuple(p.data_ptr() for p in self._params())
+
+    def _block_slots(self, device: torch.device) -> torch.Tensor:
+        """[E] each expert's position in block order (owned experts first)."""
+        order = list(self.owned) + list(self.frozen)
+        slot = torch.empty(self.num_experts, dtype=torch.long, device="cpu")
+        slot[order] = torch.arange(self.num_experts)
+        return slot.to(device)
 
     def _stale(self) -> bool:
         """True when something replaced the parameters' storage (`.to()`, assign-loading, ...)."""
@@ -143,6 +150,9 @@ class PartitionedExperts(nn.Module):
         # Module.to()/to_empty()/cuda() give every parameter storage of its own: re-pack, with
         # the dtypes the conversion produced.
         out = super()._apply(fn, recurse)
+        if self.sharded:  # FSDP owns the storage; only the slot table is ours
+            self._slot = self._block_slots(self._slot.device if self._slot.device.type != "meta" else "cpu")
+            return out
         if self.owned:
             self.master_dtype = self[self.owned[0]].gate_proj.weight.dtype
         if self.frozen:
@@ -192,7 +202,7 @@ class PartitionedExperts(nn.Module):
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
-        if not torch.compiler.is_compiling() and self._stale():
+        if not self.sharded and not torch.compiler.is_compiling() and self._stale():
             self._pack()
         impl = self.implementation
         if impl == "auto":
@@ -229,17 +239,20 @@ class PartitionedExperts(nn.Module):
             ("owned", 0, split, counts[:n_owned]),
             ("frozen", split, total, counts[n_owned:]),
         ):
-            block = self._blocks.get(group)
-            if block is None:
+            if not (self.owned if group == "owned" else self.frozen):
                 continue
             if hi == lo:  # no token routed to this block
                 parts.append(x.new_empty(0, x.shape[1], dtype=compute or x.dtype))
                 continue
-            gate_up, down = block
-            if group == "owned" and torch.is_grad_enabled():
+            if self.sharded:
+                gate_up, down = self._stacked(self.owned if group == "owned" else self.frozen)
+            elif group == "owned" and torch.is_grad_enabled():
+                gate_up, down = self._blocks[group]
                 params = [p for e in self.owned for p in self[e].parameters()]
                 if any(p.requires_grad for p in params):
                     gate_up, down = _OwnedBlock.apply(gate_up, down, *params)
+            else:
+                gate_up, down = self._blocks[group]
             dtype = compute or gate_up.dtype
             offsets = torch.cumsum(group_counts, 0, dtype=torch.int32)
             with torch.autocast(x.device.type, enabled=False):
@@ -252,6 +265,12 @@ class PartitionedExperts(nn.Module):
         unsorted = torch.empty_like(y)
         unsorted[order] = y
         return unsorted.view(tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
+
+    def _stacked(self, experts: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """[n, 2I, H] and [n, H, I] blocks stacked from the experts' current parameters (a copy that
+        carries gradients back to them)."""
+        gate_up = torch.stack([torch.cat([self[e].gate_proj.weight, self[e].up_proj.weight]) for e in experts])
+        return gate_up, torch.stack([self[e].down_proj.weight for e in experts])
 
 
 def _moe_blocks(model: nn.Module) -> Iterable[nn.Module]:

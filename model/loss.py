@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -60,12 +60,15 @@ def lm_loss(
     lean: bool = False,
     global_load: torch.Tensor | None = None,
     global_weight: float = 0.0,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> LossParts:
     """`block` is [batch, seq_len + 1]; inputs are block[:, :-1], targets block[:, 1:].
 
     balance: per_layer | pooled (model/balance.py). local_decay (with the node's `owned` experts
     and the global `step` of `total_steps`) scales the owned experts' counts in the balancing loss.
     global_load/global_weight: the federation's load per layer mixed into the balancing loss.
+    reduce: sums over the ranks that share the batch (model/balance.py); the counts returned are
+    then the whole batch's. The other terms are means over tokens, and the ranks' shares are equal.
     """
     inputs, targets = block[:, :-1], block[:, 1:]
     want_router = aux_weight > 0 or z_weight > 0
@@ -89,9 +92,12 @@ def lm_loss(
             global_load,
             global_weight,
             bias,
+            reduce,
         )
         z = router_z_loss(out.router_logits)
         counts = expert_counts(out.router_logits, cfg.num_experts_per_tok, cfg.num_experts, bias)
+        if reduce is not None:
+            counts = reduce(counts)
     total = ce + aux_weight * aux + z_weight * z
     if lz is not None:
         total = total + logit_z_weight * lz

@@ -225,7 +225,7 @@ def test_one_worker_per_node_and_it_leaves_when_idle(tmp_path, runtime_dir):
     try:
         _wait_hello(workdir)
         second = _start_worker(workdir)
-        assert second.wait(timeout=60) == 1  # the lock is held: it does not serve
+        assert second.wait(timeout=60) == channel.ANOTHER_SERVES  # the lock is held: it does not serve
         assert _wait_hello(workdir)["pid"] == first.pid
     finally:
         first.terminate()

@@ -17,6 +17,7 @@ from common.train_config import TrainConfig
 from model.balance import owned_experts
 from model.experts import expert_modules, set_frozen_dtype
 from model.loss import lm_loss
+from training import parallel
 
 
 def resolve_device(name: str) -> torch.device:
@@ -151,11 +152,14 @@ def train_steps(
     device: torch.device,
     progress: Any = None,
     global_load: torch.Tensor | None = None,
+    ranks: parallel.Ranks | None = None,
 ) -> dict[str, float]:
     """Run `steps` optimizer steps; returns mean losses, tokens, throughput, peak memory, expert load.
 
     `global_load` ([layers, experts]): the federation's expert load last round, for the
-    balancing loss when cfg.balance_global_weight > 0.
+    balancing loss when cfg.balance_global_weight > 0. `ranks`: this process trains its share of
+    every batch of a node spread over several ranks (training/parallel.py); the losses, load and
+    token counts returned are the whole batch's.
     """
     prepare_model(model, cfg)
     model.train()
@@ -179,7 +183,9 @@ def train_steps(
                 group["lr"].fill_(lr)
             else:
                 group["lr"] = lr
-        block = next(batches).to(device, non_blocking=True)
+        block = next(batches)
+        tokens += block.shape[0] * (block.shape[1] - 1)
+        block = (block if ranks is None else ranks.part(block)).to(device, non_blocking=True)
         with autocast:
             parts = lm_loss(
                 model,
@@ -195,20 +201,23 @@ def train_steps(
                 lean=cfg.lean_loss,
                 global_load=global_load,
                 global_weight=cfg.balance_global_weight,
+                reduce=None if ranks is None else parallel.sum_over_ranks,
             )
-        if not math.isfinite(loss := float(parts.total.detach())):
+        values = [float(v.detach()) for v in (parts.total, parts.ce, parts.aux, parts.z)]
+        if ranks is not None:  # every rank decides alike, on the whole batch's loss
+            values = [parallel.mean_over_ranks(v) for v in values]
+        if not math.isfinite(loss := values[0]):
             raise NonFiniteTraining(f"step {start_step + i}: the loss is {loss}; the round stops before the update")
         parts.total.backward()
-        norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        norm = parallel.full(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf))
         if not math.isfinite(float(norm)):
             raise NonFiniteTraining(
                 f"step {start_step + i}: the gradient norm is {float(norm)}; the round stops before the update"
             )
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        for key, value in zip(sums, (parts.total, parts.ce, parts.aux, parts.z)):
-            sums[key] += float(value.detach())
-        tokens += block.shape[0] * (block.shape[1] - 1)
+        for key, value in zip(sums, values):
+            sums[key] += value
         if parts.expert_counts is not None:
             load = parts.expert_counts if load is None else load + parts.expert_counts
         if progress is not None:
