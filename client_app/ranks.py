@@ -139,6 +139,8 @@ def serve(link: socket.socket, rank: int) -> None:
             HANDLERS[op](channel.decode_content(header.get("content"), body), node_config)
         except Exception:  # rank 0 reports the message's error; this rank carries on
             log.exception("rank %d: %s failed", rank, op)
+        else:
+            log.info("rank %d: %s done", rank, op)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,10 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fd", type=int, required=True, help="this rank's end of the socket pair to rank 0")
     ap.add_argument("--parent", type=int, required=True, help="rank 0's pid (the worker)")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s")
     _watch_parent(args.parent)
     link = socket.socket(fileno=args.fd)
     _init_group(Path(args.store), args.rank, args.world)
+    log.info("rank %d of %d joined", args.rank, args.world)
     serve(link, args.rank)
     return 0
 

@@ -137,6 +137,9 @@ class Worker:
             except Exception as exc:  # the message's error, reported as the in-process node would raise it
                 log.exception("%s failed", op)
                 channel.send(conn, {"ok": False, "error": f"{type(exc).__name__}: {exc}"})
+                if self.ranks is not None:  # the ranks may be out of step: the next message starts afresh
+                    log.info("stopping with the node's ranks after a failed message")
+                    self.stop.set()
                 return
             finally:
                 self.last_active = time.monotonic()

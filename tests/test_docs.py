@@ -71,3 +71,24 @@ def test_markdown_links_resolve():
             if not (page.parent / target).exists():
                 broken.append(f"{page.relative_to(ROOT)} -> {target}")
     assert not broken, broken
+
+
+def test_multi_gpu_memory_table_is_the_computed_one():
+    from gpu_memory_table import DOC, replace_in
+    from gpu_memory_table import table as gpu_table
+
+    text = DOC.read_text()
+    assert replace_in(text, gpu_table()) == text, "stale GPU memory table: python scripts/gpu_memory_table.py --write"
+
+
+def test_multi_gpu_memory_formula_by_hand():
+    from gpu_memory_table import node_bytes
+
+    # 2 layers, 4 experts of 10 parameters over both layers (5 per layer each), node owns 1;
+    # shared 100 of which the root (embeddings, head, norm) is 60, so 20 per layer outside experts.
+    one = node_bytes(shared=100, per_expert=10, experts=4, owned=1, layers=2, root=60, gpus=1)
+    assert one == 16 * 110 + 2 * 30  # trained fp32 + grads + 2 moments, frozen bf16
+    two = node_bytes(shared=100, per_expert=10, experts=4, owned=1, layers=2, root=60, gpus=2)
+    # sharded (16 * 110 + 4 * 30) / 2 = 940; root gathered with its gradient 8 * 60; largest layer group
+    # max(4 * 10 / 2, 40 / 2) = 20 parameters, 12 bytes each
+    assert two == 940 + 480 + 240

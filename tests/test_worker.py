@@ -69,19 +69,27 @@ def _served(nodes: Path, partition: int) -> list[dict]:
     return [json.loads(line) for line in log.read_text().splitlines()]
 
 
+def _alongside(runs: dict, name: str, tmp: Path, node_config: dict) -> threading.Thread:
+    thread = threading.Thread(target=lambda: runs.update({name: _deployment_run(tmp, node_config)}), daemon=True)
+    thread.start()
+    return thread
+
+
 @needs_flower
 def test_workers_serve_every_round_survive_a_kill_and_change_no_number(tmp_path, no_leftovers):  # noqa: F811
-    # The worker=off run goes alongside (its own SuperLink and SuperNodes): both mostly wait on
-    # Flower's polling, and side by side they take about the time of one.
-    plain_result: dict = {}
-    plain_thread = threading.Thread(
-        target=lambda: plain_result.update(run=_deployment_run(tmp_path / "plain", {"worker": "off"})), daemon=True
-    )
-    plain_thread.start()
+    """Also: SuperNodes with gpus=2 (two gloo ranks per node, FSDP) end within 1e-5 of worker=off."""
+    # The worker=off and gpus=2 runs go alongside (their own SuperLinks and SuperNodes): all mostly
+    # wait on Flower's polling, and side by side they take about the time of one.
+    runs: dict = {}
+    threads = [
+        _alongside(runs, "plain", tmp_path / "plain", {"worker": "off"}),
+        _alongside(runs, "ranks", tmp_path / "ranks", {"gpus": 2}),
+    ]
     run_dir, nodes = _deployment_run(tmp_path / "workers", {}, kill_worker_of=1)
-    plain_thread.join(600)
-    assert "run" in plain_result, "the worker=off run did not finish"
-    plain, _ = plain_result["run"]
+    for thread in threads:
+        thread.join(600)
+    assert runs.keys() == {"plain", "ranks"}, "a run alongside did not finish"
+    plain, _ = runs["plain"]
     # Partition 0: one worker served the whole run, and kept its model from round to round.
     served = _served(nodes, 0)
     assert len({s["pid"] for s in served}) == 1, served
@@ -97,6 +105,20 @@ def test_workers_serve_every_round_survive_a_kill_and_change_no_number(tmp_path,
     b = load_file(plain / "checkpoint" / last / "params.safetensors")
     assert a.keys() == b.keys() and a
     assert all(a[k].equal(b[k]) for k in a), [k for k in a if not a[k].equal(b[k])][:5]
+    _two_ranks_matched(*runs["ranks"], b)
+
+
+def _two_ranks_matched(run_dir: Path, nodes: Path, plain: dict) -> None:
+    """Every node's rounds ran on one worker and one helper rank, and the model is worker=off's within 1e-5."""
+    for partition in (0, 1):
+        trains = [s for s in _served(nodes, partition) if s["op"] == "train"]
+        assert len({s["pid"] for s in trains}) == 1 and [s["resident"] for s in trains] == [0.0, 1.0, 1.0]
+        (log,) = nodes.glob(f"*/partition-{partition}/rank-1.log")
+        done = [line.split()[2] for line in log.read_text().splitlines() if "rank 1: train done" in line]
+        assert len(done) == ROUNDS and len(set(done)) == 1, log.read_text()[-2000:]
+    got = load_file(run_dir / "checkpoint" / f"round-{ROUNDS:06d}" / "params.safetensors")
+    assert got.keys() == plain.keys()
+    assert max(float((got[k] - plain[k]).abs().max()) for k in got) < 1e-5
 
 
 # ---------------------------------------------------------------- real worker processes, no Flower run
