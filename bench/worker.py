@@ -43,7 +43,11 @@ def _run(tmp: Path, overrides: list[str], worker: str, threads: int) -> dict:
             raise RuntimeError(f"the worker={worker} run failed; see {tmp / 'flower'}")
     rows = [json.loads(x) for x in (tmp / "outputs" / "b" / "metrics.jsonl").read_text().splitlines()]
     summary = json.loads((tmp / "outputs" / "b" / "summary.json").read_text())
-    return {"rows": rows, "summary": summary, "total_s": time.monotonic() - t0}
+    served = {
+        int(p.parent.name.split("-")[1]): [json.loads(x) for x in p.read_text().splitlines()]
+        for p in (tmp / "nodes").glob("*/partition-*/worker-served.jsonl")
+    }
+    return {"rows": rows, "summary": summary, "total_s": time.monotonic() - t0, "served": served}
 
 
 def _value(overrides: list[str], key: str) -> str:
@@ -62,6 +66,51 @@ def round_figures(rows: list[dict]) -> dict:
         "outside_share": statistics.median(o / w for o, w in zip(outside, walls, strict=True)),
         "rounds_measured": len(walls),
     }
+
+
+PHASES = ("flower_launch_s", "clientapp_start_s", "handoff_s", "node_s", "flower_reply_s", "coordinator_s", "other_s")
+COORDINATOR = ("admit_s", "configure_s", "aggregate_s", "federated_eval_s", "central_eval_s")
+
+
+def breakdown(rows: list[dict], served: dict[int, list[dict]]) -> dict:
+    """Where rounds 2.. went (medians), following the round's slowest node.
+
+    From the coordinator's timing (metrics.jsonl) and, with workers, each node's
+    worker-served.jsonl: flower_launch_s, the train message leaving the coordinator until its
+    `flwr-clientapp` process exists (SuperLink, the SuperNode's 3 s poll, the SuperExec's 1 s
+    poll, the process launch); clientapp_start_s, that process's interpreter and imports and
+    Flower pulling the message from the SuperNode, until our ClientApp function is called;
+    handoff_s, the content handed to the worker (hello, encoding, the socket); node_s, the
+    worker's handler (the round); flower_reply_s, back until the coordinator holds every reply
+    (the channel back, the SuperNode's push, the ServerApp's 3 s poll of the SuperLink);
+    coordinator_s, its phases (COORDINATOR, each also given); other_s, the rest of the round
+    (checkpoint, logs). Without workers the node side is one figure, flower_and_node_s.
+    """
+    trains = {p: [x for x in lines if x["op"] == "train"] for p, lines in served.items()}
+    per_round: dict[str, list[float]] = {}
+    for i in range(1, len(rows)):
+        t = rows[i]["timing"]
+        exchange_end = t["train_sent_at"] + t["train_exchange_s"]
+        coordinator = sum(v for k, v in t.items() if k.endswith("_s") and k not in ("train_exchange_s",))
+        figures = {"round_s": rows[i]["wall_s"] - rows[i - 1]["wall_s"], "coordinator_s": coordinator}
+        figures.update({k: t.get(k, 0.0) for k in COORDINATOR})
+        figures["other_s"] = figures["round_s"] - coordinator - t["train_exchange_s"]
+        lines = [x[i]["timing"] | {"end": x[i]["time"]} for x in trains.values() if len(x) > i]
+        if lines and all("process_started_at" in x for x in lines):
+            last = max(lines, key=lambda x: x["end"])
+            figures["flower_launch_s"] = last["process_started_at"] - t["train_sent_at"]
+            figures["clientapp_start_s"] = last["app_called_at"] - last["process_started_at"]
+            figures["handoff_s"] = last["received_at"] - last["app_called_at"]
+            figures["node_s"] = last["handler_s"]
+            figures["flower_reply_s"] = exchange_end - last["received_at"] - last["handler_s"]
+        else:
+            figures["flower_and_node_s"] = t["train_exchange_s"]
+        for k, v in figures.items():
+            per_round.setdefault(k, []).append(v)
+    setups = [x["timing"] for lines in served.values() for x in lines if x["op"] == "setup"]
+    if setups and all("process_started_at" in x for x in setups):  # the same, for a message of a few kB
+        per_round["setup_clientapp_start_s"] = [x["app_called_at"] - x["process_started_at"] for x in setups]
+    return {k: statistics.median(v) for k, v in per_round.items()}
 
 
 def channel_seconds(megabytes: int) -> dict:
@@ -131,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[bench.worker] H={h} worker={worker} ...", flush=True)
                 run = _run(Path(tmp), overrides, worker, a.threads)
             cell[worker] = {**round_figures(run["rows"]), "final_val_loss": run["summary"]["final_val_loss"]}
+            cell[worker]["breakdown"] = breakdown(run["rows"], run["served"])
             print(f"[bench.worker] H={h} worker={worker}: {json.dumps(cell[worker])}", flush=True)
         cell["same_final_loss"] = cell["auto"]["final_val_loss"] == cell["off"]["final_val_loss"]
         cell["outside_saved_s"] = cell["off"]["outside_s"] - cell["auto"]["outside_s"]
@@ -152,6 +202,14 @@ def _print_table(out: dict) -> None:
                 f"| {h} | {w} | {c['round_s']:.2f} | {c['train_s']:.2f} | {c['outside_s']:.2f} | "
                 f"{100 * c['outside_share']:.1f} % |"
             )
+    print("\nwhere a round went (seconds, median over rounds 2.., the round's slowest node):")
+    columns = (*PHASES, "flower_and_node_s", *COORDINATOR, "setup_clientapp_start_s")
+    print("| H | worker | " + " | ".join(columns) + " |")
+    print("|---:|---|" + "---:|" * len(columns))
+    for h, cell in out["by_h"].items():
+        for w in ("auto", "off"):
+            b = cell[w].get("breakdown", {})
+            print(f"| {h} | {w} | " + " | ".join(f"{b[k]:.2f}" if k in b else "-" for k in columns) + " |")
 
 
 if __name__ == "__main__":

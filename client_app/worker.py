@@ -128,8 +128,10 @@ class Worker:
         if op not in HANDLERS or not isinstance(node_config, dict):
             channel.send(conn, {"ok": False, "error": f"unknown operation {op!r} or no node config"})
             return
+        received_at = time.time()
         with self.busy:
             self.last_active = time.monotonic()
+            started = time.perf_counter()
             try:
                 if self.ranks is not None:
                     self.ranks.forward({"op": op, "node_config": node_config, "content": header.get("content")}, body)
@@ -143,13 +145,16 @@ class Worker:
                 return
             finally:
                 self.last_active = time.monotonic()
+            handler_s = time.perf_counter() - started
             layout, parts = channel.encode_content(reply)
             channel.send(conn, {"ok": True, "content": layout}, parts)
-            self._record(op, reply)
+            timing = header.get("timing") if isinstance(header.get("timing"), dict) else {}
+            self._record(op, reply, {**timing, "received_at": received_at, "handler_s": handler_s})
 
-    def _record(self, op: str, reply) -> None:
+    def _record(self, op: str, reply, timing: dict) -> None:
         metrics = dict(reply.metric_records["metrics"]) if "metrics" in reply.metric_records else {}
         line = {"pid": os.getpid(), "op": op, "time": time.time(), "resident": metrics.get("resident")}
+        line["timing"] = {k: v for k, v in timing.items() if isinstance(v, (int, float))}
         with open(self.workdir / "worker-served.jsonl", "a") as fh:
             fh.write(json.dumps(line) + "\n")
 

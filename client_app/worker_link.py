@@ -37,11 +37,12 @@ STARTUP_TIMEOUT_S = 300.0  # a worker imports torch and transformers before it l
 
 def run(op: str, content, node_config: Mapping[str, Any]):
     """The reply content to a message's content, from the worker where one serves, else in-process."""
+    called_at = time.time()
     workdir = _worker_workdir(content, node_config)
     gpus = node_gpus(node_config)
     if workdir is not None:
         try:
-            return _via_worker(op, content, dict(node_config), workdir)
+            return _via_worker(op, content, dict(node_config), workdir, called_at)
         except channel.WorkerUnavailable as exc:
             if gpus > 1:  # in-process would train on one device, with memory sized for several
                 raise RuntimeError(f"gpus={gpus}: the node's ranks run in its worker, and none serves ({exc})") from exc
@@ -68,7 +69,7 @@ def _worker_workdir(content, node_config: Mapping[str, Any]) -> Path | None:
     return workdir
 
 
-def _via_worker(op: str, content, node_config: dict[str, Any], workdir: Path):
+def _via_worker(op: str, content, node_config: dict[str, Any], workdir: Path, called_at: float):
     ident = channel.identity(workdir, node_gpus(node_config))
     sock = _ready_worker(workdir, ident, node_config)
     with sock:
@@ -76,6 +77,7 @@ def _via_worker(op: str, content, node_config: dict[str, Any], workdir: Path):
         try:
             layout, parts = channel.encode_content(content)
             header = {"op": op, "identity": ident, "node_config": node_config, "content": layout}
+            header["timing"] = {"process_started_at": _process_started_at(), "app_called_at": called_at}
             channel.send(sock, header, parts)
             header, body = channel.recv(sock)
         except (ConnectionError, OSError) as exc:
@@ -85,6 +87,19 @@ def _via_worker(op: str, content, node_config: dict[str, Any], workdir: Path):
     if header.get("stale"):
         raise channel.WorkerUnavailable("the worker was replaced by one of other code mid-message")
     raise RuntimeError(f"node worker: {header.get('error')}")
+
+
+def _process_started_at() -> float | None:
+    """When this process started (Unix seconds), from /proc: what Flower's launch of it took is
+    before, what its imports took after (bench/worker.py lines the two up)."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(
+            int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime")
+        )
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _ready_worker(workdir: Path, ident: dict[str, str], node_config: dict[str, Any]) -> socket.socket:

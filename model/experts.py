@@ -169,6 +169,8 @@ class PartitionedExperts(nn.Module):
         new_dtype = self.frozen_dtype if frozen_dtype is _KEEP else frozen_dtype
         if new_dtype == self.master_dtype:
             new_dtype = None
+        if self.sharded and (owned != self.owned or new_dtype != self.frozen_dtype):
+            raise RuntimeError("the experts are sharded (FSDP): ownership and storage dtype are fixed at the build")
         if owned != self.owned or new_dtype != self.frozen_dtype:
             self.owned, self.frozen_dtype = owned, new_dtype
             self._pack()
@@ -341,4 +343,5 @@ def set_frozen_dtype(model: nn.Module, dtype: torch.dtype | None) -> None:
     if not modules:
         raise TypeError("call partition_experts(model) before set_frozen_dtype")
     for m in modules:
-        m.set_owned(m.owned, dtype)
+        if not m.sharded:  # FSDP gathers one dtype per group: sharded frozen experts keep the owned dtype
+            m.set_owned(m.owned, dtype)

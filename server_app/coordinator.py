@@ -260,6 +260,19 @@ def _record_provenance(path: Path, spec: RunSpec, fab_hash: str | None, resuming
     write_json_atomic(path, made)
 
 
+class _PhaseClock:
+    """Seconds per phase of a round, each lap from the end of the last."""
+
+    def __init__(self) -> None:
+        self.phases: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.phases[name] = now - self._last
+        self._last = now
+
+
 @dataclass
 class _Run:
     """One run's coordinator: what its rounds share."""
@@ -281,17 +294,27 @@ class _Run:
     def play_round(self, rnd: int, known: set[int]) -> RoundRecord:
         timeout = self.spec.strategy.round_timeout_s
         strategy, exchange = self.strategy, self.collector.exchange
+        clock = _PhaseClock()
         admit_new_nodes(self.grid, strategy, self.setup, self.collector, known, timeout)
+        clock.lap("admit_s")
         messages = list(strategy.configure_train(rnd, None, self.node_cfg, self.grid))
-        strategy.aggregate_train(rnd, exchange(messages, timeout, strategy.register_sent))
+        clock.lap("configure_s")
+        sent_at = time.time()
+        replies = exchange(messages, timeout, strategy.register_sent)
+        clock.lap("train_exchange_s")
+        strategy.aggregate_train(rnd, replies)
+        clock.lap("aggregate_s")
         if strategy.federated_eval_due(rnd):
             eval_msgs = list(strategy.configure_evaluate(rnd, encode(strategy.params), self.node_cfg, self.grid))
             strategy.aggregate_evaluate(rnd, exchange(eval_msgs, timeout, strategy.register_sent))
+            clock.lap("federated_eval_s")
         record = strategy.history[-1]
         record.val_loss = self.evaluate(strategy)
         if strategy.router_bias is not None:  # what the exported checkpoint (no router bias) scores
             record.val_loss_without_bias = self.evaluate(strategy, bias=False)
         record.val_ppl = math.exp(min(record.val_loss, 50.0))
+        clock.lap("central_eval_s")
+        record.timing = {**clock.phases, "train_sent_at": sent_at}
         record.wall_s = time.time() - self.t_start
         return record
 

@@ -45,6 +45,9 @@ class RoundRecord:
     # The acceptance test (strategy/guard.py): guard loss with every update and as applied, the bar,
     # partitions excluded, models scored.
     guard: dict[str, Any] | None = None
+    # Where the coordinator's round went (server_app/coordinator.py): seconds per phase, and the
+    # wall-clock time (Unix seconds) the train messages left, to line up with the nodes' logs.
+    timing: dict[str, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The metrics.jsonl line: every field that is set."""

@@ -80,9 +80,15 @@ def _two_ranks(tmp: Path, spec, init_path: Path) -> Path:
     return out
 
 
-@pytest.mark.parametrize("kept", [True, False], ids=["kept-between-rounds", "rebuilt-from-disk"])
-def test_two_ranks_train_what_one_rank_does(tmp_path, flower_task, kept):
-    spec = from_dict(compose(BASE + [f"train.resident={str(kept).lower()}"]))
+@pytest.mark.parametrize(
+    "kept, precision, tolerance",
+    [(True, "fp32", 1e-5), (False, "fp32", 1e-5), (True, "bf16", 2e-2)],
+    ids=["kept-between-rounds", "rebuilt-from-disk", "bf16"],
+)
+def test_two_ranks_train_what_one_rank_does(tmp_path, flower_task, kept, precision, tolerance):
+    """bf16: autocast rounds each rank's share of the batch apart from the whole batch's, and Adam's
+    first steps magnify that (measured 7.8e-3 after 3 steps); the losses still agree to 1e-3."""
+    spec = from_dict(compose(BASE + [f"train.resident={str(kept).lower()}", f"train.precision={precision}"]))
     tok = load_tokenizer(spec.data, tmp_path / "cache")
     init = build_model(spec.model, len(tok), seed=0).state_dict()
     save_file({k: v.contiguous() for k, v in init.items()}, str(tmp_path / "init.safetensors"))
@@ -97,11 +103,13 @@ def test_two_ranks_train_what_one_rank_does(tmp_path, flower_task, kept):
         two = load_file(out / f"reply-{i}.safetensors")
         two_metrics = json.loads((out / f"metrics-{i}.json").read_text())
         assert {k: v.shape for k, v in two.items()} == {k: v.shape for k, v in reply.items()}
-        assert max(float((two[k] - reply[k]).abs().max()) for k in reply) < 1e-5
+        assert max(float((two[k] - reply[k]).abs().max()) for k in reply) < tolerance
         assert any(not torch.equal(two[k], init[k]) for k in reply)  # it trained
+        rel = 1e-6 if precision == "fp32" else 1e-3
         for key in ("train-loss", "ce-loss", "aux-loss", "z-loss", "num-tokens"):
-            assert two_metrics[key] == pytest.approx(metrics[key], rel=1e-6, abs=1e-7), key
-        assert two_metrics["expert-load"] == pytest.approx(metrics["expert-load"], abs=1e-7)
+            assert two_metrics[key] == pytest.approx(metrics[key], rel=rel, abs=1e-7), key
+        if precision == "fp32":  # under bf16 a token near a tie may pick another expert
+            assert two_metrics["expert-load"] == pytest.approx(metrics["expert-load"], abs=1e-7)
         assert two_metrics["resident"] == metrics["resident"] == float(kept and i == 1)
     if kept:  # the kept sharded model, gathered: every frozen expert is exactly what arrived
         whole = load_file(out / "model.safetensors")
@@ -112,5 +120,5 @@ def test_two_ranks_train_what_one_rank_does(tmp_path, flower_task, kept):
         for part in ("owned_tensors", "optimizer"):
             x, y = getattr(a, part), getattr(b, part)
             assert {k: v.shape for k, v in x.items()} == {k: v.shape for k, v in y.items()} and x, part
-            assert max(float((x[k].float() - y[k].float()).abs().max()) for k in x) < 1e-5, part
+            assert max(float((x[k].float() - y[k].float()).abs().max()) for k in x) < tolerance, part
         assert (a.stream, a.owned, a.global_step) == (b.stream, b.owned, b.global_step)

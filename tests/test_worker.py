@@ -282,3 +282,28 @@ def test_content_travels_whole_and_a_layout_that_disagrees_is_refused():
         channel.decode_content(layout, body)
     with pytest.raises(ValueError, match="malformed content layout"):
         channel.decode_content({"records_bytes": 0}, bytearray())
+
+
+def test_round_breakdown_follows_the_slowest_node_by_hand():
+    from bench.worker import breakdown
+
+    def row(wall, sent, exchange):
+        phases = {"admit_s": 0.5, "configure_s": 0.25, "aggregate_s": 1.0, "central_eval_s": 2.0}
+        return {"wall_s": wall, "timing": {**phases, "train_sent_at": sent, "train_exchange_s": exchange}}
+
+    rows = [row(10.0, 0.0, 6.0), row(30.0, 100.0, 12.0)]  # round 2: 20 s, replies all in at 112
+
+    def train(started, called, received, handler):
+        timing = {"process_started_at": started, "app_called_at": called, "received_at": received}
+        return {"op": "train", "time": received + handler, "timing": {**timing, "handler_s": handler}}
+
+    served = {
+        0: [train(1, 2, 2.5, 1.0), train(101.0, 104.0, 104.5, 5.0)],  # round 2 ends at 109.5
+        1: [train(1, 2, 2.5, 1.0), train(102.0, 103.0, 103.25, 3.0)],  # ends at 106.25
+    }
+    b = breakdown(rows, served)
+    assert b["flower_launch_s"] == 1.0 and b["clientapp_start_s"] == 3.0 and b["handoff_s"] == 0.5
+    assert b["node_s"] == 5.0 and b["flower_reply_s"] == 112.0 - 109.5
+    assert b["coordinator_s"] == 3.75 and b["round_s"] == 20.0 and b["other_s"] == 20.0 - 3.75 - 12.0
+    without = breakdown(rows, {})
+    assert without["flower_and_node_s"] == 12.0 and "node_s" not in without
