@@ -45,6 +45,7 @@ NOT_COMPARED = {
     "tokens_per_s",
     "peak_mem_mb",
     "resident",
+    "timing",  # the coordinator's seconds per phase and the clock time its messages left
 }
 
 
