@@ -7,6 +7,7 @@ rank 0 writes each round's reply and metrics, and the node's whole model after t
 (gathered from the kept model), under the case's `out` folder as safetensors and JSON.
 """
 
+import dataclasses
 import json
 import os
 import sys
@@ -17,10 +18,20 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from client_app import resident
-from client_app.local_round import NodeContext, RoundOrder, run_local_round
+from client_app.local_round import DeltaDownlink, NodeContext, RoundOrder, run_local_round
+from common.codec import to_record
 from common.spec import from_dict
 from data import load_tokenizer
 from training import parallel
+
+
+def round_input(spec, received: dict, order: RoundOrder) -> tuple[dict, RoundOrder]:
+    """(received tensors, order) of a full-model round; with delta sync, the same model as a
+    delta-sync message of whole values."""
+    if not spec.strategy.delta_sync:
+        return received, order
+    record = to_record({k: v.numpy() for k, v in received.items()})
+    return {}, dataclasses.replace(order, delta=DeltaDownlink(record, -1, False))
 
 
 def main(case_path: str) -> None:
@@ -35,9 +46,10 @@ def main(case_path: str) -> None:
     ctx = NodeContext(spec, tok, Path(case["workdir"]), 0, 1, progress=False)
     received = load_file(case["init"])
     for i, (owned, full, start, steps) in enumerate(case["rounds"]):
-        reply, metrics = run_local_round(ctx, received if full else {}, RoundOrder(owned, full, start, steps))
+        reply, metrics = run_local_round(ctx, *round_input(spec, received, RoundOrder(owned, full, start, steps)))
         if rank == 0:
-            save_file({k: v.contiguous() for k, v in reply.items()}, str(out / f"reply-{i}.safetensors"))
+            tensors = {k: torch.as_tensor(v).contiguous() for k, v in reply.items()}
+            save_file(tensors, str(out / f"reply-{i}.safetensors"))
             (out / f"metrics-{i}.json").write_text(json.dumps(metrics))
     if spec.train.resident:
         (kept,) = [entry for entry, _ in resident._kept.values()]

@@ -26,6 +26,9 @@ from data import load_tokenizer
 from model import build_model, expert_param_names
 from server_app.config import compose
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rank_round import round_input  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 H = 3
 OWNED = [0, 1]
@@ -81,30 +84,41 @@ def _two_ranks(tmp: Path, spec, init_path: Path) -> Path:
 
 
 @pytest.mark.parametrize(
-    "kept, precision, tolerance",
-    [(True, "fp32", 1e-5), (False, "fp32", 1e-5), (True, "bf16", 2e-2)],
-    ids=["kept-between-rounds", "rebuilt-from-disk", "bf16"],
+    "kept, precision, delta, tolerance",
+    [
+        (True, "fp32", False, 1e-5),
+        (False, "fp32", False, 1e-5),
+        (True, "bf16", False, 2e-2),
+        (True, "fp32", True, 1e-5),
+    ],
+    ids=["kept-between-rounds", "rebuilt-from-disk", "bf16", "delta-sync"],
 )
-def test_two_ranks_train_what_one_rank_does(tmp_path, flower_task, kept, precision, tolerance):
+def test_two_ranks_train_what_one_rank_does(tmp_path, flower_task, kept, precision, delta, tolerance):
     """bf16: autocast rounds each rank's share of the batch apart from the whole batch's, and Adam's
-    first steps magnify that (measured 7.8e-3 after 3 steps); the losses still agree to 1e-3."""
-    spec = from_dict(compose(BASE + [f"train.resident={str(kept).lower()}", f"train.precision={precision}"]))
+    first steps magnify that (measured 7.8e-3 after 3 steps); the losses still agree to 1e-3.
+    delta-sync: the model arrives as a delta-sync message and the reply is the fp32 differences."""
+    overrides = [f"train.resident={str(kept).lower()}", f"train.precision={precision}"]
+    spec = from_dict(compose(BASE + overrides + (["strategy.delta_sync=true"] if delta else [])))
     tok = load_tokenizer(spec.data, tmp_path / "cache")
     init = build_model(spec.model, len(tok), seed=0).state_dict()
     save_file({k: v.contiguous() for k, v in init.items()}, str(tmp_path / "init.safetensors"))
     resident.drop()
     ctx = NodeContext(spec, tok, tmp_path / "one", 0, 1, progress=False)
-    one = [run_local_round(ctx, init, RoundOrder(*r), show_progress=False) for r in ROUNDS]
+    one = [run_local_round(ctx, *round_input(spec, init, RoundOrder(*r)), show_progress=False) for r in ROUNDS]
     background_save.drain()
     resident.drop()
     out = _two_ranks(tmp_path, spec, tmp_path / "init.safetensors")
 
     for i, (reply, metrics) in enumerate(one):
+        reply = {k: torch.as_tensor(v) for k, v in reply.items()}
         two = load_file(out / f"reply-{i}.safetensors")
         two_metrics = json.loads((out / f"metrics-{i}.json").read_text())
         assert {k: v.shape for k, v in two.items()} == {k: v.shape for k, v in reply.items()}
         assert max(float((two[k] - reply[k]).abs().max()) for k in reply) < tolerance
-        assert any(not torch.equal(two[k], init[k]) for k in reply)  # it trained
+        if not delta:
+            assert any(not torch.equal(two[k], init[k]) for k in reply)  # it trained
+        else:  # encoded differences, not the tensors themselves
+            assert all(k.endswith("#fp32") for k in reply) and any(bool(two[k].abs().max() > 0) for k in reply)
         rel = 1e-6 if precision == "fp32" else 1e-3
         for key in ("train-loss", "ce-loss", "aux-loss", "z-loss", "num-tokens"):
             assert two_metrics[key] == pytest.approx(metrics[key], rel=rel, abs=1e-7), key
@@ -117,7 +131,7 @@ def test_two_ranks_train_what_one_rank_does(tmp_path, flower_task, kept, precisi
         assert frozen and all(torch.equal(whole[n], init[n]) for n in frozen)
     for step in (H, 2 * H):
         a, b = NodeState.load(tmp_path / "one" / "state", step), NodeState.load(tmp_path / "two" / "state", step)
-        for part in ("owned_tensors", "optimizer"):
+        for part in ("base", "own_delta", "optimizer") if delta else ("owned_tensors", "optimizer"):
             x, y = getattr(a, part), getattr(b, part)
             assert {k: v.shape for k, v in x.items()} == {k: v.shape for k, v in y.items()} and x, part
             assert max(float((x[k].float() - y[k].float()).abs().max()) for k in x) < tolerance, part
