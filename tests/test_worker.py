@@ -307,3 +307,21 @@ def test_round_breakdown_follows_the_slowest_node_by_hand():
     assert b["coordinator_s"] == 3.75 and b["round_s"] == 20.0 and b["other_s"] == 20.0 - 3.75 - 12.0
     without = breakdown(rows, {})
     assert without["flower_and_node_s"] == 12.0 and "node_s" not in without
+
+
+def test_gpus_is_checked_and_needs_the_worker():
+    from flwr.app import ConfigRecord, RecordDict
+
+    from client_app.node_settings import NodeSetupError, node_gpus
+
+    assert node_gpus({}) == 1 and node_gpus({"gpus": 4}) == 4 and node_gpus({"gpus": "2"}) == 2
+    for bad in (0, 65, True, 1.5, "two"):
+        with pytest.raises(NodeSetupError, match="node-config gpus must be an integer"):
+            node_gpus({"gpus": bad})
+    content = RecordDict({"config": ConfigRecord({"run-token": "r"})})
+    node = {"partition-id": 0, "num-partitions": 1, "gpus": 2}
+    # Outside flwr-clientapp (a simulation, this test) worker=auto runs in-process: several ranks cannot.
+    with pytest.raises(NodeSetupError, match="gpus=2 needs the node worker"):
+        worker_link.run("train", content, node)
+    with pytest.raises(NodeSetupError, match="gpus=2 needs the node worker"):
+        worker_link.run("train", content, {**node, "worker": "off"})
