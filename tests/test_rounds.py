@@ -1,0 +1,126 @@
+"""The coordinator's round loop (server_app/rounds.py) and checkpoints (server_app/checkpoint.py), directly.
+
+Nodes are real Flower ClientApps served in this process by engine/inprocess.py's Grid; a grid
+that holds some nodes' replies back stands in for a slow network. No torch model is involved.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.clientapp import ClientApp
+
+from common import keys
+from engine.inprocess import FIRST_NODE_ID, InProcessGrid, coordinator_identity
+from server_app import checkpoint
+from server_app.rounds import Collector, RunFailed, discover, setup_nodes
+
+
+@pytest.fixture(autouse=True)
+def as_coordinator():
+    """Flower builds a message's metadata from the identity of the task running in the process."""
+    with coordinator_identity(1):
+        yield
+
+
+def _app(claims: dict[int, object]) -> ClientApp:
+    """Node i answers the setup query with partition id claims[i] (or raises where it is an exception)."""
+    app = ClientApp()
+
+    @app.query()
+    def setup(msg: Message, context: Context) -> Message:
+        claim = claims[int(context.node_config["partition-id"])]
+        if isinstance(claim, Exception):
+            raise claim
+        cfg = ConfigRecord({} if claim is None else {keys.PARTITION_ID: claim})
+        return Message(RecordDict({keys.CONFIG: cfg}), reply_to=msg)
+
+    return app
+
+
+class SlowGrid(InProcessGrid):
+    """Replies of the nodes in `held` are not there to pull until released."""
+
+    def __init__(self, app: ClientApp, num_nodes: int) -> None:
+        super().__init__(app, num_nodes)
+        self.held: set[int] = set()
+        self._late: dict[str, Message] = {}
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        ids = list(super().push_messages(messages))
+        for msg_id, msg in zip(ids, messages, strict=True):
+            if msg.metadata.dst_node_id in self.held:
+                self._late[msg_id] = self._replies.pop(msg_id)
+        return ids
+
+    def release(self) -> None:
+        self._replies.update(self._late)
+        self._late.clear()
+
+
+def _queries(grid, nodes) -> list[Message]:
+    return [Message(RecordDict({}), message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
+
+
+def test_exchange_closes_at_the_deadline_and_drops_the_late_reply_next_time(caplog):
+    grid = SlowGrid(_app({0: 0, 1: 1, 2: 2}), 3)
+    collector = Collector(grid)
+    nodes = list(grid.get_node_ids())
+    grid.held = {nodes[2]}
+    sent = []
+    replies = collector.exchange(_queries(grid, nodes), 0.5, lambda ids, msgs: sent.extend(ids))
+    assert len(sent) == 3 and sorted(m.metadata.src_node_id for m in replies) == nodes[:2]
+    grid.held = set()
+    grid.release()  # the slow node's reply to round 1 arrives during round 2
+    with caplog.at_level(logging.WARNING, logger="spes.server"):
+        again = collector.exchange(_queries(grid, nodes), 5.0)
+    assert sorted(m.metadata.src_node_id for m in again) == nodes  # each node once, all of this round
+    assert {m.metadata.reply_to_message_id for m in again}.isdisjoint(sent)
+    assert f"late reply from node {nodes[2]} to an earlier round dropped" in caplog.text
+    assert collector.exchange([], 1.0) == []
+
+
+def test_setup_nodes_keeps_good_answers_and_names_the_bad():
+    claims = {0: 3, 1: True, 2: -1, 3: None, 4: RuntimeError("no disk")}
+    grid = InProcessGrid(_app(claims), 5)
+    nodes = list(grid.get_node_ids())
+    partitions, errors = setup_nodes(grid, nodes, ConfigRecord({}), Collector(grid), 5.0)
+    assert partitions == {nodes[0]: 3}
+    assert len(errors) == 4 and all(e.startswith(f"node {n}:") for e, n in zip(sorted(errors), sorted(nodes[1:])))
+    assert sum("malformed setup reply" in e for e in errors) == 3 and sum("no disk" in e for e in errors) == 1
+
+
+def test_discover_takes_the_lowest_partitions_and_refuses_shared_ones():
+    grid = InProcessGrid(_app({0: 2, 1: 0, 2: 1}), 3)
+    chosen = discover(grid, 2, ConfigRecord({}), Collector(grid), 5.0)
+    assert chosen == {FIRST_NODE_ID + 1: 0, FIRST_NODE_ID + 2: 1}
+    shared = InProcessGrid(_app({0: 1, 1: 1}), 2)
+    with pytest.raises(RunFailed, match="two SuperNodes share a partition id"):
+        discover(shared, 2, ConfigRecord({}), Collector(shared), 5.0)
+    with pytest.raises(RunFailed, match="waited 0s for 3 SuperNodes, 2 connected"):
+        discover(shared, 3, ConfigRecord({}), Collector(shared), 0.0)
+
+
+def test_checkpoints_keep_the_newest_two_bit_exact_and_skip_an_unreadable_one(tmp_path, caplog):
+    root = tmp_path / "checkpoint"
+    (root / ".tmp-dead").mkdir(parents=True)  # left by a crash mid-save
+    params = {"w": torch.tensor([1.0, 1e-30, -3.5]), "b": torch.arange(4.0).reshape(2, 2).t()}  # not contiguous
+    for r in (1, 2, 3):
+        checkpoint.save(root, r, {k: v + r for k, v in params.items()}, {"m": torch.full((2,), float(r))}, {"x": r})
+    assert checkpoint.rounds(root) == [2, 3] and not (root / ".tmp-dead").exists()
+    got, outer, state = checkpoint.load_latest(root)
+    assert torch.equal(got["w"], params["w"] + 3) and torch.equal(got["b"], params["b"] + 3)
+    assert torch.equal(outer["m"], torch.full((2,), 3.0)) and state == {"x": 3, "round": 3}
+    checkpoint.save(root, 3, params, {}, {"x": "again"})  # a repeated round replaces its checkpoint
+    assert json.loads((root / "round-000003" / "state.json").read_text())["x"] == "again"
+    (root / "round-000003" / "params.safetensors").write_bytes(b"torn")
+    with caplog.at_level(logging.WARNING, logger="spes.server"):
+        got, _, state = checkpoint.load_latest(root)
+    assert state["round"] == 2 and torch.equal(got["w"], params["w"] + 2)
+    assert "round-000003 unreadable" in caplog.text
+    assert checkpoint.load_latest(tmp_path / "none") is None
