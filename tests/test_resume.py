@@ -37,3 +37,22 @@ def test_resume_refuses_other_settings_and_takes_more_rounds(tmp_path):
     assert made["config"]["rounds"] == 1 and len(made["resumes"]) == 1  # the start, then how it went on
     rounds = [json.loads(x)["round"] for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert rounds == [1, 2]
+
+
+def test_a_resumed_diloco_run_ends_where_an_uninterrupted_one_does(tmp_path):
+    """DiLoCo's outer Nesterov momentum lives in the checkpoint: a resume that lost it would move
+    the global model differently in round 2."""
+    from safetensors.torch import load_file
+
+    diloco = [*BASE, "strategy=diloco", "deterministic=true"]
+    assert _sim([*diloco, "rounds=2", f"output_dir={tmp_path / 'straight'}"])[0] == 0
+    resumed = f"output_dir={tmp_path / 'resumed'}"
+    assert _sim([*diloco, "rounds=1", resumed])[0] == 0
+    assert _sim([*diloco, "rounds=2", "resume=true", resumed])[0] == 0
+    for name in ("params.safetensors", "outer.safetensors"):
+        a = load_file(tmp_path / "straight" / "r" / "checkpoint" / "round-000002" / name)
+        b = load_file(tmp_path / "resumed" / "r" / "checkpoint" / "round-000002" / name)
+        assert a.keys() == b.keys() and a, name
+        assert all(a[k].equal(b[k]) for k in a), (name, [k for k in a if not a[k].equal(b[k])][:3])
+    outer = load_file(tmp_path / "resumed" / "r" / "checkpoint" / "round-000001" / "outer.safetensors")
+    assert any(float(v.abs().max()) > 0 for v in outer.values())  # there was momentum to lose
