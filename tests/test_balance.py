@@ -138,3 +138,21 @@ def test_trainer_runs_with_decayed_balancing_and_rejects_unknown_mode():
         TrainConfig(balance="global").validate()
     with pytest.raises(ValueError, match="train.balance_local_start must be in"):
         TrainConfig(balance_local_decay=True, balance_local_start=0.0).validate()
+
+
+def test_the_trainer_trains_on_the_decayed_balancing_loss():
+    """The aux loss of the trainer's first step is the decayed one (owned experts' counts x 0.7 at
+    step 0), not the plain one."""
+    import copy
+
+    model = build_model(ARGS, VOCAB, owned=[0, 1], seed=0)
+    reference = copy.deepcopy(model)
+    block = torch.randint(0, VOCAB, (2, 17), generator=torch.Generator().manual_seed(0))
+    cfg = TrainConfig(warmup_steps=0, balance_local_decay=True)
+    m = train_steps(model, make_optimizer(model, cfg), iter([block]), cfg, 0, 1, 10, torch.device("cpu"))
+    decay = cfg.local_decay()
+    assert decay is not None and decay.factor(0, 10) == pytest.approx(0.7)
+    want = lm_loss(reference, block, cfg.aux_loss_weight, 0.0, local_decay=decay, owned=[0, 1], step=0, total_steps=10)
+    plain = lm_loss(reference, block, cfg.aux_loss_weight, 0.0)
+    assert m["aux-loss"] == pytest.approx(float(want.aux), rel=1e-6)
+    assert abs(float(want.aux) - float(plain.aux)) > 1e-3  # the two are told apart
