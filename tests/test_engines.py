@@ -105,6 +105,10 @@ def test_inprocess_engine_equals_the_flower_simulation_bit_for_bit(run_dir, inpr
     s_flower, s_ours = (json.loads((d / "summary.json").read_text()) for d in (run_dir, ours))
     for key in ("first_val_loss", "final_val_loss", "federated_eval_loss", "tokens_trained", "bytes_up", "bytes_down"):
         assert s_flower[key] == s_ours[key], key
+    # In process, one process keeps both nodes: round 2 of each continues its kept model (under
+    # Flower, which actor runs a node is Flower's choice, so that count is only bounded there).
+    assert s_ours["node_rounds_timed"] == 2 and s_ours["node_rounds_resident"] == 2
+    assert [n["resident"] for r in inproc for n in r["nodes"].values()] == [0.0, 0.0, 1.0, 1.0]
 
 
 def test_inprocess_nodes_leave_the_same_state_on_disk(run_dir, inprocess_run):
