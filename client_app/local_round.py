@@ -345,11 +345,7 @@ def _load(
         raise RuntimeError(
             f"partition {ctx.partition_id}: {len(unexpected)} unexpected parameters, e.g. {sorted(unexpected)[:3]}"
         )
-    if parallel.current() is None:
-        model.load_state_dict({n: tensors[p] for n, p in plain.items()}, strict=True)
-    else:
-        targets = model.state_dict()
-        model.load_state_dict({n: parallel.like(tensors[p], targets[n]) for n, p in plain.items()}, strict=True)
+    parallel.load_whole(model, {n: tensors[p] for n, p in plain.items()})
     named = {plain[n]: p for n, p in model.named_parameters()}
     lora = lora_args(ctx.spec.train) is not None
     sent = trained_param_names(list(plain.values()), owned, lora)
@@ -453,11 +449,7 @@ def run_local_eval(
     device = _device(ctx)
     model = _build(ctx, None, device)
     args = lora_args(ctx.spec.train)
-    tensors = received if args is None else merge_adapters(received, args)
-    if parallel.current() is not None:
-        targets = model.state_dict()
-        tensors = {n: parallel.like(t, targets[n]) for n, t in tensors.items()}
-    model.load_state_dict(tensors, strict=True)
+    parallel.load_whole(model, received if args is None else merge_adapters(received, args))
     set_router_bias(model, router_bias)
     _, held = _data(ctx)
     return evaluate(model, held, ctx.spec.eval.batch_size, ctx.spec.eval.max_batches, device)

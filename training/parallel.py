@@ -119,3 +119,11 @@ def like(value: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return value.to(target.device)
     # Every rank holds the whole `value`: each takes its own chunk, nothing is sent.
     return distribute_tensor(value.to(target.device), target.device_mesh, target.placements, src_data_rank=None)
+
+
+def load_whole(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Load whole tensors into `model` (strict): on a sharded model, each rank its own shards."""
+    if current() is not None:
+        targets = model.state_dict()
+        tensors = {n: like(t, targets[n]) for n, t in tensors.items()}
+    model.load_state_dict(tensors, strict=True)
