@@ -62,7 +62,6 @@ class NodeSettings:
     own_data: str | None = None  # node-config data-source: train on all of it instead of a shard
     common_data: str | None = None  # node-config common-data: where this node keeps the run's corpus
     progress: bool = True
-    gpus: int = 1  # node-config gpus: ranks of this node, one per GPU (client_app/ranks.py)
     # What this node agrees to run, whatever the coordinator sends (node-config max-*).
     max_local_steps: int = 10_000
     max_params: int = 20_000_000_000
@@ -89,7 +88,6 @@ class NodeSettings:
             own_data=str(cfg["data-source"]) if cfg.get("data-source") else None,
             common_data=str(cfg.get("common-data") or env.get(ENV_COMMON_DATA) or "") or None,
             progress=env.get(ENV_PROGRESS, "1") != "0",
-            gpus=node_gpus(cfg),
             **_limits(cfg),
         )
 

@@ -42,7 +42,7 @@ def run(op: str, content, node_config: Mapping[str, Any]):
     gpus = node_gpus(node_config)
     if workdir is not None:
         try:
-            return _via_worker(op, content, dict(node_config), workdir, called_at)
+            return _via_worker(op, content, dict(node_config), workdir, called_at, gpus)
         except channel.WorkerUnavailable as exc:
             if gpus > 1:  # in-process would train on one device, with memory sized for several
                 raise RuntimeError(f"gpus={gpus}: the node's ranks run in its worker, and none serves ({exc})") from exc
@@ -69,8 +69,8 @@ def _worker_workdir(content, node_config: Mapping[str, Any]) -> Path | None:
     return workdir
 
 
-def _via_worker(op: str, content, node_config: dict[str, Any], workdir: Path, called_at: float):
-    ident = channel.identity(workdir, node_gpus(node_config))
+def _via_worker(op: str, content, node_config: dict[str, Any], workdir: Path, called_at: float, gpus: int):
+    ident = channel.identity(workdir, gpus)
     sock = _ready_worker(workdir, ident, node_config)
     with sock:
         sock.settimeout(None)  # a round takes as long as it takes; a worker that dies closes the channel
@@ -111,7 +111,7 @@ def _ready_worker(workdir: Path, ident: dict[str, str], node_config: dict[str, A
         _stop(path, hello)
         hello = None
     if hello is None:
-        proc = _start(workdir, node_config)
+        proc = _start(workdir, ident, node_config)
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while hello is None and time.monotonic() < deadline and proc.poll() in (None, channel.ANOTHER_SERVES):
             time.sleep(0.2)
@@ -192,15 +192,15 @@ def _is_worker(pid: int, workdir: Path) -> bool:
     return b"client_app.worker" in cmd and str(workdir).encode() in cmd
 
 
-def _start(workdir: Path, node_config: dict[str, Any]) -> subprocess.Popen:
+def _start(workdir: Path, ident: dict[str, str], node_config: dict[str, Any]) -> subprocess.Popen:
+    """Start the worker that `ident` names (its ranks: node-config gpus, already checked)."""
     root = str(Path(__file__).resolve().parent.parent)  # Flower installs the app outside sys.path's defaults
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
     idle = str(float(node_config.get("worker-idle-s", 1800)))
-    gpus = str(node_gpus(node_config))
     cmd = [sys.executable, "-m", "client_app.worker", "--workdir", str(workdir), "--parent", str(os.getppid())]
     with open(workdir / "worker.log", "ab") as out:
         proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
-            [*cmd, "--idle-exit", idle, "--gpus", gpus],
+            [*cmd, "--idle-exit", idle, "--gpus", ident["gpus"]],
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
