@@ -5,7 +5,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
 PYTHON ?= python3
-.PHONY: setup lock demo test bench eval clean
+.PHONY: setup lock demo test bench eval mutate clean
 
 setup: $(STAMP)
 
@@ -52,5 +52,11 @@ EVAL_CHECKPOINT ?= outputs/demo/model
 eval: setup
 	$(PY) -m evaluation $(EVAL_CHECKPOINT) $(EVAL_ARGS)
 
+# Mutation testing of the method's core (docs/testing.md; hours on 2 CPUs, not part of CI).
+# Resumable: mutmut keeps each verdict under mutants/; MUTANTS='strategy.merging*' narrows it.
+mutate: setup
+	$(VENV)/bin/mutmut run $(MUTANTS)
+	$(PY) scripts/mutation_report.py
+
 clean:
-	rm -rf outputs .pytest_cache
+	rm -rf outputs .pytest_cache mutants

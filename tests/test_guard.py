@@ -124,6 +124,8 @@ def test_coordinate_median_odd_and_even():
     assert torch.equal(coordinate_median(copies), torch.tensor([2.0, 0.0], dtype=torch.float64))
     copies.append(torch.tensor([3.0, 7.0]))
     assert torch.equal(coordinate_median(copies), torch.tensor([2.5, 2.5], dtype=torch.float64))
+    copies.append(torch.tensor([-50.0, 6.0]))  # five: the third smallest, not the second
+    assert torch.equal(coordinate_median(copies), torch.tensor([2.0, 5.0], dtype=torch.float64))
 
 
 # -- the round's acceptance ---------------------------------------------------------------------

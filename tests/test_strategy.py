@@ -70,6 +70,16 @@ def test_experts_from_owner_shared_token_weighted():
             assert torch.equal(new[n], updates[p][0][n])
 
 
+def test_three_copies_take_the_token_weighted_mean_by_default():
+    params = {"w": torch.zeros(2), "kept": torch.full((2,), 7.0)}
+    copies = {0: torch.tensor([1.0, 0.0]), 1: torch.tensor([2.0, 30.0]), 2: torch.tensor([100.0, 3.0])}
+    updates = {p: ({"w": c}, tokens) for (p, c), tokens in zip(copies.items(), (1.0, 2.0, 5.0))}
+    new = aggregate(params, updates, lambda n: {0, 1, 2}, OuterOptimizer())
+    # (1*1 + 2*2 + 5*100) / 8 and (0 + 2*30 + 5*3) / 8: neither a median nor a trimmed mean.
+    torch.testing.assert_close(new["w"], torch.tensor([505 / 8, 75 / 8]))
+    assert torch.equal(new["kept"], params["kept"])  # nobody sent it
+
+
 def test_outer_nesterov_matches_formula():
     outer = OuterOptimizer(lr=0.7, momentum=0.9, nesterov=True)
     old, avg = torch.tensor([1.0, 2.0]), torch.tensor([0.5, 2.5])
@@ -85,6 +95,9 @@ def test_outer_nesterov_matches_formula():
 # -- merging -----------------------------------------------------------------------------
 def test_merge_matches_formula_by_hand():
     params = toy_params(1)
+    # Gates of very different norms: a dot product would rank neighbours otherwise than cosine.
+    for name in [n for n in params if n.endswith("gate_proj.weight")]:
+        params[name] = params[name] * (1 + 7 * (int(name.split(".experts.")[1].split(".")[0]) % 3))
     alpha, k = 0.3, 2
     merged = merge_experts(params, alpha, k)
     for _layer, experts in group_expert_params(params).items():
@@ -125,6 +138,8 @@ def test_merge_schedule_alpha_and_interval():
     assert not s.due(900, 1000)  # alpha is 0 there: merging has stopped
     with pytest.raises(ValueError, match="top_k"):
         MergeSchedule(top_k=8).validate(8)
+    with pytest.raises(ValueError, match="top_k=8 must be < number of experts"):
+        merge_experts(toy_params(0), 0.1, E)  # every other expert plus itself: no k neighbours
 
 
 # -- the strategy with hand-built replies ------------------------------------------------

@@ -1,0 +1,102 @@
+"""Summarise a mutmut run into benchmarks/mutation.json (`make mutate` runs it after mutmut).
+
+Reads mutmut's per-file results (`mutants/<file>.meta`) for the files `[tool.mutmut] only_mutate`
+names, and the mutants judged equivalent (tests/mutation_equivalents.toml: mutant name -> the
+one-line reason no test can tell it apart). Per file and over all of them:
+
+    score = (killed + timed out) / (mutants - equivalent)
+
+A mutant that hangs the tests counts as caught (mutmut's own convention); "no tests" (no fast test
+reaches the function) and "not checked" (the run was stopped before it) count against the score.
+An equivalence entry for a mutant that no longer survives, or no longer exists, is an error: the
+list must say what is true of this run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import sys
+import time
+import tomllib
+from importlib.metadata import version
+from pathlib import Path
+
+from mutmut.stats import status_by_exit_code
+
+ROOT = Path(__file__).resolve().parent.parent
+EQUIVALENTS = ROOT / "tests" / "mutation_equivalents.toml"
+OUT = ROOT / "benchmarks" / "mutation.json"
+
+
+def mutated_files(root: Path) -> list[str]:
+    conf = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["mutmut"]
+    files = sorted(str(p.relative_to(root)) for src in conf["source_paths"] for p in (root / src).rglob("*.py"))
+    return [f for f in files if any(fnmatch.fnmatch(f, pat) for pat in conf["only_mutate"])]
+
+
+def file_summary(meta: dict, equivalent: dict[str, str]) -> dict:
+    status = {name: status_by_exit_code[code] for name, code in meta["exit_code_by_key"].items()}
+    counts = {s: sum(1 for v in status.values() if v == s) for s in ("killed", "survived", "timeout")}
+    counts |= {s.replace(" ", "_"): sum(1 for v in status.values() if v == s) for s in ("no tests", "not checked")}
+    counts["suspicious"] = sum(1 for v in status.values() if v == "suspicious")
+    mine = {name: why for name, why in equivalent.items() if name in status}
+    wrong = [name for name in mine if status[name] != "survived"]
+    if wrong:
+        raise SystemExit(f"{EQUIVALENTS.name}: listed as equivalent but not surviving: {wrong}")
+    considered = len(status) - len(mine)
+    caught = counts["killed"] + counts["timeout"]
+    open_ = sorted(n for n, s in status.items() if s != "killed" and s != "timeout" and n not in mine)
+    durations = meta.get("durations_by_key", {})
+    return {
+        "mutants": len(status),
+        **counts,
+        "equivalent": dict(sorted(mine.items())),
+        "score": round(caught / considered, 4) if considered else None,
+        "not_caught": open_,
+        "test_seconds": round(sum(d for d in durations.values() if d), 1),
+    }
+
+
+def report(root: Path) -> dict:
+    equivalent = tomllib.loads(EQUIVALENTS.read_text()) if EQUIVALENTS.exists() else {}
+    files, known = {}, set()
+    for path in mutated_files(root):
+        meta_path = root / "mutants" / f"{path}.meta"
+        if not meta_path.exists():
+            continue
+        meta = json.loads(meta_path.read_text())
+        known |= set(meta["exit_code_by_key"])
+        files[path] = file_summary(meta, equivalent)
+    stale = sorted(set(equivalent) - known)
+    if stale:
+        raise SystemExit(f"{EQUIVALENTS.name}: no such mutant in this run: {stale}")
+    total = {k: sum(f[k] for f in files.values()) for k in ("mutants", "killed", "survived", "timeout")}
+    total |= {k: sum(f[k] for f in files.values()) for k in ("no_tests", "not_checked", "suspicious")}
+    total["equivalent"] = sum(len(f["equivalent"]) for f in files.values())
+    considered = total["mutants"] - total["equivalent"]
+    total["score"] = round((total["killed"] + total["timeout"]) / considered, 4) if considered else None
+    return {
+        "tool": f"mutmut {version('mutmut')}",
+        "written": time.strftime("%Y-%m-%d"),
+        "total": total,
+        "files": files,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args(argv)
+    result = report(ROOT)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    for path, f in result["files"].items():
+        print(f"{path:32s} {f['mutants']:5d} mutants  score {f['score']}  not caught {len(f['not_caught'])}")
+    t = result["total"]
+    print(f"{'all':32s} {t['mutants']:5d} mutants  score {t['score']}  -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
