@@ -60,7 +60,8 @@ def file_summary(meta: dict, equivalent: dict[str, str]) -> dict:
 
 
 def report(root: Path) -> dict:
-    equivalent = tomllib.loads(EQUIVALENTS.read_text()) if EQUIVALENTS.exists() else {}
+    listed = root / EQUIVALENTS.relative_to(ROOT)
+    equivalent = tomllib.loads(listed.read_text()) if listed.exists() else {}
     files, known = {}, set()
     for path in mutated_files(root):
         meta_path = root / "mutants" / f"{path}.meta"
