@@ -156,3 +156,28 @@ def test_the_trainer_trains_on_the_decayed_balancing_loss():
     plain = lm_loss(reference, block, cfg.aux_loss_weight, 0.0)
     assert m["aux-loss"] == pytest.approx(float(want.aux), rel=1e-6)
     assert abs(float(want.aux) - float(plain.aux)) > 1e-3  # the two are told apart
+
+
+def test_the_reported_expert_load_is_the_share_of_the_routers_actual_picks():
+    """Counted independently: a hook on every router records the experts it picked in each of two
+    training steps; the trainer's expert-load is, per layer, each expert's share of those picks."""
+    from model.routing import routers
+
+    model = build_model(ARGS, VOCAB, owned=[0, 1], seed=0)
+    picks = [torch.zeros(ARGS.num_experts) for _ in routers(model)]
+
+    def record(layer):
+        def hook(_module, _inputs, output):
+            picks[layer].add_(torch.bincount(output[2].flatten(), minlength=len(picks[layer])))
+
+        return hook
+
+    for layer, router in enumerate(routers(model)):
+        router.register_forward_hook(record(layer))
+    g = torch.Generator().manual_seed(1)
+    blocks = [torch.randint(0, VOCAB, (2, 17), generator=g) for _ in range(2)]
+    cfg = TrainConfig(warmup_steps=0)
+    m = train_steps(model, make_optimizer(model, cfg), iter(blocks), cfg, 0, 2, 10, torch.device("cpu"))
+    share = torch.stack([p / p.sum() for p in picks])
+    assert share.min() < share.max()  # not trivially uniform
+    torch.testing.assert_close(torch.tensor(m["expert-load"]).view_as(share), share.float(), rtol=0, atol=1e-6)

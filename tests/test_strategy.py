@@ -78,6 +78,14 @@ def test_three_copies_take_the_token_weighted_mean_by_default():
     # (1*1 + 2*2 + 5*100) / 8 and (0 + 2*30 + 5*3) / 8: neither a median nor a trimmed mean.
     torch.testing.assert_close(new["w"], torch.tensor([505 / 8, 75 / 8]))
     assert torch.equal(new["kept"], params["kept"])  # nobody sent it
+    # From three copies on, the robust rules replace the weighted mean ...
+    median = aggregate(params, updates, lambda n: {0, 1, 2}, OuterOptimizer(), median=True)
+    torch.testing.assert_close(median["w"], torch.tensor([2.0, 3.0]))
+    trimmed = aggregate(params, updates, lambda n: {0, 1, 2}, OuterOptimizer(), trim_fraction=0.34)
+    torch.testing.assert_close(trimmed["w"], torch.tensor([2.0, 3.0]))  # one dropped per side
+    # ... below three they cannot say which copy is the outlier: still the weighted mean.
+    two = aggregate(params, updates, lambda n: {0, 1}, OuterOptimizer(), median=True, trim_fraction=0.34)
+    torch.testing.assert_close(two["w"], torch.tensor([5 / 3, 20.0]))
 
 
 def test_outer_nesterov_matches_formula():
