@@ -100,6 +100,19 @@ def test_outer_nesterov_matches_formula():
     torch.testing.assert_close(second, first - 0.7 * (d2 + 0.9 * buf))
 
 
+def test_outer_heavy_ball_and_plain_lr_by_hand():
+    old, avg = torch.tensor([1.0, 2.0]), torch.tensor([0.5, 2.5])  # pseudo-gradient [0.5, -0.5]
+    heavy = OuterOptimizer(lr=1.0, momentum=0.5)  # lr 1 but momentum: not the plain average
+    first = heavy.step("w", old, avg)
+    torch.testing.assert_close(first, torch.tensor([0.5, 2.5]))  # buffer = the first pseudo-gradient
+    second = heavy.step("w", first, torch.tensor([0.25, 2.75]))  # pseudo-gradient [0.25, -0.25]
+    torch.testing.assert_close(second, torch.tensor([0.0, 3.0]))  # buffer 0.5 * 0.5 + 0.25 = 0.5
+    torch.testing.assert_close(heavy.buffers["w"], torch.tensor([0.5, -0.5]))
+    damped = OuterOptimizer(lr=0.4)
+    torch.testing.assert_close(damped.step("w", old, avg), torch.tensor([0.8, 2.2]))
+    assert damped.buffers == {}
+
+
 # -- merging -----------------------------------------------------------------------------
 def test_merge_matches_formula_by_hand():
     params = toy_params(1)
