@@ -113,10 +113,6 @@ def payload_bytes(record: ArrayRecord) -> int:
     return total
 
 
-def tensor_bytes(tensors: Mapping[str, torch.Tensor], names: Iterable[str]) -> int:
-    return sum(tensors[n].numel() * tensors[n].element_size() for n in names)
-
-
 def wire_bytes(record: ArrayRecord) -> int:
     """Bytes of the serialised arrays as they travel (data plus each array's .npy header)."""
     return sum(len(arr.data) for arr in record.values())

@@ -85,6 +85,29 @@ def test_local_decay_factor_rises_in_500_step_stairs_over_first_fifth():
     assert decay.factor(9000, total) == pytest.approx(1.0)
 
 
+def test_local_decay_edges_and_its_checked_range():
+    assert LocalDecay(warmup_fraction=0.0).factor(0, 100) == 1.0  # no ramp: full counts at once
+    assert LocalDecay(every=1).factor(0, 5) == pytest.approx(0.7)  # a one-step ramp still starts at 0.7
+    assert LocalDecay(every=1).factor(1, 5) == pytest.approx(1.0)
+    for valid in (LocalDecay(start=1.0), LocalDecay(warmup_fraction=0.0), LocalDecay(warmup_fraction=1.0)):
+        valid.validate()
+    LocalDecay(every=1).validate()
+    for bad, key in (
+        (LocalDecay(start=0.0), "start"),
+        (LocalDecay(start=1.5), "start"),
+        (LocalDecay(warmup_fraction=1.5), "warmup_fraction"),
+        (LocalDecay(warmup_fraction=-0.1), "warmup_fraction"),
+        (LocalDecay(every=0), "every"),
+    ):
+        with pytest.raises(ValueError, match=f"balance_local_{key}"):
+            bad.validate()
+
+
+def test_count_scale_is_made_where_it_is_asked():
+    scale = count_scale(4, [1], 0.5, device=torch.device("meta"))
+    assert scale.device.type == "meta" and scale.shape == (4,)
+
+
 def test_local_decay_scales_owned_counts():
     """Experts 0-3 owned at factor 0.7: each layer's collapsed expert has f = 0.7 * 1/2, loss 16 * 0.35 = 5.6."""
     logits = collapsed(first=[0, 1, 2, 3], second=[4, 5, 6, 7])

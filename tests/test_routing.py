@@ -37,6 +37,11 @@ def test_bias_moves_toward_balance_by_the_rate():
     assert update_bias([[0.5, 0, 0, 0]], [[0.25] * 4], 0.01)[0] == pytest.approx([0.5, 0, 0, 0])
 
 
+def test_the_bias_accumulates_steps_below_float32_resolution():
+    # Thousands of rounds of small steps: a float32 bias of 1.0 would not move by 1e-9 at all.
+    assert update_bias([[1.0, 1.0]], [[0.6, 0.4]], 1e-9)[0] == [1.0 - 1e-9, 1.0 + 1e-9]
+
+
 def test_router_bias_changes_the_choice_not_the_gate_values_and_stays_out_of_the_state_dict():
     model = build_model(ARGS, VOCAB, seed=0).eval()
     ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
