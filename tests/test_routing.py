@@ -42,6 +42,20 @@ def test_the_bias_accumulates_steps_below_float32_resolution():
     assert update_bias([[1.0, 1.0]], [[0.6, 0.4]], 1e-9)[0] == [1.0 - 1e-9, 1.0 + 1e-9]
 
 
+def test_unflatten_rebuilds_layers_by_experts_and_checks_what_came():
+    t = unflatten([1, 2.5, 3, 4, 5, 6], layers=2, experts=3, what="global-expert-load")
+    assert t.dtype == torch.float32 and torch.equal(t, torch.tensor([[1, 2.5, 3], [4, 5, 6]]))
+    assert unflatten(None, 2, 3, "x") is None
+    for bad, message in (
+        ([1.0] * 5, "must be a list of 2 x 3 numbers"),
+        ([1.0] * 5 + [True], "must hold numbers only"),
+        ([1.0] * 5 + [math.nan], "holds NaN or Inf"),
+        ([1.0] * 5 + [math.inf], "holds NaN or Inf"),
+    ):
+        with pytest.raises(ValueError, match=f"router-bias {message}"):
+            unflatten(bad, 2, 3, "router-bias")
+
+
 def test_router_bias_changes_the_choice_not_the_gate_values_and_stays_out_of_the_state_dict():
     model = build_model(ARGS, VOCAB, seed=0).eval()
     ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
