@@ -10,6 +10,7 @@ from flwr.app import Array, ArrayRecord
 from common.codec import (
     Codec,
     DecodeError,
+    apply_delta,
     decode_delta,
     decode_sync,
     encode_delta,
@@ -32,6 +33,13 @@ def test_fp32_is_exact():
     t = tensors()
     back = decode_delta(encode_delta(t, Codec("fp32")), t, Codec("fp32"))
     assert all(torch.equal(back[k], t[k]) for k in t)
+
+
+def test_a_decoded_move_applied_to_the_base_reaches_the_target():
+    base, target = tensors(1), tensors(2)
+    moves = decode_delta(encode_delta({k: target[k] - base[k] for k in base}, Codec("fp32")), base, Codec("fp32"))
+    for k in base:
+        torch.testing.assert_close(apply_delta(base[k], moves[k]), target[k], rtol=0, atol=1e-6)
 
 
 def test_bf16_relative_bound():
