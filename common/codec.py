@@ -189,7 +189,8 @@ def apply_delta(base: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
 
 def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
     Array, ArrayRecord = _records()
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    # np.asarray keeps a 0-d array 0-d (ascontiguousarray would make it shape (1,)).
+    return ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in arrays.items()})
 
 
 def _view(name: str, arr: Array, shape: tuple[int, ...], dtype: str) -> np.ndarray:

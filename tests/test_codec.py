@@ -64,6 +64,22 @@ def test_int8_error_within_half_a_step_of_its_block(block):
     assert torch.equal(back["z"], t["z"])  # an all-zero block stays zero (scale 0, no division by it)
 
 
+@pytest.mark.parametrize(
+    ("block", "shape", "length", "count"),
+    [(0, (6, 10), 10, 6), (4, (6, 10), 4, 15), (0, (), 1, 1), (0, (7,), 7, 1), (0, (5, 0), 1, 0), (3, (2, 0), 3, 0)],
+)
+def test_int8_block_length_and_count_by_hand(block, shape, length, count):
+    codec = Codec("int8", block)
+    assert (codec.block_len(shape), codec.num_blocks(shape)) == (length, count)
+
+
+@pytest.mark.parametrize("name", ["fp32", "bf16", "int8"])
+def test_every_codec_carries_a_scalar(name):
+    t = {"s": torch.tensor(-3.0)}  # exact in each: bf16 holds -3, int8's one block has max |x| = 3
+    back = decode_delta(encode_delta(t, Codec(name)), t, Codec(name))
+    assert back["s"].shape == () and torch.equal(back["s"], t["s"])
+
+
 def test_int8_scale_count_per_row_and_per_block():
     t = {"w": torch.randn(6, 10)}
     assert encode_delta(t, Codec("int8", 0))["w#int8-scale"].shape == (6,)
