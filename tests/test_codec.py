@@ -66,7 +66,7 @@ def test_int8_error_within_half_a_step_of_its_block(block):
 
 @pytest.mark.parametrize(
     ("block", "shape", "length", "count"),
-    [(0, (6, 10), 10, 6), (4, (6, 10), 4, 15), (0, (), 1, 1), (0, (7,), 7, 1), (0, (5, 0), 1, 0), (0, (0, 5), 1, 0), (3, (2, 0), 3, 0)],
+    [(0, (6, 10), 10, 6), (4, (6, 10), 4, 15), (0, (), 1, 1), (0, (7,), 7, 1), (0, (5, 0), 1, 0), (0, (0, 5), 1, 0), (0, (3, 1), 1, 3), (3, (2, 0), 3, 0)],
 )
 def test_int8_block_length_and_count_by_hand(block, shape, length, count):
     codec = Codec("int8", block)
