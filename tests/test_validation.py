@@ -1,0 +1,114 @@
+"""What a node sends is checked before it touches the global model (strategy/validation.py):
+each rule at its boundary, the value just inside accepted, just outside refused."""
+
+import math
+
+import pytest
+import torch
+
+from strategy.validation import (
+    LOAD_ROW_TOLERANCE,
+    MAX_TOKENS_PER_S,
+    METRIC_MAX,
+    InvalidUpdate,
+    validate_eval_metrics,
+    validate_train_metrics,
+    validate_update,
+)
+
+REF = {"w": torch.tensor([3.0, -4.0]), "b": torch.zeros(3)}
+
+
+def test_an_update_must_name_exactly_the_expected_tensors_with_their_shape_and_dtype():
+    good = {"w": torch.tensor([3.5, -4.0]), "b": torch.ones(3)}
+    validate_update(good, {"w", "b"}, REF)
+    for update, message in (
+        ({"w": good["w"]}, "1 expected parameter.s. missing .e.g. \\['b'\\]., 0 unexpected"),
+        ({**good, "x": torch.ones(1)}, "0 expected parameter.s. missing .e.g. \\[\\]., 1 unexpected"),
+        ({**good, "b": torch.ones(4)}, r"b: got \(4,\) torch.float32, expected \(3,\) torch.float32"),
+        ({**good, "b": torch.ones(3, dtype=torch.float64)}, "b: got .* torch.float64, expected"),
+        ({**good, "b": torch.tensor([0.0, math.nan, 0.0])}, "b: contains NaN or Inf"),
+        ({**good, "b": torch.tensor([0.0, -math.inf, 0.0])}, "b: contains NaN or Inf"),
+    ):
+        with pytest.raises(InvalidUpdate, match=message):
+            validate_update(update, {"w", "b"}, REF)
+
+
+def test_largest_value_bound_is_inclusive_and_counts_negative_values():
+    update = {"w": torch.tensor([2.0, -8.0])}
+    validate_update(update, {"w"}, REF, max_abs_value=8.0)
+    with pytest.raises(InvalidUpdate, match="w: largest value 8 exceeds 7.9"):
+        validate_update(update, {"w"}, REF, max_abs_value=7.9)
+    validate_update({"w": torch.tensor([1e9, 0.0])}, {"w"}, REF)  # 0 = no bound
+
+
+def test_update_ratio_of_a_zero_tensor_is_against_a_tiny_norm():
+    # ||ref|| = 0: any change beyond ratio * 1e-6 is refused rather than divided by zero.
+    with pytest.raises(InvalidUpdate, match="b: change 1.73e-06 exceeds 0.5 x its norm 0"):
+        validate_update({"b": torch.full((3,), 1e-6)}, {"b"}, REF, max_update_ratio=0.5)
+    validate_update({"b": torch.full((3,), 2e-7)}, {"b"}, REF, max_update_ratio=0.5)  # 3.5e-7 <= 5e-7
+
+
+def _train(**metrics):
+    return {"num-tokens": 100.0, **metrics}
+
+
+def test_train_metrics_come_back_typed_and_snake_cased():
+    out = validate_train_metrics(_train(**{"train-loss": 4, "tokens-per-s": 12.5, "other": "x"}), 100.0, 1, 2)
+    assert out == {"num_tokens": 100.0, "train_loss": 4.0, "tokens_per_s": 12.5}
+    assert isinstance(out["train_loss"], float)
+
+
+@pytest.mark.parametrize(
+    ("metrics", "message"),
+    [
+        (_train(**{"train-loss": -0.5}), "train-loss=-0.5 is negative"),
+        (_train(**{"train-loss": True}), "train-loss=True is not a finite number"),
+        (_train(**{"train-loss": "4"}), "train-loss='4' is not a finite number"),
+        (_train(**{"train-loss": math.nan}), "train-loss=nan is not a finite number"),
+        (_train(**{"peak-mem-mb": METRIC_MAX * 1.01}), "peak-mem-mb=.* is beyond 1e\\+15"),
+        (_train(**{"tokens-per-s": MAX_TOKENS_PER_S * 1.01}), "tokens-per-s=1.01e\\+08 is beyond 1e\\+08"),
+        ({"train-loss": 1.0}, "num-tokens missing"),
+        (_train(**{"num-tokens": 0.0}), "num-tokens 0 is outside \\(0, 100\\]"),
+        (_train(**{"num-tokens": 100.5}), "num-tokens 100.5 is outside \\(0, 100\\]"),
+    ],
+)
+def test_train_metrics_refused_at_each_bound(metrics, message):
+    with pytest.raises(InvalidUpdate, match=message):
+        validate_train_metrics(metrics, 100.0, 1, 2)
+
+
+def test_train_metrics_accepted_at_each_bound():
+    edge = _train(**{"peak-mem-mb": METRIC_MAX, "tokens-per-s": MAX_TOKENS_PER_S, "aux-loss": 0.0})
+    out = validate_train_metrics(edge, 100.0, 1, 2)
+    assert (out["peak_mem_mb"], out["tokens_per_s"], out["aux_loss"]) == (METRIC_MAX, MAX_TOKENS_PER_S, 0.0)
+
+
+def test_expert_load_is_rows_of_shares():
+    out = validate_train_metrics(_train(**{"expert-load": [0.25, 0.75, 1.0, 0.0, 0.5, 0.5]}), 100.0, 3, 2)
+    assert out["expert_load"] == [[0.25, 0.75], [1.0, 0.0], [0.5, 0.5]]
+    inside = 1.0 + LOAD_ROW_TOLERANCE * 0.9  # float32 rounding of shares is accepted
+    validate_train_metrics(_train(**{"expert-load": [0.5, inside - 0.5]}), 100.0, 1, 2)
+    for load, message in (
+        ((0.5, 0.5), "must be a list of 1 x 2 numbers"),
+        ([0.5, 0.5, 0.0], "must be a list of 1 x 2 numbers"),
+        ([1.5, -0.5], "fractions outside \\[0, 1\\]"),
+        ([0.5, 0.5 + LOAD_ROW_TOLERANCE * 1.5], "each layer's shares must sum to 1"),
+        ([0.5, 0.5 - LOAD_ROW_TOLERANCE * 1.5], "each layer's shares must sum to 1"),
+        ([0.5, math.inf], "expert-load=inf is not a finite number"),
+    ):
+        with pytest.raises(InvalidUpdate, match=message):
+            validate_train_metrics(_train(**{"expert-load": load}), 100.0, 1, 2)
+
+
+def test_eval_metrics_at_their_bounds():
+    assert validate_eval_metrics({"eval-loss": 0, "num-tokens": 50}, 50.0) == (0.0, 50.0)
+    for metrics, message in (
+        ({"eval-loss": -1e-9, "num-tokens": 50}, "eval-loss -1e-09 is negative"),
+        ({"eval-loss": 2.0, "num-tokens": 0}, "eval num-tokens 0 outside \\(0, 50\\]"),
+        ({"eval-loss": 2.0, "num-tokens": 51}, "eval num-tokens 51 outside \\(0, 50\\]"),
+        ({"num-tokens": 5}, "eval-loss=None is not a finite number"),
+        ({"eval-loss": 2.0}, "num-tokens=None is not a finite number"),
+    ):
+        with pytest.raises(InvalidUpdate, match=message):
+            validate_eval_metrics(metrics, 50.0)
