@@ -125,8 +125,11 @@ def test_truncated_and_padded_data_rejected():
                 "w#int8-scale": rec["w#int8-scale"],
             }
         )
-        with pytest.raises(DecodeError, match="bytes"):
+        with pytest.raises(DecodeError, match=r"^w#int8: \d+ bytes, a \(6, 10\) int8 array takes exactly"):
             decode_sync(bad, expected, Codec("int8"))
+    # A whole value of the wrong shape is named too: the operator must see which tensor was wrong.
+    with pytest.raises(DecodeError, match=r"^w: got \(5, 10\) float32, expected \(6, 10\) float32"):
+        decode_sync(to_record({"w": np.zeros((5, 10), np.float32)}), expected, Codec("int8"))
 
 
 def test_wrong_scale_count_nan_scale_and_missing_part_rejected():
@@ -134,8 +137,11 @@ def test_wrong_scale_count_nan_scale_and_missing_part_rejected():
     arrays = encode_delta({"w": torch.randn(6, 10)}, Codec("int8"))
     with pytest.raises(DecodeError, match="int8-scale"):
         decode_sync(to_record({**arrays, "w#int8-scale": np.ones(5, np.float32)}), expected, Codec("int8"))
-    with pytest.raises(DecodeError, match="finite"):
-        decode_sync(to_record({**arrays, "w#int8-scale": np.full(6, np.nan, np.float32)}), expected, Codec("int8"))
+    for scale in (np.full(6, np.nan, np.float32), np.full(6, -0.5, np.float32)):
+        with pytest.raises(DecodeError, match="^w#int8-scale: scales must be finite and >= 0"):
+            decode_sync(to_record({**arrays, "w#int8-scale": scale}), expected, Codec("int8"))
+    _, zero = decode_sync(to_record({**arrays, "w#int8-scale": np.zeros(6, np.float32)}), expected, Codec("int8"))
+    assert torch.equal(zero["w"], torch.zeros(6, 10))  # a zero scale is an all-zero block
     with pytest.raises(DecodeError, match="not a int8 delta"):
         decode_sync(to_record({"w#int8": arrays["w#int8"]}), expected, Codec("int8"))
     with pytest.raises(DecodeError, match="not a parameter"):
