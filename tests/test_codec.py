@@ -66,7 +66,16 @@ def test_int8_error_within_half_a_step_of_its_block(block):
 
 @pytest.mark.parametrize(
     ("block", "shape", "length", "count"),
-    [(0, (6, 10), 10, 6), (4, (6, 10), 4, 15), (0, (), 1, 1), (0, (7,), 7, 1), (0, (5, 0), 1, 0), (0, (0, 5), 1, 0), (0, (3, 1), 1, 3), (3, (2, 0), 3, 0)],
+    [
+        (0, (6, 10), 10, 6),
+        (4, (6, 10), 4, 15),
+        (0, (), 1, 1),
+        (0, (7,), 7, 1),
+        (0, (5, 0), 1, 0),
+        (0, (0, 5), 1, 0),
+        (0, (3, 1), 1, 3),
+        (3, (2, 0), 3, 0),
+    ],
 )
 def test_int8_block_length_and_count_by_hand(block, shape, length, count):
     codec = Codec("int8", block)
@@ -148,6 +157,23 @@ def test_wrong_scale_count_nan_scale_and_missing_part_rejected():
         decode_sync(to_record({"v#int8": arrays["w#int8"]}), expected, Codec("int8"))
     with pytest.raises(DecodeError, match="not a bf16 delta"):  # the run's codec decides what is accepted
         decode_sync(to_record(arrays), expected, Codec("bf16"))
+
+
+@pytest.mark.parametrize(("name", "dtype"), [("fp32", np.float32), ("bf16", np.int16)])
+def test_a_delta_of_the_wrong_shape_is_named(name, dtype):
+    with pytest.raises(DecodeError, match=rf"^w#{name}: got \(3,\) {np.dtype(dtype)}, expected \(6, 10\)"):
+        decode_sync(to_record({f"w#{name}": np.zeros(3, dtype)}), {"w": torch.zeros(6, 10)}, Codec(name))
+
+
+def test_a_relay_accepts_each_allowed_codec_for_what_it_is():
+    expected = {"w": torch.zeros(6, 10), "b": torch.zeros(7)}
+    t = {"w": torch.randn(6, 10), "b": torch.randn(7)}
+    arrays = {**encode_delta({"w": t["w"]}, Codec("int8")), **encode_delta({"b": t["b"]}, Codec("fp32"))}
+    full, deltas = decode_sync(to_record(arrays), expected, [Codec("fp32"), Codec("int8")])
+    assert full == {} and torch.equal(deltas["b"], t["b"])
+    assert torch.equal(
+        deltas["w"], decode_delta(encode_delta({"w": t["w"]}, Codec("int8")), expected, Codec("int8"))["w"]
+    )
 
 
 def test_object_dtype_never_unpickled():
