@@ -11,8 +11,10 @@ from common.codec import (
     Codec,
     DecodeError,
     apply_delta,
+    decode,
     decode_delta,
     decode_sync,
+    encode,
     encode_delta,
     payload_bytes,
     to_record,
@@ -176,6 +178,23 @@ def test_a_relay_accepts_each_allowed_codec_for_what_it_is():
     )
 
 
+def test_whole_tensors_are_checked_against_the_model_by_name_shape_and_dtype():
+    expected = {"w": torch.zeros(2, 3), "d": torch.zeros(4, dtype=torch.float64)}
+    good = {"w": torch.arange(6.0).reshape(2, 3), "d": torch.arange(4.0, dtype=torch.float64)}
+    back = decode(encode(good), expected)
+    assert all(torch.equal(back[k], good[k]) and back[k].dtype == good[k].dtype for k in good)
+    for tensors, message in (
+        ({"w": torch.zeros(3, 2)}, r"^w: got \(3, 2\) float32, expected \(2, 3\) float32"),
+        ({"w": torch.zeros(2, 3, dtype=torch.float64)}, r"^w: got \(2, 3\) float64, expected \(2, 3\) float32"),
+        ({"d": torch.zeros(4)}, r"^d: got \(4,\) float32, expected \(4,\) float64"),
+    ):
+        with pytest.raises(DecodeError, match=message):
+            decode(encode(tensors), expected)
+    broken = ArrayRecord({"w": Array(dtype="float32", shape=(2, 3), stype="numpy.ndarray", data=b"\x93NUMPY")})
+    with pytest.raises(DecodeError, match="^w: broken .npy header"):
+        decode(broken, expected)
+
+
 def test_object_dtype_never_unpickled():
     data = _npy((6, 10), 0, dtype="|O")
     arr = Array(dtype="object", shape=(6, 10), stype="numpy.ndarray", data=data)
@@ -186,5 +205,7 @@ def test_object_dtype_never_unpickled():
 def test_codec_settings_checked():
     with pytest.raises(ValueError, match="unknown codec"):
         Codec("int4")
-    with pytest.raises(ValueError, match="block"):
-        Codec("int8", -1)
+    for block in (-1, True, 2.0, "4"):
+        with pytest.raises(ValueError, match="int8 block must be an integer >= 0"):
+            Codec("int8", block)
+    assert Codec("int8", 0).block == 0
