@@ -56,6 +56,24 @@ def test_unflatten_rebuilds_layers_by_experts_and_checks_what_came():
             unflatten(bad, 2, 3, "router-bias")
 
 
+def test_with_bf16_router_logits_the_biased_choice_is_made_in_float32():
+    """Under bf16 autocast the router's logits are bf16; the gate values are the float32 softmax,
+    normalised over the picks, then rounded once to bf16."""
+    model = build_model(ARGS, VOCAB, seed=0)
+    gate = model.model.layers[0].mlp.gate.to(torch.bfloat16)
+    bias = torch.zeros(2, 4)
+    bias[0, 1] = 0.05
+    set_router_bias(model, bias)
+    hidden = torch.randn(64, 32, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    logits, scores, idx = gate(hidden)
+    probs = torch.softmax(logits.float(), dim=-1)
+    want_idx = (probs + bias[0]).topk(2, dim=-1).indices
+    want = probs.gather(-1, want_idx)
+    want = (want / want.sum(-1, keepdim=True)).to(torch.bfloat16)
+    assert logits.dtype == scores.dtype == torch.bfloat16
+    assert torch.equal(idx, want_idx) and torch.equal(scores, want)
+
+
 def test_router_bias_changes_the_choice_not_the_gate_values_and_stays_out_of_the_state_dict():
     model = build_model(ARGS, VOCAB, seed=0).eval()
     ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
