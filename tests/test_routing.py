@@ -23,8 +23,9 @@ def test_global_load_is_the_token_weighted_mean_and_imbalance_is_max_over_mean()
     a = [[0.7, 0.1, 0.1, 0.1], [0.25, 0.25, 0.25, 0.25]]
     b = [[0.1, 0.1, 0.1, 0.7], [0.25, 0.25, 0.25, 0.25]]
     load = global_load([(a, 300.0), (b, 100.0)])
-    assert load[0] == pytest.approx([0.55, 0.1, 0.1, 0.25])  # 0.75 * a + 0.25 * b
-    assert load[1] == pytest.approx([0.25] * 4)
+    assert load[0] == pytest.approx([0.55, 0.1, 0.1, 0.25], rel=1e-12)  # 0.75 * a + 0.25 * b, in float64
+    assert load[1] == pytest.approx([0.25] * 4, rel=1e-12)
+    assert global_load([(a, 1.0)]) == pytest.approx(a, rel=1e-12)  # one token is a report
     mean, worst = imbalance(load)
     assert worst == pytest.approx(0.55 / 0.25, rel=1e-12)  # in float64: a reported figure, kept exact
     assert mean == pytest.approx((0.55 / 0.25 + 1.0) / 2, rel=1e-12)
@@ -102,6 +103,15 @@ def test_router_bias_changes_the_choice_not_the_gate_values_and_stays_out_of_the
     set_router_bias(model, None)
     assert router_bias(model) == [None, None]
     assert torch.equal(model(ids).logits, plain.logits)
+
+
+def test_router_bias_is_kept_in_float32_whatever_it_came_as():
+    model = build_model(ARGS, VOCAB, seed=0)
+    for bias in ([[0, 1, 0, 0], [0, 0, 2, 0]], torch.zeros(2, 4, dtype=torch.float64)):
+        set_router_bias(model, bias)
+        assert all(b.dtype == torch.float32 for b in router_bias(model))
+    with pytest.raises(ValueError, match="the model has 0 routers of 0 experts"):
+        set_router_bias(torch.nn.Linear(2, 2), [[0.0]])
 
 
 def test_router_bias_shape_and_values_checked():
