@@ -39,8 +39,8 @@ def test_bias_moves_toward_balance_by_the_rate():
 
 
 def test_the_bias_accumulates_steps_below_float32_resolution():
-    # Thousands of rounds of small steps: a float32 bias of 1.0 would not move by 1e-9 at all.
-    assert update_bias([[1.0, 1.0]], [[0.6, 0.4]], 1e-9)[0] == [1.0 - 1e-9, 1.0 + 1e-9]
+    # Thousands of rounds of small steps, kept in float64: a float32 bias would not even hold 0.1.
+    assert update_bias([[0.1, 0.1]], [[0.6, 0.4]], 1e-9)[0] == [0.1 - 1e-9, 0.1 + 1e-9]
 
 
 def test_unflatten_rebuilds_layers_by_experts_and_checks_what_came():

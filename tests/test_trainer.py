@@ -58,6 +58,12 @@ def test_optimizer_holds_trainable_weights_only_and_decays_matrices_only():
     assert len(trainable) < len(list(model.parameters()))  # the frozen experts are left out
 
 
+def test_8bit_adamw_is_refused_off_cuda():
+    model = build_model(ARGS, VOCAB, owned=[0, 1], seed=0)
+    with pytest.raises(ValueError, match="adamw8bit needs the model on a CUDA device, it is on cpu"):
+        make_optimizer(model, TrainConfig(optimizer="adamw8bit"))
+
+
 def test_each_step_runs_at_its_global_steps_rate_and_counts_its_tokens():
     model = build_model(ARGS, VOCAB, owned=[0, 1], seed=0)
     cfg = TrainConfig(lr=1e-3, warmup_steps=10, min_lr_ratio=0.1)

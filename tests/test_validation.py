@@ -103,6 +103,7 @@ def test_expert_load_is_rows_of_shares():
 
 def test_eval_metrics_at_their_bounds():
     assert validate_eval_metrics({"eval-loss": 0, "num-tokens": 50}, 50.0) == (0.0, 50.0)
+    assert validate_eval_metrics({"eval-loss": 3.5, "num-tokens": 1}, 50.0) == (3.5, 1.0)  # one token counts
     for metrics, message in (
         ({"eval-loss": -1e-9, "num-tokens": 50}, "eval-loss -1e-09 is negative"),
         ({"eval-loss": 2.0, "num-tokens": 0}, "eval num-tokens 0 outside \\(0, 50\\]"),
