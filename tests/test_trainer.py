@@ -9,9 +9,11 @@ from model import MoEArgs, build_model
 from training.trainer import (
     NonFiniteTraining,
     TrainConfig,
+    activation_checkpointing,
     lr_at,
     make_optimizer,
     peak_memory_mb,
+    prepare_model,
     process_memory_mb,
     resolve_device,
     train_steps,
@@ -56,6 +58,14 @@ def test_optimizer_holds_trainable_weights_only_and_decays_matrices_only():
     assert no_decay["params"] and decay["weight_decay"] == 0.2 and no_decay["weight_decay"] == 0.0
     assert decay["lr"] == 5e-4 and decay["betas"] == (0.8, 0.9)
     assert len(trainable) < len(list(model.parameters()))  # the frozen experts are left out
+
+
+def test_a_module_without_checkpointing_support_reports_none():
+    assert activation_checkpointing(torch.nn.Linear(2, 2)) is False
+    model = build_model(ARGS, VOCAB, owned=[0, 1], seed=0)
+    assert activation_checkpointing(model) is False
+    prepare_model(model, TrainConfig(activation_checkpointing=True))
+    assert activation_checkpointing(model) is True
 
 
 def test_8bit_adamw_is_refused_off_cuda():
