@@ -195,6 +195,14 @@ def test_whole_tensors_are_checked_against_the_model_by_name_shape_and_dtype():
         decode(broken, expected)
 
 
+def test_a_transposed_array_travels_in_c_order():
+    # The decoder refuses Fortran-ordered data, so to_record must lay out what it is given.
+    w = np.arange(12, dtype=np.float32).reshape(3, 4).T
+    assert not w.flags.c_contiguous
+    _, deltas = decode_sync(to_record({"w#fp32": w}), {"w": torch.zeros(4, 3)}, Codec("fp32"))
+    assert torch.equal(deltas["w"], torch.from_numpy(np.ascontiguousarray(w)))
+
+
 def test_object_dtype_never_unpickled():
     data = _npy((6, 10), 0, dtype="|O")
     arr = Array(dtype="object", shape=(6, 10), stype="numpy.ndarray", data=data)
