@@ -134,6 +134,22 @@ def test_optimizer_moments_by_name_move_to_a_new_set_of_trainable_parameters():
     assert all(torch.equal(new.state[a2][k], opt.state[a][k]) for k in ("step", "exp_avg", "exp_avg_sq"))
 
 
+def test_moments_take_their_parameters_dtype_and_the_step_stays_a_float32_scalar():
+    a, b = torch.nn.Parameter(torch.ones(2, 2)), torch.nn.Parameter(torch.ones(3))
+    opt = _trained([a, b])
+    # A state for a parameter this node no longer has comes first: it is skipped, not the end.
+    saved = {"gone::exp_avg": torch.ones(5), **optimizer_tensors(opt, {a: "a", b: "b"})}
+    a64 = torch.nn.Parameter(torch.zeros(2, 2, dtype=torch.float64))
+    b64 = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    new = torch.optim.AdamW([a64, b64])
+    assert restore_optimizer(new, {"a": a64, "b": b64}, saved) == 2
+    for p64, p32 in ((a64, a), (b64, b)):
+        moments = new.state[p64]
+        assert moments["exp_avg"].dtype == moments["exp_avg_sq"].dtype == torch.float64
+        assert torch.equal(moments["exp_avg"], opt.state[p32]["exp_avg"].double())
+        assert moments["step"].dtype == torch.float32 and moments["step"].shape == () and float(moments["step"]) == 1
+
+
 def test_restoring_moments_of_the_wrong_shape_is_refused():
     a = torch.nn.Parameter(torch.ones(2, 2))
     saved = optimizer_tensors(_trained([a]), {a: "a"})
