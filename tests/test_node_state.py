@@ -122,6 +122,7 @@ def test_optimizer_moments_by_name_move_to_a_new_set_of_trainable_parameters():
     assert set(saved) == {f"{n}::{s}" for n in "ab" for s in ("step", "exp_avg", "exp_avg_sq")}
     assert torch.equal(saved["a::exp_avg"], opt.state[a]["exp_avg"])
     assert set(optimizer_tensors(opt, {a: "a"})) == {"a::step", "a::exp_avg", "a::exp_avg_sq"}  # b unnamed
+    assert set(optimizer_tensors(opt, {b: "b"})) == {"b::step", "b::exp_avg", "b::exp_avg_sq"}  # a unnamed
     doubled = optimizer_tensors(opt, {a: "a"}, whole=lambda t: t * 2)
     assert torch.equal(doubled["a::exp_avg"], 2 * opt.state[a]["exp_avg"])
 
@@ -148,6 +149,17 @@ def test_moments_take_their_parameters_dtype_and_the_step_stays_a_float32_scalar
         assert moments["exp_avg"].dtype == moments["exp_avg_sq"].dtype == torch.float64
         assert torch.equal(moments["exp_avg"], opt.state[p32]["exp_avg"].double())
         assert moments["step"].dtype == torch.float32 and moments["step"].shape == () and float(moments["step"]) == 1
+
+
+@pytest.mark.parametrize(
+    ("value", "kind"), [(0.5, "float"), (torch.nn.Parameter(torch.ones(1)), "Parameter")], ids=["float", "subclass"]
+)
+def test_only_plain_tensor_moments_are_saved(value, kind):
+    a = torch.nn.Parameter(torch.ones(2))
+    opt = _trained([a])
+    opt.state[a]["extra"] = value
+    with pytest.raises(TypeError, match=f"optimizer state a.extra is a {kind}, not a plain tensor"):
+        optimizer_tensors(opt, {a: "a"}, whole=lambda t: t.requires_grad_(t.requires_grad))  # tensors only
 
 
 def test_restoring_moments_of_the_wrong_shape_is_refused():
