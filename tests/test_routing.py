@@ -110,8 +110,12 @@ def test_router_bias_is_kept_in_float32_whatever_it_came_as():
     for bias in ([[0, 1, 0, 0], [0, 0, 2, 0]], torch.zeros(2, 4, dtype=torch.float64)):
         set_router_bias(model, bias)
         assert all(b.dtype == torch.float32 for b in router_bias(model))
-    with pytest.raises(ValueError, match="the model has 0 routers of 0 experts"):
-        set_router_bias(torch.nn.Linear(2, 2), [[0.0]])
+    for bias in ([[0.0]], torch.zeros(0, 1)):
+        with pytest.raises(ValueError, match="the model has 0 routers of 0 experts"):
+            set_router_bias(torch.nn.Linear(2, 2), bias)
+    one_layer = build_model(MoEArgs(**{**ARGS.__dict__, "num_layers": 1}), VOCAB, seed=0)
+    set_router_bias(one_layer, [[0.0, 0.5, 0.0, 0.0]])
+    assert torch.equal(router_bias(one_layer)[0], torch.tensor([0.0, 0.5, 0.0, 0.0]))
 
 
 def test_router_bias_shape_and_values_checked():
