@@ -12,7 +12,7 @@ from common.spec import MergeSchedule, StrategyConfig
 from model import MoEArgs, build_model
 from model.balance import balance_loss
 from model.loss import lm_loss
-from model.routing import global_load, imbalance, router_bias, set_router_bias, unflatten, update_bias
+from model.routing import global_load, imbalance, router_bias, routers, set_router_bias, unflatten, update_bias
 from strategy.spes import SpesStrategy
 
 ARGS = MoEArgs(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, num_experts=4, top_k=2, expert_ffn=16)
@@ -113,6 +113,10 @@ def test_router_bias_is_kept_in_float32_whatever_it_came_as():
     for bias in ([[0.0]], torch.zeros(0, 1)):
         with pytest.raises(ValueError, match="the model has 0 routers of 0 experts"):
             set_router_bias(torch.nn.Linear(2, 2), bias)
+    # A node kept between rounds sets the bias every round: one hook per router, not one per round.
+    for _ in range(3):
+        set_router_bias(model, torch.zeros(2, 4))
+    assert [len(gate._forward_hooks) for gate in routers(model)] == [1, 1]
     one_layer = build_model(MoEArgs(**{**ARGS.__dict__, "num_layers": 1}), VOCAB, seed=0)
     set_router_bias(one_layer, [[0.0, 0.5, 0.0, 0.0]])
     assert torch.equal(router_bias(one_layer)[0], torch.tensor([0.0, 0.5, 0.0, 0.0]))
