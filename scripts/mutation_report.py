@@ -8,8 +8,8 @@ one-line reason no test can tell it apart). Per file and over all of them:
 
 A mutant that hangs the tests counts as caught (mutmut's own convention); "no tests" (no fast test
 reaches the function) and "not checked" (the run was stopped before it) count against the score.
-An equivalence entry for a mutant that no longer survives, or no longer exists, is an error: the
-list must say what is true of this run.
+An equivalence entry for a mutant a test catches, or that no longer exists, is an error: the list
+must say what is true of this run (an entry for a mutant not run yet waits for its verdict).
 """
 
 from __future__ import annotations
@@ -41,10 +41,11 @@ def file_summary(meta: dict, equivalent: dict[str, str]) -> dict:
     counts = {s: sum(1 for v in status.values() if v == s) for s in ("killed", "survived", "timeout")}
     counts |= {s.replace(" ", "_"): sum(1 for v in status.values() if v == s) for s in ("no tests", "not checked")}
     counts["suspicious"] = sum(1 for v in status.values() if v == "suspicious")
-    mine = {name: why for name, why in equivalent.items() if name in status}
-    wrong = [name for name in mine if status[name] != "survived"]
-    if wrong:
-        raise SystemExit(f"{EQUIVALENTS.name}: listed as equivalent but not surviving: {wrong}")
+    caught = [name for name in equivalent if status.get(name) in ("killed", "timeout")]
+    if caught:
+        raise SystemExit(f"{EQUIVALENTS.name}: listed as equivalent but a test catches them: {caught}")
+    # An entry applies to a survivor; one for a mutant not (yet) run waits for its verdict.
+    mine = {name: why for name, why in equivalent.items() if status.get(name) == "survived"}
     considered = len(status) - len(mine)
     caught = counts["killed"] + counts["timeout"]
     open_ = sorted(n for n, s in status.items() if s != "killed" and s != "timeout" and n not in mine)

@@ -48,7 +48,14 @@ def test_counts_and_score_by_hand(tmp_path):
     assert result["total"]["score"] == pytest.approx(4 / 7, abs=5e-5)
 
 
-@pytest.mark.parametrize("entry", ['"k1" = "killed, so not equivalent"\n', '"gone" = "no such mutant"\n'])
+def test_an_equivalence_waits_for_a_mutant_not_run_yet(tmp_path):
+    core = mutation_report.report(_project(tmp_path, VERDICTS, '"c" = "pending"\n'))["files"]["pkg/core.py"]
+    assert core["equivalent"] == {} and core["not_checked"] == 1 and "c" in core["not_caught"]
+
+
+@pytest.mark.parametrize(
+    "entry", ['"k1" = "killed, so not equivalent"\n', '"t" = "timed out"\n', '"gone" = "no such mutant"\n']
+)
 def test_an_equivalence_that_is_not_true_of_the_run_is_refused(tmp_path, entry):
     with pytest.raises(SystemExit, match="mutation_equivalents.toml"):
         mutation_report.report(_project(tmp_path, VERDICTS, entry))
