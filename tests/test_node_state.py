@@ -106,6 +106,9 @@ def test_non_finite_names_the_first_bad_tensor():
     state.optimizer["e2.w::exp_avg"][0, 0] = float("nan")
     assert state.non_finite() == "optimizer/e2.w::exp_avg"
     assert _state(1).non_finite() is None
+    trained = _state(1)
+    trained.owned_tensors["e5.w"][1, 2] = float("-inf")
+    assert trained.non_finite() == "owned_tensors/e5.w"
 
 
 def _trained(params):

@@ -120,6 +120,7 @@ def test_router_bias_is_kept_in_float32_whatever_it_came_as():
     one_layer = build_model(MoEArgs(**{**ARGS.__dict__, "num_layers": 1}), VOCAB, seed=0)
     set_router_bias(one_layer, [[0.0, 0.5, 0.0, 0.0]])
     assert torch.equal(router_bias(one_layer)[0], torch.tensor([0.0, 0.5, 0.0, 0.0]))
+    assert not any("selection_bias" in k for k in one_layer.state_dict())  # from the first call on
 
 
 def test_router_bias_shape_and_values_checked():
