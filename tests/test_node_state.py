@@ -56,8 +56,9 @@ def test_saving_a_step_again_replaces_it_and_leaves_nothing_aside(tmp_path):
     again = _state(3)
     again.owned_tensors = {"e2.w": torch.zeros(3, 4)}
     (tmp_path / ".tmp-99-dead").mkdir()  # left by a crash mid-save: cleared by the next save
+    (tmp_path / ".tmp-98-odd").write_text("")  # not a directory: it cannot stop a save either
     again.save(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000000000003"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp-98-odd", "step-000000000003"]
     assert _equal(NodeState.load(tmp_path, 3).owned_tensors, {"e2.w": torch.zeros(3, 4)})
 
 
