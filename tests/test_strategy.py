@@ -86,6 +86,11 @@ def test_three_copies_take_the_token_weighted_mean_by_default():
     # ... below three they cannot say which copy is the outlier: still the weighted mean.
     two = aggregate(params, updates, lambda n: {0, 1}, OuterOptimizer(), median=True, trim_fraction=0.34)
     torch.testing.assert_close(two["w"], torch.tensor([5 / 3, 20.0]))
+    # Weights that cannot weigh (NaN, negative, summing to nothing) fall back to the plain mean.
+    for bad in ((math.nan, 2.0), (-1.0, 3.0), (0.0, 0.0)):
+        unusable = {p: (updates[p][0], w) for p, w in zip((0, 1), bad)}
+        plain = aggregate(params, unusable, lambda n: {0, 1}, OuterOptimizer())
+        torch.testing.assert_close(plain["w"], torch.tensor([1.5, 15.0]), msg=str(bad))
 
 
 def test_outer_nesterov_matches_formula():
