@@ -49,14 +49,16 @@ def file_summary(meta: dict, equivalent: dict[str, str]) -> dict:
     considered = len(status) - len(mine)
     caught = counts["killed"] + counts["timeout"]
     open_ = sorted(n for n, s in status.items() if s != "killed" and s != "timeout" and n not in mine)
-    durations = meta.get("durations_by_key", {})
+    # mutmut's estimate per mutant: the recorded time of the tests that reach its function, which
+    # is what a surviving mutant costs (a killed one stops at its first failing test).
+    durations = meta.get("estimated_durations_by_key", {})
     return {
         "mutants": len(status),
         **counts,
         "equivalent": dict(sorted(mine.items())),
         "score": round(caught / considered, 4) if considered else None,
         "not_caught": open_,
-        "test_seconds": round(sum(d for d in durations.values() if d), 1),
+        "worst_case_test_seconds": round(sum(d for d in durations.values() if d), 1),
     }
 
 

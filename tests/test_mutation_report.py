@@ -22,7 +22,7 @@ def _project(tmp_path, verdicts, equivalents=""):
         (tmp_path / "pkg" / name).write_text("")
     (tmp_path / "pyproject.toml").write_text(PYPROJECT)
     (tmp_path / "mutants" / "pkg").mkdir(parents=True)
-    meta = {"exit_code_by_key": verdicts, "durations_by_key": dict.fromkeys(verdicts, 0.5)}
+    meta = {"exit_code_by_key": verdicts, "estimated_durations_by_key": dict.fromkeys(verdicts, 0.5)}
     (tmp_path / "mutants" / "pkg" / "core.py.meta").write_text(json.dumps(meta))
     (tmp_path / "mutants" / "pkg" / "other.py.meta").write_text(json.dumps({"exit_code_by_key": {"o": 0}}))
     (tmp_path / "tests").mkdir()
@@ -44,7 +44,7 @@ def test_counts_and_score_by_hand(tmp_path):
     assert core["equivalent"] == {"s2": "same value either way"}
     assert core["score"] == pytest.approx(4 / 7, abs=5e-5)  # (3 killed + 1 timeout) / (8 - 1 equivalent)
     assert core["not_caught"] == ["c", "n", "s1"]
-    assert core["test_seconds"] == 4.0
+    assert core["worst_case_test_seconds"] == 4.0  # 8 mutants x 0.5 s of tests reaching each
     assert result["total"]["score"] == pytest.approx(4 / 7, abs=5e-5)
 
 
