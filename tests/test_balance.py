@@ -108,6 +108,20 @@ def test_count_scale_is_made_where_it_is_asked():
     assert scale.device.type == "meta" and scale.shape == (4,)
 
 
+def test_picks_are_counted_as_the_routing_bias_made_them():
+    """Every token's router puts ~all probability on expert 0; a bias of 2 on expert 3 moves every
+    pick there. f is the picks' share (all on 3), P the unbiased probabilities, so the loss is
+    E * P_3 (tiny), not the collapsed E."""
+    logits = torch.zeros(T, E)
+    logits[:, 0] = HIGH
+    bias = torch.zeros(E)
+    bias[3] = 2.0
+    p3 = torch.softmax(logits, dim=-1)[:, 3].mean()
+    biased = balance_loss([logits], E, 1, "per_layer", bias=[bias])
+    assert biased.item() == pytest.approx(E * p3.item(), rel=1e-5)
+    assert balance_loss([logits], E, 1, "per_layer").item() == pytest.approx(E, rel=1e-5)
+
+
 def test_local_decay_scales_owned_counts():
     """Experts 0-3 owned at factor 0.7: each layer's collapsed expert has f = 0.7 * 1/2, loss 16 * 0.35 = 5.6."""
     logits = collapsed(first=[0, 1, 2, 3], second=[4, 5, 6, 7])

@@ -86,8 +86,8 @@ def test_three_copies_take_the_token_weighted_mean_by_default():
     # ... below three they cannot say which copy is the outlier: still the weighted mean.
     two = aggregate(params, updates, lambda n: {0, 1}, OuterOptimizer(), median=True, trim_fraction=0.34)
     torch.testing.assert_close(two["w"], torch.tensor([5 / 3, 20.0]))
-    # A zero weight takes no share, a fractional one its share: still the weighted mean.
-    for weights, want in (((0.0, 2.0), [2.0, 30.0]), ((0.5, 1.5), [1.75, 22.5])):
+    # A zero weight takes no share, fractions summing to 1 their shares: still the weighted mean.
+    for weights, want in (((0.0, 2.0), [2.0, 30.0]), ((0.25, 0.75), [1.75, 22.5])):
         weighted = {p: (updates[p][0], w) for p, w in zip((0, 1), weights)}
         torch.testing.assert_close(
             aggregate(params, weighted, lambda n: {0, 1}, OuterOptimizer())["w"], torch.tensor(want)

@@ -93,6 +93,7 @@ def test_expert_load_is_rows_of_shares():
         ((0.5, 0.5), "must be a list of 1 x 2 numbers"),
         ([0.5, 0.5, 0.0], "must be a list of 1 x 2 numbers"),
         ([1.5, -0.5], "fractions outside \\[0, 1\\]"),
+        ([1.5, 0.0], "fractions outside \\[0, 1\\]"),
         ([0.5, 0.5 + LOAD_ROW_TOLERANCE * 1.5], "each layer's shares must sum to 1"),
         ([0.5, 0.5 - LOAD_ROW_TOLERANCE * 1.5], "each layer's shares must sum to 1"),
         ([0.5, math.inf], "expert-load=inf is not a finite number"),
