@@ -41,9 +41,9 @@ def file_summary(meta: dict, equivalent: dict[str, str]) -> dict:
     counts = {s: sum(1 for v in status.values() if v == s) for s in ("killed", "survived", "timeout")}
     counts |= {s.replace(" ", "_"): sum(1 for v in status.values() if v == s) for s in ("no tests", "not checked")}
     counts["suspicious"] = sum(1 for v in status.values() if v == "suspicious")
-    caught = [name for name in equivalent if status.get(name) in ("killed", "timeout")]
-    if caught:
-        raise SystemExit(f"{EQUIVALENTS.name}: listed as equivalent but a test catches them: {caught}")
+    refuted = [name for name in equivalent if status.get(name) in ("killed", "timeout")]
+    if refuted:
+        raise SystemExit(f"{EQUIVALENTS.name}: listed as equivalent but a test catches them: {refuted}")
     # An entry applies to a survivor; one for a mutant not (yet) run waits for its verdict.
     mine = {name: why for name, why in equivalent.items() if status.get(name) == "survived"}
     considered = len(status) - len(mine)
