@@ -20,6 +20,7 @@ import json
 import sys
 import time
 import tomllib
+from collections import Counter
 from importlib.metadata import version
 from pathlib import Path
 
@@ -38,9 +39,9 @@ def mutated_files(root: Path) -> list[str]:
 
 def file_summary(meta: dict, equivalent: dict[str, str]) -> dict:
     status = {name: status_by_exit_code[code] for name, code in meta["exit_code_by_key"].items()}
-    counts = {s: sum(1 for v in status.values() if v == s) for s in ("killed", "survived", "timeout")}
-    counts |= {s.replace(" ", "_"): sum(1 for v in status.values() if v == s) for s in ("no tests", "not checked")}
-    counts["suspicious"] = sum(1 for v in status.values() if v == "suspicious")
+    tally = Counter(status.values())
+    kinds = ("killed", "survived", "timeout", "no tests", "not checked", "suspicious")
+    counts = {kind.replace(" ", "_"): tally[kind] for kind in kinds}
     refuted = [name for name in equivalent if status.get(name) in ("killed", "timeout")]
     if refuted:
         raise SystemExit(f"{EQUIVALENTS.name}: listed as equivalent but a test catches them: {refuted}")
