@@ -3,7 +3,9 @@
 Real SuperNodes on 127.0.0.1: with the default node-config (worker=auto) every node's messages
 are served by one worker process that keeps its model between rounds; a worker killed by PID
 mid-run is replaced (or its message runs in-process) and the run completes with global weights
-bit-identical to worker=off (deterministic mode). Real worker processes for the lifecycle: a
+bit-identical to the node code run in-process (the in-process engine, which equals the Flower
+simulation: tests/test_engines.py; deterministic mode, the same torch threads). Real worker
+processes for the lifecycle: a
 worker of other code is replaced, the socket is closed to other users, frames are checked.
 """
 
@@ -26,7 +28,7 @@ from test_launcher import flwr_home_untouched, no_leftovers  # noqa: F401 - fixt
 
 from client_app import worker_channel as channel
 from client_app import worker_link
-from faults.runs import MICRO, _rounds_logged
+from faults.runs import MICRO, _rounds_logged, start_sim
 
 ROOT = Path(__file__).resolve().parent.parent
 ROUNDS = 3
@@ -37,12 +39,17 @@ needs_flower = pytest.mark.skipif(
 )
 
 
+# The same torch threads everywhere: a matmul's sums follow the thread count, and the in-process
+# reference must add up what the SuperNodes' processes do on any machine.
+OVERRIDES = [*MICRO, "nodes=2", f"rounds={ROUNDS}", "strategy.local_steps=3", "deterministic=true", "train.threads=2"]
+
+
 def _deployment_run(tmp: Path, node_config: dict, kill_worker_of: int | None = None) -> tuple[Path, Path]:
     """A 2-node, 3-round deterministic SPES run on real SuperNodes; optionally SIGKILL partition
     `kill_worker_of`'s worker once round 1 is logged. Returns (run dir, node work root)."""
     from engine.deployment import LocalDeployment
 
-    overrides = [*MICRO, "nodes=2", f"rounds={ROUNDS}", "strategy.local_steps=3", "deterministic=true", "run_name=w"]
+    overrides = [*OVERRIDES, "run_name=w"]
     run_config = {"overrides": " ".join(shlex.quote(o) for o in overrides), "output-dir": str(tmp / "outputs")}
     nodes = tmp / "nodes"
     run_dir = tmp / "outputs" / "w"
@@ -75,21 +82,28 @@ def _alongside(runs: dict, name: str, tmp: Path, node_config: dict) -> threading
     return thread
 
 
+def _inprocess_run(tmp: Path) -> Path:
+    """The same run with the node code in-process (engine=inprocess): the reference every worker run must equal."""
+    out = tmp / "inprocess"
+    proc = start_sim([*OVERRIDES, "engine=inprocess", "run_name=w", f"output_dir={out}"])
+    log, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, log[-3000:]
+    return out / "w"
+
+
 @needs_flower
 def test_workers_serve_every_round_survive_a_kill_and_change_no_number(tmp_path, no_leftovers):  # noqa: F811
-    """Also: SuperNodes with gpus=2 (two gloo ranks per node, FSDP) end within 1e-5 of worker=off."""
-    # The worker=off and gpus=2 runs go alongside (their own SuperLinks and SuperNodes): all mostly
-    # wait on Flower's polling, and side by side they take about the time of one.
+    """Also: SuperNodes with gpus=2 (two gloo ranks per node, FSDP) end within 1e-5 of the in-process run."""
+    # The gpus=2 run goes alongside (its own SuperLink and SuperNodes), and the in-process reference
+    # meanwhile: the deployments mostly wait on Flower's polling.
     runs: dict = {}
-    threads = [
-        _alongside(runs, "plain", tmp_path / "plain", {"worker": "off"}),
-        _alongside(runs, "ranks", tmp_path / "ranks", {"gpus": 2}),
-    ]
+    ranks = _alongside(runs, "ranks", tmp_path / "ranks", {"gpus": 2})
+    reference = threading.Thread(target=lambda: runs.update(plain=_inprocess_run(tmp_path)), daemon=True)
+    reference.start()
     run_dir, nodes = _deployment_run(tmp_path / "workers", {}, kill_worker_of=1)
-    for thread in threads:
+    for thread in (ranks, reference):
         thread.join(600)
     assert runs.keys() == {"plain", "ranks"}, "a run alongside did not finish"
-    plain, _ = runs["plain"]
     # Partition 0: one worker served the whole run, and kept its model from round to round.
     served = _served(nodes, 0)
     assert len({s["pid"] for s in served}) == 1, served
@@ -99,13 +113,28 @@ def test_workers_serve_every_round_survive_a_kill_and_change_no_number(tmp_path,
     served = _served(nodes, 1)
     assert len({s["pid"] for s in served}) == 2, served
     assert [s["op"] for s in served].count("train") >= ROUNDS - 1
-    assert not list((tmp_path / "plain" / "nodes").glob("*/partition-*/worker-served.jsonl"))
     last = f"round-{ROUNDS:06d}"
-    a, b = load_file(run_dir / "checkpoint" / last / "params.safetensors"), None
-    b = load_file(plain / "checkpoint" / last / "params.safetensors")
+    a = load_file(run_dir / "checkpoint" / last / "params.safetensors")
+    b = load_file(runs["plain"] / "checkpoint" / last / "params.safetensors")
     assert a.keys() == b.keys() and a
     assert all(a[k].equal(b[k]) for k in a), [k for k in a if not a[k].equal(b[k])][:5]
     _two_ranks_matched(*runs["ranks"], b)
+
+
+def test_worker_off_runs_every_message_in_process_even_under_flwr_clientapp(tmp_path, monkeypatch):
+    from flwr.app import ConfigRecord, RecordDict
+
+    from common import keys
+
+    content = RecordDict({keys.CONFIG: ConfigRecord({keys.RUN_TOKEN: "r"})})
+    monkeypatch.setattr(sys, "argv", ["/usr/bin/flwr-clientapp"])
+    node = {"work-dir": str(tmp_path), "partition-id": 0, "num-partitions": 1}
+    assert worker_link._worker_workdir(content, {**node, "worker": "off"}) is None
+    for mode in ("auto", "on"):  # a SuperNode's message goes to the worker of its run's work dir
+        workdir = worker_link._worker_workdir(content, {**node, "worker": mode})
+        assert workdir is not None and workdir.is_dir() and workdir.is_relative_to(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["/usr/bin/python"])  # a simulation: auto runs in-process too
+    assert worker_link._worker_workdir(content, {"worker": "auto"}) is None
 
 
 def _two_ranks_matched(run_dir: Path, nodes: Path, plain: dict) -> None:
