@@ -33,11 +33,14 @@ lock:
 demo: setup
 	$(PY) -m sim run_name=demo output_dir=outputs
 
-# The formatter and linter first (seconds), then the suite.
+# The formatter and linter first (seconds), then the suite in TEST_WORKERS processes, a test
+# file to a process (module fixtures run once): most of the suite's time is Flower polling and
+# process start-up, so two processes share 2 CPUs well (docs/testing.md has the figures).
+TEST_WORKERS ?= 2
 test: setup
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # SPES vs DiLoCo vs FedAvg vs centralized (tiny model; ~17 min on 2 CPUs), memory per node
 # (model=small) and Flower overhead -> benchmarks/results.json, docs/benchmarks.md.
