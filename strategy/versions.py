@@ -51,7 +51,7 @@ class VersionedDownlink:
         self.version: dict[str, int] = {}
         self.moves: dict[str, Move] = {}
         self.nodes: dict[int, NodeCopy] = {}
-        self._pending: dict[int, tuple[dict[str, int], int]] = {}
+        self._pending: dict[int, dict[str, int]] = {}  # partition -> the versions its message carried
 
     # -- the shadow ------------------------------------------------------------------------------
     def refresh(self, params: Mapping[str, torch.Tensor], single_owner: Callable[[str], int | None]) -> None:
@@ -89,7 +89,7 @@ class VersionedDownlink:
         arrays: dict[str, Array] = {}
         if full or not copy.held:
             arrays = {n: Array(t.detach().cpu().contiguous().numpy()) for n, t in self.shadow.items()}
-            self._pending[pid] = (dict(self.version), -1)
+            self._pending[pid] = dict(self.version)
             return ArrayRecord(arrays), -1, False
         apply_own = bool(copy.held) and self._can_apply_own(pid, copy)
         for name, version in self.version.items():
@@ -101,7 +101,7 @@ class VersionedDownlink:
                 arrays.update(move.arrays)
             else:
                 arrays[name] = Array(self.shadow[name].detach().cpu().contiguous().numpy())
-        self._pending[pid] = (dict(self.version), copy.base_step)
+        self._pending[pid] = dict(self.version)
         return ArrayRecord(arrays), copy.base_step, apply_own
 
     def _can_apply_own(self, pid: int, copy: NodeCopy) -> bool:
@@ -120,7 +120,7 @@ class VersionedDownlink:
         copy = self.nodes.setdefault(pid, NodeCopy())
         pending = self._pending.pop(pid, None)
         if ok and pending is not None:
-            copy.held, copy.base_step, copy.own = dict(pending[0]), state_step, dict(own or {})
+            copy.held, copy.base_step, copy.own = dict(pending), state_step, dict(own or {})
         else:
             copy.held, copy.base_step, copy.own = {}, -1, {}  # unknown state: a full resync next time
 

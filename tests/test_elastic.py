@@ -76,3 +76,47 @@ def test_joining_node_gets_full_model_and_a_share(flower_task):
     assert sorted(e for v in s.owners.values() for e in v) == list(range(E))
     state = s.state_dict()
     assert state["members"]["2"]["active"] and state["events"][0]["event"] == "join"
+
+
+def test_rebalance_drops_unknown_experts_and_gives_orphans_to_the_fewest_first():
+    # Expert 4 does not exist in a 4-expert model: dropped; the missing 2 and 3 go to node 0.
+    assert rebalance({0: (0, 1, 4)}, [0], 4) == {0: (0, 1, 2, 3)}
+    # Partition 1 left and 2 joined with nothing: orphan 0 goes to the node owning fewest (2, none),
+    # then orphan 2 to the lowest id among the tied (0 and 2 own one each).
+    assert rebalance({0: (1,), 1: (0, 2)}, [0, 2], 3) == {0: (1, 2), 2: (0,)}
+    # Evening out takes from the busiest node, lowest id first among the tied (0 before 1).
+    assert rebalance({0: (0, 1, 2), 1: (3, 4, 5), 2: (6,)}, [0, 1, 2], 7) == {0: (0, 1), 1: (3, 4, 5), 2: (2, 6)}
+
+
+def test_membership_join_return_and_leave():
+    from strategy.membership import Member, Membership
+
+    m = Membership({7: 0, 11: 1})
+    assert m.join(20, 2) == "join" and m.members[2] == Member(2, 20)
+    m.members[1].absent, m.members[1].needs_full = 3, False
+    m.deactivate([1])
+    assert m.members[1].active is False and m.active == [0, 2] and m.partition_of(11) is None
+    assert m.join(12, 1) == "return"  # back under a new node id: active, nothing missed, a full model
+    assert m.members[1] == Member(1, 12, active=True, absent=0, needs_full=True)
+    assert m.partition_of(12) == 1 and m.active == [0, 1, 2]
+
+
+def test_membership_from_a_saved_run():
+    from strategy.membership import Member, Membership
+
+    saved = {
+        "0": {"active": True, "absent": 2, "strikes": 1},  # connected now (node 7)
+        "1": {"active": True, "absent": 0},  # not connected now: inactive until it returns
+        "3": {"active": True, "absent": 1, "strikes": 2, "quarantined": True},
+    }
+    m = Membership({7: 0, 9: 2})  # partition 2 is connected but unknown to the saved run: kept as it is
+    m.members[0].needs_full = m.members[2].needs_full = False
+    m.members[2].absent = 5
+    m.load_state_dict(saved)
+    assert m.members == {
+        0: Member(0, 7, active=True, absent=2, needs_full=True, strikes=1),
+        1: Member(1, -1, active=False, absent=0, needs_full=True),
+        3: Member(3, -1, active=False, absent=1, needs_full=True, strikes=2, quarantined=True),
+        2: Member(2, 9, active=True, absent=5, needs_full=True),
+    }
+    assert m.active == [0, 2]

@@ -2,6 +2,7 @@
 acceptance test with leave-one-out, strikes and quarantine (pure logic and the strategy)."""
 
 import math
+import time
 
 import pytest
 import torch
@@ -66,6 +67,52 @@ def test_screen_removes_up_to_limit_nodes_and_treats_nan_as_worst():
     assert v.excluded == [0, 2] and v.loss == 4.0 and v.first_loss == math.inf
 
 
+def test_screen_boundaries_are_exact():
+    # binary fractions, so the sums below are exact: previous 1.0 + tol 0.5 = bar 1.5
+    at_bar = {frozenset(): 1.5, frozenset({0}): 0.25, frozenset({1}): 1.5}
+    v = screen(_losses(at_bar), [0, 1], previous=1.0, tol=0.5, limit=1)
+    assert v.passed and v.excluded == [] and v.evaluations == 1  # a loss at the bar passes: no search
+    # Over the bar; without node 0 the loss is exactly tol lower: not more than tol, so nobody goes.
+    rise = {frozenset(): 2.0, frozenset({0}): 1.5, frozenset({1}): 1.75}
+    v = screen(_losses(rise), [0, 1], previous=1.0, tol=0.5, limit=1)
+    assert v.excluded == [] and v.loss == 2.0 and v.evaluations == 3
+
+
+def test_screen_suspects_already_out_are_skipped_and_a_tie_keeps_the_update():
+    table = {
+        frozenset(): 3.0,
+        frozenset({0}): 1.0,
+        frozenset({1}): 2.75,
+        frozenset({2}): 2.5,
+        frozenset({0, 1}): 0.5,
+        frozenset({0, 1, 2}): 0.5,
+    }
+    t0 = time.perf_counter()
+    v = screen(_losses(table), [0, 1, 2], previous=1.0, tol=0.25, limit=3, suspects=[0, 1, 2])
+    elapsed = time.perf_counter() - t0
+    # The search takes 0 out (3.0 -> 1.0, under the bar 1.25). Suspect 0 is out already; without
+    # suspect 1 the loss is lower (0.5): out; without suspect 2 it is the same (0.5): it stays.
+    assert v.excluded == [0, 1] and v.loss == 0.5 and v.first_loss == 3.0
+    assert v.evidence == {0: 1.0, 1: 2.75, 2: 2.5}  # the first search's trials, not the suspects' later ones
+    assert v.evaluations == 1 + 3 + 2
+    assert 0 <= v.seconds <= elapsed
+    assert v.summary() == {
+        "loss": 0.5,
+        "first_loss": 3.0,
+        "bar": 1.25,
+        "excluded": [0, 1],
+        "evaluations": 6,
+        "seconds": v.seconds,
+    }
+
+
+def test_screen_suspect_evidence_and_equal_loss():
+    table = {frozenset(): 1.0, frozenset({1}): 1.0, frozenset({2}): 1.5}
+    v = screen(_losses(table), [0, 1, 2], previous=1.0, tol=0.25, limit=2, suspects=[1, 2])
+    # A passing round: each suspect scored once, and kept when the loss without it is no lower.
+    assert v.excluded == [] and v.evaluations == 3 and v.evidence == {1: 1.0, 2: 1.5}
+
+
 # -- clipping and the median ----------------------------------------------------------------------
 def _shared_updates(norms):
     """Updates of one 2-entry shared tensor at zero, node p moving it by norms[p] along (3, 4) / 5."""
@@ -81,6 +128,17 @@ def test_centered_clipping_bounds_a_node_by_the_median_update():
     assert torch.allclose(out.updates[2][0]["model.norm.weight"], torch.tensor([4.8, 6.4]))  # 8 along (0.6, 0.8)
     assert torch.equal(out.updates[0][0]["model.norm.weight"], updates[0][0]["model.norm.weight"])
     assert out.scale[2]["shared"] == pytest.approx(50.0) and out.scale[0]["shared"] == pytest.approx(0.5)
+
+
+def test_clipping_pulls_the_change_back_not_the_value():
+    """From a non-zero start the bound is on the change: clipped = old + bound x the change's direction."""
+    params, updates = _shared_updates([1.0, 2.0, 100.0])
+    old = torch.tensor([1.0, -1.0])
+    params = {"model.norm.weight": old}
+    moved = {p: ({"model.norm.weight": old + u["model.norm.weight"]}, w) for p, (u, w) in updates.items()}
+    out = clip_updates(params, moved, lambda n: {0, 1, 2}, 4.0, 4.0)
+    assert out.clipped == {2: 1}  # median change 2, bound 8
+    assert torch.allclose(out.updates[2][0]["model.norm.weight"], torch.tensor([1.0 + 4.8, -1.0 + 6.4]))
 
 
 def test_centered_clipping_needs_three_nodes_and_can_be_off():
@@ -235,3 +293,17 @@ def test_a_refused_round_records_no_merge():
     assert cfg.merge.due(0, 10)  # the round would merge, were it applied
     out = accept_round(params, updates, lambda n: {0}, OuterOptimizer(), cfg, 0, 1)
     assert out.refused.endswith("would hold NaN or Inf") and out.alpha == 0.0 and out.params is None
+
+
+def test_the_guard_may_exclude_a_minority_of_the_round_at_most():
+    from strategy.acceptance import _screen
+
+    cfg = StrategyConfig(local_steps=10, merge=MergeSchedule(enabled=False))
+    candidate = lambda excluded: (frozenset(excluded), None)  # noqa: E731 - the "model" is who is left out
+    guard = (lambda model: 10.0 - 3.0 * len(model), [1.0])  # every exclusion helps, none enough to pass
+    for n, limit in ((2, 1), (3, 1), (4, 1), (5, 2), (7, 3)):
+        v = _screen(candidate, guard, cfg, list(range(n)), [])
+        assert len(v.excluded) == limit, (n, v.excluded)
+    # A passing round still tests its clipped updates (suspects): one the loss is lower without goes.
+    passing = (lambda model: 1.0 - 0.5 * (1 in model), [1.0])
+    assert _screen(candidate, passing, cfg, [0, 1, 2], [1]).excluded == [1]

@@ -306,3 +306,80 @@ def test_config_keys_through_the_entry_point_config():
     assert load(["strategy=diloco"]).strategy.assignment_policy == "static"
     with pytest.raises(ConfigError, match=r"assignment_policy=speed moves experts.*replicated"):
         load(["strategy=fedavg", "strategy.assignment_policy=speed"])
+
+
+# -- boundaries of the rebalancing rules, by hand -------------------------------------------
+def test_load_bar_is_a_share_of_the_mean_node_load_and_a_gain_equal_to_it_moves_nothing():
+    owners = {0: (0, 1), 1: (2, 3)}
+    # sums 3 and 4 (spread 1); swapping 0 <-> 2 evens them (gain 1); mean node load 3.5
+    assert balance_by_load(owners, [1.0, 2.0, 1.5, 2.5], 0.2) == {0: (1, 2), 1: (0, 3)}  # bar 0.7 < 1
+    assert balance_by_load(owners, [1.0, 2.0, 1.5, 2.5], 0.3) == owners  # bar 1.05 >= 1
+    # sums 3 and 5 (spread 2); the best swap (0 <-> 2) leaves 1: gain 1; mean node load 4
+    assert balance_by_load(owners, [1.0, 2.0, 1.5, 3.5], 0.25) == owners  # bar exactly 1: not more than it
+    assert balance_by_load(owners, [1.0, 2.0, 1.5, 3.5], 0.24) == {0: (1, 2), 1: (0, 3)}
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        balance_by_load(owners, [1.0, -0.5, 1.0, 1.0], 0.1)
+
+
+def test_load_max_swaps_counts_each_swap_once():
+    owners = {0: tuple(range(6)), 1: tuple(range(6, 12))}
+    load = [2.0] * 6 + [0.0] * 6  # sums 12 / 0: three swaps of a 2 for a 0 even them (6 / 6)
+    two = balance_by_load(owners, load, 0.0, max_swaps=2)
+    assert two == {0: (2, 3, 4, 5, 6, 7), 1: (0, 1, 8, 9, 10, 11)}  # the first two of each side, in order
+    assert balance_by_load(owners, load, 0.0) == {0: (3, 4, 5, 6, 7, 8), 1: (0, 1, 2, 9, 10, 11)}
+
+
+def test_speed_counts_rounding_by_hand():
+    assert speed_counts({0: 1.0, 1: 5.0}, 8) == {0: 1, 1: 7}  # quotas 1.33 / 6.67: the minimum is one, not more
+    assert speed_counts({0: 2.0, 1: 1.5}, 6) == {0: 3, 1: 3}  # quotas 3.43 / 2.57: the larger remainder gets it
+    assert speed_counts({0: 5.0, 1: 5.0, 2: 5.0}, 8) == {0: 3, 1: 3, 2: 2}  # 2.67 each: one more to each in turn
+    # The minimum of one pushed the total over: take back from the node most over its quota.
+    assert speed_counts({0: 0.5, 1: 0.5, 2: 5.0}, 3) == {0: 1, 1: 1, 2: 1}  # quotas 0.25 / 0.25 / 2.5
+    assert speed_counts({0: 0.5, 1: 5.0, 2: 0.5, 3: 3.0}, 6) == {0: 1, 1: 3, 2: 1, 3: 1}  # 0.33/3.33/0.33/2
+    assert speed_counts({0: 0.5, 1: 0.5, 2: 5.0, 3: 2.0}, 8) == {0: 1, 1: 1, 2: 4, 3: 2}  # tie 5-5, 2-2: lower id
+
+
+def test_speed_within_one_of_quota_is_strict_and_counts_a_single_expert():
+    kept = {0: (0, 2, 3), 1: (1,)}  # quotas 2.4 / 1.6: both within one, node 1 with its one expert
+    assert balance_by_speed(kept, {0: 3.0, 1: 2.0}) == kept
+    # quotas 3 / 1: node 0 is exactly one short, so counts follow the quotas
+    assert balance_by_speed({0: (0, 2), 1: (1, 3)}, {0: 3.0, 1: 1.0}) == {0: (0, 2, 3), 1: (1,)}
+
+
+def test_cap_counts_takes_a_clipped_surplus_back_from_the_nodes_furthest_over():
+    # lo/hi 1-3, 2-6, 1-3: clipped 3, 2, 2 (one over); 0 and 2 are both at their proposal: lower id gives
+    assert cap_counts({0: 1, 1: 4, 2: 1}, {0: 3, 1: 1, 2: 2}, 2) == {0: 2, 1: 2, 2: 2}
+    # clipped 3, 7, 3 (two over): node 0 first (tie at 0 over its proposal), then node 1 (0 vs -1)
+    assert cap_counts({0: 1, 1: 5, 2: 5}, {0: 3, 1: 7, 2: 1}, 2) == {0: 2, 1: 6, 2: 3}
+    assert cap_counts({0: 1, 1: 1, 2: 5}, {0: 2, 1: 2, 2: 3}, 1) == {0: 1, 1: 2, 2: 4}  # node 2 is at its floor
+    assert cap_counts({0: 4, 1: 1, 2: 2}, {0: 1, 1: 2, 2: 4}, 1) == {0: 3, 1: 1, 2: 3}  # 1 is further over than 2
+    got = cap_counts({0: 2, 1: 5, 2: 1}, {0: 4, 1: 1, 2: 3}, 1)  # node 1 may not go under 4
+    assert got == {0: 2, 1: 4, 2: 2}
+
+
+def test_federation_load_state_keeps_the_bias_only_while_it_is_on():
+    saved = {"global_load": [[0.5, 0.5]], "router_bias": [[0.01, -0.01]], "low_load_rounds": [[0, 1, 3]]}
+    on, off = FederationLoad(bias_rate=0.01), FederationLoad(bias_rate=0.0)
+    on.load_state_dict(saved)
+    off.load_state_dict(saved)
+    assert on.bias == [[0.01, -0.01]] and off.bias is None and on.low_rounds == {(0, 1): 3}
+    older = FederationLoad(bias_rate=0.01)  # a state from before the starvation count
+    older.load_state_dict({"global_load": None, "router_bias": None})
+    assert older.low_rounds == {} and older.bias is None
+
+
+def test_only_an_accepted_report_with_tokens_and_a_rate_counts():
+    no_tokens = {"status": "ok", "expert_load": [[0.0, 1.0]]}  # a load without a token count weighs nothing
+    rounds = [{"0": {"status": "ok", "num_tokens": 100.0, "expert_load": [[0.75, 0.25]]}, "1": no_tokens}]
+    assert mean_expert_load(rounds, 2) == [0.75, 0.25]
+    rounds = [
+        {
+            "0": {"status": "ok", "num_tokens": 1.0, "tokens_per_s": 0.5},  # slow, one token: still a measurement
+            "1": {"status": "ok", "num_tokens": 10.0, "tokens_per_s": 0.0},
+            "2": {"status": "ok", "tokens_per_s": 3.0},
+            "3": {"status": "ok", "num_tokens": 10.0},
+            "4": {"status": "rejected: x", "num_tokens": 10.0, "tokens_per_s": 2.0},
+            "9": {"status": "ok", "num_tokens": 10.0, "tokens_per_s": 2.0},  # not one of the partitions asked about
+        }
+    ]
+    assert mean_speed(rounds, [0, 1, 2, 3, 4]) == {0: 0.5}

@@ -199,3 +199,87 @@ def test_downlink_shadow_survives_a_checkpoint(flower_task):
     msgs = list(t.configure_train(3, None, ConfigRecord({}), None))
     assert all(m.content["config"][keys.FULL_MODEL] for m in msgs)
     assert all(np.array_equal(m.content["arrays"][n].numpy(), t.sync.shadow[n].numpy()) for m in msgs for n in names)
+
+
+# -- the coordinator's bookkeeping by itself (strategy/versions.py), fp32: every move exact -------
+def _fp32_diff(name, delta):
+    return dict(to_record(encode_delta({name: delta}, Codec("fp32"))))
+
+
+def test_versioned_downlink_sends_each_node_what_it_lacks(flower_task):
+    from strategy.versions import VersionedDownlink
+
+    vd = VersionedDownlink(Codec("fp32"), Codec("fp32"))
+    assert vd.tensors() == {} and vd.state_dict() == {"version": {}}
+    a0, e0 = torch.tensor([1.0, 2.0]), torch.tensor([0.5, -0.5])
+    owner = {"e": 1}.get  # node 1 owns the expert "e"; "a" is shared
+    vd.refresh({"a": a0, "e": e0}, owner)
+    assert vd.version == {"a": 0, "e": 0}
+    # Nothing held yet, or full asked: the whole shadow, base -1, nothing to apply by itself.
+    for pid in (0, 1):
+        rec, base, apply_own = vd.message(pid, full=False)
+        assert (base, apply_own) == (-1, False) and set(rec) == {"a", "e"}
+        assert np.array_equal(rec["e"].numpy(), e0.numpy())
+    vd.commit(0, True, 3)
+    # Node 1 trained e by d; the global e is exactly its copy plus d: relayed, not re-encoded.
+    d = torch.tensor([0.25, 0.125])
+    reply = ArrayRecord(_fp32_diff("a", torch.zeros(2)) | _fp32_diff("e", d))
+    trained, relay = vd.reconstruct(reply, {"a", "e"}, own={"e"})
+    assert torch.equal(trained["e"], e0 + d) and set(relay) == {"e"}
+    vd.commit(1, True, 3, own=relay)
+    a1 = torch.tensor([1.5, 2.0])  # the shared tensor moved (the mean of the nodes)
+    vd.refresh({"a": a1, "e": e0 + d}, owner)
+    assert vd.version == {"a": 1, "e": 1} and torch.equal(vd.shadow["a"], a1)
+    assert vd.moves["e"].relayed_from == 1 and vd.moves["a"].relayed_from is None
+    # Node 1 holds e as it sent it: only a's move comes down, and it applies its own e itself.
+    rec, base, apply_own = vd.message(1, full=False)
+    assert (set(rec), base, apply_own) == ({"a#fp32"}, 3, True)
+    # Node 0 gets both moves (e as node 1's own arrays), and applies nothing by itself.
+    rec, base, apply_own = vd.message(0, full=False)
+    assert (set(rec), base, apply_own) == ({"a#fp32", "e#fp32"}, 3, False)
+    assert np.array_equal(rec["e#fp32"].numpy(), d.numpy())
+    # Asked for a full copy, a node that holds everything still gets it whole.
+    rec, base, _ = vd.message(0, full=True)
+    assert base == -1 and set(rec) == {"a", "e"}
+
+
+def test_versioned_downlink_resends_whole_what_a_node_fell_behind_on(flower_task):
+    from strategy.versions import VersionedDownlink
+
+    vd = VersionedDownlink(Codec("fp32"), Codec("fp32"))
+    owner = {"e": 1}.get
+    a, e = torch.tensor([1.0, 2.0]), torch.tensor([0.5, -0.5])
+    vd.refresh({"a": a, "e": e}, owner)
+    for pid in (0, 1):
+        vd.message(pid, full=False)
+    vd.commit(0, True, 1)
+    reply = ArrayRecord(_fp32_diff("a", torch.zeros(2)) | _fp32_diff("e", torch.ones(2)))
+    vd.commit(1, True, 1, own=vd.reconstruct(reply, {"a", "e"}, own={"e"})[1])
+    # e was changed by something else than its owner (a merge): moved by the downlink codec, so its
+    # owner must take it from the message like everyone; a stayed where it was (no move, no bump).
+    vd.refresh({"a": a, "e": torch.tensor([0.75, 0.0])}, owner)
+    assert vd.version == {"a": 0, "e": 1} and vd.moves["e"].relayed_from is None
+    rec, _, apply_own = vd.message(1, full=False)
+    assert set(rec) == {"e#fp32"} and not apply_own
+    vd.commit(0, False, 1)  # node 0's reply was invalid: its state is unknown
+    vd.refresh({"a": a, "e": torch.tensor([1.0, 0.0])}, owner)  # version 2 of e
+    rec, base, _ = vd.message(0, full=False)
+    assert base == -1 and set(rec) == {"a", "e"}  # a full resync
+    vd.commit(0, True, 2)
+    vd.refresh({"a": a, "e": torch.tensor([1.0, 1.0])}, owner)  # e: 3
+    vd.refresh({"a": a, "e": torch.tensor([2.0, 1.0])}, owner)  # e: 4, node 0 holds 2: whole
+    rec, base, _ = vd.message(0, full=False)
+    assert set(rec) == {"e"} and base == 2 and np.array_equal(rec["e"].numpy(), np.array([2.0, 1.0], np.float32))
+
+
+def test_versioned_downlink_load_keeps_versions_that_match_the_shadow():
+    from strategy.versions import VersionedDownlink
+
+    vd = VersionedDownlink(Codec("fp32"), Codec("fp32"))
+    shadow = {"a": torch.ones(2), "e": torch.zeros(2)}
+    vd.load({"version": {"a": 4, "e": 2}}, shadow)
+    assert vd.version == {"a": 4, "e": 2} and vd.moves == {} and vd.nodes == {}
+    vd.load({}, shadow)  # no versions saved: everything starts again at 0
+    assert vd.version == {"a": 0, "e": 0}
+    vd.load({"version": {"a": 4}}, shadow)  # versions of another model: start again
+    assert vd.version == {"a": 0, "e": 0}

@@ -300,3 +300,46 @@ def test_expert_load_reported_per_node_and_layer(flower_task):
     s.aggregate_train(1, replies)
     node1 = s.history[-1].nodes["1"]
     assert len(node1["expert_load"]) == L and all(row == [0.5, 0.5] + [0.0] * (E - 2) for row in node1["expert_load"])
+
+
+# -- ownership and the round record as data ---------------------------------------------------
+def test_ownership_round_trips_and_replicated_gives_everyone_everything():
+    from strategy.assignment import Ownership, make_assignment, replicated_assignment
+
+    own = contiguous_assignment(5, 2)
+    assert own.to_dict() == {"num_experts": 5, "owners": [[0, 1, 2], [3, 4]]}
+    assert Ownership.from_dict({"num_experts": "5", "owners": [["0", 1, 2], [3, 4]]}) == own
+    rep = replicated_assignment(3, 2)
+    assert rep.owners == ((0, 1, 2), (0, 1, 2)) and rep.trainers_of(1) == (0, 1)
+    assert Ownership.from_dict(rep.to_dict()) == rep  # several trainers per expert: not exclusive
+    assert make_assignment("replicated", 3, 2) == rep and make_assignment("contiguous", 5, 2) == own
+    with pytest.raises(ValueError, match="at least one node"):
+        replicated_assignment(3, 0)
+    with pytest.raises(ValueError, match="outside"):
+        Ownership.from_dict({"num_experts": 2, "owners": [[0, 2], [1]]})
+    with pytest.raises(ValueError, match="no owner"):
+        Ownership.from_dict({"num_experts": 3, "owners": [[0], [1]]})
+
+
+def test_round_record_counts_only_the_used_updates_and_reads_back_what_it_wrote():
+    from strategy.round_record import RoundRecord
+
+    bytes_ = {"bytes_up": 10, "bytes_down": 100, "wire_bytes_up": 11, "wire_bytes_down": 101}
+    nodes = {
+        0: {"status": "ok", "num_tokens": 100.0, "train_loss": 2.0, **bytes_},
+        1: {"status": "ok", "num_tokens": 300.0, "train_loss": 4.0, **bytes_},
+        2: {"status": "rejected: NaN", "num_tokens": 900.0, "train_loss": 9.0, **bytes_},
+    }
+    rec = RoundRecord.of_round(3, 30, nodes, used={0, 1}, applied=True, refused="")
+    assert (rec.round, rec.global_step, rec.valid_updates, rec.applied) == (3, 30, 2, True)
+    assert rec.tokens == 400.0 and rec.train_loss == (2.0 * 100 + 4.0 * 300) / 400  # 3.5
+    assert (rec.bytes_up, rec.bytes_down, rec.wire_bytes_up, rec.wire_bytes_down) == (30, 300, 33, 303)
+    assert set(rec.nodes) == {"0", "1", "2"} and rec.failed_nodes() == {"2": "rejected: NaN"}
+    refused = RoundRecord.of_round(3, 30, nodes, used={0, 1}, applied=False, refused="below quorum")
+    assert refused.tokens == 0.0 and refused.train_loss == 3.5  # trained, but nothing was applied
+    assert math.isnan(RoundRecord.of_round(1, 0, nodes, used=set()).train_loss)
+    line = rec.to_dict()
+    assert "val_loss" not in line and line["tokens"] == 400.0 and line["nodes"]["2"]["status"] == "rejected: NaN"
+    back = RoundRecord.from_dict({**line, "val_loss": None, "from_a_later_version": 1})
+    assert back == rec
+    assert RoundRecord(1, nodes={"5": {"bytes_up": 0}}).failed_nodes() == {"5": "?"}

@@ -114,3 +114,54 @@ def test_eval_metrics_at_their_bounds():
     ):
         with pytest.raises(InvalidUpdate, match=message):
             validate_eval_metrics(metrics, 50.0)
+
+
+# -- the nodes' evaluation replies (strategy/federated_eval.py) ---------------------------
+def _eval_exchange(*replies):
+    """Evaluate messages to nodes 11, 12, 13 (partitions 0, 1, 2) and the replies `(node, content)`:
+    content a (loss, tokens) pair, an error reason string, or a RecordDict as it came."""
+    from flwr.app import Error, Message, MessageType, MetricRecord, RecordDict
+
+    out = []
+    for node, content in replies:
+        sent = Message(RecordDict({}), dst_node_id=node, message_type=MessageType.EVALUATE)
+        if isinstance(content, str):
+            out.append(Message(Error(code=1, reason=content), reply_to=sent))
+            continue
+        if isinstance(content, tuple):
+            loss, tokens = content
+            content = RecordDict({"metrics": MetricRecord({"eval-loss": loss, "num-tokens": tokens})})
+        out.append(Message(content, reply_to=sent))
+    return out
+
+
+def _partition_of(msg):
+    return {11: 0, 12: 1, 13: 2}.get(msg.metadata.src_node_id)
+
+
+def test_federated_loss_is_the_token_weighted_mean_of_the_valid_replies(flower_task):
+    from flwr.app import RecordDict
+
+    from strategy.federated_eval import federated_loss
+
+    replies = _eval_exchange(
+        (11, (2.0, 100.0)),
+        (12, (4.0, 300.0)),
+        (11, (90.0, 100.0)),  # a second reply of partition 0: the first stands
+        (99, (80.0, 100.0)),  # nobody's partition
+        (13, "out of memory"),  # an error reply
+    )
+    # (2 x 100 + 4 x 300) / 400 by hand
+    assert federated_loss(replies, _partition_of, max_tokens=1000.0) == (3.5, 400.0)
+    for spoiled in ((5.0, 2000.0), (-1.0, 10.0), RecordDict({})):  # over the token bound, negative, no metrics
+        got = federated_loss([*replies, *_eval_exchange((13, spoiled))], _partition_of, max_tokens=1000.0)
+        assert got == (3.5, 400.0), spoiled
+    only = _eval_exchange((13, (5.0, 1000.0)))  # the bound itself is a valid count
+    assert federated_loss(only, _partition_of, max_tokens=1000.0) == (5.0, 1000.0)
+
+
+def test_federated_loss_is_none_without_a_valid_reply(flower_task):
+    from strategy.federated_eval import federated_loss
+
+    assert federated_loss([], _partition_of, 1000.0) is None
+    assert federated_loss(_eval_exchange((11, "failed"), (99, (1.0, 5.0))), _partition_of, 1000.0) is None
