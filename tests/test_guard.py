@@ -307,3 +307,60 @@ def test_the_guard_may_exclude_a_minority_of_the_round_at_most():
     # A passing round still tests its clipped updates (suspects): one the loss is lower without goes.
     passing = (lambda model: 1.0 - 0.5 * (1 in model), [1.0])
     assert _screen(candidate, passing, cfg, [0, 1, 2], [1]).excluded == [1]
+
+
+def test_reference_norms_by_hand():
+    from strategy.robust import reference_norms
+
+    def ex(layer, e, proj="up_proj"):
+        return f"model.layers.{layer}.mlp.experts.{e}.{proj}.weight"
+
+    params = {n: torch.zeros(1) for n in ["model.norm.weight", "attn", ex(1, 0)]}
+    params |= {ex(0, e): torch.zeros(1) for e in range(4)} | {ex(0, e, "down_proj"): torch.zeros(1) for e in range(2)}
+    owner = {ex(0, 0): 0, ex(0, 1): 0, ex(0, 2): 1, ex(0, 3): 2, ex(0, 0, "down_proj"): 0, ex(0, 1, "down_proj"): 1}
+    trainers = {"model.norm.weight": {0, 1, 2}, ex(1, 0): {0, 1, 2}, "attn": {0, 1}}
+    trainers |= {n: {p} for n, p in owner.items()}
+    moved = {  # each node's change of each tensor it trains
+        "model.norm.weight": [1.0, 2.0, 10.0],
+        ex(1, 0): [2.0, -4.0, 6.0],
+        "attn": [1.0, 9.0],
+        ex(0, 0): [1.0],
+        ex(0, 1): [3.0],
+        ex(0, 2): [5.0],
+        ex(0, 3): [-7.0],
+        ex(0, 0, "down_proj"): [1.0],
+        ex(0, 1, "down_proj"): [100.0],
+    }
+    updates = {p: ({}, 1.0) for p in range(3)}
+    for name, changes in moved.items():
+        for p, c in zip(sorted(trainers[name]), changes, strict=True):
+            updates[p][0][name] = torch.tensor([c])
+    refs = reference_norms(params, updates, lambda n: trainers[n])
+    want = {(p, "model.norm.weight"): ("shared", 2.0) for p in range(3)}  # median of 1, 2, 10
+    want |= {(p, ex(1, 0)): ("expert", 4.0) for p in range(3)}  # every node trains it: median of 2, 4, 6
+    want |= {(owner[ex(0, e)], ex(0, e)): ("expert", 4.0) for e in range(4)}  # its peers: median of 1, 3, 5, 7
+    assert refs == want  # two holders of attn, two down_proj peers: no reference
+
+
+def test_agreement_is_the_cosine_with_the_sum_of_the_others_over_the_shared_tensors():
+    from strategy.robust import Clipping, agreement
+
+    params = {"a": torch.zeros(2), "b": torch.zeros(1), "expert": torch.zeros(1)}
+    d = {  # per node: change of a, change of b
+        0: ([1.0, 0.0], [2.0]),
+        1: ([1.0, 1.0], [-1.0]),
+        2: ([0.0, 1.0], [0.0]),
+    }
+    updates = {p: ({"a": torch.tensor(a), "b": torch.tensor(b)}, 1.0) for p, (a, b) in d.items()}
+    updates[0][0]["expert"] = torch.tensor([-50.0])  # one trainer: not a shared tensor, not counted
+    trainers = lambda n: {0} if n == "expert" else {0, 1, 2}  # noqa: E731
+    cos = agreement(params, updates, trainers)
+    # node 0: a (1,0).(1,2) = 1, b 2 x -1 = -2 -> dot -1; |own|^2 = 1 + 4; |rest|^2 = 5 + 1
+    # node 1: a (1,1).(1,1) = 2, b -1 x 2 = -2 -> dot 0
+    # node 2: a (0,1).(2,1) = 1, b 0 -> dot 1; |own|^2 = 1; |rest|^2 = 5 + 1
+    assert cos == pytest.approx({0: -1 / math.sqrt(30), 1: 0.0, 2: 1 / math.sqrt(6)})
+    # a node whose rest is zero (the others cancel out) agrees by definition
+    flip = {0: ({"a": torch.tensor([3.0, 4.0])}, 1.0), 1: ({"a": torch.tensor([-3.0, -4.0])}, 1.0)}
+    flip[2] = ({"a": torch.tensor([3.0, 4.0])}, 1.0)
+    assert agreement({"a": torch.zeros(2)}, flip, lambda n: {0, 1, 2}) == pytest.approx({0: 1.0, 1: -1.0, 2: 1.0})
+    assert Clipping({}, clipped={3: 1}, cosine={0: 0.5, 1: -0.1, 2: 0.0}).suspects == [1, 3]

@@ -283,3 +283,16 @@ def test_versioned_downlink_load_keeps_versions_that_match_the_shadow():
     assert vd.version == {"a": 0, "e": 0}
     vd.load({"version": {"a": 4}}, shadow)  # versions of another model: start again
     assert vd.version == {"a": 0, "e": 0}
+
+
+def test_versioned_downlink_commit_of_a_node_never_sent_anything_and_an_unexpected_tensor(flower_task):
+    from strategy.validation import InvalidUpdate
+    from strategy.versions import NodeCopy, VersionedDownlink
+
+    vd = VersionedDownlink(Codec("fp32"), Codec("fp32"))
+    vd.refresh({"a": torch.ones(2)}, lambda name: None)
+    vd.commit(5, True, 7)  # no message went to partition 5: what it holds is unknown
+    assert vd.nodes[5] == NodeCopy()
+    reply = ArrayRecord(_fp32_diff("a", torch.zeros(2)) | _fp32_diff("x", torch.zeros(2)))
+    with pytest.raises(InvalidUpdate, match=r"1 unexpected parameter\(s\), e.g. \['x'\]"):
+        vd.reconstruct(reply, {"a"}, own=set())

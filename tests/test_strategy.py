@@ -312,6 +312,7 @@ def test_ownership_round_trips_and_replicated_gives_everyone_everything():
     rep = replicated_assignment(3, 2)
     assert rep.owners == ((0, 1, 2), (0, 1, 2)) and rep.trainers_of(1) == (0, 1)
     assert Ownership.from_dict(rep.to_dict()) == rep  # several trainers per expert: not exclusive
+    assert replicated_assignment(3, 1).owners == ((0, 1, 2),)
     assert make_assignment("replicated", 3, 2) == rep and make_assignment("contiguous", 5, 2) == own
     with pytest.raises(ValueError, match="at least one node"):
         replicated_assignment(3, 0)

@@ -136,7 +136,7 @@ def _eval_exchange(*replies):
 
 
 def _partition_of(msg):
-    return {11: 0, 12: 1, 13: 2}.get(msg.metadata.src_node_id)
+    return {11: 0, 12: 1, 13: 2, 14: 3}.get(msg.metadata.src_node_id)
 
 
 def test_federated_loss_is_the_token_weighted_mean_of_the_valid_replies(flower_task):
@@ -144,19 +144,20 @@ def test_federated_loss_is_the_token_weighted_mean_of_the_valid_replies(flower_t
 
     from strategy.federated_eval import federated_loss
 
+    # Every reply left out comes before a valid one: leaving one out goes on to the next.
     replies = _eval_exchange(
-        (11, (2.0, 100.0)),
-        (12, (4.0, 300.0)),
-        (11, (90.0, 100.0)),  # a second reply of partition 0: the first stands
         (99, (80.0, 100.0)),  # nobody's partition
         (13, "out of memory"),  # an error reply
+        (11, (2.0, 100.0)),
+        (11, (90.0, 100.0)),  # a second reply of partition 0: the first stands
+        (12, (4.0, 300.0)),
     )
     # (2 x 100 + 4 x 300) / 400 by hand
     assert federated_loss(replies, _partition_of, max_tokens=1000.0) == (3.5, 400.0)
     for spoiled in ((5.0, 2000.0), (-1.0, 10.0), RecordDict({})):  # over the token bound, negative, no metrics
-        got = federated_loss([*replies, *_eval_exchange((13, spoiled))], _partition_of, max_tokens=1000.0)
+        got = federated_loss([*_eval_exchange((14, spoiled)), *replies], _partition_of, max_tokens=1000.0)
         assert got == (3.5, 400.0), spoiled
-    only = _eval_exchange((13, (5.0, 1000.0)))  # the bound itself is a valid count
+    only = _eval_exchange((14, (5.0, 1000.0)))  # the bound itself is a valid count
     assert federated_loss(only, _partition_of, max_tokens=1000.0) == (5.0, 1000.0)
 
 
