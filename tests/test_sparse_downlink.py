@@ -261,7 +261,9 @@ def test_versioned_downlink_resends_whole_what_a_node_fell_behind_on(flower_task
     assert vd.version == {"a": 0, "e": 1} and vd.moves["e"].relayed_from is None
     rec, _, apply_own = vd.message(1, full=False)
     assert set(rec) == {"e#fp32"} and not apply_own
+    vd.message(0, full=False)
     vd.commit(0, False, 1)  # node 0's reply was invalid: its state is unknown
+    assert vd.nodes[0].held == {} and vd.nodes[0].base_step == -1
     vd.refresh({"a": a, "e": torch.tensor([1.0, 0.0])}, owner)  # version 2 of e
     rec, base, _ = vd.message(0, full=False)
     assert base == -1 and set(rec) == {"a", "e"}  # a full resync

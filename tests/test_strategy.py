@@ -320,6 +320,8 @@ def test_ownership_round_trips_and_replicated_gives_everyone_everything():
         Ownership.from_dict({"num_experts": 2, "owners": [[0, 2], [1]]})
     with pytest.raises(ValueError, match="no owner"):
         Ownership.from_dict({"num_experts": 3, "owners": [[0], [1]]})
+    with pytest.raises(ValueError, match="expert 1 has 2 owners; SPES needs exactly one"):
+        Ownership(3, ((0, 1), (1, 2))).validate()
 
 
 def test_round_record_counts_only_the_used_updates_and_reads_back_what_it_wrote():
