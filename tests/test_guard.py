@@ -364,3 +364,48 @@ def test_agreement_is_the_cosine_with_the_sum_of_the_others_over_the_shared_tens
     flip[2] = ({"a": torch.tensor([3.0, 4.0])}, 1.0)
     assert agreement({"a": torch.zeros(2)}, flip, lambda n: {0, 1, 2}) == pytest.approx({0: 1.0, 1: -1.0, 2: 1.0})
     assert Clipping({}, clipped={3: 1}, cosine={0: 0.5, 1: -0.1, 2: 0.0}).suspects == [1, 3]
+
+
+def test_the_guards_candidates_aggregate_as_the_round_is_configured():
+    from strategy.acceptance import _candidates
+
+    params = {"w": torch.zeros(1)}
+    updates = {p: ({"w": torch.tensor([v])}, 1.0) for p, v in enumerate([0.0, 1.0, 2.0, 100.0])}
+    everyone = lambda n: {0, 1, 2, 3}  # noqa: E731
+
+    def without(excluded, **cfg):
+        c = StrategyConfig(local_steps=10, merge=MergeSchedule(enabled=False), **cfg)
+        return _candidates(params, updates, everyone, OuterOptimizer(), c, 0.0)(frozenset(excluded))[0]["w"].item()
+
+    assert without([]) == 25.75  # the plain mean of 0, 1, 2, 100
+    assert without([], trim_fraction=0.25) == 1.5  # one off each end: mean of 1, 2
+    assert without([], median=True) == 1.5  # the middle two's midpoint
+    assert without([3], median=True) == 1.0 and without([3]) == 1.0  # without the outlier
+
+
+def test_clipping_keeps_the_agreement_and_bounds_a_change_where_the_others_made_none():
+    params = {"attn": torch.zeros(1), "w": torch.zeros(2)}
+    # attn has two holders (no reference) and comes first in each update; w: two nodes left it alone
+    updates = {p: ({"attn": torch.ones(1), "w": torch.zeros(2)}, 1.0) for p in (0, 1)}
+    updates[2] = ({"attn": torch.ones(1), "w": torch.tensor([0.3, 0.4])}, 1.0)  # a change of norm 0.5
+    trainers = lambda n: {0, 1} if n == "attn" else {0, 1, 2}  # noqa: E731
+    out = clip_updates(params, updates, trainers, 4.0, 4.0)
+    # median change 0: any change is infinitely many medians, clipped back to the old value
+    assert out.clipped == {2: 1} and torch.equal(out.updates[2][0]["w"], torch.zeros(2))
+    assert out.scale[2]["shared"] == math.inf and out.scale[0]["shared"] == 1.0
+    assert torch.equal(out.updates[2][0]["attn"], torch.ones(1))
+    # a sign flip is no larger than the others: not clipped, but named for the guard by its cosine
+    flip = {p: ({"w": torch.tensor([1.0, 1.0])}, 1.0) for p in (0, 1)}
+    flip[2] = ({"w": torch.tensor([-1.0, -1.0])}, 1.0)
+    out = clip_updates({"w": torch.zeros(2)}, flip, lambda n: {0, 1, 2}, 4.0, 4.0)
+    # nodes 0 and 1: the others sum to zero (agree by definition); node 2 against (2, 2): -1
+    assert out.clipped == {} and out.cosine == pytest.approx({0: 1.0, 1: 1.0, 2: -1.0}) and out.suspects == [2]
+
+
+def test_an_expert_exactly_at_the_starving_bar_is_not_counted_low():
+    from strategy.federation_load import STARVING_SHARE, FederationLoad
+
+    fed = FederationLoad(bias_rate=0.0)
+    bar = STARVING_SHARE / 4
+    fed._count_low([[bar, bar / 2, 0.5, 0.5 - 1.5 * bar]])
+    assert fed.low_rounds == {(0, 1): 1}
