@@ -317,7 +317,9 @@ def test_reference_norms_by_hand():
 
     params = {n: torch.zeros(1) for n in ["model.norm.weight", "attn", ex(1, 0)]}
     params |= {ex(0, e): torch.zeros(1) for e in range(4)} | {ex(0, e, "down_proj"): torch.zeros(1) for e in range(2)}
+    params |= {ex(0, e, "gate_proj"): torch.zeros(1) for e in range(3)}
     owner = {ex(0, 0): 0, ex(0, 1): 0, ex(0, 2): 1, ex(0, 3): 2, ex(0, 0, "down_proj"): 0, ex(0, 1, "down_proj"): 1}
+    owner |= {ex(0, e, "gate_proj"): e for e in range(3)}
     trainers = {"model.norm.weight": {0, 1, 2}, ex(1, 0): {0, 1, 2}, "attn": {0, 1}}
     trainers |= {n: {p} for n, p in owner.items()}
     moved = {  # each node's change of each tensor it trains
@@ -330,6 +332,9 @@ def test_reference_norms_by_hand():
         ex(0, 3): [-7.0],
         ex(0, 0, "down_proj"): [1.0],
         ex(0, 1, "down_proj"): [100.0],
+        ex(0, 0, "gate_proj"): [1.0],
+        ex(0, 1, "gate_proj"): [2.0],
+        ex(0, 2, "gate_proj"): [30.0],
     }
     updates = {p: ({}, 1.0) for p in range(3)}
     for name, changes in moved.items():
@@ -339,19 +344,23 @@ def test_reference_norms_by_hand():
     want = {(p, "model.norm.weight"): ("shared", 2.0) for p in range(3)}  # median of 1, 2, 10
     want |= {(p, ex(1, 0)): ("expert", 4.0) for p in range(3)}  # every node trains it: median of 2, 4, 6
     want |= {(owner[ex(0, e)], ex(0, e)): ("expert", 4.0) for e in range(4)}  # its peers: median of 1, 3, 5, 7
+    want |= {(e, ex(0, e, "gate_proj")): ("expert", 2.0) for e in range(3)}  # three peers are enough: median 2
     assert refs == want  # two holders of attn, two down_proj peers: no reference
 
 
 def test_agreement_is_the_cosine_with_the_sum_of_the_others_over_the_shared_tensors():
     from strategy.robust import Clipping, agreement
 
-    params = {"a": torch.zeros(2), "b": torch.zeros(1), "expert": torch.zeros(1)}
+    # the one-trainer tensor first (it is passed over, the rest still counts); changes from a non-zero start
+    params = {"expert": torch.zeros(1), "a": torch.tensor([1.0, -2.0]), "b": torch.tensor([0.5])}
     d = {  # per node: change of a, change of b
         0: ([1.0, 0.0], [2.0]),
         1: ([1.0, 1.0], [-1.0]),
         2: ([0.0, 1.0], [0.0]),
     }
-    updates = {p: ({"a": torch.tensor(a), "b": torch.tensor(b)}, 1.0) for p, (a, b) in d.items()}
+    updates = {
+        p: ({"a": params["a"] + torch.tensor(a), "b": params["b"] + torch.tensor(b)}, 1.0) for p, (a, b) in d.items()
+    }
     updates[0][0]["expert"] = torch.tensor([-50.0])  # one trainer: not a shared tensor, not counted
     trainers = lambda n: {0} if n == "expert" else {0, 1, 2}  # noqa: E731
     cos = agreement(params, updates, trainers)
@@ -409,3 +418,13 @@ def test_an_expert_exactly_at_the_starving_bar_is_not_counted_low():
     bar = STARVING_SHARE / 4
     fed._count_low([[bar, bar / 2, 0.5, 0.5 - 1.5 * bar]])
     assert fed.low_rounds == {(0, 1): 1}
+
+
+def test_clipping_counts_each_clipped_tensor_and_reports_the_largest_ratio_per_kind():
+    params = {"u": torch.zeros(1), "v": torch.zeros(1), "x": torch.zeros(1)}
+    changes = {"u": [1.0, 2.0, 40.0], "v": [1.0, 2.0, 20.0], "x": [1.0, 2.0, 8.0]}  # medians 2
+    updates = {p: ({n: torch.tensor([c[p]]) for n, c in changes.items()}, 1.0) for p in range(3)}
+    out = clip_updates(params, updates, lambda n: {0, 1, 2}, 4.0, 4.0)
+    # node 2: u at 20 medians and v at 10 clipped to 4 x 2; x at exactly 4 medians is within the bound
+    assert out.clipped == {2: 2} and out.scale[2]["shared"] == 20.0
+    assert [out.updates[2][0][n].item() for n in ("u", "v", "x")] == [8.0, 8.0, 8.0]

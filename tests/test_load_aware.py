@@ -383,3 +383,20 @@ def test_only_an_accepted_report_with_tokens_and_a_rate_counts():
         }
     ]
     assert mean_speed(rounds, [0, 1, 2, 3, 4]) == {0: 0.5}
+
+
+def test_a_static_or_replicated_assignment_is_never_reconsidered():
+    from strategy.load_aware import propose_owners
+
+    active = {0: (0, 1), 1: (2, 3)}
+    fast, slow = ({"status": "ok", "num_tokens": 9.0, "tokens_per_s": r} for r in (300.0, 100.0))
+    window = [{"0": fast, "1": slow} for _ in range(2)]
+
+    def cfg(**kw):
+        return StrategyConfig(local_steps=10, merge=MergeSchedule(enabled=False), assignment_every=2, **kw)
+
+    moved, _, _ = propose_owners(cfg(assignment_policy="speed"), 2, window, active, 4)  # the window would move one
+    assert moved == {0: (0, 1, 3), 1: (2,)}
+    assert propose_owners(cfg(assignment_policy="speed"), 3, window, active, 4) is None  # not a reconsideration round
+    assert propose_owners(cfg(assignment_policy="static"), 2, window, active, 4) is None
+    assert propose_owners(cfg(assignment_policy="speed", assignment="replicated"), 2, window, active, 4) is None
