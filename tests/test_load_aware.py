@@ -400,3 +400,18 @@ def test_a_static_or_replicated_assignment_is_never_reconsidered():
     assert propose_owners(cfg(assignment_policy="speed"), 3, window, active, 4) is None  # not a reconsideration round
     assert propose_owners(cfg(assignment_policy="static"), 2, window, active, 4) is None
     assert propose_owners(cfg(assignment_policy="speed", assignment="replicated"), 2, window, active, 4) is None
+
+
+def test_a_load_decision_makes_one_swap_and_says_what_it_measured():
+    from strategy.load_aware import propose_owners
+
+    active = {0: (0, 1, 2, 3), 1: (4, 5, 6, 7)}
+    row = [1 / 6] * 4 + [1 / 12] * 4  # per-node load 2/3 and 1/3: two swaps would even it, one is allowed
+    window = [{"0": {"status": "ok", "num_tokens": 9.0, "expert_load": [row]}} for _ in range(3)]
+    cfg = StrategyConfig(
+        local_steps=10, merge=MergeSchedule(enabled=False), assignment_every=3, assignment_policy="load"
+    )
+    new, reason, extra = propose_owners(cfg, 3, window, active, 8)
+    assert new == {0: (1, 2, 3, 4), 1: (0, 5, 6, 7)}  # the first 1/6 for the first 1/12: 7/12 and 5/12
+    assert extra == {"load_spread": [0.333333, 0.166667]}  # 1/3 -> 1/6, to 6 decimals
+    assert "over the last 3 round(s)" in reason
