@@ -395,8 +395,8 @@ def test_a_static_or_replicated_assignment_is_never_reconsidered():
     def cfg(**kw):
         return StrategyConfig(local_steps=10, merge=MergeSchedule(enabled=False), assignment_every=2, **kw)
 
-    moved, _, _ = propose_owners(cfg(assignment_policy="speed"), 2, window, active, 4)  # the window would move one
-    assert moved == {0: (0, 1, 3), 1: (2,)}
+    moved, _, extra = propose_owners(cfg(assignment_policy="speed"), 2, window, active, 4)  # the window moves one
+    assert moved == {0: (0, 1, 3), 1: (2,)} and extra == {"tokens_per_s": {"0": 300.0, "1": 100.0}}
     assert propose_owners(cfg(assignment_policy="speed"), 3, window, active, 4) is None  # not a reconsideration round
     assert propose_owners(cfg(assignment_policy="static"), 2, window, active, 4) is None
     assert propose_owners(cfg(assignment_policy="speed", assignment="replicated"), 2, window, active, 4) is None
