@@ -120,3 +120,16 @@ def test_membership_from_a_saved_run():
         2: Member(2, 9, active=True, absent=5, needs_full=True),
     }
     assert m.active == [0, 2]
+
+
+def test_membership_rounds_count_absence_and_who_needs_the_whole_model():
+    from strategy.membership import Membership
+
+    m = Membership({20: 0, 10: 1, 30: 2})
+    assert list(m.members) == [0, 1, 2]  # by partition id, whatever the node ids
+    m.members[0].needs_full = m.members[1].needs_full = m.members[2].needs_full = False
+    m.record_round({0, 1}, lambda pid: pid == 0)  # 0 and 1 sent valid updates; only 0 must resync
+    assert [(x.absent, x.needs_full) for x in m.members.values()] == [(0, True), (0, False), (1, True)]
+    m.record_round({0}, lambda pid: False)
+    assert [(x.absent, x.needs_full) for x in m.members.values()] == [(0, False), (1, True), (2, True)]
+    assert m.absent_for(2) == [2] and m.absent_for(0) == []
