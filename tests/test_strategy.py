@@ -342,10 +342,9 @@ def test_round_record_counts_only_the_used_updates_and_reads_back_what_it_wrote(
     assert refused.tokens == 0.0 and refused.train_loss == 3.5  # trained, but nothing was applied
     assert math.isnan(RoundRecord.of_round(1, 0, nodes, used=set()).train_loss)
     # A used node that reports no token count weighs nothing, whatever loss it reports.
-    nodes[3] = {"status": "ok", "train_loss": 50.0, **bytes_}
-    weightless = RoundRecord.of_round(3, 30, nodes, used={0, 1, 3}, applied=True)
+    silent = {**nodes, 3: {"status": "ok", "train_loss": 50.0, **bytes_}}
+    weightless = RoundRecord.of_round(3, 30, silent, used={0, 1, 3}, applied=True)
     assert weightless.tokens == 400.0 and weightless.train_loss == 3.5
-    del nodes[3]
     line = rec.to_dict()
     assert "val_loss" not in line and line["tokens"] == 400.0 and line["nodes"]["2"]["status"] == "rejected: NaN"
     back = RoundRecord.from_dict({**line, "val_loss": None, "from_a_later_version": 1})

@@ -118,9 +118,11 @@ def test_eval_metrics_at_their_bounds():
 
 # -- the nodes' evaluation replies (strategy/federated_eval.py) ---------------------------
 def _eval_exchange(*replies):
-    """Evaluate messages to nodes 11, 12, 13 (partitions 0, 1, 2) and the replies `(node, content)`:
-    content a (loss, tokens) pair, an error reason string, or a RecordDict as it came."""
+    """Evaluate messages to nodes 11-14 (partitions 0-3, see `_partition_of`) and the replies
+    `(node, content)`: content a (loss, tokens) pair, an error reason string, or a RecordDict as it came."""
     from flwr.app import Error, Message, MessageType, MetricRecord, RecordDict
+
+    from common import keys
 
     out = []
     for node, content in replies:
@@ -130,7 +132,7 @@ def _eval_exchange(*replies):
             continue
         if isinstance(content, tuple):
             loss, tokens = content
-            content = RecordDict({"metrics": MetricRecord({"eval-loss": loss, "num-tokens": tokens})})
+            content = RecordDict({keys.METRICS: MetricRecord({keys.EVAL_LOSS: loss, keys.NUM_TOKENS: tokens})})
         out.append(Message(content, reply_to=sent))
     return out
 
