@@ -111,3 +111,91 @@ def test_devices_and_memory_readings():
     assert rss is not None and rss > 10  # this process holds torch: tens of MiB at least
     assert process_memory_mb("NoSuchField") is None
     assert peak_memory_mb(torch.device("cpu")) >= rss * 0.99  # a peak is at least the current size
+
+
+def _reference_round(model, blocks, cfg, lrs, start_step, total_steps, owned, global_load):
+    """The loop written out plainly: AdamW over the trainable weights (matrices decayed), each
+    step at its given rate, the full loss, the gradient clipped at cfg.grad_clip (0: not at all)."""
+    from model.loss import lm_loss
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=True)
+    losses, counts = [], 0
+    for i, (block, lr) in enumerate(zip(blocks, lrs, strict=True)):
+        for group in opt.param_groups:
+            group["lr"] = lr
+        parts = lm_loss(
+            model,
+            block,
+            cfg.aux_loss_weight,
+            cfg.z_loss_weight,
+            balance=cfg.balance,
+            logit_z_weight=cfg.logit_z_loss_weight,
+            local_decay=cfg.local_decay(),
+            owned=owned,
+            step=start_step + i,
+            total_steps=total_steps,
+            global_load=global_load,
+            global_weight=cfg.balance_global_weight,
+        )
+        losses.append([float(t.detach()) for t in (parts.total, parts.ce, parts.aux, parts.z)])
+        counts = counts + parts.expert_counts
+        parts.total.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+        opt.step()
+        opt.zero_grad()
+    return torch.tensor(losses, dtype=torch.float64).mean(0).tolist(), counts
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        # clipped, the owned experts' counts decayed in the balancing loss, the federation's load mixed in
+        TrainConfig(
+            lr=1e-2,
+            warmup_steps=2,
+            min_lr_ratio=0.1,
+            grad_clip=0.05,
+            weight_decay=0.3,
+            aux_loss_weight=0.2,
+            z_loss_weight=0.05,
+            logit_z_loss_weight=0.01,
+            balance_local_decay=True,
+            balance_local_start=0.3,
+            balance_local_every=1,
+            balance_global_weight=0.5,
+        ),
+        # not clipped at all, the pooled balancing loss
+        TrainConfig(lr=1e-2, warmup_steps=2, min_lr_ratio=0.1, grad_clip=0.0, balance="pooled", aux_loss_weight=0.3),
+    ],
+    ids=["clipped-decayed-global", "unclipped-pooled"],
+)
+def test_a_round_equals_the_loop_written_out_by_hand(cfg):
+    owned = [2, 5]
+    model = build_model(ARGS, VOCAB, owned=owned, seed=3)
+    reference = build_model(ARGS, VOCAB, owned=owned, seed=3)
+    g = torch.Generator().manual_seed(1)
+    blocks = [torch.randint(0, VOCAB, (3, 13), generator=g) for _ in range(3)]
+    load = torch.softmax(torch.randn(ARGS.num_layers, ARGS.num_experts, generator=g), dim=-1)
+    global_load = load if cfg.balance_global_weight > 0 else None
+    # global steps 1, 2, 3 of 6: the last warm-up step, the top of the cosine, a quarter down it
+    lrs = [1e-2 * 2 / 2, 1e-2, 1e-2 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4)))]
+    m = train_steps(
+        model, make_optimizer(model, cfg), iter(blocks), cfg, 1, 3, 6, torch.device("cpu"), global_load=global_load
+    )
+    means, counts = _reference_round(reference, blocks, cfg, lrs, 1, 6, owned, global_load)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        assert torch.allclose(p, q, rtol=0, atol=1e-6), name
+    moved = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any("experts" in n for n in moved)  # the owned experts trained too
+    got = [m["train-loss"], m["ce-loss"], m["aux-loss"], m["z-loss"]]
+    assert got == pytest.approx(means, rel=1e-6)
+    assert m["expert-load"] == pytest.approx((counts / counts.sum(1, keepdim=True)).flatten().tolist(), abs=1e-7)
+    assert m["num-tokens"] == 3 * 3 * 12
+    assert m["tokens-per-s"] == pytest.approx(m["num-tokens"] / m["train-seconds"], rel=1e-9)
+    assert m["peak-mem-mb"] >= process_memory_mb("VmRSS") * 0.5
