@@ -406,7 +406,7 @@ class SpesStrategy(Strategy):
         if not self.federated_eval_due(server_round):
             return []
         messages = []
-        self._eval_sent, self._targets = {}, {}
+        self._eval_sent = {}  # replies are matched by register_sent, as for training
         for pid in self.partitions:
             config_rec = ConfigRecord({**dict(config), keys.SERVER_ROUND: server_round, **self.balance.eval_config()})
             content = RecordDict({keys.ARRAYS: arrays, keys.CONFIG: config_rec})

@@ -350,3 +350,44 @@ def test_round_record_counts_only_the_used_updates_and_reads_back_what_it_wrote(
     back = RoundRecord.from_dict({**line, "val_loss": None, "from_a_later_version": 1})
     assert back == rec
     assert RoundRecord(1, nodes={"5": {"bytes_up": 0}}).failed_nodes() == {"5": "?"}
+
+
+def test_federated_evaluation_is_due_on_schedule_and_weighs_each_nodes_loss_by_its_tokens(flower_task):
+    from common import keys
+    from common.codec import payload_bytes
+
+    every2 = make_strategy(federated_eval_every=2, router_bias_rate=0.01)  # num_rounds=3
+    assert [every2.federated_eval_due(r) for r in (1, 2, 3, 4, 5, 6)] == [False, True, True, True, False, True]
+    last_only = make_strategy()
+    assert [last_only.federated_eval_due(r) for r in (1, 2, 3)] == [False, False, True]
+    assert list(last_only.configure_evaluate(1, encode(toy_params(0)), ConfigRecord({}), None)) == []
+
+    s = every2
+    _, _, replies = run_round(s, 1, encode(toy_params(0)), tokens=[100, 100])
+    rows = [[0.5, 0.5] + [0.0] * (E - 2)] * L
+    for r in replies:
+        r.content["metrics"]["expert-load"] = [x for row in rows for x in row]
+    s.aggregate_train(1, replies)  # moves the router bias off zero
+    arrays = encode(s.params, list(s.params)[:3])
+    msgs = list(s.configure_evaluate(2, arrays, ConfigRecord({"run-token": "t"}), None))
+    assert [m.metadata.dst_node_id for m in msgs] == [7, 11]
+    for m in msgs:
+        cfg = m.content["config"]
+        assert cfg[keys.SERVER_ROUND] == 2 and cfg["run-token"] == "t"
+        assert list(cfg[keys.ROUTER_BIAS]) == [b for row in s.router_bias for b in row]
+        assert m.content["arrays"] is arrays
+
+    def answer(msg, loss, tokens):
+        return Message(RecordDict({"metrics": MetricRecord({"eval-loss": loss, "num-tokens": tokens})}), reply_to=msg)
+
+    result = s.aggregate_evaluate(2, [answer(msgs[0], 2.0, 100.0), answer(msgs[1], 5.0, 300.0)])
+    assert result["federated_eval_loss"] == pytest.approx((2.0 * 100 + 5.0 * 300) / 400)
+    assert result["eval_bytes_down"] == 2 * payload_bytes(arrays)
+    assert s.history[-1].federated_eval_loss is None  # the record of round 1 is not round 2's
+    _, _, replies = run_round(s, 2, None, tokens=[100, 100])
+    s.aggregate_train(2, replies)
+    msgs = list(s.configure_evaluate(2, arrays, ConfigRecord({}), None))
+    result = s.aggregate_evaluate(2, [answer(msgs[1], 3.0, 50.0)])  # one node answered
+    assert result["federated_eval_loss"] == 3.0
+    assert (s.history[-1].federated_eval_loss, s.history[-1].eval_bytes_down) == (3.0, 2 * payload_bytes(arrays))
+    assert s.aggregate_evaluate(2, [answer(msgs[0], -1.0, 50.0)]) is None  # nothing valid
