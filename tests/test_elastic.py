@@ -75,7 +75,19 @@ def test_joining_node_gets_full_model_and_a_share(flower_task):
     assert sorted(len(v) for v in s.owners.values()) == [1, 1, 2]
     assert sorted(e for v in s.owners.values() for e in v) == list(range(E))
     state = s.state_dict()
-    assert state["members"]["2"]["active"] and state["events"][0]["event"] == "join"
+    assert state["members"]["2"]["active"]
+    join, reassign = state["events"]
+    assert join == {"round": 1, "event": "join", "partition": 2}
+    assert (reassign["event"], reassign["reason"]) == ("reassign", "partition 2 joined")
+
+
+def test_a_node_joining_a_replicated_run_trains_every_expert(flower_task):
+    _task_identity()
+    cfg = StrategyConfig(local_steps=5, merge=MergeSchedule(enabled=False), assignment="replicated")
+    s = SpesStrategy(cfg, E, {10: 0, 11: 1}, num_rounds=5, num_layers=2)
+    _round(s, 1, encode(_toy_params(0)), replying={0, 1})
+    s.add_node(12, 2)
+    assert s.owners == {p: tuple(range(E)) for p in (0, 1, 2)}
 
 
 def test_rebalance_drops_unknown_experts_and_gives_orphans_to_the_fewest_first():

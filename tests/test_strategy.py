@@ -391,3 +391,55 @@ def test_federated_evaluation_is_due_on_schedule_and_weighs_each_nodes_loss_by_i
     assert result["federated_eval_loss"] == 3.0
     assert (s.history[-1].federated_eval_loss, s.history[-1].eval_bytes_down) == (3.0, 2 * payload_bytes(arrays))
     assert s.aggregate_evaluate(2, [answer(msgs[0], -1.0, 50.0)]) is None  # nothing valid
+
+
+def test_a_saved_state_reads_back_as_written_and_older_or_foreign_states_are_handled(flower_task):
+    import json
+    from dataclasses import asdict
+
+    s = make_strategy()
+    s.guard_score = lambda params: 2.0  # a flat guard loss: every round passes
+    _, _, replies = run_round(s, 1, encode(toy_params(0)), tokens=[100, 100])
+    s.aggregate_train(1, replies)
+    s.configure_train(2, None, ConfigRecord({}), None)
+    s.aggregate_train(2, [])  # nobody answered: refused, one failed round
+    state = json.loads(json.dumps(s.state_dict()))
+    assert (state["round"], state["global_step"], state["failed_rounds"]) == (2, 10, 1)
+    assert state["guard_losses"] == [2.0, 2.0] and state["config"] == json.loads(json.dumps(asdict(s.cfg)))
+
+    t = make_strategy()
+    t.load_state_dict(state, s.outer_buffers())
+    assert json.loads(json.dumps(t.state_dict())) == state and t.history == []
+    older = {k: v for k, v in state.items() if k not in ("failed_rounds", "events", "guard_losses")}
+    u = make_strategy()
+    u.load_state_dict(older)
+    assert (u.failed_rounds, u.events, u.guard_losses, u.owners) == (0, [], [], s.owners)
+
+    alone = SpesStrategy(StrategyConfig(local_steps=10), E, {7: 0}, num_rounds=3)
+    alone.load_state_dict(state)  # partition 1 did not come back: its experts need a live owner
+    assert alone.owners == {0: tuple(range(E))} and alone.partitions == [0]
+    assert alone.events[-1]["reason"] == "resumed with different nodes"
+    orphan = json.loads(json.dumps(state))
+    orphan["owners"]["1"] = [4, 5, 6]  # expert 7 owned by nobody in the saved state
+    v = make_strategy()
+    v.load_state_dict(orphan)
+    assert sorted(e for p in v.partitions for e in v.owners[p]) == list(range(E))
+    assert v.events[-1]["reason"] == "resumed with different nodes"
+    foreign = json.loads(json.dumps(state))
+    foreign["owners"]["1"] = [4, 5, 6, 7, 8]
+    with pytest.raises(ValueError, match=r"experts \[8\] outside \[0, 8\)"):
+        make_strategy().load_state_dict(foreign)
+
+
+@pytest.mark.parametrize(("num_layers", "accepted_rows"), [(None, L), (3, 3)])
+def test_the_expert_load_has_one_row_per_layer_of_the_model(flower_task, num_layers, accepted_rows):
+    # Without the model's layer count the strategy reads it from the expert parameters' names.
+    s = SpesStrategy(StrategyConfig(local_steps=10), E, {7: 0, 11: 1}, num_rounds=3, num_layers=num_layers)
+    msgs = list(s.configure_train(1, encode(toy_params(0)), ConfigRecord({}), None))
+    replies = []
+    for rows, msg in zip((accepted_rows, accepted_rows + 1), msgs):
+        names = shared_param_names(s.params) + expert_param_names(s.params, msg.content["config"]["owned-experts"])
+        replies.append(reply(msg, {n: s.params[n] for n in names}, 10, **{"expert-load": [1.0 / E] * E * rows}))
+    s.aggregate_train(1, replies)
+    status = {p: n["status"] for p, n in s.history[-1].nodes.items()}
+    assert status["0"] == "ok" and status["1"].startswith("rejected")
