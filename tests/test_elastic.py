@@ -85,9 +85,11 @@ def test_a_node_joining_a_replicated_run_trains_every_expert(flower_task):
     _task_identity()
     cfg = StrategyConfig(local_steps=5, merge=MergeSchedule(enabled=False), assignment="replicated")
     s = SpesStrategy(cfg, E, {10: 0, 11: 1}, num_rounds=5, num_layers=2)
-    _round(s, 1, encode(_toy_params(0)), replying={0, 1})
-    s.add_node(12, 2)
-    assert s.owners == {p: tuple(range(E)) for p in (0, 1, 2)}
+    s.add_node(12, 2)  # before the first round: its events carry round 0
+    _round(s, 1, encode(_toy_params(0)), replying={0, 1, 2})
+    s.add_node(13, 3)
+    assert s.owners == {p: tuple(range(E)) for p in (0, 1, 2, 3)}
+    assert [(e["round"], e["event"]) for e in s.events] == [(0, "join"), (0, "reassign"), (1, "join"), (1, "reassign")]
 
 
 def test_rebalance_drops_unknown_experts_and_gives_orphans_to_the_fewest_first():
