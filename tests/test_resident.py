@@ -7,12 +7,14 @@ feedback, LoRA and bf16 frozen experts. A round that does not continue where the
 ended (another node in the same process, other owned experts) must rebuild.
 """
 
+import math
+
 import pytest
 import torch
 from strategy_rounds import play_round
 
-from client_app import resident
-from client_app.local_round import NodeContext, RoundOrder, run_local_round
+from client_app import background_save, resident
+from client_app.local_round import NeedsFullModel, NodeContext, RoundOrder, run_local_round
 from client_app.node_state import NodeState
 from common.spec import from_dict
 from model import build_model, expert_param_names
@@ -187,3 +189,137 @@ def test_other_owned_experts_or_step_rebuild(tokenizer, flower_task):
     # Continuing where it ended (step 4, the same experts) reuses it.
     _, m = run_local_round(ctx, init, RoundOrder([0, 1, 2], True, 4, 2), show_progress=False)
     assert m["resident"] == 1.0
+
+
+# -- a node's round against what it must do, whether kept or rebuilt --------------------------
+def _node(tokenizer, name, overrides=()):
+    root, tok = tokenizer
+    spec = from_dict(compose(BASE + ["nodes=1", *overrides]))
+    return NodeContext(spec, tok, root / name, 0, 1, progress=False), build_model(spec.model, len(tok), seed=0)
+
+
+def test_a_sparse_downlink_continues_exactly_like_the_full_model_with_the_nodes_own_experts(tokenizer, flower_task):
+    (full, model), (sparse, _) = _node(tokenizer, "full-vs-sparse-a"), _node(tokenizer, "full-vs-sparse-b")
+    init = model.state_dict()
+    own = expert_param_names(list(init), [1, 2])
+    first = {}
+    for ctx in (full, sparse):
+        first[ctx.workdir.name], _ = run_local_round(ctx, init, RoundOrder([1, 2], True, 0, 2), show_progress=False)
+    # The coordinator's round-2 model: new shared weights, the node's own experts as it sent them.
+    g = torch.Generator().manual_seed(5)
+    global2 = {n: t + 0.01 * torch.randn(t.shape, generator=g) for n, t in init.items()}
+    global2.update({n: first["full-vs-sparse-a"][n] for n in own})
+    reply_full, _ = run_local_round(full, global2, RoundOrder([1, 2], True, 2, 2), show_progress=False)
+    without_own = {n: t for n, t in global2.items() if n not in own}
+    reply_sparse, _ = run_local_round(sparse, without_own, RoundOrder([1, 2], False, 2, 2), show_progress=False)
+    assert reply_full.keys() == reply_sparse.keys()
+    assert all(torch.equal(reply_full[n], reply_sparse[n]) for n in reply_full)
+    # A sparse downlink needs the saved state of this very step and experts; else the full model.
+    with pytest.raises(NeedsFullModel, match="no usable saved state at global step 6"):
+        run_local_round(sparse, without_own, RoundOrder([1, 2], False, 6, 2), show_progress=False)
+    others = {n: t for n, t in global2.items() if n not in expert_param_names(list(init), [1, 3])}
+    with pytest.raises(NeedsFullModel, match="no usable saved state at global step 4"):
+        run_local_round(sparse, others, RoundOrder([1, 3], False, 4, 2), show_progress=False)
+
+
+def test_a_round_replies_what_the_node_trained_and_saves_where_it_ended(tokenizer, flower_task):
+    ctx, model = _node(tokenizer, "what-it-trained")
+    init = model.state_dict()
+    reply, m = run_local_round(ctx, init, RoundOrder([3], True, 4, 2, total_steps=50), show_progress=False)
+    experts = expert_param_names(list(init), range(E))
+    sent = [n for n in init if n not in experts or n in expert_param_names(list(init), [3])]
+    assert sorted(reply) == sorted(sent)  # the shared weights and expert 3, nothing frozen
+    assert m["trainable-params"] == sum(init[n].numel() for n in sent)
+    assert m["num-tokens"] == 2 * 2 * 16  # 2 steps of 2 rows, 16 predicted tokens each
+    assert m["round-seconds"] >= m["train-seconds"] > 0 and m["save-wait-seconds"] >= 0 and m["resident"] == 0.0
+    assert all(reply[n].dtype == torch.float32 and reply[n].device.type == "cpu" for n in reply)
+    background_save.drain()  # the state is written after the reply
+    state = NodeState.load(ctx.workdir / "state", 6)
+    assert (state.global_step, state.owned) == (6, [3])
+    assert sorted(state.owned_tensors) == sorted(expert_param_names(list(init), [3]))
+    assert all(torch.equal(state.owned_tensors[n], reply[n]) for n in state.owned_tensors)
+    assert {k.split("::")[0] for k in state.optimizer} == set(sent)  # moments of what it trained only
+    assert state.stream != NodeState().stream  # the data position moved on
+
+
+@pytest.mark.parametrize(
+    ("order", "why"),
+    [
+        (RoundOrder([0], True, -1, 2), r"bad round \(global step -1, 2 local steps\)"),
+        (RoundOrder([0], True, 0, 0), r"bad round \(global step 0, 0 local steps\)"),
+        (RoundOrder([0, 0], True, 0, 1), r"bad owned experts \[0, 0\]"),
+        (RoundOrder([E], True, 0, 1), rf"bad owned experts \[{E}\]"),
+        (RoundOrder([-1], True, 0, 1), r"bad owned experts \[-1\]"),
+    ],
+)
+def test_a_malformed_order_is_refused_before_anything_is_built(tokenizer, order, why):
+    ctx, model = _node(tokenizer, "malformed")
+    with pytest.raises(ValueError, match=why):
+        run_local_round(ctx, model.state_dict(), order, show_progress=False)
+    assert not (ctx.workdir / "state").exists()
+
+
+def test_the_smallest_valid_order_and_a_poisoned_model(tokenizer, flower_task):
+    ctx, model = _node(tokenizer, "edges")
+    init = model.state_dict()
+    reply, _ = run_local_round(ctx, init, RoundOrder([E - 1], True, 0, 1), show_progress=False)
+    assert expert_param_names(list(reply), [E - 1])
+    poisoned = {**init, "model.norm.weight": torch.full_like(init["model.norm.weight"], math.nan)}
+    with pytest.raises(ValueError, match="received model.norm.weight with NaN or Inf; refusing to train on it"):
+        run_local_round(ctx, poisoned, RoundOrder([0], True, 1, 1), show_progress=False)
+    short = {n: t for n, t in init.items() if n != "model.norm.weight"}
+    with pytest.raises(RuntimeError, match=r"1 parameters missing, e.g. \['model.norm.weight'\]"):
+        run_local_round(ctx, short, RoundOrder([0], True, 1, 1), show_progress=False)
+    extra = {**init, "model.extra.weight": torch.zeros(2)}
+    with pytest.raises(RuntimeError, match=r"1 unexpected parameters, e.g. \['model.extra.weight'\]"):
+        run_local_round(ctx, extra, RoundOrder([0], True, 1, 1), show_progress=False)
+
+
+def test_a_node_that_missed_rounds_continues_from_its_newest_state(tokenizer, flower_task):
+    import shutil
+
+    (ctx, model), (copy, _) = _node(tokenizer, "missed-a"), _node(tokenizer, "missed-b")
+    init = model.state_dict()
+    for step in (0, 2):
+        run_local_round(ctx, init, RoundOrder([0], True, step, 2), show_progress=False)
+    # ctx holds states at steps 2 and 4; copy holds only the one at 4; both are asked for step 8.
+    background_save.drain()
+    four = "step-000000000004"
+    shutil.copytree(ctx.workdir / "state" / four, copy.workdir / "state" / four)
+    a, _ = run_local_round(ctx, init, RoundOrder([0], True, 8, 2), show_progress=False)
+    b, _ = run_local_round(copy, init, RoundOrder([0], True, 8, 2), show_progress=False)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    background_save.drain()
+    assert NodeState.load(ctx.workdir / "state", 10).stream == NodeState.load(copy.workdir / "state", 10).stream
+    fresh, _ = _node(tokenizer, "missed-c")
+    c, _ = run_local_round(fresh, init, RoundOrder([0], True, 8, 2), show_progress=False)
+    assert not all(torch.equal(a[n], c[n]) for n in a)  # the moments and data position did count
+
+
+def test_a_round_sets_the_threads_and_determinism_it_is_told(tokenizer, flower_task):
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(False)
+        ctx, model = _node(tokenizer, "threads", ["train.threads=1", "deterministic=true"])
+        run_local_round(ctx, model.state_dict(), RoundOrder([0], True, 0, 1), show_progress=False)
+        assert torch.get_num_threads() == 1 and torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+
+
+def test_a_nodes_evaluation_is_the_held_out_loss_of_the_model_it_received(tokenizer):
+    from client_app.local_round import run_local_eval
+    from training.trainer import evaluate
+
+    ctx, model = _node(tokenizer, "eval")
+    g = torch.Generator().manual_seed(2)
+    held = torch.randint(0, 300, (5, 17), generator=g)
+    ctx.blocks = (held, held)
+    spec = ctx.spec
+    loss, tokens = run_local_eval(ctx, model.state_dict())
+    assert (loss, tokens) == evaluate(model, held, spec.eval.batch_size, spec.eval.max_batches, torch.device("cpu"))
+    bias = torch.zeros(1, E)
+    bias[0, 3] = 10.0  # every token routed to expert 3 (and its second choice)
+    biased, _ = run_local_eval(ctx, model.state_dict(), router_bias=bias)
+    assert biased != loss
