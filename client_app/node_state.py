@@ -41,6 +41,12 @@ _SEP = "::"  # optimizer tensor key: <parameter name>::<state key>
 _OPTIONAL = ("base", "residual", "own_delta")  # delta-sync files, written only when non-empty
 
 
+def remove_tree(path: Path) -> None:
+    """Delete a directory tree if it is there. One already gone (another process or a crash removed
+    it) is no error, nor one the OS will not delete: a later save's cleanup tries again."""
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def recover_replaced(root: Path) -> None:
     """Put back a state moved aside by a same-step save that crashed before its new state was in
     place; drop one whose replacement made it."""
@@ -49,7 +55,7 @@ def recover_replaced(root: Path) -> None:
     for aside in root.glob(f"{_REPLACED}step-*"):
         final = root / aside.name.removeprefix(_REPLACED)
         if final.exists():
-            shutil.rmtree(aside, ignore_errors=True)
+            remove_tree(aside)
         else:
             os.replace(aside, final)
             log.warning("put back %s: a save of the same step was cut short", final)
@@ -130,7 +136,7 @@ class NodeState:
         root.mkdir(parents=True, exist_ok=True)
         recover_replaced(root)
         for stale in root.glob(".tmp-*"):  # left by a crash mid-save
-            shutil.rmtree(stale, ignore_errors=True)
+            remove_tree(stale)
         tmp = root / f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         files = {
@@ -152,12 +158,12 @@ class NodeState:
             os.replace(final, aside)
             os.replace(tmp, final)
             fsync_dir(root)
-            shutil.rmtree(aside, ignore_errors=True)
+            remove_tree(aside)
         else:
             os.replace(tmp, final)
         fsync_dir(root)
         for old_step in saved_steps(root)[:-keep]:
-            shutil.rmtree(root / f"step-{old_step:012d}", ignore_errors=True)
+            remove_tree(root / f"step-{old_step:012d}")
         return final
 
     def non_finite(self) -> str | None:
@@ -201,7 +207,7 @@ class NodeState:
                 raise ValueError(f"{bad} holds NaN or Inf")
         except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
             log.warning("saved node state %s is damaged (%s); it is discarded", directory, exc)
-            shutil.rmtree(directory, ignore_errors=True)
+            remove_tree(directory)
             return None
         return state
 

@@ -122,6 +122,17 @@ def test_picks_are_counted_as_the_routing_bias_made_them():
     assert balance_loss([logits], E, 1, "per_layer").item() == pytest.approx(E, rel=1e-5)
 
 
+def test_the_federations_load_counts_only_with_a_weight():
+    logits = torch.randn(T, E, generator=torch.Generator().manual_seed(4))
+    load = torch.zeros(1, E)
+    load[0, 5] = 1.0  # the federation sent every token to expert 5
+    alone = balance_loss([logits], E, 2, "per_layer")
+    assert balance_loss([logits], E, 2, "per_layer", global_load=load).item() == alone.item()
+    p5 = torch.softmax(logits, dim=-1)[:, 5].mean()
+    mixed = balance_loss([logits], E, 2, "per_layer", global_load=load, global_weight=1.0)
+    assert mixed.item() == pytest.approx(E * p5.item(), rel=1e-6)  # f is the federation's load alone
+
+
 def test_local_decay_scales_owned_counts():
     """Experts 0-3 owned at factor 0.7: each layer's collapsed expert has f = 0.7 * 1/2, loss 16 * 0.35 = 5.6."""
     logits = collapsed(first=[0, 1, 2, 3], second=[4, 5, 6, 7])
