@@ -199,3 +199,33 @@ def test_a_round_equals_the_loop_written_out_by_hand(cfg):
     assert m["num-tokens"] == 3 * 3 * 12
     assert m["tokens-per-s"] == pytest.approx(m["num-tokens"] / m["train-seconds"], rel=1e-9)
     assert m["peak-mem-mb"] >= process_memory_mb("VmRSS") * 0.5
+
+
+def test_a_rounds_peak_memory_starts_at_the_current_size():
+    from training.trainer import reset_peak_memory
+
+    cpu = torch.device("cpu")
+    big = torch.ones(40_000_000)  # 160 MB
+    del big
+    before = peak_memory_mb(cpu)
+    assert before >= process_memory_mb("VmRSS") + 100
+    reset_peak_memory(cpu)
+    assert peak_memory_mb(cpu) == pytest.approx(process_memory_mb("VmRSS"), abs=20)  # the window restarted
+
+
+def test_preparing_a_model_stores_frozen_experts_in_bf16_and_compiles_each_layer_once():
+    from model.experts import expert_modules
+
+    model = build_model(ARGS, VOCAB, owned=[1], seed=0)
+    prepare_model(model, TrainConfig(precision="bf16", compile=True))
+    for m in expert_modules(model):
+        assert m[1].gate_proj.weight.dtype == torch.float32  # owned: trained and sent in fp32
+        assert {m[e].down_proj.weight.dtype for e in m.frozen} == {torch.bfloat16}
+    compiled = [layer._compiled_call_impl for layer in model.model.layers]
+    assert all(c is not None for c in compiled)
+    prepare_model(model, TrainConfig(precision="bf16", compile=True))  # idempotent: nothing compiled again
+    assert [layer._compiled_call_impl for layer in model.model.layers] == compiled
+    plain = build_model(ARGS, VOCAB, owned=[1], seed=0)
+    prepare_model(plain, TrainConfig())
+    assert {p.dtype for p in plain.parameters()} == {torch.float32}
+    assert all(layer._compiled_call_impl is None for layer in plain.model.layers)
