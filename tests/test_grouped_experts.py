@@ -171,3 +171,35 @@ def test_export_with_bf16_frozen_and_permuted_blocks_loads_in_stock_transformers
     x = torch.randint(0, VOCAB, (2, 24))
     with torch.no_grad():
         torch.testing.assert_close(stock(input_ids=x).logits, model(input_ids=x).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_auto_takes_the_grouped_gemm_where_torch_has_it_and_rejects_unknown_implementations():
+    from torch.nn import functional as F
+
+    from model.experts import _has_grouped_mm
+
+    assert _has_grouped_mm(CPU) == hasattr(F, "grouped_mm")  # torch >= 2.10 has it on CPU too
+    model = build_model(ARGS, VOCAB, owned=OWNED, seed=0)
+    assert {m.implementation for m in expert_modules(model)} == {"auto"}
+    with pytest.raises(ValueError, match="experts implementation must be one of"):
+        set_experts_implementation(model, "fused")
+
+
+def test_an_empty_build_once_loaded_converts_like_any_model():
+    """The build skips copying garbage into the blocks; a later conversion must copy the loaded values."""
+    ref = build_model(ARGS, VOCAB, owned=OWNED, seed=4)
+    empty = build_model(ARGS, VOCAB, owned=OWNED, empty=True)
+    empty.load_state_dict(ref.state_dict())
+    empty.double()
+    assert all(torch.equal(t.double(), empty.state_dict()[n]) for n, t in ref.state_dict().items())
+
+
+def test_sharded_experts_keep_their_ownership_and_storage():
+    model = build_model(ARGS, VOCAB, owned=OWNED, seed=0)
+    m = expert_modules(model)[0]
+    m.sharded = True  # as training/parallel.py marks them once FSDP owns the parameters
+    m.set_owned(OWNED)  # the same: nothing to change
+    with pytest.raises(RuntimeError, match="sharded"):
+        m.set_owned([0])
+    with pytest.raises(RuntimeError, match="sharded"):
+        m.set_owned(OWNED, torch.bfloat16)
