@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import io
 import math
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -139,7 +140,7 @@ def _metric_case(fault: str, before_text: str, value) -> Callable[[], Outcome]:
         ok = finite and _status(s).startswith("rejected") and _honest_shared_kept(s, before)
         return Outcome(fault, before_text, f"node rejected ({_status(s)[:70]}); round applied from the honest node", ok)
 
-    return case
+    return _named(case, fault)
 
 
 def _tensor_case(fault: str, before_text: str, tamper_tensors: Callable, **cfg) -> Callable[[], Outcome]:
@@ -154,6 +155,12 @@ def _tensor_case(fault: str, before_text: str, tamper_tensors: Callable, **cfg) 
         ok = finite and _status(s).startswith("rejected") and _honest_shared_kept(s, before)
         return Outcome(fault, before_text, f"node rejected ({_status(s)[:70]})", ok)
 
+    return _named(case, fault)
+
+
+def _named(case: Callable[[], Outcome], fault: str) -> Callable[[], Outcome]:
+    """case_<the fault in words>: the test id that `pytest -k` selects (tests/test_faults.py)."""
+    case.__name__ = "case_" + "_".join(re.findall(r"[a-z0-9]+", fault.lower().replace(" -", " minus ")))
     return case
 
 

@@ -18,6 +18,12 @@ def test_fault_is_contained(case):
     assert outcome.ok, f"{outcome.fault}: {outcome.now}"
 
 
+def test_every_quick_case_has_a_name_of_its_own_for_k():
+    names = [c.__name__ for c in faults.QUICK]
+    assert len(set(names)) == len(names) and all(n.startswith("case_") and n != "case_" for n in names)
+    assert "case_num_tokens_minus_99" in names  # the fault in words: `pytest -k num_tokens_minus_99`
+
+
 def test_token_weights_are_bounded_by_what_a_round_can_produce():
     from flwr.app import MetricRecord, RecordDict
 
