@@ -201,6 +201,31 @@ def test_downlink_shadow_survives_a_checkpoint(flower_task):
     assert all(np.array_equal(m.content["arrays"][n].numpy(), t.sync.shadow[n].numpy()) for m in msgs for n in names)
 
 
+def test_a_node_whose_experts_changed_is_resynced_whole(flower_task):
+    s = _toy_strategy()
+    names = list(s.params)
+    for rnd in (1, 2):
+        msgs = list(s.configure_train(rnd, None, ConfigRecord({}), None))
+        ups = [shared_param_names(names) + expert_param_names(names, s.experts_of(p)) for p in (0, 1)]
+        deltas = [{n: torch.full_like(s.params[n], 0.01) for n in up} for up in ups]
+        s.aggregate_train(
+            rnd, [_delta_reply(m, to_record(encode_delta(d, Codec("int8")))) for m, d in zip(msgs, deltas)]
+        )
+    before = dict(s.owners)
+    s.add_node(12, 2)  # the newcomer takes a share: some of the others' experts change hands
+    moved = {p for p in (0, 1) if s.owners[p] != before[p]}
+    assert moved
+    msgs = {m.metadata.dst_node_id - 10: m for m in s.configure_train(3, None, ConfigRecord({}), None)}
+    for p, m in msgs.items():
+        cfg = m.content["config"]
+        whole = p in moved or p == 2
+        assert cfg[keys.FULL_MODEL] == whole
+        if whole:  # every tensor whole, from no base: whatever the node held is not the new ownership's
+            assert cfg[keys.BASE_STEP] == -1 and set(m.content["arrays"]) == set(names)
+        else:
+            assert cfg[keys.BASE_STEP] == 10
+
+
 # -- the coordinator's bookkeeping by itself (strategy/versions.py), fp32: every move exact -------
 def _fp32_diff(name, delta):
     return dict(to_record(encode_delta({name: delta}, Codec("fp32"))))

@@ -443,3 +443,44 @@ def test_the_expert_load_has_one_row_per_layer_of_the_model(flower_task, num_lay
     s.aggregate_train(1, replies)
     status = {p: n["status"] for p, n in s.history[-1].nodes.items()}
     assert status["0"] == "ok" and status["1"].startswith("rejected")
+
+
+def test_replies_are_matched_to_the_messages_pushed_this_round(flower_task):
+    s = make_strategy()
+    msgs, _, replies = run_round(s, 1, encode(toy_params(0)), tokens=[100, 100])
+    stale = list(s.configure_train(1, None, ConfigRecord({}), None))[0]  # a message of an earlier push
+    stale.metadata.__dict__["_message_id"] = "earlier"
+    for i, m in enumerate(msgs):
+        m.metadata.__dict__["_message_id"] = f"m{i}"  # as the grid names a pushed message
+    s.register_sent(["m0", "m1"], msgs)
+    replies = [Message(r.content, reply_to=m) for r, m in zip(replies, msgs)]
+    late = Message(replies[0].content, reply_to=stale)  # node 7 again, answering the earlier message
+    s.aggregate_train(1, [late, *replies])
+    assert [n["status"] for n in s.history[-1].nodes.values()] == ["ok", "ok"]
+    s.configure_train(2, None, ConfigRecord({}), None)
+    s.register_sent(["m2", ""], msgs)  # the second push failed: no id
+    s.aggregate_train(2, [Message(replies[1].content, reply_to=msgs[1])])  # an id of round 1
+    assert [n["status"] for n in s.history[-1].nodes.values()] == ["no reply", "no reply"]
+
+
+def test_each_malformed_reply_is_refused_by_its_own_check(flower_task):
+    params = toy_params(0)
+    own1 = expert_param_names(params, [4])[0]  # an expert of partition 1
+    other = expert_param_names(params, [0])[0]  # one of partition 0's
+    cases = {
+        "arrays only": (None, "reply needs an ArrayRecord 'arrays' and a MetricRecord 'metrics'"),
+        "an expert it does not own": ({other: params[other]}, f"1 unexpected parameter(s), e.g. ['{other}']"),
+        "a wrong shape": ({own1: torch.zeros(3)}, f"{own1}: got (3,) float32, expected ({I}, {H}) float32"),
+        "too large a change": ({own1: params[own1] * 3}, f"{own1}: change"),
+    }
+    for case, (tamper, why) in cases.items():
+        s = make_strategy(max_update_ratio=0.5)
+        msgs, _, replies = run_round(s, 1, encode(params), tokens=[100, 100])
+        content = RecordDict({"arrays": replies[1].content["arrays"]})
+        if tamper is not None:
+            arrays = encode({**decode(replies[1].content["arrays"]), **tamper})
+            content = RecordDict({"arrays": arrays, "metrics": replies[1].content["metrics"]})
+        s.aggregate_train(1, [replies[0], Message(content, reply_to=msgs[1])])
+        status = s.history[-1].nodes["1"]["status"]
+        assert status.startswith(f"rejected: {why}"), (case, status)  # the wrong shape: found as decoded
+        assert s.history[-1].nodes["0"]["status"] == "ok"
