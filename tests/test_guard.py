@@ -257,7 +257,8 @@ def test_strategy_drops_then_quarantines_the_attacker_and_moves_its_experts(flow
     rec = s.history[-1]
     assert rec.nodes["3"]["status"].startswith("dropped by the guard") and rec.guard["excluded"] == [3]
     assert all(rec.nodes[str(p)]["status"] == "ok" for p in (0, 1, 2)) and rec.valid_updates == 3
-    assert rec.nodes["3"]["clipped_tensors"] > 0 and [rec.nodes[str(p)]["clipped_tensors"] for p in (0, 1, 2)] == [0] * 3
+    assert rec.nodes["3"]["clipped_tensors"] > 0
+    assert [rec.nodes[str(p)]["clipped_tensors"] for p in (0, 1, 2)] == [0, 0, 0]
     assert s.members[3].strikes == 1 and s.members[3].active
     _round(s, 2, None, attacker=3)
     assert s.members[3].quarantined and 3 not in s.partitions
