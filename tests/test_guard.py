@@ -259,6 +259,9 @@ def test_strategy_drops_then_quarantines_the_attacker_and_moves_its_experts(flow
     assert all(rec.nodes[str(p)]["status"] == "ok" for p in (0, 1, 2)) and rec.valid_updates == 3
     assert rec.nodes["3"]["clipped_tensors"] > 0
     assert [rec.nodes[str(p)]["clipped_tensors"] for p in (0, 1, 2)] == [0, 0, 0]
+    # Every update is a multiple of (target - model): 0.1 for the honest, -5 for the attacker. Each
+    # one's sum of the others points the other way (0.3 against -5; -4.8 against 0.1): cosine -1.
+    assert [rec.nodes[str(p)]["shared_update_cosine"] for p in range(4)] == [pytest.approx(-1.0)] * 4
     assert s.members[3].strikes == 1 and s.members[3].active
     _round(s, 2, None, attacker=3)
     assert s.members[3].quarantined and 3 not in s.partitions
