@@ -229,3 +229,26 @@ def test_preparing_a_model_stores_frozen_experts_in_bf16_and_compiles_each_layer
     prepare_model(plain, TrainConfig())
     assert {p.dtype for p in plain.parameters()} == {torch.float32}
     assert all(layer._compiled_call_impl is None for layer in plain.model.layers)
+
+
+def test_each_step_moves_the_progress_bar_by_one_and_shows_its_loss_and_rate():
+    class Bar:
+        def __init__(self):
+            self.n, self.postfix = 0, []
+
+        def update(self, k):
+            self.n += k
+
+        def set_postfix(self, **kwargs):
+            self.postfix.append(kwargs)
+
+    model = build_model(ARGS, VOCAB, owned=[0], seed=0)
+    cfg = TrainConfig(lr=1e-3, warmup_steps=0, min_lr_ratio=1.0)  # a flat rate
+    g = torch.Generator().manual_seed(0)
+    blocks = iter([torch.randint(0, VOCAB, (2, 9), generator=g) for _ in range(3)])
+    bar = Bar()
+    m = train_steps(model, make_optimizer(model, cfg), blocks, cfg, 0, 3, 3, torch.device("cpu"), progress=bar)
+    assert bar.n == 3 and [set(p) for p in bar.postfix] == [{"loss", "lr"}] * 3
+    assert all(p["lr"] == "1.00e-03" for p in bar.postfix)
+    shown = [float(p["loss"]) for p in bar.postfix]
+    assert sum(shown) / 3 == pytest.approx(m["ce-loss"], abs=1e-3)  # each step's cross-entropy, 3 decimals

@@ -52,7 +52,7 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
 
 def _adamw8bit(groups: list[dict], cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     """torchao's AdamW8bit, else bitsandbytes'; both keep the moments in 8 bits (blockwise scales)."""
-    if device.type != "cuda":
+    if device.type != "cuda":  # pragma: no mutate (its CUDA side runs only in scripts/gpu_check.sh)
         raise ValueError(f"train.optimizer=adamw8bit needs the model on a CUDA device, it is on {device.type}")
     # The rest needs CUDA and torchao: scripts/gpu_check.sh trains with it on a GPU, the CPU suite
     # cannot, so mutation testing leaves it out (docs/testing.md).
@@ -114,8 +114,8 @@ def reset_peak_memory(device: torch.device) -> None:
     clear_refs resets VmHWM to the current RSS; where that is not allowed, the lifetime
     peak (ru_maxrss) is what gets reported.
     """
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    if device.type == "cuda":  # pragma: no mutate (CUDA only)
+        torch.cuda.reset_peak_memory_stats(device)  # pragma: no mutate (CUDA only)
         return
     with contextlib.suppress(OSError):
         _CLEAR_REFS.write_text("5")
@@ -132,8 +132,8 @@ def process_memory_mb(field: str) -> float | None:
 
 def peak_memory_mb(device: torch.device) -> float:
     """Peak GPU memory allocated, or the process's peak resident set size on CPU (MiB)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
+    if device.type == "cuda":  # pragma: no mutate (CUDA only)
+        return torch.cuda.max_memory_allocated(device) / 2**20  # pragma: no mutate (CUDA only)
     peak = process_memory_mb("VmHWM")
     return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -183,7 +183,7 @@ def train_steps(
         lr = lr_at(start_step + i, cfg, total_steps)
         for group in optimizer.param_groups:
             if isinstance(group["lr"], torch.Tensor):  # torchao's AdamW8bit keeps lr as a tensor
-                group["lr"].fill_(lr)
+                group["lr"].fill_(lr)  # pragma: no mutate (CUDA only: the 8-bit optimizer)
             else:
                 group["lr"] = lr
         block = next(batches)
@@ -226,8 +226,8 @@ def train_steps(
         if progress is not None:
             progress.update(1)
             progress.set_postfix(loss=f"{float(parts.ce.detach()):.3f}", lr=f"{lr:.2e}")
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    if device.type == "cuda":  # pragma: no mutate (CUDA only)
+        torch.cuda.synchronize(device)  # pragma: no mutate (CUDA only)
     seconds = time.perf_counter() - t0
     out = {k: v / max(steps, 1) for k, v in sums.items()}
     out.update(
