@@ -176,7 +176,7 @@ def _delta_start(
     whole, moves = decode_sync(delta.record, expected, (cfg.downlink, cfg.uplink))
     _check_received({**whole, **moves}, ctx.partition_id)
     if full_model:
-        if moves or set(whole) != set(expected):
+        if set(whole) != set(expected):  # (a tensor sent as a move is not among the whole ones)
             raise ValueError(f"partition {ctx.partition_id}: a full resync must carry every tensor whole")
         saved = _saved(state_root, start_step, kept) or _previous_state(state_root, start_step)
         if saved is not None:

@@ -323,3 +323,40 @@ def test_a_nodes_evaluation_is_the_held_out_loss_of_the_model_it_received(tokeni
     bias[0, 3] = 10.0  # every token routed to expert 3 (and its second choice)
     biased, _ = run_local_eval(ctx, model.state_dict(), router_bias=bias)
     assert biased != loss
+
+
+DELTA = ["strategy.delta_sync=true", "strategy.uplink_codec=int8", "strategy.downlink_codec=int8"]
+
+
+def test_a_delta_downlink_is_refused_unless_it_applies_to_what_the_node_holds(tokenizer, flower_task):
+    from client_app.local_round import DeltaDownlink
+    from common.codec import Codec, encode_delta, to_record
+
+    ctx, model = _node(tokenizer, "delta-refusals", DELTA + ["train.resident=false"])
+    init = model.state_dict()
+    whole = {n: t.numpy() for n, t in init.items()}
+
+    def round_(arrays, full, start, base, apply_own, owned=(0,)):
+        delta = DeltaDownlink(to_record(arrays), base, apply_own)
+        return run_local_round(ctx, {}, RoundOrder(list(owned), full, start, 2, delta=delta), show_progress=False)
+
+    first = "model.norm.weight"
+    with pytest.raises(ValueError, match="a full resync must carry every tensor whole"):
+        round_({n: a for n, a in whole.items() if n != first}, True, 0, -1, False)
+    moved = {**{n: a for n, a in whole.items() if n != first}, **encode_delta({first: init[first]}, Codec("int8"))}
+    with pytest.raises(ValueError, match="a full resync must carry every tensor whole"):
+        round_(moved, True, 0, -1, False)  # one tensor as a move
+    reply, _ = round_(whole, True, 0, -1, False)  # the node now holds the model as of step 0
+    assert all("#" in name for name in reply)  # it answers with differences, never whole tensors
+    background_save.drain()
+    nothing = encode_delta({first: torch.zeros_like(init[first])}, Codec("int8"))
+    with pytest.raises(NeedsFullModel, match="no saved copy of the model at step 99"):
+        round_(nothing, False, 2, 99, False)
+    with pytest.raises(NeedsFullModel, match="no saved copy of the model at step -1"):
+        round_(nothing, False, 2, -1, False)
+    round_(nothing, False, 2, 2, True)  # its own experts' last uplink is there to apply
+    background_save.drain()
+    round_(whole, True, 4, -1, False, owned=())  # a node owning no expert: nothing of its own to apply
+    background_save.drain()
+    with pytest.raises(NeedsFullModel, match="no saved copy of the model at step 6"):
+        round_(nothing, False, 6, 6, True, owned=())
