@@ -360,3 +360,25 @@ def test_a_delta_downlink_is_refused_unless_it_applies_to_what_the_node_holds(to
     background_save.drain()
     with pytest.raises(NeedsFullModel, match="no saved copy of the model at step 6"):
         round_(nothing, False, 6, 6, True, owned=())
+
+
+def test_a_node_trains_on_its_shard_of_the_common_data_or_on_all_of_its_own(tokenizer, tmp_path):
+    import dataclasses
+
+    from client_app.local_round import _data
+    from data import node_shard, prepare_blocks
+
+    ctx, _ = _node(tokenizer, "data")
+    cfg, cache = ctx.spec.data, ctx.workdir.parent / "data-cache"
+    train, heldout = prepare_blocks(cfg, ctx.tokenizer, cache)
+    second = dataclasses.replace(ctx, partition_id=1, num_partitions=2)
+    shard, held = _data(second)
+    assert torch.equal(shard, node_shard(train, 1, 2, cfg.partition, cfg.seed))
+    assert torch.equal(held, node_shard(heldout, 1, 2, "contiguous", cfg.seed))
+    own = tmp_path / "own.txt"
+    own.write_text("\n\n".join(" ".join(f"word{i % 97} text {d}" for i in range(300)) for d in range(10)))
+    mine = dataclasses.replace(second, data_source=str(own))
+    shard, held = _data(mine)
+    all_train, all_held = prepare_blocks(dataclasses.replace(cfg, source=str(own)), ctx.tokenizer, cache)
+    assert torch.equal(shard, node_shard(all_train, 0, 1, cfg.partition, cfg.seed))  # all of it, in its order
+    assert torch.equal(held, all_held)
