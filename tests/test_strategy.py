@@ -6,6 +6,7 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
+from common import keys
 from common.codec import decode, encode
 from common.spec import MergeSchedule, StrategyConfig
 from model.naming import expert_param_names, group_expert_params, shared_param_names
@@ -384,13 +385,15 @@ def test_federated_evaluation_is_due_on_schedule_and_weighs_each_nodes_loss_by_i
     assert result["federated_eval_loss"] == pytest.approx((2.0 * 100 + 5.0 * 300) / 400)
     assert result["eval_bytes_down"] == 2 * payload_bytes(arrays)
     assert s.history[-1].federated_eval_loss is None  # the record of round 1 is not round 2's
-    _, _, replies = run_round(s, 2, None, tokens=[100, 100])
-    s.aggregate_train(2, replies)
-    msgs = list(s.configure_evaluate(2, arrays, ConfigRecord({}), None))
-    result = s.aggregate_evaluate(2, [answer(msgs[1], 3.0, 50.0)])  # one node answered
+    for rnd in (2, 3):
+        _, _, replies = run_round(s, rnd, None, tokens=[100, 100])
+        s.aggregate_train(rnd, replies)
+    msgs = list(s.configure_evaluate(3, arrays, ConfigRecord({}), None))
+    result = s.aggregate_evaluate(3, [answer(msgs[1], 3.0, 50.0)])  # one node answered
     assert result["federated_eval_loss"] == 3.0
     assert (s.history[-1].federated_eval_loss, s.history[-1].eval_bytes_down) == (3.0, 2 * payload_bytes(arrays))
-    assert s.aggregate_evaluate(2, [answer(msgs[0], -1.0, 50.0)]) is None  # nothing valid
+    assert [r.federated_eval_loss for r in s.history[:-1]] == [None, None]  # only round 3's record
+    assert s.aggregate_evaluate(3, [answer(msgs[0], -1.0, 50.0)]) is None  # nothing valid
 
 
 def test_a_saved_state_reads_back_as_written_and_older_or_foreign_states_are_handled(flower_task):
@@ -425,6 +428,16 @@ def test_a_saved_state_reads_back_as_written_and_older_or_foreign_states_are_han
     v.load_state_dict(orphan)
     assert sorted(e for p in v.partitions for e in v.owners[p]) == list(range(E))
     assert v.events[-1]["reason"] == "resumed with different nodes"
+    uneven = json.loads(json.dumps(state))
+    uneven["owners"] = {"0": [0, 1, 2, 3, 4], "1": [5, 6, 7]}  # as a load-aware policy may leave it
+    w = make_strategy()
+    w.load_state_dict(uneven)
+    assert w.owners == {0: (0, 1, 2, 3, 4), 1: (5, 6, 7)} and w.events == state["events"]  # kept as saved
+    delta = make_strategy(delta_sync=True)
+    delta.initialize(s.params)
+    delta.load_state_dict(state, s.outer_buffers())  # saved without delta sync: no downlink versions
+    msgs = list(delta.configure_train(3, None, ConfigRecord({}), None))
+    assert all(m.content["config"][keys.FULL_MODEL] and m.content["config"][keys.BASE_STEP] == -1 for m in msgs)
     foreign = json.loads(json.dumps(state))
     foreign["owners"]["1"] = [4, 5, 6, 7, 8]
     with pytest.raises(ValueError, match=r"experts \[8\] outside \[0, 8\)"):
@@ -484,3 +497,47 @@ def test_each_malformed_reply_is_refused_by_its_own_check(flower_task):
         status = s.history[-1].nodes["1"]["status"]
         assert status.startswith(f"rejected: {why}"), (case, status)  # the wrong shape: found as decoded
         assert s.history[-1].nodes["0"]["status"] == "ok"
+
+
+def test_a_round_record_accounts_each_node_on_its_own(flower_task):
+    from common.codec import payload_bytes, wire_bytes
+
+    params = toy_params(0)
+    s = make_strategy()
+
+    def poison(update):
+        return {**update, "model.norm.weight": torch.full_like(update["model.norm.weight"], math.nan)}
+
+    msgs, _, replies = run_round(s, 1, encode(params), tokens=[100, 300], tamper={1: poison})
+    _, metrics = s.aggregate_train(1, replies)
+    rec = s.history[-1]
+    assert [rec.nodes[k]["partition_id"] for k in ("0", "1")] == [0, 1]
+    assert (rec.nodes["1"]["bytes_up"], rec.nodes["1"]["wire_bytes_up"]) == (0, 0)  # rejected: nothing counted up
+    assert dict(metrics) == {
+        "global_step": 10.0,
+        "merge_alpha": 0.0,
+        "tokens": 100.0,
+        "bytes_up": float(rec.nodes["0"]["bytes_up"]),
+        "bytes_down": float(sum(payload_bytes(m.content["arrays"]) for m in msgs)),
+    }
+    # Round 2: partition 1 needs the whole model again, partition 0 only what it does not own.
+    msgs, _, replies = run_round(s, 2, None, tokens=[100, 100])
+    s.aggregate_train(2, replies)
+    nodes = s.history[-1].nodes
+    sizes = [payload_bytes(m.content["arrays"]) for m in msgs]
+    assert sizes[0] < sizes[1] and [nodes[k]["bytes_down"] for k in ("0", "1")] == sizes
+    assert [nodes[k]["wire_bytes_down"] for k in ("0", "1")] == [wire_bytes(m.content["arrays"]) for m in msgs]
+
+
+def test_a_second_reply_voids_the_partitions_round_and_no_other(flower_task):
+    params = toy_params(0)
+    s = make_strategy()
+
+    def poison(update):
+        return {**update, "model.norm.weight": torch.full_like(update["model.norm.weight"], math.nan)}
+
+    msgs, _, replies = run_round(s, 1, encode(params), tokens=[100, 100], tamper={0: poison})
+    again = Message(replies[0].content, reply_to=msgs[0])  # partition 0's rejected reply, sent twice
+    s.aggregate_train(1, [replies[0], again, replies[1]])
+    nodes = s.history[-1].nodes
+    assert nodes["0"]["status"] == "rejected: duplicate reply" and nodes["1"]["status"] == "ok"
