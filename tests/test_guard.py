@@ -433,3 +433,17 @@ def test_clipping_counts_each_clipped_tensor_and_reports_the_largest_ratio_per_k
     # node 2: u at 20 medians and v at 10 clipped to 4 x 2; x at exactly 4 medians is within the bound
     assert out.clipped == {2: 2} and out.scale[2]["shared"] == 20.0
     assert [out.updates[2][0][n].item() for n in ("u", "v", "x")] == [8.0, 8.0, 8.0]
+
+
+def test_the_guard_keeps_the_losses_of_the_last_window_plus_one_accepted_models(flower_task):
+    params = toy_params(0)
+    target = {n: torch.zeros_like(t) for n, t in params.items()}
+    cfg = StrategyConfig(local_steps=10, merge=MergeSchedule(enabled=False), guard=GuardConfig(window=3))
+    s = SpesStrategy(cfg, E, {7: 0, 11: 1, 13: 2, 17: 3}, num_rounds=6)
+    s.guard_score = _distance_to(target)
+    s.target = target
+    scores = [s.guard_score(params)]  # the model the run starts from
+    for rnd in range(1, 6):
+        _round(s, rnd, encode(params) if rnd == 1 else None, attacker=None)
+        scores.append(s.guard_score(s.params))  # every node steps a tenth of the way to the target
+    assert s.guard_losses == pytest.approx(scores[-4:], rel=1e-9)  # window 3: three changes, four losses

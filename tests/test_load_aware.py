@@ -415,3 +415,30 @@ def test_a_load_decision_makes_one_swap_and_says_what_it_measured():
     assert new == {0: (1, 2, 3, 4), 1: (0, 5, 6, 7)}  # the first 1/6 for the first 1/12: 7/12 and 5/12
     assert extra == {"load_spread": [0.333333, 0.166667]}  # 1/3 -> 1/6, to 6 decimals
     assert "over the last 3 round(s)" in reason
+
+
+def test_the_load_decision_averages_exactly_the_rounds_since_the_last_one(flower_task):
+    # every=3: round 3 decides on rounds 1-3. Round 1 is skewed (node sums 0.5 / 0.3 / 0.2 per layer),
+    # rounds 2 and 3 uniform (1/3 each): the mean is 0.3889 / 0.3222 / 0.2889, a spread of
+    # (0.3889 - 0.2889) x 2 layers = 0.2. Rounds 2-3 alone would show no spread and move nothing.
+    s = _strategy("load", 6, 3, every=3)
+    _round(s, 1, encode(_params(6)), SKEWED)
+    _round(s, 2, None, [1 / 6] * 6)
+    assert s.events == []
+    _round(s, 3, None, [1 / 6] * 6)
+    [event] = s.events
+    assert event["round"] == 3 and event["load_spread"][0] == pytest.approx(0.2, abs=1e-6)
+
+
+def test_a_later_load_decision_forgets_the_rounds_before_its_window(flower_task):
+    # every=2: round 2 sees two uniform rounds (nothing moves); round 4 sees rounds 3 (skewed) and 4
+    # (uniform): node sums (0.5 + 1/3) / 2, (0.3 + 1/3) / 2, (0.2 + 1/3) / 2, a spread of 0.15 x 2 = 0.3.
+    s = _strategy("load", 6, 3, every=2)
+    uniform = [1 / 6] * 6
+    _round(s, 1, encode(_params(6)), uniform)
+    _round(s, 2, None, uniform)
+    _round(s, 3, None, SKEWED)
+    assert s.events == []
+    _round(s, 4, None, uniform)
+    [event] = s.events
+    assert event["round"] == 4 and event["load_spread"][0] == pytest.approx(0.3, abs=1e-6)
