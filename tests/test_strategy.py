@@ -541,3 +541,16 @@ def test_a_second_reply_voids_the_partitions_round_and_no_other(flower_task):
     s.aggregate_train(1, [replies[0], again, replies[1]])
     nodes = s.history[-1].nodes
     assert nodes["0"]["status"] == "rejected: duplicate reply" and nodes["1"]["status"] == "ok"
+
+
+def test_with_min_nodes_0_a_round_needs_every_node(flower_task):
+    def poison(update):
+        return {**update, "model.norm.weight": torch.full_like(update["model.norm.weight"], math.nan)}
+
+    s = make_strategy(min_nodes=0)
+    before = toy_params(0)
+    _, _, replies = run_round(s, 1, encode(before), tokens=[100, 100], tamper={1: poison})
+    s.aggregate_train(1, replies)
+    rec = s.history[-1]
+    assert not rec.applied and rec.refused == "1 valid update(s), quorum 2"
+    assert all(torch.equal(s.params[n], before[n]) for n in before) and s.global_step == 0
