@@ -59,7 +59,30 @@ def test_absent_node_loses_experts_after_k_rounds_and_every_expert_has_a_live_ow
     msgs = _round(s, 4, None, replying={0})
     assert [list(m.content["config"]["owned-experts"]) for m in msgs] == [[0, 1, 2, 3]]
     assert msgs[0].content["config"]["full-model"]  # its ownership changed: it gets everything
-    assert [e["event"] for e in s.events] == ["leave", "reassign"]
+    leave, reassign = s.events
+    assert leave == {"round": 3, "event": "leave", "partition": 1}
+    assert reassign["reason"] == "partition(s) [1] without a valid update for 2 rounds"
+
+
+def test_a_federation_where_nobody_answers_keeps_its_members(flower_task):
+    _task_identity()
+    cfg = StrategyConfig(local_steps=5, merge=MergeSchedule(enabled=False), reassign_after=2)
+    s = SpesStrategy(cfg, E, {10: 0, 11: 1}, num_rounds=5, num_layers=2)
+    _round(s, 1, encode(_toy_params(0)), replying={0, 1})
+    for rnd in (2, 3, 4):
+        _round(s, rnd, None, replying=set())  # a network outage: nobody to hand the experts to
+    assert s.partitions == [0, 1] and s.owners == {0: (0, 1), 1: (2, 3)} and s.events == []
+    assert s.failed_rounds == 3
+
+
+def test_replicated_experts_are_resent_every_round(flower_task):
+    # Every node trains every expert: its copy of them is never the global value after averaging.
+    _task_identity()
+    cfg = StrategyConfig(local_steps=5, merge=MergeSchedule(enabled=False), assignment="replicated")
+    s = SpesStrategy(cfg, E, {10: 0, 11: 1}, num_rounds=5, num_layers=2)
+    _round(s, 1, encode(_toy_params(0)), replying={0, 1})
+    msgs = _round(s, 2, None, replying={0, 1})
+    assert all(m.content["config"]["full-model"] and set(decode(m.content["arrays"])) == set(s.params) for m in msgs)
 
 
 def test_joining_node_gets_full_model_and_a_share(flower_task):

@@ -266,7 +266,9 @@ def test_strategy_drops_then_quarantines_the_attacker_and_moves_its_experts(flow
     _round(s, 2, None, attacker=3)
     assert s.members[3].quarantined and 3 not in s.partitions
     assert sorted(e for p in s.partitions for e in s.owners[p]) == list(range(E))
-    assert any(ev["event"] == "quarantine" and ev["partition"] == 3 for ev in s.events)
+    quarantine, reassign = s.events
+    assert quarantine == {"round": 2, "event": "quarantine", "partition": 3}
+    assert (reassign["round"], reassign["reason"]) == (2, "partition(s) [3] quarantined by the guard")
     loss_before = s.guard_losses[-1]
     _round(s, 3, None, attacker=None)
     assert s.history[-1].guard["excluded"] == [] and s.guard_losses[-1] < loss_before

@@ -442,3 +442,12 @@ def test_a_later_load_decision_forgets_the_rounds_before_its_window(flower_task)
     _round(s, 4, None, uniform)
     [event] = s.events
     assert event["round"] == 4 and event["load_spread"][0] == pytest.approx(0.3, abs=1e-6)
+
+
+def test_a_measured_uneven_ownership_stays_between_decisions(flower_task):
+    s = _strategy("speed", 8, 2, every=2)
+    for rnd in (1, 2):
+        _round(s, rnd, encode(_params(8)) if rnd == 1 else None, [0.125] * 8, speed={0: 300.0, 1: 100.0})
+    assert s.owners == {0: (0, 1, 2, 3, 7), 1: (4, 5, 6)} and len(s.events) == 1
+    _round(s, 3, None, [0.125] * 8, speed={0: 300.0, 1: 100.0})  # nobody left, joined or was dropped
+    assert s.owners == {0: (0, 1, 2, 3, 7), 1: (4, 5, 6)} and len(s.events) == 1
