@@ -266,9 +266,12 @@ def test_strategy_drops_then_quarantines_the_attacker_and_moves_its_experts(flow
     _round(s, 2, None, attacker=3)
     assert s.members[3].quarantined and 3 not in s.partitions
     assert sorted(e for p in s.partitions for e in s.owners[p]) == list(range(E))
-    quarantine, reassign = s.events
-    assert quarantine == {"round": 2, "event": "quarantine", "partition": 3}
-    assert (reassign["round"], reassign["reason"]) == (2, "partition(s) [3] quarantined by the guard")
+    # Two dropped updates are also two rounds without a valid one (reassign_after=2): it leaves, its
+    # experts move, and it is quarantined for good (it may not come back).
+    leave, reassign, quarantine = s.events
+    assert leave == {"round": 2, "event": "leave", "partition": 3}
+    assert reassign["reason"] == "partition(s) [3] without a valid update for 2 rounds"
+    assert quarantine == {"round": 2, "event": "quarantine", "partition": 3} and s.members[3].quarantined
     loss_before = s.guard_losses[-1]
     _round(s, 3, None, attacker=None)
     assert s.history[-1].guard["excluded"] == [] and s.guard_losses[-1] < loss_before
@@ -449,3 +452,16 @@ def test_the_guard_keeps_the_losses_of_the_last_window_plus_one_accepted_models(
         _round(s, rnd, encode(params) if rnd == 1 else None, attacker=None)
         scores.append(s.guard_score(s.params))  # every node steps a tenth of the way to the target
     assert s.guard_losses == pytest.approx(scores[-4:], rel=1e-9)  # window 3: three changes, four losses
+
+
+def test_one_strike_quarantines_at_the_first_dropped_update(flower_task):
+    params = toy_params(0)
+    target = {n: torch.zeros_like(t) for n, t in params.items()}
+    cfg = StrategyConfig(local_steps=10, merge=MergeSchedule(enabled=False), guard=GuardConfig(strikes=1))
+    s = SpesStrategy(cfg, E, {7: 0, 11: 1, 13: 2, 17: 3}, num_rounds=5)
+    s.guard_score = _distance_to(target)
+    s.target = target
+    _round(s, 1, encode(params), attacker=3)
+    quarantine, reassign = s.events
+    assert quarantine == {"round": 1, "event": "quarantine", "partition": 3}
+    assert reassign["reason"] == "partition(s) [3] quarantined by the guard" and 3 not in s.partitions
