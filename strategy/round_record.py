@@ -65,13 +65,17 @@ class RoundRecord:
     ) -> RoundRecord:
         """The strategy's part: who replied, tokens and loss of the used updates, bytes; `fields` the rest."""
         tokens = sum(n.get("num_tokens", 0.0) for p, n in nodes.items() if p in used)
-        loss = sum(n.get("train_loss", 0.0) * n.get("num_tokens", 0.0) for p, n in nodes.items() if p in used)
+        # train-loss is optional in a reply: the mean is over the nodes that reported one.
+        reported = [
+            (n["train_loss"], n.get("num_tokens", 0.0)) for p, n in nodes.items() if p in used and "train_loss" in n
+        ]
+        loss_tokens = sum(t for _, t in reported)
         return cls(
             round=server_round,
             global_step=global_step,
             valid_updates=len(used),
             tokens=tokens if fields.get("applied") else 0.0,
-            train_loss=loss / tokens if tokens else float("nan"),
+            train_loss=sum(loss * t for loss, t in reported) / loss_tokens if loss_tokens else float("nan"),
             bytes_up=sum(n["bytes_up"] for n in nodes.values()),
             bytes_down=sum(n["bytes_down"] for n in nodes.values()),
             wire_bytes_up=sum(n["wire_bytes_up"] for n in nodes.values()),

@@ -64,6 +64,15 @@ def test_absent_node_loses_experts_after_k_rounds_and_every_expert_has_a_live_ow
     assert reassign["reason"] == "partition(s) [1] without a valid update for 2 rounds"
 
 
+def test_a_leave_is_recorded_after_the_events_before_it(flower_task):
+    _task_identity()
+    cfg = StrategyConfig(local_steps=5, merge=MergeSchedule(enabled=False), reassign_after=1)
+    s = SpesStrategy(cfg, E, {10: 0, 11: 1}, num_rounds=5, num_layers=2)
+    s.add_node(12, 2)
+    _round(s, 1, encode(_toy_params(0)), replying={0, 1})  # the newcomer never answers
+    assert [(e["round"], e["event"]) for e in s.events] == [(0, "join"), (0, "reassign"), (1, "leave"), (1, "reassign")]
+
+
 def test_a_federation_where_nobody_answers_keeps_its_members(flower_task):
     _task_identity()
     cfg = StrategyConfig(local_steps=5, merge=MergeSchedule(enabled=False), reassign_after=2)

@@ -265,10 +265,12 @@ def test_static_never_moves_owners(flower_task):
 
 def test_speed_policy_gives_the_faster_node_more_experts(flower_task):
     s = _strategy("speed", 8, 2, every=1)
-    _round(s, 1, encode(_params(8)), [0.125] * 8, speed={0: 300.0, 1: 100.0})
+    _round(s, 1, encode(_params(8)), [0.125] * 8, speed={0: 300.0123456, 1: 100.04})
     # 3x faster: quota 6 of 8 experts, but one decision moves at most one expert per node (4 -> 5)
     assert s.owners == {0: (0, 1, 2, 3, 7), 1: (4, 5, 6)}
     assert s.events[0]["owners"] == {"0": [0, 1, 2, 3, 7], "1": [4, 5, 6]}
+    assert s.events[0]["tokens_per_s"] == {"0": 300.012, "1": 100.04}
+    assert s.events[0]["reason"] == "load-aware: experts per node [4, 4] -> [5, 3] for tokens/s [300.0, 100.0]"
     assert s.needs_full == {0: True, 1: True}
 
 

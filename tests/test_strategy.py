@@ -346,6 +346,10 @@ def test_round_record_counts_only_the_used_updates_and_reads_back_what_it_wrote(
     silent = {**nodes, 3: {"status": "ok", "train_loss": 50.0, **bytes_}}
     weightless = RoundRecord.of_round(3, 30, silent, used={0, 1, 3}, applied=True)
     assert weightless.tokens == 400.0 and weightless.train_loss == 3.5
+    # train-loss is optional: a node that reports none counts its tokens, not a loss of 0.
+    quiet = {**nodes, 4: {"status": "ok", "num_tokens": 400.0, **bytes_}}
+    partial = RoundRecord.of_round(3, 30, quiet, used={0, 1, 4}, applied=True)
+    assert partial.tokens == 800.0 and partial.train_loss == 3.5
     line = rec.to_dict()
     assert "val_loss" not in line and line["tokens"] == 400.0 and line["nodes"]["2"]["status"] == "rejected: NaN"
     back = RoundRecord.from_dict({**line, "val_loss": None, "from_a_later_version": 1})
@@ -554,3 +558,14 @@ def test_with_min_nodes_0_a_round_needs_every_node(flower_task):
     rec = s.history[-1]
     assert not rec.applied and rec.refused == "1 valid update(s), quorum 2"
     assert all(torch.equal(s.params[n], before[n]) for n in before) and s.global_step == 0
+
+
+def test_an_error_reply_first_leaves_the_other_replies_of_the_round(flower_task):
+    from flwr.app import Error
+
+    s = make_strategy()
+    msgs, _, replies = run_round(s, 1, encode(toy_params(0)), tokens=[100, 100])
+    failed = Message(Error(code=1, reason="out of memory"), reply_to=msgs[0])
+    s.aggregate_train(1, [failed, replies[1]])
+    nodes = s.history[-1].nodes
+    assert nodes["0"]["status"] == "error: out of memory" and nodes["1"]["status"] == "ok"
