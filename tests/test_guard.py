@@ -213,7 +213,53 @@ def test_accept_round_refuses_below_quorum_after_the_guard():
     out = accept_round(
         params, updates, lambda n: {0, 1}, OuterOptimizer(), cfg, 0, 2, (_distance_to({"w": torch.ones(3)}), [3.0])
     )
-    assert out.params is None and "quorum 2" in out.refused and list(out.dropped) == [1]
+    assert out.params is None and out.refused == "1 update(s) after the guard, quorum 2" and list(out.dropped) == [1]
+    assert out.step == 0 and out.alpha == 0.0
+
+
+def test_accept_round_below_quorum_keeps_the_step_and_names_the_count():
+    params = {"w": torch.zeros(3)}
+    cfg = StrategyConfig(local_steps=10, merge=MergeSchedule(enabled=False))
+    out = accept_round(params, {0: ({"w": torch.ones(3)}, 1.0)}, lambda n: {0, 1}, OuterOptimizer(), cfg, 30, 2)
+    assert (out.params, out.step, out.refused) == (None, 30, "1 valid update(s), quorum 2")
+
+
+def test_accept_round_refuses_a_model_the_guard_cannot_score():
+    params = {"w": torch.zeros(3)}
+    updates = {p: ({"w": torch.full((3,), 0.1)}, 1.0) for p in range(3)}
+    cfg = StrategyConfig(local_steps=10, merge=MergeSchedule(enabled=False))
+    guard = (lambda candidate: math.nan if candidate["w"].abs().sum() > 0 else 1.0, [1.0, 1.0])
+    out = accept_round(params, updates, lambda n: {0, 1, 2}, OuterOptimizer(), cfg, 0, 1, guard)
+    assert out.params is None and out.refused == "the guard loss of the new global model is not finite"
+
+
+@pytest.mark.parametrize("kind", ["shared", "expert"])
+def test_accept_round_clips_shared_and_expert_updates_each_by_its_own_factor(kind):
+    # Four holders of one tensor (every node trains every expert when it is an expert's): three move it
+    # by 1, one by 10; the median is 1, so at factor 2 the outlier is pulled back to norm 2.
+    name = "w" if kind == "shared" else "model.layers.0.mlp.experts.0.up_proj.weight"
+    params = {name: torch.zeros(1)}
+    updates = {p: ({name: torch.tensor([10.0 if p == 3 else 1.0])}, 1.0) for p in range(4)}
+    on = {"clip_shared": 2.0, "clip_experts": 0.0} if kind == "shared" else {"clip_shared": 0.0, "clip_experts": 2.0}
+    cfg = StrategyConfig(local_steps=10, merge=MergeSchedule(enabled=False), **on)
+    out = accept_round(params, updates, lambda n: {0, 1, 2, 3}, OuterOptimizer(), cfg, 0, 1)
+    assert out.clipped == {3: 1} and out.params[name].item() == pytest.approx((1 + 1 + 1 + 2) / 4)
+    off = StrategyConfig(local_steps=10, merge=MergeSchedule(enabled=False), clip_shared=0.0, clip_experts=0.0)
+    plain = accept_round(params, updates, lambda n: {0, 1, 2, 3}, OuterOptimizer(), off, 0, 1)
+    assert plain.clipped == {} and plain.params[name].item() == pytest.approx(13 / 4)
+
+
+def test_the_guards_reason_names_clipping_and_disagreement_only_where_they_were():
+    # Three nodes move w: 0 and 1 along x, 2 along y (orthogonal to the others' sum: cosine 0).
+    # The guard loss is high exactly when node 2's update is in: it is dropped, unclipped, cosine 0.
+    params = {"w": torch.zeros(2)}
+    updates = {0: ({"w": torch.tensor([1.0, 0.0])}, 1.0), 1: ({"w": torch.tensor([1.0, 0.0])}, 1.0)}
+    updates[2] = ({"w": torch.tensor([0.0, 1.0])}, 1.0)
+    cfg = StrategyConfig(local_steps=10, merge=MergeSchedule(enabled=False), clip_shared=0.0)
+    guard = (lambda c: 1.0 + 10 * float(c["w"][1]), [1.0, 1.0, 1.0])
+    out = accept_round(params, updates, lambda n: {0, 1, 2}, OuterOptimizer(), cfg, 0, 1, guard)
+    assert list(out.dropped) == [2] and out.cosine[2] == 0.0
+    assert out.dropped[2].endswith("bar 1.02") and "clipped" not in out.dropped[2] and "cosine" not in out.dropped[2]
 
 
 # -- strikes and quarantine ---------------------------------------------------------------------
@@ -258,6 +304,7 @@ def test_strategy_drops_then_quarantines_the_attacker_and_moves_its_experts(flow
     assert rec.nodes["3"]["status"].startswith("dropped by the guard") and rec.guard["excluded"] == [3]
     assert all(rec.nodes[str(p)]["status"] == "ok" for p in (0, 1, 2)) and rec.valid_updates == 3
     assert rec.nodes["3"]["clipped_tensors"] > 0
+    assert rec.nodes["3"]["status"].endswith(", clipped, cosine -1.00 with the others")
     assert [rec.nodes[str(p)]["clipped_tensors"] for p in (0, 1, 2)] == [0, 0, 0]
     # Every update is a multiple of (target - model): 0.1 for the honest, -5 for the attacker. Each
     # one's sum of the others points the other way (0.3 against -5; -4.8 against 0.1): cosine -1.
