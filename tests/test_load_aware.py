@@ -5,6 +5,7 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
+from common import keys
 from common.codec import encode
 from common.spec import MergeSchedule, StrategyConfig
 from model.naming import expert_param_names, shared_param_names
@@ -453,3 +454,18 @@ def test_a_measured_uneven_ownership_stays_between_decisions(flower_task):
     assert s.owners == {0: (0, 1, 2, 3, 7), 1: (4, 5, 6)} and len(s.events) == 1
     _round(s, 3, None, [0.125] * 8, speed={0: 300.0, 1: 100.0})  # nobody left, joined or was dropped
     assert s.owners == {0: (0, 1, 2, 3, 7), 1: (4, 5, 6)} and len(s.events) == 1
+
+
+def test_a_zero_token_report_is_not_a_vote_and_the_median_is_taken_in_float64():
+    rows = ([[0.1, 0.2, 0.7]], [[0.3, 0.3, 0.4]], [[0.2, 0.25, 0.55]])
+    median = robust_load([(r, 10.0) for r in rows])
+    assert median[0] == pytest.approx([0.2, 0.25, 0.55], rel=1e-12, abs=0)  # float32 would be off by ~1e-8
+    # The third report carries no tokens: two reports are left, so their token-weighted mean.
+    mean = robust_load([(rows[0], 10.0), (rows[1], 30.0), (rows[2], 0.0)])
+    assert mean[0] == pytest.approx([0.25, 0.275, 0.475], rel=1e-9)
+
+
+def test_without_a_bias_rate_no_bias_is_kept_or_sent():
+    fed = FederationLoad(bias_rate=0.0)
+    fed.update([([[0.7, 0.1, 0.1, 0.1]], 10.0)])
+    assert fed.bias is None and keys.ROUTER_BIAS not in fed.train_config() and fed.eval_config() == {}

@@ -41,6 +41,10 @@ def test_uneven_split_every_expert_one_owner():
     assert all(len(own.trainers_of(e)) == 1 for e in range(10))
 
 
+def test_as_many_experts_as_nodes_gives_each_node_one():
+    assert contiguous_assignment(4, 4).owners == ((0,), (1,), (2,), (3,))
+
+
 def test_more_nodes_than_experts_rejected():
     with pytest.raises(ValueError, match="E >= N"):
         contiguous_assignment(3, 4)
