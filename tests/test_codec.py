@@ -217,3 +217,21 @@ def test_codec_settings_checked():
         with pytest.raises(ValueError, match="int8 block must be an integer >= 0"):
             Codec("int8", block)
     assert Codec("int8", 0).block == 0
+
+
+@pytest.mark.parametrize("version", [(2, 0), (3, 0)])
+def test_npy_headers_of_versions_2_and_3_decode(version):
+    t = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_2_0(buf, {"descr": "<f4", "fortran_order": False, "shape": (2, 3)})
+    data = buf.getvalue()
+    data = data[:6] + bytes(version) + data[8:] + t.numpy().tobytes()
+    record = ArrayRecord({"w": Array(dtype="float32", shape=(2, 3), stype="numpy.ndarray", data=data)})
+    assert torch.equal(decode(record, {"w": torch.zeros(2, 3)})["w"], t)
+
+
+def test_a_dtype_outside_the_accepted_ones_is_refused():
+    data = _npy((2,), 16, dtype="<c8")  # complex64: neither an object dtype nor one the codec takes
+    record = ArrayRecord({"w": Array(dtype="complex64", shape=(2,), stype="numpy.ndarray", data=data)})
+    with pytest.raises(DecodeError, match="dtype complex64 is not accepted"):
+        decode(record)
