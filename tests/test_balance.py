@@ -133,6 +133,18 @@ def test_the_federations_load_counts_only_with_a_weight():
     assert mixed.item() == pytest.approx(E * p5.item(), rel=1e-6)  # f is the federation's load alone
 
 
+def test_over_ranks_that_saw_the_same_tokens_the_loss_is_one_ranks():
+    """`reduce` sums over the ranks that split one batch: two ranks with identical halves see f and P
+    of the whole batch, which are those of either half."""
+    logits = torch.randn(T, E, generator=torch.Generator().manual_seed(6))
+    for mode in ("per_layer", "pooled"):
+        alone = balance_loss([logits, logits.flip(0)], E, 2, mode)
+        twice = balance_loss([logits, logits.flip(0)], E, 2, mode, reduce=lambda t: 2 * t)
+        assert twice.item() == pytest.approx(alone.item(), rel=1e-6)
+    summed = balance_loss([logits], E, 2, "per_layer", reduce=lambda t: t + 1)  # not a sum over ranks
+    assert summed.item() != pytest.approx(balance_loss([logits], E, 2, "per_layer").item(), rel=1e-3)
+
+
 def test_local_decay_scales_owned_counts():
     """Experts 0-3 owned at factor 0.7: each layer's collapsed expert has f = 0.7 * 1/2, loss 16 * 0.35 = 5.6."""
     logits = collapsed(first=[0, 1, 2, 3], second=[4, 5, 6, 7])
