@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 
 import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
+from test_strategy import H, I, make_strategy, run_round, toy_params
 
 from common import keys
+from common.codec import decode, encode
 from engine.inprocess import FIRST_NODE_ID, InProcessGrid, coordinator_identity
+from model.naming import expert_param_names
 from server_app import checkpoint
 from server_app.rounds import Collector, RunFailed, discover, setup_nodes
 
@@ -124,3 +128,113 @@ def test_checkpoints_keep_the_newest_two_bit_exact_and_skip_an_unreadable_one(tm
     assert state["round"] == 2 and torch.equal(got["w"], params["w"] + 2)
     assert "round-000003 unreadable" in caplog.text
     assert checkpoint.load_latest(tmp_path / "none") is None
+
+
+# -- the strategy's replies one by one, hand-built as in tests/test_strategy.py ----------------
+def test_replies_are_matched_to_the_messages_pushed_this_round(flower_task):
+    s = make_strategy()
+    msgs, _, replies = run_round(s, 1, encode(toy_params(0)), tokens=[100, 100])
+    stale = list(s.configure_train(1, None, ConfigRecord({}), None))[0]  # a message of an earlier push
+    stale.metadata.__dict__["_message_id"] = "earlier"
+    for i, m in enumerate(msgs):
+        m.metadata.__dict__["_message_id"] = f"m{i}"  # as the grid names a pushed message
+    s.register_sent(["m0", "m1"], msgs)
+    replies = [Message(r.content, reply_to=m) for r, m in zip(replies, msgs)]
+    late = Message(replies[0].content, reply_to=stale)  # node 7 again, answering the earlier message
+    s.aggregate_train(1, [late, *replies])
+    assert [n["status"] for n in s.history[-1].nodes.values()] == ["ok", "ok"]
+    s.configure_train(2, None, ConfigRecord({}), None)
+    s.register_sent(["m2", ""], msgs)  # the second push failed: no id
+    s.aggregate_train(2, [Message(replies[1].content, reply_to=msgs[1])])  # an id of round 1
+    assert [n["status"] for n in s.history[-1].nodes.values()] == ["no reply", "no reply"]
+
+
+def test_each_malformed_reply_is_refused_by_its_own_check(flower_task):
+    params = toy_params(0)
+    own1 = expert_param_names(params, [4])[0]  # an expert of partition 1
+    other = expert_param_names(params, [0])[0]  # one of partition 0's
+    cases = {
+        "arrays only": (None, "reply needs an ArrayRecord 'arrays' and a MetricRecord 'metrics'"),
+        "an expert it does not own": ({other: params[other]}, f"1 unexpected parameter(s), e.g. ['{other}']"),
+        "a wrong shape": ({own1: torch.zeros(3)}, f"{own1}: got (3,) float32, expected ({I}, {H}) float32"),
+        "too large a change": ({own1: params[own1] * 3}, f"{own1}: change"),
+    }
+    for case, (tamper, why) in cases.items():
+        s = make_strategy(max_update_ratio=0.5)
+        msgs, _, replies = run_round(s, 1, encode(params), tokens=[100, 100])
+        content = RecordDict({"arrays": replies[1].content["arrays"]})
+        if tamper is not None:
+            arrays = encode({**decode(replies[1].content["arrays"]), **tamper})
+            content = RecordDict({"arrays": arrays, "metrics": replies[1].content["metrics"]})
+        s.aggregate_train(1, [replies[0], Message(content, reply_to=msgs[1])])
+        status = s.history[-1].nodes["1"]["status"]
+        assert status.startswith(f"rejected: {why}"), (case, status)  # the wrong shape: found as decoded
+        assert s.history[-1].nodes["0"]["status"] == "ok"
+
+
+def test_a_round_record_accounts_each_node_on_its_own(flower_task):
+    from common.codec import payload_bytes, wire_bytes
+
+    params = toy_params(0)
+    s = make_strategy()
+
+    def poison(update):
+        return {**update, "model.norm.weight": torch.full_like(update["model.norm.weight"], math.nan)}
+
+    msgs, _, replies = run_round(s, 1, encode(params), tokens=[100, 300], tamper={1: poison})
+    _, metrics = s.aggregate_train(1, replies)
+    rec = s.history[-1]
+    assert [rec.nodes[k]["partition_id"] for k in ("0", "1")] == [0, 1]
+    assert (rec.nodes["1"]["bytes_up"], rec.nodes["1"]["wire_bytes_up"]) == (0, 0)  # rejected: nothing counted up
+    assert dict(metrics) == {
+        "global_step": 10.0,
+        "merge_alpha": 0.0,
+        "tokens": 100.0,
+        "bytes_up": float(rec.nodes["0"]["bytes_up"]),
+        "bytes_down": float(sum(payload_bytes(m.content["arrays"]) for m in msgs)),
+    }
+    # Round 2: partition 1 needs the whole model again, partition 0 only what it does not own.
+    msgs, _, replies = run_round(s, 2, None, tokens=[100, 100])
+    s.aggregate_train(2, replies)
+    nodes = s.history[-1].nodes
+    sizes = [payload_bytes(m.content["arrays"]) for m in msgs]
+    assert sizes[0] < sizes[1] and [nodes[k]["bytes_down"] for k in ("0", "1")] == sizes
+    assert [nodes[k]["wire_bytes_down"] for k in ("0", "1")] == [wire_bytes(m.content["arrays"]) for m in msgs]
+
+
+def test_a_second_reply_voids_the_partitions_round_and_no_other(flower_task):
+    params = toy_params(0)
+    s = make_strategy()
+
+    def poison(update):
+        return {**update, "model.norm.weight": torch.full_like(update["model.norm.weight"], math.nan)}
+
+    msgs, _, replies = run_round(s, 1, encode(params), tokens=[100, 100], tamper={0: poison})
+    again = Message(replies[0].content, reply_to=msgs[0])  # partition 0's rejected reply, sent twice
+    s.aggregate_train(1, [replies[0], again, replies[1]])
+    nodes = s.history[-1].nodes
+    assert nodes["0"]["status"] == "rejected: duplicate reply" and nodes["1"]["status"] == "ok"
+
+
+def test_an_error_reply_first_leaves_the_other_replies_of_the_round(flower_task):
+    from flwr.app import Error
+
+    s = make_strategy()
+    msgs, _, replies = run_round(s, 1, encode(toy_params(0)), tokens=[100, 100])
+    failed = Message(Error(code=1, reason="out of memory"), reply_to=msgs[0])
+    s.aggregate_train(1, [failed, replies[1]])
+    nodes = s.history[-1].nodes
+    assert nodes["0"]["status"] == "error: out of memory" and nodes["1"]["status"] == "ok"
+
+
+def test_with_min_nodes_0_a_round_needs_every_node(flower_task):
+    def poison(update):
+        return {**update, "model.norm.weight": torch.full_like(update["model.norm.weight"], math.nan)}
+
+    s = make_strategy(min_nodes=0)
+    before = toy_params(0)
+    _, _, replies = run_round(s, 1, encode(before), tokens=[100, 100], tamper={1: poison})
+    s.aggregate_train(1, replies)
+    rec = s.history[-1]
+    assert not rec.applied and rec.refused == "1 valid update(s), quorum 2"
+    assert all(torch.equal(s.params[n], before[n]) for n in before) and s.global_step == 0
