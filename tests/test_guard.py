@@ -245,10 +245,13 @@ def test_strikes_quarantine_for_good():
     assert restored.members[1].quarantined and not restored.members[1].active and restored.members[1].strikes == 3
 
 
-def _guarded_strategy(target):
-    cfg = StrategyConfig(local_steps=10, merge=MergeSchedule(enabled=False), guard=GuardConfig(strikes=2))
-    s = SpesStrategy(cfg, E, {7: 0, 11: 1, 13: 2, 17: 3}, num_rounds=5)
+def _guarded_strategy(target, num_rounds=5, **guard):
+    """Four nodes, the guard scoring the distance to `target` (where honest nodes step to, see _round)."""
+    guard = GuardConfig(**{"strikes": 2, **guard})
+    cfg = StrategyConfig(local_steps=10, merge=MergeSchedule(enabled=False), guard=guard)
+    s = SpesStrategy(cfg, E, {7: 0, 11: 1, 13: 2, 17: 3}, num_rounds=num_rounds)
     s.guard_score = _distance_to(target)
+    s.target = target
     return s
 
 
@@ -269,7 +272,6 @@ def test_strategy_drops_then_quarantines_the_attacker_and_moves_its_experts(flow
     params = toy_params(0)
     target = {n: torch.zeros_like(t) for n, t in params.items()}
     s = _guarded_strategy(target)
-    s.target = target
     _round(s, 1, encode(params), attacker=3)
     rec = s.history[-1]
     assert rec.nodes["3"]["status"].startswith("dropped by the guard") and rec.guard["excluded"] == [3]
@@ -461,10 +463,7 @@ def test_clipping_counts_each_clipped_tensor_and_reports_the_largest_ratio_per_k
 def test_the_guard_keeps_the_losses_of_the_last_window_plus_one_accepted_models(flower_task):
     params = toy_params(0)
     target = {n: torch.zeros_like(t) for n, t in params.items()}
-    cfg = StrategyConfig(local_steps=10, merge=MergeSchedule(enabled=False), guard=GuardConfig(window=3))
-    s = SpesStrategy(cfg, E, {7: 0, 11: 1, 13: 2, 17: 3}, num_rounds=6)
-    s.guard_score = _distance_to(target)
-    s.target = target
+    s = _guarded_strategy(target, num_rounds=6, window=3)
     scores = [s.guard_score(params)]  # the model the run starts from
     for rnd in range(1, 6):
         _round(s, rnd, encode(params) if rnd == 1 else None, attacker=None)
@@ -475,10 +474,7 @@ def test_the_guard_keeps_the_losses_of_the_last_window_plus_one_accepted_models(
 def test_one_strike_quarantines_at_the_first_dropped_update(flower_task):
     params = toy_params(0)
     target = {n: torch.zeros_like(t) for n, t in params.items()}
-    cfg = StrategyConfig(local_steps=10, merge=MergeSchedule(enabled=False), guard=GuardConfig(strikes=1))
-    s = SpesStrategy(cfg, E, {7: 0, 11: 1, 13: 2, 17: 3}, num_rounds=5)
-    s.guard_score = _distance_to(target)
-    s.target = target
+    s = _guarded_strategy(target, strikes=1)
     _round(s, 1, encode(params), attacker=3)
     quarantine, reassign = s.events
     assert quarantine == {"round": 1, "event": "quarantine", "partition": 3}

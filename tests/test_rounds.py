@@ -131,6 +131,11 @@ def test_checkpoints_keep_the_newest_two_bit_exact_and_skip_an_unreadable_one(tm
 
 
 # -- the strategy's replies one by one, hand-built as in tests/test_strategy.py ----------------
+def _nan_norm(update):
+    """A node's update with a NaN final norm weight: refused by the strategy's checks."""
+    return {**update, "model.norm.weight": torch.full_like(update["model.norm.weight"], math.nan)}
+
+
 def test_replies_are_matched_to_the_messages_pushed_this_round(flower_task):
     s = make_strategy()
     msgs, _, replies = run_round(s, 1, encode(toy_params(0)), tokens=[100, 100])
@@ -178,10 +183,7 @@ def test_a_round_record_accounts_each_node_on_its_own(flower_task):
     params = toy_params(0)
     s = make_strategy()
 
-    def poison(update):
-        return {**update, "model.norm.weight": torch.full_like(update["model.norm.weight"], math.nan)}
-
-    msgs, _, replies = run_round(s, 1, encode(params), tokens=[100, 300], tamper={1: poison})
+    msgs, _, replies = run_round(s, 1, encode(params), tokens=[100, 300], tamper={1: _nan_norm})
     _, metrics = s.aggregate_train(1, replies)
     rec = s.history[-1]
     assert [rec.nodes[k]["partition_id"] for k in ("0", "1")] == [0, 1]
@@ -206,10 +208,7 @@ def test_a_second_reply_voids_the_partitions_round_and_no_other(flower_task):
     params = toy_params(0)
     s = make_strategy()
 
-    def poison(update):
-        return {**update, "model.norm.weight": torch.full_like(update["model.norm.weight"], math.nan)}
-
-    msgs, _, replies = run_round(s, 1, encode(params), tokens=[100, 100], tamper={0: poison})
+    msgs, _, replies = run_round(s, 1, encode(params), tokens=[100, 100], tamper={0: _nan_norm})
     again = Message(replies[0].content, reply_to=msgs[0])  # partition 0's rejected reply, sent twice
     s.aggregate_train(1, [replies[0], again, replies[1]])
     nodes = s.history[-1].nodes
@@ -228,12 +227,9 @@ def test_an_error_reply_first_leaves_the_other_replies_of_the_round(flower_task)
 
 
 def test_with_min_nodes_0_a_round_needs_every_node(flower_task):
-    def poison(update):
-        return {**update, "model.norm.weight": torch.full_like(update["model.norm.weight"], math.nan)}
-
     s = make_strategy(min_nodes=0)
     before = toy_params(0)
-    _, _, replies = run_round(s, 1, encode(before), tokens=[100, 100], tamper={1: poison})
+    _, _, replies = run_round(s, 1, encode(before), tokens=[100, 100], tamper={1: _nan_norm})
     s.aggregate_train(1, replies)
     rec = s.history[-1]
     assert not rec.applied and rec.refused == "1 valid update(s), quorum 2"
