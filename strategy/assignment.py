@@ -38,12 +38,16 @@ class Ownership:
         own.validate(exclusive=False)  # a saved assignment may be SPES's (one owner each) or a baseline's (all)
         return own
 
-    def validate(self, exclusive: bool = True) -> None:
-        """Every expert is trained by someone; with `exclusive`, by exactly one node."""
+    def check_range(self) -> None:
+        """Every expert named exists in the model (some may have no owner yet)."""
         for p, experts in enumerate(self.owners):
             bad = [e for e in experts if not 0 <= e < self.num_experts]
             if bad:
                 raise ValueError(f"node {p} owns experts {bad} outside [0, {self.num_experts})")
+
+    def validate(self, exclusive: bool = True) -> None:
+        """Every expert is trained by someone; with `exclusive`, by exactly one node."""
+        self.check_range()
         for e in range(self.num_experts):
             n = len(self.trainers_of(e))
             if n == 0:

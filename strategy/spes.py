@@ -26,7 +26,7 @@ from common.codec import DecodeError, decode, encode, payload_bytes, wire_bytes
 from common.spec import MergeSchedule, StrategyConfig
 from model.naming import expert_param_names, parse_expert_param, trained_param_names
 from strategy.acceptance import Outcome, accept_round
-from strategy.assignment import make_assignment, rank_partitions, rebalance
+from strategy.assignment import Ownership, make_assignment, rank_partitions, rebalance
 from strategy.federated_eval import federated_loss
 from strategy.federation_load import FederationLoad
 from strategy.load_aware import propose_owners
@@ -475,9 +475,8 @@ class SpesStrategy(Strategy):
             for p, experts in state["owners"].items()
             if self.members.get(int(p)) and self.members[int(p)].active
         }
-        outside = sorted({e for experts in self.owners.values() for e in experts if not 0 <= e < self.num_experts})
-        if outside:
-            raise ValueError(f"the saved owners hold experts {outside} outside [0, {self.num_experts}): another model?")
+        # The saved owners may leave experts orphaned (reassigned below), never name one the model lacks.
+        Ownership(self.num_experts, tuple(self.owners[p] for p in sorted(self.owners))).check_range()
         buffers = dict(buffers or {})
         shadow = {k[len(SHADOW) :]: buffers.pop(k) for k in list(buffers) if k.startswith(SHADOW)}
         self.outer.buffers = {k: v.clone() for k, v in buffers.items()}
