@@ -25,7 +25,6 @@ import pytest
 from micro import MICRO_MODEL
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
-from tls_certs import make_node_key, make_tls
 
 from engine.flwr_config import find_free_port
 from engine.processes import ProcessGroup
@@ -213,7 +212,11 @@ def test_readme_federation_recipe_with_tls_and_node_auth(tmp_path):
     (name,) = conn_toml["superlink"]
     n_nodes, port = 2, find_free_port()
     coord = tmp_path / "coordinator"
-    make_tls(coord)  # ca.crt, server.pem, server.key where the README's SuperLink command expects them
+    coord.mkdir()
+    env, certs_cmd = find(cmds, "python", "-m", "federation.certs", "server")
+    group = ProcessGroup()
+    res = run_cli(substitute(certs_cmd, {"<coordinator>": "127.0.0.1"}), user_env(group, coord, env), coord)
+    assert res.returncode == 0, res.stderr  # ca.crt, server.pem, server.key where the SuperLink command expects them
     home = coord / "flwr-home"
     home.mkdir()
     conn_toml["superlink"][name] = {
@@ -226,7 +229,6 @@ def test_readme_federation_recipe_with_tls_and_node_auth(tmp_path):
 
     (home / "config.toml").write_text(tomli_w.dumps(conn_toml))
 
-    group = ProcessGroup()
     try:
         env, link_cmd = find(cmds, "flower-superlink")
         link_cmd = substitute(link_cmd, {"0.0.0.0": "127.0.0.1", "8000": str(port)})
@@ -242,10 +244,14 @@ def test_readme_federation_recipe_with_tls_and_node_auth(tmp_path):
         )
 
         env_node, node_cmd = find(cmds, "flower-supernode")
+        env_key, key_cmd = find(cmds, "python", "-m", "federation.certs", "node-key")
         nodes, node_homes = [], []
         for i in range(n_nodes + 1):  # the last one is never registered
             site = tmp_path / f"institution-{i}"
-            key, public = make_node_key(site, "node")  # ssh-keygen -t ecdsa -b 384 -f node.key
+            site.mkdir()
+            res = run_cli(key_cmd, user_env(group, site / "flwr-home", env_key), site)
+            assert res.returncode == 0, res.stderr
+            public = site / "node.key.pub"
             if i < n_nodes:
                 (coord / "node.key.pub").write_bytes(public.read_bytes())  # sent to the coordinator
                 res = run_cli(register, coord_env, coord)

@@ -20,12 +20,12 @@ import uuid
 from pathlib import Path
 
 import pytest
-from tls_certs import make_node_key, make_tls
 
 from engine import flwr_config
 from engine.deployment import LocalDeployment
 from engine.flwr_config import TlsFiles
 from engine.launcher import SimulationSuperLink, run_app
+from federation.certs import write_node_key, write_server_certs
 
 TOY_APP = Path(__file__).parent / "fixtures" / "toy_app"
 NOTE = "model=tiny nodes=4"  # a string value with spaces and '=' must survive
@@ -242,9 +242,9 @@ def test_local_deployment_two_supernodes(tmp_path: Path, no_leftovers, flwr_home
     """TLS SuperLink and two SuperNodes with registered keys (the app's own loopback run is the
     README recipe in test_documented_paths)."""
     out = tmp_path / "dep.json"
-    certs = make_tls(tmp_path / "certs")
+    certs = write_server_certs(tmp_path / "certs", ["127.0.0.1", "localhost"])
     tls = TlsFiles(certs["ca.crt"], certs["server.pem"], certs["server.key"])
-    keys = [make_node_key(tmp_path / "keys", f"node{i}") for i in range(2)]
+    keys = [write_node_key(tmp_path / "keys", f"node{i}") for i in range(2)]
     t0 = time.monotonic()
     with LocalDeployment(tmp_path / "run", num_nodes=2, tls=tls, node_keys=keys) as dep:
         assert "running on https://127.0.0.1" in dep.log_file.read_text()  # the SuperLink serves TLS only

@@ -7,6 +7,7 @@ functions included), so a rule breaks the moment someone writes the import.
 - a node (client_app/) never imports the coordinator, the strategy, the engines or the lab;
 - the strategy knows no training loop and no node;
 - the coordinator (server_app/) never imports the node, the engines or the lab;
+- federation/ (the operator's certificates and keys) stands apart from the method and the lab;
 - nothing imports sim/ (the command), and nothing outside bench/ and faults/ imports them;
 - no circles, between packages or between modules.
 """
@@ -30,6 +31,7 @@ FORBIDDEN = {
     "server_app": {"client_app", "engine", *LAB},
     "engine": LAB,
     "evaluation": {"client_app", "engine", *LAB},
+    "federation": {"client_app", "server_app", "strategy", "engine", "training", "model", "data", *LAB},
 }
 
 
