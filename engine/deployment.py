@@ -37,6 +37,7 @@ class LocalDeployment(FlowerLocal):
     With ``node_keys`` (one ``(private, public)`` OpenSSH key pair per node) the SuperLink
     runs ``--enable-supernode-auth``, each public key is registered with ``flwr supernode
     register`` and each SuperNode signs in with ``--auth-supernode-private-key``.
+    ``supernode_cmd`` replaces ``flower-supernode`` (e.g. ``python -m client_app.supernode``).
     """
 
     connection = LOCAL_CONNECTION
@@ -53,8 +54,10 @@ class LocalDeployment(FlowerLocal):
         tls: TlsFiles | None = None,
         node_keys: Sequence[tuple[Path, Path]] | None = None,
         extra_env: Mapping[str, str] | None = None,
+        supernode_cmd: Sequence[str] | None = None,
     ) -> None:
         super().__init__(run_dir, log_file, startup_timeout, stop_grace, tls, extra_env)
+        self.supernode_cmd = list(supernode_cmd or [flower_exe("flower-supernode")])
         if num_nodes < 1:
             raise ValueError("num_nodes must be >= 1")
         if node_keys is not None and len(node_keys) != num_nodes:
@@ -119,7 +122,7 @@ class LocalDeployment(FlowerLocal):
         if private_key is not None:
             security += ["--auth-supernode-private-key", str(Path(private_key).resolve())]
         cmd = [
-            flower_exe("flower-supernode"),
+            *self.supernode_cmd,
             *security,
             "--superlink",
             self.address,

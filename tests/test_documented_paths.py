@@ -243,7 +243,7 @@ def test_readme_federation_recipe_with_tls_and_node_auth(tmp_path):
             f"the SuperLink to serve (log: {link_log})",
         )
 
-        env_node, node_cmd = find(cmds, "flower-supernode")
+        env_node, node_cmd = find(cmds, "python", "-m", "client_app.supernode")
         env_key, key_cmd = find(cmds, "python", "-m", "federation.certs", "node-key")
         nodes, node_homes = [], []
         for i in range(n_nodes + 1):  # the last one is never registered
@@ -319,6 +319,8 @@ def test_readme_federation_recipe_with_tls_and_node_auth(tmp_path):
     assert summary["final_val_loss"] < summary["first_val_loss"]
     # Each node kept its state in its own node-config work-dir, nowhere else.
     for i in range(n_nodes):
+        node_log = (tmp_path / f"institution-{i}" / "supernode.log").read_text()
+        assert f"app pinned to {ROOT}" in node_log  # ... and ran the bundle only because it is this checkout
         assert [p.name for p in (tmp_path / f"institution-{i}" / "work").glob("*/partition-*")] == [f"partition-{i}"]
         # ... written after the reply by a process Flower then ends: complete, no save left under way.
         node_dir = next((tmp_path / f"institution-{i}" / "work").glob("*/partition-*"))

@@ -20,6 +20,8 @@ import uuid
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from engine import flwr_config
 from engine.deployment import LocalDeployment
@@ -259,3 +261,39 @@ def test_local_deployment_two_supernodes(tmp_path: Path, no_leftovers, flwr_home
     assert _read(out) == {"rounds": 2, "note": NOTE, "pids": [0, 1], "sum": [9.0] * 3}
     assert (tmp_path / "run" / "supernode-0.log").exists()
     print(f"\n[timing] deployment start {started:.1f}s, toy run {ran:.1f}s, stop {stopped:.1f}s")
+
+
+# ------------------------------------------------------------- the pinned SuperNode
+def _toy_copy(dest: Path, bump: str | None = None) -> Path:
+    shutil.copytree(TOY_APP, dest)
+    if bump is not None:  # one changed line: what a foreign bundle looks like to a node
+        path = dest / "spes_toy.py"
+        path.write_text(path.read_text().replace("+ pid + 1", bump))
+    return dest
+
+
+def test_pinned_supernode_runs_its_checkout_and_refuses_any_other_bundle(tmp_path: Path, no_leftovers) -> None:
+    """`python -m client_app.supernode --pin <checkout>` (a real SuperNode and SuperExec): the
+    checkout's bundle runs; a bundle with one line changed is refused before it is installed,
+    and the node's log names the file. Flower's own `--trusted-entities` refuses even the
+    checkout's bundle: a self-hosted SuperLink never attaches signatures (only Flower Hub's do)."""
+    pinned, foreign = _toy_copy(tmp_path / "checkout"), _toy_copy(tmp_path / "foreign", "+ pid + 2")
+    cfg = {"min-nodes": 1, "num-rounds": 1}
+    cmd = [sys.executable, "-m", "client_app.supernode", "--pin", str(pinned)]
+    with LocalDeployment(tmp_path / "pin", num_nodes=1, supernode_cmd=cmd) as dep:
+        assert dep.run(pinned, {**cfg, "out-file": str(tmp_path / "ok.json")}, timeout_s=120) == 0
+        assert _read(tmp_path / "ok.json")["sum"] == [1.0, 1.0, 1.0]
+        assert dep.run(foreign, {**cfg, "out-file": str(tmp_path / "foreign.json")}, timeout_s=120) != 0
+    log = dep.node_log(0).read_text()
+    assert "differs from this node's checkout" in log and "changed: spes_toy.py" in log, log[-3000:]
+    assert not (tmp_path / "foreign.json").exists()
+    installed = [p.name for p in (dep.node_dir(0) / ".flwr" / "apps").iterdir()]
+    assert len(installed) == 1, installed  # the foreign bundle never reached the disk as an app
+
+    trusted = tmp_path / "trusted.yaml"
+    public = ed25519.Ed25519PrivateKey.generate().public_key()
+    trusted.write_text(f"fed: {public.public_bytes(Encoding.OpenSSH, PublicFormat.OpenSSH).decode()}\n")
+    flower_cmd = [str(Path(sys.executable).parent / "flower-supernode"), "--trusted-entities", str(trusted)]
+    with LocalDeployment(tmp_path / "trusted", num_nodes=1, supernode_cmd=flower_cmd) as dep:
+        assert dep.run(pinned, {**cfg, "out-file": str(tmp_path / "trusted.json")}, timeout_s=120) != 0
+    assert "not supported by the connected SuperLink" in dep.node_log(0).read_text()
