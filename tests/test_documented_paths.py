@@ -95,6 +95,14 @@ def with_overrides(argv: list[str], overrides: list[str]) -> list[str]:
 
 
 # ------------------------------------------------------------------------- helpers
+def readme_connection(section: dict[str, str], port: int, ca_crt: Path) -> dict[str, str]:
+    """The README's federation connection pointed at 127.0.0.1:<port> and a real ca.crt."""
+    return {
+        k: v.replace("<coordinator>", "127.0.0.1").replace("8000", str(port)).replace("/path/to/ca.crt", str(ca_crt))
+        for k, v in section.items()
+    }
+
+
 def user_env(group: ProcessGroup, flwr_home: Path, extra: dict[str, str]) -> dict[str, str]:
     """A user's shell with the venv activated: nothing of the launcher's own settings for
     dependency installation, only what the README command sets."""
@@ -209,7 +217,7 @@ def test_readme_federation_recipe_with_tls_and_node_auth(tmp_path):
     section = readme_section("Running on a real federation")
     cmds = commands(section)
     conn_toml = tomllib.loads(fenced(section, "toml")[0])
-    (name,) = conn_toml["superlink"]
+    (name,) = set(conn_toml["superlink"]) - {"default", "local"}
     n_nodes, port = 2, find_free_port()
     coord = tmp_path / "coordinator"
     coord.mkdir()
@@ -219,12 +227,7 @@ def test_readme_federation_recipe_with_tls_and_node_auth(tmp_path):
     assert res.returncode == 0, res.stderr  # ca.crt, server.pem, server.key where the SuperLink command expects them
     home = coord / "flwr-home"
     home.mkdir()
-    conn_toml["superlink"][name] = {
-        k: v.replace("<coordinator>", "127.0.0.1")
-        .replace("8000", str(port))
-        .replace("/path/to/ca.crt", str(coord / "ca.crt"))
-        for k, v in conn_toml["superlink"][name].items()
-    }
+    conn_toml["superlink"][name] = readme_connection(conn_toml["superlink"][name], port, coord / "ca.crt")
     import tomli_w
 
     (home / "config.toml").write_text(tomli_w.dumps(conn_toml))
@@ -354,6 +357,15 @@ def test_flwr_run_dot_local_simulation(tmp_path):
     )
     cmd = [re.sub(r"num-supernodes=\d+", "num-supernodes=2", a) for a in cmd]
     home = tmp_path / "flwr-home"
+    home.mkdir()
+    # The README's config.toml as written (its federation entry unused here): `flwr run .` with no
+    # connection name must still reach the local simulation.
+    import tomli_w
+
+    conn_toml = tomllib.loads(fenced(readme_section("Running on a real federation"), "toml")[0])
+    (name,) = set(conn_toml["superlink"]) - {"default", "local"}
+    conn_toml["superlink"][name] = readme_connection(conn_toml["superlink"][name], 9, tmp_path / "ca.crt")
+    (home / "config.toml").write_text(tomli_w.dumps(conn_toml))
     group = ProcessGroup()
     shell = user_env(
         group,
