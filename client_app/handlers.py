@@ -72,7 +72,7 @@ def _node(content: RecordDict, node_config: NodeConfig) -> tuple[NodeContext, Co
         settings.partition_id,
         settings.num_partitions,
         own_data,
-        settings.progress,
+        settings.show_progress(spec),
     )
     return ctx, cfg
 

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 # Environment of a node process (the simulation launcher sets them for its virtual nodes).
 ENV_WORK_DIR = "SPES_NODE_WORK_DIR"
 ENV_COMMON_DATA = "SPES_NODE_COMMON_DATA"  # local copy of the run's common corpus (sharded like any source)
-ENV_PROGRESS = "SPES_NODE_PROGRESS"  # "0": no per-step progress bar
+ENV_PROGRESS = "SPES_NODE_PROGRESS"  # "1"/"0": per-step progress bar or not, whatever the run says
 DEFAULT_WORK_DIR = "~/.cache/spes-flower/nodes"
 _TOKEN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
@@ -50,6 +50,22 @@ def node_gpus(cfg: Mapping[str, Any]) -> int:
     return value
 
 
+def _progress(cfg: Mapping[str, Any], env: Mapping[str, str]) -> bool | None:
+    """The node's own say on per-step progress bars: the environment, else node-config progress, else None."""
+    if ENV_PROGRESS in env:
+        return env[ENV_PROGRESS] != "0"
+    value = cfg.get("progress")
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in ("true", "1", "on"):
+        return True
+    if str(value).lower() in ("false", "0", "off"):
+        return False
+    raise NodeSetupError(f"node-config progress must be true or false, got {value!r}")
+
+
 class NodeSetupError(ValueError):
     """This node cannot take part as configured; the message says what to set."""
 
@@ -61,7 +77,7 @@ class NodeSettings:
     work_root: Path
     own_data: str | None = None  # node-config data-source: train on all of it instead of a shard
     common_data: str | None = None  # node-config common-data: where this node keeps the run's corpus
-    progress: bool = True
+    progress: bool | None = None  # None: the run's logging.node_progress decides (see show_progress)
     # What this node agrees to run, whatever the coordinator sends (node-config max-*).
     max_local_steps: int = 10_000
     max_params: int = 20_000_000_000
@@ -87,9 +103,13 @@ class NodeSettings:
             work_root=Path(root).expanduser().resolve(),
             own_data=str(cfg["data-source"]) if cfg.get("data-source") else None,
             common_data=str(cfg.get("common-data") or env.get(ENV_COMMON_DATA) or "") or None,
-            progress=env.get(ENV_PROGRESS, "1") != "0",
+            progress=_progress(cfg, env),
             **_limits(cfg),
         )
+
+    def show_progress(self, spec: RunSpec) -> bool:
+        """Per-step progress bars: the node's own say if it has one, else the run's logging.node_progress."""
+        return spec.logging.node_progress if self.progress is None else self.progress
 
     def check_run(self, spec: RunSpec, local_steps: int | None = None) -> None:
         """Refuse a run (or a round of `local_steps`) beyond this node's limits, naming the node-config key."""

@@ -329,7 +329,7 @@ class LoggingConfig:
     tensorboard: bool = False
     wandb: bool = False
     wandb_project: str = "spes-flower"
-    node_progress: bool = False  # per-step progress bars on the nodes in simulation
+    node_progress: bool = False  # per-step progress bars on the nodes, unless a node says otherwise
 
 
 @dataclass

@@ -109,3 +109,21 @@ def test_node_refuses_runs_beyond_its_limits(tmp_path):
         NodeSettings.from_node_config(base, env={}).check_run(spec, local_steps=10**9)
     with pytest.raises(NodeSetupError, match="max-local-steps must be a positive integer"):
         NodeSettings.from_node_config({**base, "max-local-steps": "many"}, env={})
+
+
+def test_progress_bars_are_the_nodes_call_else_the_runs(tmp_path):
+    from client_app.node_settings import ENV_PROGRESS, NodeSettings, NodeSetupError
+    from common.spec import from_dict
+    from server_app.config import compose
+
+    base = {"partition-id": 0, "num-partitions": 2}
+    quiet, loud = (from_dict(compose([f"logging.node_progress={v}"])) for v in ("false", "true"))
+    runs_call = NodeSettings.from_node_config(base, env={})
+    assert (runs_call.show_progress(quiet), runs_call.show_progress(loud)) == (False, True)
+    node_on = NodeSettings.from_node_config({**base, "progress": "true"}, env={})
+    node_off = NodeSettings.from_node_config({**base, "progress": False}, env={})
+    assert (node_on.show_progress(quiet), node_off.show_progress(loud)) == (True, False)
+    env_off = NodeSettings.from_node_config({**base, "progress": True}, env={ENV_PROGRESS: "0"})
+    assert env_off.show_progress(loud) is False  # the environment wins over node-config
+    with pytest.raises(NodeSetupError, match="progress must be true or false"):
+        NodeSettings.from_node_config({**base, "progress": "sometimes"}, env={})
