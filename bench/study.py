@@ -114,9 +114,10 @@ def run_cell(
     """Train one cell; its record (overrides, losses by round, tokens, bytes, FLOPs, wall time)."""
     from bench import centralized
     from engine import inprocess
-    from engine.simulate import archive, node_environment
+    from engine.simulate import node_environment
     from server_app.config import load
     from server_app.config import run_dir as run_dir_of
+    from server_app.run_lock import move_aside
 
     overrides = cell_overrides(study, arm, point, seed)
     name = f"{study.name}-{arm.name}{'-' + point if point else ''}-s{seed}-{cell_id(overrides)}"
@@ -127,7 +128,7 @@ def run_cell(
         spec = load(full)
     else:
         spec = load([*full, "engine=inprocess"])
-        archive(run_dir_of(spec))  # what an interrupted attempt at this cell left
+        move_aside(run_dir_of(spec))  # what an interrupted attempt at this cell left
         run_dir_of(spec).mkdir(parents=True, exist_ok=True)
         inprocess.run(spec, node_environment(spec, run_dir_of(spec)), threads_per_node=threads)
     summary, rounds = read_run(run_dir_of(spec))

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import shlex
 import sys
-import time
 from pathlib import Path
 
 from client_app.node_settings import ENV_COMMON_DATA, ENV_PROGRESS, ENV_WORK_DIR
@@ -22,22 +21,9 @@ from server_app.config import ConfigError, load
 from server_app.config import run_dir as spec_run_dir
 from server_app.console import ENV_BAR
 from server_app.provenance import ENV_COMMAND, ENV_COMMIT, code_commit
-from server_app.run_lock import holder
+from server_app.run_lock import holder, move_aside
 
 APP_DIR = Path(__file__).resolve().parent.parent
-
-
-def archive(run_dir: Path) -> Path | None:
-    """Move an earlier run's directory to <run_dir>.<timestamp> so nothing it wrote is lost."""
-    if not run_dir.exists() or not any(run_dir.iterdir()):
-        return None
-    target = run_dir.with_name(f"{run_dir.name}.{time.strftime('%Y%m%d-%H%M%S')}")
-    n = 1
-    while target.exists():
-        target = run_dir.with_name(f"{run_dir.name}.{time.strftime('%Y%m%d-%H%M%S')}-{n}")
-        n += 1
-    run_dir.rename(target)
-    return target
 
 
 def node_environment(spec, run_dir: Path) -> dict[str, str]:
@@ -81,7 +67,7 @@ def simulate(argv: list[str]) -> int:
             print(f"config error: resume=true but {run_dir} holds no checkpoint", file=sys.stderr)
             return 2
         (run_dir / "summary.json").unlink(missing_ok=True)
-    elif (moved := archive(run_dir)) is not None:
+    elif (moved := move_aside(run_dir)) is not None:
         print(f"[sim] an earlier run in {run_dir} was moved to {moved}")
     run_config = {
         "overrides": " ".join(shlex.quote(a) for a in argv),

@@ -39,7 +39,7 @@ from server_app.console import RunConsole, say
 from server_app.provenance import provenance
 from server_app.report import write_report
 from server_app.rounds import Collector, RunFailed, admit_new_nodes, discover
-from server_app.run_lock import run_folder_lock
+from server_app.run_lock import move_aside, run_folder_lock
 from server_app.run_log import RunLog
 from server_app.summary import failure_report, summarize
 from strategy.federation_load import STARVING_ROUNDS, STARVING_SHARE
@@ -182,6 +182,9 @@ def run(grid: Grid, spec: RunSpec) -> dict:
     t_start = time.time()
     run_dir = run_config.run_dir(spec)
     ckpt_root = run_dir / "checkpoint"
+    if not spec.resume and (checkpoint.rounds(ckpt_root) or (run_dir / "run.json").exists()):
+        moved = move_aside(run_dir)  # an earlier run (flwr run twice with one run_name): kept, as python -m sim does
+        say(f"an earlier run in {run_dir} was moved to {moved}")
     run_dir.mkdir(parents=True, exist_ok=True)
     with run_folder_lock(run_dir):
         resumed = checkpoint.load_latest(ckpt_root) if spec.resume else None

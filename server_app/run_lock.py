@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import os
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -51,3 +52,18 @@ def holder(run_dir: Path) -> str | None:
             return fh.read().strip() or "another process"
         fcntl.flock(fh, fcntl.LOCK_UN)
     return None
+
+
+def move_aside(run_dir: Path) -> Path | None:
+    """Move an earlier run's folder to <run_dir>.<timestamp> so nothing it wrote is lost; None if
+    there is nothing to move. Refuses a folder a live coordinator holds."""
+    if not run_dir.exists() or not any(run_dir.iterdir()):
+        return None
+    if (busy := holder(run_dir)) is not None:
+        raise ConfigError(f"{run_dir} is in use by a running coordinator ({busy}); wait for it to end or stop it first")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target, n = run_dir.with_name(f"{run_dir.name}.{stamp}"), 1
+    while target.exists():
+        target, n = run_dir.with_name(f"{run_dir.name}.{stamp}-{n}"), n + 1
+    run_dir.rename(target)
+    return target

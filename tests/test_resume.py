@@ -56,3 +56,21 @@ def test_a_resumed_diloco_run_ends_where_an_uninterrupted_one_does(tmp_path):
         assert all(a[k].equal(b[k]) for k in a), (name, [k for k in a if not a[k].equal(b[k])][:3])
     outer = load_file(tmp_path / "resumed" / "r" / "checkpoint" / "round-000001" / "outer.safetensors")
     assert any(float(v.abs().max()) > 0 for v in outer.values())  # there was momentum to lose
+
+
+def test_the_coordinator_moves_an_earlier_run_aside_instead_of_failing(tmp_path):
+    """`flwr run` twice with one run_name (no python -m sim in front to move the folder): the
+    coordinator keeps the earlier run under <run>.<timestamp> and starts afresh."""
+    from engine import inprocess
+    from engine.simulate import node_environment
+    from server_app.config import load
+
+    out = f"output_dir={tmp_path}"
+    assert _sim([*BASE, "rounds=1", out])[0] == 0
+    first = (tmp_path / "r" / "run.json").read_bytes()
+    spec = load([*BASE, "rounds=1", out])
+    summary = inprocess.run(spec, node_environment(spec, tmp_path / "r"))
+    assert summary["rounds"] == 1
+    (moved,) = [p for p in tmp_path.iterdir() if p.name.startswith("r.")]
+    assert (moved / "run.json").read_bytes() == first and (moved / "checkpoint" / "round-000001").is_dir()
+    assert "resumes" not in json.loads((tmp_path / "r" / "run.json").read_text())  # a new run, not a resume
