@@ -323,3 +323,88 @@ def test_versioned_downlink_commit_of_a_node_never_sent_anything_and_an_unexpect
     reply = ArrayRecord(_fp32_diff("a", torch.zeros(2)) | _fp32_diff("x", torch.zeros(2)))
     with pytest.raises(InvalidUpdate, match=r"1 unexpected parameter\(s\), e.g. \['x'\]"):
         vd.reconstruct(reply, {"a"}, own=set())
+
+
+def _reply_ctx(codec: str, error_feedback: bool, partition: int = 0) -> NodeContext:
+    raw = compose(
+        ["strategy.delta_sync=true", f"strategy.uplink_codec={codec}", f"strategy.error_feedback={error_feedback}"]
+    )
+    return NodeContext(from_dict(raw), None, None, partition, 4, progress=False)
+
+
+def test_uplink_carries_the_difference_plus_last_rounds_residual_only_where_it_fits():
+    """fp32 uplink (lossless): what is sent is trained - base + the saved residual of the same
+    name and shape; a residual of a tensor not trained now, or of another shape, is dropped."""
+    from client_app.local_round import _delta_reply
+    from common.codec import decode_delta
+
+    base = {"a": torch.tensor([1.0, 2.0]), "b": torch.tensor([0.5, 0.5, 0.5])}
+    trained = {"a": torch.tensor([1.5, 1.0]), "b": torch.tensor([1.0, 0.0, 0.5])}
+    saved = NodeState(residual={"a": torch.tensor([0.25, 0.25]), "b": torch.zeros(2), "gone": torch.ones(3)})
+    ctx = _reply_ctx("fp32", True)
+    arrays, residual, own = _delta_reply(ctx, trained, base, saved, ["b"])
+    sent = decode_delta(arrays, base, ctx.spec.strategy.uplink)
+    assert sent["a"].tolist() == [0.75, -0.75]  # 0.5 + 0.25, -1.0 + 0.25
+    assert sent["b"].tolist() == [0.5, -0.5, 0.0]  # its residual had another shape: dropped
+    assert set(residual) == {"a", "b"} and all(not r.any() for r in residual.values())  # lossless: none left
+    assert set(own) == {"b"} and own["b"].tolist() == [0.5, -0.5, 0.0]
+    off_ctx = _reply_ctx("fp32", False)
+    arrays_off, off, _ = _delta_reply(off_ctx, trained, base, saved, [])
+    assert off == {}  # error feedback off: no residual kept ...
+    assert decode_delta(arrays_off, base, off_ctx.spec.strategy.uplink)["a"].tolist() == [0.5, -1.0]  # ... none added
+
+
+def test_int8_uplink_residual_is_what_quantisation_left_out():
+    from client_app.local_round import _delta_reply
+    from common.codec import decode_delta
+
+    torch.manual_seed(0)
+    base = {"w": torch.randn(4, 64)}
+    trained = {"w": base["w"] + 0.01 * torch.randn(4, 64)}
+    ctx = _reply_ctx("int8", True)
+    arrays, residual, own = _delta_reply(ctx, trained, base, None, ["w"])
+    sent = decode_delta(arrays, base, ctx.spec.strategy.uplink)["w"]
+    diff = trained["w"] - base["w"]
+    assert not torch.equal(sent, diff)  # int8 is lossy here
+    assert torch.equal(residual["w"], diff - sent) and torch.equal(own["w"], sent)
+
+
+def _copy_state(step: int) -> NodeState:
+    base = {"a": torch.tensor([1.0, 1.0]), "b": torch.tensor([2.0, 2.0, 2.0])}
+    return NodeState(global_step=step, base=base, residual={"a": torch.ones(2)})
+
+
+def test_a_round_starts_from_the_state_it_continues(tmp_path):
+    """Which saved copy a delta-sync round continues: on a full resync the state at the round's
+    start (the kept one in memory first), else the newest one before it, its residual cleared; on
+    a delta, the state at the message's base step (step 0 included) with the moves applied."""
+    from client_app.local_round import DeltaDownlink, NeedsFullModel, _delta_start
+    from client_app.resident import ResidentNode
+
+    ctx = _reply_ctx("fp32", True, partition=3)
+    expected = {"a": torch.zeros(2), "b": torch.zeros(3)}
+    whole = to_record({"a": np.full(2, 5.0, np.float32), "b": np.full(3, 6.0, np.float32)})
+    moves = to_record(encode_delta({"a": torch.tensor([0.5, -0.5])}, Codec("fp32", 64)))
+    root = tmp_path / "state"
+    for step in (4, 8):
+        _copy_state(step).save(root)
+    tensors, saved = _delta_start(ctx, DeltaDownlink(whole, -1, False), expected, True, 8, root, None)
+    assert saved.global_step == 8 and saved.residual == {} and tensors["a"].tolist() == [5.0, 5.0]
+    _, saved = _delta_start(ctx, DeltaDownlink(whole, -1, False), expected, True, 12, root, None)
+    assert saved.global_step == 8  # the node missed a round: its newest state before the start
+    kept = ResidentNode(None, None, {}, None, _copy_state(10))  # in memory, not (yet) on disk
+    _, saved = _delta_start(ctx, DeltaDownlink(whole, -1, False), expected, True, 10, root, kept)
+    assert saved is kept.state
+
+    tensors, saved = _delta_start(ctx, DeltaDownlink(moves, 8, False), expected, False, 8, root, None)
+    assert saved.global_step == 8 and tensors["a"].tolist() == [1.5, 0.5] and tensors["b"].tolist() == [2.0] * 3
+    tensors, saved = _delta_start(ctx, DeltaDownlink(moves, 10, False), expected, False, 10, root, kept)
+    assert saved is kept.state and tensors["a"].tolist() == [1.5, 0.5]
+    _copy_state(0).save(tmp_path / "first")
+    tensors, saved = _delta_start(ctx, DeltaDownlink(moves, 0, False), expected, False, 0, tmp_path / "first", None)
+    assert saved.global_step == 0 and tensors["a"].tolist() == [1.5, 0.5]
+    with pytest.raises(NeedsFullModel, match="partition 3: no saved copy of the model at step 6"):
+        _delta_start(ctx, DeltaDownlink(moves, 6, False), expected, False, 6, root, None)
+    nan = to_record({"a": np.array([np.nan, 0.0], np.float32), "b": np.zeros(3, np.float32)})
+    with pytest.raises(ValueError, match="partition 3: received a with NaN"):
+        _delta_start(ctx, DeltaDownlink(nan, -1, False), expected, True, 8, root, None)
