@@ -9,16 +9,14 @@ import pytest
 import torch
 from strategy_rounds import play_round
 
-from client_app.local_round import NodeContext, run_local_eval
+from client_app.local_round import NodeContext
 from client_app.node_state import NodeState
 from common import keys
 from common.spec import from_dict
 from model import build_model
-from model.lora import apply_lora, init_adapters, lora_args
-from model.naming import plain_to_peft
+from model.lora import init_adapters, lora_args
 from server_app.config import compose
 from strategy.spes import SpesStrategy
-from training.trainer import evaluate
 
 E = 4
 BASE = [
@@ -64,9 +62,12 @@ def sent_by_hand(owned):
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory):
     """The tokenizer and the nodes' data cache (`<workdir>/../data-cache`), built once for the module."""
+    return shared_setup(tmp_path_factory.mktemp("lora-round"))
+
+
+def shared_setup(root):
     from data import load_tokenizer
 
-    root = tmp_path_factory.mktemp("lora-round")
     return root, load_tokenizer(from_dict(compose(BASE)).data, root / "cache")
 
 
@@ -144,22 +145,3 @@ def test_delta_sync_with_lora_adapters(shared, flower_task):
         s.params["model.layers.0.self_attn.v_proj.weight"], initial["model.layers.0.self_attn.v_proj.weight"]
     )
     assert s.params["model.layers.0.self_attn.v_proj.lora_B.weight"].abs().sum() > 0
-
-
-def test_node_evaluation_uses_the_adapters(shared):
-    spec, tok, ctxs, s = make(shared, "eval", [])
-    args = lora_args(spec.train)
-    g = torch.Generator().manual_seed(5)
-    params = {n: (torch.randn(t.shape, generator=g) if ".lora_" in n else t) for n, t in s.params.items()}
-    loss, tokens = run_local_eval(ctxs[0], params)
-    # The same evaluation on peft's model with the adapters in its forward (not merged).
-    peft_model = apply_lora(build_model(spec.model, len(tok), seed=1), args)
-    peft_model.load_state_dict({plain_to_peft(n, args.targets): t for n, t in params.items()}, strict=True)
-    from client_app.local_round import _data
-
-    want, want_tokens = evaluate(
-        peft_model, _data(ctxs[0])[1], spec.eval.batch_size, spec.eval.max_batches, torch.device("cpu")
-    )
-    assert tokens == want_tokens and loss == pytest.approx(want, rel=1e-5)
-    base_only, _ = run_local_eval(ctxs[0], s.params)  # B = 0: the adapters change nothing yet
-    assert abs(loss - base_only) > 1e-3

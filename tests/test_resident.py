@@ -382,3 +382,39 @@ def test_a_node_trains_on_its_shard_of_the_common_data_or_on_all_of_its_own(toke
     all_train, all_held = prepare_blocks(dataclasses.replace(cfg, source=str(own)), ctx.tokenizer, cache)
     assert torch.equal(shard, node_shard(all_train, 0, 1, cfg.partition, cfg.seed))  # all of it, in its order
     assert torch.equal(held, all_held)
+
+
+# Node evaluation (run_local_eval) lives here, among the files mutation testing runs.
+def test_node_evaluation_uses_the_adapters(lora_shared):
+    """With LoRA, a node scores the received model with its adapters, as peft's model with the
+    adapters in its forward (not merged) scores it; a NaN received is refused naming the node."""
+    from test_lora_round import make
+
+    from client_app.local_round import _data, run_local_eval
+    from model.lora import apply_lora
+    from model.naming import plain_to_peft
+    from training.trainer import evaluate
+
+    spec, tok, ctxs, s = make(lora_shared, "eval", [])
+    args = lora_args(spec.train)
+    g = torch.Generator().manual_seed(5)
+    params = {n: (torch.randn(t.shape, generator=g) if ".lora_" in n else t) for n, t in s.params.items()}
+    loss, tokens = run_local_eval(ctxs[0], params)
+    peft_model = apply_lora(build_model(spec.model, len(tok), seed=1), args)
+    peft_model.load_state_dict({plain_to_peft(n, args.targets): t for n, t in params.items()}, strict=True)
+    want, want_tokens = evaluate(
+        peft_model, _data(ctxs[0])[1], spec.eval.batch_size, spec.eval.max_batches, torch.device("cpu")
+    )
+    assert tokens == want_tokens and loss == pytest.approx(want, rel=1e-5)
+    base_only, _ = run_local_eval(ctxs[0], s.params)  # B = 0: the adapters change nothing yet
+    assert abs(loss - base_only) > 1e-3
+    bad = {**params, "model.norm.weight": torch.full_like(params["model.norm.weight"], math.nan)}
+    with pytest.raises(ValueError, match="partition 1: received model.norm.weight with NaN"):
+        run_local_eval(ctxs[1], bad)
+
+
+@pytest.fixture(scope="module")
+def lora_shared(tmp_path_factory):
+    from test_lora_round import shared_setup
+
+    return shared_setup(tmp_path_factory.mktemp("lora-eval"))
