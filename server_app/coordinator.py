@@ -287,6 +287,7 @@ class _Run:
     collector: Collector
     node_cfg: ConfigRecord  # sent with every message
     setup: ConfigRecord  # ... and the tokenizer, to nodes that join
+    num_partitions: int  # the nodes' data sharding; a joiner must use it too
     evaluate: CentralEval
     runlog: RunLog
     tokenizer: object
@@ -298,7 +299,7 @@ class _Run:
         timeout = self.spec.strategy.round_timeout_s
         strategy, exchange = self.strategy, self.collector.exchange
         clock = _PhaseClock()
-        admit_new_nodes(self.grid, strategy, self.setup, self.collector, known, timeout)
+        admit_new_nodes(self.grid, strategy, self.setup, self.collector, known, timeout, self.num_partitions)
         clock.lap("admit_s")
         messages = list(strategy.configure_train(rnd, None, self.node_cfg, self.grid))
         clock.lap("configure_s")
@@ -388,7 +389,7 @@ def _setup(spec: RunSpec, run_dir: Path, grid: Grid, resumed, t_start: float) ->
     )
     setup = ConfigRecord({**dict(node_cfg), keys.TOKENIZER_JSON: tokenizer_to_json(tokenizer)})
     collector = Collector(grid)
-    partitions = discover(grid, spec.nodes, setup, collector, spec.strategy.round_timeout_s)
+    partitions, num_partitions = discover(grid, spec.nodes, setup, collector, spec.strategy.round_timeout_s)
     known = set(grid.get_node_ids())
     strategy = _strategy(spec, model, partitions, start, lora)
     central_eval = CentralEval(model, heldout, spec, lora, tokenizer)
@@ -409,6 +410,7 @@ def _setup(spec: RunSpec, run_dir: Path, grid: Grid, resumed, t_start: float) ->
         collector,
         node_cfg,
         setup,
+        num_partitions,
         central_eval,
         runlog,
         tokenizer,

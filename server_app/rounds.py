@@ -71,9 +71,15 @@ class Collector:
 
 
 def setup_nodes(
-    grid: Grid, node_ids: Iterable[int], setup: ConfigRecord, collector: Collector, timeout_s: float
-) -> tuple[dict[int, int], list[str]]:
-    """Send the run setup; node id -> partition id of those that answered, and the errors."""
+    grid: Grid,
+    node_ids: Iterable[int],
+    setup: ConfigRecord,
+    collector: Collector,
+    timeout_s: float,
+    num_partitions: int | None = None,
+) -> tuple[dict[int, int], dict[int, int], list[str]]:
+    """Send the run setup; (node id -> partition id, node id -> its num-partitions) of those that
+    answered well, and the errors. With `num_partitions`, a node that shards the data otherwise is an error."""
     messages = [
         Message(RecordDict({keys.CONFIG: setup}), message_type=MessageType.QUERY, dst_node_id=n) for n in node_ids
     ]
@@ -82,6 +88,7 @@ def setup_nodes(
         messages, timeout_s, lambda ids, msgs: sent.update({i: m.metadata.dst_node_id for i, m in zip(ids, msgs) if i})
     )
     partitions: dict[int, int] = {}
+    counts: dict[int, int] = {}
     errors: list[str] = []
     for reply in replies:
         node = sent.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
@@ -89,24 +96,35 @@ def setup_nodes(
             errors.append(f"node {node}: {reply.error.reason}")
             continue
         try:
-            pid = reply.content.config_records[keys.CONFIG][keys.PARTITION_ID]
-            if isinstance(pid, bool) or not isinstance(pid, int) or pid < 0:
-                raise ValueError(f"partition id {pid!r}")
+            cfg = reply.content.config_records[keys.CONFIG]
+            pid, parts = cfg[keys.PARTITION_ID], cfg[keys.NUM_PARTITIONS]
+            for value in (pid, parts):
+                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                    raise ValueError(f"partition id {pid!r} of {parts!r}")
         except (KeyError, ValueError) as exc:
             errors.append(f"node {node}: malformed setup reply ({exc})")
             continue
-        partitions[node] = pid
-    return partitions, errors
+        if num_partitions is not None and parts != num_partitions:
+            errors.append(
+                f"node {node}: num-partitions={parts}, but this run's nodes share the data in {num_partitions} "
+                f"partitions; restart it with num-partitions={num_partitions} and a free partition-id below it"
+            )
+            continue
+        partitions[node], counts[node] = pid, parts
+    return partitions, counts, errors
 
 
-def discover(grid: Grid, wanted: int, setup: ConfigRecord, collector: Collector, timeout_s: float) -> dict[int, int]:
-    """Wait for `wanted` SuperNodes, set them up; node id -> partition id (lowest partition ids win)."""
+def discover(
+    grid: Grid, wanted: int, setup: ConfigRecord, collector: Collector, timeout_s: float
+) -> tuple[dict[int, int], int]:
+    """Wait for `wanted` SuperNodes, set them up; (node id -> partition id, the federation's
+    num-partitions). The lowest partition ids win; the chosen nodes must agree on num-partitions."""
     deadline = time.monotonic() + timeout_s
     while len(node_ids := list(grid.get_node_ids())) < wanted:
         if time.monotonic() > deadline:
             raise RunFailed(f"waited {timeout_s:.0f}s for {wanted} SuperNodes, {len(node_ids)} connected")
         time.sleep(0.5)
-    partitions, errors = setup_nodes(grid, node_ids, setup, collector, timeout_s)
+    partitions, counts, errors = setup_nodes(grid, node_ids, setup, collector, timeout_s)
     if errors:
         raise RunFailed("node setup failed: " + "; ".join(errors))
     if len(partitions) < wanted:
@@ -115,21 +133,31 @@ def discover(grid: Grid, wanted: int, setup: ConfigRecord, collector: Collector,
     pids = [partitions[n] for n in chosen]
     if len(set(pids)) != len(pids):
         raise RunFailed(f"two SuperNodes share a partition id: {sorted(pids)}")
+    if len({counts[n] for n in chosen}) > 1:
+        said = ", ".join(f"partition {partitions[n]}: {counts[n]}" for n in chosen)
+        raise RunFailed(f"the SuperNodes disagree on num-partitions ({said}): start them all with one value")
     idle = sorted(set(partitions) - set(chosen))
     if idle:
         log.warning("%d extra SuperNode(s) stay idle: partitions %s", len(idle), [partitions[n] for n in idle])
-    return {n: partitions[n] for n in chosen}
+    return {n: partitions[n] for n in chosen}, counts[chosen[0]]
 
 
 def admit_new_nodes(
-    grid: Grid, strategy: SpesStrategy, setup: ConfigRecord, collector: Collector, known: set[int], timeout_s: float
+    grid: Grid,
+    strategy: SpesStrategy,
+    setup: ConfigRecord,
+    collector: Collector,
+    known: set[int],
+    timeout_s: float,
+    num_partitions: int | None = None,
 ) -> None:
-    """Set up SuperNodes that connected since the last round and give them an assignment."""
+    """Set up SuperNodes that connected since the last round and give them an assignment (only
+    those sharding the data in the run's `num_partitions`)."""
     new = [n for n in grid.get_node_ids() if n not in known]
     if not new:
         return
     known.update(new)
-    partitions, errors = setup_nodes(grid, new, setup, collector, timeout_s)
+    partitions, _, errors = setup_nodes(grid, new, setup, collector, timeout_s, num_partitions)
     for e in errors:
         log.warning("new node not admitted: %s", e)
     for node_id, pid in sorted(partitions.items(), key=lambda kv: kv[1]):
