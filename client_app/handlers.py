@@ -18,11 +18,12 @@ from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from client_app.background_save import wait_for_saves
 from client_app.local_round import DeltaDownlink, NodeContext, RoundOrder, run_local_eval, run_local_round
-from client_app.node_settings import NodeSettings
+from client_app.node_settings import NodeSettings, NodeSetupError, hardware_report
 from client_app.node_state import saved_steps
 from common import keys
 from common.atomic import write_text_atomic
 from common.codec import decode, encode, to_record
+from common.errors import ConfigError
 from common.spec import RunSpec, from_dict
 from data import tokenizer_from_json
 from model.routing import unflatten
@@ -52,7 +53,13 @@ def _spec_for_node(cfg: ConfigRecord, settings: NodeSettings) -> tuple[RunSpec, 
     source, sharded = settings.data_source(str(raw["data"].get("source", "embedded")))
     raw["data"] = {**raw["data"], "source": source if sharded else "embedded"}
     raw.pop("init_from", None)  # the coordinator's checkpoint path: nothing for a node to open
-    spec = from_dict(raw)
+    raw["train"] = {**raw.get("train", {}), **settings.hardware}  # how this node trains is its own call
+    try:
+        spec = from_dict(raw)
+    except ConfigError as exc:
+        if not settings.hardware:
+            raise
+        raise NodeSetupError(f"{exc} (with this node's node-config {settings.hardware})") from exc
     settings.check_run(spec)  # within this node's limits (node-config max-*)
     return spec, None if sharded else source
 
@@ -81,7 +88,7 @@ def setup(content: RecordDict, node_config: NodeConfig) -> RecordDict:
     """Receive the run's config and tokenizer; report this node's partition and saved state."""
     cfg = _config(content)
     settings = NodeSettings.from_node_config(node_config)
-    _spec_for_node(cfg, settings)  # a config this node cannot run fails here, before any round
+    spec, _ = _spec_for_node(cfg, settings)  # a config this node cannot run fails here, before any round
     workdir = settings.workdir(str(cfg[keys.RUN_TOKEN]))
     write_text_atomic(workdir / "tokenizer.json", str(cfg[keys.TOKENIZER_JSON]))
     wait_for_saves(workdir / "state")  # a state still being written counts once it is there
@@ -91,6 +98,7 @@ def setup(content: RecordDict, node_config: NodeConfig) -> RecordDict:
             keys.PARTITION_ID: settings.partition_id,
             keys.NUM_PARTITIONS: settings.num_partitions,
             keys.STATE_STEP: steps[-1] if steps else -1,
+            keys.NODE_HARDWARE: json.dumps(hardware_report(spec, settings)),
         }
     )
     return RecordDict({keys.CONFIG: reply})

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -50,20 +50,61 @@ def node_gpus(cfg: Mapping[str, Any]) -> int:
     return value
 
 
-def _progress(cfg: Mapping[str, Any], env: Mapping[str, str]) -> bool | None:
-    """The node's own say on per-step progress bars: the environment, else node-config progress, else None."""
-    if ENV_PROGRESS in env:
-        return env[ENV_PROGRESS] != "0"
-    value = cfg.get("progress")
-    if value is None:
-        return None
+def _flag(key: str, value: Any) -> bool:
+    """A node-config switch: true/false (Flower parses those), or 1/0, on/off as text."""
     if isinstance(value, bool):
         return value
     if str(value).lower() in ("true", "1", "on"):
         return True
     if str(value).lower() in ("false", "0", "off"):
         return False
-    raise NodeSetupError(f"node-config progress must be true or false, got {value!r}")
+    raise NodeSetupError(f"node-config {key} must be true or false, got {value!r}")
+
+
+def _progress(cfg: Mapping[str, Any], env: Mapping[str, str]) -> bool | None:
+    """The node's own say on per-step progress bars: the environment, else node-config progress, else None."""
+    if ENV_PROGRESS in env:
+        return env[ENV_PROGRESS] != "0"
+    value = cfg.get("progress")
+    return None if value is None else _flag("progress", value)
+
+
+# How this node trains, whatever the run says: node-config key -> train.<field>. The node knows its
+# GPU (or lack of one) and its memory; the run's values are only the default.
+HARDWARE_KEYS = {
+    "device": "device",
+    "precision": "precision",
+    "optimizer": "optimizer",
+    "lean-loss": "lean_loss",
+    "activation-checkpointing": "activation_checkpointing",
+    "threads": "threads",
+}
+
+
+def hardware_report(spec: RunSpec, settings: NodeSettings) -> dict[str, Any]:
+    """What the node trains with (the run's value where its node-config sets none) and what it set itself."""
+    out: dict[str, Any] = {name: getattr(spec.train, name) for name in HARDWARE_KEYS.values()}
+    out["set-by-node"] = sorted(key for key, name in HARDWARE_KEYS.items() if name in settings.hardware)
+    return out
+
+
+def _hardware(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The train.* settings this node's node-config decides (checked again with the run's spec)."""
+    out: dict[str, Any] = {}
+    for key, name in HARDWARE_KEYS.items():
+        if key not in cfg:
+            continue
+        value = cfg[key]
+        if name in ("lean_loss", "activation_checkpointing"):
+            value = _flag(key, value)
+        elif name == "threads":
+            if isinstance(value, bool) or not str(value).isdigit():
+                raise NodeSetupError(f"node-config threads must be an integer >= 0, got {value!r}")
+            value = int(value)
+        else:
+            value = str(value)
+        out[name] = value
+    return out
 
 
 class NodeSetupError(ValueError):
@@ -82,6 +123,7 @@ class NodeSettings:
     max_local_steps: int = 10_000
     max_params: int = 20_000_000_000
     max_batch_tokens: int = 1_048_576
+    hardware: dict[str, Any] = field(default_factory=dict)  # train.* set by node-config (HARDWARE_KEYS)
 
     @classmethod
     def from_node_config(cls, cfg: Mapping[str, Any], env: Mapping[str, str] = os.environ) -> NodeSettings:
@@ -104,6 +146,7 @@ class NodeSettings:
             own_data=str(cfg["data-source"]) if cfg.get("data-source") else None,
             common_data=str(cfg.get("common-data") or env.get(ENV_COMMON_DATA) or "") or None,
             progress=_progress(cfg, env),
+            hardware=_hardware(cfg),
             **_limits(cfg),
         )
 

@@ -27,6 +27,7 @@ ROUTER_BIAS = "router-bias"  # routing bias for the top-k choice, flattened [lay
 PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
 STATE_STEP = "state-step"  # global step of the node's saved state, -1 if none (setup reply)
+NODE_HARDWARE = "node-hardware"  # JSON: the device, precision and memory options the node trains with (setup reply)
 NUM_TOKENS = "num-tokens"
 EXPERT_LOAD = "expert-load"  # flattened [layers * experts] fractions of routed tokens
 EVAL_LOSS = "eval-loss"

@@ -41,7 +41,7 @@ from server_app.report import write_report
 from server_app.rounds import Collector, RunFailed, admit_new_nodes, discover
 from server_app.run_lock import move_aside, run_folder_lock
 from server_app.run_log import RunLog
-from server_app.summary import failure_report, summarize
+from server_app.summary import describe_hardware, failure_report, summarize
 from strategy.federation_load import STARVING_ROUNDS, STARVING_SHARE
 from strategy.round_record import RoundRecord
 from strategy.spes import SpesStrategy
@@ -288,6 +288,7 @@ class _Run:
     node_cfg: ConfigRecord  # sent with every message
     setup: ConfigRecord  # ... and the tokenizer, to nodes that join
     num_partitions: int  # the nodes' data sharding; a joiner must use it too
+    hardware: dict[int, dict]  # partition -> how that node trains (its setup reply; shown, never acted on)
     evaluate: CentralEval
     runlog: RunLog
     tokenizer: object
@@ -299,7 +300,9 @@ class _Run:
         timeout = self.spec.strategy.round_timeout_s
         strategy, exchange = self.strategy, self.collector.exchange
         clock = _PhaseClock()
-        admit_new_nodes(self.grid, strategy, self.setup, self.collector, known, timeout, self.num_partitions)
+        self.hardware.update(
+            admit_new_nodes(self.grid, strategy, self.setup, self.collector, known, timeout, self.num_partitions)
+        )
         clock.lap("admit_s")
         messages = list(strategy.configure_train(rnd, None, self.node_cfg, self.grid))
         clock.lap("configure_s")
@@ -356,6 +359,7 @@ class _Run:
         rounds = self.runlog.rounds
         summary = summarize(self.spec, rounds, first_val, counts, trainable, time.time() - self.t_start)
         summary["events"] = self.strategy.events
+        summary["node_hardware"] = {str(pid): hw for pid, hw in sorted(self.hardware.items())}
         summary["heldout_bytes_per_token"] = self.evaluate.bytes_per_token
         summary["final_val_bits_per_byte"] = summary["final_val_loss"] / math.log(2) / self.evaluate.bytes_per_token
         write_json_atomic(self.run_dir / "summary.json", summary)
@@ -389,7 +393,9 @@ def _setup(spec: RunSpec, run_dir: Path, grid: Grid, resumed, t_start: float) ->
     )
     setup = ConfigRecord({**dict(node_cfg), keys.TOKENIZER_JSON: tokenizer_to_json(tokenizer)})
     collector = Collector(grid)
-    partitions, num_partitions = discover(grid, spec.nodes, setup, collector, spec.strategy.round_timeout_s)
+    partitions, num_partitions, hardware = discover(grid, spec.nodes, setup, collector, spec.strategy.round_timeout_s)
+    for pid, hw in sorted(hardware.items()):
+        say(f"partition {pid} trains with {describe_hardware(hw)}")
     known = set(grid.get_node_ids())
     strategy = _strategy(spec, model, partitions, start, lora)
     central_eval = CentralEval(model, heldout, spec, lora, tokenizer)
@@ -411,6 +417,7 @@ def _setup(spec: RunSpec, run_dir: Path, grid: Grid, resumed, t_start: float) ->
         node_cfg,
         setup,
         num_partitions,
+        hardware,
         central_eval,
         runlog,
         tokenizer,

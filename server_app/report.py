@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from common.atomic import write_json_atomic
+from server_app.summary import describe_hardware
 from strategy.round_record import RoundRecord
 
 PLOTS = ("loss.png", "traffic.png", "expert_load.png", "expert_imbalance.png")
@@ -278,6 +279,9 @@ def summary_rows(rounds: list[RoundRecord], summary: dict) -> list[tuple[str, st
         ("final train loss (node mean: cross-entropy + balancing + z-losses)", _fmt(summary.get("final_train_loss"))),
         ("tokens trained (all nodes)", _fmt(summary.get("tokens_trained"), ",.0f")),
     ]
+    if hardware := summary.get("node_hardware"):
+        lines = [f"partition {pid}: {describe_hardware(hw)}" for pid, hw in hardware.items()]
+        rows.append(("how each node trains (its own report)", "; ".join(lines)))
     rows += _traffic_rows(rounds, summary) + _cost_rows(rounds, summary)
     imb = [r.expert_imbalance for r in rounds if r.expert_imbalance is not None]
     if imb:

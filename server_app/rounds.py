@@ -9,9 +9,11 @@ replies to earlier rounds, lets nodes join between rounds, and stops the run aft
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
@@ -70,6 +72,35 @@ class Collector:
         return replies
 
 
+@dataclass
+class SetupReplies:
+    """What the nodes answered to the setup query, by Flower node id."""
+
+    partitions: dict[int, int]
+    num_partitions: dict[int, int]
+    hardware: dict[int, dict]  # node_hardware()
+    errors: list[str]
+
+
+_HARDWARE_FIELDS = ("device", "precision", "optimizer", "lean_loss", "activation_checkpointing", "threads")
+
+
+def node_hardware(raw: object) -> dict:
+    """A node's own account of how it trains (setup reply), kept to plain known fields: it is shown
+    in the report, never acted on. Missing or malformed: {}."""
+    try:
+        data = json.loads(raw) if isinstance(raw, str) and len(raw) < 4096 else {}
+    except ValueError:
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    out = {k: data[k] for k in _HARDWARE_FIELDS if isinstance(data.get(k), (str, int, float, bool))}
+    by_node = data.get("set-by-node")
+    if isinstance(by_node, list) and all(isinstance(k, str) and len(k) < 64 for k in by_node):
+        out["set-by-node"] = by_node[: len(_HARDWARE_FIELDS)]
+    return out
+
+
 def setup_nodes(
     grid: Grid,
     node_ids: Iterable[int],
@@ -77,9 +108,9 @@ def setup_nodes(
     collector: Collector,
     timeout_s: float,
     num_partitions: int | None = None,
-) -> tuple[dict[int, int], dict[int, int], list[str]]:
-    """Send the run setup; (node id -> partition id, node id -> its num-partitions) of those that
-    answered well, and the errors. With `num_partitions`, a node that shards the data otherwise is an error."""
+) -> SetupReplies:
+    """Send the run setup; the partition id, num-partitions and hardware of each node that answered
+    well, and the errors. With `num_partitions`, a node that shards the data otherwise is an error."""
     messages = [
         Message(RecordDict({keys.CONFIG: setup}), message_type=MessageType.QUERY, dst_node_id=n) for n in node_ids
     ]
@@ -87,8 +118,9 @@ def setup_nodes(
     replies = collector.exchange(
         messages, timeout_s, lambda ids, msgs: sent.update({i: m.metadata.dst_node_id for i, m in zip(ids, msgs) if i})
     )
-    partitions: dict[int, int] = {}
+    partitions: dict[int, int] = {}  # node id -> ...
     counts: dict[int, int] = {}
+    hardware: dict[int, dict] = {}
     errors: list[str] = []
     for reply in replies:
         node = sent.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
@@ -111,22 +143,25 @@ def setup_nodes(
             )
             continue
         partitions[node], counts[node] = pid, parts
-    return partitions, counts, errors
+        hardware[node] = node_hardware(cfg.get(keys.NODE_HARDWARE))
+    return SetupReplies(partitions, counts, hardware, errors)
 
 
 def discover(
     grid: Grid, wanted: int, setup: ConfigRecord, collector: Collector, timeout_s: float
-) -> tuple[dict[int, int], int]:
+) -> tuple[dict[int, int], int, dict[int, dict]]:
     """Wait for `wanted` SuperNodes, set them up; (node id -> partition id, the federation's
-    num-partitions). The lowest partition ids win; the chosen nodes must agree on num-partitions."""
+    num-partitions, partition id -> the node's hardware). The lowest partition ids win; the chosen
+    nodes must agree on num-partitions."""
     deadline = time.monotonic() + timeout_s
     while len(node_ids := list(grid.get_node_ids())) < wanted:
         if time.monotonic() > deadline:
             raise RunFailed(f"waited {timeout_s:.0f}s for {wanted} SuperNodes, {len(node_ids)} connected")
         time.sleep(0.5)
-    partitions, counts, errors = setup_nodes(grid, node_ids, setup, collector, timeout_s)
-    if errors:
-        raise RunFailed("node setup failed: " + "; ".join(errors))
+    replies = setup_nodes(grid, node_ids, setup, collector, timeout_s)
+    partitions, counts = replies.partitions, replies.num_partitions
+    if replies.errors:
+        raise RunFailed("node setup failed: " + "; ".join(replies.errors))
     if len(partitions) < wanted:
         raise RunFailed(f"only {len(partitions)} of {wanted} nodes answered the setup query")
     chosen = sorted(partitions, key=lambda n: partitions[n])[:wanted]
@@ -139,7 +174,7 @@ def discover(
     idle = sorted(set(partitions) - set(chosen))
     if idle:
         log.warning("%d extra SuperNode(s) stay idle: partitions %s", len(idle), [partitions[n] for n in idle])
-    return {n: partitions[n] for n in chosen}, counts[chosen[0]]
+    return {n: partitions[n] for n in chosen}, counts[chosen[0]], {partitions[n]: replies.hardware[n] for n in chosen}
 
 
 def admit_new_nodes(
@@ -150,14 +185,15 @@ def admit_new_nodes(
     known: set[int],
     timeout_s: float,
     num_partitions: int | None = None,
-) -> None:
+) -> dict[int, dict]:
     """Set up SuperNodes that connected since the last round and give them an assignment (only
-    those sharding the data in the run's `num_partitions`)."""
+    those sharding the data in the run's `num_partitions`); partition id -> hardware of those admitted."""
     new = [n for n in grid.get_node_ids() if n not in known]
     if not new:
-        return
+        return {}
     known.update(new)
-    partitions, _, errors = setup_nodes(grid, new, setup, collector, timeout_s, num_partitions)
+    replies = setup_nodes(grid, new, setup, collector, timeout_s, num_partitions)
+    partitions, errors, admitted = replies.partitions, replies.errors, {}
     for e in errors:
         log.warning("new node not admitted: %s", e)
     for node_id, pid in sorted(partitions.items(), key=lambda kv: kv[1]):
@@ -173,3 +209,5 @@ def admit_new_nodes(
             continue
         log.warning("partition %d (node %s) joins at round %d", pid, node_id, strategy.round + 1)
         strategy.add_node(node_id, pid)
+        admitted[pid] = replies.hardware[node_id]
+    return admitted

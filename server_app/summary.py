@@ -82,3 +82,17 @@ def failure_report(rounds: list[RoundRecord]) -> str:
             f"round {r.round}: {r.refused}; " + "; ".join(f"partition {p}: {s}" for p, s in r.failed_nodes().items())
         )
     return "\n".join(lines)
+
+
+def describe_hardware(hw: dict) -> str:
+    """One line for the console and the report: 'cuda bf16, adamw8bit, lean loss (set by the node: device)'."""
+    if not hw:
+        return "(not reported)"
+    parts = [f"{hw.get('device', '?')} {hw.get('precision', '?')}", str(hw.get("optimizer", "?"))]
+    parts += [
+        label
+        for key, label in (("lean_loss", "lean loss"), ("activation_checkpointing", "activation checkpointing"))
+        if hw.get(key)
+    ]
+    text = ", ".join(parts)
+    return f"{text} (set by the node: {', '.join(hw['set-by-node'])})" if hw.get("set-by-node") else text

@@ -8,6 +8,8 @@ balancing loss. Micro model, 2 local steps, no Flower runtime.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from flwr.app import ConfigRecord, RecordDict
 
@@ -53,11 +55,17 @@ def _train(tmp_path, name, extra: dict) -> dict:
     setup = handlers.setup(
         RecordDict({keys.CONFIG: ConfigRecord({**run, keys.TOKENIZER_JSON: tokenizer_to_json(tok)})}), node_config
     )
-    assert dict(setup.config_records[keys.CONFIG]) == {
-        keys.PARTITION_ID: 0,
-        keys.NUM_PARTITIONS: 1,
-        keys.STATE_STEP: -1,
+    reply = dict(setup.config_records[keys.CONFIG])
+    assert json.loads(reply.pop(keys.NODE_HARDWARE)) == {
+        "device": "cpu",
+        "precision": "fp32",
+        "optimizer": "adamw",
+        "lean_loss": False,
+        "activation_checkpointing": False,
+        "threads": spec.train.threads,
+        "set-by-node": [],
     }
+    assert reply == {keys.PARTITION_ID: 0, keys.NUM_PARTITIONS: 1, keys.STATE_STEP: -1}
     order = {keys.OWNED_EXPERTS: [0, 1], keys.FULL_MODEL: True, keys.GLOBAL_STEP: 0, keys.LOCAL_STEPS: 2}
     content = RecordDict(
         {

@@ -96,15 +96,16 @@ def test_setup_nodes_keeps_good_answers_and_names_the_bad():
     claims = {0: 3, 1: True, 2: -1, 3: None, 4: RuntimeError("no disk")}
     grid = InProcessGrid(_app(claims), 5)
     nodes = list(grid.get_node_ids())
-    partitions, counts, errors = setup_nodes(grid, nodes, ConfigRecord({}), Collector(grid), 5.0)
-    assert partitions == {nodes[0]: 3} and counts == {nodes[0]: 5}
+    got = setup_nodes(grid, nodes, ConfigRecord({}), Collector(grid), 5.0)
+    partitions, errors = got.partitions, got.errors
+    assert partitions == {nodes[0]: 3} and got.num_partitions == {nodes[0]: 5}
     assert len(errors) == 4 and all(e.startswith(f"node {n}:") for e, n in zip(sorted(errors), sorted(nodes[1:])))
     assert sum("malformed setup reply" in e for e in errors) == 3 and sum("no disk" in e for e in errors) == 1
 
 
 def test_discover_takes_the_lowest_partitions_and_refuses_shared_ones():
     grid = InProcessGrid(_app({0: 2, 1: 0, 2: 1}), 3)
-    chosen, num_partitions = discover(grid, 2, ConfigRecord({}), Collector(grid), 5.0)
+    chosen, num_partitions, _ = discover(grid, 2, ConfigRecord({}), Collector(grid), 5.0)
     assert chosen == {FIRST_NODE_ID + 1: 0, FIRST_NODE_ID + 2: 1} and num_partitions == 3
     shared = InProcessGrid(_app({0: 1, 1: 1}), 2)
     with pytest.raises(RunFailed, match="two SuperNodes share a partition id"):
@@ -121,10 +122,10 @@ def test_every_node_of_a_run_shards_the_data_in_one_num_partitions():
         discover(grid, 2, ConfigRecord({}), Collector(grid), 5.0)
     grid = InProcessGrid(_app({0: 0, 1: 5, 2: 6}, parts={1: 8, 2: 4}), 3)
     nodes = list(grid.get_node_ids())
-    partitions, counts, errors = setup_nodes(grid, nodes, ConfigRecord({}), Collector(grid), 5.0, num_partitions=8)
-    assert partitions == {nodes[1]: 5} and counts == {nodes[1]: 8}
-    assert sorted(e.split(":")[0] for e in errors) == [f"node {nodes[0]}", f"node {nodes[2]}"]
-    assert all("restart it with num-partitions=8" in e for e in errors), errors
+    got = setup_nodes(grid, nodes, ConfigRecord({}), Collector(grid), 5.0, num_partitions=8)
+    assert got.partitions == {nodes[1]: 5} and got.num_partitions == {nodes[1]: 8}
+    assert sorted(e.split(":")[0] for e in got.errors) == [f"node {nodes[0]}", f"node {nodes[2]}"]
+    assert all("restart it with num-partitions=8" in e for e in got.errors), got.errors
 
 
 def test_checkpoints_keep_the_newest_two_bit_exact_and_skip_an_unreadable_one(tmp_path, caplog):
