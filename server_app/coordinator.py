@@ -37,7 +37,7 @@ from server_app import checkpoint
 from server_app import config as run_config
 from server_app.console import RunConsole, say
 from server_app.provenance import provenance
-from server_app.report import write_report
+from server_app.report import summary_rows, write_report
 from server_app.rounds import Collector, RunFailed, admit_new_nodes, discover
 from server_app.run_lock import move_aside, run_folder_lock
 from server_app.run_log import RunLog
@@ -366,6 +366,8 @@ class _Run:
         self.runlog.plot_loss(first_val, [r.tokens for r in rounds])
         self.runlog.close()
         write_report(self.run_dir, rounds, summary, self.spec.raw)
+        for label, value in summary_rows(rounds, summary):  # so `flwr log <run-id> --show` carries the results
+            say(f"  {label}: {value}")
         failures = [f"round {r.round} partition {p}: {s}" for r in rounds for p, s in r.failed_nodes().items()]
         if failures:
             say(f"{len(failures)} node-round(s) failed; first ones: " + "; ".join(failures[:5]))

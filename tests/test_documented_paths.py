@@ -95,6 +95,22 @@ def with_overrides(argv: list[str], overrides: list[str]) -> list[str]:
 
 
 # ------------------------------------------------------------------------- helpers
+def readme_run(group: ProcessGroup, cmd: list[str], home: Path, env: dict, log: Path) -> tuple[int, str]:
+    """Run a README `flwr run` to its end; (run id, its console)."""
+    text = finish(group.start("flwr-run", cmd, user_env(group, home, env), ROOT, log), log, 420)
+    return int(RUN_ID.search(text).group(1)), text
+
+
+def readme_status(cmds, name: str, run_id: int, group: ProcessGroup, home: Path, text: str) -> None:
+    """The README's `flwr ls` says the run completed."""
+    env, ls_cmd = find(cmds, "flwr", "ls", name)
+    res = run_cli(
+        [*substitute(ls_cmd, {"<run-id>": str(run_id)}), "--format", "json"], user_env(group, home, env), ROOT
+    )
+    status = json.loads(res.stdout[res.stdout.index("{") :])["runs"][0]
+    assert status["status"] == "finished:completed", (status, text[-3000:])
+
+
 def readme_connection(section: dict[str, str], port: int, ca_crt: Path) -> dict[str, str]:
     """The README's federation connection pointed at 127.0.0.1:<port> and a real ca.crt."""
     return {
@@ -291,35 +307,36 @@ def test_readme_federation_recipe_with_tls_and_node_auth(tmp_path):
         assert nodes[-1].returncode != 0 and "Failed to activate SuperNode" in rogue_log, rogue_log[-2000:]
         assert len(online()) == n_nodes
 
-        env, run_cmd = find(cmds, "flwr", "run", ".", name)
+        (env, run_cmd), (resume_env, resume_cmd) = runs = [c for c in cmds if c[1][:4] == ["flwr", "run", ".", name]]
+        documented = [re.search(r"overrides='([^']*)'", " ".join(c[1])).group(1).split() for c in runs]
+        assert documented[1] == [*documented[0], "resume=true"]  # the same overrides, plus resume=true
         outputs = tmp_path / "outputs"
-        run_cmd = with_overrides(
-            run_cmd,
-            [
-                *MICRO_MODEL,
-                "model.num_experts=4",
-                "strategy.merge.top_k=2",
-                f"nodes={n_nodes}",
-                "rounds=1",
-                "strategy.local_steps=2",
-                "run_name=readme",
-                f"output_dir={outputs}",
-            ],
-        )
-        run_log = tmp_path / "flwr-run.log"
-        text = finish(group.start("flwr-run", run_cmd, user_env(group, home, env), ROOT, run_log), run_log, 420)
-        run_id = int(RUN_ID.search(text).group(1))
+        micro = [
+            *MICRO_MODEL,
+            "model.num_experts=4",
+            "strategy.merge.top_k=2",
+            f"nodes={n_nodes}",
+            "strategy.local_steps=2",
+            "run_name=readme",
+            f"output_dir={outputs}",
+        ]
+        run_id, text = readme_run(group, with_overrides(run_cmd, [*micro, "rounds=1"]), home, env, tmp_path / "run.log")
+        readme_status(cmds, name, run_id, group, home, text)
 
-        env, ls_cmd = find(cmds, "flwr", "ls", name)
-        ls_cmd = substitute(ls_cmd, {"<run-id>": str(run_id)})
-        res = run_cli([*ls_cmd, "--format", "json"], user_env(group, home, env), ROOT)
-        status = json.loads(res.stdout[res.stdout.index("{") :])["runs"][0]
-        assert status["status"] == "finished:completed", (status, text[-3000:])
+        env, log_cmd = find(cmds, "flwr", "log", "<run-id>", name)
+        res = run_cli(substitute(log_cmd, {"<run-id>": str(run_id)}), user_env(group, home, env), ROOT)
+        assert "held-out loss: " in res.stdout and "tokens trained (all nodes): " in res.stdout, res.stdout[-2000:]
+
+        # Taken one round further with the README's resume command (rounds=2 instead of 1).
+        resumed = with_overrides(resume_cmd, [*micro, "rounds=2", "resume=true"])
+        run_id, text = readme_run(group, resumed, home, resume_env, tmp_path / "resume.log")
+        readme_status(cmds, name, run_id, group, home, text)
     finally:
         group.stop(grace=10)
     summary = json.loads((outputs / "readme" / "summary.json").read_text())
-    assert summary["nodes"] == n_nodes and summary["rounds"] == 1
+    assert summary["nodes"] == n_nodes and summary["rounds"] == 2
     assert summary["final_val_loss"] < summary["first_val_loss"]
+    assert len(json.loads((outputs / "readme" / "run.json").read_text())["resumes"]) == 1
     # Each node kept its state in its own node-config work-dir, nowhere else.
     for i in range(n_nodes):
         node_log = (tmp_path / f"institution-{i}" / "supernode.log").read_text()
@@ -327,8 +344,8 @@ def test_readme_federation_recipe_with_tls_and_node_auth(tmp_path):
         assert [p.name for p in (tmp_path / f"institution-{i}" / "work").glob("*/partition-*")] == [f"partition-{i}"]
         # ... written after the reply by a process Flower then ends: complete, no save left under way.
         node_dir = next((tmp_path / f"institution-{i}" / "work").glob("*/partition-*"))
-        assert sorted(p.name for p in (node_dir / "state").iterdir()) == ["step-000000000002"]
-        # ... by the node's resident worker (node-config worker=auto), one process for the whole run.
+        assert sorted(p.name for p in (node_dir / "state").iterdir()) == ["step-000000000002", "step-000000000004"]
+        # ... by the node's resident worker (node-config worker=auto), one process for both runs.
         served = [json.loads(x) for x in (node_dir / "worker-served.jsonl").read_text().splitlines()]
         assert [s["op"] for s in served][:2] == ["setup", "train"] and len({s["pid"] for s in served}) == 1
     no_runtime_installs(home, *node_homes)
