@@ -227,6 +227,8 @@ class PartitionedExperts(nn.Module):
 
     def _forward_grouped(self, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
         tokens, top_k = top_k_index.shape
+        if tokens == 0:  # nothing routed here (the reshapes below cannot infer a size from 0 rows)
+            return torch.zeros_like(hidden_states)
         slot = self._slot.to(top_k_index.device)[top_k_index.reshape(-1)]  # [S] position in block order
         order = torch.argsort(slot, stable=True)
         counts = torch.bincount(slot, minlength=self.num_experts)

@@ -203,3 +203,41 @@ def test_sharded_experts_keep_their_ownership_and_storage():
         m.set_owned([0])
     with pytest.raises(RuntimeError, match="sharded"):
         m.set_owned(OWNED, torch.bfloat16)
+
+
+def test_bf16_frozen_experts_take_fp32_activations_without_autocast():
+    """Frozen experts stored in bf16, an fp32 model around them and no autocast (a CPU node's
+    precision=bf16): each expert casts its input to its own dtype and the layer adds its output
+    back in fp32; the per-expert loop agrees with the grouped path, and with an fp32 model whose
+    frozen weights are the same bf16 values, to bf16 rounding."""
+    model = build_model(ARGS, VOCAB, owned=OWNED, seed=0)
+    reference = build_model(ARGS, VOCAB, owned=OWNED, seed=0)
+    set_frozen_dtype(model, torch.bfloat16)
+    rounded = {
+        n: p.detach().to(torch.bfloat16).float() if p.dtype == torch.bfloat16 else p
+        for n, p in model.named_parameters()
+    }
+    with torch.no_grad():
+        for n, p in reference.named_parameters():
+            p.copy_(rounded[n])
+    x = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(3))
+    logits = {}
+    for impl in ("loop", "grouped"):
+        set_experts_implementation(model, impl)
+        assert {m.implementation for m in expert_modules(model)} == {impl}
+        with torch.no_grad():
+            logits[impl] = model(input_ids=x).logits
+    assert logits["loop"].dtype == torch.float32
+    torch.testing.assert_close(logits["loop"], logits["grouped"], rtol=2e-2, atol=2e-2)
+    with torch.no_grad():
+        want = reference(input_ids=x).logits
+    torch.testing.assert_close(logits["loop"], want, rtol=5e-2, atol=5e-2)
+
+
+def test_a_layer_given_no_tokens_returns_none():
+    model = build_model(ARGS, VOCAB, owned=OWNED, seed=0)
+    layer = expert_modules(model)[0]
+    for impl in ("loop", "grouped"):
+        set_experts_implementation(model, impl)
+        out = layer(torch.zeros(0, ARGS.hidden_size), torch.zeros(0, ARGS.top_k, dtype=torch.long), torch.zeros(0, 2))
+        assert out.shape == (0, ARGS.hidden_size)
