@@ -418,3 +418,22 @@ def lora_shared(tmp_path_factory):
     from test_lora_round import shared_setup
 
     return shared_setup(tmp_path_factory.mktemp("lora-eval"))
+
+
+def test_a_lora_node_refuses_to_train_what_it_would_not_send(lora_shared):
+    """With LoRA the coordinator accepts adapters, routers, norms and owned experts only: a model
+    with anything else trainable (here the embeddings) is refused before training, not trained
+    and then silently dropped."""
+    from test_lora_round import make
+
+    from client_app.local_round import _load, _round_model
+
+    spec, tok, ctxs, s = make(lora_shared, "odd", [])
+    owned = s.experts_of(0)
+    model, plain = _round_model(ctxs[0], owned, torch.device("cpu"))
+    tensors = {plain[n]: t for n, t in model.state_dict().items()}
+    named = _load(ctxs[0], model, plain, tensors, owned)  # as built: exactly what is sent
+    assert not named["model.embed_tokens.weight"].requires_grad
+    named["model.embed_tokens.weight"].requires_grad_(True)
+    with pytest.raises(RuntimeError, match=r"partition 0: trainable parameters differ from those sent: \['model.embed"):
+        _load(ctxs[0], model, plain, tensors, owned)

@@ -408,3 +408,24 @@ def test_a_round_starts_from_the_state_it_continues(tmp_path):
     nan = to_record({"a": np.array([np.nan, 0.0], np.float32), "b": np.zeros(3, np.float32)})
     with pytest.raises(ValueError, match="partition 3: received a with NaN"):
         _delta_start(ctx, DeltaDownlink(nan, -1, False), expected, True, 8, root, None)
+
+
+def test_a_round_continues_a_kept_state_that_is_not_on_disk(tmp_path):
+    """A node kept in memory continues from its kept state even when no copy is on disk (its
+    save still under way, or lost): for a sparse downlink and for a delta."""
+    from client_app.local_round import DeltaDownlink, RoundOrder, _start
+    from client_app.resident import ResidentNode
+
+    expected = {"a": torch.zeros(2), "b": torch.zeros(3)}
+    state = _copy_state(10)
+    state.owned, state.owned_tensors = [1], {"b": torch.tensor([7.0, 7.0, 7.0])}
+    kept = ResidentNode(None, None, {}, None, state)
+    sparse = RoundOrder(owned=[1], full_model=False, start_step=10, steps=2)
+    start = _start(_reply_ctx("fp32", True), sparse, {"a": torch.ones(2)}, expected, tmp_path / "empty", kept)
+    assert (
+        start.saved is state and start.tensors["b"].tolist() == [7.0] * 3 and start.tensors["a"].tolist() == [1.0] * 2
+    )
+    moves = to_record(encode_delta({"a": torch.tensor([0.5, -0.5])}, Codec("fp32", 64)))
+    delta = RoundOrder(owned=[1], full_model=False, start_step=10, steps=2, delta=DeltaDownlink(moves, 10, False))
+    start = _start(_reply_ctx("fp32", True), delta, {}, expected, tmp_path / "empty", kept)
+    assert start.saved is state and start.tensors["a"].tolist() == [1.5, 0.5]
