@@ -137,6 +137,12 @@ def main(argv: list[str] | None = None) -> int | None:
     if "--isolation" in node_args or any(a.startswith("--isolation=") for a in node_args):
         raise SystemExit("--isolation is this command's to set (process, with its own SuperExec); leave it out")
     root = _pin_root(pin)
+    if root is not None and "--allow-runtime-dependency-installation" in node_args:
+        raise SystemExit(
+            "--allow-runtime-dependency-installation: a pinned node runs its checkout in the environment `make setup` "
+            "made from requirements.lock; Flower's installer would run it in a fresh one of its own making "
+            "(leave the flag out, or --pin off)"
+        )
     if root is None:
         return subprocess.call([_flower_exe("flower-supernode"), *node_args])  # noqa: S603
     return _supervise(node_args, root)

@@ -70,5 +70,7 @@ def test_pinned_supernode_options():
     assert _pop_option(["--port", "9"], "--pin") == (None, ["--port", "9"])
     with pytest.raises(SystemExit, match="--isolation is this command's to set"):
         main(["--isolation", "subprocess", "--insecure"])
+    with pytest.raises(SystemExit, match="Flower's installer would run it in a fresh one"):
+        main(["--insecure", "--allow-runtime-dependency-installation"])
     with pytest.raises(SystemExit, match="no pyproject.toml"):
         main(["--pin", "/nonexistent-checkout", "--insecure"])
