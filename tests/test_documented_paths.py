@@ -249,7 +249,7 @@ def test_readme_federation_recipe_with_tls_and_node_auth(tmp_path):
     (home / "config.toml").write_text(tomli_w.dumps(conn_toml))
 
     try:
-        env, link_cmd = find(cmds, "flower-superlink")
+        env, link_cmd = find(cmds, "python", "-m", "federation.superlink")
         link_cmd = substitute(link_cmd, {"0.0.0.0": "127.0.0.1", "8000": str(port)})
         link_log = coord / "superlink.log"
         link = group.start("superlink", link_cmd, user_env(group, home, env), coord, link_log)
