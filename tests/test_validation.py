@@ -1,6 +1,7 @@
 """What a node sends is checked before it touches the global model (strategy/validation.py):
 each rule at its boundary, the value just inside accepted, just outside refused."""
 
+import dataclasses
 import math
 
 import pytest
@@ -201,3 +202,35 @@ def test_the_guards_reason_names_clipping_and_disagreement_only_where_they_were(
     out = accept_round(params, updates, lambda n: {0, 1, 2}, OuterOptimizer(), cfg, 0, 1, guard)
     assert list(out.dropped) == [2] and out.cosine[2] == 0.0
     assert out.dropped[2].endswith("bar 1.02") and "clipped" not in out.dropped[2] and "cosine" not in out.dropped[2]
+
+
+# What a node trains on (client_app.local_round._data): its data is checked the same way.
+def test_a_node_trains_on_its_own_disjoint_shard_or_on_all_of_its_own_data(tmp_path):
+    from collections import Counter
+
+    from client_app.local_round import NodeContext, _data
+    from common.spec import from_dict
+    from data import load_tokenizer, prepare_blocks
+    from data.pipeline import node_shard
+    from server_app.config import compose
+
+    spec = from_dict(compose(["data.vocab_size=300", "data.seq_len=16"]))
+    tok = load_tokenizer(spec.data, tmp_path / "data-cache")
+    train, heldout = prepare_blocks(spec.data, tok, tmp_path / "data-cache")
+    rows = lambda t: Counter(tuple(r) for r in t.tolist())  # noqa: E731
+    shards = [_data(NodeContext(spec, tok, tmp_path / f"p{p}", p, 3, progress=False)) for p in range(3)]
+    per, held_per = len(train) // 3, len(heldout) // 3
+    assert all(len(s) == per and len(h) == held_per for s, h in shards)
+    together = sum((rows(s) for s, _ in shards), Counter())
+    assert not together - rows(train)  # every row of a shard is a training block, none dealt twice
+    assert torch.equal(torch.cat([h for _, h in shards]), heldout[: 3 * held_per])  # held-out: in order
+    many = _data(NodeContext(spec, tok, tmp_path / "p0", 0, len(heldout) + 1, progress=False))[1]
+    assert torch.equal(many, heldout)  # fewer held-out blocks than nodes: every node scores them all
+    last = _data(NodeContext(spec, tok, tmp_path / "p0", len(heldout) - 1, len(heldout), progress=False))[1]
+    assert torch.equal(last, heldout[-1:])  # as many as nodes: one each
+
+    own = tmp_path / "mine.txt"
+    own.write_text("\n\n".join(f"Paragraph {i} of this institution's own text, with words." * 3 for i in range(60)))
+    mine = NodeContext(spec, tok, tmp_path / "p2", 2, 3, data_source=str(own), progress=False)
+    want, _ = prepare_blocks(dataclasses.replace(spec.data, source=str(own)), tok, tmp_path / "data-cache")
+    assert torch.equal(_data(mine)[0], node_shard(want, 0, 1, spec.data.partition, spec.data.seed))
