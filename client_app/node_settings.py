@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from common import keys
+
 if TYPE_CHECKING:
     from common.spec import RunSpec
 
@@ -69,29 +71,17 @@ def _progress(cfg: Mapping[str, Any], env: Mapping[str, str]) -> bool | None:
     return None if value is None else _flag("progress", value)
 
 
-# How this node trains, whatever the run says: node-config key -> train.<field>. The node knows its
-# GPU (or lack of one) and its memory; the run's values are only the default.
-HARDWARE_KEYS = {
-    "device": "device",
-    "precision": "precision",
-    "optimizer": "optimizer",
-    "lean-loss": "lean_loss",
-    "activation-checkpointing": "activation_checkpointing",
-    "threads": "threads",
-}
-
-
 def hardware_report(spec: RunSpec, settings: NodeSettings) -> dict[str, Any]:
     """What the node trains with (the run's value where its node-config sets none) and what it set itself."""
-    out: dict[str, Any] = {name: getattr(spec.train, name) for name in HARDWARE_KEYS.values()}
-    out["set-by-node"] = sorted(key for key, name in HARDWARE_KEYS.items() if name in settings.hardware)
+    out: dict[str, Any] = {name: getattr(spec.train, name) for name in keys.NODE_HARDWARE_KEYS.values()}
+    out["set-by-node"] = sorted(key for key, name in keys.NODE_HARDWARE_KEYS.items() if name in settings.hardware)
     return out
 
 
 def _hardware(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """The train.* settings this node's node-config decides (checked again with the run's spec)."""
     out: dict[str, Any] = {}
-    for key, name in HARDWARE_KEYS.items():
+    for key, name in keys.NODE_HARDWARE_KEYS.items():
         if key not in cfg:
             continue
         value = cfg[key]
@@ -123,7 +113,9 @@ class NodeSettings:
     max_local_steps: int = 10_000
     max_params: int = 20_000_000_000
     max_batch_tokens: int = 1_048_576
-    hardware: dict[str, Any] = field(default_factory=dict)  # train.* set by node-config (HARDWARE_KEYS)
+    hardware: dict[str, Any] = field(
+        default_factory=dict
+    )  # train.* set by node-config (common.keys.NODE_HARDWARE_KEYS)
 
     @classmethod
     def from_node_config(cls, cfg: Mapping[str, Any], env: Mapping[str, str] = os.environ) -> NodeSettings:

@@ -24,29 +24,15 @@ import time
 from pathlib import Path
 
 from client_app.app_pin import check_bundle, checkout_files
+from common.argv import pop_option
 
 CHECKOUT = Path(__file__).resolve().parent.parent
 PIN_ENV = "SPES_APP_PIN"
 _STOP_GRACE_S = 15.0
 
 
-def _pop_option(args: list[str], name: str, default: str | None = None) -> tuple[str | None, list[str]]:
-    """The value of `--name v` / `--name=v` in args, and args without it."""
-    rest, value, i = [], default, 0
-    while i < len(args):
-        if args[i] == name and i + 1 < len(args):
-            value, i = args[i + 1], i + 2
-            continue
-        if args[i].startswith(name + "="):
-            value = args[i].split("=", 1)[1]
-        else:
-            rest.append(args[i])
-        i += 1
-    return value, rest
-
-
 def _option(args: list[str], name: str, default: str) -> str:
-    return _pop_option(args, name, default)[0] or default
+    return pop_option(args, name, default)[0] or default
 
 
 def _pin_root(value: str | None) -> Path | None:
@@ -133,7 +119,7 @@ def _supervise(node_args: list[str], root: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int | None:
     args = list(sys.argv[1:] if argv is None else argv)
-    pin, node_args = _pop_option(args, "--pin")
+    pin, node_args = pop_option(args, "--pin")
     if "--isolation" in node_args or any(a.startswith("--isolation=") for a in node_args):
         raise SystemExit("--isolation is this command's to set (process, with its own SuperExec); leave it out")
     root = _pin_root(pin)

@@ -28,6 +28,15 @@ PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
 STATE_STEP = "state-step"  # global step of the node's saved state, -1 if none (setup reply)
 NODE_HARDWARE = "node-hardware"  # JSON: the device, precision and memory options the node trains with (setup reply)
+# How a node trains, its own call: node-config key -> train.<field> (the NODE_HARDWARE report's fields).
+NODE_HARDWARE_KEYS = {
+    "device": "device",
+    "precision": "precision",
+    "optimizer": "optimizer",
+    "lean-loss": "lean_loss",
+    "activation-checkpointing": "activation_checkpointing",
+    "threads": "threads",
+}
 NUM_TOKENS = "num-tokens"
 EXPERT_LOAD = "expert-load"  # flattened [layers * experts] fractions of routed tokens
 EVAL_LOSS = "eval-loss"

@@ -14,21 +14,18 @@ from __future__ import annotations
 
 import sys
 
+from common.argv import pop_option
+
 DEFAULT_BUSY_TIMEOUT_S = 120.0
 
 
 def _busy_timeout(args: list[str]) -> tuple[float, list[str]]:
     """`--busy-timeout-s X` out of args (the rest are flower-superlink's)."""
-    rest, value, i = [], DEFAULT_BUSY_TIMEOUT_S, 0
-    while i < len(args):
-        if args[i] == "--busy-timeout-s" and i + 1 < len(args):
-            value, i = float(args[i + 1]), i + 2
-            continue
-        rest.append(args[i])
-        i += 1
-    if not value > 0:
-        raise SystemExit(f"--busy-timeout-s must be > 0, got {value}")
-    return value, rest
+    value, rest = pop_option(args, "--busy-timeout-s")
+    seconds = DEFAULT_BUSY_TIMEOUT_S if value is None else float(value)
+    if not seconds > 0:
+        raise SystemExit(f"--busy-timeout-s must be > 0, got {seconds}")
+    return seconds, rest
 
 
 def set_busy_timeout(seconds: float) -> None:

@@ -82,7 +82,7 @@ class SetupReplies:
     errors: list[str]
 
 
-_HARDWARE_FIELDS = ("device", "precision", "optimizer", "lean_loss", "activation_checkpointing", "threads")
+_HARDWARE_FIELDS = tuple(keys.NODE_HARDWARE_KEYS.values())
 
 
 def node_hardware(raw: object) -> dict:

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from client_app.app_pin import AppPinError, bundle_files, check_bundle, checkout_files, differences
-from client_app.supernode import _pop_option, main
+from client_app.supernode import main
+from common.argv import pop_option
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -65,9 +66,9 @@ def test_checkout_files_are_the_files_on_disk_that_flower_ships():
 
 
 def test_pinned_supernode_options():
-    assert _pop_option(["--a", "1", "--pin", "off", "--b"], "--pin") == ("off", ["--a", "1", "--b"])
-    assert _pop_option(["--pin=/x", "--port", "9"], "--pin") == ("/x", ["--port", "9"])
-    assert _pop_option(["--port", "9"], "--pin") == (None, ["--port", "9"])
+    assert pop_option(["--a", "1", "--pin", "off", "--b"], "--pin") == ("off", ["--a", "1", "--b"])
+    assert pop_option(["--pin=/x", "--port", "9"], "--pin") == ("/x", ["--port", "9"])
+    assert pop_option(["--port", "9"], "--pin") == (None, ["--port", "9"])
     with pytest.raises(SystemExit, match="--isolation is this command's to set"):
         main(["--isolation", "subprocess", "--insecure"])
     with pytest.raises(SystemExit, match="Flower's installer would run it in a fresh one"):
