@@ -8,6 +8,9 @@ SuperExec, whose ClientApp processes check every app bundle against the checkout
 lives in (client_app.app_pin) before installing it: a bundle that differs in any file is
 refused, its code never loaded, and the run's coordinator gets an error reply naming the files.
 `--pin <dir>` pins another checkout, `--pin off` runs whatever bundle arrives (Flower's default).
+`--trust <keys file>` runs instead any bundle signed by one of the federation operator's keys in
+that file (`python -m federation.sign`; common.app_bundle): for federations whose operator ships
+updates without each institution checking them out.
 
 Stopping it (Ctrl-C, SIGTERM) stops both processes; either one ending ends the other.
 """
@@ -24,15 +27,17 @@ import time
 from pathlib import Path
 
 from client_app.app_pin import check_bundle, checkout_files
+from common.app_bundle import check_signed_bundle, load_trusted_keys
 from common.argv import pop_option
 
 CHECKOUT = Path(__file__).resolve().parent.parent
 PIN_ENV = "SPES_APP_PIN"
+TRUST_ENV = "SPES_APP_TRUST"
 _STOP_GRACE_S = 15.0
 
 
 def _option(args: list[str], name: str, default: str) -> str:
-    return pop_option(args, name, default)[0] or default
+    return pop_option(args, name, default)[0]
 
 
 def _pin_root(value: str | None) -> Path | None:
@@ -49,6 +54,16 @@ def _pin_root(value: str | None) -> Path | None:
     return root
 
 
+def _trusted(path: str) -> Path:
+    trusted = Path(path).expanduser().resolve()
+    try:
+        keys = load_trusted_keys(trusted)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"--trust {path}: {exc}") from exc
+    print(f"[spes] running only app bundles signed by one of the {len(keys)} key(s) in {trusted}", flush=True)
+    return trusted
+
+
 def _shim_dir() -> Path:
     """A private folder whose `flwr-clientapp` is this module's checking ClientApp process (the
     SuperExec starts task processes by that name, found on PATH)."""
@@ -62,20 +77,28 @@ def _shim_dir() -> Path:
     return folder
 
 
+def _bundle_check():
+    """The check this node's ClientApp processes make of a bundle before installing it."""
+    if TRUST_ENV in os.environ:
+        keys = load_trusted_keys(Path(os.environ[TRUST_ENV]))
+        return lambda fab: print(f"[spes] app bundle signed by {check_signed_bundle(fab, keys)}", flush=True)
+    root = Path(os.environ[PIN_ENV])
+    expected = checkout_files(root)
+    return lambda fab: check_bundle(fab, expected, root)
+
+
 def clientapp_main() -> int | None:
-    """Flower's `flwr-clientapp`, with the bundle checked against the pinned checkout before install."""
+    """Flower's `flwr-clientapp`, with the bundle checked (pinned checkout or trusted signature) before install."""
     import flwr.supernode.runtime.run_clientapp as runtime
     from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
 
-    root = Path(os.environ[PIN_ENV])
-    expected = checkout_files(root)
-    install = runtime.install_from_fab
+    check, install = _bundle_check(), runtime.install_from_fab
 
-    def install_if_pinned(fab_content: bytes, *args, **kwargs):
-        check_bundle(fab_content, expected, root)  # AppPinError: Flower replies with it as the task's error
+    def install_if_accepted(fab_content: bytes, *args, **kwargs):
+        check(fab_content)  # BundleRefused: Flower replies with it as the task's error
         return install(fab_content, *args, **kwargs)
 
-    runtime.install_from_fab = install_if_pinned
+    runtime.install_from_fab = install_if_accepted
     return flwr_clientapp()
 
 
@@ -97,11 +120,11 @@ def _flower_exe(name: str) -> str:
     return str(beside) if beside.exists() else name
 
 
-def _supervise(node_args: list[str], root: Path) -> int:
+def _supervise(node_args: list[str], check_env: dict[str, str]) -> int:
     runtime = f"{_option(node_args, '--host', '127.0.0.1')}:{_option(node_args, '--port', '9094')}"
     node = subprocess.Popen([_flower_exe("flower-supernode"), "--isolation", "process", *node_args])  # noqa: S603
     shims = _shim_dir()
-    env = {**os.environ, PIN_ENV: str(root), "PATH": f"{shims}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {**os.environ, **check_env, "PATH": f"{shims}{os.pathsep}{os.environ.get('PATH', '')}"}
     superexec = [_flower_exe("flower-superexec"), "--runtime-api-address", runtime, "--insecure"]
     executor = subprocess.Popen([*superexec, "--parent-pid", str(node.pid)], env=env)  # noqa: S603
     procs = [node, executor]
@@ -120,18 +143,25 @@ def _supervise(node_args: list[str], root: Path) -> int:
 def main(argv: list[str] | None = None) -> int | None:
     args = list(sys.argv[1:] if argv is None else argv)
     pin, node_args = pop_option(args, "--pin")
+    trust, node_args = pop_option(node_args, "--trust")
     if "--isolation" in node_args or any(a.startswith("--isolation=") for a in node_args):
         raise SystemExit("--isolation is this command's to set (process, with its own SuperExec); leave it out")
-    root = _pin_root(pin)
-    if root is not None and "--allow-runtime-dependency-installation" in node_args:
+    if trust is not None and pin is not None:
+        raise SystemExit("--trust and --pin are two ways to decide what runs here: give one")
+    if trust is not None:
+        check_env = {TRUST_ENV: str(_trusted(trust))}
+    else:
+        root = _pin_root(pin)
+        check_env = {} if root is None else {PIN_ENV: str(root)}
+    if check_env and "--allow-runtime-dependency-installation" in node_args:
         raise SystemExit(
-            "--allow-runtime-dependency-installation: a pinned node runs its checkout in the environment `make setup` "
+            "--allow-runtime-dependency-installation: a checked node runs the app in the environment `make setup` "
             "made from requirements.lock; Flower's installer would run it in a fresh one of its own making "
             "(leave the flag out, or --pin off)"
         )
-    if root is None:
+    if not check_env:
         return subprocess.call([_flower_exe("flower-supernode"), *node_args])  # noqa: S603
-    return _supervise(node_args, root)
+    return _supervise(node_args, check_env)
 
 
 if __name__ == "__main__":

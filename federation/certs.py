@@ -51,7 +51,7 @@ def subject_alt_names(names: list[str]) -> list[x509.GeneralName]:
     return sans
 
 
-def _write_private(path: Path, key: ec.EllipticCurvePrivateKey, fmt=serialization.PrivateFormat.PKCS8) -> None:
+def _write_private(path: Path, key, fmt=serialization.PrivateFormat.PKCS8) -> None:
     """Write a private key readable by its owner only (created 0600, never world-readable in between)."""
     data = key.private_bytes(serialization.Encoding.PEM, fmt, serialization.NoEncryption())
     path.unlink(missing_ok=True)
@@ -127,11 +127,17 @@ def write_server_certs(directory: Path, names: list[str], days: int = SERVER_DAY
 
 def write_node_key(directory: Path, name: str) -> tuple[Path, Path]:
     """Write `<name>.key` (OpenSSH private key) and `<name>.key.pub`; refuse to replace an existing key."""
+    return write_key_pair(directory, name, ec.generate_private_key(ec.SECP384R1()))
+
+
+def write_key_pair(directory: Path, name: str, key) -> tuple[Path, Path]:
+    """Write `key` as `<name>.key` (OpenSSH private, 0600) and `<name>.key.pub`; refuse to replace a key."""
     private, public = directory / f"{name}.key", directory / f"{name}.key.pub"
     if private.exists():
-        raise FileExistsError(f"{private} exists: a registered node keeps its key (remove it to make a new one)")
+        raise FileExistsError(
+            f"{private} exists: a registered node or a trusted signer keeps its key (remove the file for a new one)"
+        )
     directory.mkdir(parents=True, exist_ok=True)
-    key = ec.generate_private_key(ec.SECP384R1())
     _write_private(private, key, serialization.PrivateFormat.OpenSSH)  # flower-supernode reads only this format
     openssh = serialization.PublicFormat.OpenSSH
     public.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH, openssh) + b"\n")

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from client_app.app_pin import AppPinError, bundle_files, check_bundle, checkout_files, differences
+from client_app.app_pin import check_bundle, checkout_files
 from client_app.supernode import main
+from common.app_bundle import BundleRefused, bundle_files, differences
 from common.argv import pop_option
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,7 +37,7 @@ def test_bundle_files_hashes_the_bytes_not_the_manifest():
         "a.py": _sha(b"evil"),
         "pkg/b.toml": _sha(b"x=1"),
     }
-    with pytest.raises(AppPinError, match="not a valid FAB"):
+    with pytest.raises(BundleRefused, match="not a valid FAB"):
         bundle_files(b"not a zip")
 
 
@@ -52,9 +53,9 @@ def test_check_bundle_refuses_with_the_files_and_shows_at_most_ten():
     same = _fab(dict.fromkeys(checkout, b"ok"))
     check_bundle(same, checkout, Path("/co"))  # identical: no error
     changed = _fab({name: b"ok" if i else b"changed" for i, name in enumerate(checkout)})
-    with pytest.raises(AppPinError, match=r"in 1 file\(s\): changed: f00.py\. Check out"):
+    with pytest.raises(BundleRefused, match=r"in 1 file\(s\): changed: f00.py\. Check out"):
         check_bundle(changed, checkout, Path("/co"))
-    with pytest.raises(AppPinError, match=r"in 12 file\(s\): .*missing: f09.py \(and 2 more\)"):
+    with pytest.raises(BundleRefused, match=r"in 12 file\(s\): .*missing: f09.py \(and 2 more\)"):
         check_bundle(_fab({}), checkout, Path("/co"))
 
 

@@ -28,6 +28,7 @@ from engine.deployment import LocalDeployment
 from engine.flwr_config import TlsFiles
 from engine.launcher import SimulationSuperLink, run_app
 from federation.certs import write_node_key, write_server_certs
+from federation.sign import main as sign_main
 
 TOY_APP = Path(__file__).parent / "fixtures" / "toy_app"
 NOTE = "model=tiny nodes=4"  # a string value with spaces and '=' must survive
@@ -297,3 +298,26 @@ def test_pinned_supernode_runs_its_checkout_and_refuses_any_other_bundle(tmp_pat
     with LocalDeployment(tmp_path / "trusted", num_nodes=1, supernode_cmd=flower_cmd) as dep:
         assert dep.run(pinned, {**cfg, "out-file": str(tmp_path / "trusted.json")}, timeout_s=120) != 0
     assert "not supported by the connected SuperLink" in dep.node_log(0).read_text()
+
+
+def test_trusting_supernode_runs_only_bundles_its_operator_signed(tmp_path: Path, no_leftovers) -> None:
+    """`python -m client_app.supernode --trust operator.key.pub` (a real SuperNode and SuperExec):
+    the bundle the operator signed with `python -m federation.sign app` runs; the same app signed
+    by another key, and unsigned, are refused before they are installed."""
+    for name in ("operator", "stranger"):
+        assert sign_main(["key", name, "--out", str(tmp_path)]) == 0
+    signed, foreign, unsigned = (_toy_copy(tmp_path / name) for name in ("signed", "foreign", "unsigned"))
+    assert sign_main(["app", str(signed), "--key", str(tmp_path / "operator.key")]) == 0
+    assert sign_main(["app", str(foreign), "--key", str(tmp_path / "stranger.key")]) == 0
+    cfg = {"min-nodes": 1, "num-rounds": 1}
+    cmd = [sys.executable, "-m", "client_app.supernode", "--trust", str(tmp_path / "operator.key.pub")]
+    with LocalDeployment(tmp_path / "trust", num_nodes=1, supernode_cmd=cmd) as dep:
+        assert dep.run(signed, {**cfg, "out-file": str(tmp_path / "ok.json")}, timeout_s=120) == 0
+        for app in (foreign, unsigned):
+            assert dep.run(app, {**cfg, "out-file": str(tmp_path / f"{app.name}.json")}, timeout_s=120) != 0
+    assert _read(tmp_path / "ok.json")["sum"] == [1.0, 1.0, 1.0]
+    assert not (tmp_path / "foreign.json").exists() and not (tmp_path / "unsigned.json").exists()
+    log = dep.node_log(0).read_text()
+    assert "app bundle signed by SHA256:" in log and "does not verify with any of this node's" in log, log[-3000:]
+    assert "the app bundle is not signed" in log
+    assert len(list((dep.node_dir(0) / ".flwr" / "apps").iterdir())) == 1  # only the signed bundle was installed
