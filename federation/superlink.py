@@ -8,15 +8,24 @@ object row; with several nodes pushing at once, writers queue past those 5 s, re
 SuperExec, and every later run stays `pending`. scripts/superlink_lock.py reproduces it (numbers
 in docs/operating.md). This command sets `busy_timeout` to `--busy-timeout-s` (default 120 s)
 and runs `flower-superlink` with the other options unchanged.
+
+Should the SuperExec end anyway (any cause), Flower's SuperLink neither notices nor starts
+another: runs would stay `pending` with no error. Here a watchdog thread logs the exit as an
+error and starts a new SuperExec, waiting a little longer after each restart in a row.
 """
 
 from __future__ import annotations
 
 import sys
+import threading
+import time
+from logging import ERROR, INFO
 
 from common.argv import pop_option
 
 DEFAULT_BUSY_TIMEOUT_S = 120.0
+WATCH_POLL_S = 1.0
+MAX_BACKOFF_S = 60.0
 
 
 def _busy_timeout(args: list[str]) -> tuple[float, list[str]]:
@@ -36,9 +45,57 @@ def set_busy_timeout(seconds: float) -> None:
     sql.SQLITE_PRAGMAS = (("busy_timeout", str(int(seconds * 1000))), *pragmas)
 
 
+def restart_dead_superexec() -> None:
+    """From now on, a SuperLink whose SuperExec exits while it serves logs it and starts a new one."""
+    from flwr.superlink.cli.flower_superlink import SuperLinkLifespan
+
+    start, shutdown = SuperLinkLifespan._start_superexec_if_needed, SuperLinkLifespan.shutdown
+
+    def start_and_watch(self) -> None:
+        start(self)
+        if self.superexec_process is not None and not hasattr(self, "_spes_watchdog"):
+            self._spes_watchdog = threading.Thread(target=_watch, args=(self, start), daemon=True)
+            self._spes_watchdog.start()
+
+    def shutdown_unwatched(self) -> None:
+        self._spes_stopping = True  # the SuperExec it terminates is not to be restarted
+        shutdown(self)
+
+    SuperLinkLifespan._start_superexec_if_needed = start_and_watch
+    SuperLinkLifespan.shutdown = shutdown_unwatched
+
+
+def _watch(lifespan, start) -> None:
+    from flwr.common.logger import log
+
+    in_a_row, last_restart = 0, 0.0
+    while not getattr(lifespan, "_spes_stopping", False):
+        time.sleep(WATCH_POLL_S)
+        proc = lifespan.superexec_process
+        code = None if proc is None else proc.poll()
+        if code is None or getattr(lifespan, "_spes_stopping", False):
+            continue
+        in_a_row = in_a_row + 1 if time.monotonic() - last_restart < 2 * MAX_BACKOFF_S else 1
+        wait = min(MAX_BACKOFF_S, 2.0 ** (in_a_row - 1))
+        log(
+            ERROR,
+            "SuperExec (pid %d) exited with code %s: runs would stay pending; a new one in %.0fs",
+            proc.pid,
+            code,
+            wait,
+        )
+        time.sleep(wait)
+        if getattr(lifespan, "_spes_stopping", False):
+            return
+        start(lifespan)
+        last_restart = time.monotonic()
+        log(INFO, "SuperExec restarted (pid %d)", lifespan.superexec_process.pid)
+
+
 def main(argv: list[str] | None = None) -> int | None:
     seconds, rest = _busy_timeout(list(sys.argv[1:] if argv is None else argv))
     set_busy_timeout(seconds)
+    restart_dead_superexec()
     from flwr.superlink.cli import flower_superlink
 
     sys.argv = ["flower-superlink", *rest]

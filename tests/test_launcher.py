@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -321,3 +322,45 @@ def test_trusting_supernode_runs_only_bundles_its_operator_signed(tmp_path: Path
     assert "app bundle signed by SHA256:" in log and "does not verify with any of this node's" in log, log[-3000:]
     assert "the app bundle is not signed" in log
     assert len(list((dep.node_dir(0) / ".flwr" / "apps").iterdir())) == 1  # only the signed bundle was installed
+
+
+# ------------------------------------------------------------- the SuperLink's SuperExec watchdog
+class _ReadmeSuperLink(LocalDeployment):
+    """The README's SuperLink command, `python -m federation.superlink`, in place of flower-superlink."""
+
+    def _superlink_cmd(self, port: int) -> list[str]:
+        return [sys.executable, "-m", "federation.superlink", *super()._superlink_cmd(port)[1:]]
+
+
+def _superexecs(port: int) -> list[int]:
+    """Live SuperExec processes serving the SuperLink on `port`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            cmd = (entry / "cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if any(a.endswith(b"flower-superexec") for a in cmd[:2]) and f"127.0.0.1:{port}".encode() in cmd:
+            found.append(int(entry.name))
+    return found
+
+
+def _wait_for(probe, timeout_s: float = 30.0):
+    deadline = time.monotonic() + timeout_s
+    while not (found := probe()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return found
+
+
+def test_the_superlink_starts_a_new_superexec_when_its_superexec_dies(tmp_path: Path, no_leftovers) -> None:
+    """Flower's SuperLink leaves runs `pending` forever once its SuperExec is gone; `python -m
+    federation.superlink` logs the exit and starts another, and the next run completes."""
+    with _ReadmeSuperLink(tmp_path / "run", num_nodes=1) as dep:
+        (first,) = _wait_for(lambda: _superexecs(dep.port))
+        os.kill(first, signal.SIGKILL)
+        (second,) = _wait_for(lambda: [p for p in _superexecs(dep.port) if p != first])
+        cfg = {"min-nodes": 1, "num-rounds": 1, "out-file": str(tmp_path / "out.json")}
+        assert dep.run(TOY_APP, cfg, timeout_s=120) == 0
+    assert _read(tmp_path / "out.json")["sum"] == [1.0, 1.0, 1.0]
+    log = dep.log_file.read_text()
+    assert f"SuperExec (pid {first}) exited with code -9" in log and f"SuperExec restarted (pid {second})" in log
