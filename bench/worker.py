@@ -33,7 +33,7 @@ def _run(tmp: Path, overrides: list[str], worker: str, threads: int) -> dict:
     from engine.deployment import LocalDeployment
 
     run_config = {"overrides": " ".join(shlex.quote(o) for o in overrides), "output-dir": str(tmp / "outputs")}
-    node_config = {"work-dir": str(tmp / "nodes"), "worker": worker}
+    node_config = {"work-dir": str(tmp / "nodes"), "worker": worker, "keep-state": True}  # served logs read after
     t0 = time.monotonic()
     # Several nodes on one machine: each with its own thread budget, else their OpenMP pools thrash.
     env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}

@@ -11,6 +11,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from client_app.worker_link import run
+from common.keys import FINISH
 
 app = ClientApp()
 
@@ -29,3 +30,11 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     return Message(run("evaluate", msg.content, context.node_config), reply_to=msg)
+
+
+@app.query(FINISH)
+def finish(msg: Message, context: Context) -> Message:
+    """The run completed: free what this node holds for it (client_app/run_end.py)."""
+    from client_app.run_end import finish_run
+
+    return Message(finish_run(msg.content, context.node_config), reply_to=msg)

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 ENV_WORK_DIR = "SPES_NODE_WORK_DIR"
 ENV_COMMON_DATA = "SPES_NODE_COMMON_DATA"  # local copy of the run's common corpus (sharded like any source)
 ENV_PROGRESS = "SPES_NODE_PROGRESS"  # "1"/"0": per-step progress bar or not, whatever the run says
+ENV_KEEP_STATE = "SPES_NODE_KEEP_STATE"  # "1": keep a completed run's folder (node-config keep-state wins)
 DEFAULT_WORK_DIR = "~/.cache/spes-flower/nodes"
 _TOKEN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
@@ -109,6 +110,7 @@ class NodeSettings:
     own_data: str | None = None  # node-config data-source: train on all of it instead of a shard
     common_data: str | None = None  # node-config common-data: where this node keeps the run's corpus
     progress: bool | None = None  # None: the run's logging.node_progress decides (see show_progress)
+    keep_state: bool = False  # keep the run's folder when the run completes (node-config keep-state)
     # What this node agrees to run, whatever the coordinator sends (node-config max-*).
     max_local_steps: int = 10_000
     max_params: int = 20_000_000_000
@@ -138,6 +140,7 @@ class NodeSettings:
             own_data=str(cfg["data-source"]) if cfg.get("data-source") else None,
             common_data=str(cfg.get("common-data") or env.get(ENV_COMMON_DATA) or "") or None,
             progress=_progress(cfg, env),
+            keep_state=_flag("keep-state", cfg.get("keep-state", env.get(ENV_KEEP_STATE, "0"))),
             hardware=_hardware(cfg),
             **_limits(cfg),
         )

@@ -96,6 +96,14 @@ def kept_partitions() -> list[int]:
     return [k.partition_id for k in _kept]
 
 
+def forget(workdir: str) -> None:
+    """Free the kept entries of one work dir (its run has ended)."""
+    gone = [_kept.pop(key)[0] for key in [k for k in _kept if k.workdir == workdir]]
+    cuda = _on_cuda(gone)
+    del gone
+    _collect(cuda)
+
+
 def drop() -> None:
     """Forget every kept node (tests, and a caller that wants the memory back)."""
     cuda = _on_cuda([e for e, _ in _kept.values()])

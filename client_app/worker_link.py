@@ -154,6 +154,15 @@ def _hello(path: Path, workdir: Path) -> dict[str, Any] | None:
     return header if header.get("ok") else None
 
 
+def stop_worker(workdir: Path) -> bool:
+    """Ask the worker serving `workdir` to exit and wait for it; False where none was serving."""
+    path = channel.socket_path(workdir)
+    hello = _hello(path, workdir)
+    if hello is not None:
+        _stop(path, hello)
+    return hello is not None
+
+
 def _stop(path: Path, hello: dict[str, Any]) -> None:
     try:
         with _connect(path) as sock:

@@ -23,10 +23,15 @@ APPLY_OWN = "apply-own-delta"  # delta sync: add your last uplink's owned-expert
 GLOBAL_LOAD = "global-expert-load"  # the federation's last-round expert load, flattened [layers * experts]
 ROUTER_BIAS = "router-bias"  # routing bias for the top-k choice, flattened [layers * experts]
 
+# The coordinator's last message to each node, after a run completed: message type "query.<FINISH>".
+FINISH = "finish"
+
 # Node -> coordinator.
 PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
 STATE_STEP = "state-step"  # global step of the node's saved state, -1 if none (setup reply)
+STATE_KEPT = "state-kept"  # finish reply: the node kept its run folder (node-config keep-state)
+STATE_BYTES = "state-bytes"  # finish reply: the size of that folder, kept or removed
 NODE_HARDWARE = "node-hardware"  # JSON: the device, precision and memory options the node trains with (setup reply)
 # How a node trains, its own call: node-config key -> train.<field> (the NODE_HARDWARE report's fields).
 NODE_HARDWARE_KEYS = {

@@ -15,7 +15,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from client_app.node_settings import ENV_COMMON_DATA, ENV_PROGRESS, ENV_WORK_DIR
+from client_app.node_settings import ENV_COMMON_DATA, ENV_KEEP_STATE, ENV_PROGRESS, ENV_WORK_DIR
 from engine.launcher import run_app
 from server_app.config import ConfigError, load
 from server_app.config import run_dir as spec_run_dir
@@ -31,6 +31,7 @@ def node_environment(spec, run_dir: Path) -> dict[str, str]:
     gave here is every simulated node's own setting: a node opens nothing only the coordinator names),
     progress bars."""
     env = {ENV_WORK_DIR: str(run_dir / "nodes"), ENV_PROGRESS: "1" if spec.logging.node_progress else "0"}
+    env[ENV_KEEP_STATE] = "1"  # the nodes' folders are the run's own: kept, so a finished run goes on bit for bit
     source = spec.data.source
     if source.startswith("hf:"):
         env[ENV_COMMON_DATA] = source

@@ -38,7 +38,7 @@ from server_app import config as run_config
 from server_app.console import RunConsole, say
 from server_app.provenance import provenance
 from server_app.report import summary_rows, write_report
-from server_app.rounds import Collector, RunFailed, admit_new_nodes, discover
+from server_app.rounds import Collector, RunFailed, admit_new_nodes, discover, release_nodes
 from server_app.run_lock import move_aside, run_folder_lock
 from server_app.run_log import RunLog
 from server_app.summary import describe_hardware, failure_report, summarize
@@ -48,6 +48,7 @@ from strategy.spes import SpesStrategy
 from training.trainer import evaluate
 
 log = logging.getLogger("spes.server")
+RELEASE_TIMEOUT_S = 120.0  # nodes stop their worker and delete their run folder: seconds, even at 1b
 hf_logging.disable_progress_bar()  # one console line per round, not a bar per checkpoint write
 
 
@@ -453,6 +454,9 @@ def _run(grid, spec, run_dir, ckpt_root, resumed, t_start) -> dict:
             raise RunFailed(failure_report(coord.runlog.rounds[-spec.strategy.max_failed_rounds :]))
     console.close()
     summary = coord.finish(first_val, counts, trainable)
+    members = {strategy.membership.node_id(p): p for p in strategy.partitions}
+    for line in release_nodes(grid, members, start.token, coord.collector, RELEASE_TIMEOUT_S):
+        say(line)
     say(
         f"done in {summary['wall_s']:.0f}s: held-out loss {summary['first_val_loss']:.4f} -> "
         f"{summary['final_val_loss']:.4f}. Report: {run_dir / 'report.md'}"

@@ -211,3 +211,28 @@ def admit_new_nodes(
         strategy.add_node(node_id, pid)
         admitted[pid] = replies.hardware[node_id]
     return admitted
+
+
+def release_nodes(
+    grid: Grid, partitions: dict[int, int], token: str, collector: Collector, timeout_s: float
+) -> list[str]:
+    """Tell each node (node id -> partition id) that the run completed, so that it removes or keeps
+    its run folder (client_app/run_end.py); one line per partition on what it did. Never raises:
+    the run's outputs are written by now, and a node that does not answer keeps its folder."""
+    finish = ConfigRecord({keys.RUN_TOKEN: token})
+    kind = f"{MessageType.QUERY}.{keys.FINISH}"
+    messages = [Message(RecordDict({keys.CONFIG: finish}), message_type=kind, dst_node_id=n) for n in partitions]
+    lines = {}
+    for reply in collector.exchange(messages, timeout_s):
+        pid = partitions.get(reply.metadata.src_node_id, reply.metadata.src_node_id)
+        cfg = None if reply.has_error() else reply.content.config_records.get(keys.CONFIG)
+        size = None if cfg is None else cfg.get(keys.STATE_BYTES)
+        if cfg is None or not isinstance(size, int) or not isinstance(cfg.get(keys.STATE_KEPT), bool):
+            why = reply.error.reason if reply.has_error() else "a malformed reply"
+            lines[pid] = f"partition {pid}: did not release its run folder ({why})"
+            continue
+        verb = "kept its run folder (keep-state)" if cfg[keys.STATE_KEPT] else "removed its run folder"
+        lines[pid] = f"partition {pid}: {verb}, {size / 2**20:.1f} MiB"
+    silent = sorted(set(partitions.values()) - set(lines))
+    lines.update({pid: f"partition {pid}: no answer, its run folder stays" for pid in silent})
+    return [lines[pid] for pid in sorted(lines)]

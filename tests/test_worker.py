@@ -61,7 +61,8 @@ def _deployment_run(tmp: Path, node_config: dict, kill_worker_of: int | None = N
         (record,) = nodes.glob(f"*/partition-{kill_worker_of}/worker.json")
         os.kill(json.loads(record.read_text())["pid"], signal.SIGKILL)
 
-    with LocalDeployment(tmp / "flower", num_nodes=2, node_config={"work-dir": str(nodes), **node_config}) as dep:
+    node_config = {"work-dir": str(nodes), "keep-state": True, **node_config}  # the workers' logs are read after
+    with LocalDeployment(tmp / "flower", num_nodes=2, node_config=node_config) as dep:
         thread = threading.Thread(target=killer, daemon=True) if kill_worker_of is not None else None
         if thread:
             thread.start()
