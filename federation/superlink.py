@@ -12,6 +12,10 @@ and runs `flower-superlink` with the other options unchanged.
 Should the SuperExec end anyway (any cause), Flower's SuperLink neither notices nor starts
 another: runs would stay `pending` with no error. Here a watchdog thread logs the exit as an
 error and starts a new SuperExec, waiting a little longer after each restart in a row.
+
+Flower's HTTP server waits, on SIGTERM, for every open connection to close, a `flwr run
+--stream` or `flwr log --stream` included: measured 57 s before it exited. Here it waits at most
+`--shutdown-grace-s` (default 10 s) and then closes them.
 """
 
 from __future__ import annotations
@@ -24,17 +28,35 @@ from logging import ERROR, INFO
 from common.argv import pop_option
 
 DEFAULT_BUSY_TIMEOUT_S = 120.0
+DEFAULT_SHUTDOWN_GRACE_S = 10.0
 WATCH_POLL_S = 1.0
 MAX_BACKOFF_S = 60.0
 
 
-def _busy_timeout(args: list[str]) -> tuple[float, list[str]]:
-    """`--busy-timeout-s X` out of args (the rest are flower-superlink's)."""
-    value, rest = pop_option(args, "--busy-timeout-s")
-    seconds = DEFAULT_BUSY_TIMEOUT_S if value is None else float(value)
+def _seconds(args: list[str], name: str, default: float) -> tuple[float, list[str]]:
+    """`name X` (seconds, > 0) out of args; the rest are flower-superlink's."""
+    value, rest = pop_option(args, name)
+    seconds = default if value is None else float(value)
     if not seconds > 0:
-        raise SystemExit(f"--busy-timeout-s must be > 0, got {seconds}")
+        raise SystemExit(f"{name} must be > 0, got {seconds}")
     return seconds, rest
+
+
+def _busy_timeout(args: list[str]) -> tuple[float, list[str]]:
+    return _seconds(args, "--busy-timeout-s", DEFAULT_BUSY_TIMEOUT_S)
+
+
+def bound_shutdown(seconds: float) -> None:
+    """The SuperLink's HTTP server closes connections still open `seconds` after a stop signal."""
+    import uvicorn
+
+    run = uvicorn.run
+
+    def run_with_bounded_shutdown(*args, **kwargs):
+        kwargs.setdefault("timeout_graceful_shutdown", seconds)
+        return run(*args, **kwargs)
+
+    uvicorn.run = run_with_bounded_shutdown
 
 
 def set_busy_timeout(seconds: float) -> None:
@@ -94,7 +116,9 @@ def _watch(lifespan, start) -> None:
 
 def main(argv: list[str] | None = None) -> int | None:
     seconds, rest = _busy_timeout(list(sys.argv[1:] if argv is None else argv))
+    grace, rest = _seconds(rest, "--shutdown-grace-s", DEFAULT_SHUTDOWN_GRACE_S)
     set_busy_timeout(seconds)
+    bound_shutdown(grace)
     restart_dead_superexec()
     from flwr.superlink.cli import flower_superlink
 
