@@ -60,6 +60,16 @@ def chosen_cells(results: dict) -> dict[str, list[dict]]:
     return by_arm
 
 
+def late_imbalance(cells: list[dict], rounds: int = 6) -> str:
+    """Mean ± std over seeds of each run's mean expert imbalance in its last `rounds` rounds; '-' if none."""
+    per_run = []
+    for cell in cells:
+        late = [x for x in (cell.get("expert_imbalance_by_round") or [])[-rounds:] if x is not None]
+        if late:
+            per_run.append(sum(late) / len(late))
+    return fmt_ms(per_run, ".3f") if len(per_run) == len(cells) else "-"
+
+
 def paired_ratios(arm_cells: list[dict], ref_cells: list[dict], equal_flops: bool = False) -> list[float]:
     """arm / reference final held-out loss per seed both ran; with `equal_flops`, the reference's loss
     is read off its loss-vs-FLOPs curve at the arm's total FLOPs (seeds where it does not reach them
@@ -124,10 +134,11 @@ def study_section(results: dict, png: str | None) -> list[str]:
     md += _grid_table(results)
     md += [
         (
-            "| arm | point | seeds | final held-out loss | bytes up+down / round / node (MB) | training PFLOPs "
+            "| arm | point | seeds | final held-out loss | expert imbalance, last 6 rounds "
+            "| bytes up+down / round / node (MB) | training PFLOPs "
             "| reference | / reference, equal tokens | / reference, equal FLOPs |"
         ),
-        "|---|---|---:|---:|---:|---:|---|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
     for arm, cells in by_arm.items():
         traffic = [(c["bytes_up_per_round_node"] + c["bytes_down_per_round_node"]) / 1e6 for c in cells]
@@ -142,12 +153,15 @@ def study_section(results: dict, png: str | None) -> list[str]:
         )
         md.append(
             f"| {arm} | {cells[0]['point'] or '-'} | {len(cells)} | {fmt_ms([c['final_val_loss'] for c in cells])} "
-            f"| {fmt_ms(traffic, '.2f')} | {fmt_ms([c['flops_by_round'][-1] / 1e15 for c in cells], '.4f')} "
+            f"| {late_imbalance(cells)} | {fmt_ms(traffic, '.2f')} "
+            f"| {fmt_ms([c['flops_by_round'][-1] / 1e15 for c in cells], '.4f')} "
             f"| {ref or '-'} | {ratios[0]} | {ratios[1]} |"
         )
     md += [
         "",
         (
+            "Expert imbalance: the federation's routed tokens per expert, max / mean per layer averaged over "
+            "layers (1 = even), averaged over the last 6 rounds of each run. "
             "Ratios are taken per seed (against the same seed's reference run), then mean ± sample standard "
             "deviation; equal FLOPs reads the reference's held-out loss off its loss-vs-FLOPs curve at the arm's "
             'training FLOPs ("-" where the curve does not reach them).'

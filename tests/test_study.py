@@ -17,6 +17,7 @@ from bench.study_report import (
     README_END,
     fit_log_trend,
     interpolate,
+    late_imbalance,
     mean_std,
     paired_ratios,
     planned_runs,
@@ -37,6 +38,14 @@ def test_mean_and_sample_std():
         math.sqrt(((1 - 7 / 3) ** 2 + (2 - 7 / 3) ** 2 + (4 - 7 / 3) ** 2) / 2)
     )
     assert mean_std([5.0]) == (5.0, 0.0)
+
+
+def test_late_imbalance_averages_each_runs_last_rounds_then_over_seeds():
+    runs = [{"expert_imbalance_by_round": [9.0, 2.0, 4.0]}, {"expert_imbalance_by_round": [9.0, None, 6.0]}]
+    # last 2 rounds: run 1 -> (2 + 4) / 2 = 3; run 2 -> 6 (None skipped); mean 4.5, sample std sqrt(4.5)
+    assert late_imbalance(runs, rounds=2) == f"4.500 ± {math.sqrt(4.5):.3f}"
+    assert late_imbalance([*runs, {"expert_imbalance_by_round": []}], rounds=2) == "-"  # a centralized run
+    assert late_imbalance(runs[:1], rounds=1) == "4.000 (1 seed)"
 
 
 def test_interpolate_inside_and_outside():
