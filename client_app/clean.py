@@ -8,8 +8,9 @@
 A node keeps `<work dir>/<run>/partition-<i>/` per run (its last two states, the tokenizer, the
 data cache, its worker's log) so that it can resume. A completed run's folder is removed when the
 coordinator says the run ended (client_app/run_end.py) unless node-config keep-state; this lists
-and removes what is left (interrupted runs, kept ones, nodes that were offline at the end). The work dir is the node's: `--work-dir`, else $SPES_NODE_WORK_DIR, else
-~/.cache/spes-flower/nodes, as for the SuperNode. A run touched in the last `--busy-minutes`
+and removes what is left (interrupted runs, kept ones, nodes that were offline at the end). The
+work dir is the node's: `--work-dir`, else $SPES_NODE_WORK_DIR, else ~/.cache/spes-flower/nodes,
+as for the SuperNode. A run touched in the last `--busy-minutes`
 (default 10) is in use, and is not removed unless `--force`.
 """
 
