@@ -1,10 +1,11 @@
 """A node's end of a run. After a run completes, the coordinator sends every node a `query.finish`
-message; the node stops the run's resident worker, waits for a save under way, and removes its
-folder (`<work dir>/<run>/partition-<i>/`: its last two states, the worker's log; the run's data
-cache too once no partition of the machine is left in it): at the 1b preset about 12 GB per node
-per run. node-config `keep-state=true` (or SPES_NODE_KEEP_STATE=1, which `python -m sim` sets for
-its nodes, whose work dir is inside the run's own folder) keeps it, e.g. to take the run further
-later with the nodes' optimizer moments.
+message; the node stops the run's resident worker (freeing its GPU), waits for a save under way,
+and removes its folder (`<work dir>/<run>/partition-<i>/`: its last two states, the worker's
+log; the run's data cache too once no partition of the machine is left in it): at the 1b preset
+about 12 GB per node per run. node-config `keep-state=true` (or SPES_NODE_KEEP_STATE=1, which
+`python -m sim` sets for its nodes, whose work dir is inside the run's own folder) keeps the
+folder, and a simulated node's model in memory, e.g. to take the run further with the nodes'
+optimizer moments.
 
 A node without its folder still takes part in a resumed run: it reports no saved state and the
 coordinator sends it the whole model, as to a node that joins mid-run; only the moments of its
@@ -40,7 +41,7 @@ def finish_run(content: RecordDict, node_config: Mapping[str, Any]) -> RecordDic
     workdir = settings.workdir(cfg[keys.RUN_TOKEN])
     if workdir.is_dir():
         stop_worker(workdir)
-        if "client_app.resident" in sys.modules:  # a simulated node keeps the model in this process
+        if not settings.keep_state and "client_app.resident" in sys.modules:  # a simulated node's model, here
             sys.modules["client_app.resident"].forget(str(workdir))
         wait_for_saves(workdir / "state")
     size = folder_bytes(workdir) if workdir.is_dir() else 0
