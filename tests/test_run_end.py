@@ -129,3 +129,15 @@ def test_a_completed_run_leaves_no_node_folder_unless_its_nodes_keep_state(tmp_p
     inprocess.run(kept, node_environment(kept, tmp_path / "kept"))
     assert "partition 1: kept its run folder (keep-state)" in capsys.readouterr().out
     assert len(list((tmp_path / "kept" / "nodes").glob("*/partition-*/state/step-000000000002"))) == 2
+
+
+class _Unreachable(InProcessGrid):
+    def push_messages(self, messages):
+        raise ConnectionError("SuperLink gone")
+
+
+def test_a_transport_failure_at_the_end_leaves_the_folders_and_does_not_fail_the_run():
+    grid = _Unreachable(_scripted_nodes({}), num_nodes=2)
+    with inprocess.coordinator_identity(grid.run.run_id):
+        lines = release_nodes(grid, {FIRST_NODE_ID: 0, FIRST_NODE_ID + 1: 1}, TOKEN, Collector(grid), timeout_s=1.0)
+    assert lines == [f"partition {p}: no answer, its run folder stays" for p in (0, 1)]
