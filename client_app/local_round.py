@@ -209,7 +209,7 @@ def _delta_reply(
     if cfg.error_feedback and saved is not None:
         for n, r in saved.residual.items():
             if n in diff and r.shape == diff[n].shape:
-                diff[n] = diff[n] + r
+                diff[n] = diff[n] + (r if cfg.error_decay == 1 else cfg.error_decay * r)
     arrays = encode_delta(diff, cfg.uplink)
     sent = decode_delta(arrays, {n: base[n] for n in diff}, cfg.uplink)
     residual = {n: diff[n] - sent[n] for n in diff} if cfg.error_feedback else {}

@@ -3,7 +3,9 @@
 `encode`/`decode` carry whole fp32 tensors (the default, exact). With delta sync the arrays are
 differences, compressed by a `Codec` (`encode_delta`/`decode_sync`): one Array per tensor named
 `<tensor>#fp32` or `<tensor>#bf16` (bf16 bits as int16), or two for int8, `<tensor>#int8` (the
-tensor's shape) and `<tensor>#int8-scale` (float32, one scale per block or row). A plain
+tensor's shape) and `<tensor>#int8-scale` (float32, one scale per block or row), or three for top-k (`topk2`, `topk4`:
+`<tensor>#topk2` the packed values, `#topk2-index` the packed positions, `#topk2-scale` one float32
+per chunk; format in `common.sparse`). A plain
 `<tensor>` in the same record is a whole value (a resync). Flower carries each Array as numpy's
 `.npy` bytes. `decode` never lets numpy guess: it parses the header itself,
 refuses object dtypes, checks the header against the Array's declared dtype and shape (and
@@ -21,6 +23,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from common import sparse
+
 if TYPE_CHECKING:
     from flwr.app import Array, ArrayRecord
 
@@ -35,7 +39,7 @@ def _records():
 
 NUMPY_STYPE = "numpy.ndarray"
 _ALLOWED = {np.dtype(t) for t in ("float32", "float16", "float64", "int64", "int32", "int16", "uint8", "int8", "bool")}
-CODECS = ("fp32", "bf16", "int8")
+CODECS = ("fp32", "bf16", "int8", "topk2", "topk4")
 _TAG = "#"
 
 
@@ -122,16 +126,31 @@ def wire_bytes(record: ArrayRecord) -> int:
 @dataclass(frozen=True)
 class Codec:
     """How a difference tensor travels. Error bounds per element, for a block with largest |x| = m:
-    fp32 exact; bf16 |err| <= |x| * 2**-8; int8 |err| <= m / 254 (round to nearest, scale m / 127)."""
+    fp32 exact; bf16 |err| <= |x| * 2**-8; int8 |err| <= m / 254 (round to nearest, scale m / 127);
+    topk2/topk4: the kept entries |err| <= m / 4 and m / 16 (m the largest kept |x| of the chunk),
+    every other entry dropped whole (error feedback sends it later)."""
 
     name: str = "fp32"
     block: int = 0  # int8: elements per scale; 0 = one scale per row (last dimension)
+    chunk: int = 4096  # top-k: elements per chunk
+    fraction: float = 1 / 64  # top-k: fraction of each chunk kept
 
     def __post_init__(self) -> None:
         if self.name not in CODECS:
             raise ValueError(f"unknown codec {self.name!r}; choose one of {list(CODECS)}")
         if isinstance(self.block, bool) or not isinstance(self.block, int) or self.block < 0:
             raise ValueError(f"int8 block must be an integer >= 0 (0 = per row), got {self.block!r}")
+        if isinstance(self.chunk, bool) or not isinstance(self.chunk, int) or self.chunk < 1:
+            raise ValueError(f"top-k chunk must be an integer >= 1, got {self.chunk!r}")
+        if not (isinstance(self.fraction, (int, float)) and 0 < self.fraction <= 1):
+            raise ValueError(f"top-k fraction must be in (0, 1], got {self.fraction!r}")
+
+    @property
+    def topk(self) -> sparse.TopK | None:
+        """The sparse format, for the top-k codecs (else None)."""
+        if not self.name.startswith("topk"):
+            return None
+        return sparse.TopK(self.chunk, float(self.fraction), int(self.name[4:]))
 
     def block_len(self, shape: tuple[int, ...]) -> int:
         numel = int(np.prod(shape, dtype=np.int64))
@@ -175,6 +194,9 @@ def encode_delta(tensors: Mapping[str, torch.Tensor], codec: Codec) -> dict[str,
             out[f"{name}{_TAG}fp32"] = t.numpy()
         elif codec.name == "bf16":
             out[f"{name}{_TAG}bf16"] = t.to(torch.bfloat16).view(torch.int16).numpy()
+        elif codec.topk is not None:
+            tag = f"{name}{_TAG}{codec.name}"
+            out[tag], out[f"{tag}-index"], out[f"{tag}-scale"] = sparse.pack(t, codec.topk)
         else:
             q, scale = _int8(t, codec)
             out[f"{name}{_TAG}int8"], out[f"{name}{_TAG}int8-scale"] = q, scale
@@ -237,12 +259,35 @@ def decode_sync(
                 raise DecodeError(f"{name}#int8-scale: scales must be finite and >= 0")
             q = _view(f"{name}#int8", parts["int8"], shape, "int8")
             deltas[name] = _dequant_int8(torch.from_numpy(q.copy()), torch.from_numpy(scale.copy()), codec)
+        elif len(kinds) == 3 and (topk := _topk_of(kinds, allowed)) is not None:
+            deltas[name] = _decode_topk(name, parts, shape, topk)
         else:
             raise DecodeError(
                 f"{name}: arrays {sorted(k or '(whole)' for k in kinds)} are not a "
                 f"{'/'.join(allowed)} delta or a whole value"
             )
     return full, deltas
+
+
+def _topk_of(kinds: set[str], allowed: Mapping[str, Codec]) -> Codec | None:
+    """The allowed top-k codec whose three arrays `kinds` are, if any."""
+    for name, codec in allowed.items():
+        if codec.topk is not None and kinds == {name, f"{name}-index", f"{name}-scale"}:
+            return codec
+    return None
+
+
+def _decode_topk(name: str, parts: Mapping[str, Array], shape: tuple[int, ...], codec: Codec) -> torch.Tensor:
+    fmt = codec.topk
+    value_bytes, index_bytes, scales = sparse.sizes(int(np.prod(shape, dtype=np.int64)), fmt)
+    tag = f"{name}{_TAG}{codec.name}"
+    values = _view(tag, parts[codec.name], (value_bytes,), "uint8")
+    index = _view(f"{tag}-index", parts[f"{codec.name}-index"], (index_bytes,), "uint8")
+    scale = _view(f"{tag}-scale", parts[f"{codec.name}-scale"], (scales,), "float32")
+    try:
+        return sparse.unpack(values, index, scale, shape, fmt)
+    except sparse.SparseFormatError as exc:
+        raise DecodeError(f"{tag}: {exc}") from None
 
 
 def decode_delta(

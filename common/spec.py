@@ -168,12 +168,19 @@ class StrategyConfig:
     # coordinator sends each node only the tensors that changed since the version it holds.
     # Off = whole fp32 tensors, today's protocol and byte counts.
     delta_sync: bool = False
-    uplink_codec: str = "fp32"  # fp32 | bf16 | int8 (needs delta_sync)
-    downlink_codec: str = "fp32"  # fp32 | bf16 | int8 (needs delta_sync)
+    uplink_codec: str = "fp32"  # fp32 | bf16 | int8 | topk2 | topk4 (needs delta_sync)
+    downlink_codec: str = "fp32"  # fp32 | bf16 | int8 | topk2 | topk4 (needs delta_sync)
     int8_block: int = 0  # int8: values per scale; 0 = one scale per row
+    # topk2/topk4 (SparseLoCo, arXiv 2508.15706): per chunk of topk_chunk elements keep the
+    # ceil(topk_fraction * chunk) largest |entries|, at 2 or 4 bits with one scale per chunk.
+    topk_chunk: int = 4096
+    topk_fraction: float = 0.015625
     # Nodes keep what quantisation dropped and add it to the next round's difference (the
     # coordinator always keeps its downlink residual: the gap between the model and the nodes' copy).
     error_feedback: bool = True
+    # The node's residual is multiplied by this before it is added (SparseLoCo's decay: < 1 lets
+    # old residue fade, like outer momentum); 1 = plain error feedback.
+    error_decay: float = 1.0
     # Balancing across nodes: per round, move each expert's routing bias by this much toward the
     # federation's mean load (aux-loss-free, DeepSeek-V3; model/routing.py). 0 = no bias.
     router_bias_rate: float = 0.0
@@ -295,6 +302,18 @@ class StrategyConfig:
                 f"strategy.int8_block must be an integer >= 0 (0 = per row), got {self.int8_block!r}",
             ),
             (
+                _whole(self.topk_chunk) and self.topk_chunk >= 1,
+                f"strategy.topk_chunk must be an integer >= 1, got {self.topk_chunk!r}",
+            ),
+            (
+                _finite(self.topk_fraction) and 0 < self.topk_fraction <= 1,
+                f"strategy.topk_fraction must be in (0, 1], got {self.topk_fraction}",
+            ),
+            (
+                _finite(self.error_decay) and 0 <= self.error_decay <= 1,
+                f"strategy.error_decay must be in [0, 1], got {self.error_decay}",
+            ),
+            (
                 _finite(self.router_bias_rate) and 0 <= self.router_bias_rate <= 1,
                 f"strategy.router_bias_rate must be in [0, 1], got {self.router_bias_rate}",
             ),
@@ -305,11 +324,11 @@ class StrategyConfig:
 
     @property
     def uplink(self) -> Codec:
-        return Codec(self.uplink_codec, self.int8_block)
+        return Codec(self.uplink_codec, self.int8_block, int(self.topk_chunk), float(self.topk_fraction))
 
     @property
     def downlink(self) -> Codec:
-        return Codec(self.downlink_codec, self.int8_block)
+        return Codec(self.downlink_codec, self.int8_block, int(self.topk_chunk), float(self.topk_fraction))
 
 
 @dataclass
