@@ -3,15 +3,16 @@
     python -m bench                       # the default benchmark (make bench), ~17 min on 2 CPUs
     python -m bench rounds=8 model=tiny   # Hydra overrides apply to every method
     python -m bench --ablation merge      # merge | H | nodes | iid | all  -> docs/results.md
+    python -m bench --add spes_topk2      # run methods (comma-separated) into benchmarks/results.json
 
-The default benchmark runs the federated strategies (`python -m sim` with strategy=spes|diloco|fedavg
-and SPES with int8 / bf16 delta sync) through the in-process engine (`--engine flower` for Flower
-simulations: the same numbers bit for bit, tests/test_engines.py) and the centralized baseline
-(`python -m bench.centralized`) with the same model, data, seed and tokens; then measures per-node
-memory for the paper's 4 x 4 ratio (`model=small`, bench.memory) and the Flower overhead on short
-SPES Flower simulations (bench.overhead). It writes <out>/results.json, <docs>/benchmarks.md and
-three plots. Every ratio is computed here from measured values; `ratio_sources` in results.json
-names its inputs.
+The default benchmark runs the federated strategies (`python -m sim` with strategy=spes|diloco|fedavg,
+SPES with int8 / bf16 / top-k delta sync and DiLoCo with top-k) through the in-process engine
+(`--engine flower` for Flower simulations: the same numbers bit for bit, tests/test_engines.py)
+and the centralized baseline (`python -m bench.centralized`) with the same model, data, seed and
+tokens; then measures per-node memory for the paper's 4 x 4 ratio (`model=small`, bench.memory)
+and the Flower overhead on short SPES Flower simulations (bench.overhead). It writes
+<out>/results.json, <docs>/benchmarks.md and three plots. Every ratio is computed here from
+measured values; `ratio_sources` in results.json names its inputs.
 
 Results files are committed, so every path in one is relative to the folder holding that file
 (`run_dir`: "runs/bench-spes" in results.json, "../runs/abl-..." in ablations/<name>.json): they
@@ -135,6 +136,38 @@ def run_benchmark(
     return results
 
 
+def add_methods(names: list[str], overrides: list[str], out: Path, docs: Path, command: str) -> dict:
+    """Run only the federated methods `names` and put them into the existing <out>/results.json
+    (a method added after the last full run, without the hours of the others): the results must
+    have been made with these overrides; each added method records its commit, date and command."""
+    from bench.report import write_bench_docs
+
+    path = out / "results.json"
+    if not path.exists():
+        raise SystemExit(f"--add: no {path}; run the whole benchmark first")
+    results = json.loads(path.read_text())
+    if sorted(results["overrides"]) != sorted(portable_arg(o) for o in overrides):
+        raise SystemExit(f"--add: {path} was made with {results['overrides']}, not {overrides}")
+    unknown = sorted(set(names) - {*METHODS, *CODEC_METHODS})
+    if unknown:
+        raise SystemExit(f"--add: unknown method(s) {unknown}; choose from {[*METHODS, *CODEC_METHODS]}")
+    for m in names:
+        ov = merge_overrides(overrides, CODEC_METHODS.get(m, [f"strategy={m}"]))
+        run_dir = run_federated(m, overrides, out / "runs", f"bench-{m}")
+        results["methods"][m] = method_entry(run_dir, owned_per_node(ov), out, analytic=m not in CODEC_METHODS)
+        results.setdefault("added", {})[m] = {
+            "command": command,
+            "commit": code_commit(),
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        print(f"[bench] {m}: final held-out loss {results['methods'][m]['final_val_loss']:.4f}", flush=True)
+    results["ratio_sources"] = {k: list(v) for k, v in RATIO_SOURCES.items()}
+    results["ratios"] = compute_ratios(results)
+    path.write_text(json.dumps(results, indent=2, sort_keys=True))
+    write_bench_docs(results, docs, path)
+    return results
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -181,6 +214,11 @@ def main(argv: list[str]) -> int:
         help="only rewrite the docs and plots from an existing <out>/results.json "
         "(and docs/results.md from <out>/ablations/*.json, when there are any)",
     )
+    p.add_argument(
+        "--add",
+        metavar="METHOD[,METHOD...]",
+        help="run only these federated methods (e.g. spes_topk2,spes_topk4) and add them to the existing results.json",
+    )
     p.add_argument("overrides", nargs="*", help="Hydra overrides applied to every method")
     a = p.parse_args(argv)
     command = "python -m bench " + " ".join(shlex.quote(portable_arg(x)) for x in argv)
@@ -197,6 +235,9 @@ def main(argv: list[str]) -> int:
         print(write_bench_docs(json.loads(results_path.read_text()), docs, results_path))
         if any((out / "ablations" / f"{name}.json").exists() for name in ABLATIONS):
             print(write_results_md(out, docs))
+        return 0
+    if a.add:
+        add_methods(a.add.split(","), overrides, out, docs, command)
         return 0
     if a.ablation:
         from bench.ablations import run_ablations

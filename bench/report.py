@@ -22,6 +22,9 @@ LABELS = {
     "centralized": "centralized",
     "spes_int8": "SPES int8+EF",
     "spes_bf16": "SPES bf16",
+    "spes_topk2": "SPES top-k 2-bit",
+    "spes_topk4": "SPES top-k 4-bit",
+    "diloco_topk2": "DiLoCo top-k 2-bit",
 }
 RATIO_ORDER = (
     "mem_spes_over_diloco",
@@ -31,6 +34,8 @@ RATIO_ORDER = (
     "flower_overhead",
     "bytes_spes_int8_over_diloco_fp32",
     "loss_spes_int8_over_spes_fp32",
+    "bytes_spes_topk_over_diloco_fp32",
+    "loss_spes_topk_over_spes_fp32",
 )
 
 # ratio -> (numerator, denominator): dotted paths into results.json.
@@ -48,6 +53,11 @@ RATIO_SOURCES = {
         "methods.diloco.bytes_steady_per_round_node",
     ),
     "loss_spes_int8_over_spes_fp32": ("methods.spes_int8.final_val_loss", "methods.spes.final_val_loss"),
+    "bytes_spes_topk_over_diloco_fp32": (
+        "methods.spes_topk2.bytes_steady_per_round_node",
+        "methods.diloco.bytes_steady_per_round_node",
+    ),
+    "loss_spes_topk_over_spes_fp32": ("methods.spes_topk2.final_val_loss", "methods.spes.final_val_loss"),
 }
 
 

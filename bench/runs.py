@@ -15,7 +15,8 @@ from strategy.round_record import RoundRecord
 
 ROOT = Path(__file__).resolve().parent.parent
 BYTES_FP32 = 4
-# SPES with delta sync and compressed differences both ways (issue 11): name -> overrides.
+# Delta sync with compressed differences both ways (issues 11 and 26): name -> overrides.
+_TOPK2 = ["strategy.delta_sync=true", "strategy.uplink_codec=topk2", "strategy.downlink_codec=topk2"]
 CODEC_METHODS = {
     "spes_int8": [
         "strategy=spes",
@@ -30,6 +31,15 @@ CODEC_METHODS = {
         "strategy.uplink_codec=bf16",
         "strategy.downlink_codec=bf16",
     ],
+    # SparseLoCo's setting (arXiv 2508.15706): 1/64 of each 4096-chunk, 2 or 4 bits.
+    "spes_topk2": ["strategy=spes", *_TOPK2],
+    "spes_topk4": [
+        "strategy=spes",
+        "strategy.delta_sync=true",
+        "strategy.uplink_codec=topk4",
+        "strategy.downlink_codec=topk4",
+    ],
+    "diloco_topk2": ["strategy=diloco", *_TOPK2],  # the same without expert ownership
 }
 
 

@@ -19,7 +19,7 @@ from micro import MICRO_MODEL
 from bench.ablations import ABLATIONS, ablation_section, variants
 from bench.harness import DEFAULTS, main
 from bench.report import GOALS_FILE, RATIO_SOURCES, goal_context, load_goals, lookup, render, report_numbers, verdict
-from bench.runs import absolute_paths, merge_overrides
+from bench.runs import CODEC_METHODS, absolute_paths, merge_overrides
 
 SMALL = [
     *MICRO_MODEL,
@@ -68,7 +68,7 @@ def bench(tmp_path_factory):
 
 def test_methods_have_the_required_fields(bench):
     _, res = bench
-    assert set(res["methods"]) == {"spes", "diloco", "fedavg", "centralized", "spes_int8", "spes_bf16"}
+    assert set(res["methods"]) == {"spes", "diloco", "fedavg", "centralized", "spes_int8", "spes_bf16", *CODEC_METHODS}
     for name, entry in res["methods"].items():
         for key in METHOD_FIELDS:
             assert isinstance(entry[key], (int, float)) and math.isfinite(entry[key]), (name, key)
@@ -104,6 +104,8 @@ def test_ratios_are_the_ratios_of_the_measured_values(bench):
         "flower_overhead",
         "bytes_spes_int8_over_diloco_fp32",
         "loss_spes_int8_over_spes_fp32",
+        "bytes_spes_topk_over_diloco_fp32",
+        "loss_spes_topk_over_spes_fp32",
     }
     m, mem, over = res["methods"], res["memory"], res["overhead"]
     expected = {
@@ -114,6 +116,8 @@ def test_ratios_are_the_ratios_of_the_measured_values(bench):
         "flower_overhead": over["sim_round_s"] / over["bare_round_s"],
         "bytes_spes_int8_over_diloco_fp32": steady(m["spes_int8"]) / steady(m["diloco"]),
         "loss_spes_int8_over_spes_fp32": m["spes_int8"]["final_val_loss"] / m["spes"]["final_val_loss"],
+        "bytes_spes_topk_over_diloco_fp32": steady(m["spes_topk2"]) / steady(m["diloco"]),
+        "loss_spes_topk_over_spes_fp32": m["spes_topk2"]["final_val_loss"] / m["spes"]["final_val_loss"],
     }
     for key, value in expected.items():
         assert res["ratios"][key] == pytest.approx(value, rel=1e-12), key
@@ -129,6 +133,26 @@ def test_ratios_are_the_ratios_of_the_measured_values(bench):
     assert over["bare_round_s"] > 0 and res["ratios"]["flower_overhead"] > 1
     assert (runs / "bench-overhead" / "flower" / "flwr-run.log").stat().st_size > 0
     assert not (out / m["spes"]["run_dir"] / "flower").exists() and over["at_local_steps"] == {}
+
+
+def test_add_reruns_one_method_into_the_results_it_belongs_to(bench, tmp_path):
+    out, res = bench
+    shutil.copytree(out, tmp_path / "b")
+    path = tmp_path / "b" / "results.json"
+    partial = {**res, "methods": {k: v for k, v in res["methods"].items() if k != "spes_topk4"}}
+    partial.pop("ratios")
+    path.write_text(json.dumps(partial))
+    args = ["--out", str(tmp_path / "b"), "--docs", str(tmp_path / "docs")]
+    assert main([*args, "--add", "spes_topk4", *SMALL]) == 0
+    added = json.loads(path.read_text())
+    # The same run again (in-process runs are deterministic), its provenance, the ratios recomputed.
+    assert added["methods"]["spes_topk4"]["final_val_loss"] == res["methods"]["spes_topk4"]["final_val_loss"]
+    assert set(added["added"]) == {"spes_topk4"} and "--add spes_topk4" in added["added"]["spes_topk4"]["command"]
+    assert added["ratios"] == res["ratios"]
+    with pytest.raises(SystemExit, match="was made with"):
+        main([*args, "--add", "spes_topk4", *SMALL, "rounds=3"])
+    with pytest.raises(SystemExit, match="unknown method"):
+        main([*args, "--add", "sparse", *SMALL])
 
 
 def test_bytes_match_the_analytic_counts(bench):
@@ -152,6 +176,10 @@ def test_bytes_match_the_analytic_counts(bench):
     assert steady(int8) < 0.3 * steady(spes) and steady(bf16) < 0.55 * steady(spes)
     for entry in (spes, diloco, int8, bf16):
         assert entry["wire_bytes_steady_per_round_node"] > entry["bytes_steady_per_round_node"]
+    # Top-k: about 1/64 of the entries at 2 or 4 bits plus positions and scales; DiLoCo's the same way.
+    topk2, topk4, dtopk2 = (res["methods"][m] for m in ("spes_topk2", "spes_topk4", "diloco_topk2"))
+    assert steady(topk2) < steady(topk4) < 0.1 * steady(spes)
+    assert steady(topk2) < steady(dtopk2) < 0.1 * steady(diloco)
 
 
 def test_memory_measured_in_fresh_processes_with_floor(bench):
