@@ -15,8 +15,10 @@ training over the same links) and each link speed:
   data-parallel pays a ring all-reduce of the fp32 gradients every step (2 (N - 1) / N of the
   gradient bytes per node, 2 (N - 1) latencies);
 - bytes per round at the 1b and 7b presets from their parameter counts (fp32, owned experts per
-  the contiguous assignment); int8 delta sync scales SPES fp32's steady bytes by the ratio measured
-  on the tiny model (benchmarks/results.json), an assumption stated on the page;
+  the contiguous assignment); int8 and top-k delta sync scale SPES fp32's steady bytes by the ratio
+  measured on the tiny model (benchmarks/results.json), and its syncs by the ratio of syncs to a
+  common target in the compression study (benchmarks/studies/compression.json), assumptions stated
+  on the page;
 - step time: a SPES node's measured tokens/s in benchmarks/gpu.json (scripts/gpu_check.sh, "runs") over
   the recipe's tokens per step when it holds the preset, else an assumption (default 1b: 0.44 s per
   step, the figure the resident-worker issue quotes for an H200 at 4 x 2048 tokens; 7b: 1b's scaled
@@ -39,7 +41,9 @@ from common.atomic import write_json_atomic
 LINKS_BPS = {"100 Mbit/s": 100e6, "1 Gbit/s": 1e9, "10 Gbit/s": 10e9}
 PRESETS = ("1b", "7b")
 H_AT_SCALE = 100  # the paper's sync interval; the study's curves count syncs, not steps
-METHODS = ("spes", "spes_int8", "diloco", "fedavg", "data_parallel")
+METHODS = ("spes", "spes_int8", "spes_topk2", "diloco", "fedavg", "data_parallel")
+# SPES with a delta-sync codec -> its arm in the compression study (conf/study/compression.yaml).
+COMPRESSED = {"spes_int8": "spes-int8", "spes_topk2": "spes-topk2"}
 
 
 def preset_bytes(preset: str, nodes: int = 4) -> dict[str, float]:
@@ -74,31 +78,57 @@ def mean_curve(cells: list[dict]) -> list[float]:
     return [statistics.fmean(c["val_loss_by_round"][j] for c in cells) for j in range(n)]
 
 
-def model_rows(parity: dict, int8_ratio: float, step_s: dict[str, float], latency_s: float, nodes: int) -> dict:
+def codec_sync_ratios(compression: dict | None) -> dict[str, float]:
+    """Per compressed method, its syncs to a common target over SPES fp32's, on the compression
+    study's mean curves (the target: the worst final mean loss of SPES fp32 and the codecs' arms)."""
+    if compression is None:
+        return {}
+    by_arm = chosen_cells(compression)
+    arms = {m: a for m, a in COMPRESSED.items() if a in by_arm and by_arm[a]}
+    if "spes" not in by_arm or not arms:
+        return {}
+    curves = {m: mean_curve(by_arm[a]) for m, a in {"spes": "spes", **arms}.items()}
+    target = max(c[-1] for c in curves.values())
+    base = rounds_to(curves["spes"], target)
+    return {m: rounds_to(curves[m], target) / base for m in arms if base and rounds_to(curves[m], target)}
+
+
+def model_rows(
+    parity: dict,
+    byte_ratios: dict[str, float],
+    sync_ratios: dict[str, float],
+    step_s: dict[str, float],
+    latency_s: float,
+    nodes: int,
+) -> dict:
+    """Hours to the target per preset, link and method. A compressed SPES method sends SPES fp32's
+    bytes x its measured byte ratio and needs SPES fp32's syncs x its sync ratio (1 without the study)."""
     by_arm = chosen_cells(parity)
     curves = {m: mean_curve(by_arm[m]) for m in ("spes", "diloco", "fedavg", "centralized") if m in by_arm}
     target = max(c[-1] for c in curves.values())
     syncs = {m: rounds_to(c, target) for m, c in curves.items()}
-    syncs["spes_int8"] = syncs.get("spes")  # int8 + EF: 1.007 x SPES fp32's loss on tiny; same curve assumed
+    for m in byte_ratios:
+        syncs[m] = None if syncs.get("spes") is None else syncs["spes"] * sync_ratios.get(m, 1.0)
+    methods = [m for m in METHODS if m not in COMPRESSED or m in byte_ratios]
     rows = {}
     for preset in PRESETS:
         b = preset_bytes(preset, nodes)
         for link, bps in LINKS_BPS.items():
-            for method in METHODS:
+            for method in methods:
                 rows[f"{preset} | {link} | {method}"] = _time(
-                    method, b, bps, latency_s, step_s[preset], syncs, int8_ratio, nodes
+                    method, b, bps, latency_s, step_s[preset], syncs, byte_ratios, nodes
                 )
     return {
         "target_loss": target,
         "syncs_to_target": syncs,
         "rows": rows,
         "links": list(LINKS_BPS),
-        "methods": list(METHODS),
+        "methods": methods,
         "presets": list(PRESETS),
     }
 
 
-def _time(method, b, bps, latency_s, step_s, syncs, int8_ratio, nodes) -> dict:
+def _time(method, b, bps, latency_s, step_s, syncs, byte_ratios, nodes) -> dict:
     compute = H_AT_SCALE * step_s
     if method == "data_parallel":
         steps = None if syncs.get("centralized") is None else syncs["centralized"] * H_AT_SCALE
@@ -107,11 +137,11 @@ def _time(method, b, bps, latency_s, step_s, syncs, int8_ratio, nodes) -> dict:
         hours = None if steps is None else steps * per / 3600
         return {"round_s": per * H_AT_SCALE, "comm_share": comm / per, "hours": hours}
     up, down = (b["spes_up"], b["spes_down"]) if method.startswith("spes") else (b["full_up"], b["full_down"])
-    if method == "spes_int8":
-        up, down = up * int8_ratio, down * int8_ratio
+    if method in byte_ratios:
+        up, down = up * byte_ratios[method], down * byte_ratios[method]
     comm = (up + down) * 8 / bps + 2 * latency_s
     per = compute + comm
-    s = syncs.get(method.replace("_int8", "") if method == "spes_int8" else method)
+    s = syncs.get(method)
     return {"round_s": per, "comm_share": comm / per, "hours": None if s is None else s * per / 3600}
 
 
@@ -120,26 +150,32 @@ def main(argv: list[str]) -> int:
         prog="python -m bench.wan", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--parity", default=str(ROOT / "benchmarks" / "studies" / "parity.json"))
+    p.add_argument("--compression", default=str(ROOT / "benchmarks" / "studies" / "compression.json"))
     p.add_argument("--latency-ms", type=float, default=50.0, help="one-way latency of each link")
     p.add_argument("--step-1b-s", type=float, default=0.44, help="seconds per 1b step when gpu.json has none")
     p.add_argument("--nodes", type=int, default=4)
     a = p.parse_args(argv)
     parity = json.loads(Path(a.parity).read_text())
     results = json.loads((ROOT / "benchmarks" / "results.json").read_text())
-    int8_ratio = (
-        results["methods"]["spes_int8"]["bytes_steady_per_round_node"]
-        / results["methods"]["spes"]["bytes_steady_per_round_node"]
-    )
+    fp32 = results["methods"]["spes"]["bytes_steady_per_round_node"]
+    byte_ratios = {
+        m: results["methods"][m]["bytes_steady_per_round_node"] / fp32 for m in COMPRESSED if m in results["methods"]
+    }
+    compression_path = Path(a.compression)
+    compression = json.loads(compression_path.read_text()) if compression_path.exists() else None
+    sync_ratios = codec_sync_ratios(compression)
     step_s = {"1b": a.step_1b_s, "7b": a.step_1b_s * _flops_per_step_ratio()}
     measured = gpu_step_seconds(ROOT / "benchmarks" / "gpu.json")
     step_source = {k: "benchmarks/gpu.json" if k in measured else "assumed" for k in PRESETS}
     step_s.update(measured)
-    out = model_rows(parity, int8_ratio, step_s, a.latency_ms / 1e3, a.nodes)
+    out = model_rows(parity, byte_ratios, sync_ratios, step_s, a.latency_ms / 1e3, a.nodes)
     out["assumptions"] = {
         "latency_s": a.latency_ms / 1e3,
         "step_s": step_s,
         "step_source": step_source,
-        "int8_bytes_over_fp32": int8_ratio,
+        "bytes_over_spes_fp32": byte_ratios,
+        "syncs_over_spes_fp32": sync_ratios,
+        "compression": compression_path.name if compression is not None else None,
         "H": H_AT_SCALE,
         "nodes": a.nodes,
         "parity": str(Path(a.parity).name),

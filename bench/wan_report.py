@@ -9,13 +9,36 @@ def _h(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}"
 
 
+def methods_of(out: dict) -> list[str]:
+    return list(out["methods"])
+
+
 def ratio(rows: dict, preset: str, link: str, a: str, b: str) -> float | None:
     ha, hb = rows[f"{preset} | {link} | {a}"]["hours"], rows[f"{preset} | {link} | {b}"]["hours"]
     return None if ha is None or not hb else ha / hb
 
 
+LABELS = {"spes_int8": "SPES int8", "spes_topk2": "SPES top-k 2-bit"}
+
+
+def _codec_lines(a: dict) -> list[str]:
+    """One assumption line per compressed method: its byte ratio and where its syncs come from."""
+    lines = []
+    for m, r in a.get("bytes_over_spes_fp32", {}).items():
+        sync = a.get("syncs_over_spes_fp32", {}).get(m)
+        where = (
+            f"SPES fp32's syncs x {sync:.3f}, the ratio of syncs to a common target on the mean curves of "
+            f"{a['compression']} (3 seeds)"
+            if sync is not None
+            else "SPES fp32's syncs (the same curve assumed: no compression study cells of it)"
+        )
+        lines.append(f"  {LABELS.get(m, m)}: SPES fp32's bytes x {r:.4f} (benchmarks/results.json), {where}.")
+    return lines
+
+
 def write_wan_page(out: dict, docs: Path) -> Path:
     rows, a = out["rows"], out["assumptions"]
+    compressed = [m for m in methods_of(out) if m in a.get("bytes_over_spes_fp32", {})]
     links, methods, presets = out["links"], out["methods"], out["presets"]
     syncs = ", ".join(f"{m} {_h(n)}" for m, n in sorted(out["syncs_to_target"].items()))
     steps = ", ".join(f"{p} {a['step_s'][p]:.3f} s ({a['step_source'][p]})" for p in presets)
@@ -36,21 +59,23 @@ def write_wan_page(out: dict, docs: Path) -> Path:
         f"- Links: {', '.join(links)}; one-way latency {a['latency_s'] * 1e3:.0f} ms; {a['nodes']} nodes,",
         "  each with its own link to the coordinator.",
         "- Bytes per round and node: fp32 parameter counts of the preset (SPES: shared + owned experts up,",
-        "  all but the owned experts down; DiLoCo and FedAvg: the whole model both ways). int8 delta sync:",
-        f"  SPES fp32 x {a['int8_bytes_over_fp32']:.3f}, the ratio measured on the tiny model",
-        "  (benchmarks/results.json), with SPES fp32's loss curve (measured there: 1.007 x its loss).",
+        "  all but the owned experts down; DiLoCo and FedAvg: the whole model both ways). Delta sync,",
+        "  measured on the tiny model:",
+        *_codec_lines(a),
         "  Data-parallel: a ring all-reduce of the fp32 gradients every step.",
         "",
         "## Hours to the target",
         "",
-        "| preset | link | " + " | ".join(methods) + " | SPES / DiLoCo | SPES int8 / DiLoCo |",
-        "|---|---|" + "---:|" * (len(methods) + 2),
+        "| preset | link | "
+        + " | ".join([*methods, "SPES / DiLoCo", *(f"{LABELS.get(m, m)} / DiLoCo" for m in compressed)])
+        + " |",
+        "|---|---|" + "---:|" * (len(methods) + 1 + len(compressed)),
     ]
     for preset in presets:
         for link in links:
             hours = [_h(rows[f"{preset} | {link} | {m}"]["hours"]) for m in methods]
-            r1, r2 = ratio(rows, preset, link, "spes", "diloco"), ratio(rows, preset, link, "spes_int8", "diloco")
-            md.append(f"| {preset} | {link} | " + " | ".join(hours) + f" | {_h(r1)} | {_h(r2)} |")
+            vs = [_h(ratio(rows, preset, link, m, "diloco")) for m in ("spes", *compressed)]
+            md.append(f"| {preset} | {link} | " + " | ".join(hours) + " | " + " | ".join(vs) + " |")
     md += [
         "",
         "Share of a round spent communicating:",

@@ -36,10 +36,6 @@ TRUST_ENV = "SPES_APP_TRUST"
 _STOP_GRACE_S = 15.0
 
 
-def _option(args: list[str], name: str, default: str) -> str:
-    return pop_option(args, name, default)[0]
-
-
 def _pin_root(value: str | None) -> Path | None:
     if value == "off":
         return None
@@ -121,7 +117,8 @@ def _flower_exe(name: str) -> str:
 
 
 def _supervise(node_args: list[str], check_env: dict[str, str]) -> int:
-    runtime = f"{_option(node_args, '--host', '127.0.0.1')}:{_option(node_args, '--port', '9094')}"
+    host, port = pop_option(node_args, "--host", "127.0.0.1")[0], pop_option(node_args, "--port", "9094")[0]
+    runtime = f"{host}:{port}"
     node = subprocess.Popen([_flower_exe("flower-supernode"), "--isolation", "process", *node_args])  # noqa: S603
     shims = _shim_dir()
     env = {**os.environ, **check_env, "PATH": f"{shims}{os.pathsep}{os.environ.get('PATH', '')}"}

@@ -229,3 +229,29 @@ def test_wan_runs_as_a_command():
     root = Path(__file__).resolve().parent.parent
     done = subprocess.run([sys.executable, "-m", "bench.wan", "--help"], cwd=root, capture_output=True, text=True)
     assert done.returncode == 0 and "usage: python -m bench.wan" in done.stdout
+
+
+def test_wan_model_scales_a_codecs_bytes_and_syncs_by_its_measured_ratios():
+    from bench.wan import H_AT_SCALE, _time, codec_sync_ratios
+
+    def cell(arm, seed, curve):
+        return {"arm": arm, "point": None, "seed": seed, "final_val_loss": curve[-1], "val_loss_by_round": curve}
+
+    study = {
+        "arms": {"spes": {}, "spes-topk2": {}},
+        "cells": {
+            "a": cell("spes", 0, [8.0, 6.0, 4.0]),
+            "b": cell("spes", 1, [8.0, 6.0, 4.0]),
+            "c": cell("spes-topk2", 0, [8.0, 7.0, 5.0]),
+            "d": cell("spes-topk2", 1, [8.0, 7.0, 5.0]),
+        },
+    }
+    # Target 5.0 (the worse final mean): SPES fp32 reaches it 1.5 syncs in (6 -> 4 crosses 5 halfway),
+    # top-k after 2 syncs: 2 / 1.5.
+    assert codec_sync_ratios(study) == {"spes_topk2": pytest.approx(2 / 1.5)}
+    assert codec_sync_ratios(None) == {}
+    b = {"spes_up": 1e9, "spes_down": 3e9, "full_up": 4e9, "full_down": 4e9}
+    got = _time("spes_topk2", b, 1e9, 0.05, 0.5, {"spes_topk2": 10.0}, {"spes_topk2": 0.01}, 4)
+    comm = (1e9 + 3e9) * 0.01 * 8 / 1e9 + 2 * 0.05  # 0.32 s of bytes plus a round trip
+    per = H_AT_SCALE * 0.5 + comm
+    assert got == {"round_s": pytest.approx(per), "comm_share": pytest.approx(comm / per), "hours": 10 * per / 3600}
