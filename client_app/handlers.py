@@ -129,6 +129,11 @@ def train(content: RecordDict, node_config: NodeConfig) -> RecordDict:
             raise ValueError(f"received {keys.APPLY_OWN}={apply_own!r}; expected true or false")
         delta = DeltaDownlink(arrays, _int(cfg, keys.BASE_STEP, -1), apply_own)
     load, bias = _routing(cfg, ctx)
+    fragment = None
+    if (fragments := ctx.spec.strategy.fragments) > 1:
+        fragment = _int(cfg, keys.SYNC_FRAGMENT, 0)
+        if fragment >= fragments:
+            raise ValueError(f"received {keys.SYNC_FRAGMENT}={fragment}; the run has {fragments} fragments")
     order = RoundOrder(
         owned=owned,
         full_model=bool(cfg[keys.FULL_MODEL]),
@@ -138,6 +143,7 @@ def train(content: RecordDict, node_config: NodeConfig) -> RecordDict:
         delta=delta,
         global_load=load,
         router_bias=bias,
+        fragment=fragment,
     )
     reply, metrics = run_local_round(ctx, {} if delta is not None else decode(arrays), order)
     record = to_record(reply) if delta is not None else encode(reply)

@@ -31,7 +31,7 @@ from common.spec import RunSpec
 from data import BatchStream, node_shard, prepare_blocks
 from model import build_model, expert_param_names
 from model.lora import lora_args, merge_adapters
-from model.naming import peft_to_plain, trained_param_names
+from model.naming import fragment_names, peft_to_plain, trained_param_names
 from model.routing import set_router_bias
 from training import parallel
 from training.trainer import evaluate, make_optimizer, resolve_device, train_steps
@@ -228,6 +228,7 @@ class RoundOrder:
     delta: DeltaDownlink | None = None  # a delta-sync message, decoded inside the round
     global_load: torch.Tensor | None = None  # [layers, experts] federation's expert load last round
     router_bias: torch.Tensor | None = None  # [layers, experts] routing bias for the top-k choice
+    fragment: int | None = None  # streaming fragments: the one this round sends (None: everything)
 
 
 @dataclass
@@ -308,7 +309,11 @@ def _start(
     """This round's tensors: what arrived, plus from the saved state what a sparse downlink left out."""
     if order.delta is not None:
         base, saved = _delta_start(ctx, order.delta, template, order.full_model, order.start_step, state_root, kept)
-        return _Start(dict(base), saved, base)
+        tensors = dict(base)
+        if saved is not None and saved.global_step == order.start_step:
+            # Streaming fragments: what the node trained but did not send goes on from its own value.
+            tensors.update({n: t for n, t in saved.local.items() if n in tensors})
+        return _Start(tensors, saved, base)
     saved = _saved(state_root, order.start_step, kept)
     tensors = dict(received)
     if not order.full_model:
@@ -431,8 +436,15 @@ def _reply(
     }
     if order.delta is None:
         return reply, NodeState(**common, owned_tensors={n: reply[n] for n in owned_names})
+    local = {}
+    if order.fragment is not None:
+        sent = set(fragment_names(reply, order.fragment, ctx.spec.strategy.fragments))
+        local = {n: t for n, t in reply.items() if n not in sent}
+        reply, owned_names = {n: reply[n] for n in sent}, [n for n in owned_names if n in sent]
     out, residual, own_delta = _delta_reply(ctx, reply, start.base, start.saved, owned_names)
-    return out, NodeState(**common, base=start.base, residual=residual, own_delta=own_delta)
+    if start.saved is not None:  # the residual of what was not sent waits for its fragment's turn
+        residual = {**{n: r for n, r in start.saved.residual.items() if n in local}, **residual}
+    return out, NodeState(**common, base=start.base, residual=residual, own_delta=own_delta, local=local)
 
 
 def _detached(t: torch.Tensor, copy: bool) -> torch.Tensor:

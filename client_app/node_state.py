@@ -38,7 +38,7 @@ KEEP_STATES = 2
 _STEP_DIR = re.compile(r"^step-(\d{12})$")
 _REPLACED = ".replaced-"  # + the step directory's name: a state moved aside while its step is saved again
 _SEP = "::"  # optimizer tensor key: <parameter name>::<state key>
-_OPTIONAL = ("base", "residual", "own_delta")  # delta-sync files, written only when non-empty
+_OPTIONAL = ("base", "residual", "own_delta", "local")  # delta-sync files, written only when non-empty
 
 
 def remove_tree(path: Path) -> None:
@@ -119,7 +119,8 @@ class NodeState:
     With delta sync, also the node's copy of the global model as the round started (`base`),
     the uplink's quantisation residual (`residual`, error feedback; none = zero) and the decoded
     differences of the owned experts it sent (`own_delta`, applied when the coordinator relays
-    them); each is a file only when it holds tensors.
+    them); with streaming fragments, the trained tensors it did not send (`local`: the next round
+    continues them, not the global copy); each is a file only when it holds tensors.
     """
 
     global_step: int = 0
@@ -130,6 +131,7 @@ class NodeState:
     base: dict[str, torch.Tensor] = field(default_factory=dict)
     residual: dict[str, torch.Tensor] = field(default_factory=dict)
     own_delta: dict[str, torch.Tensor] = field(default_factory=dict)
+    local: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def save(self, root: Path, keep: int = KEEP_STATES) -> Path:
         """Write `root/step-<global_step>/` atomically; keep the newest `keep` states."""

@@ -55,6 +55,7 @@ class ResidentNode:
             self.state.base,
             self.state.residual,
             self.state.own_delta,
+            self.state.local,
         ):
             tensors += part.values()
         for t in map(local, tensors):  # a rank of a sharded node holds its shard only

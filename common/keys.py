@@ -20,6 +20,7 @@ OWNED_EXPERTS = "owned-experts"
 FULL_MODEL = "full-model"  # the arrays are the whole model, not a sparse downlink
 BASE_STEP = "base-step"  # delta sync: the saved state the node's copy of the model is in
 APPLY_OWN = "apply-own-delta"  # delta sync: add your last uplink's owned-expert differences yourself
+SYNC_FRAGMENT = "sync-fragment"  # streaming fragments: the fragment to send this round (absent: all)
 GLOBAL_LOAD = "global-expert-load"  # the federation's last-round expert load, flattened [layers * experts]
 ROUTER_BIAS = "router-bias"  # routing bias for the top-k choice, flattened [layers * experts]
 

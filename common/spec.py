@@ -178,6 +178,10 @@ class StrategyConfig:
     # Nodes keep what quantisation dropped and add it to the next round's difference (the
     # coordinator always keeps its downlink residual: the gap between the model and the nodes' copy).
     error_feedback: bool = True
+    # Streaming fragments (Streaming DiLoCo, arXiv 2501.18512): > 1 splits the model into this many
+    # fragments strided over the layers and syncs one per round, in turn (needs delta_sync); each
+    # fragment is then synced every `fragments` rounds, so set local_steps to H / fragments.
+    fragments: int = 1
     # The node's residual is multiplied by this before it is added (SparseLoCo's decay: < 1 lets
     # old residue fade, like outer momentum); 1 = plain error feedback.
     error_decay: float = 1.0
@@ -308,6 +312,14 @@ class StrategyConfig:
             (
                 _finite(self.topk_fraction) and 0 < self.topk_fraction <= 1,
                 f"strategy.topk_fraction must be in (0, 1], got {self.topk_fraction}",
+            ),
+            (
+                _whole(self.fragments) and self.fragments >= 1,
+                f"strategy.fragments must be an integer >= 1 (1 = sync everything every round), got {self.fragments!r}",
+            ),
+            (
+                self.fragments == 1 or self.delta_sync,
+                "strategy.fragments > 1 needs strategy.delta_sync=true (nodes keep what they did not send)",
             ),
             (
                 _finite(self.error_decay) and 0 <= self.error_decay <= 1,
@@ -456,6 +468,11 @@ def validate(spec: RunSpec) -> None:
             "strategy.max_update_ratio cannot be used with train.lora_rank > 0: LoRA's B matrices start at zero, "
             "so every honest change of them is an unbounded ratio; bound a LoRA run with strategy.max_abs_value "
             "or strategy.trim_fraction"
+        )
+    if spec.strategy.fragments > spec.model.num_layers:
+        raise ValueError(
+            f"strategy.fragments ({spec.strategy.fragments}) is more than model.num_layers "
+            f"({spec.model.num_layers}): each fragment is a stride of layers"
         )
     if (
         spec.model.vocab_size is not None

@@ -55,6 +55,28 @@ def group_expert_params(names: Iterable[str]) -> dict[int, dict[int, dict[str, s
     return groups
 
 
+# -- Streaming fragments (strategy.fragments) ---------------------------------------------------
+_LAYER = re.compile(r"\blayers\.(?P<layer>\d+)\.")
+
+
+def fragment_of(name: str, fragments: int) -> int:
+    """The fragment a parameter is synced with: layer l's in fragment l mod F (strided, Streaming
+    DiLoCo, arXiv 2501.18512); the embeddings in the first, the final norm and LM head in the last."""
+    m = _LAYER.search(name)
+    if m is not None:
+        return int(m["layer"]) % fragments
+    return 0 if "embed_tokens" in name else fragments - 1
+
+
+def fragment_names(names: Iterable[str], fragment: int, fragments: int) -> list[str]:
+    return [n for n in names if fragment_of(n, fragments) == fragment]
+
+
+def synced_fragment(server_round: int, fragments: int) -> int:
+    """Round r (from 1) syncs fragment (r - 1) mod F, so each fragment is synced every F rounds."""
+    return (server_round - 1) % fragments
+
+
 # -- LoRA (model/lora.py) ----------------------------------------------------------------------
 # The global model names an adapter by the module it adapts, `<module>.lora_A.weight` /
 # `<module>.lora_B.weight`, and a wrapped base weight by its plain Hugging Face name: peft's

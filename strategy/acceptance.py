@@ -38,7 +38,15 @@ class Outcome:
     verdict: Verdict | None = None
 
 
-def _candidates(params: Params, updates: Updates, trainers, outer: OuterOptimizer, cfg: StrategyConfig, alpha: float):
+def _candidates(
+    params: Params,
+    updates: Updates,
+    trainers,
+    outer: OuterOptimizer,
+    cfg: StrategyConfig,
+    alpha: float,
+    synced=lambda name: True,
+):
     """excluded partitions -> (the aggregate without them, merged; the outer momentum it would leave).
 
     The outer optimizer's buffers are restored after each build; the latest build is kept, since
@@ -50,8 +58,8 @@ def _candidates(params: Params, updates: Updates, trainers, outer: OuterOptimize
             saved = {k: v.clone() for k, v in outer.buffers.items()}
             kept = {p: u for p, u in updates.items() if p not in excluded}
             new = aggregate(params, kept, trainers, outer, cfg.trim_fraction, cfg.median)
-            if alpha:
-                new.update(merge_experts(new, alpha, cfg.merge.top_k))
+            if alpha:  # only the layers synced this round (streaming fragments; else all)
+                new.update(merge_experts({k: v for k, v in new.items() if synced(k)}, alpha, cfg.merge.top_k))
             moved, outer.buffers = outer.buffers, saved
             last.clear()
             last[excluded] = (new, moved)
@@ -79,16 +87,21 @@ def accept_round(
     global_step: int,
     quorum: int,
     guard: tuple[Callable[[Params], float], list[float]] | None = None,
+    synced: Callable[[str], bool] = lambda name: True,
 ) -> Outcome:
-    """The round's outcome. `guard`: (guard loss of a model, guard losses of the accepted models)."""
+    """The round's outcome. `guard`: (guard loss of a model, guard losses of the accepted models);
+    `synced`: the parameters this round syncs (a merge moves no other)."""
     step = global_step + cfg.local_steps
     if not updates or len(updates) < quorum:
         return Outcome(None, global_step, refused=f"{len(updates)} valid update(s), quorum {quorum}")
     clipping = clip_updates(params, updates, trainers, cfg.clip_shared, cfg.clip_experts)
     updates = clipping.updates
-    alpha = cfg.merge.alpha(step) if cfg.merge.due(global_step, step) else 0.0
+    # With streaming fragments the synced fragment's last sync was F - 1 rounds earlier: a merge
+    # point since then is due for its layers (each fragment gets every merge, at its own turn).
+    since = max(global_step - (cfg.fragments - 1) * cfg.local_steps, 0)
+    alpha = cfg.merge.alpha(step) if cfg.merge.due(since, step) else 0.0
 
-    candidate = _candidates(params, updates, trainers, outer, cfg, alpha)
+    candidate = _candidates(params, updates, trainers, outer, cfg, alpha, synced)
     verdict = None if guard is None else _screen(candidate, guard, cfg, sorted(updates), clipping.suspects)
     excluded = frozenset(verdict.excluded if verdict else ())
     outcome = Outcome(

@@ -33,6 +33,7 @@ class RoundRecord:
     # node's reported metrics (num_tokens, train_loss, expert_load, tokens_per_s, ...)
     nodes: dict[str, dict[str, Any]] = field(default_factory=dict)
     owners: dict[str, list[int]] = field(default_factory=dict)  # partition id -> experts, after this round
+    fragment: int | None = None  # streaming fragments: the one this round synced (None: everything)
     expert_imbalance: float | None = None  # max/mean tokens per expert, mean over layers
     expert_imbalance_max: float | None = None  # ... the worst layer
     starving_experts: list[list[int]] | None = None  # [layer, expert]s long under a tenth of their share

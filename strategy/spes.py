@@ -24,7 +24,7 @@ from flwr.serverapp.strategy import Strategy
 from common import keys
 from common.codec import DecodeError, decode, encode, payload_bytes, wire_bytes
 from common.spec import MergeSchedule, StrategyConfig
-from model.naming import expert_param_names, parse_expert_param, trained_param_names
+from model.naming import expert_param_names, fragment_of, parse_expert_param, synced_fragment, trained_param_names
 from strategy.acceptance import Outcome, accept_round
 from strategy.assignment import Ownership, make_assignment, rank_partitions, rebalance
 from strategy.federated_eval import federated_loss
@@ -142,7 +142,12 @@ class SpesStrategy(Strategy):
     # -- names -------------------------------------------------------------------------------
     def _expected_update(self, pid: int) -> set[str]:
         names = list(self.params)
-        return set(trained_param_names(names, self.experts_of(pid), self.lora))
+        return {n for n in trained_param_names(names, self.experts_of(pid), self.lora) if self._synced(n)}
+
+    def _synced(self, name: str) -> bool:
+        """Whether this round syncs `name` (streaming fragments: one fragment a round, in turn)."""
+        f = self.cfg.fragments
+        return f == 1 or fragment_of(name, f) == synced_fragment(self.round, f)
 
     def _downlink_names(self, pid: int) -> list[str]:
         names = list(self.params)
@@ -195,6 +200,7 @@ class SpesStrategy(Strategy):
                     keys.LOCAL_STEPS: self.cfg.local_steps,
                     keys.OWNED_EXPERTS: list(self.experts_of(pid)),
                     keys.FULL_MODEL: member.needs_full,
+                    **({keys.SYNC_FRAGMENT: synced_fragment(server_round, f)} if (f := self.cfg.fragments) > 1 else {}),
                     **self.balance.train_config(),
                 }
             )
@@ -277,6 +283,7 @@ class SpesStrategy(Strategy):
             applied=applied,
             refused=refused,
             owners={str(p): list(e) for p, e in self.owners.items()},
+            fragment=synced_fragment(server_round, self.cfg.fragments) if self.cfg.fragments > 1 else None,
             guard=None if outcome.verdict is None else outcome.verdict.summary(),
             **routing,
         )
@@ -343,7 +350,7 @@ class SpesStrategy(Strategy):
                 self.guard_losses = [self.guard_score(self.params)]
             guard = (self.guard_score, self.guard_losses)
         outcome = accept_round(
-            self.params, updates, self._trainers, self.outer, self.cfg, self.global_step, quorum, guard
+            self.params, updates, self._trainers, self.outer, self.cfg, self.global_step, quorum, guard, self._synced
         )
         for pid, why in outcome.dropped.items():
             log.warning("round %d: update of partition %d %s", server_round, pid, why)

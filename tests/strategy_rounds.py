@@ -34,6 +34,7 @@ def play_round(s, rnd, ctxs, tamper=None, fail=()):
                 cfg[keys.GLOBAL_STEP],
                 cfg[keys.LOCAL_STEPS],
                 delta=delta,
+                fragment=cfg.get(keys.SYNC_FRAGMENT),
             )
             reply, metrics = run_local_round(
                 ctx, {} if delta else decode(msg.content["arrays"]), order, show_progress=False

@@ -47,8 +47,8 @@ def nothing_kept():
     resident.drop()
 
 
-def _train(tmp_path, name, extra: dict) -> dict:
-    spec = from_dict(compose(BASE))
+def _train(tmp_path, name, extra: dict, overrides: tuple[str, ...] = (), arrays: bool = False) -> dict:
+    spec = from_dict(compose([*BASE, *overrides]))
     tok = load_tokenizer(spec.data, tmp_path / "cache")
     node_config = {"partition-id": 0, "num-partitions": 1, "work-dir": str(tmp_path / name)}
     run = {keys.RUN_CONFIG: spec.to_json(), keys.RUN_TOKEN: "run-1", keys.TOTAL_STEPS: spec.total_steps}
@@ -67,6 +67,8 @@ def _train(tmp_path, name, extra: dict) -> dict:
     }
     assert reply == {keys.PARTITION_ID: 0, keys.NUM_PARTITIONS: 1, keys.STATE_STEP: -1}
     order = {keys.OWNED_EXPERTS: [0, 1], keys.FULL_MODEL: True, keys.GLOBAL_STEP: 0, keys.LOCAL_STEPS: 2}
+    if spec.strategy.delta_sync:  # a full resync: every tensor whole
+        order |= {keys.BASE_STEP: -1, keys.APPLY_OWN: False}
     content = RecordDict(
         {
             keys.CONFIG: ConfigRecord({**run, **order, **extra}),
@@ -74,7 +76,7 @@ def _train(tmp_path, name, extra: dict) -> dict:
         }
     )
     reply = handlers.train(content, node_config)
-    return dict(reply.metric_records[keys.METRICS])
+    return dict(reply.array_records[keys.ARRAYS]) if arrays else dict(reply.metric_records[keys.METRICS])
 
 
 def test_train_handler_routes_with_the_federations_bias_and_balances_with_its_load(tmp_path):
@@ -98,3 +100,15 @@ def test_train_handler_refuses_a_malformed_bias_or_load(tmp_path):
         _train(tmp_path, "short", {keys.ROUTER_BIAS: [0.0] * 3})
     with pytest.raises(ValueError, match="global-expert-load must hold numbers only"):
         _train(tmp_path, "text", {keys.GLOBAL_LOAD: ["x"] * (L * E)})
+
+
+def test_train_handler_sends_the_fragment_it_is_told_and_refuses_a_bad_one(tmp_path):
+    from model.naming import fragment_of
+
+    fragments = ("strategy.delta_sync=true", "strategy.fragments=2")
+    sent = _train(tmp_path, "f1", {keys.SYNC_FRAGMENT: 1}, fragments, arrays=True)
+    assert sent and {fragment_of(k.partition("#")[0], 2) for k in sent} == {1}
+    with pytest.raises(ValueError, match="sync-fragment=2; the run has 2 fragments"):
+        _train(tmp_path, "f2", {keys.SYNC_FRAGMENT: 2}, fragments)
+    with pytest.raises(ValueError, match="received sync-fragment=None; expected an integer >= 0"):
+        _train(tmp_path, "none", {}, fragments)
