@@ -111,6 +111,23 @@ def owned_per_node(overrides: list[str]) -> int:
     return max(len(o) for o in own.owners)
 
 
+def traffic_per_node(metrics: list[RoundRecord]) -> dict[str, float | None]:
+    """A node's bytes up + down in a steady round (after a round without a merge: no first contact,
+    no merged experts), mean over those rounds and nodes, and the largest exchange of any node after
+    round 1 (which downloads the whole model for every method)."""
+    steady = [
+        n["bytes_up"] + n["bytes_down"]
+        for prev, r in zip(metrics, metrics[1:])
+        if prev.merge_alpha == 0
+        for n in r.nodes.values()
+    ]
+    later = [n["bytes_up"] + n["bytes_down"] for r in metrics[1:] for n in r.nodes.values()]
+    return {
+        "bytes_steady_round_node": sum(steady) / len(steady) if steady else None,
+        "bytes_peak_round_node": max(later) if later else None,
+    }
+
+
 def bytes_entry(summary: dict, metrics: list[RoundRecord], owned: int, analytic: bool = True) -> dict:
     """Measured per-node bytes (all rounds, steady state) beside the analytic fp32 values
     (`analytic=False` for compressed runs: no fp32 formula applies). Bytes are the encoded

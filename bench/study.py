@@ -29,7 +29,7 @@ from pathlib import Path
 
 import yaml
 
-from bench.runs import ROOT, merge_overrides, portable_arg, read_run
+from bench.runs import ROOT, merge_overrides, portable_arg, read_run, traffic_per_node
 from bench.study_cost import training_flops
 from common.atomic import write_json_atomic
 from server_app.provenance import code_commit
@@ -120,7 +120,7 @@ def run_cell(
     from server_app.run_lock import move_aside
 
     overrides = cell_overrides(study, arm, point, seed)
-    name = f"{study.name}-{arm.name}{'-' + point if point else ''}-s{seed}-{cell_id(overrides)}"
+    name = cell_run_name(study, arm.name, point, seed, overrides)
     full = [*overrides, f"run_name={name}", f"output_dir={runs}", "logging.node_progress=false"]
     t0 = time.time()
     if arm.kind == "centralized":
@@ -146,12 +146,32 @@ def run_cell(
         "tokens_by_round": tokens,
         "bytes_up_per_round_node": summary["bytes_up_per_round_node"],
         "bytes_down_per_round_node": summary["bytes_down_per_round_node"],
+        **traffic_per_node(rounds),
         "flops_by_round": [training_flops(spec, t, centralized=arm.kind == "centralized") for t in tokens],
         "expert_imbalance_by_round": [r.expert_imbalance for r in rounds],
         "tokens_per_s_node": summary["tokens_per_s_node"],
         "wall_s": time.time() - t0,
         "commit": commit,
     }
+
+
+def cell_run_name(study: Study, arm: str, point: str | None, seed: int, overrides: list[str]) -> str:
+    return f"{study.name}-{arm}{'-' + point if point else ''}-s{seed}-{cell_id(overrides)}"
+
+
+def refresh_traffic(study: Study, out: Path) -> int:
+    """Recompute the steady and largest per-node bytes of every cell whose run folder is still in
+    <out>/runs, from its metrics.jsonl (for cells recorded before those figures existed)."""
+    path = out / f"{study.name}.json"
+    results = json.loads(path.read_text())
+    done = 0
+    for cell in results["cells"].values():
+        run = out / "runs" / cell_run_name(study, cell["arm"], cell["point"], cell["seed"], cell["overrides"])
+        if (run / "metrics.jsonl").exists():
+            cell.update(traffic_per_node(read_run(run)[1]))
+            done += 1
+    write_json_atomic(path, results)
+    return done
 
 
 def best_point(cells: dict, arm: Arm, seed: int) -> str:
@@ -230,9 +250,18 @@ def main(argv: list[str]) -> int:
     p.add_argument("--seeds", help="comma-separated seeds instead of the study's")
     p.add_argument("--threads", type=int, default=2, help="torch threads per node (nodes run one at a time)")
     p.add_argument("--report-only", action="store_true", help="only rewrite the page from the JSON files")
+    p.add_argument(
+        "--refresh-traffic",
+        action="store_true",
+        help="recompute each cell's steady and largest bytes from its run folder, then rewrite the page",
+    )
     a = p.parse_args(argv)
     out, docs = Path(a.out), Path(a.docs)
-    if not a.report_only:
+    if a.refresh_traffic:
+        if not a.name:
+            p.error("--refresh-traffic needs a study name")
+        print(f"[study] traffic refreshed for {refresh_traffic(load_study(a.name), out)} cells")
+    elif not a.report_only:
         if not a.name:
             p.error("a study name is needed (or --report-only)")
         study = load_study(a.name)

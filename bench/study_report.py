@@ -70,6 +70,15 @@ def late_imbalance(cells: list[dict], rounds: int = 6) -> str:
     return fmt_ms(per_run, ".3f") if len(per_run) == len(cells) else "-"
 
 
+def steady_and_peak(cells: list[dict]) -> str:
+    """A node's bytes in a steady round (mean over seeds) and its largest exchange after round 1
+    (over seeds), in MB; "-" for cells recorded before these were (bench.study --refresh-traffic)."""
+    if not cells or any(c.get("bytes_steady_round_node") is None for c in cells):
+        return "-"
+    steady = statistics.fmean(c["bytes_steady_round_node"] for c in cells) / 1e6
+    return f"{steady:.3f}, {max(c['bytes_peak_round_node'] for c in cells) / 1e6:.3f}"
+
+
 def paired_ratios(arm_cells: list[dict], ref_cells: list[dict], equal_flops: bool = False) -> list[float]:
     """arm / reference final held-out loss per seed both ran; with `equal_flops`, the reference's loss
     is read off its loss-vs-FLOPs curve at the arm's total FLOPs (seeds where it does not reach them
@@ -135,10 +144,10 @@ def study_section(results: dict, png: str | None) -> list[str]:
     md += [
         (
             "| arm | point | seeds | final held-out loss | expert imbalance, last 6 rounds "
-            "| bytes up+down / round / node (MB) | training PFLOPs "
+            "| bytes up+down / round / node (MB) | steady, largest after round 1 (MB) | training PFLOPs "
             "| reference | / reference, equal tokens | / reference, equal FLOPs |"
         ),
-        "|---|---|---:|---:|---:|---:|---:|---|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
     for arm, cells in by_arm.items():
         traffic = [(c["bytes_up_per_round_node"] + c["bytes_down_per_round_node"]) / 1e6 for c in cells]
@@ -153,13 +162,16 @@ def study_section(results: dict, png: str | None) -> list[str]:
         )
         md.append(
             f"| {arm} | {cells[0]['point'] or '-'} | {len(cells)} | {fmt_ms([c['final_val_loss'] for c in cells])} "
-            f"| {late_imbalance(cells)} | {fmt_ms(traffic, '.2f')} "
+            f"| {late_imbalance(cells)} | {fmt_ms(traffic, '.2f')} | {steady_and_peak(cells)} "
             f"| {fmt_ms([c['flops_by_round'][-1] / 1e15 for c in cells], '.4f')} "
             f"| {ref or '-'} | {ratios[0]} | {ratios[1]} |"
         )
     md += [
         "",
         (
+            "Bytes: a node's payload as encoded, up + down; the first column averages every round (round 1 "
+            "downloads the whole model), the second is a steady round's (after a round without a merge) and the "
+            "largest single exchange after round 1. "
             "Expert imbalance: the federation's routed tokens per expert, max / mean per layer averaged over "
             "layers (1 = even), averaged over the last 6 rounds of each run. "
             "Ratios are taken per seed (against the same seed's reference run), then mean ± sample standard "

@@ -255,3 +255,42 @@ def test_wan_model_scales_a_codecs_bytes_and_syncs_by_its_measured_ratios():
     comm = (1e9 + 3e9) * 0.01 * 8 / 1e9 + 2 * 0.05  # 0.32 s of bytes plus a round trip
     per = H_AT_SCALE * 0.5 + comm
     assert got == {"round_s": pytest.approx(per), "comm_share": pytest.approx(comm / per), "hours": 10 * per / 3600}
+
+
+def test_traffic_per_node_is_the_steady_mean_and_the_largest_exchange_after_round_1():
+    from bench.runs import traffic_per_node
+    from strategy.round_record import RoundRecord
+
+    def rnd(n, alpha, *nodes):
+        return RoundRecord(
+            n, merge_alpha=alpha, nodes={str(i): {"bytes_up": u, "bytes_down": d} for i, (u, d) in enumerate(nodes)}
+        )
+
+    rounds = [
+        rnd(1, 0.0, (1, 100), (1, 100)),
+        rnd(2, 0.5, (1, 10), (3, 10)),
+        rnd(3, 0.0, (1, 50), (1, 50)),
+        rnd(4, 0.0, (2, 20), (2, 20)),
+    ]
+    # Steady: rounds 2 and 4 (each after a round without a merge): (11 + 13 + 22 + 22) / 4 = 17;
+    # largest after round 1: round 3's 51 (after the merge, not steady).
+    assert traffic_per_node(rounds) == {"bytes_steady_round_node": 17.0, "bytes_peak_round_node": 51}
+    assert traffic_per_node(rounds[:1]) == {"bytes_steady_round_node": None, "bytes_peak_round_node": None}
+
+
+def test_refresh_traffic_recomputes_a_cells_bytes_from_its_run(micro_study):
+    study, results, tmp = micro_study
+    out = tmp / "out"
+    path = out / f"{study.name}.json"
+    fed = [k for k, c in results["cells"].items() if c["kind"] == "federated"]
+    assert all(results["cells"][k]["bytes_steady_round_node"] > 0 for k in fed)
+    stripped = json.loads(path.read_text())
+    for k in fed:
+        stripped["cells"][k].pop("bytes_steady_round_node")
+        stripped["cells"][k].pop("bytes_peak_round_node")
+    path.write_text(json.dumps(stripped))
+    assert study_mod.refresh_traffic(study, out) == len(results["cells"])
+    again = json.loads(path.read_text())["cells"]
+    for k in fed:
+        assert again[k]["bytes_steady_round_node"] == results["cells"][k]["bytes_steady_round_node"]
+        assert again[k]["bytes_peak_round_node"] == results["cells"][k]["bytes_peak_round_node"]
