@@ -90,6 +90,7 @@ class PartitionedExperts(nn.Module):
         # auto: grouped GEMM where torch has it for the dtype, else the per-expert loop.
         self.implementation = "auto"
         self.owned: tuple[int, ...] = tuple(range(num_experts))
+        self.absent: tuple[int, ...] = ()  # experts this node does not hold (partial residency)
         self.frozen_dtype: torch.dtype | None = None  # None: frozen experts keep the owned dtype
         self.master_dtype = self[0].gate_proj.weight.dtype
         self._blocks: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = {}
@@ -106,11 +107,38 @@ class PartitionedExperts(nn.Module):
 
     @property
     def frozen(self) -> tuple[int, ...]:
-        mine = set(self.owned)
-        return tuple(e for e in range(self.num_experts) if e not in mine)
+        skip = set(self.owned) | set(self.absent)
+        return tuple(e for e in range(self.num_experts) if e not in skip)
+
+    @property
+    def resident(self) -> tuple[int, ...]:
+        gone = set(self.absent)
+        return tuple(e for e in range(self.num_experts) if e not in gone)
 
     def _params(self) -> list[torch.Tensor]:
-        return [p for e in range(self.num_experts) for p in self[e].parameters()]
+        return [p for e in self.resident for p in self[e].parameters()]
+
+    def set_absent(self, absent: Iterable[int]) -> None:
+        """Hold no parameters for the `absent` experts (never an owned one): their modules go, so no
+        state dict, optimizer or block holds them; one that comes back gets fresh storage, in the
+        frozen block's dtype and device, for the caller to load."""
+        absent = tuple(sorted(set(absent)))
+        if bad := [e for e in absent if not 0 <= e < self.num_experts or e in self.owned]:
+            raise ValueError(f"experts {bad} cannot be absent: out of range or owned ({self.owned})")
+        if self.sharded and absent:
+            raise RuntimeError("the experts are sharded (FSDP): every expert stays resident")
+        if absent == self.absent:
+            return
+        ref = self[self.resident[0]].gate_proj.weight
+        for e in set(self.absent) - set(absent):  # returning: fresh storage, loaded by the caller
+            with torch.device(ref.device):
+                expert = ExpertFFN(self.hidden, self.inter, "silu")
+            expert.act_fn = self.act_fn
+            self.add_module(str(e), expert.to(self.frozen_dtype or self.master_dtype).requires_grad_(False))
+        for e in absent:  # gone from the module tree: a full state dict's copy is an unexpected key
+            self._modules.pop(str(e), None)
+        self.absent = absent
+        self._pack()
 
     @torch.no_grad()
     def _pack(self) -> None:
@@ -132,14 +160,15 @@ class PartitionedExperts(nn.Module):
                         view.copy_(p)
                     p.data = view
             self._blocks[group] = (gate_up, down)
-        self._slot = self._block_slots(self[0].gate_proj.weight.device)
+        self._slot = self._block_slots(self[self.resident[0]].gate_proj.weight.device)
         self._ptrs = tuple(p.data_ptr() for p in self._params())
 
     def _block_slots(self, device: torch.device) -> torch.Tensor:
-        """[E] each expert's position in block order (owned experts first)."""
+        """[E] each expert's position in block order (owned experts first); an absent expert's is
+        the number of resident ones (sorted after every block)."""
         order = list(self.owned) + list(self.frozen)
-        slot = torch.empty(self.num_experts, dtype=torch.long, device="cpu")
-        slot[order] = torch.arange(self.num_experts)
+        slot = torch.full((self.num_experts,), len(order), dtype=torch.long, device="cpu")
+        slot[order] = torch.arange(len(order))
         return slot.to(device)
 
     def _stale(self) -> bool:
@@ -166,6 +195,8 @@ class PartitionedExperts(nn.Module):
         bad = [e for e in owned if not 0 <= e < self.num_experts]
         if bad:
             raise ValueError(f"owned experts {bad} out of range [0, {self.num_experts})")
+        if absent_owned := sorted(set(owned) & set(self.absent)):
+            raise ValueError(f"owned experts {absent_owned} are absent: make them resident first (set_absent)")
         new_dtype = self.frozen_dtype if frozen_dtype is _KEEP else frozen_dtype
         if new_dtype == self.master_dtype:
             new_dtype = None
@@ -175,7 +206,7 @@ class PartitionedExperts(nn.Module):
             self.owned, self.frozen_dtype = owned, new_dtype
             self._pack()
         mine = set(owned)
-        for e in range(self.num_experts):
+        for e in self.resident:
             for p in self[e].parameters():
                 p.requires_grad_(e in mine)
                 if e not in mine:
@@ -206,6 +237,8 @@ class PartitionedExperts(nn.Module):
     ) -> torch.Tensor:
         if not self.sharded and not torch.compiler.is_compiling() and self._stale():
             self._pack()
+        if self.absent:
+            top_k_weights = self._resident_weights(top_k_index, top_k_weights)
         impl = self.implementation
         if impl == "auto":
             impl = "grouped" if _has_grouped_mm(hidden_states.device) else "loop"
@@ -213,13 +246,23 @@ class PartitionedExperts(nn.Module):
             return self._forward_grouped(hidden_states, top_k_index, top_k_weights)
         return self._forward_loop(hidden_states, top_k_index, top_k_weights)
 
+    def _resident_weights(self, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        """The routing weights with each absent pick's share dropped and the resident picks scaled
+        back to the token's total (FoMoE's skip); 0 for a token whose every pick is absent."""
+        gone = torch.zeros(self.num_experts, dtype=torch.bool, device=top_k_index.device)
+        gone[list(self.absent)] = True
+        kept = top_k_weights.masked_fill(gone[top_k_index], 0.0)
+        share = kept.sum(dim=-1, keepdim=True)
+        # A safe divisor, not torch.where over a division: no NaN even in the gradient.
+        return kept * (top_k_weights.sum(dim=-1, keepdim=True) / torch.where(share > 0, share, 1.0))
+
     def _forward_loop(self, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
         out = torch.zeros_like(hidden_states)
         with torch.no_grad():
             # [E, tokens, top_k] membership; one pass decides which experts were hit at all.
             mask = F.one_hot(top_k_index, num_classes=self.num_experts).permute(2, 0, 1)
             hit = mask.sum(dim=(1, 2)).nonzero().flatten().tolist()
-        for e in hit:
+        for e in (e for e in hit if e not in self.absent):
             token_idx, k_pos = torch.where(mask[e])
             y = self[e](hidden_states[token_idx]) * top_k_weights[token_idx, k_pos, None]
             out.index_add_(0, token_idx, y.to(out.dtype))
@@ -231,17 +274,19 @@ class PartitionedExperts(nn.Module):
             return torch.zeros_like(hidden_states)
         slot = self._slot.to(top_k_index.device)[top_k_index.reshape(-1)]  # [S] position in block order
         order = torch.argsort(slot, stable=True)
-        counts = torch.bincount(slot, minlength=self.num_experts)
-        n_owned = len(self.owned)
-        # The one host sync per layer: where the owned rows end.
+        counts = torch.bincount(slot, minlength=self.num_experts + 1)
+        n_owned, n_resident = len(self.owned), self.num_experts - len(self.absent)
+        # The one host sync per layer: where the owned rows end (and, with absent experts, the
+        # resident ones: the absent picks sort last and compute nothing).
         split = int(counts[:n_owned].sum()) if n_owned else 0
+        resident_rows = top_k_index.numel() - (int(counts[n_resident]) if self.absent else 0)
         x = hidden_states[order // top_k]
         autocast = torch.is_autocast_enabled(x.device.type)
         compute = torch.get_autocast_dtype(x.device.type) if autocast else None
         parts, total = [], x.shape[0]
         for group, lo, hi, group_counts in (
             ("owned", 0, split, counts[:n_owned]),
-            ("frozen", split, total, counts[n_owned:]),
+            ("frozen", split, resident_rows, counts[n_owned:n_resident]),
         ):
             if not (self.owned if group == "owned" else self.frozen):
                 continue
@@ -263,6 +308,8 @@ class PartitionedExperts(nn.Module):
                 h = _grouped(x[lo:hi].to(dtype), gate_up.to(dtype), offsets)
                 gate, up = h.chunk(2, dim=-1)
                 parts.append(_grouped(self.act_fn(gate) * up, down.to(dtype), offsets).to(compute or x.dtype))
+        if resident_rows < total:
+            parts.append(x.new_zeros(total - resident_rows, x.shape[1], dtype=compute or x.dtype))
         y = torch.cat(parts) if len(parts) > 1 else parts[0]
         # Routing weights are fp32: the weighted sum over the top-k picks runs in fp32.
         y = y * top_k_weights.reshape(-1)[order][:, None]
@@ -329,6 +376,24 @@ def set_owned_experts(model: nn.Module, owned: Iterable[int] | None, frozen_dtyp
     owned_set = set(range(num_experts)) if owned is None else set(owned)
     for m in modules:
         m.set_owned(owned_set, frozen_dtype)
+
+
+ABSENT_POLICIES = ("skip", "mask")
+
+
+def set_absent_experts(model: nn.Module, absent: Iterable[int], policy: str = "skip") -> None:
+    """Hold no weights of the `absent` experts in any layer (partial residency). A token's pick of
+    an absent expert is dropped and the resident picks carry the token's weight (`skip`, FoMoE's
+    rule); `mask` also steers the router's top-k choice past them (model/routing.py). Either way
+    the router's logits cover every expert, so the balancing and z-losses still do."""
+    from model.routing import set_choice_mask
+
+    if policy not in ABSENT_POLICIES:
+        raise ValueError(f"absent-expert policy must be one of {ABSENT_POLICIES}, got {policy!r}")
+    absent = sorted(set(absent))
+    for m in expert_modules(model):
+        m.set_absent(absent)
+    set_choice_mask(model, absent if policy == "mask" else None)
 
 
 def set_experts_implementation(model: nn.Module, implementation: str) -> None:

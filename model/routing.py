@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 _BIAS = "selection_bias"
+_MASK = "absent_experts"  # partial residency, mask policy: experts the top-k choice passes over
 
 
 def routers(model: nn.Module) -> list[nn.Module]:
@@ -35,12 +36,15 @@ def routers(model: nn.Module) -> list[nn.Module]:
 
 
 def _biased_choice(module: nn.Module, _inputs, output):
-    bias = getattr(module, _BIAS, None)
-    if bias is None:
+    bias, mask = getattr(module, _BIAS, None), getattr(module, _MASK, None)
+    if bias is None and mask is None:
         return output
     logits, _, _ = output
     probs = torch.softmax(logits, dtype=torch.float, dim=-1)
-    indices = (probs + bias.to(probs.device)).topk(module.top_k, dim=-1).indices
+    choice = probs if bias is None else probs + bias.to(probs.device)
+    if mask is not None:  # a masked expert is picked only when fewer than top_k are left
+        choice = choice.masked_fill(mask.to(probs.device), float("-inf"))
+    indices = choice.topk(module.top_k, dim=-1).indices
     scores = probs.gather(-1, indices)
     if module.norm_topk_prob:
         scores = scores / scores.sum(dim=-1, keepdim=True)
@@ -60,14 +64,28 @@ def set_router_bias(model: nn.Module, bias: torch.Tensor | Sequence[Sequence[flo
         if not torch.isfinite(bias).all():
             raise ValueError("router bias holds NaN or Inf")
     for layer, gate in enumerate(gates):
-        if not getattr(gate, "_spes_bias_hook", False):
-            gate.register_forward_hook(_biased_choice)
-            gate._spes_bias_hook = True
-        value = None if bias is None else bias[layer].to(gate.weight.device)
-        if _BIAS in gate._buffers:
-            gate._buffers[_BIAS] = value
-        else:
-            gate.register_buffer(_BIAS, value, persistent=False)
+        _set_choice_buffer(gate, _BIAS, None if bias is None else bias[layer].to(gate.weight.device))
+
+
+def set_choice_mask(model: nn.Module, absent: Sequence[int] | None) -> None:
+    """Route past the `absent` experts (every layer) in the top-k choice; the router's logits, and
+    so the balancing and z-losses, still cover every expert. None or empty removes the mask."""
+    for gate in routers(model):
+        mask = None
+        if absent:
+            mask = torch.zeros(gate.num_experts, dtype=torch.bool, device=gate.weight.device)
+            mask[list(absent)] = True
+        _set_choice_buffer(gate, _MASK, mask)
+
+
+def _set_choice_buffer(gate: nn.Module, name: str, value: torch.Tensor | None) -> None:
+    if not getattr(gate, "_spes_bias_hook", False):
+        gate.register_forward_hook(_biased_choice)
+        gate._spes_bias_hook = True
+    if name in gate._buffers:
+        gate._buffers[name] = value
+    else:
+        gate.register_buffer(name, value, persistent=False)
 
 
 def router_bias(model: nn.Module) -> list[torch.Tensor | None]:

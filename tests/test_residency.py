@@ -1,0 +1,107 @@
+"""Partial residency in the model (issue 25): absent experts hold no memory, their picks are dropped
+(or routed around) without NaN, and both expert implementations agree."""
+
+import pytest
+import torch
+
+from model import MoEArgs, build_model, set_experts_implementation
+from model.experts import PartitionedExperts, expert_modules, set_absent_experts
+from model.naming import parse_expert_param
+from model.routing import routers
+
+ARGS = MoEArgs(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, num_experts=8, top_k=2, expert_ffn=16)
+VOCAB = 97
+OWNED, ABSENT = [1, 4], [0, 3, 6, 7]  # resident: 1, 4 owned; 2, 5 frozen
+
+
+def _model(absent=ABSENT, policy="skip"):
+    model = build_model(ARGS, VOCAB, owned=OWNED, seed=0)
+    set_absent_experts(model, absent, policy)
+    return model
+
+
+def test_an_absent_expert_has_no_parameter_no_storage_and_no_state():
+    full, part = build_model(ARGS, VOCAB, owned=OWNED, seed=0), _model()
+    per_expert = 3 * 32 * 16
+    gone = ARGS.num_layers * len(ABSENT) * per_expert
+    assert sum(p.numel() for p in part.parameters()) == sum(p.numel() for p in full.parameters()) - gone
+    held = {parse_expert_param(n).expert for n in part.state_dict() if parse_expert_param(n)}
+    assert held == {1, 2, 4, 5}
+    for m in expert_modules(part):  # the two blocks hold the resident experts and nothing else
+        owned, frozen = m._blocks["owned"], m._blocks["frozen"]
+        assert owned[0].shape[0] == 2 and frozen[0].shape[0] == 2
+        storages = {p.untyped_storage().data_ptr() for p in m.parameters()}
+        assert storages == {t.untyped_storage().data_ptr() for t in (*owned, *frozen)}
+
+
+def _picks():
+    """Top-2 picks of 5 tokens over 8 experts: all resident, one absent, both absent (token 2)."""
+    index = torch.tensor([[1, 2], [4, 0], [3, 7], [5, 6], [2, 4]])
+    weights = torch.tensor([[0.7, 0.3], [0.6, 0.4], [0.5, 0.5], [0.2, 0.8], [0.9, 0.1]], requires_grad=True)
+    return index, weights
+
+
+@pytest.mark.parametrize("impl", ["loop", "grouped"])
+def test_absent_picks_are_dropped_and_the_rest_carry_the_tokens_weight(impl):
+    torch.manual_seed(0)
+    full = PartitionedExperts(8, 32, 16, "silu")
+    part = PartitionedExperts(8, 32, 16, "silu")
+    part.load_state_dict(full.state_dict())
+    part.set_owned(OWNED)
+    part.set_absent(ABSENT)
+    part.implementation = full.implementation = impl
+    x = torch.randn(5, 32)
+    index, weights = _picks()
+    y = part(x, index, weights)
+    # By hand: token 1 keeps expert 4 at weight 1.0 (0.6 scaled to the token's total), token 2 has
+    # no resident pick (zero), token 3 keeps expert 5 at 1.0; tokens 0 and 4 as they were.
+    want = torch.stack(
+        [
+            0.7 * full[1](x[0]) + 0.3 * full[2](x[0]),
+            1.0 * full[4](x[1]),
+            torch.zeros(32),
+            1.0 * full[5](x[3]),
+            0.9 * full[2](x[4]) + 0.1 * full[4](x[4]),
+        ]
+    )
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-6)
+    y.sum().backward()
+    assert torch.isfinite(weights.grad).all() and weights.grad[2].eq(0).all()
+    assert all(torch.isfinite(p.grad).all() for e in OWNED for p in part[e].parameters())
+
+
+def test_mask_policy_routes_past_absent_experts_and_the_losses_still_see_every_expert():
+    from model.loss import lm_loss
+
+    model = _model(policy="mask")
+    x = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(3))
+    out = model(input_ids=x, output_router_logits=True)
+    assert all(t.shape[-1] == 8 for t in out.router_logits)  # logits over all experts
+    chosen = [
+        g(model.model.layers[i].post_attention_layernorm(torch.randn(7, 32)))[2] for i, g in enumerate(routers(model))
+    ]
+    assert all(not set(c.flatten().tolist()) & set(ABSENT) for c in chosen)
+    loss = lm_loss(model, x, 0.01, 0.001)
+    assert torch.isfinite(loss.total) and loss.aux > 0
+    set_absent_experts(model, [], "skip")  # back to resident: no mask left
+    assert all(getattr(g, "absent_experts", None) is None for g in routers(model))
+
+
+def test_a_returning_expert_gets_storage_to_load_and_an_owned_one_cannot_be_absent():
+    full = build_model(ARGS, VOCAB, owned=OWNED, seed=0)
+    part = _model()
+    set_absent_experts(part, [0, 3])  # 6 and 7 come back, uninitialised, frozen
+    for m in expert_modules(part):
+        assert m.resident == (1, 2, 4, 5, 6, 7) and m.frozen == (2, 5, 6, 7)
+        assert not any(p.requires_grad for e in (6, 7) for p in m[e].parameters())
+    missing, unexpected = part.load_state_dict(full.state_dict(), strict=False)
+    assert not missing and {parse_expert_param(n).expert for n in unexpected} == {0, 3}
+    x = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(4))
+    with pytest.raises(ValueError, match=r"experts \[1\] cannot be absent"):
+        set_absent_experts(part, [1])
+    with pytest.raises(ValueError, match=r"owned experts \[0\] are absent"):
+        expert_modules(part)[0].set_owned([0, 1])
+    with pytest.raises(ValueError, match="policy must be one of"):
+        set_absent_experts(part, [0], "drop")
+    set_experts_implementation(part, "loop")
+    assert torch.isfinite(part(input_ids=x).logits).all()
