@@ -129,6 +129,9 @@ def train(content: RecordDict, node_config: NodeConfig) -> RecordDict:
             raise ValueError(f"received {keys.APPLY_OWN}={apply_own!r}; expected true or false")
         delta = DeltaDownlink(arrays, _int(cfg, keys.BASE_STEP, -1), apply_own)
     load, bias = _routing(cfg, ctx)
+    absent = cfg.get(keys.ABSENT_EXPERTS, [])
+    if not isinstance(absent, list) or not all(isinstance(e, int) and not isinstance(e, bool) for e in absent):
+        raise ValueError(f"received {keys.ABSENT_EXPERTS}={absent!r}; expected a list of integers")
     fragment = None
     if (fragments := ctx.spec.strategy.fragments) > 1:
         fragment = _int(cfg, keys.SYNC_FRAGMENT, 0)
@@ -144,6 +147,7 @@ def train(content: RecordDict, node_config: NodeConfig) -> RecordDict:
         global_load=load,
         router_bias=bias,
         fragment=fragment,
+        absent=absent,
     )
     reply, metrics = run_local_round(ctx, {} if delta is not None else decode(arrays), order)
     record = to_record(reply) if delta is not None else encode(reply)

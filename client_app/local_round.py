@@ -70,7 +70,7 @@ def _data(ctx: NodeContext) -> tuple[torch.Tensor, torch.Tensor]:
     return shard, held
 
 
-def _build(ctx: NodeContext, owned: list[int] | None, device: torch.device) -> torch.nn.Module:
+def _build(ctx: NodeContext, owned: list[int] | None, device: torch.device, absent=()) -> torch.nn.Module:
     """The node's model, uninitialised on `device`: every caller loads a whole state dict into it.
 
     Under bf16 the frozen experts are allocated in bf16 right away (loading casts into them, as
@@ -89,6 +89,8 @@ def _build(ctx: NodeContext, owned: list[int] | None, device: torch.device) -> t
         frozen_dtype=frozen,
         empty=True,
         shard=functools.partial(parallel.shard_model, device_type=device.type) if ranks else None,
+        absent=absent,
+        absent_policy=ctx.spec.strategy.absent_policy,
     )
 
 
@@ -109,14 +111,16 @@ def _device(ctx: NodeContext) -> torch.device:
     return ranks.device(device)
 
 
-def _round_model(ctx: NodeContext, owned: list[int], device: torch.device) -> tuple[torch.nn.Module, dict[str, str]]:
+def _round_model(
+    ctx: NodeContext, owned: list[int], device: torch.device, absent=()
+) -> tuple[torch.nn.Module, dict[str, str]]:
     """The model a node trains, and the plain (global-model) name of each of its tensors.
 
     With LoRA it is the Hugging Face model with peft's adapters injected (`get_base_model()`),
     so the trainer sees an ordinary model; peft's `.base_layer` / `.default` name parts never
     leave the node: what arrives, what is sent and the saved state all use plain names.
     """
-    model = _build(ctx, owned, device)
+    model = _build(ctx, owned, device, absent)
     args = lora_args(ctx.spec.train)
     if args is None:
         return model, {n: n for n in model.state_dict()}
@@ -229,6 +233,7 @@ class RoundOrder:
     global_load: torch.Tensor | None = None  # [layers, experts] federation's expert load last round
     router_bias: torch.Tensor | None = None  # [layers, experts] routing bias for the top-k choice
     fragment: int | None = None  # streaming fragments: the one this round sends (None: everything)
+    absent: list[int] = dataclasses.field(default_factory=list)  # partial residency: experts not held
 
 
 @dataclass
@@ -258,7 +263,10 @@ def run_local_round(
     waited = background_save.wait_for_saves(state_root)
     key = resident.ResidentKey(str(ctx.workdir), ctx.partition_id, spec.to_json(), str(device))
     kept = resident.take(key, order.start_step, order.owned) if train_cfg.resident else None
-    model, plain = (kept.model, kept.plain) if kept is not None else _round_model(ctx, order.owned, device)
+    if kept is None:
+        model, plain = _round_model(ctx, order.owned, device, order.absent)
+    else:
+        model, plain = kept.model, kept.plain
     start = _start(ctx, order, received, {plain[n]: t for n, t in model.state_dict().items()}, state_root, kept)
     named = _load(ctx, model, plain, start.tensors, order.owned)
     optimizer = kept.optimizer if kept is not None else _optimizer(model, named, start.saved, train_cfg)
@@ -295,6 +303,9 @@ def _check_order(ctx: NodeContext, order: RoundOrder, received: dict[str, torch.
     owned = order.owned
     if len(set(owned)) != len(owned) or any(not 0 <= e < ctx.spec.model.num_experts for e in owned):
         raise ValueError(f"partition {ctx.partition_id}: bad owned experts {owned}")
+    absent = order.absent
+    if set(absent) & set(owned) or any(not 0 <= e < ctx.spec.model.num_experts for e in absent):
+        raise ValueError(f"partition {ctx.partition_id}: bad absent experts {absent} (owned {owned})")
     _check_received(received, ctx.partition_id)
 
 
@@ -406,6 +417,11 @@ def _train(
     )
     bar.close()
     metrics["trainable-params"] = float(sum(p.numel() for p in model.parameters() if p.requires_grad))
+    metrics["resident-params"] = float(sum(p.numel() for p in model.parameters()))
+    storages = {
+        (str(p.device), p.untyped_storage().data_ptr()): p.untyped_storage().nbytes() for p in model.parameters()
+    }
+    metrics["weight-mb"] = sum(storages.values()) / 2**20
     return metrics
 
 

@@ -20,6 +20,7 @@ OWNED_EXPERTS = "owned-experts"
 FULL_MODEL = "full-model"  # the arrays are the whole model, not a sparse downlink
 BASE_STEP = "base-step"  # delta sync: the saved state the node's copy of the model is in
 APPLY_OWN = "apply-own-delta"  # delta sync: add your last uplink's owned-expert differences yourself
+ABSENT_EXPERTS = "absent-experts"  # partial residency: experts the node holds no weights of
 SYNC_FRAGMENT = "sync-fragment"  # streaming fragments: the fragment to send this round (absent: all)
 GLOBAL_LOAD = "global-expert-load"  # the federation's last-round expert load, flattened [layers * experts]
 ROUTER_BIAS = "router-bias"  # routing bias for the top-k choice, flattened [layers * experts]
@@ -59,6 +60,8 @@ NODE_METRICS = (
     "peak-mem-mb",
     "train-seconds",
     "trainable-params",
+    "resident-params",  # parameters the node holds (partial residency: fewer than the model's)
+    "weight-mb",  # their storage, MiB
     "round-seconds",
     "resident",
     "save-wait-seconds",

@@ -20,6 +20,8 @@ from common.train_config import TrainConfig
 from data.pipeline import DataConfig
 from model.args import MoEArgs
 
+RESIDENCIES = ("all", "owned")
+ABSENT_POLICIES = ("skip", "mask")  # model/experts.py ABSENT_POLICIES
 TOP_LEVEL = {"run_name", "output_dir", "seed", "nodes", "rounds", "init_from", "resume", "deterministic", "engine"}
 ENGINES = ("flower", "inprocess")
 SECTIONS = {"model", "data", "train", "strategy", "eval", "logging"}
@@ -182,6 +184,10 @@ class StrategyConfig:
     # fragments strided over the layers and syncs one per round, in turn (needs delta_sync); each
     # fragment is then synced every `fragments` rounds, so set local_steps to H / fragments.
     fragments: int = 1
+    # Partial residency: "all" (plain SPES) or "owned" (a node holds, and is sent, only the experts
+    # it trains); a pick of an absent expert is dropped ("skip") or routed around ("mask").
+    residency: str = "all"
+    absent_policy: str = "skip"
     # The node's residual is multiplied by this before it is added (SparseLoCo's decay: < 1 lets
     # old residue fade, like outer momentum); 1 = plain error feedback.
     error_decay: float = 1.0
@@ -316,6 +322,14 @@ class StrategyConfig:
             (
                 _whole(self.fragments) and self.fragments >= 1,
                 f"strategy.fragments must be an integer >= 1 (1 = sync everything every round), got {self.fragments!r}",
+            ),
+            (
+                self.residency in RESIDENCIES,
+                f"strategy.residency must be one of {list(RESIDENCIES)}, got {self.residency!r}",
+            ),
+            (
+                self.absent_policy in ABSENT_POLICIES,
+                f"strategy.absent_policy must be one of {list(ABSENT_POLICIES)}, got {self.absent_policy!r}",
             ),
             (
                 self.fragments == 1 or self.delta_sync,

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, Qwen3MoeForCausalLM
 
 from model.args import MoEArgs, build_config
-from model.experts import materialize_empty, partition_experts
+from model.experts import expert_modules, materialize_empty, partition_experts, set_absent_experts
 
 
 def build_model(
@@ -22,6 +22,8 @@ def build_model(
     frozen_dtype: torch.dtype | None = None,
     empty: bool = False,
     shard: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+    absent: Iterable[int] = (),
+    absent_policy: str = "skip",
 ) -> Qwen3MoeForCausalLM:
     """A freshly initialised model with per-expert modules; `owned=None` trains every expert.
 
@@ -33,23 +35,34 @@ def build_model(
     docs/node-round.md).
     `shard` (with `empty`): applied on the meta device before allocation, so that only what it
     leaves on this process is allocated (FSDP, training/parallel.py).
+    `absent`: experts the model does not hold (partial residency, model/experts.py); with `empty`
+    they are dropped on the meta device, so they are never allocated.
     """
     args.validate()
     config = build_config(args, vocab_size, **(special_tokens or {}))
     if seed is not None:
         torch.manual_seed(seed)
+    absent = sorted(set(absent))
+    if absent and shard is not None:
+        raise ValueError("a sharded node (FSDP) holds every expert: partial residency needs one rank")
     if empty and torch.device(device).type != "meta":
-        return _empty_model(config, owned, torch.device(device), frozen_dtype, shard)
+        model = _empty_model(config, owned, torch.device(device), frozen_dtype, shard, absent)
+        set_absent_experts(model, absent, absent_policy)  # only the routers' mask is left to set
+        return model
     if shard is not None:
         raise ValueError("build_model(shard=...) needs empty=True: a sharded model is loaded, not initialised")
     with torch.device(device):
         model = Qwen3MoeForCausalLM(config)
-    return partition_experts(model, owned, frozen_dtype=frozen_dtype)
+    model = partition_experts(model, owned, frozen_dtype=frozen_dtype)
+    set_absent_experts(model, absent, absent_policy)
+    return model
 
 
-def _empty_model(config, owned, device: torch.device, frozen_dtype, shard=None) -> Qwen3MoeForCausalLM:
+def _empty_model(config, owned, device: torch.device, frozen_dtype, shard=None, absent=()) -> Qwen3MoeForCausalLM:
     with torch.device("meta"):
         model = partition_experts(Qwen3MoeForCausalLM(config), owned, frozen_dtype=frozen_dtype)
+        for m in expert_modules(model):
+            m.set_absent(absent)
     if shard is not None:
         model = shard(model)
     materialize_empty(model, device)

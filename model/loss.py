@@ -9,7 +9,7 @@ import torch
 
 from model.balance import LocalDecay, balance_loss, count_scale
 from model.ce import forward_ce
-from model.routing import router_bias
+from model.routing import choice_offsets
 
 
 @dataclass
@@ -82,7 +82,7 @@ def lm_loss(
         if local_decay is not None and owned is not None:
             factor = local_decay.factor(step, total_steps)
             scale = count_scale(cfg.num_experts, owned, factor, device=ce.device)
-        bias = router_bias(model)
+        bias = choice_offsets(model)
         aux = balance_loss(
             out.router_logits,
             cfg.num_experts,

@@ -93,6 +93,20 @@ def router_bias(model: nn.Module) -> list[torch.Tensor | None]:
     return [getattr(g, _BIAS, None) for g in routers(model)]
 
 
+def choice_offsets(model: nn.Module) -> list[torch.Tensor | None]:
+    """What each router adds to its probabilities for the top-k choice: the routing bias, and -inf
+    for the experts the mask routes past (None where it chooses plainly), so the balancing loss and
+    the expert load count the picks that were made."""
+    out = []
+    for gate in routers(model):
+        bias, mask = getattr(gate, _BIAS, None), getattr(gate, _MASK, None)
+        if mask is not None:
+            base = torch.zeros(gate.num_experts, device=mask.device) if bias is None else bias.float()
+            bias = base.masked_fill(mask, float("-inf"))
+        out.append(bias)
+    return out
+
+
 def global_load(reports: Sequence[tuple[Sequence[Sequence[float]], float]]) -> list[list[float]] | None:
     """Token-weighted mean of the nodes' per-layer load shares: `reports` = [(load[L][E], tokens)]."""
     reports = [(load, w) for load, w in reports if load and w > 0]

@@ -32,6 +32,7 @@ from strategy.federation_load import FederationLoad
 from strategy.load_aware import propose_owners
 from strategy.membership import Member, Membership
 from strategy.outer import OuterOptimizer
+from strategy.residency import absent_experts, absent_share, resident_names
 from strategy.round_record import RoundRecord
 from strategy.validation import InvalidUpdate, validate_train_metrics, validate_update
 from strategy.versions import VersionedDownlink
@@ -149,12 +150,17 @@ class SpesStrategy(Strategy):
         f = self.cfg.fragments
         return f == 1 or fragment_of(name, f) == synced_fragment(self.round, f)
 
-    def _downlink_names(self, pid: int) -> list[str]:
-        names = list(self.params)
-        if self.members[pid].needs_full:
-            return names
-        own = set(self.experts_of(pid))
-        return [n for n in names if (e := parse_expert_param(n)) is None or e.expert not in own]
+    def _absent(self, pid: int) -> list[int]:
+        return absent_experts(self.cfg.residency, self.experts_of(pid), self.num_experts)
+
+    def _downlink(self, pid: int, full: bool) -> tuple[ArrayRecord, dict[str, Any]]:
+        """The arrays a node gets (what it holds: strategy/residency.py) and their delta-sync keys."""
+        holds = resident_names(self.params, self._absent(pid))
+        if self.sync is not None:
+            record, base_step, apply_own = self.sync.message(pid, full, set(holds))
+            return record, {keys.BASE_STEP: base_step, keys.APPLY_OWN: apply_own}
+        # Without delta sync a node keeps its own experts: they come down only in a full message.
+        return encode(self.params, resident_names(holds, () if full else self.experts_of(pid))), {}
 
     def _single_owner(self, name: str) -> int | None:
         e = parse_expert_param(name)
@@ -183,12 +189,9 @@ class SpesStrategy(Strategy):
             self.sync.refresh(self.params, self._single_owner)
         for pid in self.partitions:
             member = self.members[pid]
-            sync_cfg = {}
-            if self.sync is None:
-                record = encode(self.params, self._downlink_names(pid))
-            else:
-                record, base_step, apply_own = self.sync.message(pid, member.needs_full)
-                sync_cfg = {keys.BASE_STEP: base_step, keys.APPLY_OWN: apply_own}
+            record, sync_cfg = self._downlink(pid, member.needs_full)
+            if self.cfg.residency != "all":
+                sync_cfg[keys.ABSENT_EXPERTS] = self._absent(pid)
             self._sent[pid] = payload_bytes(record)
             self._wire_sent[pid] = wire_bytes(record)
             node_cfg = ConfigRecord(
@@ -231,6 +234,7 @@ class SpesStrategy(Strategy):
         metrics = validate_train_metrics(
             content.metric_records[keys.METRICS], self.max_tokens, num_layers, self.num_experts
         )
+        metrics.update(absent_share(metrics.get("expert_load"), self._absent(pid)))
         expected = self._expected_update(pid)
         record = content.array_records[keys.ARRAYS]
         unexpected = set(record) - expected if self.sync is None else set()

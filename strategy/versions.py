@@ -83,16 +83,18 @@ class VersionedDownlink:
         return Move(copy.own[name], owner)
 
     # -- messages ------------------------------------------------------------------------------
-    def message(self, pid: int, full: bool) -> tuple[ArrayRecord, int, bool]:
-        """(arrays, base step, apply_own) for node `pid`; what it will hold is committed on a valid reply."""
+    def message(self, pid: int, full: bool, holds: set[str] | None = None) -> tuple[ArrayRecord, int, bool]:
+        """(arrays, base step, apply_own) for node `pid`, of the tensors it `holds` (None: all); what
+        it will hold is committed on a valid reply."""
         copy = self.nodes.setdefault(pid, NodeCopy())
         arrays: dict[str, Array] = {}
+        versions = {n: v for n, v in self.version.items() if holds is None or n in holds}
+        self._pending[pid] = versions
         if full or not copy.held:
-            arrays = {n: Array(t.detach().cpu().contiguous().numpy()) for n, t in self.shadow.items()}
-            self._pending[pid] = dict(self.version)
+            arrays = {n: Array(self.shadow[n].detach().cpu().contiguous().numpy()) for n in versions}
             return ArrayRecord(arrays), -1, False
         apply_own = bool(copy.held) and self._can_apply_own(pid, copy)
-        for name, version in self.version.items():
+        for name, version in versions.items():
             held = copy.held.get(name, -1)
             if held == version or (apply_own and name in copy.own):
                 continue
@@ -101,7 +103,6 @@ class VersionedDownlink:
                 arrays.update(move.arrays)
             else:
                 arrays[name] = Array(self.shadow[name].detach().cpu().contiguous().numpy())
-        self._pending[pid] = dict(self.version)
         return ArrayRecord(arrays), copy.base_step, apply_own
 
     def _can_apply_own(self, pid: int, copy: NodeCopy) -> bool:

@@ -35,6 +35,7 @@ def play_round(s, rnd, ctxs, tamper=None, fail=()):
                 cfg[keys.LOCAL_STEPS],
                 delta=delta,
                 fragment=cfg.get(keys.SYNC_FRAGMENT),
+                absent=list(cfg.get(keys.ABSENT_EXPERTS, [])),
             )
             reply, metrics = run_local_round(
                 ctx, {} if delta else decode(msg.content["arrays"]), order, show_progress=False
