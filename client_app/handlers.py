@@ -113,6 +113,15 @@ def _routing(cfg: ConfigRecord, ctx: NodeContext):
     )
 
 
+def _absent(cfg: ConfigRecord, ctx: NodeContext) -> list[list[int]]:
+    """Per layer, the experts the coordinator says this node does not hold ([]: it holds all)."""
+    shape = (ctx.spec.model.num_layers, ctx.spec.model.num_experts)
+    mask = unflatten(cfg.get(keys.ABSENT_EXPERTS), *shape, f"received {keys.ABSENT_EXPERTS}")
+    if mask is not None and not ((mask == 0) | (mask == 1)).all():
+        raise ValueError(f"received {keys.ABSENT_EXPERTS}: a mask holds 0 and 1 only")
+    return [] if mask is None else [row.nonzero().flatten().tolist() for row in mask]
+
+
 def train(content: RecordDict, node_config: NodeConfig) -> RecordDict:
     ctx, cfg = _node(content, node_config)
     owned = cfg.get(keys.OWNED_EXPERTS)
@@ -129,9 +138,7 @@ def train(content: RecordDict, node_config: NodeConfig) -> RecordDict:
             raise ValueError(f"received {keys.APPLY_OWN}={apply_own!r}; expected true or false")
         delta = DeltaDownlink(arrays, _int(cfg, keys.BASE_STEP, -1), apply_own)
     load, bias = _routing(cfg, ctx)
-    absent = cfg.get(keys.ABSENT_EXPERTS, [])
-    if not isinstance(absent, list) or not all(isinstance(e, int) and not isinstance(e, bool) for e in absent):
-        raise ValueError(f"received {keys.ABSENT_EXPERTS}={absent!r}; expected a list of integers")
+    absent = _absent(cfg, ctx)
     fragment = None
     if (fragments := ctx.spec.strategy.fragments) > 1:
         fragment = _int(cfg, keys.SYNC_FRAGMENT, 0)
@@ -159,7 +166,8 @@ def evaluate(content: RecordDict, node_config: NodeConfig) -> RecordDict:
     # Not needed for the evaluation itself: it makes the run's final evaluation a point where every
     # node's last state is on disk, before a simulation's actors are shut down.
     wait_for_saves(ctx.workdir / "state")
-    loss, tokens = run_local_eval(ctx, decode(content.array_records[keys.ARRAYS]), _routing(cfg, ctx)[1])
+    received = decode(content.array_records[keys.ARRAYS])
+    loss, tokens = run_local_eval(ctx, received, _routing(cfg, ctx)[1], _absent(cfg, ctx))
     metrics = MetricRecord(
         {keys.EVAL_LOSS: loss, keys.EVAL_PPL: math.exp(min(loss, 50.0)), keys.NUM_TOKENS: float(tokens)}
     )

@@ -30,6 +30,7 @@ from common.codec import apply_delta, decode_delta, decode_sync, encode_delta
 from common.spec import RunSpec
 from data import BatchStream, node_shard, prepare_blocks
 from model import build_model, expert_param_names
+from model.experts import expert_modules, per_layer
 from model.lora import lora_args, merge_adapters
 from model.naming import fragment_names, peft_to_plain, trained_param_names
 from model.routing import set_router_bias
@@ -233,7 +234,7 @@ class RoundOrder:
     global_load: torch.Tensor | None = None  # [layers, experts] federation's expert load last round
     router_bias: torch.Tensor | None = None  # [layers, experts] routing bias for the top-k choice
     fragment: int | None = None  # streaming fragments: the one this round sends (None: everything)
-    absent: list[int] = dataclasses.field(default_factory=list)  # partial residency: experts not held
+    absent: list[list[int]] = dataclasses.field(default_factory=list)  # per layer, experts not held ([]: all held)
 
 
 @dataclass
@@ -263,6 +264,10 @@ def run_local_round(
     waited = background_save.wait_for_saves(state_root)
     key = resident.ResidentKey(str(ctx.workdir), ctx.partition_id, spec.to_json(), str(device))
     kept = resident.take(key, order.start_step, order.owned) if train_cfg.resident else None
+    if kept is not None and [list(m.absent) for m in expert_modules(kept.model)] != per_layer(
+        order.absent, spec.model.num_layers
+    ):
+        kept = None  # it holds other experts than this round's: rebuilt
     if kept is None:
         model, plain = _round_model(ctx, order.owned, device, order.absent)
     else:
@@ -303,9 +308,10 @@ def _check_order(ctx: NodeContext, order: RoundOrder, received: dict[str, torch.
     owned = order.owned
     if len(set(owned)) != len(owned) or any(not 0 <= e < ctx.spec.model.num_experts for e in owned):
         raise ValueError(f"partition {ctx.partition_id}: bad owned experts {owned}")
-    absent = order.absent
-    if set(absent) & set(owned) or any(not 0 <= e < ctx.spec.model.num_experts for e in absent):
-        raise ValueError(f"partition {ctx.partition_id}: bad absent experts {absent} (owned {owned})")
+    if order.absent and (
+        len(order.absent) != ctx.spec.model.num_layers or any(set(r) & set(owned) for r in order.absent)
+    ):
+        raise ValueError(f"partition {ctx.partition_id}: bad absent experts {order.absent} (owned {owned})")
     _check_received(received, ctx.partition_id)
 
 
@@ -471,11 +477,13 @@ def _detached(t: torch.Tensor, copy: bool) -> torch.Tensor:
 
 
 def run_local_eval(
-    ctx: NodeContext, received: dict[str, torch.Tensor], router_bias: torch.Tensor | None = None
+    ctx: NodeContext, received: dict[str, torch.Tensor], router_bias: torch.Tensor | None = None, absent=()
 ) -> tuple[float, int]:
+    """Held-out loss of the received model on this node's shard; with `absent` experts (per layer),
+    of the model as the node holds it."""
     _check_received(received, ctx.partition_id)
     device = _device(ctx)
-    model = _build(ctx, None, device)
+    model = _build(ctx, [] if any(absent) else None, device, absent)
     args = lora_args(ctx.spec.train)
     parallel.load_whole(model, received if args is None else merge_adapters(received, args))
     set_router_bias(model, router_bias)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -20,7 +21,7 @@ from common.train_config import TrainConfig
 from data.pipeline import DataConfig
 from model.args import MoEArgs
 
-RESIDENCIES = ("all", "owned")
+RESIDENCY = re.compile(r"^(all|owned|owned\+[1-9]\d*)$")  # strategy/residency.py
 ABSENT_POLICIES = ("skip", "mask")  # model/experts.py ABSENT_POLICIES
 TOP_LEVEL = {"run_name", "output_dir", "seed", "nodes", "rounds", "init_from", "resume", "deterministic", "engine"}
 ENGINES = ("flower", "inprocess")
@@ -184,8 +185,9 @@ class StrategyConfig:
     # fragments strided over the layers and syncs one per round, in turn (needs delta_sync); each
     # fragment is then synced every `fragments` rounds, so set local_steps to H / fragments.
     fragments: int = 1
-    # Partial residency: "all" (plain SPES) or "owned" (a node holds, and is sent, only the experts
-    # it trains); a pick of an absent expert is dropped ("skip") or routed around ("mask").
+    # Partial residency: "all" (plain SPES), "owned" (a node holds, and is sent, only the experts it
+    # trains) or "owned+k" (and per layer the k others its tokens use most); a pick of an absent
+    # expert is dropped ("skip") or routed around ("mask").
     residency: str = "all"
     absent_policy: str = "skip"
     # The node's residual is multiplied by this before it is added (SparseLoCo's decay: < 1 lets
@@ -324,8 +326,8 @@ class StrategyConfig:
                 f"strategy.fragments must be an integer >= 1 (1 = sync everything every round), got {self.fragments!r}",
             ),
             (
-                self.residency in RESIDENCIES,
-                f"strategy.residency must be one of {list(RESIDENCIES)}, got {self.residency!r}",
+                isinstance(self.residency, str) and RESIDENCY.match(self.residency) is not None,
+                f"strategy.residency must be all, owned or owned+<k> (k >= 1), got {self.residency!r}",
             ),
             (
                 self.absent_policy in ABSENT_POLICIES,

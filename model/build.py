@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, Qwen3MoeForCausalLM
 
 from model.args import MoEArgs, build_config
-from model.experts import expert_modules, materialize_empty, partition_experts, set_absent_experts
+from model.experts import expert_modules, materialize_empty, partition_experts, per_layer, set_absent_experts
 
 
 def build_model(
@@ -42,8 +42,8 @@ def build_model(
     config = build_config(args, vocab_size, **(special_tokens or {}))
     if seed is not None:
         torch.manual_seed(seed)
-    absent = sorted(set(absent))
-    if absent and shard is not None:
+    absent = per_layer(absent, args.num_layers)
+    if any(absent) and shard is not None:
         raise ValueError("a sharded node (FSDP) holds every expert: partial residency needs one rank")
     if empty and torch.device(device).type != "meta":
         model = _empty_model(config, owned, torch.device(device), frozen_dtype, shard, absent)
@@ -61,8 +61,8 @@ def build_model(
 def _empty_model(config, owned, device: torch.device, frozen_dtype, shard=None, absent=()) -> Qwen3MoeForCausalLM:
     with torch.device("meta"):
         model = partition_experts(Qwen3MoeForCausalLM(config), owned, frozen_dtype=frozen_dtype)
-        for m in expert_modules(model):
-            m.set_absent(absent)
+        for m, row in zip(expert_modules(model), absent):
+            m.set_absent(row)
     if shard is not None:
         model = shard(model)
     materialize_empty(model, device)

@@ -381,8 +381,9 @@ def set_owned_experts(model: nn.Module, owned: Iterable[int] | None, frozen_dtyp
 ABSENT_POLICIES = ("skip", "mask")
 
 
-def set_absent_experts(model: nn.Module, absent: Iterable[int], policy: str = "skip") -> None:
-    """Hold no weights of the `absent` experts in any layer (partial residency). A token's pick of
+def set_absent_experts(model: nn.Module, absent, policy: str = "skip") -> None:
+    """Hold no weights of the `absent` experts (one list for every layer, or one per layer: partial
+    residency). A token's pick of
     an absent expert is dropped and the resident picks carry the token's weight (`skip`, FoMoE's
     rule); `mask` also steers the router's top-k choice past them (model/routing.py). Either way
     the router's logits cover every expert, so the balancing and z-losses still do."""
@@ -390,10 +391,21 @@ def set_absent_experts(model: nn.Module, absent: Iterable[int], policy: str = "s
 
     if policy not in ABSENT_POLICIES:
         raise ValueError(f"absent-expert policy must be one of {ABSENT_POLICIES}, got {policy!r}")
-    absent = sorted(set(absent))
-    for m in expert_modules(model):
-        m.set_absent(absent)
-    set_choice_mask(model, absent if policy == "mask" else None)
+    modules = expert_modules(model)
+    layers = per_layer(absent, len(modules))
+    for m, row in zip(modules, layers):
+        m.set_absent(row)
+    set_choice_mask(model, layers if policy == "mask" else None)
+
+
+def per_layer(absent, num_layers: int) -> list[list[int]]:
+    """`absent` as one sorted list per layer: given per layer already, or one list for every layer."""
+    absent = list(absent)
+    if absent and isinstance(absent[0], (list, tuple)):
+        if len(absent) != num_layers:
+            raise ValueError(f"absent experts given for {len(absent)} layers, the model has {num_layers}")
+        return [sorted(set(row)) for row in absent]
+    return [sorted(set(absent)) for _ in range(num_layers)]
 
 
 def set_experts_implementation(model: nn.Module, implementation: str) -> None:

@@ -67,14 +67,14 @@ def set_router_bias(model: nn.Module, bias: torch.Tensor | Sequence[Sequence[flo
         _set_choice_buffer(gate, _BIAS, None if bias is None else bias[layer].to(gate.weight.device))
 
 
-def set_choice_mask(model: nn.Module, absent: Sequence[int] | None) -> None:
-    """Route past the `absent` experts (every layer) in the top-k choice; the router's logits, and
-    so the balancing and z-losses, still cover every expert. None or empty removes the mask."""
-    for gate in routers(model):
+def set_choice_mask(model: nn.Module, absent: Sequence[Sequence[int]] | None) -> None:
+    """Route past each layer's `absent` experts in the top-k choice; the router's logits, and so the
+    balancing and z-losses, still cover every expert. None (or no absent expert) removes the mask."""
+    for layer, gate in enumerate(routers(model)):
         mask = None
-        if absent:
+        if absent and absent[layer]:
             mask = torch.zeros(gate.num_experts, dtype=torch.bool, device=gate.weight.device)
-            mask[list(absent)] = True
+            mask[list(absent[layer])] = True
         _set_choice_buffer(gate, _MASK, mask)
 
 

@@ -1,37 +1,106 @@
-"""Which experts a node holds (partial residency, issue 25): the coordinator's choice, as plain data.
+"""Which experts each node holds, per layer (partial residency, issue 25): the coordinator's choice.
 
-`owned`: a node holds the shared weights and the experts it trains, nothing else, so its downlink
-carries no other expert and its memory none. (`owned+k`, the k other experts its tokens route to
-most, is not built yet: docs/design.md.)
+- `all`: every expert (plain SPES).
+- `owned`: the shared weights and the experts the node trains, nothing else: its downlink carries
+  no other expert and its memory none.
+- `owned+k`: also, in every layer, the k other experts the node's own tokens were routed to most
+  (its reported expert load of the last round; before it reports, the federation's load, else the
+  lowest ids). Re-chosen every `strategy.assignment_every` rounds and whenever its experts change;
+  a node whose resident set changed gets its resident tensors whole (like an ownership move).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Mapping, Sequence
 
 from model.naming import parse_expert_param
 
+_OWNED_PLUS = re.compile(r"^owned\+(\d+)$")
+Layers = list[list[int]]  # per layer, sorted expert ids
 
-def absent_experts(residency: str, owned: Iterable[int], num_experts: int) -> list[int]:
-    """The experts a node does not hold under `residency`."""
+
+def extra_experts(residency: str) -> int | None:
+    """k of `owned+k` (0 for `owned`), None for `all`; ValueError for anything else."""
     if residency == "all":
-        return []
+        return None
     if residency == "owned":
+        return 0
+    m = _OWNED_PLUS.match(residency)
+    if m is None or int(m[1]) < 1:
+        raise ValueError(f"strategy.residency must be all, owned or owned+<k>, k >= 1, got {residency!r}")
+    return int(m[1])
+
+
+class Residency:
+    def __init__(self, residency: str, num_experts: int, every: int) -> None:
+        self.extra = extra_experts(residency)
+        self.num_experts, self.every = num_experts, every
+        self.held: dict[int, Layers] = {}  # pid -> the experts it holds, per layer
+
+    def absent(self, pid: int) -> Layers | None:
+        """Per layer, the experts `pid` does not hold; None when it holds every expert."""
+        if self.extra is None or pid not in self.held:
+            return None
+        return [[e for e in range(self.num_experts) if e not in set(layer)] for layer in self.held[pid]]
+
+    def update(
+        self,
+        server_round: int,
+        owners: Mapping[int, Sequence[int]],
+        loads: Mapping[int, Sequence[Sequence[float]]],
+        federation: Sequence[Sequence[float]] | None,
+        num_layers: int,
+    ) -> dict[int, Layers]:
+        """Choose again where it is due (every `every` rounds, a new node, changed experts); the
+        nodes whose resident sets changed, with their new sets."""
+        if self.extra is None:
+            return {}
+        due = (server_round - 1) % self.every == 0
+        changed = {}
+        for pid, owned in owners.items():
+            old = self.held.get(pid)
+            if not (due or old is None or any(not set(owned) <= set(layer) for layer in old)):
+                continue
+            new = self._choose(owned, loads.get(pid) or federation, num_layers)
+            if new != old:
+                self.held[pid] = changed[pid] = new
+        for pid in set(self.held) - set(owners):
+            del self.held[pid]
+        return changed
+
+    def _choose(self, owned: Sequence[int], load: Sequence[Sequence[float]] | None, num_layers: int) -> Layers:
         mine = set(owned)
-        return [e for e in range(num_experts) if e not in mine]
-    raise ValueError(f"unknown residency {residency!r}")
+        out = []
+        for layer in range(num_layers):
+            row = load[layer] if load else [0.0] * self.num_experts
+            others = sorted((e for e in range(self.num_experts) if e not in mine), key=lambda e: (-row[e], e))
+            out.append(sorted(mine | set(others[: self.extra])))
+        return out
 
 
-def resident_names(names: Iterable[str], absent: Iterable[int]) -> list[str]:
-    """The parameters a node holds: every shared one, and the experts that are not absent."""
-    gone = set(absent)
-    return [n for n in names if (e := parse_expert_param(n)) is None or e.expert not in gone]
+def resident_names(names: Iterable[str], absent: Layers | None) -> list[str]:
+    """The parameters a node holds: every shared one, and each layer's experts not absent there."""
+    if absent is None:
+        return list(names)
+    gone = {(layer, e) for layer, row in enumerate(absent) for e in row}
+    return [n for n in names if (p := parse_expert_param(n)) is None or (p.layer, p.expert) not in gone]
 
 
-def absent_share(load: list[list[float]] | None, absent: Iterable[int]) -> dict[str, float]:
+def without_experts(names: Iterable[str], experts: Iterable[int]) -> list[str]:
+    """`names` less every parameter of `experts` (all layers)."""
+    skip = set(experts)
+    return [n for n in names if (p := parse_expert_param(n)) is None or p.expert not in skip]
+
+
+def absent_share(load: Sequence[Sequence[float]] | None, absent: Layers | None) -> dict[str, float]:
     """The share of a node's routed picks that went to experts it does not hold (mean over layers
     of the absent experts' shares of its reported load); nothing to report without load or absence."""
-    gone = list(absent)
-    if not load or not gone:
+    if not load or not absent or not any(absent):
         return {}
-    return {"absent_share": sum(sum(row[e] for e in gone) for row in load) / len(load)}
+    return {"absent_share": sum(sum(row[e] for e in gone) for row, gone in zip(load, absent)) / len(load)}
+
+
+def flat_mask(absent: Layers, num_experts: int) -> list[int]:
+    """[layers x experts] 1 = absent, flattened for a ConfigRecord."""
+    return [int(e in set(row)) for row in absent for e in range(num_experts)]

@@ -27,12 +27,12 @@ from common.spec import MergeSchedule, StrategyConfig
 from model.naming import expert_param_names, fragment_of, parse_expert_param, synced_fragment, trained_param_names
 from strategy.acceptance import Outcome, accept_round
 from strategy.assignment import Ownership, make_assignment, rank_partitions, rebalance
-from strategy.federated_eval import federated_loss
+from strategy.federated_eval import FederatedEvaluation
 from strategy.federation_load import FederationLoad
 from strategy.load_aware import propose_owners
 from strategy.membership import Member, Membership
 from strategy.outer import OuterOptimizer
-from strategy.residency import absent_experts, absent_share, resident_names
+from strategy.residency import Residency, absent_share, flat_mask, resident_names, without_experts
 from strategy.round_record import RoundRecord
 from strategy.validation import InvalidUpdate, validate_train_metrics, validate_update
 from strategy.versions import VersionedDownlink
@@ -43,7 +43,7 @@ SHADOW = "downlink-shadow/"  # checkpoint tensor prefix of the nodes' copy of th
 __all__ = ["MergeSchedule", "SpesStrategy", "StrategyConfig"]
 
 
-class SpesStrategy(Strategy):
+class SpesStrategy(FederatedEvaluation, Strategy):
     def __init__(
         self,
         cfg: StrategyConfig,
@@ -83,6 +83,7 @@ class SpesStrategy(Strategy):
         self.sync = VersionedDownlink(cfg.downlink, cfg.uplink) if cfg.delta_sync else None
         self._own_uplinks: dict[int, dict[str, dict]] = {}  # pid -> owned expert -> its uplink Arrays
         self.balance = FederationLoad(cfg.router_bias_rate)  # balancing across nodes
+        self.residency = Residency(cfg.residency, num_experts, cfg.assignment_every)  # who holds which experts
         # The acceptance test (strategy/guard.py): guard loss of a candidate model, set by the coordinator.
         self.guard_score: Callable[[Mapping[str, torch.Tensor]], float] | None = None
         self.guard_losses: list[float] = []  # of the accepted models, the last window + 1
@@ -150,8 +151,20 @@ class SpesStrategy(Strategy):
         f = self.cfg.fragments
         return f == 1 or fragment_of(name, f) == synced_fragment(self.round, f)
 
-    def _absent(self, pid: int) -> list[int]:
-        return absent_experts(self.cfg.residency, self.experts_of(pid), self.num_experts)
+    def _absent(self, pid: int) -> list[list[int]] | None:
+        return self.residency.absent(pid)
+
+    def _layers(self) -> int:
+        return self.num_layers or max((e.layer for n in self.params if (e := parse_expert_param(n))), default=0) + 1
+
+    def _choose_residency(self, server_round: int) -> None:
+        """strategy.residency: the experts each node holds this round; a node whose set changed is resynced."""
+        last = self.history[-1].nodes if self.history else {}
+        loads = {p: n["expert_load"] for p in self.partitions if "expert_load" in (n := last.get(str(p), {}))}
+        owners = {p: self.experts_of(p) for p in self.partitions}
+        for pid, held in self.residency.update(server_round, owners, loads, self.global_load, self._layers()).items():
+            self.members[pid].needs_full = True
+            self.events.append({"round": server_round, "event": "residency", "partition": pid, "experts": held})
 
     def _downlink(self, pid: int, full: bool) -> tuple[ArrayRecord, dict[str, Any]]:
         """The arrays a node gets (what it holds: strategy/residency.py) and their delta-sync keys."""
@@ -160,7 +173,7 @@ class SpesStrategy(Strategy):
             record, base_step, apply_own = self.sync.message(pid, full, set(holds))
             return record, {keys.BASE_STEP: base_step, keys.APPLY_OWN: apply_own}
         # Without delta sync a node keeps its own experts: they come down only in a full message.
-        return encode(self.params, resident_names(holds, () if full else self.experts_of(pid))), {}
+        return encode(self.params, without_experts(holds, () if full else self.experts_of(pid))), {}
 
     def _single_owner(self, name: str) -> int | None:
         e = parse_expert_param(name)
@@ -187,11 +200,12 @@ class SpesStrategy(Strategy):
         self._sent, self._targets, self._wire_sent, self._own_uplinks = {}, {}, {}, {}
         if self.sync is not None:
             self.sync.refresh(self.params, self._single_owner)
+        self._choose_residency(server_round)
         for pid in self.partitions:
             member = self.members[pid]
             record, sync_cfg = self._downlink(pid, member.needs_full)
-            if self.cfg.residency != "all":
-                sync_cfg[keys.ABSENT_EXPERTS] = self._absent(pid)
+            if (absent := self._absent(pid)) is not None:
+                sync_cfg[keys.ABSENT_EXPERTS] = flat_mask(absent, self.num_experts)
             self._sent[pid] = payload_bytes(record)
             self._wire_sent[pid] = wire_bytes(record)
             node_cfg = ConfigRecord(
@@ -228,11 +242,8 @@ class SpesStrategy(Strategy):
         content = msg.content
         if keys.ARRAYS not in content.array_records or keys.METRICS not in content.metric_records:
             raise InvalidUpdate("reply needs an ArrayRecord 'arrays' and a MetricRecord 'metrics'")
-        num_layers = (
-            self.num_layers or max((e.layer for n in self.params if (e := parse_expert_param(n))), default=0) + 1
-        )
         metrics = validate_train_metrics(
-            content.metric_records[keys.METRICS], self.max_tokens, num_layers, self.num_experts
+            content.metric_records[keys.METRICS], self.max_tokens, self._layers(), self.num_experts
         )
         metrics.update(absent_share(metrics.get("expert_load"), self._absent(pid)))
         expected = self._expected_update(pid)
@@ -404,38 +415,6 @@ class SpesStrategy(Strategy):
             "round %d: partition(s) %s quarantined after %d dropped updates", self.round, pids, self.cfg.guard.strikes
         )
         self._reassign(f"partition(s) {pids} quarantined by the guard")
-
-    def federated_eval_due(self, server_round: int) -> bool:
-        """The nodes evaluate the global model on their held-out shards in the last round and every
-        `federated_eval_every` rounds."""
-        every = self.cfg.federated_eval_every
-        return server_round == self.num_rounds or bool(every and server_round % every == 0)
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid | None
-    ) -> Iterable[Message]:
-        if not self.federated_eval_due(server_round):
-            return []
-        messages = []
-        self._eval_sent = {}  # replies are matched by register_sent, as for training
-        for pid in self.partitions:
-            config_rec = ConfigRecord({**dict(config), keys.SERVER_ROUND: server_round, **self.balance.eval_config()})
-            content = RecordDict({keys.ARRAYS: arrays, keys.CONFIG: config_rec})
-            self._eval_sent[pid] = payload_bytes(arrays)
-            messages.append(
-                Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=self.members[pid].node_id)
-            )
-        return messages
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        result = federated_loss(replies, self._sender, self.max_eval_tokens)
-        if result is None:
-            return None
-        record = {"federated_eval_loss": result[0], "eval_bytes_down": float(sum(self._eval_sent.values()))}
-        if self.history and self.history[-1].round == server_round:
-            self.history[-1].federated_eval_loss = record["federated_eval_loss"]
-            self.history[-1].eval_bytes_down = record["eval_bytes_down"]
-        return MetricRecord(record)
 
     def summary(self) -> None:
         """Flower's Strategy API: log the configuration."""

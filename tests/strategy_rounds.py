@@ -35,7 +35,7 @@ def play_round(s, rnd, ctxs, tamper=None, fail=()):
                 cfg[keys.LOCAL_STEPS],
                 delta=delta,
                 fragment=cfg.get(keys.SYNC_FRAGMENT),
-                absent=list(cfg.get(keys.ABSENT_EXPERTS, [])),
+                absent=_absent(cfg.get(keys.ABSENT_EXPERTS), ctx.spec.model.num_experts),
             )
             reply, metrics = run_local_round(
                 ctx, {} if delta else decode(msg.content["arrays"]), order, show_progress=False
@@ -53,3 +53,11 @@ def play_round(s, rnd, ctxs, tamper=None, fail=()):
     # them by itself, but these tests also read and delete them directly.
     background_save.drain()
     return msgs, sent
+
+
+def _absent(mask, num_experts: int) -> list[list[int]]:
+    """The per-layer absent experts of a flat [layers x experts] mask, as the train handler reads it."""
+    if mask is None:
+        return []
+    rows = [mask[i : i + num_experts] for i in range(0, len(mask), num_experts)]
+    return [[e for e, bit in enumerate(row) if bit] for row in rows]

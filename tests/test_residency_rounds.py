@@ -50,7 +50,7 @@ def test_a_node_holds_and_is_sent_only_its_own_experts(tmp_path, flower_task, de
         for m in msgs:
             p = m.metadata.dst_node_id - 10
             mine = set(s.experts_of(p))
-            assert m.content["config"][keys.ABSENT_EXPERTS] == [e for e in range(E) if e not in mine]
+            assert m.content["config"][keys.ABSENT_EXPERTS] == [int(e not in mine) for e in range(E)] * 2
             sent = {parse_expert_param(k.partition("#")[0]) for k in m.content["arrays"]}
             assert {e.expert for e in sent if e is not None} <= mine  # no other expert comes down
             node = record.nodes[str(p)]
@@ -59,6 +59,20 @@ def test_a_node_holds_and_is_sent_only_its_own_experts(tmp_path, flower_task, de
             assert node["weight_mb"] == pytest.approx(node["resident_params"] * 4 / 2**20)
             share = node["absent_share"]
             assert share == 0.0 if policy == "mask" else 0.0 < share < 1.0
+    # The nodes' own evaluation: each gets and scores the model as it holds it.
+    from flwr.app import ConfigRecord
+    from strategy_rounds import _absent
+
+    from client_app.local_round import run_local_eval
+    from common.codec import decode
+
+    for m in s.configure_evaluate(3, None, ConfigRecord({}), None):
+        p = m.metadata.dst_node_id - 10
+        received = decode(m.content["arrays"])
+        assert {e.expert for n in received if (e := parse_expert_param(n))} == set(s.experts_of(p))
+        absent = _absent(m.content["config"][keys.ABSENT_EXPERTS], E)
+        loss, tokens = run_local_eval(ctxs[p], received, None, absent)
+        assert tokens > 0 and 0 < loss < 20
     if delta:  # the node's copy of the model is its resident part of the coordinator's
         for ctx in ctxs:
             root = ctx.workdir / "state"
@@ -68,8 +82,35 @@ def test_a_node_holds_and_is_sent_only_its_own_experts(tmp_path, flower_task, de
             assert all(torch.equal(base[n], s.sync.shadow[n]) for n in base)
 
 
+def test_owned_plus_k_holds_the_experts_its_tokens_used_most(tmp_path, flower_task):
+    from data import load_tokenizer
+
+    over = [*BASE, "strategy.residency=owned+1", "strategy.delta_sync=true", "strategy.assignment_every=1"]
+    spec = from_dict(compose(over))
+    tok = load_tokenizer(spec.data, tmp_path / "cache")
+    ctxs = [NodeContext(spec, tok, tmp_path / f"node{p}", p, 2, progress=False) for p in (0, 1)]
+    s = SpesStrategy(spec.strategy, E, {10: 0, 11: 1}, num_rounds=3, max_tokens=2 * 2 * 16, num_layers=2)
+    s.initialize(build_model(spec.model, len(tok), seed=0).state_dict())
+    play_round(s, 1, ctxs)
+    # Round 1: no load reported yet, so each layer adds the lowest other id.
+    assert s.residency.held == {0: [[0, 1, 2]] * 2, 1: [[0, 2, 3]] * 2}
+    load = {p: s.history[-1].nodes[str(p)]["expert_load"] for p in (0, 1)}
+    msgs, _ = play_round(s, 2, ctxs)
+    for p in (0, 1):
+        mine = set(s.experts_of(p))
+        want = [
+            sorted(mine | {max((e for e in range(E) if e not in mine), key=lambda e: (row[e], -e))}) for row in load[p]
+        ]
+        assert s.residency.held[p] == want
+        sent = {parse_expert_param(k.partition("#")[0]) for k in msgs[p].content["arrays"]}
+        assert all(e.expert in want[e.layer] for e in sent if e is not None)
+    assert all(n["status"] == "ok" for n in s.history[-1].nodes.values())
+    assert [e["event"] for e in s.events].count("residency") >= 2
+
+
 def test_residency_settings_are_checked_before_training():
-    with pytest.raises(ValueError, match="strategy.residency must be one of"):
-        from_dict(compose([*BASE, "strategy.residency=some"]))
+    for bad in ("some", "owned+0", "owned+x"):
+        with pytest.raises(ValueError, match="strategy.residency must be all, owned or owned"):
+            from_dict(compose([*BASE, f"strategy.residency={bad}"]))
     with pytest.raises(ValueError, match="strategy.absent_policy must be one of"):
         from_dict(compose([*BASE, "strategy.absent_policy=drop"]))
