@@ -424,9 +424,8 @@ def _train(
     bar.close()
     metrics["trainable-params"] = float(sum(p.numel() for p in model.parameters() if p.requires_grad))
     metrics["resident-params"] = float(sum(p.numel() for p in model.parameters()))
-    storages = {
-        (str(p.device), p.untyped_storage().data_ptr()): p.untyped_storage().nbytes() for p in model.parameters()
-    }
+    held = [parallel.local(p) for p in model.parameters()]  # a rank of a sharded node: its shard
+    storages = {(str(t.device), t.untyped_storage().data_ptr()): t.untyped_storage().nbytes() for t in held}
     metrics["weight-mb"] = sum(storages.values()) / 2**20
     return metrics
 
