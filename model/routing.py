@@ -35,16 +35,24 @@ def routers(model: nn.Module) -> list[nn.Module]:
     return [m for n, m in model.named_modules() if n.endswith("mlp.gate") and hasattr(m, "num_experts")]
 
 
+def _choice_offset(gate: nn.Module) -> torch.Tensor | None:
+    """What the router adds to its probabilities for the top-k choice: the routing bias, and -inf
+    for the experts the mask routes past (a masked expert is picked only when fewer than top_k are
+    left); None where it chooses plainly."""
+    bias, mask = getattr(gate, _BIAS, None), getattr(gate, _MASK, None)
+    if mask is None:
+        return bias
+    base = torch.zeros(gate.num_experts, device=mask.device) if bias is None else bias.float()
+    return base.masked_fill(mask, float("-inf"))
+
+
 def _biased_choice(module: nn.Module, _inputs, output):
-    bias, mask = getattr(module, _BIAS, None), getattr(module, _MASK, None)
-    if bias is None and mask is None:
+    offset = _choice_offset(module)
+    if offset is None:
         return output
     logits, _, _ = output
     probs = torch.softmax(logits, dtype=torch.float, dim=-1)
-    choice = probs if bias is None else probs + bias.to(probs.device)
-    if mask is not None:  # a masked expert is picked only when fewer than top_k are left
-        choice = choice.masked_fill(mask.to(probs.device), float("-inf"))
-    indices = choice.topk(module.top_k, dim=-1).indices
+    indices = (probs + offset.to(probs.device)).topk(module.top_k, dim=-1).indices
     scores = probs.gather(-1, indices)
     if module.norm_topk_prob:
         scores = scores / scores.sum(dim=-1, keepdim=True)
@@ -94,17 +102,9 @@ def router_bias(model: nn.Module) -> list[torch.Tensor | None]:
 
 
 def choice_offsets(model: nn.Module) -> list[torch.Tensor | None]:
-    """What each router adds to its probabilities for the top-k choice: the routing bias, and -inf
-    for the experts the mask routes past (None where it chooses plainly), so the balancing loss and
-    the expert load count the picks that were made."""
-    out = []
-    for gate in routers(model):
-        bias, mask = getattr(gate, _BIAS, None), getattr(gate, _MASK, None)
-        if mask is not None:
-            base = torch.zeros(gate.num_experts, device=mask.device) if bias is None else bias.float()
-            bias = base.masked_fill(mask, float("-inf"))
-        out.append(bias)
-    return out
+    """Each router's choice offset (`_choice_offset`), so the balancing loss and the expert load
+    count the picks that were made."""
+    return [_choice_offset(gate) for gate in routers(model)]
 
 
 def global_load(reports: Sequence[tuple[Sequence[Sequence[float]], float]]) -> list[list[float]] | None:
