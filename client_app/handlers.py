@@ -101,6 +101,8 @@ def setup(content: RecordDict, node_config: NodeConfig) -> RecordDict:
             keys.NODE_HARDWARE: json.dumps(hardware_report(spec, settings)),
         }
     )
+    if settings.residency is not None:
+        reply[keys.RESIDENCY_ASK] = settings.residency
     return RecordDict({keys.CONFIG: reply})
 
 

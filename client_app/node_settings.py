@@ -98,6 +98,18 @@ def _hardware(cfg: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _residency(cfg: Mapping[str, Any]) -> str | None:
+    """node-config residency (all, owned, owned+<k>): a node smaller than the model asks to hold less."""
+    from common.spec import RESIDENCY
+
+    value = cfg.get("residency")
+    if value is None:
+        return None
+    if not isinstance(value, str) or RESIDENCY.match(value) is None:
+        raise NodeSetupError(f"node-config residency must be all, owned or owned+<k> (k >= 1), got {value!r}")
+    return value
+
+
 class NodeSetupError(ValueError):
     """This node cannot take part as configured; the message says what to set."""
 
@@ -115,6 +127,7 @@ class NodeSettings:
     max_local_steps: int = 10_000
     max_params: int = 20_000_000_000
     max_batch_tokens: int = 1_048_576
+    residency: str | None = None  # node-config residency: what this node holds, whatever strategy.residency says
     hardware: dict[str, Any] = field(
         default_factory=dict
     )  # train.* set by node-config (common.keys.NODE_HARDWARE_KEYS)
@@ -142,6 +155,7 @@ class NodeSettings:
             progress=_progress(cfg, env),
             keep_state=_flag("keep-state", cfg.get("keep-state", env.get(ENV_KEEP_STATE, "0"))),
             hardware=_hardware(cfg),
+            residency=_residency(cfg),
             **_limits(cfg),
         )
 

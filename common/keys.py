@@ -34,6 +34,7 @@ NUM_PARTITIONS = "num-partitions"
 STATE_STEP = "state-step"  # global step of the node's saved state, -1 if none (setup reply)
 STATE_KEPT = "state-kept"  # finish reply: the node kept its run folder (node-config keep-state)
 STATE_BYTES = "state-bytes"  # finish reply: the size of that folder, kept or removed
+RESIDENCY_ASK = "residency"  # the experts this node agrees to hold: its node-config residency (setup reply)
 NODE_HARDWARE = "node-hardware"  # JSON: the device, precision and memory options the node trains with (setup reply)
 # How a node trains, its own call: node-config key -> train.<field> (the NODE_HARDWARE report's fields).
 NODE_HARDWARE_KEYS = {

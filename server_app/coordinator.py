@@ -396,11 +396,16 @@ def _setup(spec: RunSpec, run_dir: Path, grid: Grid, resumed, t_start: float) ->
     )
     setup = ConfigRecord({**dict(node_cfg), keys.TOKENIZER_JSON: tokenizer_to_json(tokenizer)})
     collector = Collector(grid)
-    partitions, num_partitions, hardware = discover(grid, spec.nodes, setup, collector, spec.strategy.round_timeout_s)
+    partitions, num_partitions, hardware, asks = discover(
+        grid, spec.nodes, setup, collector, spec.strategy.round_timeout_s
+    )
     for pid, hw in sorted(hardware.items()):
         say(f"partition {pid} trains with {describe_hardware(hw)}")
     known = set(grid.get_node_ids())
     strategy = _strategy(spec, model, partitions, start, lora)
+    for pid, ask in sorted(asks.items()):
+        say(f"partition {pid} holds {ask} experts, its node-config residency (the run's: {spec.strategy.residency})")
+        strategy.residency.ask(pid, ask)
     central_eval = CentralEval(model, heldout, spec, lora, tokenizer)
     strategy.guard_score = central_eval.guard(strategy)
     runlog = RunLog(

@@ -19,6 +19,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from common import keys
+from common.spec import RESIDENCY
 from strategy.spes import SpesStrategy
 
 log = logging.getLogger("spes.server")
@@ -79,6 +80,7 @@ class SetupReplies:
     partitions: dict[int, int]
     num_partitions: dict[int, int]
     hardware: dict[int, dict]  # node_hardware()
+    residency: dict[int, str]  # the nodes that ask to hold fewer (or more) experts than strategy.residency
     errors: list[str]
 
 
@@ -121,6 +123,7 @@ def setup_nodes(
     partitions: dict[int, int] = {}  # node id -> ...
     counts: dict[int, int] = {}
     hardware: dict[int, dict] = {}
+    residency: dict[int, str] = {}
     errors: list[str] = []
     for reply in replies:
         node = sent.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
@@ -133,6 +136,9 @@ def setup_nodes(
             for value in (pid, parts):
                 if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                     raise ValueError(f"partition id {pid!r} of {parts!r}")
+            ask = cfg.get(keys.RESIDENCY_ASK)
+            if ask is not None and (not isinstance(ask, str) or RESIDENCY.match(ask) is None):
+                raise ValueError(f"residency {ask!r}")
         except (KeyError, ValueError) as exc:
             errors.append(f"node {node}: malformed setup reply ({exc})")
             continue
@@ -144,15 +150,17 @@ def setup_nodes(
             continue
         partitions[node], counts[node] = pid, parts
         hardware[node] = node_hardware(cfg.get(keys.NODE_HARDWARE))
-    return SetupReplies(partitions, counts, hardware, errors)
+        if ask is not None:
+            residency[node] = ask
+    return SetupReplies(partitions, counts, hardware, residency, errors)
 
 
 def discover(
     grid: Grid, wanted: int, setup: ConfigRecord, collector: Collector, timeout_s: float
-) -> tuple[dict[int, int], int, dict[int, dict]]:
+) -> tuple[dict[int, int], int, dict[int, dict], dict[int, str]]:
     """Wait for `wanted` SuperNodes, set them up; (node id -> partition id, the federation's
-    num-partitions, partition id -> the node's hardware). The lowest partition ids win; the chosen
-    nodes must agree on num-partitions."""
+    num-partitions, partition id -> the node's hardware, partition id -> the residency it asks for
+    where it asks). The lowest partition ids win; the chosen nodes must agree on num-partitions."""
     deadline = time.monotonic() + timeout_s
     while len(node_ids := list(grid.get_node_ids())) < wanted:
         if time.monotonic() > deadline:
@@ -174,7 +182,9 @@ def discover(
     idle = sorted(set(partitions) - set(chosen))
     if idle:
         log.warning("%d extra SuperNode(s) stay idle: partitions %s", len(idle), [partitions[n] for n in idle])
-    return {n: partitions[n] for n in chosen}, counts[chosen[0]], {partitions[n]: replies.hardware[n] for n in chosen}
+    asks = {partitions[n]: replies.residency[n] for n in chosen if n in replies.residency}
+    hardware = {partitions[n]: replies.hardware[n] for n in chosen}
+    return {n: partitions[n] for n in chosen}, counts[chosen[0]], hardware, asks
 
 
 def admit_new_nodes(
@@ -208,7 +218,7 @@ def admit_new_nodes(
             )
             continue
         log.warning("partition %d (node %s) joins at round %d", pid, node_id, strategy.round + 1)
-        strategy.add_node(node_id, pid)
+        strategy.add_node(node_id, pid, replies.residency.get(node_id))
         admitted[pid] = replies.hardware[node_id]
     return admitted
 

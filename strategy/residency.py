@@ -7,6 +7,10 @@
   (its reported expert load of the last round; before it reports, the federation's load, else the
   lowest ids). Re-chosen every `strategy.assignment_every` rounds and whenever its experts change;
   a node whose resident set changed gets its resident tensors whole (like an ownership move).
+
+A node may ask for its own setting (node-config `residency`, sent in its setup reply): a node
+smaller than the model asks for `owned`, whatever the run's default. The ask holds for that
+partition until it asks again (it rejoins).
 """
 
 from __future__ import annotations
@@ -37,10 +41,22 @@ class Residency:
         self.extra = extra_experts(residency)
         self.num_experts, self.every = num_experts, every
         self.held: dict[int, Layers] = {}  # pid -> the experts it holds, per layer
+        self.asks: dict[int, int | None] = {}  # pid -> k of the residency the node asked for itself
+
+    def ask(self, pid: int, residency: str | None) -> None:
+        """The node's own setting (None: the run's); it takes effect at the next `update`."""
+        if residency is None:
+            self.asks.pop(pid, None)
+        else:
+            self.asks[pid] = extra_experts(residency)
+        self.held.pop(pid, None)
+
+    def _extra(self, pid: int) -> int | None:
+        return self.asks.get(pid, self.extra)
 
     def absent(self, pid: int) -> Layers | None:
         """Per layer, the experts `pid` does not hold; None when it holds every expert."""
-        if self.extra is None or pid not in self.held:
+        if self._extra(pid) is None or pid not in self.held:
             return None
         return [[e for e in range(self.num_experts) if e not in set(layer)] for layer in self.held[pid]]
 
@@ -54,28 +70,28 @@ class Residency:
     ) -> dict[int, Layers]:
         """Choose again where it is due (every `every` rounds, a new node, changed experts); the
         nodes whose resident sets changed, with their new sets."""
-        if self.extra is None:
-            return {}
         due = (server_round - 1) % self.every == 0
         changed = {}
         for pid, owned in owners.items():
-            old = self.held.get(pid)
-            if not (due or old is None or any(not set(owned) <= set(layer) for layer in old)):
+            old, extra = self.held.get(pid), self._extra(pid)
+            if extra is None or not (due or old is None or any(not set(owned) <= set(layer) for layer in old)):
                 continue
-            new = self._choose(owned, loads.get(pid) or federation, num_layers)
+            new = self._choose(owned, extra, loads.get(pid) or federation, num_layers)
             if new != old:
                 self.held[pid] = changed[pid] = new
         for pid in set(self.held) - set(owners):
             del self.held[pid]
         return changed
 
-    def _choose(self, owned: Sequence[int], load: Sequence[Sequence[float]] | None, num_layers: int) -> Layers:
+    def _choose(
+        self, owned: Sequence[int], extra: int, load: Sequence[Sequence[float]] | None, num_layers: int
+    ) -> Layers:
         mine = set(owned)
         out = []
         for layer in range(num_layers):
             row = load[layer] if load else [0.0] * self.num_experts
             others = sorted((e for e in range(self.num_experts) if e not in mine), key=lambda e: (-row[e], e))
-            out.append(sorted(mine | set(others[: self.extra])))
+            out.append(sorted(mine | set(others[:extra])))
         return out
 
 

@@ -128,10 +128,12 @@ class SpesStrategy(FederatedEvaluation, Strategy):
             self.events.append({"round": self.round, "event": "reassign", "reason": reason, "owners": changes, **extra})
             log.warning("round %d: experts reassigned (%s): %s", self.round, reason, changes)
 
-    def add_node(self, node_id: int, pid: int) -> None:
-        """A node joined (or came back, possibly under a new Flower node id)."""
+    def add_node(self, node_id: int, pid: int, residency: str | None = None) -> None:
+        """A node joined (or came back, possibly under a new Flower node id), asking for its own
+        `residency` or not (None: the run's strategy.residency)."""
         event = self.membership.join(node_id, pid)
         self.events.append({"round": self.round, "event": event, "partition": pid})
+        self.residency.ask(pid, residency)
         self._reassign(f"partition {pid} joined")
 
     def node_ids(self) -> list[int]:

@@ -31,9 +31,9 @@ def as_coordinator():
         yield
 
 
-def _app(claims: dict[int, object], parts: dict[int, int] | None = None) -> ClientApp:
+def _app(claims: dict[int, object], parts: dict[int, int] | None = None, asks: dict | None = None) -> ClientApp:
     """Node i answers the setup query with partition id claims[i] and num-partitions parts[i] (default:
-    the number of nodes), or raises where the claim is an exception."""
+    the number of nodes) and residency asks[i] where given, or raises where the claim is an exception."""
     app = ClientApp()
 
     @app.query()
@@ -44,6 +44,8 @@ def _app(claims: dict[int, object], parts: dict[int, int] | None = None) -> Clie
             raise claim
         n = (parts or {}).get(i, len(claims))
         cfg = ConfigRecord({} if claim is None else {keys.PARTITION_ID: claim, keys.NUM_PARTITIONS: n})
+        if i in (asks or {}):
+            cfg[keys.RESIDENCY_ASK] = asks[i]
         return Message(RecordDict({keys.CONFIG: cfg}), reply_to=msg)
 
     return app
@@ -103,9 +105,17 @@ def test_setup_nodes_keeps_good_answers_and_names_the_bad():
     assert sum("malformed setup reply" in e for e in errors) == 3 and sum("no disk" in e for e in errors) == 1
 
 
+def test_a_node_asking_for_a_residency_is_heard_and_a_malformed_ask_refused():
+    grid = InProcessGrid(_app({0: 0, 1: 1, 2: 2}, asks={1: "owned+2", 2: "most"}), 3)
+    nodes = list(grid.get_node_ids())
+    got = setup_nodes(grid, nodes, ConfigRecord({}), Collector(grid), 5.0)
+    assert got.partitions == {nodes[0]: 0, nodes[1]: 1} and got.residency == {nodes[1]: "owned+2"}
+    assert got.errors == [f"node {nodes[2]}: malformed setup reply (residency 'most')"]
+
+
 def test_discover_takes_the_lowest_partitions_and_refuses_shared_ones():
     grid = InProcessGrid(_app({0: 2, 1: 0, 2: 1}), 3)
-    chosen, num_partitions, _ = discover(grid, 2, ConfigRecord({}), Collector(grid), 5.0)
+    chosen, num_partitions, _, _ = discover(grid, 2, ConfigRecord({}), Collector(grid), 5.0)
     assert chosen == {FIRST_NODE_ID + 1: 0, FIRST_NODE_ID + 2: 1} and num_partitions == 3
     shared = InProcessGrid(_app({0: 1, 1: 1}), 2)
     with pytest.raises(RunFailed, match="two SuperNodes share a partition id"):
