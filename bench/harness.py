@@ -32,7 +32,7 @@ from pathlib import Path
 
 from bench.report import RATIO_SOURCES, compute_ratios
 from bench.runs import (
-    CODEC_METHODS,
+    VARIANT_METHODS,
     merge_overrides,
     method_entry,
     owned_per_node,
@@ -91,10 +91,10 @@ def run_benchmark(
     runs = out / "runs"
     stamp = lambda: f"{(time.time() - t0) / 60:.1f} min"  # noqa: E731
     methods = {}
-    for m in (*METHODS, *CODEC_METHODS):
-        ov = merge_overrides(overrides, CODEC_METHODS.get(m, [f"strategy={m}"]))
+    for m in (*METHODS, *VARIANT_METHODS):
+        ov = merge_overrides(overrides, VARIANT_METHODS.get(m, [f"strategy={m}"]))
         run_dir = run_federated(m, overrides, runs, f"bench-{m}")
-        methods[m] = method_entry(run_dir, owned_per_node(ov), out, analytic=m not in CODEC_METHODS)
+        methods[m] = method_entry(run_dir, owned_per_node(ov), out, analytic=m not in VARIANT_METHODS)
         print(f"[bench] {m} done ({stamp()}): final held-out loss {methods[m]['final_val_loss']:.4f}", flush=True)
 
     cen_ov = merge_overrides(overrides, ["run_name=bench-centralized", f"output_dir={runs}"])
@@ -136,36 +136,49 @@ def run_benchmark(
     return results
 
 
-def add_methods(names: list[str], overrides: list[str], out: Path, docs: Path, command: str) -> dict:
+def _same_runs(overrides: list[str]) -> list[str]:
+    """The overrides that decide a method's figures (the engine does not: its results are bit-identical)."""
+    return sorted(portable_arg(o) for o in overrides if not o.startswith("engine="))
+
+
+def add_methods(
+    names: list[str], overrides: list[str], out: Path, docs: Path, command: str, memory_args: tuple = ()
+) -> dict:
     """Run only the federated methods `names` and put them into the existing <out>/results.json
     (a method added after the last full run, without the hours of the others): the results must
-    have been made with these overrides; each added method records its commit, date and command."""
+    have been made with these overrides; each added method records its commit, date and command.
+    `memory` among the names measures every memory arm again, side by side (`memory_args`: the
+    overrides, batch, seq and steps of bench.memory.measure)."""
+    from bench import memory
     from bench.report import write_bench_docs
 
     path = out / "results.json"
     if not path.exists():
         raise SystemExit(f"--add: no {path}; run the whole benchmark first")
     results = json.loads(path.read_text())
-    if sorted(results["overrides"]) != sorted(portable_arg(o) for o in overrides):
+    if _same_runs(results["overrides"]) != _same_runs(overrides):
         raise SystemExit(f"--add: {path} was made with {results['overrides']}, not {overrides}")
-    unknown = sorted(set(names) - {*METHODS, *CODEC_METHODS})
+    unknown = sorted(set(names) - {*METHODS, *VARIANT_METHODS, "memory"})
     if unknown:
-        raise SystemExit(f"--add: unknown method(s) {unknown}; choose from {[*METHODS, *CODEC_METHODS]}")
-    for m in names:
-        ov = merge_overrides(overrides, CODEC_METHODS.get(m, [f"strategy={m}"]))
+        raise SystemExit(f"--add: unknown method(s) {unknown}; choose from {[*METHODS, *VARIANT_METHODS, 'memory']}")
+    if "memory" in names:
+        results["memory"] = memory.measure(*memory_args)
+        results.setdefault("added", {})["memory"] = _provenance(command)
+    for m in (n for n in names if n != "memory"):
+        ov = merge_overrides(overrides, VARIANT_METHODS.get(m, [f"strategy={m}"]))
         run_dir = run_federated(m, overrides, out / "runs", f"bench-{m}")
-        results["methods"][m] = method_entry(run_dir, owned_per_node(ov), out, analytic=m not in CODEC_METHODS)
-        results.setdefault("added", {})[m] = {
-            "command": command,
-            "commit": code_commit(),
-            "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        }
+        results["methods"][m] = method_entry(run_dir, owned_per_node(ov), out, analytic=m not in VARIANT_METHODS)
+        results.setdefault("added", {})[m] = _provenance(command)
         print(f"[bench] {m}: final held-out loss {results['methods'][m]['final_val_loss']:.4f}", flush=True)
     results["ratio_sources"] = {k: list(v) for k, v in RATIO_SOURCES.items()}
     results["ratios"] = compute_ratios(results)
     path.write_text(json.dumps(results, indent=2, sort_keys=True))
     write_bench_docs(results, docs, path)
     return results
+
+
+def _provenance(command: str) -> dict:
+    return {"command": command, "commit": code_commit(), "date": datetime.now(UTC).isoformat(timespec="seconds")}
 
 
 def main(argv: list[str]) -> int:
@@ -217,7 +230,8 @@ def main(argv: list[str]) -> int:
     p.add_argument(
         "--add",
         metavar="METHOD[,METHOD...]",
-        help="run only these federated methods (e.g. spes_topk2,spes_topk4) and add them to the existing results.json",
+        help="run only these federated methods (e.g. spes_topk2,spes_topk4; `memory`: the memory arms) and add "
+        "them to the existing results.json",
     )
     p.add_argument("overrides", nargs="*", help="Hydra overrides applied to every method")
     a = p.parse_args(argv)
@@ -237,7 +251,8 @@ def main(argv: list[str]) -> int:
             print(write_results_md(out, docs))
         return 0
     if a.add:
-        add_methods(a.add.split(","), overrides, out, docs, command)
+        memory_args = (shlex.split(a.memory_overrides), a.memory_batch, a.memory_seq, a.memory_steps)
+        add_methods(a.add.split(","), overrides, out, docs, command, memory_args)
         return 0
     if a.ablation:
         from bench.ablations import run_ablations

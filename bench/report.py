@@ -25,6 +25,8 @@ LABELS = {
     "spes_topk2": "SPES top-k 2-bit",
     "spes_topk4": "SPES top-k 4-bit",
     "diloco_topk2": "DiLoCo top-k 2-bit",
+    "spes_owned": "SPES owned only",
+    "spes_owned2": "SPES owned+2",
 }
 RATIO_ORDER = (
     "mem_spes_over_diloco",
@@ -36,6 +38,12 @@ RATIO_ORDER = (
     "loss_spes_int8_over_spes_fp32",
     "bytes_spes_topk_over_diloco_fp32",
     "loss_spes_topk_over_spes_fp32",
+    "mem_resident_owned_over_spes",
+    "bytes_resident_owned_over_spes",
+    "loss_resident_owned_over_spes",
+    "mem_resident_owned2_over_spes",
+    "bytes_resident_owned2_over_spes",
+    "loss_resident_owned2_over_spes",
 )
 
 # ratio -> (numerator, denominator): dotted paths into results.json.
@@ -58,6 +66,17 @@ RATIO_SOURCES = {
         "methods.diloco.bytes_steady_per_round_node",
     ),
     "loss_spes_topk_over_spes_fp32": ("methods.spes_topk2.final_val_loss", "methods.spes.final_val_loss"),
+    # Partial residency (issue 25), each against plain SPES: peak memory of a node (bench.memory),
+    # steady bytes per node and round, final held-out loss.
+    **{
+        f"{what}_resident_{arm[5:]}_over_spes": (f"{section}.{arm}.{field}", f"{section}.spes.{field}")
+        for arm in ("spes_owned", "spes_owned2")
+        for what, section, field in (
+            ("mem", "memory", "peak_rss_mb"),
+            ("bytes", "methods", "bytes_steady_per_round_node"),
+            ("loss", "methods", "final_val_loss"),
+        )
+    },
 }
 
 

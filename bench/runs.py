@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BYTES_FP32 = 4
 # Delta sync with compressed differences both ways (issues 11 and 26): name -> overrides.
 _TOPK2 = ["strategy.delta_sync=true", "strategy.uplink_codec=topk2", "strategy.downlink_codec=topk2"]
-CODEC_METHODS = {
+VARIANT_METHODS = {
     "spes_int8": [
         "strategy=spes",
         "strategy.delta_sync=true",
@@ -40,6 +40,9 @@ CODEC_METHODS = {
         "strategy.downlink_codec=topk4",
     ],
     "diloco_topk2": ["strategy=diloco", *_TOPK2],  # the same without expert ownership
+    # Partial residency (issue 25): a node holds only its experts, or those and 2 more per layer.
+    "spes_owned": ["strategy=spes", "strategy.residency=owned"],
+    "spes_owned2": ["strategy=spes", "strategy.residency=owned+2"],
 }
 
 
@@ -220,7 +223,7 @@ def run_federated(method: str, overrides: list[str], runs_dir: Path, run_name: s
 
     ov = merge_overrides(
         overrides,
-        [*CODEC_METHODS.get(method, [f"strategy={method}"]), f"run_name={run_name}", f"output_dir={runs_dir}"],
+        [*VARIANT_METHODS.get(method, [f"strategy={method}"]), f"run_name={run_name}", f"output_dir={runs_dir}"],
     )
     print(f"[bench] {method}: python -m sim {' '.join(ov)}", flush=True)
     rc = sim_main(ov)

@@ -17,9 +17,9 @@ import pytest
 from micro import MICRO_MODEL
 
 from bench.ablations import ABLATIONS, ablation_section, variants
-from bench.harness import DEFAULTS, main
+from bench.harness import DEFAULTS, _same_runs, main
 from bench.report import GOALS_FILE, RATIO_SOURCES, goal_context, load_goals, lookup, render, report_numbers, verdict
-from bench.runs import CODEC_METHODS, absolute_paths, merge_overrides
+from bench.runs import VARIANT_METHODS, absolute_paths, merge_overrides
 
 SMALL = [
     *MICRO_MODEL,
@@ -68,7 +68,15 @@ def bench(tmp_path_factory):
 
 def test_methods_have_the_required_fields(bench):
     _, res = bench
-    assert set(res["methods"]) == {"spes", "diloco", "fedavg", "centralized", "spes_int8", "spes_bf16", *CODEC_METHODS}
+    assert set(res["methods"]) == {
+        "spes",
+        "diloco",
+        "fedavg",
+        "centralized",
+        "spes_int8",
+        "spes_bf16",
+        *VARIANT_METHODS,
+    }
     for name, entry in res["methods"].items():
         for key in METHOD_FIELDS:
             assert isinstance(entry[key], (int, float)) and math.isfinite(entry[key]), (name, key)
@@ -106,6 +114,7 @@ def test_ratios_are_the_ratios_of_the_measured_values(bench):
         "loss_spes_int8_over_spes_fp32",
         "bytes_spes_topk_over_diloco_fp32",
         "loss_spes_topk_over_spes_fp32",
+        *(f"{w}_resident_{a}_over_spes" for w in ("mem", "bytes", "loss") for a in ("owned", "owned2")),
     }
     m, mem, over = res["methods"], res["memory"], res["overhead"]
     expected = {
@@ -118,7 +127,11 @@ def test_ratios_are_the_ratios_of_the_measured_values(bench):
         "loss_spes_int8_over_spes_fp32": m["spes_int8"]["final_val_loss"] / m["spes"]["final_val_loss"],
         "bytes_spes_topk_over_diloco_fp32": steady(m["spes_topk2"]) / steady(m["diloco"]),
         "loss_spes_topk_over_spes_fp32": m["spes_topk2"]["final_val_loss"] / m["spes"]["final_val_loss"],
+        "mem_resident_owned_over_spes": mem["spes_owned"]["peak_rss_mb"] / mem["spes"]["peak_rss_mb"],
+        "bytes_resident_owned2_over_spes": steady(m["spes_owned2"]) / steady(m["spes"]),
+        "loss_resident_owned_over_spes": m["spes_owned"]["final_val_loss"] / m["spes"]["final_val_loss"],
     }
+    assert steady(m["spes_owned"]) < steady(m["spes_owned2"]) < steady(m["spes"])  # fewer experts come down
     for key, value in expected.items():
         assert res["ratios"][key] == pytest.approx(value, rel=1e-12), key
         num, den = res["ratio_sources"][key]
@@ -143,14 +156,26 @@ def test_add_reruns_one_method_into_the_results_it_belongs_to(bench, tmp_path):
     partial.pop("ratios")
     path.write_text(json.dumps(partial))
     args = ["--out", str(tmp_path / "b"), "--docs", str(tmp_path / "docs")]
-    assert main([*args, "--add", "spes_topk4", *SMALL]) == 0
+    memory = ["--memory-overrides", " ".join(SMALL), "--memory-batch", "2", "--memory-seq", "32", "--memory-steps", "2"]
+    assert main([*args, "--add", "spes_topk4,memory", *memory, *SMALL]) == 0
     added = json.loads(path.read_text())
-    # The same run again (in-process runs are deterministic), its provenance, the ratios recomputed.
+    # The same run again (in-process runs are deterministic), its provenance, the ratios
+    # recomputed; the memory arms measured again, side by side.
     assert added["methods"]["spes_topk4"]["final_val_loss"] == res["methods"]["spes_topk4"]["final_val_loss"]
-    assert set(added["added"]) == {"spes_topk4"} and "--add spes_topk4" in added["added"]["spes_topk4"]["command"]
-    assert added["ratios"] == res["ratios"]
+    assert set(added["added"]) == {"spes_topk4", "memory"}
+    assert "--add spes_topk4,memory" in added["added"]["spes_topk4"]["command"]
+    assert {k: v for k, v in added["ratios"].items() if not k.startswith("mem_")} == {
+        k: v for k, v in res["ratios"].items() if not k.startswith("mem_")
+    }
+    assert added["memory"]["spes_owned"]["held_params"] == res["memory"]["spes_owned"]["held_params"]
+    assert added["ratios"]["mem_resident_owned_over_spes"] == pytest.approx(
+        added["memory"]["spes_owned"]["peak_rss_mb"] / added["memory"]["spes"]["peak_rss_mb"]
+    )
     with pytest.raises(SystemExit, match="was made with"):
         main([*args, "--add", "spes_topk4", *SMALL, "rounds=3"])
+    # The engine does not decide a method's figures (bit-identical results), so results made on
+    # Flower simulations take a method run in-process.
+    assert _same_runs(["rounds=2", "engine=flower"]) == _same_runs(["engine=inprocess", "rounds=2"]) == ["rounds=2"]
     with pytest.raises(SystemExit, match="unknown method"):
         main([*args, "--add", "sparse", *SMALL])
 
@@ -185,11 +210,22 @@ def test_bytes_match_the_analytic_counts(bench):
 def test_memory_measured_in_fresh_processes_with_floor(bench):
     _, res = bench
     mem = res["memory"]
-    for n in ("spes", "diloco"):
+    for n in ("spes", "diloco", "spes_owned", "spes_owned2"):
         r = mem[n]
         assert r["peak_rss_mb"] >= r["rss_after_imports_mb"] > 0
-        assert r["analytic_floor_mb"] == pytest.approx(4 * (r["total_params"] + 3 * r["trainable_params"]) / 2**20)
+        assert r["analytic_floor_mb"] == pytest.approx(4 * (r["held_params"] + 3 * r["trainable_params"]) / 2**20)
     assert mem["spes"]["trainable_params"] < mem["diloco"]["trainable_params"] == mem["diloco"]["total_params"]
+    # Partial residency: node 0 holds its 4 of 8 experts (and 2 more per layer); one expert is
+    # 3 x 64 x 32 weights (SwiGLU), in each of 2 layers; it trains what a SPES node trains.
+    expert, total = 3 * 64 * 32, mem["spes"]["total_params"]
+    assert mem["spes"]["held_params"] == total
+    assert mem["spes_owned"]["held_params"] == total - 4 * 2 * expert
+    assert mem["spes_owned2"]["held_params"] == total - 2 * 2 * expert
+    assert (
+        mem["spes_owned"]["trainable_params"]
+        == mem["spes_owned2"]["trainable_params"]
+        == mem["spes"]["trainable_params"]
+    )
 
 
 def test_results_hold_only_relative_paths(bench):
