@@ -381,6 +381,7 @@ def report_numbers(results: dict, results_path: Path) -> dict:
         "memory": memory_facts(results["memory"]),
         "overhead_rows": overhead_rows(results),
         "presets": list(_preset_ratios()),
+        "residency_presets": list(_preset_residency()),
     }
 
 
@@ -427,6 +428,30 @@ def write_bench_docs(results: dict, docs: Path, results_path: Path, goals: dict 
     path = docs / "benchmarks.md"
     path.write_text(render("benchmarks.md.j2", context))
     return path
+
+
+def _preset_residency():
+    """(preset, fp32 GB held by a SPES / owned / owned+2 node, (memory floor owned / SPES, owned+2 /
+    SPES, steady bytes owned / SPES, owned+2 / SPES)) at the paper's node counts (4 nodes)."""
+    from bench.memory import BYTES_FP32, analytic_floor_mb
+    from model.args import build_config, count_parameters
+    from server_app.config import load
+
+    for name in ("small", "1b", "7b"):
+        spec = load([f"model={name}", "nodes=4"])
+        c = count_parameters(build_config(spec.model, spec.data.vocab_size))
+        shared, per, m = c["shared"], c["per_expert"], spec.model.num_experts // 4
+        trained = shared + m * per
+        held = {"spes": c["total"], "owned": trained, "owned2": trained + 2 * per}
+        down = {"spes": c["total"] - m * per, "owned": shared, "owned2": shared + 2 * per}
+        floor = {k: analytic_floor_mb(v, trained) for k, v in held.items()}
+        ratios = (
+            floor["owned"] / floor["spes"],
+            floor["owned2"] / floor["spes"],
+            (trained + down["owned"]) / (trained + down["spes"]),
+            (trained + down["owned2"]) / (trained + down["spes"]),
+        )
+        yield name, [BYTES_FP32 * v / 1e9 for v in held.values()], ratios
 
 
 def _preset_ratios():

@@ -424,3 +424,21 @@ def test_report_only_rewrites_both_pages_from_the_json(tmp_path):
     assert (docs / "ablation_merge.png").stat().st_size > 10_000
     assert results_md.count("Not run yet.") == len(ABLATIONS) - 1
     assert main(["--report-only", "--out", str(tmp_path / "none"), "--docs", str(docs)]) == 2
+
+
+def test_partial_residency_at_7b_by_hand():
+    """7b, 4 nodes: 890,775,552 shared parameters, 32 experts of 201,326,592 (all layers), 8 owned."""
+    from bench.report import _preset_residency
+
+    rows = {name: (held, ratios) for name, held, ratios in _preset_residency()}
+    held, (mem_owned, mem_owned2, bytes_owned, bytes_owned2) = rows["7b"]
+    shared, per, total = 890_775_552, 201_326_592, 7_333_226_496
+    trained = shared + 8 * per
+    assert held == pytest.approx([4 * total / 1e9, 4 * trained / 1e9, 4 * (trained + 2 * per) / 1e9])
+    # Steady bytes: up shared + 8 experts; down every other expert (SPES), nothing but the shared
+    # weights (owned), and 2 more experts (owned+2).
+    assert bytes_owned == pytest.approx((trained + shared) / (trained + total - 8 * per))
+    assert bytes_owned2 == pytest.approx((trained + shared + 2 * per) / (trained + total - 8 * per))
+    assert mem_owned == pytest.approx(4 * trained / (total + 3 * trained))  # weights + grads + 2 moments
+    assert mem_owned2 == pytest.approx((trained + 2 * per + 3 * trained) / (total + 3 * trained))
+    assert bytes_owned == pytest.approx(0.41247, abs=1e-5) and mem_owned == pytest.approx(0.67435, abs=1e-5)

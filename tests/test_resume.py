@@ -74,3 +74,26 @@ def test_the_coordinator_moves_an_earlier_run_aside_instead_of_failing(tmp_path)
     (moved,) = [p for p in tmp_path.iterdir() if p.name.startswith("r.")]
     assert (moved / "run.json").read_bytes() == first and (moved / "checkpoint" / "round-000001").is_dir()
     assert "resumes" not in json.loads((tmp_path / "r" / "run.json").read_text())  # a new run, not a resume
+
+
+def test_a_resumed_run_with_partial_residency_ends_where_an_uninterrupted_one_does(tmp_path):
+    """With strategy.residency=owned the nodes hold only their experts; a resume chooses the same
+    sets again and resyncs the nodes, so round 2 moves the global model as without the stop; the
+    exported model (every expert) loads in stock transformers."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    owned = [*BASE, "strategy.residency=owned", "strategy.delta_sync=true", "deterministic=true"]
+    assert _sim([*owned, "rounds=2", f"output_dir={tmp_path / 'straight'}"])[0] == 0
+    resumed = f"output_dir={tmp_path / 'resumed'}"
+    assert _sim([*owned, "rounds=1", resumed])[0] == 0
+    assert _sim([*owned, "rounds=2", "resume=true", resumed])[0] == 0
+    a = load_file(tmp_path / "straight" / "r" / "checkpoint" / "round-000002" / "params.safetensors")
+    b = load_file(tmp_path / "resumed" / "r" / "checkpoint" / "round-000002" / "params.safetensors")
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a), [k for k in a if not a[k].equal(b[k])][:3]
+    lines = [json.loads(x) for x in (tmp_path / "resumed" / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [sorted(n["absent_share"] > 0 for n in r["nodes"].values()) for r in lines] == [[True, True]] * 2
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "resumed" / "r" / "model")
+    experts = model.model.layers[0].mlp.experts
+    assert model.config.num_experts == 4 and experts.gate_up_proj.shape[0] == 4
+    assert experts.down_proj.abs().sum(dim=(1, 2)).gt(0).all()  # every expert exported, absent nowhere
