@@ -27,6 +27,7 @@ LABELS = {
     "diloco_topk2": "DiLoCo top-k 2-bit",
     "spes_owned": "SPES owned only",
     "spes_owned2": "SPES owned+2",
+    "spes_fragments4": "SPES 4 fragments",
 }
 RATIO_ORDER = (
     "mem_spes_over_diloco",
@@ -44,6 +45,7 @@ RATIO_ORDER = (
     "mem_resident_owned2_over_spes",
     "bytes_resident_owned2_over_spes",
     "loss_resident_owned2_over_spes",
+    "peak_bytes_streaming_over_spes",
 )
 
 # ratio -> (numerator, denominator): dotted paths into results.json.
@@ -66,6 +68,11 @@ RATIO_SOURCES = {
         "methods.diloco.bytes_steady_per_round_node",
     ),
     "loss_spes_topk_over_spes_fp32": ("methods.spes_topk2.final_val_loss", "methods.spes.final_val_loss"),
+    # The largest exchange of a node after round 1: 4 streamed fragments / the whole model (issue 26).
+    "peak_bytes_streaming_over_spes": (
+        "methods.spes_fragments4.bytes_peak_round_node",
+        "methods.spes.bytes_peak_round_node",
+    ),
     # Partial residency (issue 25), each against plain SPES: peak memory of a node (bench.memory),
     # steady bytes per node and round, final held-out loss.
     **{

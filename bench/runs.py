@@ -43,6 +43,9 @@ VARIANT_METHODS = {
     # Partial residency (issue 25): a node holds only its experts, or those and 2 more per layer.
     "spes_owned": ["strategy=spes", "strategy.residency=owned"],
     "spes_owned2": ["strategy=spes", "strategy.residency=owned+2"],
+    # Streaming fragments (issue 26, Streaming DiLoCo without the overlap): one of 4 layer
+    # fragments synced a round, so each fragment every 4 rounds.
+    "spes_fragments4": ["strategy=spes", "strategy.delta_sync=true", "strategy.fragments=4"],
 }
 
 
@@ -212,6 +215,7 @@ def method_entry(run_dir: Path, owned: int | None, base: Path, analytic: bool = 
     }
     if owned is not None:
         entry.update(bytes_entry(summary, metrics, owned, analytic))
+        entry["bytes_peak_round_node"] = traffic_per_node(metrics)["bytes_peak_round_node"]
         entry["bytes_per_round_node"] = [
             sum(n["bytes_up"] + n["bytes_down"] for n in r.nodes.values()) / len(r.nodes) for r in metrics
         ]

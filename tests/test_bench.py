@@ -23,6 +23,7 @@ from bench.runs import VARIANT_METHODS, absolute_paths, merge_overrides
 
 SMALL = [
     *MICRO_MODEL,
+    "model.num_layers=4",  # the streaming row syncs 4 layer fragments
     "model.num_experts=8",
     "nodes=2",
     "rounds=2",
@@ -115,6 +116,7 @@ def test_ratios_are_the_ratios_of_the_measured_values(bench):
         "bytes_spes_topk_over_diloco_fp32",
         "loss_spes_topk_over_spes_fp32",
         *(f"{w}_resident_{a}_over_spes" for w in ("mem", "bytes", "loss") for a in ("owned", "owned2")),
+        "peak_bytes_streaming_over_spes",
     }
     m, mem, over = res["methods"], res["memory"], res["overhead"]
     expected = {
@@ -130,8 +132,13 @@ def test_ratios_are_the_ratios_of_the_measured_values(bench):
         "mem_resident_owned_over_spes": mem["spes_owned"]["peak_rss_mb"] / mem["spes"]["peak_rss_mb"],
         "bytes_resident_owned2_over_spes": steady(m["spes_owned2"]) / steady(m["spes"]),
         "loss_resident_owned_over_spes": m["spes_owned"]["final_val_loss"] / m["spes"]["final_val_loss"],
+        "peak_bytes_streaming_over_spes": m["spes_fragments4"]["bytes_peak_round_node"]
+        / m["spes"]["bytes_peak_round_node"],
     }
     assert steady(m["spes_owned"]) < steady(m["spes_owned2"]) < steady(m["spes"])  # fewer experts come down
+    # Round 2 syncs one of 4 layer fragments (layer 1: no embeddings, no head) where SPES sends
+    # the whole model down after round 1's merge.
+    assert 0 < m["spes_fragments4"]["bytes_peak_round_node"] < 0.5 * m["spes"]["bytes_peak_round_node"]
     for key, value in expected.items():
         assert res["ratios"][key] == pytest.approx(value, rel=1e-12), key
         num, den = res["ratio_sources"][key]
@@ -216,11 +223,11 @@ def test_memory_measured_in_fresh_processes_with_floor(bench):
         assert r["analytic_floor_mb"] == pytest.approx(4 * (r["held_params"] + 3 * r["trainable_params"]) / 2**20)
     assert mem["spes"]["trainable_params"] < mem["diloco"]["trainable_params"] == mem["diloco"]["total_params"]
     # Partial residency: node 0 holds its 4 of 8 experts (and 2 more per layer); one expert is
-    # 3 x 64 x 32 weights (SwiGLU), in each of 2 layers; it trains what a SPES node trains.
+    # 3 x 64 x 32 weights (SwiGLU), in each of 4 layers; it trains what a SPES node trains.
     expert, total = 3 * 64 * 32, mem["spes"]["total_params"]
     assert mem["spes"]["held_params"] == total
-    assert mem["spes_owned"]["held_params"] == total - 4 * 2 * expert
-    assert mem["spes_owned2"]["held_params"] == total - 2 * 2 * expert
+    assert mem["spes_owned"]["held_params"] == total - 4 * 4 * expert
+    assert mem["spes_owned2"]["held_params"] == total - 2 * 4 * expert
     assert (
         mem["spes_owned"]["trainable_params"]
         == mem["spes_owned2"]["trainable_params"]
