@@ -15,6 +15,7 @@ import functools
 import logging
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,9 +25,10 @@ import torch
 from tqdm import tqdm
 
 from client_app import background_save, resident
+from client_app.delta_sync import delta_reply, fragment_globals, fragment_mixer
 from client_app.node_state import NodeState, optimizer_tensors, restore_optimizer, saved_steps
 from common.checks import all_finite
-from common.codec import apply_delta, decode_delta, decode_sync, encode_delta
+from common.codec import apply_delta, decode_sync
 from common.spec import RunSpec
 from data import BatchStream, node_shard, prepare_blocks
 from model import build_model, expert_param_names
@@ -201,26 +203,6 @@ def _delta_start(
     return base, saved
 
 
-def _delta_reply(
-    ctx: NodeContext,
-    trained: dict[str, torch.Tensor],
-    base: dict[str, torch.Tensor],
-    saved: NodeState | None,
-    owned_names: list[str],
-) -> tuple[dict[str, np.ndarray], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(uplink arrays, new residual, decoded differences of the owned experts)."""
-    cfg = ctx.spec.strategy
-    diff = {n: t - base[n] for n, t in trained.items()}
-    if cfg.error_feedback and saved is not None:
-        for n, r in saved.residual.items():
-            if n in diff and r.shape == diff[n].shape:
-                diff[n] = diff[n] + (r if cfg.error_decay == 1 else cfg.error_decay * r)
-    arrays = encode_delta(diff, cfg.uplink)
-    sent = decode_delta(arrays, {n: base[n] for n in diff}, cfg.uplink)
-    residual = {n: diff[n] - sent[n] for n in diff} if cfg.error_feedback else {}
-    return arrays, residual, {n: sent[n] for n in owned_names}
-
-
 @dataclass(frozen=True)
 class RoundOrder:
     """What the coordinator asked of this node for one round."""
@@ -244,6 +226,9 @@ class _Start:
     tensors: dict[str, torch.Tensor]
     saved: NodeState | None
     base: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # delta sync: the node's copy
+    # Streaming fragments' overlap: the global values of the fragment synced last round, mixed in
+    # after strategy.fragment_overlap steps (until then the node trains on from its own).
+    delayed: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
 
 def run_local_round(
@@ -279,7 +264,8 @@ def run_local_round(
     stream = BatchStream(shard, train_cfg.batch_size, seed=spec.seed * 7919 + ctx.partition_id)
     if start.saved is not None:
         stream.load_state_dict(start.saved.stream)
-    metrics = _train(ctx, model, optimizer, stream, order, device, show_progress and not (ranks and ranks.rank))
+    mix = fragment_mixer(ctx.spec.strategy, named, start.delayed)
+    metrics = _train(ctx, model, optimizer, stream, order, device, show_progress and not (ranks and ranks.rank), mix)
     out, new_state = _reply(ctx, model, plain, named, optimizer, stream, order, start)
     if ranks is None or ranks.rank == 0:  # rank 0 saves the node's state, gathered
         if train_cfg.save_in_background:
@@ -326,11 +312,13 @@ def _start(
     """This round's tensors: what arrived, plus from the saved state what a sparse downlink left out."""
     if order.delta is not None:
         base, saved = _delta_start(ctx, order.delta, template, order.full_model, order.start_step, state_root, kept)
-        tensors = dict(base)
+        tensors, delayed = dict(base), {}
         if saved is not None and saved.global_step == order.start_step:
-            # Streaming fragments: what the node trained but did not send goes on from its own value.
+            # Streaming fragments: what the node trained but did not send goes on from its own value
+            # (with an overlap, so does what it sent, until the global value is mixed in).
             tensors.update({n: t for n, t in saved.local.items() if n in tensors})
-        return _Start(tensors, saved, base)
+            delayed = fragment_globals(ctx.spec.strategy, order.fragment, saved.local, base)
+        return _Start(tensors, saved, base, delayed)
     saved = _saved(state_root, order.start_step, kept)
     tensors = dict(received)
     if not order.full_model:
@@ -396,6 +384,7 @@ def _train(
     order: RoundOrder,
     device: torch.device,
     show_progress: bool,
+    after_step: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
     spec = ctx.spec
     bar = tqdm(
@@ -420,6 +409,7 @@ def _train(
         bar,
         global_load=order.global_load,
         ranks=parallel.current(),
+        after_step=after_step,
     )
     bar.close()
     metrics["trainable-params"] = float(sum(p.numel() for p in model.parameters() if p.requires_grad))
@@ -457,14 +447,16 @@ def _reply(
     }
     if order.delta is None:
         return reply, NodeState(**common, owned_tensors={n: reply[n] for n in owned_names})
-    local = {}
+    local, unsent = {}, set()
     if order.fragment is not None:
         sent = set(fragment_names(reply, order.fragment, ctx.spec.strategy.fragments))
-        local = {n: t for n, t in reply.items() if n not in sent}
+        unsent = set(reply) - sent
+        # With an overlap the node also trains on from what it sent, until its global value comes.
+        local = {n: t for n, t in reply.items() if n in unsent or ctx.spec.strategy.fragment_overlap}
         reply, owned_names = {n: reply[n] for n in sent}, [n for n in owned_names if n in sent]
-    out, residual, own_delta = _delta_reply(ctx, reply, start.base, start.saved, owned_names)
+    out, residual, own_delta = delta_reply(ctx.spec.strategy, reply, start.base, start.saved, owned_names)
     if start.saved is not None:  # the residual of what was not sent waits for its fragment's turn
-        residual = {**{n: r for n, r in start.saved.residual.items() if n in local}, **residual}
+        residual = {**{n: r for n, r in start.saved.residual.items() if n in unsent}, **residual}
     return out, NodeState(**common, base=start.base, residual=residual, own_delta=own_delta, local=local)
 
 

@@ -100,7 +100,7 @@ def _hardware(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 def _residency(cfg: Mapping[str, Any]) -> str | None:
     """node-config residency (all, owned, owned+<k>): a node smaller than the model asks to hold less."""
-    from common.spec import RESIDENCY
+    from common.strategy_checks import RESIDENCY
 
     value = cfg.get("residency")
     if value is None:

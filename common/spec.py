@@ -9,20 +9,19 @@ nothing in the spec names a path that a node would open.
 from __future__ import annotations
 
 import json
-import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from common.codec import CODECS, Codec
+from common.codec import Codec
 from common.errors import ConfigError
+from common.strategy_checks import finite as _finite
+from common.strategy_checks import layout_checks, sync_checks
+from common.strategy_checks import whole as _whole
 from common.train_config import TrainConfig
 from data.pipeline import DataConfig
 from model.args import MoEArgs
 
-RESIDENCY = re.compile(r"^(all|owned|owned\+[1-9]\d*)$")  # strategy/residency.py
-ABSENT_POLICIES = ("skip", "mask")  # model/experts.py ABSENT_POLICIES
 TOP_LEVEL = {"run_name", "output_dir", "seed", "nodes", "rounds", "init_from", "resume", "deterministic", "engine"}
 ENGINES = ("flower", "inprocess")
 SECTIONS = {"model", "data", "train", "strategy", "eval", "logging"}
@@ -47,14 +46,6 @@ def _check_fields(section: str, cls: type, d: Mapping[str, Any]) -> None:
     unknown = sorted(set(d) - known)
     if unknown:
         raise ValueError(f"{section}: unknown key(s) {unknown}; known keys are {sorted(known)}")
-
-
-def _whole(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -185,6 +176,11 @@ class StrategyConfig:
     # fragments strided over the layers and syncs one per round, in turn (needs delta_sync); each
     # fragment is then synced every `fragments` rounds, so set local_steps to H / fragments.
     fragments: int = 1
+    # Streaming DiLoCo's overlap: a node applies a synced fragment's global value only after this
+    # many inner steps of the next round, mixed as fragment_mix x its own + (1 - fragment_mix) x
+    # global (0 = at once, replaced); the exchange can then hide behind those steps.
+    fragment_overlap: int = 0
+    fragment_mix: float = 0.5
     # Partial residency: "all" (plain SPES), "owned" (a node holds, and is sent, only the experts it
     # trains) or "owned+k" (and per layer the k others its tokens use most); a pick of an absent
     # expert is dropped ("skip") or routed around ("mask").
@@ -218,7 +214,12 @@ class StrategyConfig:
             )
         self.merge.validate(num_experts)
         self.guard.validate()
-        for ok, message in (*self._round_checks(num_nodes), *self._ownership_checks(), *self._codec_checks()):
+        for ok, message in (
+            *self._round_checks(num_nodes),
+            *self._ownership_checks(),
+            *sync_checks(self),
+            *layout_checks(self),
+        ):
             if not ok:
                 raise ValueError(message)
 
@@ -291,59 +292,6 @@ class StrategyConfig:
             (
                 _finite(self.assignment_tolerance) and self.assignment_tolerance >= 0,
                 f"strategy.assignment_tolerance must be >= 0, got {self.assignment_tolerance}",
-            ),
-        ]
-
-    def _codec_checks(self) -> list[tuple[bool, str]]:
-        """(holds, message) of delta sync and its codecs."""
-        return [
-            (
-                self.uplink_codec in CODECS,
-                f"strategy.uplink_codec must be one of {list(CODECS)}, got {self.uplink_codec!r}",
-            ),
-            (
-                self.downlink_codec in CODECS,
-                f"strategy.downlink_codec must be one of {list(CODECS)}, got {self.downlink_codec!r}",
-            ),
-            (
-                self.delta_sync or (self.uplink_codec, self.downlink_codec) == ("fp32", "fp32"),
-                "strategy.uplink_codec/downlink_codec other than fp32 need strategy.delta_sync=true",
-            ),
-            (
-                _whole(self.int8_block) and self.int8_block >= 0,
-                f"strategy.int8_block must be an integer >= 0 (0 = per row), got {self.int8_block!r}",
-            ),
-            (
-                _whole(self.topk_chunk) and self.topk_chunk >= 1,
-                f"strategy.topk_chunk must be an integer >= 1, got {self.topk_chunk!r}",
-            ),
-            (
-                _finite(self.topk_fraction) and 0 < self.topk_fraction <= 1,
-                f"strategy.topk_fraction must be in (0, 1], got {self.topk_fraction}",
-            ),
-            (
-                _whole(self.fragments) and self.fragments >= 1,
-                f"strategy.fragments must be an integer >= 1 (1 = sync everything every round), got {self.fragments!r}",
-            ),
-            (
-                isinstance(self.residency, str) and RESIDENCY.match(self.residency) is not None,
-                f"strategy.residency must be all, owned or owned+<k> (k >= 1), got {self.residency!r}",
-            ),
-            (
-                self.absent_policy in ABSENT_POLICIES,
-                f"strategy.absent_policy must be one of {list(ABSENT_POLICIES)}, got {self.absent_policy!r}",
-            ),
-            (
-                self.fragments == 1 or self.delta_sync,
-                "strategy.fragments > 1 needs strategy.delta_sync=true (nodes keep what they did not send)",
-            ),
-            (
-                _finite(self.error_decay) and 0 <= self.error_decay <= 1,
-                f"strategy.error_decay must be in [0, 1], got {self.error_decay}",
-            ),
-            (
-                _finite(self.router_bias_rate) and 0 <= self.router_bias_rate <= 1,
-                f"strategy.router_bias_rate must be in [0, 1], got {self.router_bias_rate}",
             ),
         ]
 

@@ -19,7 +19,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from common import keys
-from common.spec import RESIDENCY
+from common.strategy_checks import RESIDENCY
 from strategy.spes import SpesStrategy
 
 log = logging.getLogger("spes.server")

@@ -136,3 +136,77 @@ def test_each_round_sends_and_moves_only_its_fragment_and_copies_stay_equal(tmp_
 def test_bad_fragment_settings_are_refused_before_training(overrides, message):
     with pytest.raises(ValueError, match=message):
         from_dict(compose([*BASE, *overrides]))
+
+
+def test_fragment_overlap_mixes_the_last_fragment_in_after_its_steps():
+    """Hand values: fragment 1 of 2 is this round's, so fragment 0 (layer 0) came back last round;
+    after 2 steps it becomes 0.25 x own + 0.75 x global, and nothing else moves."""
+    from client_app.delta_sync import fragment_globals, fragment_mixer
+
+    cfg = from_dict(
+        compose(
+            [
+                *BASE,
+                "strategy.local_steps=3",
+                "strategy.fragments=2",
+                "strategy.fragment_overlap=2",
+                "strategy.fragment_mix=0.25",
+            ]
+        )
+    )
+    cfg = cfg.strategy
+    layer0, layer1 = "model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.q_proj.weight"
+    local = {layer0: torch.tensor([4.0, 8.0]), layer1: torch.tensor([1.0, 1.0])}
+    base = {layer0: torch.tensor([0.0, 4.0]), layer1: torch.tensor([9.0, 9.0])}
+    delayed = fragment_globals(cfg, 1, local, base)
+    assert list(delayed) == [layer0] and torch.equal(delayed[layer0], base[layer0])
+    named = {n: torch.nn.Parameter(t.clone()) for n, t in local.items()}
+    mix = fragment_mixer(cfg, named, delayed)
+    mix(1)
+    assert torch.equal(named[layer0], local[layer0])  # not yet
+    mix(2)
+    assert torch.equal(named[layer0].detach(), torch.tensor([1.0, 5.0]))  # 0.25 x (4, 8) + 0.75 x (0, 4)
+    assert torch.equal(named[layer1].detach(), local[layer1])
+    no_overlap = from_dict(compose([*BASE, "strategy.fragments=2"])).strategy
+    assert fragment_globals(no_overlap, 1, local, base) == {} and fragment_mixer(no_overlap, named, {}) is None
+
+
+def test_an_overlap_that_keeps_the_nodes_own_values_trains_as_without_one(tmp_path, flower_task):
+    """A lone node: the global value of a fragment is its own value at the sync. Keeping its own
+    (fragment_mix=1) after the overlap trains exactly as taking the global at once; taking the
+    global after a step of its own (fragment_mix=0) drops that step for the fragment."""
+    runs = {}
+    for name, extra in (
+        ("now", []),
+        ("keep", ["strategy.fragment_overlap=1", "strategy.fragment_mix=1.0"]),
+        ("global", ["strategy.fragment_overlap=1", "strategy.fragment_mix=0.0"]),
+    ):
+        s, (ctx,) = _run(tmp_path / name, 1, 3, ["strategy.fragments=2", *extra])
+        for rnd in (1, 2, 3):
+            play_round(s, rnd, [ctx])
+            assert s.history[-1].applied
+        runs[name] = (s.params, _state(ctx))
+    names = list(runs["now"][0])
+    moved = sum(float(t.norm() ** 2) for t in runs["now"][0].values()) ** 0.5
+
+    def gap(a, b):
+        return sum(float((a[n] - b[n]).norm() ** 2) for n in names) ** 0.5 / moved
+
+    assert gap(runs["keep"][0], runs["now"][0]) < 1e-6
+    assert gap(runs["global"][0], runs["now"][0]) > 1e-4
+    # With the overlap the node keeps its own value of what it sent too (fragment 0 in round 3).
+    keep, now = runs["keep"][1].local, runs["now"][1].local
+    assert set(now) < set(keep) and set(keep) - set(now) <= set(fragment_names(names, 0, 2))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["strategy.fragment_overlap=1"], r"fragment_overlap > 0 needs strategy.fragments > 1"),
+        (["strategy.fragments=2", "strategy.fragment_overlap=2"], r"fragment_overlap must be an integer in \[0, local"),
+        (["strategy.fragments=2", "strategy.fragment_mix=1.5"], r"strategy.fragment_mix must be in \[0, 1\]"),
+    ],
+)
+def test_bad_overlap_settings_are_refused_before_training(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        from_dict(compose([*BASE, *overrides]))

@@ -82,7 +82,7 @@ def _ctx(codec: str, decay: float = 1.0) -> NodeContext:
 @pytest.mark.parametrize("codec", ["topk2", "topk4"])
 def test_error_feedback_sends_every_difference_eventually(codec):
     """Over rounds, what was sent plus the residual left equals the sum of the differences."""
-    from client_app.local_round import _delta_reply
+    from client_app.delta_sync import delta_reply
 
     ctx = _ctx(codec)
     g = torch.Generator().manual_seed(0)
@@ -90,7 +90,7 @@ def test_error_feedback_sends_every_difference_eventually(codec):
     saved, total_sent, total_diff = None, torch.zeros(6, 50), torch.zeros(6, 50)
     for _ in range(5):
         trained = {"w": base["w"] + 0.01 * torch.randn(6, 50, generator=g)}
-        arrays, residual, _ = _delta_reply(ctx, trained, base, saved, [])
+        arrays, residual, _ = delta_reply(ctx.spec.strategy, trained, base, saved, [])
         total_sent += decode_delta(arrays, base, ctx.spec.strategy.uplink)["w"]
         total_diff += trained["w"] - base["w"]
         saved = NodeState(residual=residual)
@@ -99,14 +99,14 @@ def test_error_feedback_sends_every_difference_eventually(codec):
 
 
 def test_error_decay_scales_the_residual_before_it_is_added():
-    from client_app.local_round import _delta_reply
+    from client_app.delta_sync import delta_reply
 
     ctx = _ctx("topk4", decay=0.5)
     base = {"w": torch.zeros(64)}
     trained = {"w": torch.zeros(64)}
     residual = torch.zeros(64)
     residual[7], residual[9] = 8.0, 1.0  # k = ceil(0.05 * 64) = 4: both kept; m = 4 after the decay
-    arrays, left, _ = _delta_reply(ctx, trained, base, NodeState(residual={"w": residual}), [])
+    arrays, left, _ = delta_reply(ctx.spec.strategy, trained, base, NodeState(residual={"w": residual}), [])
     sent = decode_delta(arrays, base, ctx.spec.strategy.uplink)["w"]
     # 4 -> q = 15 -> (15.5/8 - 1) * 4 = 3.75; 0.5 -> floor(1.125 * 8) = 9 -> (9.5/8 - 1) * 4 = 0.75
     assert (sent[7].item(), sent[9].item()) == (3.75, 0.75)

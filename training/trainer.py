@@ -7,7 +7,7 @@ import importlib
 import math
 import resource
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -156,8 +156,12 @@ def train_steps(
     progress: Any = None,
     global_load: torch.Tensor | None = None,
     ranks: parallel.Ranks | None = None,
+    after_step: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
     """Run `steps` optimizer steps; returns mean losses, tokens, throughput, peak memory, expert load.
+
+    `after_step(n)` is called after the n-th update of this call (streaming fragments' overlap
+    replaces parameter values there).
 
     `global_load` ([layers, experts]): the federation's expert load last round, for the
     balancing loss when cfg.balance_global_weight > 0. `ranks`: this process trains its share of
@@ -219,6 +223,8 @@ def train_steps(
             )
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if after_step is not None:
+            after_step(i + 1)
         for key, value in zip(sums, values):
             sums[key] += value
         if parts.expert_counts is not None:
