@@ -154,6 +154,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--latency-ms", type=float, default=50.0, help="one-way latency of each link")
     p.add_argument("--step-1b-s", type=float, default=0.44, help="seconds per 1b step when gpu.json has none")
     p.add_argument("--nodes", type=int, default=4)
+    p.add_argument("--fragments", type=int, default=4, help="streaming fragments of the clock table")
+    p.add_argument("--overlap-steps", type=int, default=5, help="steps each fragment's exchange may hide behind")
     a = p.parse_args(argv)
     parity = json.loads(Path(a.parity).read_text())
     results = json.loads((ROOT / "benchmarks" / "results.json").read_text())
@@ -180,11 +182,27 @@ def main(argv: list[str]) -> int:
         "nodes": a.nodes,
         "parity": str(Path(a.parity).name),
     }
+    out["streaming"] = streaming_rows(step_s, a.latency_ms / 1e3, a.nodes, a.fragments, a.overlap_steps)
     write_json_atomic(ROOT / "benchmarks" / "wan.json", out)
     from bench.wan_report import write_wan_page
 
     print(f"[wan] {write_wan_page(out, ROOT / 'docs')}")
     return 0
+
+
+def streaming_rows(step_s: dict[str, float], latency_s: float, nodes: int, fragments: int, overlap: int) -> dict:
+    """bench/wan_streaming.py's clock per preset and link: seconds per H steps, peak exchange."""
+    from bench.wan_streaming import fragment_exchange_bytes, streaming_clock
+
+    rows = {}
+    for preset in PRESETS:
+        b = preset_bytes(preset, nodes)
+        exchanges = fragment_exchange_bytes(preset, fragments, nodes)
+        for link, bps in LINKS_BPS.items():
+            rows[f"{preset} | {link}"] = streaming_clock(
+                exchanges, b["spes_up"] + b["spes_down"], step_s[preset], bps, latency_s, H_AT_SCALE, overlap
+            )
+    return {"fragments": fragments, "overlap_steps": overlap, "H": H_AT_SCALE, "rows": rows}
 
 
 def gpu_step_seconds(path: Path) -> dict[str, float]:

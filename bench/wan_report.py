@@ -91,10 +91,38 @@ def write_wan_page(out: dict, docs: Path) -> Path:
                 + " |"
             )
     png = _plot(out, docs / "wan.png")
-    md += ["", f"![hours to target]({png.name})", ""]
+    md += ["", f"![hours to target]({png.name})", "", *_streaming_lines(out.get("streaming"), presets, links)]
     page = docs / "wan.md"
     page.write_text("\n".join(md))
     return page
+
+
+def _streaming_lines(st: dict | None, presets: list[str], links: list[str]) -> list[str]:
+    """The clock of streaming fragments with and without the overlap (bench/wan_streaming.py)."""
+    if not st:
+        return []
+    f, tau, h = st["fragments"], st["overlap_steps"], st["H"]
+    header = f"| preset | link | SPES (s) | fragments (s) | + overlap {tau} (s) | + overlap {h // f - 1} (s) |"
+    header += " peak exchange / SPES |"
+    md = [
+        "## Streaming fragments: the clock (issue 26)",
+        "",
+        f"Seconds per {h} steps of a SPES node: syncing everything after {h} steps; {f} layer fragments,",
+        f"one synced after each {h // f} steps, the node waiting for each exchange; the same with each",
+        f"exchange overlapping the next {tau} steps (Streaming DiLoCo's overlap, `strategy.fragment_overlap`).",
+        "Fragment bytes are counted from the preset's parameters (bench/wan_streaming.py); the loss these",
+        "schedules cost is the streaming study's (docs/studies.md), not part of this clock.",
+        "",
+        header,
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for preset, link in ((p, k) for p in presets for k in links):  # (the JSON's keys are sorted)
+        r = st["rows"][f"{preset} | {link}"]
+        md.append(
+            f"| {preset} | {link} | {r['spes_s']:.1f} | {r['fragments_s']:.1f} | {r['overlap_s']:.1f} | "
+            f"{r['overlap_max_s']:.1f} | {r['peak_over_spes']:.3f} |"
+        )
+    return [*md, ""]
 
 
 def _plot(out: dict, path: Path) -> Path:

@@ -257,6 +257,18 @@ def test_wan_model_scales_a_codecs_bytes_and_syncs_by_its_measured_ratios():
     assert got == {"round_s": pytest.approx(per), "comm_share": pytest.approx(comm / per), "hours": 10 * per / 3600}
 
 
+def test_streaming_clock_waits_only_for_what_the_overlap_does_not_hide():
+    from bench.wan_streaming import streaming_clock
+
+    # 4 fragments of 2, 1, 1, 4 GB (8 GB in all) at 1 Gbit/s (8 s per GB), no latency, 0.5 s steps, H = 100.
+    got = streaming_clock([2e9, 1e9, 1e9, 4e9], 8e9, 0.5, 1e9, 0.0, 100, 5)
+    assert got["spes_s"] == pytest.approx(50 + 64)  # 100 steps, then 64 s of bytes
+    assert got["fragments_s"] == pytest.approx(50 + 16 + 8 + 8 + 32)  # the same bytes, in four waits
+    assert got["overlap_s"] == pytest.approx(50 + 13.5 + 5.5 + 5.5 + 29.5)  # each hides 5 x 0.5 s
+    assert got["overlap_max_s"] == pytest.approx(50 + 4 + 0 + 0 + 20)  # each hides 24 x 0.5 s at most
+    assert got["peak_over_spes"] == 0.5 and got["steps_per_round"] == 25
+
+
 def test_traffic_per_node_is_the_steady_mean_and_the_largest_exchange_after_round_1():
     from bench.runs import traffic_per_node
     from strategy.round_record import RoundRecord
