@@ -51,6 +51,15 @@ class Residency:
             self.asks[pid] = extra_experts(residency)
         self.held.pop(pid, None)
 
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps: the sets chosen (asks come again with the nodes' setup)."""
+        return {"held": {str(p): layers for p, layers in self.held.items()}}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.held = {
+            int(p): [sorted(int(e) for e in row) for row in layers] for p, layers in state.get("held", {}).items()
+        }
+
     def _extra(self, pid: int) -> int | None:
         return self.asks.get(pid, self.extra)
 

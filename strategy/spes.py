@@ -439,6 +439,7 @@ class SpesStrategy(FederatedEvaluation, Strategy):
             "events": self.events,
             "guard_losses": self.guard_losses,
             "config": asdict(self.cfg),
+            "residency": self.residency.state_dict(),
             **self.balance.state_dict(),
             **({} if self.sync is None else {"downlink": self.sync.state_dict()}),
         }
@@ -461,6 +462,7 @@ class SpesStrategy(FederatedEvaluation, Strategy):
         self.events = list(state.get("events", []))
         self.guard_losses = [float(x) for x in state.get("guard_losses", [])]
         self.balance.load_state_dict(state)
+        self.residency.load_state_dict(state.get("residency", {}))
         self.membership.load_state_dict(state["members"])
         self.owners = {
             int(p): tuple(int(e) for e in experts)

@@ -4,6 +4,7 @@ import contextlib
 import io
 import json
 
+import pytest
 from micro import MICRO_MODEL
 
 from engine.simulate import simulate
@@ -76,14 +77,17 @@ def test_the_coordinator_moves_an_earlier_run_aside_instead_of_failing(tmp_path)
     assert "resumes" not in json.loads((tmp_path / "r" / "run.json").read_text())  # a new run, not a resume
 
 
-def test_a_resumed_run_with_partial_residency_ends_where_an_uninterrupted_one_does(tmp_path):
-    """With strategy.residency=owned the nodes hold only their experts; a resume chooses the same
-    sets again and resyncs the nodes, so round 2 moves the global model as without the stop; the
-    exported model (every expert) loads in stock transformers."""
+@pytest.mark.parametrize("residency", ["owned", "owned+1"])
+def test_a_resumed_run_with_partial_residency_ends_where_an_uninterrupted_one_does(tmp_path, residency):
+    """With partial residency the nodes hold only some experts; the checkpoint keeps the sets
+    chosen (owned+1 in round 1: the lowest other id, kept for 100 rounds) and a resume resyncs
+    the nodes, so round 2 moves the global model as without the stop; the exported model (every
+    expert) loads in stock transformers."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    owned = [*BASE, "strategy.residency=owned", "strategy.delta_sync=true", "deterministic=true"]
+    owned = [*BASE, f"strategy.residency={residency}", "strategy.assignment_every=100", "deterministic=true"]
+    owned.append("strategy.delta_sync=true")
     assert _sim([*owned, "rounds=2", f"output_dir={tmp_path / 'straight'}"])[0] == 0
     resumed = f"output_dir={tmp_path / 'resumed'}"
     assert _sim([*owned, "rounds=1", resumed])[0] == 0
