@@ -10,10 +10,12 @@ which version of every tensor it holds, so a node gets
   - the last move's arrays when it holds the version before,
   - the whole fp32 value otherwise (it missed rounds or lost its state: a resync, bit-exact).
 
-An expert with one owner whose new global value is exactly "shadow + the owner's decoded
-uplink" moves by relaying the owner's own arrays: the other nodes reach the global value
-bit-exactly, and the owner, who kept what it sent, applies it itself (`apply_own`), so its
-own experts never come back down.
+With the lossless fp32 downlink a move is the new value itself (as many bytes as its difference,
+without the float rounding of "shadow + difference", which would come back as one more move a
+round later). An expert with one owner whose new global value is exactly "shadow + the owner's
+decoded uplink" moves by relaying the owner's own arrays: the other nodes reach the global value
+bit-exactly, and the owner, who kept what it sent, applies it itself (`apply_own`), so its own
+experts never come back down.
 
 Nodes apply moves in the same float32 arithmetic as here (`common.codec.apply_delta`), so their copies are
 bit-equal to the shadow.
@@ -65,11 +67,14 @@ class VersionedDownlink:
             if torch.equal(target, current):
                 continue
             move = self._relay(name, current, target, single_owner(name))
-            if move is None:
-                arrays = dict(to_record(encode_delta({name: target - current}, self.downlink)))
-                move = Move(arrays, None)
-            _, delta = decode_sync(ArrayRecord(move.arrays), {name: current}, (self.downlink, self.uplink))
-            self.shadow[name] = apply_delta(current, delta[name])
+            if move is None and self.downlink.name == "fp32":
+                # Lossless: the value itself, the same bytes as its fp32 difference, and exact; a
+                # difference would leave float rounding behind, resent whole a round later.
+                move = Move({name: Array(target.detach().cpu().contiguous().numpy())}, None)
+            elif move is None:
+                move = Move(dict(to_record(encode_delta({name: target - current}, self.downlink))), None)
+            whole, delta = decode_sync(ArrayRecord(move.arrays), {name: current}, (self.downlink, self.uplink))
+            self.shadow[name] = whole[name] if name in whole else apply_delta(current, delta[name])
             self.version[name] += 1
             self.moves[name] = move
 

@@ -258,14 +258,30 @@ def test_versioned_downlink_sends_each_node_what_it_lacks(flower_task):
     assert vd.moves["e"].relayed_from == 1 and vd.moves["a"].relayed_from is None
     # Node 1 holds e as it sent it: only a's move comes down, and it applies its own e itself.
     rec, base, apply_own = vd.message(1, full=False)
-    assert (set(rec), base, apply_own) == ({"a#fp32"}, 3, True)
+    assert (set(rec), base, apply_own) == ({"a"}, 3, True)  # fp32: the new value itself
     # Node 0 gets both moves (e as node 1's own arrays), and applies nothing by itself.
     rec, base, apply_own = vd.message(0, full=False)
-    assert (set(rec), base, apply_own) == ({"a#fp32", "e#fp32"}, 3, False)
+    assert (set(rec), base, apply_own) == ({"a", "e#fp32"}, 3, False)
     assert np.array_equal(rec["e#fp32"].numpy(), d.numpy())
     # Asked for a full copy, a node that holds everything still gets it whole.
     rec, base, _ = vd.message(0, full=True)
     assert base == -1 and set(rec) == {"a", "e"}
+
+
+def test_an_fp32_move_is_exact_so_an_unchanged_tensor_never_moves_again(flower_task):
+    """0.1 + (-2.9 - 3.3) != -2.9 in float32 (2.4e-7 off): a difference would leave that behind
+    and send the whole tensor again next round, though nothing changed."""
+    from common.codec import apply_delta
+    from strategy.versions import VersionedDownlink
+
+    current, target = torch.tensor([0.1, 3.3]), torch.tensor([0.7, -2.9])
+    assert not torch.equal(apply_delta(current, target - current), target)
+    vd = VersionedDownlink(Codec("fp32"), Codec("fp32"))
+    vd.refresh({"w": current}, lambda name: None)
+    vd.refresh({"w": target}, lambda name: None)
+    assert torch.equal(vd.shadow["w"], target) and vd.version == {"w": 1}
+    vd.refresh({"w": target.clone()}, lambda name: None)
+    assert vd.version == {"w": 1}  # no second move
 
 
 def test_versioned_downlink_resends_whole_what_a_node_fell_behind_on(flower_task):
@@ -285,7 +301,7 @@ def test_versioned_downlink_resends_whole_what_a_node_fell_behind_on(flower_task
     vd.refresh({"a": a, "e": torch.tensor([0.75, 0.0])}, owner)
     assert vd.version == {"a": 0, "e": 1} and vd.moves["e"].relayed_from is None
     rec, _, apply_own = vd.message(1, full=False)
-    assert set(rec) == {"e#fp32"} and not apply_own
+    assert set(rec) == {"e"} and not apply_own
     vd.message(0, full=False)
     vd.commit(0, False, 1)  # node 0's reply was invalid: its state is unknown
     assert vd.nodes[0].held == {} and vd.nodes[0].base_step == -1
@@ -335,34 +351,34 @@ def _reply_ctx(codec: str, error_feedback: bool, partition: int = 0) -> NodeCont
 def test_uplink_carries_the_difference_plus_last_rounds_residual_only_where_it_fits():
     """fp32 uplink (lossless): what is sent is trained - base + the saved residual of the same
     name and shape; a residual of a tensor not trained now, or of another shape, is dropped."""
-    from client_app.local_round import _delta_reply
+    from client_app.delta_sync import delta_reply
     from common.codec import decode_delta
 
     base = {"a": torch.tensor([1.0, 2.0]), "b": torch.tensor([0.5, 0.5, 0.5])}
     trained = {"a": torch.tensor([1.5, 1.0]), "b": torch.tensor([1.0, 0.0, 0.5])}
     saved = NodeState(residual={"a": torch.tensor([0.25, 0.25]), "b": torch.zeros(2), "gone": torch.ones(3)})
     ctx = _reply_ctx("fp32", True)
-    arrays, residual, own = _delta_reply(ctx, trained, base, saved, ["b"])
+    arrays, residual, own = delta_reply(ctx.spec.strategy, trained, base, saved, ["b"])
     sent = decode_delta(arrays, base, ctx.spec.strategy.uplink)
     assert sent["a"].tolist() == [0.75, -0.75]  # 0.5 + 0.25, -1.0 + 0.25
     assert sent["b"].tolist() == [0.5, -0.5, 0.0]  # its residual had another shape: dropped
     assert set(residual) == {"a", "b"} and all(not r.any() for r in residual.values())  # lossless: none left
     assert set(own) == {"b"} and own["b"].tolist() == [0.5, -0.5, 0.0]
     off_ctx = _reply_ctx("fp32", False)
-    arrays_off, off, _ = _delta_reply(off_ctx, trained, base, saved, [])
+    arrays_off, off, _ = delta_reply(off_ctx.spec.strategy, trained, base, saved, [])
     assert off == {}  # error feedback off: no residual kept ...
     assert decode_delta(arrays_off, base, off_ctx.spec.strategy.uplink)["a"].tolist() == [0.5, -1.0]  # ... none added
 
 
 def test_int8_uplink_residual_is_what_quantisation_left_out():
-    from client_app.local_round import _delta_reply
+    from client_app.delta_sync import delta_reply
     from common.codec import decode_delta
 
     torch.manual_seed(0)
     base = {"w": torch.randn(4, 64)}
     trained = {"w": base["w"] + 0.01 * torch.randn(4, 64)}
     ctx = _reply_ctx("int8", True)
-    arrays, residual, own = _delta_reply(ctx, trained, base, None, ["w"])
+    arrays, residual, own = delta_reply(ctx.spec.strategy, trained, base, None, ["w"])
     sent = decode_delta(arrays, base, ctx.spec.strategy.uplink)["w"]
     diff = trained["w"] - base["w"]
     assert not torch.equal(sent, diff)  # int8 is lossy here
