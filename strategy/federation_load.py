@@ -91,12 +91,18 @@ class FederationLoad:
 def robust_load(reports: Sequence[tuple[Any, float]]) -> list[list[float]] | None:
     """The federation's per-layer load from (load[L][E], tokens) reports: the coordinate-wise median of
     the reports with tokens (rows renormalised to sum to 1) when there are MEDIAN_FROM or more, else
-    their token-weighted mean; None without any."""
+    their token-weighted mean; None without any. NaN marks an expert the node does not hold
+    (partial residency): left out of that expert's median, 0 in the mean."""
     reports = [(load, w) for load, w in reports if load and w > 0]
     if len(reports) < MEDIAN_FROM:
-        return global_load(reports)
+        return global_load(
+            [(torch.tensor(load, dtype=torch.float64).nan_to_num(0.0).tolist(), w) for load, w in reports]
+        )
     stacked = torch.tensor([load for load, _ in reports], dtype=torch.float64)
-    median = stacked.quantile(0.5, dim=0)  # the midpoint of the middle two for an even count
+    # The midpoint of the middle two for an even count; over the nodes that hold the expert (an
+    # absent one is NaN: with `mask` residency the nodes' supports are disjoint and a median over
+    # every node would be 0 for every expert).
+    median = stacked.nanquantile(0.5, dim=0).nan_to_num(0.0)
     return (median / median.sum(dim=1, keepdim=True).clamp_min(1e-12)).tolist()
 
 

@@ -32,7 +32,7 @@ from strategy.federation_load import FederationLoad
 from strategy.load_aware import propose_owners
 from strategy.membership import Member, Membership
 from strategy.outer import OuterOptimizer
-from strategy.residency import Residency, absent_share, flat_mask, resident_names, without_experts
+from strategy.residency import Residency, absent_share, flat_mask, mark_absent, resident_names, without_experts
 from strategy.round_record import RoundRecord
 from strategy.validation import InvalidUpdate, validate_train_metrics, validate_update
 from strategy.versions import VersionedDownlink
@@ -288,7 +288,11 @@ class SpesStrategy(FederatedEvaluation, Strategy):
         self._update_membership(updates, alpha, applied)
         self._quarantine(quarantined)
         routing = self.balance.update(
-            [(nodes[p]["expert_load"], nodes[p]["num_tokens"]) for p in updates if "expert_load" in nodes[p]]
+            [
+                (mark_absent(nodes[p]["expert_load"], self._absent(p)), nodes[p]["num_tokens"])
+                for p in updates
+                if "expert_load" in nodes[p]
+            ]
         )
         self._reconsider_owners(nodes)
         record = RoundRecord.of_round(

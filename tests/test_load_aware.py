@@ -151,6 +151,24 @@ def test_one_node_of_three_cannot_move_the_federation_load():
     assert robust_load([]) is None
 
 
+def test_the_federation_load_of_nodes_that_hold_disjoint_experts_is_not_zero():
+    """`mask` residency: each node routes only to the experts it holds, so every expert has one
+    non-zero report and a median over all nodes is 0 everywhere. Absent experts are NaN in their
+    node's report and left out: each expert's median is its holder's share, renormalised."""
+    from strategy.residency import mark_absent
+
+    shares = [(0.75, 0.25), (0.5, 0.5), (1.0, 0.0), (0.25, 0.75)]  # node i holds experts 2i and 2i + 1
+    loads = [[[0.0] * 2 * i + list(pair) + [0.0] * (6 - 2 * i)] for i, pair in enumerate(shares)]
+    held = [[2 * i, 2 * i + 1] for i in range(4)]
+    assert robust_load([(load, 1.0) for load in loads])[0] == pytest.approx([0.0] * 8)  # the collapse
+    marked = [(mark_absent(load, [[e for e in range(8) if e not in h]]), 1.0) for load, h in zip(loads, held)]
+    # each expert's median is its one holder's share; they sum to 4 per layer, renormalised
+    want = [0.1875, 0.0625, 0.125, 0.125, 0.25, 0.0, 0.0625, 0.1875]
+    assert robust_load(marked)[0] == pytest.approx(want)
+    # fewer reports than the median needs: the token-weighted mean, an absent expert counting 0
+    assert robust_load(marked[:2])[0] == pytest.approx([0.375, 0.125, 0.25, 0.25, 0.0, 0.0, 0.0, 0.0])
+
+
 def test_the_router_bias_stays_within_its_limit():
     fed = FederationLoad(bias_rate=0.01)
     skewed = [([[0.9, 0.1]], 10.0)] * 3
