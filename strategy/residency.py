@@ -107,8 +107,8 @@ class Residency:
 def mark_absent(load: Sequence[Sequence[float]], absent: Layers | None) -> list[list[float]]:
     """A node's expert load with NaN where it holds no expert (strategy/federation_load.robust_load
     leaves those out of the federation's median)."""
-    gone = absent or [[] for _ in load]
-    return [[float("nan") if e in set(skip) else x for e, x in enumerate(row)] for row, skip in zip(load, gone)]
+    gone = [set(skip) for skip in absent] if absent else [set() for _ in load]
+    return [[float("nan") if e in skip else x for e, x in enumerate(row)] for row, skip in zip(load, gone)]
 
 
 def resident_names(names: Iterable[str], absent: Layers | None) -> list[str]:
