@@ -102,7 +102,10 @@ def accept_round(
     alpha = cfg.merge.alpha(step) if cfg.merge.due(since, step) else 0.0
 
     candidate = _candidates(params, updates, trainers, outer, cfg, alpha, synced)
-    verdict = None if guard is None else _screen(candidate, guard, cfg, sorted(updates), clipping.suspects)
+    # With the overlap a node keeps `fragment_mix` of its own drift, and those offsets sum to about zero
+    # over the nodes, so an honest update points partly against the others': only clipping makes a suspect.
+    suspects = sorted(clipping.clipped) if cfg.fragment_overlap else clipping.suspects
+    verdict = None if guard is None else _screen(candidate, guard, cfg, sorted(updates), suspects)
     excluded = frozenset(verdict.excluded if verdict else ())
     outcome = Outcome(
         None,
