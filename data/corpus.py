@@ -9,6 +9,8 @@ sources give about two megabytes of real English, identical on machines with the
 from __future__ import annotations
 
 import ast
+import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -77,7 +79,8 @@ def _comment_blocks(source: str) -> list[str]:
     return blocks
 
 
-def _collect() -> list[str]:
+@functools.cache  # once per process: a coordinator and its in-process nodes would each parse ~1,100 files
+def _collect() -> tuple[str, ...]:
     from pydoc_data.topics import topics
 
     docs = [topics[k].strip() for k in sorted(topics)]
@@ -89,33 +92,54 @@ def _collect() -> list[str]:
             docs.extend(_comment_blocks(source))
         except (OSError, UnicodeDecodeError, SyntaxError, ValueError):
             continue  # a broken or non-UTF-8 file just contributes nothing
-    seen: set[str] = set()
-    out: list[str] = []
-    for d in docs:
-        if len(d) >= MIN_DOC_CHARS and d not in seen:
-            seen.add(d)
-            out.append(d)
-    return out
+    return tuple(dict.fromkeys(d for d in docs if len(d) >= MIN_DOC_CHARS))  # first occurrences, in order
+
+
+def machine_cache_dir() -> Path:
+    """Where every run on this machine finds the corpus once one has built it: $SPES_CACHE_DIR, else
+    $XDG_CACHE_HOME/spes-flower, else ~/.cache/spes-flower."""
+    if os.environ.get("SPES_CACHE_DIR"):
+        return Path(os.environ["SPES_CACHE_DIR"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "spes-flower"
+
+
+def _cache_name() -> str:
+    # This file's own bytes are part of the key: a changed rule never reads a corpus built by the old one.
+    ident = f"{sys.version}|{sysconfig.get_paths()['stdlib']}|{MIN_DOC_CHARS}|".encode() + Path(__file__).read_bytes()
+    return f"embedded-corpus-{hashlib.sha256(ident).hexdigest()[:16]}.json"
+
+
+def _read(path: Path) -> list[str] | None:
+    try:
+        docs = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # absent or corrupt: built again
+    return docs if isinstance(docs, list) and all(isinstance(d, str) for d in docs) else None
+
+
+def _write(path: Path, docs: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(docs), encoding="utf-8")
+    os.replace(tmp, path)  # atomic: a process reading it at the same time sees the old file or the new
 
 
 def embedded_documents(cache_dir: Path | None = None) -> list[str]:
     """Return the stdlib-derived English corpus (deterministic, deduplicated).
 
-    With ``cache_dir`` the result is stored as JSON keyed by the Python
-    version and stdlib path, so later calls skip parsing.
+    With ``cache_dir`` the result is stored there as JSON, and in `machine_cache_dir()` (where it can be
+    written), keyed by the Python version, the stdlib path and this module's code, so later calls, in
+    any process of the machine, skip parsing (~1,100 files, seconds).
     """
     if cache_dir is None:
-        return _collect()
-    key = hashlib.sha256(f"{sys.version}|{sysconfig.get_paths()['stdlib']}|{MIN_DOC_CHARS}".encode()).hexdigest()[:16]
-    path = Path(cache_dir) / f"embedded-corpus-{key}.json"
-    if path.exists():
-        try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            pass  # corrupt cache: rebuild below
-    docs = _collect()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(docs), encoding="utf-8")
-    os.replace(tmp, path)
+        return list(_collect())
+    path, shared = Path(cache_dir) / _cache_name(), machine_cache_dir() / _cache_name()
+    docs = _read(path)
+    if docs is None:
+        docs = _read(shared)
+        if docs is None:
+            docs = list(_collect())
+            with contextlib.suppress(OSError):  # a read-only home only costs the next run the parsing
+                _write(shared, docs)
+        _write(path, docs)
     return docs

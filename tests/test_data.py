@@ -24,6 +24,7 @@ from data import (
     tokenizer_to_json,
     train_bpe_tokenizer,
 )
+from data import corpus as corpus_module
 
 SAMPLES = [
     "Hello world. The quick brown fox jumps over the lazy dog.",
@@ -63,12 +64,23 @@ def test_embedded_corpus_is_large_and_deterministic(corpus, tmp_path):
     assert len(corpus) > 1000
     assert len(set(corpus)) == len(corpus)
     assert min(len(d) for d in corpus) >= 200
-    again = embedded_documents()
-    assert again == corpus
+    assert list(corpus_module._collect.__wrapped__()) == corpus  # parsed afresh, not the process's memo
     # The optional JSON cache returns the same thing, both when writing and reading.
     assert embedded_documents(tmp_path) == corpus
     assert len(list(tmp_path.glob("embedded-corpus-*.json"))) == 1
     assert embedded_documents(tmp_path) == corpus
+
+
+def test_one_build_of_the_corpus_serves_every_run_on_the_machine(corpus, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPES_CACHE_DIR", str(tmp_path / "machine"))
+    assert embedded_documents(tmp_path / "run-a") == corpus  # kept in the run's cache and the machine's
+    (shared,) = (tmp_path / "machine").glob("embedded-corpus-*.json")
+    # Another run, in a process that never parsed the stdlib, reads the machine's copy.
+    monkeypatch.setattr(corpus_module, "_collect", lambda: pytest.fail("parsed again beside the machine's copy"))
+    assert embedded_documents(tmp_path / "run-b") == corpus and (tmp_path / "run-b" / shared.name).exists()
+    shared.write_text('{"not": "a list"}')  # a corrupt copy is built again, not trusted
+    monkeypatch.setattr(corpus_module, "_collect", lambda: ("a document",))
+    assert embedded_documents(tmp_path / "run-c") == ["a document"] == json.loads(shared.read_text())
 
 
 # ---------------------------------------------------------------- tokenizer
