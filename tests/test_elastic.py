@@ -179,3 +179,62 @@ def test_membership_rounds_count_absence_and_who_needs_the_whole_model():
     m.record_round({0}, lambda pid: False)
     assert [(x.absent, x.needs_full) for x in m.members.values()] == [(0, False), (1, True), (2, True)]
     assert m.absent_for(2) == [2] and m.absent_for(0) == []
+
+
+# -- which experts each node holds (strategy/residency.py), by hand -------------------------------
+def test_residency_settings_parse_and_a_nodes_ask_replaces_its_chosen_set():
+    import pytest
+
+    from strategy.residency import Residency, extra_experts
+
+    assert [extra_experts(r) for r in ("all", "owned", "owned+1", "owned+12")] == [None, 0, 1, 12]
+    for bad in ("owned+0", "owned+", "owned+-1", "some", "Owned"):
+        with pytest.raises(ValueError, match="all, owned or owned"):
+            extra_experts(bad)
+    res = Residency("owned+1", num_experts=4, every=2)
+    res.held = {0: [[0, 1]], 1: [[2, 3]]}
+    res.ask(1, "owned")  # its own setting: its old set goes, the next update chooses afresh
+    assert res.asks == {1: 0} and res.held == {0: [[0, 1]]} and res._extra(1) == 0 and res._extra(0) == 1
+    res.held[1] = [[2]]
+    res.ask(1, None)  # back to the run's setting
+    assert res.asks == {} and res.held == {0: [[0, 1]]} and res._extra(1) == 1
+
+
+def test_residency_chooses_each_layers_busiest_others_when_due_and_survives_a_checkpoint():
+    from strategy.residency import Residency
+
+    res = Residency("owned+1", num_experts=4, every=2)
+    load = {0: [[0.1, 0.2, 0.6, 0.1], [0.4, 0.1, 0.1, 0.4]]}  # node 0's own picks, two layers
+    federation = [[0.0, 0.0, 0.1, 0.9], [0.0, 0.0, 0.9, 0.1]]
+    # Node 0 owns expert 1: layer 0's busiest other is 2; layer 1 ties 0 and 3 at 0.4, the lower id wins.
+    # Node 1 owns 3 and has not reported: the federation's load picks 2 in both layers.
+    changed = res.update(1, {0: [1], 1: [3]}, load, federation, num_layers=2)
+    assert changed == {0: [[1, 2], [0, 1]], 1: [[2, 3], [2, 3]]} == res.held
+    assert res.absent(0) == [[0, 3], [2, 3]] and res.absent(7) is None
+    # Round 2 is not due (every 2): nothing re-chosen although the load moved; round 3 is.
+    load = {0: [[0.0, 0.0, 0.0, 1.0], [0.0, 0.0, 1.0, 0.0]]}
+    assert res.update(2, {0: [1], 1: [3]}, load, federation, num_layers=2) == {}
+    assert res.update(3, {0: [1], 1: [3]}, load, federation, num_layers=2) == {0: [[1, 3], [1, 2]]}
+    # Experts that change owner force a choice at once, due or not; a node that left is forgotten.
+    assert res.update(4, {0: [0, 1]}, load, None, num_layers=2) == {0: [[0, 1, 3], [0, 1, 2]]}
+    assert res.held == {0: [[0, 1, 3], [0, 1, 2]]}
+    # A checkpoint keeps the sets (JSON: string keys); loading sorts and converts what it reads.
+    state = res.state_dict()
+    assert state == {"held": {"0": [[0, 1, 3], [0, 1, 2]]}}
+    other = Residency("owned+1", num_experts=4, every=2)
+    other.load_state_dict({"held": {"5": [[3, "1"], [2, 0]]}})
+    assert other.held == {5: [[1, 3], [0, 2]]}
+    other.load_state_dict({})
+    assert other.held == {}
+
+
+def test_all_holds_everything_and_owned_holds_only_its_own():
+    from strategy.residency import Residency
+
+    everything = Residency("all", num_experts=3, every=1)
+    assert everything.update(1, {0: [0]}, {}, None, num_layers=1) == {} and everything.absent(0) is None
+    owned = Residency("owned", num_experts=3, every=1)
+    assert owned.update(1, {0: [2]}, {}, None, num_layers=2) == {0: [[2], [2]]}
+    assert owned.absent(0) == [[0, 1], [0, 1]]
+    owned.ask(0, "all")  # a large node in an owned run holds everything
+    assert owned.update(2, {0: [2]}, {}, None, num_layers=2) == {} and owned.absent(0) is None
