@@ -361,6 +361,16 @@ def test_round_record_counts_only_the_used_updates_and_reads_back_what_it_wrote(
     assert RoundRecord(1, nodes={"5": {"bytes_up": 0}}).failed_nodes() == {"5": "?"}
 
 
+def test_a_node_holding_only_its_experts_evaluates_the_model_as_it_holds_it(flower_task):
+    s = make_strategy(residency="owned")
+    s.aggregate_train(1, run_round(s, 1, encode(toy_params(0)), tokens=[100, 100])[2])
+    msgs = list(s.configure_evaluate(3, encode(s.params), ConfigRecord({}), None))
+    for m, own in zip(msgs, (range(4), range(4, 8)), strict=True):  # partition 0 (node 7) owns 0-3
+        held = set(shared_param_names(s.params)) | set(expert_param_names(s.params, own))
+        assert set(decode(m.content["arrays"])) == held
+        assert list(m.content["config"][keys.ABSENT_EXPERTS]) == [int(e not in own) for _ in range(L) for e in range(E)]
+
+
 def test_federated_evaluation_is_due_on_schedule_and_weighs_each_nodes_loss_by_its_tokens(flower_task):
     from common import keys
     from common.codec import payload_bytes
