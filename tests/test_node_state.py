@@ -183,3 +183,47 @@ def test_removing_a_tree_that_is_gone_or_not_a_directory_is_no_error(tmp_path):
     (tmp_path / "file").write_text("x")
     remove_tree(tmp_path / "file")  # the OS refuses: left for a later cleanup
     assert [p.name for p in tmp_path.iterdir()] == ["file"]
+
+
+# -- what a delta-sync node sends, and its overlap (client_app/delta_sync.py), by hand --------------
+def test_delta_reply_adds_the_decayed_residual_and_keeps_what_the_codec_dropped():
+    from client_app.delta_sync import delta_reply
+    from common.codec import decode_delta
+    from common.spec import StrategyConfig
+
+    base = {"w": torch.tensor([1.0, 1.0]), "e": torch.tensor([0.0])}
+    trained = {"w": torch.tensor([2.0, 0.0]), "e": torch.tensor([4.0])}
+    saved = NodeState(residual={"w": torch.tensor([0.4, 0.8]), "e": torch.tensor([1.0, 1.0])})  # e: other shape
+    for decay, want in ((1.0, [1.4, -0.2]), (0.5, [1.2, -0.6])):
+        cfg = StrategyConfig(local_steps=2, delta_sync=True, uplink_codec="fp32", error_decay=decay)
+        arrays, residual, own = delta_reply(cfg, trained, base, saved, ["e"])
+        assert decode_delta(arrays, base, cfg.uplink)["w"].tolist() == pytest.approx(want)  # [1, -1] + decay x r
+        assert own["e"].tolist() == [4.0] and residual["w"].abs().max() == 0  # fp32 drops nothing
+    # bf16 keeps 8 bits of mantissa: 1 + 2^-9 is sent as 1, and the 2^-9 stays for the next round
+    cfg = StrategyConfig(local_steps=2, delta_sync=True, uplink_codec="bf16", error_decay=0.5)
+    trained = {"w": torch.tensor([2.0 + 2**-9, 1.0]), "e": torch.tensor([4.0])}
+    _, residual, _ = delta_reply(cfg, trained, base, NodeState(residual={"w": torch.tensor([0.0, 0.5])}), [])
+    assert residual["w"].tolist() == [2**-9, 0.0] and residual["e"].tolist() == [0.0]
+
+
+def test_the_overlap_takes_last_rounds_fragment_from_the_global_copy_and_mixes_it_in_on_time():
+    from client_app.delta_sync import fragment_globals, fragment_mixer
+    from common.spec import StrategyConfig
+
+    names = ["model.embed_tokens.weight", *(f"model.layers.{i}.self_attn.q_proj.weight" for i in range(3))]
+    local = {n: torch.full((1,), float(i)) for i, n in enumerate([*names, "model.norm.weight", "lm_head.weight"])}
+    base = {n: -local[n] for n in [*names, "model.norm.weight"]}  # the global copy lacks lm_head
+    cfg = StrategyConfig(local_steps=5, fragments=3, fragment_overlap=2, fragment_mix=0.25)
+    # 3 strided fragments: layer l in l mod 3, the embeddings in 0, the final norm and head in 2.
+    assert fragment_globals(cfg, 1, local, base) == {n: base[n] for n in names[:2]}  # sent fragment 0 last
+    assert fragment_globals(cfg, 0, local, base) == {n: base[n] for n in (names[3], "model.norm.weight")}
+    assert fragment_globals(cfg, None, local, base) == {}
+    assert fragment_globals(StrategyConfig(local_steps=5, fragments=3), 1, local, base) == {}
+    param = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    mix = fragment_mixer(cfg, {"p": param}, {"p": torch.tensor([3.0, 6.0])})
+    mix(1)
+    assert param.tolist() == [1.0, 2.0]  # not yet: the global value is still in flight
+    mix(2)
+    assert param.tolist() == [0.25 * 1 + 0.75 * 3, 0.25 * 2 + 0.75 * 6]
+    mix(3)
+    assert param.tolist() == [2.5, 5.0] and fragment_mixer(cfg, {"p": param}, {}) is None
