@@ -371,6 +371,22 @@ def test_a_node_holding_only_its_experts_evaluates_the_model_as_it_holds_it(flow
         assert list(m.content["config"][keys.ABSENT_EXPERTS]) == [int(e not in own) for _ in range(L) for e in range(E)]
 
 
+def test_residency_sets_go_into_the_checkpoint_and_a_joining_nodes_ask_is_kept(flower_task):
+    import json
+
+    s = make_strategy(residency="owned")
+    s.aggregate_train(1, run_round(s, 1, encode(toy_params(0)), tokens=[100, 100])[2])
+    state = json.loads(json.dumps(s.state_dict()))  # as the checkpoint stores it
+    assert state["residency"] == {"held": {"0": [[0, 1, 2, 3]] * L, "1": [[4, 5, 6, 7]] * L}}
+    resumed = make_strategy(residency="owned")
+    resumed.load_state_dict(state)
+    assert resumed.residency.held == s.residency.held
+    resumed.load_state_dict({k: v for k, v in state.items() if k != "residency"})  # older checkpoints
+    assert resumed.residency.held == {}
+    resumed.add_node(5, 2, "all")  # a large node in an owned run
+    assert resumed.residency.asks == {2: None} and resumed.residency._extra(2) is None
+
+
 def test_federated_evaluation_is_due_on_schedule_and_weighs_each_nodes_loss_by_its_tokens(flower_task):
     from common import keys
     from common.codec import payload_bytes
