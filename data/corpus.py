@@ -133,7 +133,8 @@ def embedded_documents(cache_dir: Path | None = None) -> list[str]:
     """
     if cache_dir is None:
         return list(_collect())
-    path, shared = Path(cache_dir) / _cache_name(), machine_cache_dir() / _cache_name()
+    name = _cache_name()
+    path, shared = Path(cache_dir) / name, machine_cache_dir() / name
     docs = _read(path)
     if docs is None:
         docs = _read(shared)
