@@ -238,3 +238,25 @@ def test_all_holds_everything_and_owned_holds_only_its_own():
     assert owned.absent(0) == [[0, 1], [0, 1]]
     owned.ask(0, "all")  # a large node in an owned run holds everything
     assert owned.update(2, {0: [2]}, {}, None, num_layers=2) == {} and owned.absent(0) is None
+
+
+def test_residency_is_due_every_n_rounds_and_an_owner_change_elsewhere_is_not_missed():
+    from strategy.residency import Residency, absent_share
+
+    res = Residency("owned+1", num_experts=4, every=3)
+    load = {0: [[0.0, 0.0, 1.0, 0.0]], 1: [[1.0, 0.0, 0.0, 0.0]]}
+    assert res.update(1, {0: [0], 1: [1]}, load, None, num_layers=1) == {0: [[0, 2]], 1: [[0, 1]]}
+    moved = {0: [[0.0, 0.0, 0.0, 1.0]], 1: [[0.0, 0.0, 1.0, 0.0]]}
+    assert [res.update(r, {0: [0], 1: [1]}, moved, None, num_layers=1) for r in (2, 3)] == [{}, {}]
+    assert res.update(4, {0: [0], 1: [1]}, moved, None, num_layers=1) == {0: [[0, 3]], 1: [[1, 2]]}
+    # Round 5 is not due: node 0 is passed over, node 1 got expert 3 and is chosen for at once.
+    assert res.update(5, {0: [0], 1: [1, 3]}, moved, None, num_layers=1) == {1: [[1, 2, 3]]}
+    # A node that asked for `owned` in a run of full replicas holds its own experts only.
+    everything = Residency("all", num_experts=3, every=1)
+    everything.ask(0, "owned")
+    everything.update(1, {0: [2], 1: [0, 1]}, {}, None, num_layers=1)
+    assert everything.absent(0) == [[0, 1]] and everything.absent(1) is None
+    # The share of a node's picks that went to experts it lacks: mean over layers of their load.
+    load2 = [[0.5, 0.25, 0.25, 0.0], [0.1, 0.2, 0.3, 0.4]]
+    assert absent_share(load2, [[2, 3], [0]]) == {"absent_share": (0.25 + 0.1) / 2}
+    assert absent_share(load2, [[], []]) == absent_share(None, [[1], [1]]) == absent_share(load2, None) == {}
