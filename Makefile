@@ -5,7 +5,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
 PYTHON ?= python3
-.PHONY: setup lock demo test bench eval mutate clean
+.PHONY: setup lock demo test bench eval mutate mutate-fresh mutate-save clean
 
 setup: $(STAMP)
 
@@ -56,9 +56,21 @@ eval: setup
 	$(PY) -m evaluation $(EVAL_CHECKPOINT) $(EVAL_ARGS)
 
 # Mutation testing of the method's core (docs/testing.md; hours on 2 CPUs, not part of CI).
-# Resumable: mutmut keeps each verdict under mutants/; MUTANTS='strategy.merging*' narrows it.
+# Resumable: mutmut keeps each verdict under mutants/, and the caught ones are saved in
+# benchmarks/mutation_state.json so a fresh clone goes on from them (mutate-fresh: from nothing).
+# MUTANTS='strategy.merging*' narrows it. Stopped with Ctrl-C: `make mutate-save` keeps the verdicts.
 mutate: setup
-	$(VENV)/bin/mutmut run $(MUTANTS)
+	$(PY) scripts/mutation_state.py restore
+	-$(VENV)/bin/mutmut run $(MUTANTS)
+	$(MAKE) mutate-save
+
+mutate-fresh: setup
+	rm -rf mutants
+	-$(VENV)/bin/mutmut run $(MUTANTS)
+	$(MAKE) mutate-save
+
+mutate-save:
+	$(PY) scripts/mutation_state.py save
 	$(PY) scripts/mutation_report.py
 
 clean:

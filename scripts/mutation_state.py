@@ -1,0 +1,117 @@
+"""Keep mutmut's caught verdicts in the repository, so a mutation pass can span machines.
+
+    python scripts/mutation_state.py save      # mutants/*.meta -> benchmarks/mutation_state.json
+    python scripts/mutation_state.py restore   # benchmarks/mutation_state.json -> mutants/*.meta
+
+mutmut keeps its verdicts under `mutants/` (ignored by git), so a fresh clone starts a pass of
+thousands of mutants over, hours on 2 CPUs. `save` writes, per mutated file and function, the
+function's hash (mutmut's own, of its source) and the numbers of the mutants a test caught (killed
+or timed out). `restore` writes them back as mutmut's meta files before `mutmut run`; mutmut then
+keeps a verdict only where the function's hash is unchanged, and tests every other mutant again.
+
+Only caught verdicts are kept: a survivor, "no tests" or an unfinished mutant is decided again
+against the tests of the day (a test added since may catch it). A caught verdict is trusted until
+its function changes; a test that was weakened since is not noticed, which is what
+`make mutate-fresh` (every mutant again, nothing restored) is for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+from mutation_report import ROOT, mutated_files
+from mutmut.stats import status_by_exit_code
+from mutmut.utils.format_utils import get_mutant_name
+
+STATE = ROOT / "benchmarks" / "mutation_state.json"
+CAUGHT_EXIT_CODE = {"killed": 1, "timeout": 36}  # what restore writes for each kept verdict
+
+
+def caught_by_function(meta: dict) -> dict[str, dict]:
+    """One file's meta -> {function: {"hash", "killed": [n, ...], "timeout": [n, ...]}}."""
+    functions = {f: {"hash": h, "killed": [], "timeout": []} for f, h in meta.get("hash_by_function_name", {}).items()}
+    for key, code in meta["exit_code_by_key"].items():
+        status = status_by_exit_code[code]
+        qualified, _, number = key.rpartition("__mutmut_")
+        function = qualified.rpartition(".")[2]
+        if status in CAUGHT_EXIT_CODE and function in functions:
+            functions[function][status].append(int(number))
+    for record in functions.values():
+        record["killed"].sort()
+        record["timeout"].sort()
+    return dict(sorted(functions.items()))
+
+
+def meta_of(path: str, functions: dict[str, dict]) -> dict:
+    """The meta file mutmut reads for `path`, holding only the saved caught verdicts."""
+    verdicts = {
+        f"{get_mutant_name(Path(path), function)}__mutmut_{n}": CAUGHT_EXIT_CODE[status]
+        for function, record in functions.items()
+        for status in CAUGHT_EXIT_CODE
+        for n in record[status]
+    }
+    return {
+        "exit_code_by_key": verdicts,
+        "hash_by_function_name": {function: record["hash"] for function, record in functions.items()},
+        "durations_by_key": {},
+        "estimated_durations_by_key": {},
+    }
+
+
+def save(root: Path, state: Path) -> dict:
+    files = {}
+    for path in mutated_files(root):
+        meta_path = root / "mutants" / f"{path}.meta"
+        if meta_path.exists():
+            files[path] = caught_by_function(json.loads(meta_path.read_text()))
+    if not files:
+        raise SystemExit(f"no mutmut results under {root / 'mutants'}: run `make mutate` first")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+    saved = {"tool": f"mutmut {version('mutmut')}", "saved": time.strftime("%Y-%m-%d"), "commit": head, "files": files}
+    tmp = state.with_suffix(".tmp")
+    tmp.write_text(json.dumps(saved, indent=1, sort_keys=True) + "\n")
+    tmp.replace(state)
+    return saved
+
+
+def restore(root: Path, state: Path) -> list[str]:
+    """Write the saved verdicts where mutants/ has none for a file; the files written."""
+    if not state.exists():
+        return []
+    saved = json.loads(state.read_text())
+    written = []
+    for path in mutated_files(root):
+        meta_path = root / "mutants" / f"{path}.meta"
+        if path not in saved["files"] or meta_path.exists():  # a local run is newer than the saved state
+            continue
+        meta_path.parent.mkdir(parents=True, exist_ok=True)
+        meta_path.write_text(json.dumps(meta_of(path, saved["files"][path])))
+        written.append(path)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("action", choices=("save", "restore"))
+    parser.add_argument("--state", type=Path, default=STATE)
+    args = parser.parse_args(argv)
+    if args.action == "save":
+        saved = save(ROOT, args.state)
+        caught = sum(len(r["killed"]) + len(r["timeout"]) for f in saved["files"].values() for r in f.values())
+        print(f"{caught} caught verdicts of {len(saved['files'])} files -> {args.state}")
+    else:
+        written = restore(ROOT, args.state)
+        print(
+            f"restored the saved verdicts of {len(written)} files from {args.state}" if written else "nothing restored"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
