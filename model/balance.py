@@ -115,7 +115,7 @@ def balance_loss(
                 f = (1 - global_weight) * f + global_weight * global_load[layer].to(f)
             per_layer.append(num_experts * torch.sum(f * (p / n)))
         return torch.stack(per_layer).mean()
-    if global_load is not None and global_weight > 0:
+    if global_weight > 0:  # refused whether or not a load has arrived yet (round 1 has none)
         raise ValueError("train.balance_global_weight needs train.balance=per_layer")
     rows = sum(tokens)
     counts = torch.stack([c for c, _ in stats]).sum(dim=0)

@@ -131,6 +131,14 @@ def test_the_federations_load_counts_only_with_a_weight():
     p5 = torch.softmax(logits, dim=-1)[:, 5].mean()
     mixed = balance_loss([logits], E, 2, "per_layer", global_load=load, global_weight=1.0)
     assert mixed.item() == pytest.approx(E * p5.item(), rel=1e-6)  # f is the federation's load alone
+    # Round 1: a weight but no load yet is the node's own f.
+    assert balance_loss([logits], E, 2, "per_layer", global_weight=1.0).item() == alone.item()
+    # The pooled loss has no per-layer shares: a load without a weight is ignored, a weight refused.
+    pooled = balance_loss([logits], E, 2, "pooled")
+    assert balance_loss([logits], E, 2, "pooled", global_load=load).item() == pooled.item()
+    for given in (load, None):
+        with pytest.raises(ValueError, match="needs train.balance=per_layer"):
+            balance_loss([logits], E, 2, "pooled", global_load=given, global_weight=0.5)
 
 
 def test_over_ranks_that_saw_the_same_tokens_the_loss_is_one_ranks():
