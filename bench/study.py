@@ -104,8 +104,20 @@ def cell_overrides(study: Study, arm: Arm, point: str | None, seed: int) -> list
     return merge_overrides([*study.base, *arm.overrides, *(arm.grid[point] if point else [])], [f"seed={seed}"])
 
 
-def cell_id(overrides: list[str]) -> str:
-    return hashlib.sha1(" ".join(overrides).encode()).hexdigest()[:12]
+def cell_id(overrides: list[str], arm: str | None = None) -> str:
+    """The cell's key in the JSON: its overrides and its arm's name (a centralized arm may share
+    every override with a federated one, as in the scale study's pairs). Keys written before the
+    arm was part of them (overrides alone) stay valid: a cell is found by content (`finished`)."""
+    return hashlib.sha1(" ".join([*overrides, *([f"arm={arm}"] if arm else [])]).encode()).hexdigest()[:12]
+
+
+def finished(cells: dict, arm: str, point: str | None, seed: int, overrides: list[str]) -> bool:
+    """Whether this arm's cell with these overrides is in the JSON (by content, not by key: keys
+    written before cell_id knew the kind stay valid)."""
+    portable = [portable_arg(o) for o in overrides]
+    return any(
+        (c["arm"], c["point"], c["seed"], c["overrides"]) == (arm, point, seed, portable) for c in cells.values()
+    )
 
 
 def run_cell(
@@ -189,9 +201,10 @@ def run_study(study: Study, out: Path, threads: int, seeds: list[int] | None = N
     t0, commit = time.time(), code_commit()
 
     def ensure(arm: Arm, point: str | None, seed: int) -> None:
-        key = cell_id(cell_overrides(study, arm, point, seed))
-        if key in cells:
+        overrides = cell_overrides(study, arm, point, seed)
+        if finished(cells, arm.name, point, seed, overrides):
             return
+        key = cell_id(overrides, arm.name)
         label = f"{arm.name}{' ' + point if point else ''} seed {seed}"
         print(f"[study {study.name}] {label} ({(time.time() - t0) / 60:.1f} min)", flush=True)
         cells[key] = run_cell(study, arm, point, seed, runs, threads, commit)

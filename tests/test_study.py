@@ -154,9 +154,8 @@ def test_micro_study_runs_the_grid_on_one_seed_and_the_best_point_on_every_seed(
     assert set(tuned) == {"lo", "hi"} and sorted(c["seed"] for c in spes if c["point"] == best) == [0, 1]
     assert len(cells) == 3 + 2  # 2 grid points + 1 more seed of the best, 2 centralized seeds
     for key, c in cells.items():
-        assert key == cell_id(
-            cell_overrides(study, study.arms[0] if c["arm"] == "spes" else study.arms[1], c["point"], c["seed"])
-        )
+        arm = study.arms[0] if c["arm"] == "spes" else study.arms[1]
+        assert key == cell_id(cell_overrides(study, arm, c["point"], c["seed"]), arm.name)
         assert f"seed={c['seed']}" in c["overrides"] and len(c["val_loss_by_round"]) == 3
         assert c["tokens_by_round"][-1] == 2 * 2 * 2 * 4 * 64 and c["flops_by_round"][-1] > 0
     # the seeds differ: another init and data order
@@ -172,6 +171,43 @@ def test_micro_study_resumes_without_rerunning_a_cell(micro_study, monkeypatch):
     monkeypatch.setattr(study_mod, "run_cell", must_not_run)
     again = run_study(study, tmp / "out", threads=1)
     assert again["cells"] == results["cells"]
+
+
+def test_a_centralized_arm_with_a_federated_arms_overrides_is_run_too(tmp_path, monkeypatch):
+    """The scale study pairs each SPES arm with a centralized one of the same overrides: both run,
+    and a cell keyed before the key knew the kind still counts as finished."""
+    ran = []
+
+    def record(study, arm, point, seed, runs, threads, commit):
+        ran.append((arm.name, seed))
+        overrides = cell_overrides(study, arm, point, seed)
+        return {"arm": arm.name, "point": point, "seed": seed, "overrides": overrides, "final_val_loss": 1.0}
+
+    monkeypatch.setattr(study_mod, "run_cell", record)
+    (tmp_path / "pair.yaml").write_text(
+        json.dumps(
+            {
+                "title": "pair",
+                "question": "?",
+                "base": ["model=tiny"],
+                "seeds": [0, 1],
+                "arms": {
+                    "spes": {"overrides": ["rounds=2"]},
+                    "central": {"kind": "centralized", "overrides": ["rounds=2"]},
+                },
+            }
+        )
+    )
+    study = load_study(str(tmp_path / "pair.yaml"))
+    cells = run_study(study, tmp_path / "out", threads=1)["cells"]
+    assert ran == [("spes", 0), ("spes", 1), ("central", 0), ("central", 1)] and len(cells) == 4
+    # An older JSON: a cell under the key of its overrides alone (the same as its federated twin's
+    # would have been), the twin not run yet: the twin runs and the older cell stays.
+    legacy = {cell_id(c["overrides"]): c for c in cells.values() if c["arm"] == "central"}
+    (tmp_path / "out" / "pair.json").write_text(json.dumps({"cells": legacy}))
+    ran.clear()
+    again = run_study(study, tmp_path / "out", threads=1)["cells"]
+    assert ran == [("spes", 0), ("spes", 1)] and len(again) == 4
 
 
 def test_micro_study_page_reports_paired_ratios(micro_study):
