@@ -30,6 +30,8 @@ TITLES = {
     "nodes": "Number of nodes at equal global batch (SPES)",
     "iid": "IID vs non-IID (contiguous) shards",
 }
+# The seeded study that answers each ablation's question (conf/study/<name>.yaml, docs/studies.md).
+STUDIES = {"merge": "sync", "H": "sync", "nodes": "nodes", "iid": "nodes"}
 
 
 def variants(name: str, base: list[str]) -> list[tuple[str, str, list[str]]]:
@@ -90,7 +92,7 @@ def run_ablation(name: str, base: list[str], out: Path) -> dict:
 
 def ablation_section(name: str, res: dict | None) -> dict:
     """What the results.md template shows for one ablation (res: its JSON, None if not run)."""
-    section = {"name": name, "title": TITLES[name], "run": res, "png": f"ablation_{name}.png"}
+    section = {"name": name, "title": TITLES[name], "run": res, "png": f"ablation_{name}.png", "study": STUDIES[name]}
     if res is None:
         return section
     order = res.get("order") or [v[0] for v in variants(name, res["base_overrides"])]

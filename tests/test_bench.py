@@ -418,7 +418,7 @@ def test_ablation_section_best_and_gaps():
 def test_report_only_rewrites_both_pages_from_the_json(tmp_path):
     out, docs = tmp_path / "bench", tmp_path / "docs"
     (out / "ablations").mkdir(parents=True)
-    shutil.copy(ROOT / "benchmarks" / "ablations" / "merge.json", out / "ablations")  # one is enough
+    shutil.copy(ROOT / "tests" / "data" / "ablation_merge.json", out / "ablations" / "merge.json")  # one is enough
     shutil.copy(COMMITTED, out / "results.json")
     assert main(["--report-only", "--out", str(out), "--docs", str(docs)]) == 0
     bench_md, results_md = (docs / "benchmarks.md").read_text(), (docs / "results.md").read_text()
