@@ -6,9 +6,9 @@ Matched to the federated run with the same overrides: the same initial model (se
 held-out split and evaluation settings, rounds * H optimizer steps with a batch of
 nodes * train.batch_size sequences (so the tokens seen equal the federated run's), the same
 LR schedule over total_steps = rounds * H, and a held-out evaluation every H steps (the
-federated run evaluates once per round). Outputs (summary.json, metrics.jsonl, loss.png) go
-to <output_dir>/<run_name>/ in the federated run's shape; bytes are 0 and the single process
-counts as the one "node".
+federated run evaluates once per round). Outputs (summary.json, metrics.jsonl, loss.png and the
+final model in model/, a Hugging Face checkpoint) go to <output_dir>/<run_name>/ in the federated
+run's shape; bytes are 0 and the single process counts as the one "node".
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ def run(overrides: list[str]) -> dict:
     from common.atomic import write_json_atomic
     from data import BatchStream, load_tokenizer, node_shard, prepare_blocks
     from model import build_model, count_parameters
+    from model.export import save_hf_atomic
     from server_app.config import load
     from server_app.config import run_dir as run_dir_of
     from server_app.run_log import RunLog
@@ -96,6 +97,8 @@ def run(overrides: list[str]) -> dict:
             flush=True,
         )
 
+    # The final model, as a federated run leaves it: for `python -m evaluation` and side-by-side analysis.
+    save_hf_atomic(model, run_dir / "model", tokenizer)
     summary = summarize(spec, runlog.rounds, first, counts, {"0": counts["total"]}, time.time() - t_start)
     summary.update(strategy="centralized", nodes=1, federated_nodes=n, batch_size=cfg.batch_size)
     write_json_atomic(run_dir / "summary.json", summary)

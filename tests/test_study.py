@@ -173,6 +173,24 @@ def test_micro_study_resumes_without_rerunning_a_cell(micro_study, monkeypatch):
     assert again["cells"] == results["cells"]
 
 
+def test_the_centralized_run_leaves_its_final_model_which_scores_its_final_loss(micro_study):
+    from transformers import AutoModelForCausalLM
+
+    from bench.study import cell_run_name
+    from data import load_tokenizer, prepare_blocks
+    from training.trainer import evaluate
+
+    study, results, tmp = micro_study
+    cell = next(c for c in results["cells"].values() if c["arm"] == "central")
+    run = tmp / "out" / "runs" / cell_run_name(study, "central", None, cell["seed"], cell["overrides"])
+    spec = load(cell["overrides"])
+    tokenizer = load_tokenizer(spec.data, run.parent / ".cache")
+    _, heldout = prepare_blocks(spec.data, tokenizer, run.parent / ".cache")
+    model = AutoModelForCausalLM.from_pretrained(run / "model")
+    loss, _ = evaluate(model, heldout, spec.eval.batch_size, spec.eval.max_batches, "cpu")
+    assert loss == pytest.approx(cell["final_val_loss"], abs=1e-5)
+
+
 def test_a_centralized_arm_with_a_federated_arms_overrides_is_run_too(tmp_path, monkeypatch):
     """The scale study pairs each SPES arm with a centralized one of the same overrides: both run,
     and a cell keyed before the key knew the kind still counts as finished."""
