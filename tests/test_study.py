@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from micro import MICRO_MODEL
 
 from bench import study as study_mod
@@ -189,6 +190,45 @@ def test_the_centralized_run_leaves_its_final_model_which_scores_its_final_loss(
     model = AutoModelForCausalLM.from_pretrained(run / "model")
     loss, _ = evaluate(model, heldout, spec.eval.batch_size, spec.eval.max_batches, "cpu")
     assert loss == pytest.approx(cell["final_val_loss"], abs=1e-5)
+
+
+def test_gap_movement_by_group_and_expert_by_hand():
+    from bench.gap import movement_by_expert, movement_by_group
+
+    start = {
+        "model.embed_tokens.weight": torch.ones(2, 2),  # ||w0|| = 2
+        "model.layers.0.mlp.experts.0.up_proj.weight": torch.tensor([[3.0, 0.0]]),
+        "model.layers.1.mlp.experts.0.up_proj.weight": torch.tensor([[0.0, 4.0]]),  # expert 0: ||w0|| = 5
+        "model.layers.0.mlp.experts.1.up_proj.weight": torch.tensor([[1.0, 0.0]]),
+    }
+    final = dict(start)
+    final["model.embed_tokens.weight"] = torch.full((2, 2), 1.5)  # moved 1 of 2
+    final["model.layers.1.mlp.experts.0.up_proj.weight"] = torch.tensor([[0.0, 4.0 + 5.0]])  # moved 5 of 5
+    assert movement_by_group(final, start) == pytest.approx({"embedding": 0.5, "experts": math.sqrt(25 / 26)})
+    assert movement_by_expert(final, start) == pytest.approx({0: 1.0, 1: 0.0})
+
+
+def test_gap_rebuilds_the_shared_start_and_compares_the_runs(micro_study):
+    from bench.gap import compare, initial_model
+    from bench.study import cell_run_name
+    from data import load_tokenizer, prepare_blocks
+    from training.trainer import evaluate
+
+    study, results, tmp = micro_study
+    runs = {}
+    for c in results["cells"].values():
+        if c["seed"] == 1:  # the seed both arms ran with their chosen settings
+            runs[c["arm"]] = (tmp / "out" / "runs" / cell_run_name(study, c["arm"], c["point"], 1, c["overrides"]), c)
+    (fed, fed_cell), (central, central_cell) = runs["spes"], runs["central"]
+    spec = load(fed_cell["overrides"])
+    _, heldout = prepare_blocks(spec.data, load_tokenizer(spec.data, fed.parent / ".cache"), fed.parent / ".cache")
+    loss, _ = evaluate(initial_model(fed), heldout, spec.eval.batch_size, spec.eval.max_batches, "cpu")
+    assert loss == pytest.approx(fed_cell["val_loss_by_round"][0], abs=1e-5)  # the federated run's start
+    assert loss == pytest.approx(central_cell["val_loss_by_round"][0], abs=1e-5)  # and the centralized run's
+    result = compare(fed, central)
+    assert set(result["groups"]) == {"embedding", "attention", "norms", "router", "experts", "lm_head"}
+    assert all(r["federated"] > 0 and r["centralized"] > 0 for r in result["groups"].values())
+    assert set(result["by_owner"]) == {"0", "1"} and len(result["experts"]) == 4
 
 
 def test_a_centralized_arm_with_a_federated_arms_overrides_is_run_too(tmp_path, monkeypatch):
