@@ -113,7 +113,7 @@ def cell_id(overrides: list[str], arm: str | None = None) -> str:
 
 def finished(cells: dict, arm: str, point: str | None, seed: int, overrides: list[str]) -> bool:
     """Whether this arm's cell with these overrides is in the JSON (by content, not by key: keys
-    written before cell_id knew the kind stay valid)."""
+    written before cell_id knew the arm stay valid)."""
     portable = [portable_arg(o) for o in overrides]
     return any(
         (c["arm"], c["point"], c["seed"], c["overrides"]) == (arm, point, seed, portable) for c in cells.values()
