@@ -95,7 +95,9 @@ def final_state(run: Path) -> dict[str, torch.Tensor]:
 
 def owners_of(fed_run: Path) -> dict[str, list[int]]:
     path = fed_run / "strategy_state.json"
-    return json.loads(path.read_text()).get("owners") or {} if path.exists() else {}
+    if not path.exists():
+        return {}
+    return json.loads(path.read_text()).get("owners") or {}
 
 
 def compare(fed_run: Path, central_run: Path) -> dict:
@@ -103,7 +105,8 @@ def compare(fed_run: Path, central_run: Path) -> dict:
     fed, central = final_state(fed_run), final_state(central_run)
     if set(fed) != set(start) or set(central) != set(start):
         raise SystemExit("the two runs' models and the rebuilt start have different parameters: not the same preset")
-    groups = {g: (f, movement_by_group(central, start)[g]) for g, f in movement_by_group(fed, start).items()}
+    groups_central = movement_by_group(central, start)
+    groups = {g: (f, groups_central[g]) for g, f in movement_by_group(fed, start).items()}
     experts_fed, experts_central = movement_by_expert(fed, start), movement_by_expert(central, start)
     by_owner = {
         node: (sum(experts_fed[e] for e in owned) / len(owned), sum(experts_central[e] for e in owned) / len(owned))
@@ -123,12 +126,10 @@ def compare(fed_run: Path, central_run: Path) -> dict:
 
 def table(result: dict) -> str:
     lines = ["| group | moved, federated | moved, centralized | federated / centralized |", "|---|---:|---:|---:|"]
-    for g, r in result["groups"].items():
-        lines.append(f"| {g} | {r['federated']:.4f} | {r['centralized']:.4f} | {r['ratio']:.3f} |")
-    for node, r in result["by_owner"].items():
-        lines.append(
-            f"| experts owned by node {node} | {r['federated']:.4f} | {r['centralized']:.4f} | {r['ratio']:.3f} |"
-        )
+    rows = [*result["groups"].items(), *((f"experts owned by node {n}", r) for n, r in result["by_owner"].items())]
+    for label, r in rows:
+        ratio = "-" if r["ratio"] is None else f"{r['ratio']:.3f}"
+        lines.append(f"| {label} | {r['federated']:.4f} | {r['centralized']:.4f} | {ratio} |")
     return "\n".join(lines)
 
 
