@@ -37,6 +37,11 @@ def mutated_files(root: Path) -> list[str]:
     return [f for f in files if any(fnmatch.fnmatch(f, pat) for pat in conf["only_mutate"])]
 
 
+def meta_path(root: Path, path: str) -> Path:
+    """Where mutmut keeps one source file's verdicts."""
+    return root / "mutants" / f"{path}.meta"
+
+
 def file_summary(meta: dict, equivalent: dict[str, str]) -> dict:
     status = {name: status_by_exit_code[code] for name, code in meta["exit_code_by_key"].items()}
     tally = Counter(status.values())
@@ -68,10 +73,10 @@ def report(root: Path) -> dict:
     equivalent = tomllib.loads(listed.read_text()) if listed.exists() else {}
     files, known = {}, set()
     for path in mutated_files(root):
-        meta_path = root / "mutants" / f"{path}.meta"
-        if not meta_path.exists():
+        meta_file = meta_path(root, path)
+        if not meta_file.exists():
             continue
-        meta = json.loads(meta_path.read_text())
+        meta = json.loads(meta_file.read_text())
         known |= set(meta["exit_code_by_key"])
         files[path] = file_summary(meta, equivalent)
     stale = sorted(set(equivalent) - known)

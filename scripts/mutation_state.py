@@ -25,9 +25,12 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
-from mutation_report import ROOT, mutated_files
+from mutation_report import ROOT, meta_path, mutated_files
 from mutmut.stats import status_by_exit_code
 from mutmut.utils.format_utils import get_mutant_name
+
+sys.path.insert(0, str(ROOT))
+from common.atomic import write_text_atomic  # noqa: E402
 
 STATE = ROOT / "benchmarks" / "mutation_state.json"
 CAUGHT_EXIT_CODE = {"killed": 1, "timeout": 36}  # what restore writes for each kept verdict
@@ -67,16 +70,14 @@ def meta_of(path: str, functions: dict[str, dict]) -> dict:
 def save(root: Path, state: Path) -> dict:
     files = {}
     for path in mutated_files(root):
-        meta_path = root / "mutants" / f"{path}.meta"
-        if meta_path.exists():
-            files[path] = caught_by_function(json.loads(meta_path.read_text()))
+        meta = meta_path(root, path)
+        if meta.exists():
+            files[path] = caught_by_function(json.loads(meta.read_text()))
     if not files:
         raise SystemExit(f"no mutmut results under {root / 'mutants'}: run `make mutate` first")
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
     saved = {"tool": f"mutmut {version('mutmut')}", "saved": time.strftime("%Y-%m-%d"), "commit": head, "files": files}
-    tmp = state.with_suffix(".tmp")
-    tmp.write_text(json.dumps(saved, indent=1, sort_keys=True) + "\n")
-    tmp.replace(state)
+    write_text_atomic(state, json.dumps(saved, indent=1, sort_keys=True) + "\n")
     return saved
 
 
@@ -87,11 +88,11 @@ def restore(root: Path, state: Path) -> list[str]:
     saved = json.loads(state.read_text())
     written = []
     for path in mutated_files(root):
-        meta_path = root / "mutants" / f"{path}.meta"
-        if path not in saved["files"] or meta_path.exists():  # a local run is newer than the saved state
+        meta = meta_path(root, path)
+        if path not in saved["files"] or meta.exists():  # a local run is newer than the saved state
             continue
-        meta_path.parent.mkdir(parents=True, exist_ok=True)
-        meta_path.write_text(json.dumps(meta_of(path, saved["files"][path])))
+        meta.parent.mkdir(parents=True, exist_ok=True)
+        meta.write_text(json.dumps(meta_of(path, saved["files"][path])))
         written.append(path)
     return written
 
