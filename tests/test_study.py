@@ -174,22 +174,30 @@ def test_micro_study_resumes_without_rerunning_a_cell(micro_study, monkeypatch):
     assert again["cells"] == results["cells"]
 
 
-def test_the_centralized_run_leaves_its_final_model_which_scores_its_final_loss(micro_study):
-    from transformers import AutoModelForCausalLM
-
+def _run_of(micro_study, cell) -> Path:
     from bench.study import cell_run_name
+
+    study, _, tmp = micro_study
+    return tmp / "out" / "runs" / cell_run_name(study, cell["arm"], cell["point"], cell["seed"], cell["overrides"])
+
+
+def _heldout_loss(model, cell, run: Path) -> float:
+    """`model`'s held-out loss on the split and settings `cell` was evaluated with."""
     from data import load_tokenizer, prepare_blocks
     from training.trainer import evaluate
 
-    study, results, tmp = micro_study
-    cell = next(c for c in results["cells"].values() if c["arm"] == "central")
-    run = tmp / "out" / "runs" / cell_run_name(study, "central", None, cell["seed"], cell["overrides"])
     spec = load(cell["overrides"])
-    tokenizer = load_tokenizer(spec.data, run.parent / ".cache")
-    _, heldout = prepare_blocks(spec.data, tokenizer, run.parent / ".cache")
+    _, heldout = prepare_blocks(spec.data, load_tokenizer(spec.data, run.parent / ".cache"), run.parent / ".cache")
+    return evaluate(model, heldout, spec.eval.batch_size, spec.eval.max_batches, "cpu")[0]
+
+
+def test_the_centralized_run_leaves_its_final_model_which_scores_its_final_loss(micro_study):
+    from transformers import AutoModelForCausalLM
+
+    cell = next(c for c in micro_study[1]["cells"].values() if c["arm"] == "central")
+    run = _run_of(micro_study, cell)
     model = AutoModelForCausalLM.from_pretrained(run / "model")
-    loss, _ = evaluate(model, heldout, spec.eval.batch_size, spec.eval.max_batches, "cpu")
-    assert loss == pytest.approx(cell["final_val_loss"], abs=1e-5)
+    assert _heldout_loss(model, cell, run) == pytest.approx(cell["final_val_loss"], abs=1e-5)
 
 
 def test_gap_movement_by_group_and_expert_by_hand():
@@ -210,21 +218,13 @@ def test_gap_movement_by_group_and_expert_by_hand():
 
 def test_gap_rebuilds_the_shared_start_and_compares_the_runs(micro_study):
     from bench.gap import compare, initial_model
-    from bench.study import cell_run_name
-    from data import load_tokenizer, prepare_blocks
-    from training.trainer import evaluate
 
-    study, results, tmp = micro_study
-    runs = {}
-    for c in results["cells"].values():
-        if c["seed"] == 1:  # the seed both arms ran with their chosen settings
-            runs[c["arm"]] = (tmp / "out" / "runs" / cell_run_name(study, c["arm"], c["point"], 1, c["overrides"]), c)
-    (fed, fed_cell), (central, central_cell) = runs["spes"], runs["central"]
-    spec = load(fed_cell["overrides"])
-    _, heldout = prepare_blocks(spec.data, load_tokenizer(spec.data, fed.parent / ".cache"), fed.parent / ".cache")
-    loss, _ = evaluate(initial_model(fed), heldout, spec.eval.batch_size, spec.eval.max_batches, "cpu")
-    assert loss == pytest.approx(fed_cell["val_loss_by_round"][0], abs=1e-5)  # the federated run's start
-    assert loss == pytest.approx(central_cell["val_loss_by_round"][0], abs=1e-5)  # and the centralized run's
+    # Seed 1: the seed both arms ran with their chosen settings.
+    cells = {c["arm"]: c for c in micro_study[1]["cells"].values() if c["seed"] == 1}
+    fed, central = _run_of(micro_study, cells["spes"]), _run_of(micro_study, cells["central"])
+    loss = _heldout_loss(initial_model(fed), cells["spes"], fed)
+    assert loss == pytest.approx(cells["spes"]["val_loss_by_round"][0], abs=1e-5)  # the federated run's start
+    assert loss == pytest.approx(cells["central"]["val_loss_by_round"][0], abs=1e-5)  # and the centralized run's
     result = compare(fed, central)
     assert set(result["groups"]) == {"embedding", "attention", "norms", "router", "experts", "lm_head"}
     assert all(r["federated"] > 0 and r["centralized"] > 0 for r in result["groups"].values())
