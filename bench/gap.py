@@ -2,6 +2,15 @@
 
     python -m bench.gap benchmarks/studies/runs/scale-tiny-2M-spes-s0-<id> \\
                         benchmarks/studies/runs/scale-tiny-2M-central-s0-<id> [--json out.json]
+    python -m bench.gap --study scale --arm tiny-2M-spes   # every seed of a study arm and its reference
+
+With --study, each seed's run of the arm is paired with the same seed's run of the arm's reference
+(from benchmarks/studies/<study>.json and the run folders still in benchmarks/studies/runs/), and
+the figures over seeds go to benchmarks/studies/gap/<study>-<arm>.json, which the study page shows.
+Run folders are not committed: where they are gone, run a copy of the study's YAML (same file name)
+that holds only the two arms with `python -m bench.study COPY.yaml --out DIR` (the engine is
+deterministic: the same losses), then `python -m bench.gap --study NAME --arm ARM --out DIR --json
+benchmarks/studies/gap/NAME-ARM.json`.
 
 Both runs start from the same model (the same preset and seed: `bench.centralized` builds it as the
 coordinator does), and each leaves its final model in `model/`. For every parameter group
@@ -23,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from bench.runs import ROOT
+from common.atomic import write_json_atomic
 from model.naming import parse_expert_param
 
 GROUPS = ("embedding", "attention", "norms", "router", "experts", "lm_head")
@@ -124,6 +135,68 @@ def compare(fed_run: Path, central_run: Path) -> dict:
     }
 
 
+def study_pairs(out: Path, study: str, arm: str) -> tuple[str, list[tuple[int, Path, Path]]]:
+    """The arm's reference, and (seed, federated run, centralized run) for every seed both recorded."""
+    from bench.study import cell_run_folder
+    from bench.study_report import chosen_cells, reference_arm
+
+    path = out / f"{study}.json"
+    if not path.exists():
+        raise SystemExit(f"no {path}: run `python -m bench.study {study}` first")
+    results = json.loads(path.read_text())
+    if arm not in results["arms"]:
+        raise SystemExit(f"{path}: no arm {arm!r}; arms: {', '.join(results['arms'])}")
+    ref = reference_arm(results, arm)
+    by_arm = chosen_cells(results)
+    if ref is None or arm not in by_arm or ref not in by_arm:
+        raise SystemExit(f"{path}: arm {arm!r} and its reference ({ref}) have no recorded cells to pair")
+    refs = {c["seed"]: c for c in by_arm[ref]}
+    return ref, [
+        (c["seed"], cell_run_folder(out, study, c), cell_run_folder(out, study, refs[c["seed"]]))
+        for c in by_arm[arm]
+        if c["seed"] in refs
+    ]
+
+
+def over_seeds(per_seed: dict[int, dict]) -> dict:
+    """Per group, and for the least- and most-moved owner's experts, each seed's federated and
+    centralized movement and their ratio, as lists in seed order."""
+    seeds = sorted(per_seed)
+    rows: dict[str, dict[str, list[float]]] = {}
+    for seed in seeds:
+        result = per_seed[seed]
+        owners = sorted(result["by_owner"].values(), key=lambda r: r["ratio"])
+        labelled = [*result["groups"].items()]
+        if owners:
+            labelled += [("experts, least-moved owner", owners[0]), ("experts, most-moved owner", owners[-1])]
+        for label, r in labelled:
+            row = rows.setdefault(label, {"federated": [], "centralized": [], "ratio": []})
+            for k in row:
+                row[k].append(r[k])
+    return {"seeds": seeds, "rows": rows}
+
+
+def gap_over_seeds(out: Path, study: str, arm: str) -> dict:
+    ref, pairs = study_pairs(out, study, arm)
+    missing = [str(p) for _, fed, central in pairs for p in (fed, central) if not (p / "model").is_dir()]
+    if missing:
+        raise SystemExit(
+            f"no final model in {', '.join(missing)} (run folders are not committed): run a copy of the study "
+            f"YAML holding only {arm} and {ref} with --out DIR, then bench.gap --out DIR"
+        )
+    per_seed = {}
+    for seed, fed, central in pairs:
+        print(f"[gap] {study} {arm} seed {seed}", flush=True)
+        per_seed[seed] = compare(fed, central)
+    return {
+        "study": study,
+        "arm": arm,
+        "reference": ref,
+        **over_seeds(per_seed),
+        "per_seed": {str(s): r for s, r in per_seed.items()},
+    }
+
+
 def table(result: dict) -> str:
     lines = ["| group | moved, federated | moved, centralized | federated / centralized |", "|---|---:|---:|---:|"]
     rows = [*result["groups"].items(), *((f"experts owned by node {n}", r) for n, r in result["by_owner"].items())]
@@ -134,11 +207,30 @@ def table(result: dict) -> str:
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.gap", description=__doc__.splitlines()[0])
-    p.add_argument("federated", type=Path, help="a federated run's folder (run.json, model/)")
-    p.add_argument("centralized", type=Path, help="the centralized run of the same preset and seed (model/)")
-    p.add_argument("--json", type=Path, help="also write the figures here")
+    p = argparse.ArgumentParser(
+        prog="python -m bench.gap", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("federated", type=Path, nargs="?", help="a federated run's folder (run.json, model/)")
+    p.add_argument("centralized", type=Path, nargs="?", help="the centralized run of the same preset and seed")
+    p.add_argument("--study", help="pair every seed of a study arm with its reference instead")
+    p.add_argument("--arm", help="with --study: the federated arm")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "studies", help="with --study: its folder")
+    p.add_argument("--json", type=Path, help="also write the figures here (with --study: <out>/gap/<study>-<arm>.json)")
     a = p.parse_args(argv)
+    if a.study:
+        from bench.study_report import gap_section
+
+        if not a.arm or a.federated:
+            p.error("--study takes --arm and no run folders")
+        summary = gap_over_seeds(a.out, a.study, a.arm)
+        print("\n".join(gap_section([summary])).strip())
+        path = a.json or a.out / "gap" / f"{a.study}-{a.arm}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, summary)
+        print(f"[gap] {path}")
+        return 0
+    if not a.centralized:
+        p.error("give a federated and a centralized run folder, or --study and --arm")
     result = compare(a.federated, a.centralized)
     print(table(result))
     if a.json:

@@ -132,7 +132,7 @@ def run_cell(
     from server_app.run_lock import move_aside
 
     overrides = cell_overrides(study, arm, point, seed)
-    name = cell_run_name(study, arm.name, point, seed, overrides)
+    name = cell_run_name(study.name, arm.name, point, seed, overrides)
     full = [*overrides, f"run_name={name}", f"output_dir={runs}", "logging.node_progress=false"]
     t0 = time.time()
     if arm.kind == "centralized":
@@ -167,8 +167,13 @@ def run_cell(
     }
 
 
-def cell_run_name(study: Study, arm: str, point: str | None, seed: int, overrides: list[str]) -> str:
-    return f"{study.name}-{arm}{'-' + point if point else ''}-s{seed}-{cell_id(overrides)}"
+def cell_run_name(study_name: str, arm: str, point: str | None, seed: int, overrides: list[str]) -> str:
+    return f"{study_name}-{arm}{'-' + point if point else ''}-s{seed}-{cell_id(overrides)}"
+
+
+def cell_run_folder(out: Path, study_name: str, cell: dict) -> Path:
+    """Where a recorded cell's run folder is (or was) under a study's output folder."""
+    return out / "runs" / cell_run_name(study_name, cell["arm"], cell["point"], cell["seed"], cell["overrides"])
 
 
 def refresh_traffic(study: Study, out: Path) -> int:
@@ -178,7 +183,7 @@ def refresh_traffic(study: Study, out: Path) -> int:
     results = json.loads(path.read_text())
     done = 0
     for cell in results["cells"].values():
-        run = out / "runs" / cell_run_name(study, cell["arm"], cell["point"], cell["seed"], cell["overrides"])
+        run = cell_run_folder(out, study.name, cell)
         if (run / "metrics.jsonl").exists():
             cell.update(traffic_per_node(read_run(run)[1]))
             done += 1

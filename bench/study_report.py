@@ -114,12 +114,36 @@ def progress_line(results: dict) -> str:
     )
 
 
-def _reference(results: dict, arm: str) -> str | None:
+def reference_arm(results: dict, arm: str) -> str | None:
     ref = results["arms"][arm].get("reference") or results.get("reference")
     return None if ref == arm else ref
 
 
-def study_section(results: dict, png: str | None) -> list[str]:
+def gap_section(gaps: list[dict]) -> list[str]:
+    """Where an arm's loss goes, from `python -m bench.gap --study` (benchmarks/studies/gap/)."""
+    md = []
+    for gap in gaps:
+        md += [
+            "",
+            (
+                f"Where the gap goes, {gap['arm']} against {gap['reference']} (`python -m bench.gap --study "
+                f"{gap['study']} --arm {gap['arm']}`, seeds {gap['seeds']}): how far each run moved each parameter "
+                "group from their shared start, ||w - w0|| / ||w0||, and the federated run's over the centralized "
+                "run's, paired by seed. A group moved much less learned less there; a movement locates, it does "
+                "not attribute."
+            ),
+            "",
+            "| group | moved, federated | moved, centralized | federated / centralized |",
+            "|---|---:|---:|---:|",
+        ]
+        md += [
+            f"| {label} | {fmt_ms(r['federated'])} | {fmt_ms(r['centralized'])} | {fmt_ms(r['ratio'], '.3f')} |"
+            for label, r in gap["rows"].items()
+        ]
+    return md
+
+
+def study_section(results: dict, png: str | None, gaps: list[dict] = ()) -> list[str]:
     by_arm = chosen_cells(results)
     seeds = sorted({c["seed"] for cells in by_arm.values() for c in cells})
     wall = sum(c["wall_s"] for c in results["cells"].values())
@@ -151,7 +175,7 @@ def study_section(results: dict, png: str | None) -> list[str]:
     ]
     for arm, cells in by_arm.items():
         traffic = [(c["bytes_up_per_round_node"] + c["bytes_down_per_round_node"]) / 1e6 for c in cells]
-        ref = _reference(results, arm)
+        ref = reference_arm(results, arm)
         ratios = (
             ("-", "-")
             if ref not in by_arm
@@ -180,6 +204,7 @@ def study_section(results: dict, png: str | None) -> list[str]:
         ),
     ]
     md += trend_section(results, by_arm)
+    md += gap_section(list(gaps))
     if png:
         md += ["", f"![{results['study']}]({png})"]
     return md + [""]
@@ -190,7 +215,7 @@ def trend_points(results: dict, by_arm: dict[str, list[dict]]) -> dict[str, list
     out: dict[str, list[tuple[float, list[float]]]] = {}
     for arm, cells in by_arm.items():
         spec = results["arms"][arm]
-        ref = _reference(results, arm)
+        ref = reference_arm(results, arm)
         if spec.get("series") and spec.get("x") and ref in by_arm:
             out.setdefault(spec["series"], []).append((float(spec["x"]), paired_ratios(cells, by_arm[ref])))
     return {k: sorted(v) for k, v in out.items()}
@@ -348,7 +373,8 @@ def write_page(out: Path, docs: Path, readme: Path | None = None) -> Path:
     for path in sorted(Path(out).glob("*.json")):
         results = json.loads(path.read_text())
         png = plot_study(results, docs / f"study_{results['study']}.png")
-        md += study_section(results, relative_path(png, docs) if png else None)
+        gaps = [json.loads(g.read_text()) for g in sorted((Path(out) / "gap").glob(f"{results['study']}-*.json"))]
+        md += study_section(results, relative_path(png, docs) if png else None, gaps)
     page = docs / "studies.md"
     page.write_text("\n".join(md).rstrip() + "\n")
     if readme is not None:

@@ -175,10 +175,10 @@ def test_micro_study_resumes_without_rerunning_a_cell(micro_study, monkeypatch):
 
 
 def _run_of(micro_study, cell) -> Path:
-    from bench.study import cell_run_name
+    from bench.study import cell_run_folder
 
     study, _, tmp = micro_study
-    return tmp / "out" / "runs" / cell_run_name(study, cell["arm"], cell["point"], cell["seed"], cell["overrides"])
+    return cell_run_folder(tmp / "out", study.name, cell)
 
 
 def _heldout_loss(model, cell, run: Path) -> float:
@@ -229,6 +229,42 @@ def test_gap_rebuilds_the_shared_start_and_compares_the_runs(micro_study):
     assert set(result["groups"]) == {"embedding", "attention", "norms", "router", "experts", "lm_head"}
     assert all(r["federated"] > 0 and r["centralized"] > 0 for r in result["groups"].values())
     assert set(result["by_owner"]) == {"0", "1"} and len(result["experts"]) == 4
+
+
+def test_gap_over_seeds_lists_groups_and_the_extreme_owners_in_seed_order():
+    from bench.gap import over_seeds
+
+    def result(router, owners):
+        return {
+            "groups": {"router": {"federated": router, "centralized": 1.0, "ratio": router}},
+            "by_owner": {n: {"federated": r, "centralized": 1.0, "ratio": r} for n, r in owners.items()},
+        }
+
+    summary = over_seeds({1: result(0.5, {"0": 0.9, "1": 0.7}), 0: result(0.25, {"0": 0.6, "1": 0.8})})
+    assert summary["seeds"] == [0, 1]
+    assert summary["rows"]["router"]["ratio"] == [0.25, 0.5]
+    assert summary["rows"]["experts, least-moved owner"]["ratio"] == [0.6, 0.7]
+    assert summary["rows"]["experts, most-moved owner"]["ratio"] == [0.8, 0.9]
+
+
+def test_gap_over_a_studys_seeds_pairs_the_best_point_with_the_same_seeds_reference(micro_study):
+    from bench.gap import compare, main
+
+    study, results, tmp = micro_study
+    out = tmp / "out"
+    assert main(["--study", "micro", "--arm", "spes", "--out", str(out)]) == 0
+    summary = json.loads((out / "gap" / "micro-spes.json").read_text())
+    assert summary["seeds"] == [0, 1] and summary["reference"] == "central"
+    spes = [c for c in results["cells"].values() if c["arm"] == "spes"]
+    chosen = next(c["point"] for c in spes if c["seed"] == 1)  # the point every seed ran
+    for i, seed in enumerate((0, 1)):
+        fed = next(c for c in spes if c["seed"] == seed and c["point"] == chosen)
+        central = next(c for c in results["cells"].values() if c["arm"] == "central" and c["seed"] == seed)
+        alone = compare(_run_of(micro_study, fed), _run_of(micro_study, central))
+        for group, r in alone["groups"].items():
+            assert summary["rows"][group]["ratio"][i] == pytest.approx(r["ratio"])
+    page = write_page(out, tmp / "docs").read_text()
+    assert "Where the gap goes, spes against central" in page and "| router |" in page
 
 
 def test_a_centralized_arm_with_a_federated_arms_overrides_is_run_too(tmp_path, monkeypatch):
