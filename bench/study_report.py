@@ -136,9 +136,13 @@ def gap_section(gaps: list[dict]) -> list[str]:
             "| group | moved, federated | moved, centralized | federated / centralized |",
             "|---|---:|---:|---:|",
         ]
+        # the JSON is written with sorted keys: show the groups in model order, then the owners
+        order = ["embedding", "attention", "norms", "router", "experts", "lm_head"]
+        labels = sorted(gap["rows"], key=lambda k: (order.index(k) if k in order else len(order), k))
         md += [
-            f"| {label} | {fmt_ms(r['federated'])} | {fmt_ms(r['centralized'])} | {fmt_ms(r['ratio'], '.3f')} |"
-            for label, r in gap["rows"].items()
+            f"| {k} | {fmt_ms(gap['rows'][k]['federated'])} | {fmt_ms(gap['rows'][k]['centralized'])} "
+            f"| {fmt_ms(gap['rows'][k]['ratio'], '.3f')} |"
+            for k in labels
         ]
     return md
 
