@@ -333,7 +333,7 @@ def readme_lines(results: dict) -> list[str]:
     head = f"- **{results['title']}** ({seeds} seed{'s' * (seeds > 1)}, `{' '.join(results['base'])}`){done}: "
     losses = {arm: fmt_ms([c["final_val_loss"] for c in cells]) for arm, cells in by_arm.items()}
     if ref is None:
-        return [head + "final held-out loss " + "; ".join(f"{arm} {loss}" for arm, loss in losses.items()) + "."]
+        return [head + _per_arm_references(results, by_arm, losses)]
     first = results.get("subject") or next(iter(by_arm))
     if first not in by_arm:
         return [head + f"no run of {first} yet."]
@@ -344,6 +344,25 @@ def readme_lines(results: dict) -> list[str]:
         flops = fmt_ms(paired_ratios(by_arm[first], by_arm[ref], equal_flops=True))
         parts.append(f"{first} / {ref} at equal training FLOPs {flops}")
     return [head + "final held-out loss at equal tokens " + "; ".join(parts) + "."]
+
+
+def _per_arm_references(results: dict, by_arm: dict[str, list[dict]], losses: dict[str, str]) -> str:
+    """Without a study reference: each arm over its own reference, and each series' fitted trend;
+    the bare losses where no arm has a reference."""
+    paired = [
+        f"{arm} / {ref} {fmt_ms(paired_ratios(cells, by_arm[ref]))}"
+        for arm, cells in by_arm.items()
+        if (ref := reference_arm(results, arm)) in by_arm
+    ]
+    if not paired:
+        return "final held-out loss " + "; ".join(f"{arm} {loss}" for arm, loss in losses.items()) + "."
+    trends = [
+        f"{series} {fit[1]:+.4f} ± {fit[2]:.4f}"
+        for series, points in trend_points(results, by_arm).items()
+        if (fit := fit_log_trend(points)) is not None
+    ]
+    slope = f"; slope of the ratio per 10x tokens {', '.join(trends)}" if trends else ""
+    return "final held-out loss over the reference, equal tokens: " + "; ".join(paired) + slope + "."
 
 
 def readme_block(out: Path) -> str:

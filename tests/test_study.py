@@ -77,6 +77,34 @@ def test_log_trend_recovers_a_line_and_its_sign():
     assert fit_log_trend([(1e5, [1.0])]) is None
 
 
+def test_readme_line_of_a_study_with_per_arm_references_gives_ratios_and_the_trend():
+    def cells(arm, losses):
+        return {f"{arm}{s}": {"arm": arm, "point": None, "seed": s, "final_val_loss": v} for s, v in enumerate(losses)}
+
+    arms = {
+        "a-small": {"reference": "c-small", "series": "a", "x": 1e5},
+        "a-big": {"reference": "c-big", "series": "a", "x": 1e6},
+        "c-small": {},
+        "c-big": {},
+    }
+    results = {
+        "title": "T",
+        "base": ["nodes=4"],
+        "arms": arms,
+        "seeds": [0, 1],
+        "cells": {
+            **cells("a-small", [4.4, 5.5]),
+            **cells("c-small", [4.0, 5.0]),
+            **cells("a-big", [3.6, 2.4]),
+            **cells("c-big", [3.0, 2.0]),
+        },
+    }
+    (line,) = readme_lines(results)
+    assert "a-small / c-small 1.1000 ± 0.0000" in line and "a-big / c-big 1.2000 ± 0.0000" in line
+    assert "per 10x tokens a +0.1000 ± 0.0000" in line  # 1.1 at 1e5, 1.2 at 1e6
+    assert "c-big /" not in line
+
+
 def test_rounds_to_target_interpolates_between_rounds():
     assert rounds_to([7.0, 6.0, 5.0, 4.0], 4.5) == pytest.approx(2.5)
     assert rounds_to([7.0, 6.0], 5.0) is None
