@@ -184,14 +184,17 @@ def gap_over_seeds(out: Path, study: str, arm: str) -> dict:
             f"no final model in {', '.join(missing)} (run folders are not committed): run a copy of the study "
             f"YAML holding only {arm} and {ref} with --out DIR, then bench.gap --out DIR"
         )
-    per_seed = {}
+    per_seed, final = {}, {"federated": [], "centralized": []}
     for seed, fed, central in pairs:
         print(f"[gap] {study} {arm} seed {seed}", flush=True)
         per_seed[seed] = compare(fed, central)
+        for side, run in (("federated", fed), ("centralized", central)):
+            final[side].append(json.loads((run / "summary.json").read_text())["final_val_loss"])
     return {
         "study": study,
         "arm": arm,
         "reference": ref,
+        "final_val_loss": final,
         **over_seeds(per_seed),
         "per_seed": {str(s): r for s, r in per_seed.items()},
     }

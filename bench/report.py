@@ -105,17 +105,20 @@ def compute_ratios(results: dict) -> dict[str, float]:
     return out
 
 
-def machine_info() -> dict:
-    import torch
-
-    cpu = "unknown CPU"
+def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return "unknown CPU"
+
+
+def machine_info() -> dict:
+    import torch
+
+    cpu = cpu_model()
     mem_gb = None
     try:
         kb = next(int(x.split()[1]) for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemTotal"))

@@ -9,7 +9,11 @@ A study (conf/study/<name>.yaml) is a base of Hydra overrides, seeds, and arms. 
 optionally, a grid of alternatives (e.g. learning rates). A grid is searched on the first seed; the
 point with the lowest final held-out loss is then run with every seed, so each arm is compared at
 its best ("best vs best"). A seed changes the model init, the data order and the shard assignment;
-the held-out split is the same for every seed (a hash of each document).
+the held-out split is the same for every seed (a hash of each document). A cell's run is
+bit-identical when repeated on the same machine; repeated on another machine of the same class,
+a tiny SPES run of 2 M tokens differed in the fourth decimal after round 1 and ended 1-2 % apart
+(within the spread over seeds): float-level differences, most likely the CPU's kernels. So each
+cell records its CPU model and the page lists them.
 
 Every finished cell (arm, grid point, seed) is written to benchmarks/studies/<name>.json at once with
 its full overrides and numbers, so an interrupted study continues where it stopped. Run directories
@@ -125,6 +129,7 @@ def run_cell(
 ) -> dict:
     """Train one cell; its record (overrides, losses by round, tokens, bytes, FLOPs, wall time)."""
     from bench import centralized
+    from bench.report import cpu_model
     from engine import inprocess
     from engine.simulate import node_environment
     from server_app.config import load
@@ -164,6 +169,8 @@ def run_cell(
         "tokens_per_s_node": summary["tokens_per_s_node"],
         "wall_s": time.time() - t0,
         "commit": commit,
+        # the engine is bit-deterministic on one CPU model only: other kernels round differently
+        "cpu": cpu_model(),
     }
 
 

@@ -130,7 +130,9 @@ def gap_section(gaps: list[dict]) -> list[str]:
                 f"{gap['study']} --arm {gap['arm']}`, seeds {gap['seeds']}): how far each run moved each parameter "
                 "group from their shared start, ||w - w0|| / ||w0||, and the federated run's over the centralized "
                 "run's, paired by seed. A group moved much less learned less there; a movement locates, it does "
-                "not attribute."
+                "not attribute. The runs compared end at held-out loss "
+                f"{fmt_ms(gap['final_val_loss']['federated'])} and {fmt_ms(gap['final_val_loss']['centralized'])}"
+                " (runs made again from the study's cells end where the cells did only on the same CPU model)."
             ),
             "",
             "| group | moved, federated | moved, centralized | federated / centralized |",
@@ -152,6 +154,7 @@ def study_section(results: dict, png: str | None, gaps: list[dict] = ()) -> list
     seeds = sorted({c["seed"] for cells in by_arm.values() for c in cells})
     wall = sum(c["wall_s"] for c in results["cells"].values())
     commits = sorted({c.get("commit") or "?" for c in results["cells"].values()})
+    cpus = sorted({c.get("cpu") or "a CPU not recorded" for c in results["cells"].values()})
     md = [
         f"## {results['title']}",
         "",
@@ -160,7 +163,7 @@ def study_section(results: dict, png: str | None, gaps: list[dict] = ()) -> list
         (
             f"Regenerate: `python -m bench.study {results['study']}` (resumable). Base: `{' '.join(results['base'])}`; "
             f"seeds {seeds}; {len(results['cells'])} runs, {wall / 3600:.2f} h of run time; code at "
-            f"{', '.join(f'`{c}`' for c in commits)}; last written {results['date']}."
+            f"{', '.join(f'`{c}`' for c in commits)}; on {', '.join(cpus)}; last written {results['date']}."
         ),
         "",
         progress_line(results),

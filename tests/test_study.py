@@ -283,6 +283,9 @@ def test_gap_over_a_studys_seeds_pairs_the_best_point_with_the_same_seeds_refere
     assert main(["--study", "micro", "--arm", "spes", "--out", str(out)]) == 0
     summary = json.loads((out / "gap" / "micro-spes.json").read_text())
     assert summary["seeds"] == [0, 1] and summary["reference"] == "central"
+    assert summary["final_val_loss"]["centralized"] == [
+        c["final_val_loss"] for c in sorted(results["cells"].values(), key=lambda c: c["seed"]) if c["arm"] == "central"
+    ]
     spes = [c for c in results["cells"].values() if c["arm"] == "spes"]
     chosen = next(c["point"] for c in spes if c["seed"] == 1)  # the point every seed ran
     for i, seed in enumerate((0, 1)):
