@@ -9,8 +9,8 @@ With --study, each seed's run of the arm is paired with the same seed's run of t
 the figures over seeds go to benchmarks/studies/gap/<study>-<arm>.json, which the study page shows.
 Run folders are not committed: where they are gone, run a copy of the study's YAML (same file name)
 that holds only the two arms with `python -m bench.study COPY.yaml --out DIR --docs OTHER_DIR`
-(on the same machine the same losses; on another close, not bit-equal: see bench/study.py), then `python -m bench.gap --study NAME --arm ARM --out DIR --json
-benchmarks/studies/gap/NAME-ARM.json`.
+(on the same machine the same losses; on another close, not bit-equal: see bench/study.py), then
+`python -m bench.gap --study NAME --arm ARM --out DIR --json benchmarks/studies/gap/NAME-ARM.json`.
 
 Both runs start from the same model (the same preset and seed: `bench.centralized` builds it as the
 coordinator does), and each leaves its final model in `model/`. For every parameter group
