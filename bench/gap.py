@@ -159,8 +159,9 @@ def study_pairs(out: Path, study: str, arm: str) -> tuple[str, list[tuple[int, P
 
 
 def over_seeds(per_seed: dict[int, dict]) -> dict:
-    """Per group, and for the least- and most-moved owner's experts, each seed's federated and
-    centralized movement and their ratio, as lists in seed order."""
+    """Rows in model order (each group, then the least- and most-moved owner's experts) with each
+    seed's federated and centralized movement and their ratio, as lists in seed order. A list, not a
+    mapping: the JSON is written with sorted keys and the page keeps this order."""
     seeds = sorted(per_seed)
     rows: dict[str, dict[str, list[float]]] = {}
     for seed in seeds:
@@ -173,7 +174,7 @@ def over_seeds(per_seed: dict[int, dict]) -> dict:
             row = rows.setdefault(label, {"federated": [], "centralized": [], "ratio": []})
             for k in row:
                 row[k].append(r[k])
-    return {"seeds": seeds, "rows": rows}
+    return {"seeds": seeds, "rows": [{"label": label, **row} for label, row in rows.items()]}
 
 
 def gap_over_seeds(out: Path, study: str, arm: str) -> dict:

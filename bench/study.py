@@ -169,7 +169,7 @@ def run_cell(
         "tokens_per_s_node": summary["tokens_per_s_node"],
         "wall_s": time.time() - t0,
         "commit": commit,
-        # the engine is bit-deterministic on one CPU model only: other kernels round differently
+        # a rerun repeats a cell's bits only on the same machine (see the module's docstring)
         "cpu": cpu_model(),
     }
 

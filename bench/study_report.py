@@ -132,19 +132,15 @@ def gap_section(gaps: list[dict]) -> list[str]:
                 "run's, paired by seed. A group moved much less learned less there; a movement locates, it does "
                 "not attribute. The runs compared end at held-out loss "
                 f"{fmt_ms(gap['final_val_loss']['federated'])} and {fmt_ms(gap['final_val_loss']['centralized'])}"
-                " (runs made again from the study's cells end where the cells did only on the same CPU model)."
+                " (runs made again from the study's cells end where the cells did only on the same machine)."
             ),
             "",
             "| group | moved, federated | moved, centralized | federated / centralized |",
             "|---|---:|---:|---:|",
         ]
-        # the JSON is written with sorted keys: show the groups in model order, then the owners
-        order = ["embedding", "attention", "norms", "router", "experts", "lm_head"]
-        labels = sorted(gap["rows"], key=lambda k: (order.index(k) if k in order else len(order), k))
         md += [
-            f"| {k} | {fmt_ms(gap['rows'][k]['federated'])} | {fmt_ms(gap['rows'][k]['centralized'])} "
-            f"| {fmt_ms(gap['rows'][k]['ratio'], '.3f')} |"
-            for k in labels
+            f"| {r['label']} | {fmt_ms(r['federated'])} | {fmt_ms(r['centralized'])} | {fmt_ms(r['ratio'], '.3f')} |"
+            for r in gap["rows"]
         ]
     return md
 

@@ -270,9 +270,15 @@ def test_gap_over_seeds_lists_groups_and_the_extreme_owners_in_seed_order():
 
     summary = over_seeds({1: result(0.5, {"0": 0.9, "1": 0.7}), 0: result(0.25, {"0": 0.6, "1": 0.8})})
     assert summary["seeds"] == [0, 1]
-    assert summary["rows"]["router"]["ratio"] == [0.25, 0.5]
-    assert summary["rows"]["experts, least-moved owner"]["ratio"] == [0.6, 0.7]
-    assert summary["rows"]["experts, most-moved owner"]["ratio"] == [0.8, 0.9]
+    rows = {r["label"]: r for r in summary["rows"]}
+    assert [r["label"] for r in summary["rows"]] == [
+        "router",
+        "experts, least-moved owner",
+        "experts, most-moved owner",
+    ]
+    assert rows["router"]["ratio"] == [0.25, 0.5]
+    assert rows["experts, least-moved owner"]["ratio"] == [0.6, 0.7]
+    assert rows["experts, most-moved owner"]["ratio"] == [0.8, 0.9]
 
 
 def test_gap_over_a_studys_seeds_pairs_the_best_point_with_the_same_seeds_reference(micro_study):
@@ -282,6 +288,7 @@ def test_gap_over_a_studys_seeds_pairs_the_best_point_with_the_same_seeds_refere
     out = tmp / "out"
     assert main(["--study", "micro", "--arm", "spes", "--out", str(out)]) == 0
     summary = json.loads((out / "gap" / "micro-spes.json").read_text())
+    rows = {r["label"]: r for r in summary["rows"]}
     assert summary["seeds"] == [0, 1] and summary["reference"] == "central"
     assert summary["final_val_loss"]["centralized"] == [
         c["final_val_loss"] for c in sorted(results["cells"].values(), key=lambda c: c["seed"]) if c["arm"] == "central"
@@ -293,7 +300,7 @@ def test_gap_over_a_studys_seeds_pairs_the_best_point_with_the_same_seeds_refere
         central = next(c for c in results["cells"].values() if c["arm"] == "central" and c["seed"] == seed)
         alone = compare(_run_of(micro_study, fed), _run_of(micro_study, central))
         for group, r in alone["groups"].items():
-            assert summary["rows"][group]["ratio"][i] == pytest.approx(r["ratio"])
+            assert rows[group]["ratio"][i] == pytest.approx(r["ratio"])
     page = write_page(out, tmp / "docs").read_text()
     assert "Where the gap goes, spes against central" in page and "| router |" in page
 
