@@ -7,6 +7,7 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord
 
+from common import sparse
 from common.codec import (
     Codec,
     DecodeError,
@@ -235,3 +236,33 @@ def test_a_dtype_outside_the_accepted_ones_is_refused():
     record = ArrayRecord({"w": Array(dtype="complex64", shape=(2,), stype="numpy.ndarray", data=data)})
     with pytest.raises(DecodeError, match="dtype complex64 is not accepted"):
         decode(record)
+
+
+@pytest.mark.parametrize(
+    ("setting", "reason"),
+    [
+        ({"block": -1}, "int8 block must be an integer >= 0"),
+        ({"block": True}, "int8 block must be an integer >= 0"),
+        ({"block": 2.0}, "int8 block must be an integer >= 0"),
+        ({"chunk": 0}, "top-k chunk must be an integer >= 1"),
+        ({"chunk": True}, "top-k chunk must be an integer >= 1"),
+        ({"chunk": 1.5}, "top-k chunk must be an integer >= 1"),
+        ({"chunk": "8"}, "top-k chunk must be an integer >= 1"),
+        ({"fraction": 0}, r"top-k fraction must be in \(0, 1\]"),
+        ({"fraction": 1.5}, r"top-k fraction must be in \(0, 1\]"),
+        ({"fraction": "1"}, r"top-k fraction must be in \(0, 1\]"),
+    ],
+)
+def test_a_codec_refuses_settings_outside_their_range(setting, reason):
+    with pytest.raises(ValueError, match=reason):
+        Codec("topk2", **setting)
+
+
+def test_a_codec_takes_the_edges_of_its_ranges():
+    """One element per chunk, all of it kept, one int8 scale per row: the smallest settings allowed."""
+    assert Codec("topk4", chunk=1, fraction=1).topk == sparse.TopK(1, 1.0, 4)
+    assert Codec("int8", block=0).block_len((3, 5)) == 5
+    one = Codec("topk4", chunk=1, fraction=1)  # each element its own chunk and its own scale
+    t = torch.randn(7)
+    back = decode_delta(encode_delta({"w": t}, one), {"w": t}, one)["w"]
+    assert (back - t).abs().le(t.abs() / 16 * (1 + 1e-6)).all() and back.ne(0).all()  # the documented bound

@@ -205,6 +205,27 @@ def test_sharded_experts_keep_their_ownership_and_storage():
         m.set_owned(OWNED, torch.bfloat16)
 
 
+def test_sharded_experts_compute_with_the_parameters_fsdp_gives_them():
+    """Once FSDP owns the parameters (new storage, not views of the blocks), the grouped GEMM
+    stacks the experts' current weights: the loop's logits and gradients, new values included."""
+    model = build_model(ARGS, VOCAB, owned=OWNED, seed=0)
+    g = torch.Generator().manual_seed(7)
+    for m in expert_modules(model):
+        m.sharded = True  # as training/parallel.py marks them
+        for e in range(m.num_experts):
+            for lin in (m[e].gate_proj, m[e].up_proj, m[e].down_proj):
+                fresh = torch.randn(lin.weight.shape, generator=g) * 0.2
+                lin.weight = torch.nn.Parameter(fresh, requires_grad=e in OWNED)
+    x = torch.randint(0, VOCAB, (3, 20), generator=torch.Generator().manual_seed(1))
+    ref_logits, ref_grads = logits_and_grads(model, "loop", x)
+    logits, grads = logits_and_grads(model, "grouped", x)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+    names = [n for n, _ in model.named_parameters()]
+    assert grads.keys() == ref_grads.keys() and set(expert_param_names(names, OWNED)) <= grads.keys()
+    for n in ref_grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-5, atol=1e-5, msg=n)
+
+
 def test_bf16_frozen_experts_take_fp32_activations_without_autocast():
     """Frozen experts stored in bf16, an fp32 model around them and no autocast (a CPU node's
     precision=bf16): each expert casts its input to its own dtype and the layer adds its output

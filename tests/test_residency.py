@@ -105,3 +105,67 @@ def test_a_returning_expert_gets_storage_to_load_and_an_owned_one_cannot_be_abse
         set_absent_experts(part, [0], "drop")
     set_experts_implementation(part, "loop")
     assert torch.isfinite(part(input_ids=x).logits).all()
+
+
+class _Vocab:
+    """What a node's model needs of a tokenizer when the tokens are given: its size and ids."""
+
+    eos_token_id = pad_token_id = 0
+
+    def __len__(self) -> int:
+        return VOCAB
+
+
+def _eval_node(tmp_path, *overrides):
+    """A node scoring 8 given blocks of 16 next tokens, 4 a batch, with an 8-expert top-2 model."""
+    from client_app.local_round import NodeContext
+    from common.spec import from_dict
+    from server_app.config import compose
+
+    model = ["model.hidden_size=32", "model.expert_ffn=16", "model.num_layers=2", "model.num_experts=8"]
+    spec = from_dict(compose([*model, "model.top_k=2", "eval.batch_size=4", "eval.max_batches=2", *overrides]))
+    blocks = torch.randint(1, VOCAB, (8, 17), generator=torch.Generator().manual_seed(5))
+    return NodeContext(spec, _Vocab(), tmp_path / "node0", 0, 1, progress=False, blocks=(blocks, blocks))
+
+
+def _loud_experts(spec):
+    """The model's state with expert weights of std 1, not the init's 0.02: its loss then hangs on
+    what the experts compute (at init a model scores about ln(vocab) whatever they hold)."""
+    g = torch.Generator().manual_seed(6)
+    state = build_model(spec.model, VOCAB, seed=0).state_dict()
+    return {n: torch.randn(t.shape, generator=g) if parse_expert_param(n) else t for n, t in state.items()}
+
+
+def test_a_node_scores_the_model_as_it_holds_it_routing_past_its_absent_experts(tmp_path):
+    """Under the mask policy a node without some experts scores as the whole model does when its
+    router is biased away from those experts: the same picks, the same weights."""
+    from client_app.local_round import run_local_eval
+
+    ctx = _eval_node(tmp_path, "strategy.absent_policy=mask")
+    spec = ctx.spec
+    whole = _loud_experts(spec)
+    absent = [[0, 3, 6], [2, 5]]  # per layer
+    held = {n: t for n, t in whole.items() if (e := parse_expert_param(n)) is None or e.expert not in absent[e.layer]}
+    away = torch.zeros(2, 8)
+    for layer, row in enumerate(absent):
+        away[layer, row] = -10.0  # router probabilities are in [0, 1]: never picked
+
+    loss, tokens = run_local_eval(ctx, held, None, absent)
+    want, want_tokens = run_local_eval(ctx, whole, router_bias=away)
+    assert tokens == want_tokens == 2 * spec.eval.batch_size * 16
+    assert loss == pytest.approx(want, rel=1e-5)
+    assert abs(loss - run_local_eval(ctx, whole)[0]) > 1e-2  # the absent experts mattered
+
+
+def test_a_node_training_in_bf16_scores_the_received_model_in_fp32(tmp_path):
+    """bf16 is how a node trains (frozen experts stored in bf16 under autocast); its score of the
+    received fp32 model is the fp32 model's, as the coordinator's evaluation would compute it."""
+    from client_app.local_round import run_local_eval
+    from training.trainer import evaluate
+
+    ctx = _eval_node(tmp_path, "train.precision=bf16")
+    model = build_model(ctx.spec.model, VOCAB, seed=0)
+    model.load_state_dict(_loud_experts(ctx.spec))
+    loss, tokens = run_local_eval(ctx, model.state_dict())
+    want, want_tokens = evaluate(model, ctx.blocks[1], 4, 2, torch.device("cpu"))
+    assert tokens == want_tokens and loss == pytest.approx(want, rel=1e-6)

@@ -107,6 +107,7 @@ def test_router_bias_changes_the_choice_not_the_gate_values_and_stays_out_of_the
 
 def test_router_bias_is_kept_in_float32_whatever_it_came_as():
     model = build_model(ARGS, VOCAB, seed=0)
+    assert router_bias(model) == [None, None]  # never biased: it routes plainly
     for bias in ([[0, 1, 0, 0], [0, 0, 2, 0]], torch.zeros(2, 4, dtype=torch.float64)):
         set_router_bias(model, bias)
         assert all(b.dtype == torch.float32 for b in router_bias(model))

@@ -164,10 +164,13 @@ def _record(codec: Codec, t: torch.Tensor, **replace) -> ArrayRecord:
 
 HOSTILE = {
     "short values": ({"": np.zeros(1, np.uint8)}, r"w#topk2: got \(1,\) uint8, expected \(2,\)"),
-    "long index": ({"_index": np.zeros(10**4, np.uint8)}, "expected"),
+    "long index": ({"_index": np.zeros(10**4, np.uint8)}, r"w#topk2-index: got \(10000,\) uint8, expected"),
     "nan scale": ({"_scale": np.array([np.nan, 1.0], np.float32)}, "finite"),
     "negative scale": ({"_scale": np.array([1.0, -1.0], np.float32)}, ">= 0"),
-    "scale as int": ({"_scale": np.array([1, 1], np.int32)}, "float32"),
+    "scale as int": (
+        {"_scale": np.array([1, 1], np.int32)},
+        r"w#topk2-scale: got \(2,\) int32, expected \(2,\) float32",
+    ),
 }
 
 

@@ -284,6 +284,33 @@ def test_an_fp32_move_is_exact_so_an_unchanged_tensor_never_moves_again(flower_t
     assert vd.version == {"w": 1}  # no second move
 
 
+def test_a_lossy_move_brings_the_shadow_within_the_codecs_error_and_the_rest_follows():
+    """int8 per row: the shadow lands within max|difference| / 254 of the global value in each row,
+    and what it dropped is the next round's move (the coordinator's error feedback). A node one
+    version behind gets that move; one two behind gets the value whole."""
+    from strategy.versions import VersionedDownlink
+
+    g = torch.Generator().manual_seed(8)
+    current = torch.randn(4, 8, generator=g)
+    target = current + torch.randn(4, 8, generator=g)
+    vd = VersionedDownlink(Codec("int8"), Codec("int8"))
+    vd.refresh({"w": current}, lambda name: None)
+    for pid in (0, 1):
+        vd.message(pid, full=False)
+        vd.commit(pid, True, 1)  # both hold version 0
+    vd.refresh({"w": target}, lambda name: None)
+    err = (vd.shadow["w"] - target).abs()
+    assert (err <= (target - current).abs().amax(dim=1, keepdim=True) / 254 * (1 + 1e-5)).all()
+    assert err.max() > 0 and vd.version == {"w": 1}
+    vd.message(1, full=False)
+    vd.commit(1, True, 2)  # node 1 holds version 1, node 0 still 0
+    vd.refresh({"w": target}, lambda name: None)
+    assert vd.version == {"w": 2} and (vd.shadow["w"] - target).abs().max() < err.max() / 10
+    assert set(vd.message(1, full=False)[0]) == set(vd.moves["w"].arrays) and "w" not in vd.moves["w"].arrays
+    whole, base, _ = vd.message(0, full=False)
+    assert set(whole) == {"w"} and base == 1 and torch.equal(torch.from_numpy(whole["w"].numpy()), vd.shadow["w"])
+
+
 def test_versioned_downlink_resends_whole_what_a_node_fell_behind_on(flower_task):
     from strategy.versions import VersionedDownlink
 

@@ -234,3 +234,47 @@ def test_a_node_trains_on_its_own_disjoint_shard_or_on_all_of_its_own_data(tmp_p
     mine = NodeContext(spec, tok, tmp_path / "p2", 2, 3, data_source=str(own), progress=False)
     want, _ = prepare_blocks(dataclasses.replace(spec.data, source=str(own)), tok, tmp_path / "data-cache")
     assert torch.equal(_data(mine)[0], node_shard(want, 0, 1, spec.data.partition, spec.data.seed))
+
+
+def test_a_fragment_round_takes_only_its_fragments_update_and_merges_only_its_layers(flower_task):
+    """Two fragments, round 1 syncs fragment 0 (layer 0 and the embeddings): each node's update of
+    exactly those is taken, fragment 1 does not move, and a merge due at the round touches layer 0's
+    experts only. At round 2 (fragment 1) the same updates name tensors not expected."""
+    from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+
+    from common.codec import encode_delta, to_record
+    from faults.cases import _toy_params
+    from model.naming import expert_param_names, fragment_of, shared_param_names
+    from strategy.spes import SpesStrategy
+
+    merge = MergeSchedule(alpha_start=0.5, decay_steps=1000, interval=5, top_k=1)
+    cfg = StrategyConfig(local_steps=5, merge=merge, delta_sync=True, fragments=2)
+    s = SpesStrategy(cfg, 4, {10: 0, 11: 1}, num_rounds=3, num_layers=2)
+    s.initialize(_toy_params(0))
+    names, before = list(s.params), {n: t.clone() for n, t in s.params.items()}
+
+    def replies(rnd: int) -> list[Message]:
+        out = []
+        for msg in s.configure_train(rnd, None, ConfigRecord({}), None):
+            p = msg.metadata.dst_node_id - 10
+            mine = shared_param_names(names) + expert_param_names(names, s.experts_of(p))
+            moves = {n: torch.full_like(s.params[n], 0.01 * (p + 1)) for n in mine if fragment_of(n, 2) == 0}
+            metrics = MetricRecord({"num-tokens": 10.0})
+            out.append(
+                Message(
+                    RecordDict({"arrays": to_record(encode_delta(moves, cfg.uplink)), "metrics": metrics}), reply_to=msg
+                )
+            )
+        return out
+
+    s.aggregate_train(1, replies(1))
+    record = s.history[-1]
+    assert record.applied and record.merge_alpha > 0
+    assert all(torch.equal(s.params[n], before[n]) for n in names if fragment_of(n, 2) == 1)
+    embed = "model.embed_tokens.weight"  # shared, fragment 0: the nodes' mean move, 0.015
+    torch.testing.assert_close(s.params[embed], before[embed] + 0.015)
+    layer0 = expert_param_names([n for n in names if fragment_of(n, 2) == 0], range(4))
+    assert all(not torch.equal(s.params[n], before[n]) for n in layer0)  # each moved: owner's move, merge
+    s.aggregate_train(2, replies(2))
+    assert not s.history[-1].applied
+    assert all("unexpected" in n["status"] for n in s.history[-1].nodes.values())
