@@ -242,6 +242,7 @@ def test_a_fragment_round_takes_only_its_fragments_update_and_merges_only_its_la
     experts only. At round 2 (fragment 1) the same updates name tensors not expected."""
     from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
+    from common import keys
     from common.codec import encode_delta, to_record
     from faults.cases import _toy_params
     from model.naming import expert_param_names, fragment_of, shared_param_names
@@ -256,6 +257,7 @@ def test_a_fragment_round_takes_only_its_fragments_update_and_merges_only_its_la
     def replies(rnd: int) -> list[Message]:
         out = []
         for msg in s.configure_train(rnd, None, ConfigRecord({}), None):
+            assert msg.content["config"][keys.SYNC_FRAGMENT] == rnd - 1
             p = msg.metadata.dst_node_id - 10
             mine = shared_param_names(names) + expert_param_names(names, s.experts_of(p))
             moves = {n: torch.full_like(s.params[n], 0.01 * (p + 1)) for n in mine if fragment_of(n, 2) == 0}
@@ -269,12 +271,12 @@ def test_a_fragment_round_takes_only_its_fragments_update_and_merges_only_its_la
 
     s.aggregate_train(1, replies(1))
     record = s.history[-1]
-    assert record.applied and record.merge_alpha > 0
+    assert record.applied and record.merge_alpha > 0 and record.fragment == 0
     assert all(torch.equal(s.params[n], before[n]) for n in names if fragment_of(n, 2) == 1)
     embed = "model.embed_tokens.weight"  # shared, fragment 0: the nodes' mean move, 0.015
     torch.testing.assert_close(s.params[embed], before[embed] + 0.015)
     layer0 = expert_param_names([n for n in names if fragment_of(n, 2) == 0], range(4))
     assert all(not torch.equal(s.params[n], before[n]) for n in layer0)  # each moved: owner's move, merge
     s.aggregate_train(2, replies(2))
-    assert not s.history[-1].applied
+    assert not s.history[-1].applied and s.history[-1].fragment == 1
     assert all("unexpected" in n["status"] for n in s.history[-1].nodes.values())
