@@ -148,6 +148,10 @@ def test_one_node_of_three_cannot_move_the_federation_load():
     # medians [0.4, 0.4, 0.0] sum to 0.8: renormalised to shares
     three = [([row], 1.0) for row in ([0.6, 0.4, 0.0], [0.4, 0.6, 0.0], [0.0, 0.4, 0.6])]
     assert robust_load(three)[0] == pytest.approx([0.5, 0.5, 0.0])
+    # NaN: an expert a node does not hold; one no reporting node holds has no load at all
+    nan = float("nan")
+    held = [([row], 1.0) for row in ([0.6, 0.4, nan], [0.4, 0.6, nan], [0.5, 0.5, nan])]
+    assert robust_load(held)[0] == pytest.approx([0.5, 0.5, 0.0])
     assert robust_load([]) is None
 
 

@@ -204,6 +204,24 @@ def test_the_guards_reason_names_clipping_and_disagreement_only_where_they_were(
     assert out.dropped[2].endswith("bar 1.02") and "clipped" not in out.dropped[2] and "cosine" not in out.dropped[2]
 
 
+def test_a_merge_point_reaches_each_fragment_at_its_next_turn():
+    """With F fragments a round's sync covers what its fragment trained since its last turn, the
+    steps (global_step - (F - 1) H, global_step + H]: a merge point there is applied, once per fragment."""
+    from faults.cases import _toy_params
+
+    params = _toy_params(0)
+    updates = {0: ({n: torch.zeros_like(t) for n, t in params.items()}, 1.0)}
+
+    def merges(global_step: int, local_steps: int, fragments: int, interval: int) -> bool:
+        merge = MergeSchedule(alpha_start=0.5, decay_steps=1000, interval=interval, top_k=1)
+        cfg = StrategyConfig(local_steps=local_steps, merge=merge, delta_sync=True, fragments=fragments)
+        return accept_round(params, updates, lambda n: {0}, OuterOptimizer(), cfg, global_step, 1).alpha > 0
+
+    # H = 5, two fragments, merge points at 12, 24, 36: windows (0, 5], (0, 10], (5, 15], (10, 20], ...
+    assert [merges(g, 5, 2, 12) for g in range(0, 40, 5)] == [False, False, True, True, True, True, False, True]
+    assert merges(0, 1, 1, 1)  # a merge point every step: the first round's step 1 is one
+
+
 # What a node trains on (client_app.local_round._data): its data is checked the same way.
 def test_a_node_trains_on_its_own_disjoint_shard_or_on_all_of_its_own_data(tmp_path):
     from collections import Counter
