@@ -241,9 +241,6 @@ def test_a_dtype_outside_the_accepted_ones_is_refused():
 @pytest.mark.parametrize(
     ("setting", "reason"),
     [
-        ({"block": -1}, "int8 block must be an integer >= 0"),
-        ({"block": True}, "int8 block must be an integer >= 0"),
-        ({"block": 2.0}, "int8 block must be an integer >= 0"),
         ({"chunk": 0}, "top-k chunk must be an integer >= 1"),
         ({"chunk": True}, "top-k chunk must be an integer >= 1"),
         ({"chunk": 1.5}, "top-k chunk must be an integer >= 1"),
@@ -266,3 +263,21 @@ def test_a_codec_takes_the_edges_of_its_ranges():
     t = torch.randn(7)
     back = decode_delta(encode_delta({"w": t}, one), {"w": t}, one)["w"]
     assert (back - t).abs().le(t.abs() / 16 * (1 + 1e-6)).all() and back.ne(0).all()  # the documented bound
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_an_npy_header_is_read_up_to_10000_bytes_and_no_longer(version):
+    """numpy's own guard against headers too long to parse safely, at the bound the codec sets."""
+    import struct
+
+    def array(length: int) -> Array:
+        header = "{'descr': '<f4', 'fortran_order': False, 'shape': (2,), }"
+        header = (header + " " * (length - len(header) - 1) + "\n").encode()
+        size = struct.pack("<H", length) if version == 1 else struct.pack("<I", length)
+        data = b"\x93NUMPY" + bytes((version, 0)) + size + header + np.float32([1.5, -2.0]).tobytes()
+        return Array(dtype="float32", shape=(2,), stype="numpy.ndarray", data=data)
+
+    got = decode(ArrayRecord({"w": array(10_000)}), {"w": torch.zeros(2)})["w"]
+    assert torch.equal(got, torch.tensor([1.5, -2.0]))
+    with pytest.raises(DecodeError, match=r"^w: broken .npy header .*Header info length \(10001\)"):
+        decode(ArrayRecord({"w": array(10_001)}), {"w": torch.zeros(2)})
