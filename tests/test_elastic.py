@@ -260,3 +260,28 @@ def test_residency_is_due_every_n_rounds_and_an_owner_change_elsewhere_is_not_mi
     load2 = [[0.5, 0.25, 0.25, 0.0], [0.1, 0.2, 0.3, 0.4]]
     assert absent_share(load2, [[2, 3], [0]]) == {"absent_share": (0.25 + 0.1) / 2}
     assert absent_share(load2, [[], []]) == absent_share(None, [[1], [1]]) == absent_share(load2, None) == {}
+
+
+def test_an_experts_federation_load_comes_from_the_nodes_that_hold_it(flower_task):
+    """Partial residency (owned, mask): a node routes no token to an expert it does not hold and
+    reports 0 there; the federation's median is over the holders, not over those zeros."""
+    from pytest import approx
+
+    from common import keys
+
+    _task_identity()
+    cfg = StrategyConfig(local_steps=5, merge=MergeSchedule(enabled=False), residency="owned", absent_policy="mask")
+    s = SpesStrategy(cfg, E, {10: 0, 11: 1, 12: 2}, num_rounds=3, num_layers=2)
+    msgs = list(s.configure_train(1, encode(_toy_params(0)), ConfigRecord({}), None))
+    assert s.owners == {0: (0, 1), 1: (2,), 2: (3,)}
+    loads = {0: [0.6, 0.4, 0.0, 0.0], 1: [0.0, 0.0, 1.0, 0.0], 2: [0.0, 0.0, 0.0, 1.0]}
+    replies = []
+    for msg in msgs:
+        pid = msg.metadata.dst_node_id - 10
+        names = shared_param_names(s.params) + expert_param_names(s.params, s.owners[pid])
+        metrics = MetricRecord({"num-tokens": 10.0, keys.EXPERT_LOAD: loads[pid] * 2})
+        update = encode({n: s.params[n] + 0.01 for n in names})
+        replies.append(Message(RecordDict({"arrays": update, "metrics": metrics}), reply_to=msg))
+    s.aggregate_train(1, replies)
+    # Each expert has one holder: medians 0.6, 0.4, 1, 1, renormalised to shares.
+    assert s.history[-1].applied and s.balance.load == [approx([0.2, 0.4 / 3, 1 / 3, 1 / 3])] * 2
