@@ -274,6 +274,10 @@ def test_an_experts_federation_load_comes_from_the_nodes_that_hold_it(flower_tas
     s = SpesStrategy(cfg, E, {10: 0, 11: 1, 12: 2}, num_rounds=3, num_layers=2)
     msgs = list(s.configure_train(1, encode(_toy_params(0)), ConfigRecord({}), None))
     assert s.owners == {0: (0, 1), 1: (2,), 2: (3,)}
+    chosen = [e for e in s.events if e["event"] == "residency"]
+    assert chosen == [
+        {"round": 1, "event": "residency", "partition": p, "experts": [list(s.owners[p])] * 2} for p in range(3)
+    ]
     loads = {0: [0.6, 0.4, 0.0, 0.0], 1: [0.0, 0.0, 1.0, 0.0], 2: [0.0, 0.0, 0.0, 1.0]}
     replies = []
     for msg in msgs:
