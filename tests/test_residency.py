@@ -116,8 +116,8 @@ class _Vocab:
         return VOCAB
 
 
-def _eval_node(tmp_path, *overrides):
-    """A node scoring 8 given blocks of 16 next tokens, 4 a batch, with an 8-expert top-2 model."""
+def _node(tmp_path, *overrides):
+    """A node of an 8-expert top-2 model given 8 blocks of 16 next tokens (scored 4 a batch)."""
     from client_app.local_round import NodeContext
     from common.spec import from_dict
     from server_app.config import compose
@@ -141,7 +141,7 @@ def test_a_node_scores_the_model_as_it_holds_it_routing_past_its_absent_experts(
     router is biased away from those experts: the same picks, the same weights."""
     from client_app.local_round import run_local_eval
 
-    ctx = _eval_node(tmp_path, "strategy.absent_policy=mask")
+    ctx = _node(tmp_path, "strategy.absent_policy=mask")
     spec = ctx.spec
     whole = _loud_experts(spec)
     absent = [[0, 3, 6], [2, 5]]  # per layer
@@ -163,9 +163,24 @@ def test_a_node_training_in_bf16_scores_the_received_model_in_fp32(tmp_path):
     from client_app.local_round import run_local_eval
     from training.trainer import evaluate
 
-    ctx = _eval_node(tmp_path, "train.precision=bf16")
+    ctx = _node(tmp_path, "train.precision=bf16")
     model = build_model(ctx.spec.model, VOCAB, seed=0)
     model.load_state_dict(_loud_experts(ctx.spec))
     loss, tokens = run_local_eval(ctx, model.state_dict())
     want, want_tokens = evaluate(model, ctx.blocks[1], 4, 2, torch.device("cpu"))
     assert tokens == want_tokens and loss == pytest.approx(want, rel=1e-6)
+
+
+def test_a_node_trains_routing_with_the_bias_it_is_sent(tmp_path):
+    """A bias of 10 on experts 6 and 7 (router probabilities are in [0, 1]) makes them every token's
+    top 2 in training: the load the node reports is half on each, in both layers."""
+    from client_app.local_round import RoundOrder, run_local_round
+    from common import keys
+
+    ctx = _node(tmp_path)
+    bias = torch.zeros(2, 8)
+    bias[:, [6, 7]] = 10.0
+    whole = build_model(ctx.spec.model, VOCAB, seed=0).state_dict()
+    order = RoundOrder([0, 1], True, 0, 1, router_bias=bias)
+    _, metrics = run_local_round(ctx, whole, order, show_progress=False)
+    assert metrics[keys.EXPERT_LOAD] == pytest.approx(([0.0] * 6 + [0.5, 0.5]) * 2)
