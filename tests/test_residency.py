@@ -184,3 +184,19 @@ def test_a_node_trains_routing_with_the_bias_it_is_sent(tmp_path):
     order = RoundOrder([0, 1], True, 0, 1, router_bias=bias)
     _, metrics = run_local_round(ctx, whole, order, show_progress=False)
     assert metrics[keys.EXPERT_LOAD] == pytest.approx(([0.0] * 6 + [0.5, 0.5]) * 2)
+
+
+def test_a_node_balances_with_the_federations_load_it_is_sent(tmp_path):
+    """balance_global_weight = 1: f_i is the federation's load. A uniform one makes each layer's
+    balancing loss E x sum_i (1/E) P_i = sum_i P_i = 1 whatever the router does; the node's own
+    load (round 1: no federation load yet) gives another value."""
+    from client_app.local_round import RoundOrder, run_local_round
+
+    ctx = _node(tmp_path / "a", "train.balance_global_weight=1.0")
+    whole = build_model(ctx.spec.model, VOCAB, seed=0).state_dict()
+    order = RoundOrder([0, 1], True, 0, 1, global_load=torch.full((2, 8), 1 / 8))
+    _, metrics = run_local_round(ctx, whole, order, show_progress=False)
+    assert metrics["aux-loss"] == pytest.approx(1.0, abs=1e-6)
+    alone = _node(tmp_path / "b", "train.balance_global_weight=1.0")
+    _, metrics = run_local_round(alone, whole, RoundOrder([0, 1], True, 0, 1), show_progress=False)
+    assert abs(metrics["aux-loss"] - 1.0) > 1e-4

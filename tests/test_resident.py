@@ -184,11 +184,14 @@ def test_other_owned_experts_or_step_rebuild(tokenizer, flower_task):
         reply["model.layers.0.mlp.experts.2.gate_proj.weight"], init["model.layers.0.mlp.experts.2.gate_proj.weight"]
     )
     # A repeated round (the coordinator restarted at step 2): the kept node is at step 4, so it rebuilds.
-    _, m = run_local_round(ctx, init, RoundOrder([0, 1, 2], True, 2, 2), show_progress=False)
+    sent, m = run_local_round(ctx, init, RoundOrder([0, 1, 2], True, 2, 2), show_progress=False)
     assert m["resident"] == 0.0
-    # Continuing where it ended (step 4, the same experts) reuses it.
+    before = {n: t.clone() for n, t in sent.items()}
+    # Continuing where it ended (step 4, the same experts) reuses it; what it sent is a copy, which
+    # the kept model's training does not move.
     _, m = run_local_round(ctx, init, RoundOrder([0, 1, 2], True, 4, 2), show_progress=False)
     assert m["resident"] == 1.0
+    assert all(torch.equal(sent[n], before[n]) for n in sent)
 
 
 # -- a node's round against what it must do, whether kept or rebuilt --------------------------
