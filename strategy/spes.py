@@ -136,9 +136,6 @@ class SpesStrategy(FederatedEvaluation, Strategy):
         self.residency.ask(pid, residency)
         self._reassign(f"partition {pid} joined")
 
-    def node_ids(self) -> list[int]:
-        return [self.membership.node_id(p) for p in self.partitions]
-
     def initialize(self, params: Mapping[str, torch.Tensor]) -> None:
         """The global model the run starts (or resumes) from, copied."""
         self.params = {k: v.detach().clone() for k, v in params.items()}

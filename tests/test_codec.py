@@ -257,9 +257,9 @@ def test_a_codec_refuses_settings_outside_their_range(setting, reason):
 
 def test_a_codec_takes_the_edges_of_its_ranges():
     """One element per chunk, all of it kept, one int8 scale per row: the smallest settings allowed."""
-    assert Codec("topk4", chunk=1, fraction=1).topk == sparse.TopK(1, 1.0, 4)
-    assert Codec("int8", block=0).block_len((3, 5)) == 5
     one = Codec("topk4", chunk=1, fraction=1)  # each element its own chunk and its own scale
+    assert one.topk == sparse.TopK(1, 1.0, 4)
+    assert Codec("int8", block=0).block_len((3, 5)) == 5
     t = torch.randn(7)
     back = decode_delta(encode_delta({"w": t}, one), {"w": t}, one)["w"]
     assert (back - t).abs().le(t.abs() / 16 * (1 + 1e-6)).all() and back.ne(0).all()  # the documented bound
