@@ -289,3 +289,11 @@ def test_an_experts_federation_load_comes_from_the_nodes_that_hold_it(flower_tas
     s.aggregate_train(1, replies)
     # Each expert has one holder: medians 0.6, 0.4, 1, 1, renormalised to shares.
     assert s.history[-1].applied and s.balance.load == [approx([0.2, 0.4 / 3, 1 / 3, 1 / 3])] * 2
+    # A node joining now has no load of its own yet: it holds its experts plus the federation's
+    # busiest other one per layer (experts 2 and 3 tie at 1/3: the lower index).
+    s.add_node(13, 3, residency="owned+1")
+    msgs = list(s.configure_train(2, None, ConfigRecord({}), None))
+    assert s.owners[3] == (1,)
+    assert s.events[-1] == {"round": 2, "event": "residency", "partition": 3, "experts": [[1, 2], [1, 2]]}
+    # Without fragments a node is told no fragment and the round records none.
+    assert all(keys.SYNC_FRAGMENT not in m.content["config"] for m in msgs) and s.history[-1].fragment is None
