@@ -1,4 +1,4 @@
-"""Keep mutmut's caught verdicts in the repository, so a mutation pass can span machines.
+"""Keep mutmut's settled verdicts in the repository, so a mutation pass can span machines.
 
     python scripts/mutation_state.py save      # mutants/*.meta -> benchmarks/mutation_state.json
     python scripts/mutation_state.py restore   # benchmarks/mutation_state.json -> mutants/*.meta
@@ -6,12 +6,15 @@
 mutmut keeps its verdicts under `mutants/` (ignored by git), so a fresh clone starts a pass of
 thousands of mutants over, hours on 2 CPUs. `save` writes, per mutated file and function, the
 function's hash (mutmut's own, of its source) and the numbers of the mutants a test caught (killed
-or timed out). `restore` writes them back as mutmut's meta files before `mutmut run`; mutmut then
-keeps a verdict only where the function's hash is unchanged, and tests every other mutant again.
+or timed out) or that survived and tests/mutation_equivalents.toml lists as equivalent. `restore`
+writes them back as mutmut's meta files before `mutmut run`; mutmut then keeps a verdict only
+where the function's hash is unchanged, and tests every other mutant again.
 
-Only caught verdicts are kept: a survivor, "no tests" or an unfinished mutant is decided again
-against the tests of the day (a test added since may catch it). A caught verdict is trusted until
-its function changes; a test that was weakened since is not noticed, which is what
+Any other survivor, "no tests" or an unfinished mutant is decided again against the tests of the
+day (a test added since may catch it). Listed equivalents are kept because deciding them again costs
+a whole run of every test that reaches them (about 45 minutes for the 70 of 2026-12-06) to learn
+what their reasons already say. A kept verdict is trusted until its function changes; a test
+weakened since, or one that would now catch a listed equivalent, is not noticed, which is what
 `make mutate-fresh` (every mutant again, nothing restored) is for.
 """
 
@@ -22,6 +25,8 @@ import json
 import subprocess
 import sys
 import time
+import tomllib
+from collections.abc import Iterable
 from importlib.metadata import version
 from pathlib import Path
 
@@ -33,31 +38,37 @@ sys.path.insert(0, str(ROOT))
 from common.atomic import write_text_atomic  # noqa: E402
 
 STATE = ROOT / "benchmarks" / "mutation_state.json"
-CAUGHT_EXIT_CODE = {"killed": 1, "timeout": 36}  # what restore writes for each kept verdict
+KEPT_EXIT_CODE = {"killed": 1, "timeout": 36, "equivalent": 0}  # what restore writes for each kept verdict
+EQUIVALENTS = Path("tests") / "mutation_equivalents.toml"
 
 
-def caught_by_function(meta: dict) -> dict[str, dict]:
-    """One file's meta -> {function: {"hash", "killed": [n, ...], "timeout": [n, ...]}}."""
-    functions = {f: {"hash": h, "killed": [], "timeout": []} for f, h in meta.get("hash_by_function_name", {}).items()}
+def kept_by_function(meta: dict, equivalent: Iterable[str] = ()) -> dict[str, dict]:
+    """One file's meta -> {function: {"hash", "killed": [n, ...], "timeout": [...], "equivalent": [...]}};
+    `equivalent` names the mutants listed as equivalent (kept only where they survived)."""
+    listed = set(equivalent)
+    hashes = meta.get("hash_by_function_name", {})
+    functions = {f: {"hash": h, **{status: [] for status in KEPT_EXIT_CODE}} for f, h in hashes.items()}
     for key, code in meta["exit_code_by_key"].items():
         status = status_by_exit_code[code]
+        if status == "survived" and key in listed:
+            status = "equivalent"
         qualified, _, number = key.rpartition("__mutmut_")
         function = qualified.rpartition(".")[2]
-        if status in CAUGHT_EXIT_CODE and function in functions:
+        if status in KEPT_EXIT_CODE and function in functions:
             functions[function][status].append(int(number))
     for record in functions.values():
-        record["killed"].sort()
-        record["timeout"].sort()
+        for status in KEPT_EXIT_CODE:
+            record[status].sort()
     return dict(sorted(functions.items()))
 
 
 def meta_of(path: str, functions: dict[str, dict]) -> dict:
-    """The meta file mutmut reads for `path`, holding only the saved caught verdicts."""
+    """The meta file mutmut reads for `path`, holding only the saved verdicts."""
     verdicts = {
-        f"{get_mutant_name(Path(path), function)}__mutmut_{n}": CAUGHT_EXIT_CODE[status]
+        f"{get_mutant_name(Path(path), function)}__mutmut_{n}": KEPT_EXIT_CODE[status]
         for function, record in functions.items()
-        for status in CAUGHT_EXIT_CODE
-        for n in record[status]
+        for status in KEPT_EXIT_CODE
+        for n in record.get(status, [])  # states saved before equivalents were kept have none
     }
     return {
         "exit_code_by_key": verdicts,
@@ -68,11 +79,13 @@ def meta_of(path: str, functions: dict[str, dict]) -> dict:
 
 
 def save(root: Path, state: Path) -> dict:
+    listed = root / EQUIVALENTS
+    equivalent = tomllib.loads(listed.read_text()) if listed.exists() else {}
     files = {}
     for path in mutated_files(root):
         meta = meta_path(root, path)
         if meta.exists():
-            files[path] = caught_by_function(json.loads(meta.read_text()))
+            files[path] = kept_by_function(json.loads(meta.read_text()), equivalent)
     if not files:
         raise SystemExit(f"no mutmut results under {root / 'mutants'}: run `make mutate` first")
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
@@ -104,8 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.action == "save":
         saved = save(ROOT, args.state)
-        caught = sum(len(r["killed"]) + len(r["timeout"]) for f in saved["files"].values() for r in f.values())
-        print(f"{caught} caught verdicts of {len(saved['files'])} files -> {args.state}")
+        kept = sum(len(r[s]) for f in saved["files"].values() for r in f.values() for s in KEPT_EXIT_CODE)
+        print(f"{kept} verdicts (caught or listed equivalent) of {len(saved['files'])} files -> {args.state}")
     else:
         written = restore(ROOT, args.state)
         print(

@@ -75,24 +75,36 @@ def _write_meta(root: Path, meta: dict) -> None:
     (root / "mutants" / "pkg" / "core.py.meta").write_text(json.dumps(meta))
 
 
-def test_only_caught_verdicts_are_saved_and_restored_with_every_hash(tmp_path):
+def test_caught_verdicts_and_listed_equivalents_are_saved_and_restored_with_every_hash(tmp_path):
     here, there = _project(tmp_path / "here"), _project(tmp_path / "there")
     _write_meta(here, META)
+    # Listed: a survivor (kept) and a mutant not checked yet (not kept: no verdict to keep).
+    listed = '"pkg.core.x_clip__mutmut_2" = "why"\n"pkg.core.x_double__mutmut_2" = "why"\n'
+    (here / "tests" / "mutation_equivalents.toml").write_text(listed)
     state = tmp_path / "state.json"
     saved = mutation_state.save(here, state)
     assert saved["files"]["pkg/core.py"] == {
-        "x_clip": {"hash": "aaa", "killed": [1], "timeout": [3]},
-        "x_double": {"hash": "bbb", "killed": [], "timeout": []},
-        "xǁBoxǁsize": {"hash": "ccc", "killed": [4], "timeout": []},
+        "x_clip": {"hash": "aaa", "killed": [1], "timeout": [3], "equivalent": [2]},
+        "x_double": {"hash": "bbb", "killed": [], "timeout": [], "equivalent": []},
+        "xǁBoxǁsize": {"hash": "ccc", "killed": [4], "timeout": [], "equivalent": []},
     }
     assert mutation_state.restore(there, state) == ["pkg/core.py"]
     restored = _meta(there)
     assert restored["exit_code_by_key"] == {
         "pkg.core.x_clip__mutmut_1": 1,
+        "pkg.core.x_clip__mutmut_2": 0,
         "pkg.core.x_clip__mutmut_3": 36,
         "pkg.core.xǁBoxǁsize__mutmut_4": 1,
     }
     assert restored["hash_by_function_name"] == META["hash_by_function_name"]
+
+
+def test_a_state_saved_before_equivalents_were_kept_restores_its_caught_verdicts(tmp_path):
+    there = _project(tmp_path / "there")
+    old = {"files": {"pkg/core.py": {"x_clip": {"hash": "aaa", "killed": [1], "timeout": [3]}}}}
+    (tmp_path / "state.json").write_text(json.dumps(old))
+    assert mutation_state.restore(there, tmp_path / "state.json") == ["pkg/core.py"]
+    assert _meta(there)["exit_code_by_key"] == {"pkg.core.x_clip__mutmut_1": 1, "pkg.core.x_clip__mutmut_3": 36}
 
 
 def test_restore_leaves_a_local_run_alone(tmp_path):
