@@ -210,3 +210,28 @@ def test_an_overlap_that_keeps_the_nodes_own_values_trains_as_without_one(tmp_pa
 def test_bad_overlap_settings_are_refused_before_training(overrides, message):
     with pytest.raises(ValueError, match=message):
         from_dict(compose([*BASE, *overrides]))
+
+
+def test_error_feedback_carries_each_fragments_residual_to_its_next_sync(tmp_path, flower_task):
+    """int8 uplink with error feedback, two fragments, a lone node (an overlap of 1 keeps every value
+    it trained in the node's state, sent or not, to compare with). Each round, what is sent
+    plus the new residual is the node's move since its copy plus the residual carried for that
+    tensor; the residual of the fragment not sent waits, unchanged, for its next sync."""
+    from common.codec import decode_delta
+
+    codec = ["strategy.uplink_codec=int8", "strategy.error_feedback=true", "strategy.error_decay=1.0"]
+    s, (ctx,) = _run(tmp_path, 1, 3, ["strategy.fragments=2", "strategy.fragment_overlap=1", *codec])
+    carried: dict[str, torch.Tensor] = {}
+    for rnd in (1, 2, 3):
+        _, sent = play_round(s, rnd, [ctx])
+        state, reply = _state(ctx), sent[0][0]
+        names = {k.partition("#")[0] for k in reply}
+        assert names == set(fragment_names(list(state.local), synced_fragment(rnd, 2), 2))
+        assert set(state.residual) == names | set(carried)
+        moved = decode_delta(reply, {n: state.base[n] for n in names}, s.cfg.uplink)
+        for n in names:
+            want = state.local[n] - state.base[n] + carried.get(n, torch.zeros(()))
+            torch.testing.assert_close(moved[n] + state.residual[n], want, rtol=0, atol=1e-7)
+        assert all(torch.equal(state.residual[n], carried[n]) for n in set(carried) - names)
+        carried = dict(state.residual)
+    assert any(r.abs().max() > 0 for r in carried.values())  # int8 left something out
