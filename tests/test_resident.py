@@ -445,16 +445,17 @@ def test_a_lora_node_refuses_to_train_what_it_would_not_send(lora_shared):
 def test_a_node_shows_its_step_bar_only_when_it_and_the_round_want_one(tokenizer, flower_task, capsys):
     """The per-step bar (what logging.node_progress and node-config progress decide): on stderr
     with the round's step range and count where the node shows progress, absent where it does
-    not or where the caller says not to (the other ranks of a multi-GPU node)."""
+    not or where the caller says not to (the other ranks of a multi-GPU node). The ClientApp's
+    train handler says nothing (None here): shown."""
     root, tok = tokenizer
     spec = from_dict(compose(BASE + ["nodes=1", "train.resident=false"]))
     init = build_model(spec.model, len(tok), seed=0).state_dict()
     shown = []
-    for progress, show in ((True, True), (False, True), (True, False)):
+    for progress, show in ((True, True), (False, True), (True, False), (True, None)):
         ctx = NodeContext(spec, tok, root / f"bar-{progress}-{show}", 0, 1, progress=progress)
-        run_local_round(ctx, init, RoundOrder([0, 1], True, 0, 2), show_progress=show)
+        run_local_round(ctx, init, RoundOrder([0, 1], True, 0, 2), **({} if show is None else {"show_progress": show}))
         shown.append(capsys.readouterr().err)
-    assert "node 0 steps 0-2" in shown[0] and "2/2" in shown[0]
+    assert "node 0 steps 0-2" in shown[0] and "2/2" in shown[0] and "node 0 steps 0-2" in shown[3]
     assert "node 0 steps" not in shown[1] and "node 0 steps" not in shown[2]
 
 
