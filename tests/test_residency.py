@@ -200,3 +200,17 @@ def test_a_node_balances_with_the_federations_load_it_is_sent(tmp_path):
     alone = _node(tmp_path / "b", "train.balance_global_weight=1.0")
     _, metrics = run_local_round(alone, whole, RoundOrder([0, 1], True, 0, 1), show_progress=False)
     assert abs(metrics["aux-loss"] - 1.0) > 1e-4
+
+
+def test_a_nodes_batch_order_follows_the_runs_seed(tmp_path):
+    """The same blocks and model: the run's seed alone sets the order the node reads its blocks in
+    (2 of 8 a step), so what it trains; the same seed trains the same."""
+    from client_app.local_round import RoundOrder, run_local_round
+
+    replies = []
+    for i, seed in enumerate((0, 1, 0)):
+        ctx = _node(tmp_path / str(i), f"seed={seed}", "train.batch_size=2")
+        whole = build_model(ctx.spec.model, VOCAB, seed=0).state_dict()
+        replies.append(run_local_round(ctx, whole, RoundOrder([0, 1], True, 0, 2), show_progress=False)[0])
+    same = [all(torch.equal(a[n], b[n]) for n in a) for a, b in ((replies[0], replies[2]), (replies[0], replies[1]))]
+    assert same == [True, False]

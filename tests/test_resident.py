@@ -474,3 +474,18 @@ def test_a_kept_node_is_told_apart_by_its_work_dir_and_its_settings(tokenizer, f
     assert resident.kept_partitions() == [0, 0, 0]
     resident.forget(str(root / "apart-a"))
     assert resident.kept_partitions() == [0]
+
+
+def test_a_kept_node_whose_state_on_disk_was_lost_continues_from_memory(tokenizer, flower_task):
+    """Its state deleted between rounds, a kept node still continues a sparse downlink (its own
+    experts from memory) instead of asking for the whole model."""
+    import shutil
+
+    ctx, model = _node(tokenizer, "lost-state", ["train.resident=true"])
+    init = model.state_dict()
+    run_local_round(ctx, init, RoundOrder([1, 2], True, 0, 2), show_progress=False)
+    background_save.drain()
+    shutil.rmtree(ctx.workdir / "state")
+    without_own = {n: t for n, t in init.items() if n not in expert_param_names(list(init), [1, 2])}
+    _, m = run_local_round(ctx, without_own, RoundOrder([1, 2], False, 2, 2), show_progress=False)
+    assert m["resident"] == 1.0
