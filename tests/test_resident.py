@@ -8,6 +8,7 @@ ended (another node in the same process, other owned experts) must rebuild.
 """
 
 import math
+import time
 
 import pytest
 import torch
@@ -228,7 +229,9 @@ def test_a_sparse_downlink_continues_exactly_like_the_full_model_with_the_nodes_
 def test_a_round_replies_what_the_node_trained_and_saves_where_it_ended(tokenizer, flower_task):
     ctx, model = _node(tokenizer, "what-it-trained")
     init = model.state_dict()
+    called = time.perf_counter()
     reply, m = run_local_round(ctx, init, RoundOrder([3], True, 4, 2, total_steps=50), show_progress=False)
+    assert m["round-seconds"] <= time.perf_counter() - called
     experts = expert_param_names(list(init), range(E))
     sent = [n for n in init if n not in experts or n in expert_param_names(list(init), [3])]
     assert sorted(reply) == sorted(sent)  # the shared weights and expert 3, nothing frozen
@@ -253,6 +256,8 @@ def test_a_round_replies_what_the_node_trained_and_saves_where_it_ended(tokenize
         (RoundOrder([0, 0], True, 0, 1), r"bad owned experts \[0, 0\]"),
         (RoundOrder([E], True, 0, 1), rf"bad owned experts \[{E}\]"),
         (RoundOrder([-1], True, 0, 1), r"bad owned experts \[-1\]"),
+        (RoundOrder([0], True, 0, 1, absent=[[1], [2]]), r"bad absent experts \[\[1\], \[2\]\]"),  # 1 layer
+        (RoundOrder([0], True, 0, 1, absent=[[0, 1]]), r"bad absent experts \[\[0, 1\]\] \(owned \[0\]\)"),
     ],
 )
 def test_a_malformed_order_is_refused_before_anything_is_built(tokenizer, order, why):
