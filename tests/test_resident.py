@@ -273,7 +273,9 @@ def test_the_smallest_valid_order_and_a_poisoned_model(tokenizer, flower_task):
     reply, _ = run_local_round(ctx, init, RoundOrder([E - 1], True, 0, 1), show_progress=False)
     assert expert_param_names(list(reply), [E - 1])
     poisoned = {**init, "model.norm.weight": torch.full_like(init["model.norm.weight"], math.nan)}
-    with pytest.raises(ValueError, match="received model.norm.weight with NaN or Inf; refusing to train on it"):
+    with pytest.raises(
+        ValueError, match="partition 0: received model.norm.weight with NaN or Inf; refusing to train on it"
+    ):
         run_local_round(ctx, poisoned, RoundOrder([0], True, 1, 1), show_progress=False)
     short = {n: t for n, t in init.items() if n != "model.norm.weight"}
     with pytest.raises(RuntimeError, match=r"1 parameters missing, e.g. \['model.norm.weight'\]"):

@@ -252,3 +252,17 @@ def test_each_step_moves_the_progress_bar_by_one_and_shows_its_loss_and_rate():
     assert all(p["lr"] == "1.00e-03" for p in bar.postfix)
     shown = [float(p["loss"]) for p in bar.postfix]
     assert sum(shown) / 3 == pytest.approx(m["ce-loss"], abs=1e-3)  # each step's cross-entropy, 3 decimals
+
+
+def test_bf16_precision_trains_under_autocast_and_fp32_does_not():
+    """The dtype the attention's projections compute in during a step: bf16 under precision=bf16
+    (torch.autocast), fp32 otherwise."""
+    seen = {}
+    for precision in ("bf16", "fp32"):
+        model = build_model(ARGS, VOCAB, owned=[0, 1], seed=0)
+        cfg = TrainConfig(precision=precision, warmup_steps=0)
+        q = next(m for n, m in model.named_modules() if n.endswith("self_attn.q_proj"))
+        q.register_forward_hook(lambda _m, _i, out, p=precision: None if p in seen else seen.update({p: out.dtype}))
+        block = torch.randint(0, VOCAB, (2, 17), generator=torch.Generator().manual_seed(0))
+        train_steps(model, make_optimizer(model, cfg), iter([block]), cfg, 0, 1, 1, torch.device("cpu"))
+    assert seen == {"bf16": torch.bfloat16, "fp32": torch.float32}
