@@ -466,23 +466,6 @@ def test_a_node_shows_its_step_bar_only_when_it_and_the_round_want_one(tokenizer
     assert "node 0 steps" not in shown[1] and "node 0 steps" not in shown[2]
 
 
-def test_a_kept_node_is_told_apart_by_its_work_dir_and_its_settings(tokenizer, flower_task):
-    """Partition 0 three times in one process: in two work dirs (two runs), then in the first with
-    another learning rate. Each is a node of its own, kept apart; ending a run frees its nodes only."""
-    root, tok = tokenizer
-    on = ["nodes=1", "train.resident=true", "train.resident_budget_mb=1024"]
-    spec, other = (from_dict(compose(BASE + on + extra)) for extra in ([], ["train.lr=0.01"]))
-    nodes = [(spec, "apart-a"), (spec, "apart-b"), (other, "apart-a")]
-    init = build_model(spec.model, len(tok), seed=0).state_dict()
-    for s, name in nodes:
-        ctx = NodeContext(s, tok, root / name, 0, 1, progress=False)
-        _, m = run_local_round(ctx, init, RoundOrder([1], True, 0, 2), show_progress=False)
-        assert m["resident"] == 0.0
-    assert resident.kept_partitions() == [0, 0, 0]
-    resident.forget(str(root / "apart-a"))
-    assert resident.kept_partitions() == [0]
-
-
 def test_a_kept_node_whose_state_on_disk_was_lost_continues_from_memory(tokenizer, flower_task):
     """Its state deleted between rounds, a kept node still continues a sparse downlink (its own
     experts from memory) instead of asking for the whole model."""
