@@ -1,29 +1,15 @@
 """Kept nodes in one process (client_app/resident.py) through real node rounds: which node an entry
-belongs to, and how much the budget keeps. The micro model of tests/test_resident.py."""
+belongs to, and how much the budget keeps. The micro model and fixtures of
+tests/test_resident.py."""
 
-import pytest
-from test_resident import BASE
+# ruff: noqa: F811 -- the tests take test_resident's fixtures, imported here by their own names
+from test_resident import BASE, nothing_kept, tokenizer  # noqa: F401
 
 from client_app import resident
 from client_app.local_round import NodeContext, RoundOrder, run_local_round
 from common.spec import from_dict
 from model import build_model
 from server_app.config import compose
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    from data import load_tokenizer
-
-    root = tmp_path_factory.mktemp("resident-kept")
-    return root, load_tokenizer(from_dict(compose(BASE + ["nodes=1"])).data, root / "cache")
-
-
-@pytest.fixture(autouse=True)
-def nothing_kept():
-    resident.drop()
-    yield
-    resident.drop()
 
 
 def test_a_kept_node_is_told_apart_by_its_work_dir_and_its_settings(tokenizer, flower_task):
